@@ -1,0 +1,78 @@
+"""Model and event-type configuration shared by every process.
+
+One frozen pydantic object carries every hyper-parameter, so a store can record the settings it was
+built with and refuse to reopen under incompatible ones (a different `dim` would corrupt rows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EventTypeSpec(BaseModel):
+    """How much one event of a type counts; `use_value` multiplies by the event's `value`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weight: float = Field(gt=0, allow_inf_nan=False)
+    use_value: bool = False
+
+
+DEFAULT_EVENT_TYPES: dict[str, EventTypeSpec] = {
+    "view": EventTypeSpec(weight=1.0),
+    "click": EventTypeSpec(weight=2.0),
+    "add_to_cart": EventTypeSpec(weight=4.0),
+    "purchase": EventTypeSpec(weight=8.0),
+    "rating": EventTypeSpec(weight=1.0),
+}
+
+LOSS_CODES: dict[str, int] = {"logistic": 0, "bpr": 1}
+
+
+class ModelConfig(BaseModel):
+    """Hyper-parameters of the online model; defaults are the tuned MovieLens values (README)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dim: int = Field(default=64, ge=1, le=1024, description="latent factors per user and item")
+    loss: Literal["logistic", "bpr"] = "logistic"
+    learning_rate: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
+    reg: float = Field(default=0.002, ge=0, le=10, allow_inf_nan=False)
+    reg_bias: float = Field(default=0.002, ge=0, le=10, allow_inf_nan=False)
+    n_negatives: int = Field(default=8, ge=0, le=256)
+    negative_exponent: float = Field(
+        default=0.75, ge=0, le=2, description="negatives are drawn from popularity**exponent"
+    )
+    negative_weight: float = Field(default=1.0, gt=0, le=100, allow_inf_nan=False)
+    half_life_s: float = Field(
+        default=30 * 86400.0, gt=0, allow_inf_nan=False, description="decay half-life (seconds)"
+    )
+    init_scale: float = Field(default=0.1, gt=0, le=10, allow_inf_nan=False)
+    seed: int = Field(default=42, ge=0, lt=2**63)
+    sampler_refresh: int = Field(
+        default=10_000, ge=1, description="rebuild the negative sampler after this many events"
+    )
+    event_types: dict[str, EventTypeSpec] = Field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
+
+    @field_validator("event_types")
+    @classmethod
+    def _non_empty(cls, v: dict[str, EventTypeSpec]) -> dict[str, EventTypeSpec]:
+        if not v:
+            raise ValueError("at least one event type is needed, e.g. {'view': {'weight': 1}}")
+        return v
+
+    @property
+    def loss_code(self) -> int:
+        return LOSS_CODES[self.loss]
+
+    @property
+    def decay_rate(self) -> float:
+        """ln 2 / half-life: log-weights grow by this per second of stream time."""
+        return math.log(2.0) / self.half_life_s
+
+    def structural(self) -> dict[str, object]:
+        """Settings a stored model cannot change without being rebuilt from scratch."""
+        return {"dim": self.dim, "seed": self.seed}

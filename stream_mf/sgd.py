@@ -1,0 +1,217 @@
+"""Online SGD on implicit feedback with popularity-sampled negatives, one event at a time.
+
+The kernel takes a whole micro-batch as arrays (a Python call per event would cost more than the
+math). Events are applied strictly in order and all randomness is keyed by (seed, partition,
+offset), and the negative sampler is rebuilt on a schedule counted in events, so the resulting
+arrays do not depend on how the stream was cut into batches. `sgd_reference.py` is the plain
+numpy twin the tests compare against.
+
+Losses (per positive (u, i) with event weight w and sampled negatives j):
+  logistic: -w log s(x_ui) - w * negative_weight * sum_j log s(-x_uj)      (x = u.v + b)
+  bpr:      -w sum_j log s(x_ui - x_uj)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from stream_mf.rng import next_uniform, stream_seed
+
+# counters[] slots (int64), persisted with the model
+EVENTS = 0  # events applied so far
+NEXT_REFRESH = 1  # event count at which the sampler is rebuilt next
+CDF_LEN = 2  # items covered by the sampler's cumulative table
+REBUILDS = 3  # how many times the sampler was rebuilt (persist the table when this changes)
+N_COUNTERS = 4
+
+LOSS_LOGISTIC = 0
+LOSS_BPR = 1
+MAX_NEG_TRIES = 8
+NEG_INF = -np.inf
+
+
+@njit(cache=True, inline="always")
+def logaddexp(a: float, b: float) -> float:
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    if a > b:
+        return a + math.log1p(math.exp(b - a))
+    return b + math.log1p(math.exp(a - b))
+
+
+@njit(cache=True, inline="always")
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+@njit(cache=True, nogil=True)
+def rebuild_cdf(cdf: np.ndarray, logpop: np.ndarray, n_items: int, exponent: float) -> None:
+    """Cumulative popularity**exponent over items [0, n_items); unseen items (-inf) weigh 0."""
+    top = NEG_INF
+    for i in range(n_items):
+        if logpop[i] > top:
+            top = logpop[i]
+    acc = 0.0
+    for i in range(n_items):
+        lp = logpop[i]
+        if lp != NEG_INF:
+            acc += math.exp(exponent * (lp - top))
+        cdf[i] = acc
+
+
+@njit(cache=True, inline="always")
+def draw_item(cdf: np.ndarray, n: int, u: float) -> int:
+    """Index of the first cdf entry above u * total (binary search)."""
+    target = u * cdf[n - 1]
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if cdf[mid] > target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def sgd_batch(
+    users: np.ndarray,  # int32[n]
+    items: np.ndarray,  # int32[n]
+    base_w: np.ndarray,  # float64[n] type weight (x value)
+    times: np.ndarray,  # float64[n] epoch seconds
+    partitions: np.ndarray,  # int32[n]
+    offsets: np.ndarray,  # int64[n]
+    U: np.ndarray,  # float32[users, dim]
+    V: np.ndarray,  # float32[items, dim]
+    bias: np.ndarray,  # float32[items]
+    u_count: np.ndarray,  # int64
+    u_last: np.ndarray,  # float64
+    u_logact: np.ndarray,  # float64, log of decayed activity anchored at t=0
+    i_count: np.ndarray,
+    i_last: np.ndarray,
+    i_logpop: np.ndarray,
+    cdf: np.ndarray,  # float64[items capacity]
+    counters: np.ndarray,  # int64[N_COUNTERS]
+    clock: np.ndarray,  # float64[1] newest event time seen
+    n_items: int,
+    neg_out: np.ndarray,  # int32[n, n_neg]  (-1 where no negative was drawn)
+    logw_out: np.ndarray,  # float64[n] log(base_w) + t * decay_rate
+    lr: float,
+    reg: float,
+    reg_bias: float,
+    n_neg: int,
+    neg_exponent: float,
+    neg_weight: float,
+    decay_rate: float,
+    loss: int,
+    seed: int,
+    refresh: int,
+) -> None:
+    dim = U.shape[1]
+    u_old = np.empty(dim, dtype=np.float32)
+    grad_u = np.empty(dim, dtype=np.float32)
+    gneg = np.empty(max(n_neg, 1), dtype=np.float64)
+    for e in range(users.shape[0]):
+        # sampler schedule: rebuilt after 1, 2, 4, ... events, then every `refresh`
+        done = counters[EVENTS]
+        if done >= counters[NEXT_REFRESH]:
+            rebuild_cdf(cdf, i_logpop, n_items, neg_exponent)
+            counters[CDF_LEN] = n_items
+            counters[REBUILDS] += 1
+            counters[NEXT_REFRESH] = done + min(max(done, 1), refresh)
+
+        u = users[e]
+        i = items[e]
+        t = times[e]
+        if t > clock[0]:
+            clock[0] = t
+        w = base_w[e] * math.exp(-(clock[0] - t) * decay_rate)
+        lw = math.log(base_w[e]) + t * decay_rate
+        logw_out[e] = lw
+
+        # negatives, drawn before this event's own popularity is counted
+        s = stream_seed(seed, partitions[e], offsets[e])
+        ncdf = counters[CDF_LEN]
+        for j in range(n_neg):
+            neg = -1
+            if ncdf > 0 and cdf[ncdf - 1] > 0.0:
+                for _ in range(MAX_NEG_TRIES):
+                    s, x = next_uniform(s)
+                    cand = draw_item(cdf, ncdf, x)
+                    if cand != i:
+                        neg = cand
+                        break
+            neg_out[e, j] = neg
+
+        u_count[u] += 1
+        if t > u_last[u]:
+            u_last[u] = t
+        u_logact[u] = logaddexp(u_logact[u], lw)
+        i_count[i] += 1
+        if t > i_last[i]:
+            i_last[i] = t
+        i_logpop[i] = logaddexp(i_logpop[i], lw)
+        counters[EVENTS] += 1
+
+        # gradient step: scores use the vectors as they were before this event
+        for f in range(dim):
+            u_old[f] = U[u, f]
+        x_pos = bias[i]
+        for f in range(dim):
+            x_pos += u_old[f] * V[i, f]
+        g_pos = 0.0
+        if loss == LOSS_LOGISTIC:
+            g_pos = w * (sigmoid(x_pos) - 1.0)
+            for f in range(dim):
+                grad_u[f] = g_pos * V[i, f]
+            for j in range(n_neg):
+                neg = neg_out[e, j]
+                if neg < 0:
+                    gneg[j] = 0.0
+                    continue
+                x_neg = bias[neg]
+                for f in range(dim):
+                    x_neg += u_old[f] * V[neg, f]
+                g = w * neg_weight * sigmoid(x_neg)
+                gneg[j] = g
+                for f in range(dim):
+                    grad_u[f] += g * V[neg, f]
+        else:
+            for f in range(dim):
+                grad_u[f] = 0.0
+            for j in range(n_neg):
+                neg = neg_out[e, j]
+                if neg < 0:
+                    gneg[j] = 0.0
+                    continue
+                x_neg = bias[neg]
+                for f in range(dim):
+                    x_neg += u_old[f] * V[neg, f]
+                g = w * (sigmoid(x_pos - x_neg) - 1.0)
+                g_pos += g
+                gneg[j] = -g
+                for f in range(dim):
+                    grad_u[f] += g * (V[i, f] - V[neg, f])
+
+        for j in range(n_neg):
+            neg = neg_out[e, j]
+            if neg < 0:
+                continue
+            g = gneg[j]
+            for f in range(dim):
+                V[neg, f] -= lr * (g * u_old[f] + reg * V[neg, f])
+            bias[neg] -= lr * (g + reg_bias * bias[neg])
+        for f in range(dim):
+            V[i, f] -= lr * (g_pos * u_old[f] + reg * V[i, f])
+        bias[i] -= lr * (g_pos + reg_bias * bias[i])
+        for f in range(dim):
+            U[u, f] -= lr * (grad_u[f] + reg * u_old[f])

@@ -1,0 +1,140 @@
+"""In-memory model state: growable numpy arrays the numba kernels work on, plus the id maps.
+
+RocksDB is the source of truth (`store.py`); these arrays are its hot copy. Capacity doubles as new
+ids arrive, so registering an id is amortised O(1) and kernels never see a reallocation mid-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+from numba import types
+from numba.typed import Dict
+
+from stream_mf.config import ModelConfig
+from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
+from stream_mf.sgd import N_COUNTERS
+
+NEVER = -np.inf  # last-seen / log-popularity of an entity with no events yet
+
+
+def _grown(arr: np.ndarray, cap: int, fill: float) -> np.ndarray:
+    out = np.full((cap, *arr.shape[1:]), fill, dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+class EntityTable:
+    """Users or items: string ids <-> dense int32 indices, factors and per-entity counters.
+
+    `logpop` is the log of the time-decayed event weight anchored at t=0
+    (`log sum_e w_e 2**(t_e/half_life)`), so decaying never touches a row: the decayed value at
+    time `now` is `exp(logpop - now * ln2/half_life)` and rankings need no decay at all.
+    """
+
+    def __init__(self, kind: str, dim: int, seed: int, init_scale: float, capacity: int = 1024):
+        self.kind = kind
+        self.stream = USER_STREAM if kind == "user" else ITEM_STREAM
+        self.dim, self.seed, self.init_scale = dim, seed, init_scale
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        cap = max(capacity, 16)
+        self.factors = np.zeros((cap, dim), dtype=np.float32)
+        self.bias = np.zeros(cap, dtype=np.float32)
+        self.count = np.zeros(cap, dtype=np.int64)
+        self.last = np.full(cap, NEVER, dtype=np.float64)
+        self.logpop = np.full(cap, NEVER, dtype=np.float64)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def capacity(self) -> int:
+        return self.factors.shape[0]
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < n:
+            cap *= 2
+        self.factors = _grown(self.factors, cap, 0.0)
+        self.bias = _grown(self.bias, cap, 0.0)
+        self.count = _grown(self.count, cap, 0)
+        self.last = _grown(self.last, cap, NEVER)
+        self.logpop = _grown(self.logpop, cap, NEVER)
+
+    def add(self, new_ids: Sequence[str], init: bool = True) -> None:
+        """Register ids known to be new; rows get a seeded random start keyed by index."""
+        start = self.n
+        self.reserve(start + len(new_ids))
+        for k, key in enumerate(new_ids, start):
+            self.index[key] = k
+        self.ids.extend(new_ids)
+        if init and new_ids:
+            init_rows(self.factors, start, self.n, self.seed, self.stream, self.init_scale)
+
+    def resolve(self, keys: Sequence[str]) -> np.ndarray:
+        """Dense indices of `keys`, registering unknown ones in first-seen order."""
+        get = self.index.get
+        out = [get(k, -1) for k in keys]
+        if -1 in out:
+            new: dict[str, None] = {}
+            for k, ix in zip(keys, out, strict=True):
+                if ix == -1 and k not in new:
+                    new[k] = None
+            self.add(list(new))
+            out = [get(k, -1) for k in keys]
+        return np.asarray(out, dtype=np.int32)
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """Indices without registering; -1 for unknown ids."""
+        get = self.index.get
+        return np.asarray([get(k, -1) for k in keys], dtype=np.int32)
+
+
+def new_confidence_map() -> Dict:
+    """(user << 32 | item) -> log decayed confidence, anchored at t=0 like `logpop`."""
+    return Dict.empty(key_type=types.int64, value_type=types.float64)
+
+
+@numba.njit(cache=True)
+def pair_key(user: int, item: int) -> np.int64:
+    return (np.int64(user) << 32) | np.int64(item)
+
+
+@dataclass
+class ModelState:
+    """Everything a model is: what the store persists and a restart loads back."""
+
+    config: ModelConfig
+    users: EntityTable
+    items: EntityTable
+    cdf: np.ndarray
+    counters: np.ndarray = field(default_factory=lambda: np.zeros(N_COUNTERS, dtype=np.int64))
+    clock: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float64))
+    confidence: Dict = field(default_factory=new_confidence_map)
+    model_version: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, capacity: int = 1024) -> ModelState:
+        c = config
+        return cls(
+            config=c,
+            users=EntityTable("user", c.dim, c.seed, c.init_scale, capacity),
+            items=EntityTable("item", c.dim, c.seed, c.init_scale, capacity),
+            cdf=np.zeros(max(capacity, 16), dtype=np.float64),
+        )
+
+    @property
+    def events_applied(self) -> int:
+        return int(self.counters[0])
+
+    def sync_capacity(self) -> None:
+        """The sampler table must cover every registered item before a kernel runs."""
+        if self.cdf.shape[0] < self.items.capacity:
+            self.cdf = _grown(self.cdf, self.items.capacity, 0.0)

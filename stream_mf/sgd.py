@@ -31,6 +31,8 @@ LOSS_LOGISTIC = 0
 LOSS_BPR = 1
 MAX_NEG_TRIES = 8
 NEG_INF = -np.inf
+#: fastmath without the no-NaN/no-inf assumptions: a diverging model must show as NaN, not UB.
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(cache=True, inline="always")
@@ -82,7 +84,7 @@ def draw_item(cdf: np.ndarray, n: int, u: float) -> int:
     return lo
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def sgd_batch(
     users: np.ndarray,  # int32[n]
     items: np.ndarray,  # int32[n]

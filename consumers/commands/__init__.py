@@ -1,0 +1,1 @@
+"""One module per `stream-mf` sub-command: `add_parser(subparsers)` and `run(args) -> int`."""

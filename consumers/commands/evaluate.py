@@ -1,0 +1,120 @@
+"""`stream-mf evaluate`: prequential Recall@K / NDCG@K of one or more models on an event file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from consumers.flags import add_model_flags, model_config_from
+from stream_mf.datasets import ColumnSpec, read_events
+from stream_mf.evaluate import LEARNERS, prequential
+
+DEFAULT_EVENTS = Path(__file__).resolve().parents[2] / "data/movielens-latest-small/ratings.csv.gz"
+
+
+def add_column_flags(p: argparse.ArgumentParser) -> None:
+    d = ColumnSpec()
+    g = p.add_argument_group("event file columns (defaults read MovieLens ratings.csv)")
+    g.add_argument("--user-col", default=d.user_col)
+    g.add_argument("--item-col", default=d.item_col)
+    g.add_argument("--time-col", default=d.time_col)
+    g.add_argument("--value-col", default=d.value_col, help="'' for none")
+    g.add_argument("--type-col", default=None, help="column holding the event type")
+    g.add_argument("--event-type", default=d.event_type, help="type of every event without --type-col")
+    g.add_argument("--sep", default=None, help="field separator (default: by file extension)")
+    g.add_argument("--min-value", type=float, default=None, help="keep events with value >= this")
+
+
+def column_spec(args: argparse.Namespace) -> ColumnSpec:
+    return ColumnSpec(
+        user_col=args.user_col,
+        item_col=args.item_col,
+        time_col=args.time_col,
+        value_col=args.value_col or None,
+        type_col=args.type_col,
+        event_type=args.event_type,
+        sep=args.sep,
+        min_value=args.min_value,
+    )
+
+
+def build_args(argv: list[str]) -> argparse.Namespace:
+    """Parse evaluate's flags outside the CLI (the demo reuses them)."""
+    parser = argparse.ArgumentParser(prog="stream-mf evaluate")
+    _configure(parser)
+    return parser.parse_args(argv)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="prequential (test-then-learn) evaluation on an event file",
+        description="For each event in time order: recommend top-K for its user (if seen "
+        "before), score hit and NDCG, then learn the event.",
+    )
+    _configure(p)
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=Path, default=DEFAULT_EVENTS, help="CSV/TSV/JSONL(.gz)")
+    p.add_argument(
+        "--model",
+        default="popular,sgd",
+        help=f"comma-separated, from: {', '.join(LEARNERS)} (default: popular,sgd)",
+    )
+    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--window", type=int, default=5000, help="evaluated events per curve point")
+    p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of the per-window curve")
+    p.add_argument("--no-progress", action="store_true")
+    add_column_flags(p)
+    add_model_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [m.strip() for m in args.model.split(",") if m.strip()]
+    unknown = [m for m in names if m not in LEARNERS]
+    if unknown:
+        print(f"unknown model(s) {unknown}; choose from {list(LEARNERS)}", file=sys.stderr)
+        return 2
+    config = model_config_from(args)
+    events = read_events(args.events, column_spec(args)).sorted_by_time()
+    if args.limit:
+        events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
+    print(f"{len(events):,} events from {args.events}", file=sys.stderr)
+    results = []
+    for name in names:
+        r = prequential(
+            events,
+            LEARNERS[name](config),
+            k=args.k,
+            types=config.event_types,
+            window=args.window,
+            progress=not args.no_progress,
+        )
+        r.config = config.model_dump(exclude={"event_types"}) if name != "popular" else {
+            "half_life_s": config.half_life_s
+        }
+        results.append(r.to_json())
+    base = results[0]["recall_at_k"] if results else 0.0
+    print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"
+          f"{'evaluated':>11}{'events/s':>11}  {'vs ' + names[0]:>10}")  # fmt: skip
+    for r in results:
+        ratio = r["recall_at_k"] / base if base else float("nan")
+        print(f"{r['model']:<10}{r['recall_at_k']:>11.4f}{r['ndcg_at_k']:>10.4f}"
+              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio:>9.2f}x")  # fmt: skip
+    out = results[0] if len(results) == 1 else {**results[-1], "models": results}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from stream_mf.plot import plot_windows
+
+        plot_windows(results, args.plot, title=f"Prequential evaluation: {args.events.name}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

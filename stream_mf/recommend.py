@@ -1,0 +1,174 @@
+"""Scoring: top-N, popularity fallback, similar items, anonymous fold-in, explanations.
+
+Everything works on an `ItemView`, an immutable snapshot of the item side, so a query process can
+swap in a fresh snapshot atomically while requests are being answered from the old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream_mf.state import ModelState
+from stream_mf.topk import top_k
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """Item factors, biases and decayed popularity as of one model version."""
+
+    factors: np.ndarray  # float32 [n, dim]
+    bias: np.ndarray  # float32 [n]
+    logpop: np.ndarray  # float64 [n], log decayed popularity anchored at t=0
+    ids: Sequence[str]
+    index: dict[str, int]
+    clock: float
+    decay_rate: float
+    model_version: int = 0
+    _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_state(cls, state: ModelState, copy: bool = True) -> ItemView:
+        n = state.items.n
+        take = (lambda a: a[:n].copy()) if copy else (lambda a: a[:n])
+        return cls(
+            factors=take(state.items.factors),
+            bias=take(state.items.bias),
+            logpop=take(state.items.logpop),
+            ids=list(state.items.ids) if copy else state.items.ids,
+            index=dict(state.items.index) if copy else state.items.index,
+            clock=float(state.clock[0]),
+            decay_rate=state.config.decay_rate,
+            model_version=state.model_version,
+        )
+
+    @property
+    def n(self) -> int:
+        return self.factors.shape[0]
+
+    @property
+    def unit(self) -> np.ndarray:
+        """Row-normalised factors, computed once per snapshot (cosine similarity)."""
+        if "unit" not in self._cache:
+            norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
+            self._cache["unit"] = self.factors / np.maximum(norms, 1e-12)
+        return self._cache["unit"]
+
+    @property
+    def gram(self) -> np.ndarray:
+        """V^T V in float64, for fold-ins."""
+        if "gram" not in self._cache:
+            v = self.factors.astype(np.float64)
+            self._cache["gram"] = v.T @ v
+        return self._cache["gram"]
+
+    def popularity(self, idx: np.ndarray) -> np.ndarray:
+        """Decayed event weight at the stream clock."""
+        return np.exp(self.logpop[idx] - self.clock * self.decay_rate)
+
+    def indices(self, ids: Sequence[str]) -> np.ndarray:
+        get = self.index.get
+        out = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        return out[(out >= 0) & (out < self.n)]
+
+
+def _mask(scores: np.ndarray, exclude: np.ndarray | None, candidates: np.ndarray | None) -> None:
+    if candidates is not None:
+        keep = np.zeros(scores.shape[0], dtype=bool)
+        keep[candidates] = True
+        scores[~keep] = -np.inf
+    if exclude is not None and exclude.size:
+        scores[exclude] = -np.inf
+
+
+def recommend(
+    view: ItemView,
+    user_vec: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items by V.u + b, excluding `exclude`, restricted to `candidates` when given."""
+    scores = view.factors @ user_vec.astype(np.float32) + view.bias
+    _mask(scores, exclude, candidates)
+    return top_k(scores, k)
+
+
+def recommend_batch(
+    view: ItemView,
+    user_vecs: np.ndarray,
+    k: int,
+    excludes: Sequence[np.ndarray | None] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Many users in one matrix product (the batched form)."""
+    scores = user_vecs.astype(np.float32) @ view.factors.T + view.bias
+    out = []
+    for r in range(scores.shape[0]):
+        row = scores[r]
+        ex = excludes[r] if excludes is not None else None
+        if ex is not None and ex.size:
+            row[ex] = -np.inf
+        out.append(top_k(row, k))
+    return out
+
+
+def popular(
+    view: ItemView,
+    k: int,
+    exclude: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Most popular by decayed weight; ranking needs no decay (it scales every item alike)."""
+    scores = view.logpop.copy()
+    _mask(scores, exclude, candidates)
+    idx, _ = top_k(scores, k)
+    return idx, view.popularity(idx)
+
+
+def similar_items(
+    view: ItemView, item: int, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine neighbours of `item`, itself excluded."""
+    unit = view.unit
+    scores = unit @ unit[item]
+    scores[item] = -np.inf
+    _mask(scores, exclude, None)
+    return top_k(scores, k)
+
+
+def fold_in(
+    view: ItemView,
+    items: np.ndarray,
+    confidence: np.ndarray | None = None,
+    reg: float = 0.1,
+    alpha: float = 10.0,
+) -> np.ndarray:
+    """A user vector for a set of items: one implicit-ALS user solve against fixed item factors.
+
+    Solves (V^T V + V_S^T (C_S - I) V_S + reg I) u = V_S^T C_S 1 with C = 1 + alpha * confidence
+    (Hu, Koren, Volinsky 2008): every other item counts as a weak negative, so the vector points
+    at what these items share rather than at what is merely popular.
+    """
+    dim = view.factors.shape[1]
+    if items.size == 0:
+        return np.zeros(dim, dtype=np.float32)
+    c = 1.0 + alpha * (np.ones(items.size) if confidence is None else np.asarray(confidence))
+    vs = view.factors[items].astype(np.float64)
+    a = view.gram + (vs.T * (c - 1.0)) @ vs + reg * np.eye(dim)
+    b = vs.T @ c
+    return np.linalg.solve(a, b).astype(np.float32)
+
+
+def because(
+    view: ItemView, item: int, user_items: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user's own items most similar to `item`: why it was recommended."""
+    if user_items.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    unit = view.unit
+    sims = unit[user_items] @ unit[item]
+    sims[user_items == item] = -np.inf
+    idx, s = top_k(sims, k)
+    return user_items[idx].astype(np.int64), s

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import planted_stream
+
+from stream_mf.answer import StateUsers, answer
+from stream_mf.config import ModelConfig
+from stream_mf.messages import RecRequest
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.recommend import (
+    ItemView,
+    because,
+    fold_in,
+    popular,
+    recommend,
+    recommend_batch,
+    similar_items,
+)
+
+
+@pytest.fixture(scope="module")
+def trained() -> OnlineModel:
+    s = planted_stream(30_000, 200, 150, n_groups=3, seed=2)
+    m = OnlineModel(ModelConfig(dim=16))
+    m.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(30_000), s.times))
+    return m
+
+
+def test_recommend_is_top_scores_minus_exclusions(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    u = trained.state.users.factors[5]
+    scores = view.factors @ u + view.bias
+    exclude = np.argsort(-scores)[:3]
+    idx, sc = recommend(view, u, 10, exclude=exclude)
+    expect = [int(i) for i in np.argsort(-scores) if i not in exclude][:10]
+    assert idx.tolist() == expect
+    np.testing.assert_allclose(sc, scores[expect], rtol=1e-6)
+
+
+def test_recommend_within_candidates(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    cand = np.array([3, 7, 11, 40, 41])
+    idx, _ = recommend(view, trained.state.users.factors[1], 10, exclude=np.array([7]), candidates=cand)
+    assert set(idx.tolist()) == {3, 11, 40, 41}
+
+
+def test_batch_equals_single(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    us = trained.state.users.factors[:4]
+    ex = [np.array([0, 1]), None, np.array([5]), np.empty(0, np.int64)]
+    for r, (idx, _) in enumerate(recommend_batch(view, us, 7, ex)):
+        assert idx.tolist() == recommend(view, us[r], 7, ex[r])[0].tolist()
+
+
+def test_similar_items_is_cosine(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    v = view.factors.astype(np.float64)
+    cos = (v @ v[9]) / (np.linalg.norm(v, axis=1) * np.linalg.norm(v[9]))
+    cos[9] = -np.inf
+    idx, sc = similar_items(view, 9, 5)
+    assert idx.tolist() == np.argsort(-cos)[:5].tolist()
+    np.testing.assert_allclose(sc, cos[idx], rtol=1e-5)
+
+
+def test_fold_in_solves_the_als_normal_equations(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    items = np.array([2, 5, 8, 13])
+    conf = np.array([1.0, 2.0, 0.5, 3.0])
+    u = fold_in(view, items, conf, reg=0.3, alpha=4.0)
+    # reference: dense weighted least squares over all items
+    V = view.factors.astype(np.float64)
+    c = np.ones(view.n)
+    p = np.zeros(view.n)
+    c[items] += 4.0 * conf
+    p[items] = 1.0
+    ref = np.linalg.solve(V.T @ (c[:, None] * V) + 0.3 * np.eye(V.shape[1]), V.T @ (c * p))
+    np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_because_lists_own_items_by_similarity(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    mine = np.array([1, 4, 9, 16])
+    idx, sc = because(view, 9, mine, 2)
+    assert 9 not in idx.tolist() and set(idx.tolist()) <= set(mine.tolist())
+    assert sc[0] >= sc[1]
+
+
+def test_popular_orders_by_decayed_weight(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    idx, sc = popular(view, 5, exclude=np.array([int(np.argmax(view.logpop))]))
+    assert int(np.argmax(view.logpop)) not in idx.tolist()
+    assert np.all(np.diff(sc) <= 0)
+
+
+def test_answer_strategies(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    users = StateUsers(trained.state)
+    r = answer(RecRequest(request_id="a", user_id="u3", k=5), view, users)
+    assert r.strategy == "personalized" and len(r.items) == 5 and r.error is None
+    seen = set(view.ids[i] for i in users.user("u3").seen.tolist())
+    assert seen and not seen & {it.item_id for it in r.items}
+    unknown = answer(RecRequest(request_id="b", user_id="nobody", k=5), view, users)
+    assert unknown.strategy == "popular" and len(unknown.items) == 5
+    pop = answer(RecRequest(request_id="c", kind="popular", k=5), view, users)
+    assert [i.item_id for i in unknown.items] == [i.item_id for i in pop.items]
+    excl = answer(
+        RecRequest(request_id="d", user_id="u3", k=5, exclude_items=[r.items[0].item_id]),
+        view,
+        users,
+    )
+    assert r.items[0].item_id not in {i.item_id for i in excl.items}
+    anon = answer(
+        RecRequest(request_id="e", kind="recommend_anonymous", items=["i1", "i4"]), view, users
+    )
+    assert anon.strategy == "anonymous" and {"i1", "i4"}.isdisjoint(i.item_id for i in anon.items)
+    sim = answer(RecRequest(request_id="f", kind="similar_items", item_id="zzz"), view, users)
+    assert sim.error and "not known" in sim.error
+    why = answer(
+        RecRequest(request_id="g", kind="because", user_id="u3", item_id=r.items[0].item_id, k=3),
+        view,
+        users,
+    )
+    assert why.strategy == "because" and {i.item_id for i in why.items} <= seen

@@ -7,7 +7,16 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("schema", "evaluate", "demo")
+COMMANDS = (
+    "broker",
+    "updater",
+    "query",
+    "publish",
+    "recommend",
+    "evaluate",
+    "schema",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

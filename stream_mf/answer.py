@@ -33,7 +33,7 @@ class UserSource(Protocol):
 @njit(cache=True)
 def _items_of(conf, user):  # type: ignore[no-untyped-def]
     out = []
-    for key in conf.keys():
+    for key in conf:
         if (key >> 32) == user:
             out.append(key & 0xFFFFFFFF)
     return np.array(out, dtype=np.int64)
@@ -74,7 +74,11 @@ def answer(
     fold_in_reg: float = 0.1,
 ) -> RecResponse:
     """Serve one request. Unknown or too-new users get the decayed-popularity list."""
-    base = {"request_id": req.request_id, "user_id": req.user_id, "model_version": view.model_version}
+    base = {
+        "request_id": req.request_id,
+        "user_id": req.user_id,
+        "model_version": view.model_version,
+    }
     excl = view.indices(req.exclude_items)
     cand = view.indices(req.candidates) if req.candidates is not None else None
 

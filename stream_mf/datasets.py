@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -74,10 +75,8 @@ def _kind(path: Path) -> str:
 
 def _time(raw: object) -> float:
     if isinstance(raw, str):
-        try:
+        with contextlib.suppress(ValueError):
             raw = float(raw)
-        except ValueError:
-            pass
     return normalize_timestamp(raw)
 
 
@@ -93,7 +92,7 @@ def _rows(path: Path, spec: ColumnSpec) -> Iterator[dict[str, object]]:
             yield from csv.DictReader(fh, delimiter=sep)
 
 
-def read_events(path: str | Path, spec: ColumnSpec = ColumnSpec()) -> EventColumns:  # noqa: B008
+def read_events(path: str | Path, spec: ColumnSpec = ColumnSpec()) -> EventColumns:
     """Read every event; a missing column is an error that names the columns present."""
     path = Path(path)
     if not path.exists():

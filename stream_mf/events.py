@@ -56,9 +56,7 @@ def normalize_timestamp(value: Any) -> float:
                 f"timestamp {value[:64]!r} is not RFC 3339; e.g. '2023-11-14T22:13:20Z'"
             ) from None
         if dt.tzinfo is None:
-            raise ValueError(
-                f"timestamp {value[:64]!r} has no UTC offset; add 'Z' or '+00:00'"
-            )
+            raise ValueError(f"timestamp {value[:64]!r} has no UTC offset; add 'Z' or '+00:00'")
         return dt.timestamp()
     raise ValueError(
         f"timestamp must be a number or an RFC 3339 string, got {type(value).__name__}"

@@ -47,9 +47,7 @@ def next_uniform(state: np.uint64) -> tuple[np.uint64, float]:
 
 
 @njit(cache=True, nogil=True)
-def init_rows(
-    arr: np.ndarray, start: int, stop: int, seed: int, stream: int, scale: float
-) -> None:
+def init_rows(arr: np.ndarray, start: int, stop: int, seed: int, stream: int, scale: float) -> None:
     """Fill rows [start, stop) with uniform(-scale, scale)/sqrt(dim), keyed by row index."""
     dim = arr.shape[1]
     amp = scale / np.sqrt(dim)

@@ -19,7 +19,6 @@ into one WriteBatch: RocksDB applies it whole or not at all, which is the exactl
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -49,7 +48,7 @@ class StoreError(RuntimeError):
     """The store cannot be opened or written; the message says why and what to do."""
 
 
-class ConfigMismatch(StoreError):
+class ConfigMismatchError(StoreError):
     pass
 
 
@@ -66,7 +65,9 @@ def offset_key(topic: str, partition: int) -> bytes:
 
 
 def _meta_bytes(table: EntityTable, lo: int, hi: int) -> bytes:
-    return table.count[lo:hi].tobytes() + table.last[lo:hi].tobytes() + table.logpop[lo:hi].tobytes()
+    return (
+        table.count[lo:hi].tobytes() + table.last[lo:hi].tobytes() + table.logpop[lo:hi].tobytes()
+    )
 
 
 def _read_meta_block(table: EntityTable, lo: int, raw: bytes) -> None:
@@ -174,7 +175,7 @@ class StateStore:
         if config is None:
             return stored
         if stored.structural() != config.structural():
-            raise ConfigMismatch(
+            raise ConfigMismatchError(
                 f"the store at {self.path} was built with {stored.structural()} but the settings "
                 f"ask for {config.structural()}; use the stored values, or a new --state-dir to "
                 "start a fresh model"
@@ -247,6 +248,66 @@ class StateStore:
             vals.append(_F64.unpack(it.value())[0])
             it.next()
         return np.asarray(items, np.int32), np.asarray(vals, np.float64)
+
+    # ---- piecewise reads (query side) ----------------------------------------------------------
+
+    def clock(self) -> float:
+        raw = self._meta(b"clock")
+        return 0.0 if raw is None else _F64.unpack(raw)[0]
+
+    def counts(self) -> tuple[int, int]:
+        return self._meta_int(b"n_users"), self._meta_int(b"n_items")
+
+    def item_ids(self, known: list[str]) -> list[str]:
+        """`known` extended with ids registered since (ids never change once given)."""
+        n_items = self.counts()[1]
+        if len(known) >= n_items:
+            return known[:n_items]
+        out = list(known)
+        it = self.cf["item_index"].iter()
+        it.seek(_BE32.pack(len(known)))
+        while it.valid() and len(out) < n_items:
+            out.append(it.value().decode())
+            it.next()
+        return out
+
+    def item_arrays(self, dim: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Factors, biases and log-popularity of items [0, n)."""
+        factors = np.zeros((n, dim), np.float32)
+        bias = np.zeros(n, np.float32)
+        logpop = np.full(n, -np.inf)
+        for k, v in self.cf["item_factors"].items():
+            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+            if lo < n:
+                block = np.frombuffer(v, np.float32).reshape(-1, dim)[: n - lo]
+                factors[lo : lo + block.shape[0]] = block
+        for k, v in self.cf["item_bias"].items():
+            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+            if lo < n:
+                b = np.frombuffer(v, np.float32)[: n - lo]
+                bias[lo : lo + b.shape[0]] = b
+        for k, v in self.cf["item_meta"].items():
+            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+            if lo < n:
+                rows = len(v) // 24
+                lp = np.frombuffer(v, np.float64, rows, rows * 16)[: n - lo]
+                logpop[lo : lo + lp.shape[0]] = lp
+        return factors, bias, logpop
+
+    def user_row(self, user_id: str, dim: int) -> tuple[int, np.ndarray, int] | None:
+        """(index, vector, events) of a user, or None if the store has not seen it."""
+        raw = self.cf["user_ids"].get(user_id.encode())
+        if raw is None:
+            return None
+        u = _I32.unpack(raw)[0]
+        b, r = divmod(u, BLOCK_ROWS)
+        fb = self.cf["user_factors"].get(_BE32.pack(b))
+        mb = self.cf["user_meta"].get(_BE32.pack(b))
+        if fb is None or mb is None:
+            return None
+        vec = np.frombuffer(fb, np.float32).reshape(-1, dim)[r].copy()
+        count = int(np.frombuffer(mb, np.int64, 1, r * 8)[0])
+        return u, vec, count
 
     # ---- commit -----------------------------------------------------------------------------
 
@@ -365,10 +426,10 @@ def _jit() -> tuple[object, object]:
         for k, v in conf.items():
             keys[j] = k
             vals[j] = v
-            j += 1
+            j += 1  # noqa: SIM113 (numba)
 
     return fill, dump
 
 
 _fill, _dump = _jit()
-__all__ = ["ConfigMismatch", "StateStore", "StoreError", "new_confidence_map"]
+__all__ = ["ConfigMismatchError", "StateStore", "StoreError", "new_confidence_map"]

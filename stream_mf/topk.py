@@ -18,7 +18,9 @@ def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
             return
         child = left
         right = left + 1
-        if right < size and (hs[right] < hs[left] or (hs[right] == hs[left] and hi[right] > hi[left])):
+        if right < size and (
+            hs[right] < hs[left] or (hs[right] == hs[left] and hi[right] > hi[left])
+        ):
             child = right
         if hs[child] < hs[pos] or (hs[child] == hs[pos] and hi[child] > hi[pos]):
             hs[pos], hs[child] = hs[child], hs[pos]

@@ -45,7 +45,7 @@ def planted_stream(
     for g in range(n_groups):
         members = np.flatnonzero(item_group == g)
         rank[members] = rng.permutation(len(members)) + 1
-    pop = rank ** -zipf
+    pop = rank**-zipf
     by_group = [np.flatnonzero(item_group == g) for g in range(n_groups)]
     probs = [pop[m] / pop[m].sum() for m in by_group]
     all_p = pop / pop.sum()

@@ -22,7 +22,9 @@ def add_column_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-col", default=d.time_col)
     g.add_argument("--value-col", default=d.value_col, help="'' for none")
     g.add_argument("--type-col", default=None, help="column holding the event type")
-    g.add_argument("--event-type", default=d.event_type, help="type of every event without --type-col")
+    g.add_argument(
+        "--event-type", default=d.event_type, help="type of every event without --type-col"
+    )
     g.add_argument("--sep", default=None, help="field separator (default: by file extension)")
     g.add_argument("--min-value", type=float, default=None, help="keep events with value >= this")
 
@@ -96,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             progress=not args.no_progress,
         )
-        r.config = config.model_dump(exclude={"event_types"}) if name != "popular" else {
-            "half_life_s": config.half_life_s
-        }
+        r.config = (
+            config.model_dump(exclude={"event_types"})
+            if name != "popular"
+            else {"half_life_s": config.half_life_s}
+        )
         results.append(r.to_json())
     base = results[0]["recall_at_k"] if results else 0.0
     print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"

@@ -14,9 +14,7 @@ from stream_mf.evaluate import PopularLearner, SGDLearner, prequential
 
 def columns(n: int, seed: int = 0, n_users: int = 150, n_items: int = 120) -> EventColumns:
     s = planted_stream(n, n_users, n_items, n_groups=4, seed=seed)
-    return EventColumns(
-        s.user_ids(), s.item_ids(), s.times, np.full(n, np.nan), ["view"] * n
-    )
+    return EventColumns(s.user_ids(), s.item_ids(), s.times, np.full(n, np.nan), ["view"] * n)
 
 
 def test_sgd_beats_popularity_on_planted_tastes() -> None:

@@ -41,7 +41,9 @@ def test_recommend_is_top_scores_minus_exclusions(trained: OnlineModel) -> None:
 def test_recommend_within_candidates(trained: OnlineModel) -> None:
     view = ItemView.from_state(trained.state)
     cand = np.array([3, 7, 11, 40, 41])
-    idx, _ = recommend(view, trained.state.users.factors[1], 10, exclude=np.array([7]), candidates=cand)
+    idx, _ = recommend(
+        view, trained.state.users.factors[1], 10, exclude=np.array([7]), candidates=cand
+    )
     assert set(idx.tolist()) == {3, 11, 40, 41}
 
 

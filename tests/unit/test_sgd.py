@@ -122,7 +122,9 @@ def test_learns_planted_taste() -> None:
     hits = 0
     for u in range(300):
         uix = st.users.index[f"u{u}"]
-        scores = st.items.factors[: st.items.n] @ st.users.factors[uix] + st.items.bias[: st.items.n]
+        scores = (
+            st.items.factors[: st.items.n] @ st.users.factors[uix] + st.items.bias[: st.items.n]
+        )
         top = np.argsort(-scores)[:10]
         groups = [s.item_group[int(st.items.ids[t][1:])] for t in top]
         hits += np.mean(np.asarray(groups) == s.user_group[u]) >= 0.7

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from synthetic import planted_stream
 from stream_mf.config import ModelConfig
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.state import ModelState
-from stream_mf.store import ConfigMismatch, StateStore, confidence_items
+from stream_mf.store import ConfigMismatchError, StateStore, confidence_items
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
 TOPIC = "interactions"
@@ -65,7 +64,7 @@ def test_reopening_with_another_dim_is_refused(tmp_path: Path) -> None:
     with StateStore(tmp_path / "db") as store:
         m = OnlineModel(CFG, store.load(CFG))
         store.commit(m.state, m.learn(stream(100)))
-    with StateStore(tmp_path / "db") as store, pytest.raises(ConfigMismatch, match="dim"):
+    with StateStore(tmp_path / "db") as store, pytest.raises(ConfigMismatchError, match="dim"):
         store.load(CFG.model_copy(update={"dim": 16}))
 
 
@@ -76,7 +75,13 @@ def test_user_items_prefix_scan(tmp_path: Path) -> None:
         store.commit(m.state, m.learn(batch))
         u = m.state.users.index["u7"]
         items, vals = store.user_items(u)
-    expect = sorted({m.state.items.index[i] for uu, i in zip(batch.user_ids, batch.item_ids) if uu == "u7"})
+    expect = sorted(
+        {
+            m.state.items.index[i]
+            for uu, i in zip(batch.user_ids, batch.item_ids, strict=True)
+            if uu == "u7"
+        }
+    )
     assert items.tolist() == expect and np.all(np.isfinite(vals))
 
 

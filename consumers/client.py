@@ -1,0 +1,77 @@
+"""A request/reply client for the query service: send requests, await replies by correlation id."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+
+from consumers import kafka_io
+from consumers.settings import KafkaSettings
+from stream_mf.messages import RecResponse
+
+
+class RecClient:
+    """Reads the reply topic directly (no consumer group), from its end at start-up."""
+
+    def __init__(self, kafka: KafkaSettings, requests: str, responses: str):
+        self.requests, self.responses = requests, responses
+        self.producer: Producer = kafka_io.producer(kafka, **{"linger.ms": 0})
+        self.consumer: Consumer = kafka_io.consumer(
+            kafka, f"stream-mf-client-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False}
+        )
+        meta = self.consumer.list_topics(responses, timeout=10)
+        parts = meta.topics[responses].partitions
+        if not parts:
+            raise RuntimeError(f"reply topic {responses!r} does not exist; create it first")
+        self.consumer.assign([TopicPartition(responses, p, OFFSET_END) for p in parts])
+        self.pending: dict[str, RecResponse | None] = {}
+        self._ready = False
+
+    def _wait_assigned(self) -> None:
+        # make sure the fetch position is established before the first request goes out
+        if not self._ready:
+            self.consumer.consume(1, 0.5)
+            self._ready = True
+
+    def send(self, request: dict[str, Any], deadline_ms: int | None = None) -> str:
+        self._wait_assigned()
+        rid = str(request.setdefault("request_id", uuid.uuid4().hex))
+        request.setdefault("sent_at", time.time())
+        headers = [("reply_to", self.responses.encode())]
+        if deadline_ms is not None:
+            headers.append(("deadline_ms", str(deadline_ms).encode()))
+        key = str(request.get("user_id") or "").encode()
+        self.producer.produce(self.requests, value=orjson.dumps(request), key=key, headers=headers)
+        self.producer.poll(0)
+        self.pending[rid] = None
+        return rid
+
+    def collect(self, timeout: float = 10.0) -> dict[str, RecResponse]:
+        """Wait until every pending request has a reply, or the timeout; returns what came."""
+        self.producer.flush(5.0)
+        end = time.monotonic() + timeout
+        while any(v is None for v in self.pending.values()) and time.monotonic() < end:
+            for m in self.consumer.consume(100, 0.05):
+                if m.error():
+                    continue
+                cid = kafka_io.headers_dict(m.headers()).get("correlation_id", b"").decode()
+                if cid in self.pending and self.pending[cid] is None:
+                    self.pending[cid] = RecResponse.model_validate_json(m.value())
+        got = {k: v for k, v in self.pending.items() if v is not None}
+        self.pending = {k: v for k, v in self.pending.items() if v is None}
+        return got
+
+    def ask(self, request: dict[str, Any], timeout: float = 10.0) -> RecResponse:
+        rid = self.send(request)
+        got = self.collect(timeout)
+        if rid not in got:
+            raise TimeoutError(f"no reply to request {rid} within {timeout}s: is `query` running?")
+        return got[rid]
+
+    def close(self) -> None:
+        self.producer.flush(5.0)
+        self.consumer.close()

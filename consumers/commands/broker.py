@@ -1,0 +1,41 @@
+"""`stream-mf broker`: the embedded Kafka-protocol broker (Tansu) with the product's topics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from consumers.broker import EmbeddedBroker, create_topics
+from consumers.kafka_io import StopFlag
+from consumers.settings import TopicSettings
+
+log = logging.getLogger(__name__)
+
+
+def product_topics(partitions: int, topics: TopicSettings | None = None) -> dict[str, int]:
+    t = topics or TopicSettings()
+    return {
+        t.interactions: partitions,
+        t.dead_letter: 1,
+        t.requests: partitions,
+        t.responses: partitions,
+    }
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run the embedded broker on loopback and create the topics")
+    p.add_argument("--port", type=int, default=9092, help="0 picks a free port")
+    p.add_argument("--partitions", type=int, default=1, help="partitions of each main topic")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = StopFlag().install()
+    with EmbeddedBroker(args.port or None) as broker:
+        create_topics(broker.bootstrap_servers, product_topics(args.partitions))
+        print(f"broker ready: --bootstrap-servers {broker.bootstrap_servers} (pid {broker.pid})")
+        print("memory storage: topics vanish when it stops. Ctrl-C to stop.", flush=True)
+        while not stop and broker.is_running:
+            time.sleep(0.2)
+    return 0

@@ -1,0 +1,26 @@
+"""`stream-mf query`: answer recommendation requests (run as many as you like)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from consumers.commands.common import add_process_flags, build_settings
+from consumers.kafka_io import StopFlag
+from consumers.query import QueryService
+from consumers.settings import QuerySettings
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("query", help="serve rec-requests from the model store (read-only)")
+    add_process_flags(p)
+    p.add_argument("--refresh-seconds", type=float, default=None)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = build_settings(QuerySettings, args, refresh_seconds=args.refresh_seconds)
+    log.info("query settings: %s", settings.model_dump_json())
+    return QueryService(settings).run(StopFlag().install())

@@ -1,0 +1,40 @@
+"""`stream-mf updater`: learn from `interactions` into the model store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from consumers.commands.common import add_process_flags, build_settings
+from consumers.flags import add_model_flags, model_config_from
+from consumers.kafka_io import StopFlag
+from consumers.settings import UpdaterSettings
+from consumers.updater import Updater
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("updater", help="consume interactions, learn, persist (one per store)")
+    add_process_flags(p)
+    p.add_argument("--max-batch-events", type=int, default=None)
+    p.add_argument("--max-batch-seconds", type=float, default=None)
+    p.add_argument("--sync-writes", action="store_true", default=None, help="fsync each commit")
+    add_model_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    base = build_settings(UpdaterSettings, args)
+    settings = base.model_copy(
+        update={
+            "model": model_config_from(args, base.model),
+            **{
+                k: v
+                for k in ("max_batch_events", "max_batch_seconds", "sync_writes")
+                if (v := getattr(args, k)) is not None
+            },
+        }
+    )
+    log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
+    return Updater(settings).run(StopFlag().install())

@@ -1,0 +1,102 @@
+"""Thin typed wrappers over confluent-kafka: client configs, delivery checks, headers, signals.
+
+Fetch settings matter on every broker and enormously on the embedded one (DESIGN.md: defaults
+crawl below 10k messages/s), so every consumer here is built with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterable, Mapping
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer
+
+from consumers.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def _log_error(err: KafkaError) -> None:
+    log.warning("kafka: %s", err)
+
+
+def consumer(
+    kafka: KafkaSettings, group_id: str, session_timeout_ms: int = 10_000, **extra: Any
+) -> Consumer:
+    conf: dict[str, Any] = {
+        **kafka.client_config(),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 10,
+        "fetch.min.bytes": 1,
+        "max.partition.fetch.bytes": 8 * 1024 * 1024,
+        "queued.max.messages.kbytes": 256 * 1024,
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(500, session_timeout_ms // 6),
+        "max.poll.interval.ms": max(60_000, session_timeout_ms * 2),
+        "error_cb": _log_error,
+        "logger": log,
+    }
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
+    conf: dict[str, Any] = {
+        **kafka.client_config(),
+        "linger.ms": 5,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "acks": "all",
+        "error_cb": _log_error,
+        "logger": log,
+    }
+    conf.update(extra)
+    return Producer(conf)
+
+
+class DeliveryTracker:
+    """Counts failed deliveries, so a caller can refuse to advance offsets past a lost message."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.last_error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            self.failed += 1
+            self.last_error = err
+
+
+def headers_dict(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
+    return {k: v for k, v in (headers or []) if v is not None}
+
+
+def str_headers(values: Mapping[str, str | int]) -> list[tuple[str, bytes]]:
+    return [(k, str(v).encode()) for k, v in values.items()]
+
+
+class StopFlag:
+    """SIGTERM/SIGINT become a flag: the loop finishes its batch, commits and exits cleanly."""
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
+
+    def install(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()

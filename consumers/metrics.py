@@ -1,0 +1,180 @@
+"""Every Prometheus metric of every process, declared in one place.
+
+Names follow `stream_mf_<what>_<unit>`; labels are small fixed sets, never user or item ids.
+Each process builds its own registry and passes it in, so tests get a fresh one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+AGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400, 604800)
+
+
+class UpdaterMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.consumed = Counter(
+            "stream_mf_events_consumed_total",
+            "Messages read from the interactions topic",
+            registry=r,
+        )
+        self.applied = Counter(
+            "stream_mf_events_applied_total",
+            "Events folded into the model",
+            ["event_type"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "stream_mf_events_dead_lettered_total",
+            "Messages sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.batches = Counter("stream_mf_batches_total", "Micro-batches committed", registry=r)
+        self.batch_events = Histogram(
+            "stream_mf_batch_events",
+            "Messages per micro-batch",
+            buckets=(1, 10, 100, 1000, 5000, 10_000, 50_000, 100_000),
+            registry=r,
+        )
+        self.apply_seconds = Histogram(
+            "stream_mf_batch_apply_seconds",
+            "Time to decode and learn one micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.write_seconds = Histogram(
+            "stream_mf_batch_write_seconds",
+            "Time to write one micro-batch to RocksDB",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_age = Histogram(
+            "stream_mf_event_age_seconds",
+            "Wall-clock now minus event timestamp when the event is applied",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "stream_mf_consumer_lag_messages",
+            "High watermark minus next offset, per partition",
+            ["partition"],
+            registry=r,
+        )
+        self.users = Gauge("stream_mf_users_known", "Users with a vector", registry=r)
+        self.items = Gauge("stream_mf_items_known", "Items with a vector", registry=r)
+        self.model_version = Gauge(
+            "stream_mf_model_version", "Version of the model being written or served", registry=r
+        )
+        self.errors = Counter(
+            "stream_mf_errors_total",
+            "Errors by kind (broker, store, dead_letter)",
+            ["kind"],
+            registry=r,
+        )
+        self.last_commit = Gauge(
+            "stream_mf_last_commit_timestamp_seconds",
+            "When the last batch was committed",
+            registry=r,
+        )
+
+
+class QueryMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.requests = Counter(
+            "stream_mf_requests_total",
+            "Requests answered, by kind and strategy",
+            ["kind", "strategy"],
+            registry=r,
+        )
+        self.invalid = Counter(
+            "stream_mf_requests_invalid_total", "Requests answered with an error", registry=r
+        )
+        self.expired = Counter(
+            "stream_mf_requests_expired_total", "Requests dropped past their deadline", registry=r
+        )
+        self.latency = Histogram(
+            "stream_mf_query_latency_seconds",
+            "From receipt of a request to its reply being handed to the producer",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_to_reply = Histogram(
+            "stream_mf_request_to_reply_seconds",
+            "From the request's sent_at to its reply (clients that send sent_at)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "stream_mf_model_version", "Version of the model being written or served", registry=r
+        )
+        self.model_events = Gauge(
+            "stream_mf_model_events_applied",
+            "Events the served model includes",
+            registry=r,
+        )
+        self.refresh_seconds = Histogram(
+            "stream_mf_model_refresh_seconds",
+            "Time to load a newer model snapshot",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "stream_mf_errors_total",
+            "Errors by kind (broker, store, reply)",
+            ["kind"],
+            registry=r,
+        )
+
+
+class CallbackGauges(Collector):
+    """Gauges read at scrape time (store size and the like), from callables."""
+
+    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]]):
+        self.gauges = gauges
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        with self.lock:
+            for name, (doc, fn) in self.gauges.items():
+                try:
+                    value = float(fn())
+                except Exception:  # a failing probe must not break the scrape
+                    continue
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int | None:
+    """Serve /metrics; returns the bound port (port 0 picks one), or None when disabled."""
+    if port < 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)
+
+
+def observe_many(hist: Histogram, values: object) -> None:
+    """Observe a whole array at once (one call per batch, not per event)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return
+    bounds = np.asarray(hist._upper_bounds)  # includes +Inf
+    idx = np.searchsorted(bounds, v, side="left")
+    counts = np.bincount(idx, minlength=bounds.size)
+    for j, c in enumerate(counts.tolist()):
+        if c:
+            hist._buckets[j].inc(c)
+    hist._sum.inc(float(v.sum()))

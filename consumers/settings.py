@@ -1,0 +1,118 @@
+"""One frozen pydantic-settings object per process, from environment variables and flags.
+
+Environment variables are prefixed `STREAM_MF_` (nested with `__`, e.g.
+`STREAM_MF_KAFKA__BOOTSTRAP_SERVERS`); `KAFKA_BOOTSTRAP_SERVERS` is honoured too. Secrets are
+`SecretStr`, so they never show in logs, reprs or `/metrics`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_mf.config import ModelConfig
+
+
+class KafkaSettings(BaseModel):
+    """Connection and security settings shared by every Kafka client a process creates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    client_id: str = "stream-mf"
+    extra: dict[str, str] = Field(
+        default_factory=dict, description="further librdkafka properties, passed through"
+    )
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka properties; the only place secrets are unwrapped."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = str(self.ssl_ca_location)
+        if self.ssl_certificate_location:
+            conf["ssl.certificate.location"] = str(self.ssl_certificate_location)
+        if self.ssl_key_location:
+            conf["ssl.key.location"] = str(self.ssl_key_location)
+        if self.ssl_key_password is not None:
+            conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        conf.update(self.extra)
+        return conf
+
+
+class TopicSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    interactions: str = "interactions"
+    dead_letter: str = "interactions.DLT"
+    requests: str = "rec-requests"
+    responses: str = "rec-responses"
+
+
+class MetricsSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535, description="0 picks a free port; -1 is off")
+
+
+class ProcessSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAM_MF_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log_level: str = "INFO"
+
+
+class UpdaterSettings(ProcessSettings):
+    """The updater: the single writer of the model store."""
+
+    state_dir: Path = Path("state")
+    group_id: str = "stream-mf-updater"
+    max_batch_events: int = Field(default=50_000, ge=1, description="micro-batch bound by count")
+    max_batch_seconds: float = Field(default=0.2, gt=0, description="micro-batch bound by time")
+    max_message_bytes: int = Field(default=64 * 1024, ge=256)
+    sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
+    session_timeout_ms: int = 10_000
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+class QuerySettings(ProcessSettings):
+    """A query process: reads the model, never writes it."""
+
+    state_dir: Path = Path("state")
+    group_id: str = "stream-mf-query"
+    refresh_seconds: float = Field(default=0.2, gt=0, description="how often to follow the store")
+    min_user_events: int = Field(default=1, ge=0)
+    max_message_bytes: int = Field(default=256 * 1024, ge=256)
+    default_deadline_ms: int | None = Field(
+        default=None, description="drop requests older than this when they carry no deadline"
+    )
+    session_timeout_ms: int = 10_000
+
+
+class ClientSettings(ProcessSettings):
+    """Command-line clients (publish, recommend)."""

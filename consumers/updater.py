@@ -1,0 +1,248 @@
+"""The updater: the one process that learns from `interactions` and writes the model store.
+
+Commit order, per micro-batch (the exactly-once argument; DESIGN.md):
+  1. consume up to `max_batch_events` messages or `max_batch_seconds`, whichever comes first;
+  2. decode; bad messages go to the dead-letter topic, and that producer is flushed: a message
+     whose dead letter was not acknowledged must not be skipped;
+  3. learn the valid events (in memory);
+  4. write every changed row and the next offsets in one RocksDB WriteBatch;
+  5. only then commit the offsets to Kafka, so standard tools show lag.
+On assignment the consumer seeks to the offsets stored in RocksDB, never to Kafka's, so a crash
+anywhere replays exactly the batches that were not written, and the seeded learner replays them
+bit for bit. Any error in 2-4 stops the process without committing anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from consumers import kafka_io
+from consumers.metrics import CallbackGauges, UpdaterMetrics, observe_many, serve_metrics
+from consumers.settings import UpdaterSettings
+from stream_mf.decode import decode_events
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.store import StateStore, StoreError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_STORE = 3
+EXIT_DEAD_LETTER = 4
+EXIT_OFFSETS = 5
+
+
+class DeadLetterError(RuntimeError):
+    pass
+
+
+class OffsetRegressionError(RuntimeError):
+    """An offset went backwards: something other than this process moved the consumer."""
+
+
+class Updater:
+    def __init__(self, settings: UpdaterSettings, registry: CollectorRegistry | None = None):
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = UpdaterMetrics(self.registry)
+        self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
+        state = self.store.load(settings.model)
+        self.model = OnlineModel(state.config, state)
+        self.offsets: dict[tuple[str, int], int] = self.store.offsets()
+        self.types = state.config.event_types
+        self.topic = settings.topics.interactions
+        self.assigned: list[TopicPartition] = []
+        self.consumer = kafka_io.consumer(
+            settings.kafka, settings.group_id, settings.session_timeout_ms
+        )
+        self.dlt = kafka_io.producer(settings.kafka, **{"enable.idempotence": False})
+        self.deliveries = kafka_io.DeliveryTracker()
+        self.metrics_port: int | None = None
+        self.registry.register(
+            CallbackGauges(
+                {
+                    "stream_mf_store_size_bytes": (
+                        "Bytes of the model store on disk",
+                        lambda: sum(
+                            f.stat().st_size for f in settings.state_dir.glob("*") if f.is_file()
+                        ),
+                    )
+                }
+            )
+        )
+        self._publish_gauges()
+
+    # ---- Kafka callbacks --------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            stored = self.offsets.get((tp.topic, tp.partition))
+            tp.offset = stored if stored is not None else OFFSET_BEGINNING
+        log.info(
+            "assigned %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions),
+        )
+        self.assigned = list(partitions)
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %d partition(s)", len(partitions))
+        self.assigned = []
+        consumer.unassign()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self, stop: kafka_io.StopFlag) -> int:
+        s = self.settings
+        self.metrics_port = serve_metrics(self.registry, s.metrics.host, s.metrics.port)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", s.metrics.host, self.metrics_port)
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        code = EXIT_OK
+        try:
+            while not stop:
+                msgs = self._collect(stop)
+                if msgs:
+                    self.process(msgs)
+        except StoreError as exc:
+            log.error("model store failure, stopping without committing offsets: %s", exc)
+            self.metrics.errors.labels("store").inc()
+            code = EXIT_STORE
+        except DeadLetterError as exc:
+            log.error("dead-letter topic unavailable, stopping without committing: %s", exc)
+            self.metrics.errors.labels("dead_letter").inc()
+            code = EXIT_DEAD_LETTER
+        except OffsetRegressionError as exc:
+            log.error("%s", exc)
+            code = EXIT_OFFSETS
+        finally:
+            self.close()
+        return code
+
+    def _collect(self, stop: kafka_io.StopFlag) -> list[Message]:
+        s = self.settings
+        deadline = time.monotonic() + s.max_batch_seconds
+        out: list[Message] = []
+        while len(out) < s.max_batch_events and not stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            got = self.consumer.consume(min(s.max_batch_events - len(out), 10_000), left)
+            for m in got:
+                err = m.error()
+                if err is None:
+                    out.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                    self.metrics.errors.labels("broker").inc()
+        return out
+
+    def process(self, msgs: list[Message]) -> None:
+        """Decode, learn, write, commit one micro-batch (see the module docstring)."""
+        t0 = time.perf_counter()
+        n = len(msgs)
+        self.metrics.consumed.inc(n)
+        dec = decode_events([m.value() for m in msgs], self.types, self.settings.max_message_bytes)
+        if dec.rejects:
+            self._dead_letter(msgs, dec.rejects)
+        pos = dec.positions
+        batch = EventBatch(
+            user_ids=dec.users,
+            item_ids=dec.items,
+            weights=np.asarray(dec.weights, np.float64),
+            times=np.asarray(dec.times, np.float64),
+            partitions=np.fromiter((msgs[p].partition() for p in pos), np.int32, len(pos)),
+            offsets=np.fromiter((msgs[p].offset() for p in pos), np.int64, len(pos)),
+        )
+        delta = self.model.learn(batch)
+        nxt = self._next_offsets(msgs)
+        t1 = time.perf_counter()
+        self.store.commit(self.model.state, delta, nxt)
+        t2 = time.perf_counter()
+        self.offsets.update(nxt)
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True
+        )
+        m = self.metrics
+        m.apply_seconds.observe(t1 - t0)
+        m.write_seconds.observe(t2 - t1)
+        m.batches.inc()
+        m.batch_events.observe(n)
+        for etype, count in collections.Counter(dec.types).items():
+            m.applied.labels(etype).inc(count)
+        if len(batch):
+            observe_many(m.event_age, time.time() - batch.times)
+        m.last_commit.set(time.time())
+        self._publish_gauges()
+
+    def _next_offsets(self, msgs: list[Message]) -> dict[tuple[str, int], int]:
+        nxt: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            o = m.offset() + 1
+            if o > nxt.get(key, -1):
+                nxt[key] = o
+        for key, o in nxt.items():
+            before = self.offsets.get(key, 0)
+            if o <= before:
+                raise OffsetRegressionError(
+                    f"{key[0]}[{key[1]}] offset went backwards: next {o} after {before} was "
+                    "already applied; another process may be consuming with this group id"
+                )
+        return nxt
+
+    def _dead_letter(self, msgs: list[Message], rejects: list[Any]) -> None:
+        topic = self.settings.topics.dead_letter
+        for r in rejects:
+            m = msgs[r.position]
+            headers = kafka_io.str_headers(
+                {
+                    "error.reason": r.reason,
+                    "error.message": r.message[:2000],
+                    "original.topic": m.topic(),
+                    "original.partition": m.partition(),
+                    "original.offset": m.offset(),
+                }
+            )
+            self.dlt.produce(
+                topic, value=m.value(), key=m.key(), headers=headers, on_delivery=self.deliveries
+            )
+            self.metrics.dead_lettered.labels(r.reason).inc()
+            log.debug(
+                "dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message
+            )
+        before = self.deliveries.failed
+        left = self.dlt.flush(30.0)
+        if left or self.deliveries.failed != before:
+            raise DeadLetterError(
+                f"{left} dead letter(s) not delivered to {topic!r} "
+                f"(last error: {self.deliveries.last_error})"
+            )
+
+    def _publish_gauges(self) -> None:
+        st = self.model.state
+        self.metrics.users.set(st.users.n)
+        self.metrics.items.set(st.items.n)
+        self.metrics.model_version.set(st.model_version)
+        for tp in self.assigned:
+            try:
+                _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # not fetched yet
+                continue
+            if hi is not None and hi >= 0:
+                nxt = self.offsets.get((tp.topic, tp.partition), 0)
+                self.metrics.lag.labels(str(tp.partition)).set(max(hi - nxt, 0))
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except Exception as exc:  # already closed or broker gone: nothing to lose here
+            log.debug("consumer close: %s", exc)
+        self.dlt.flush(5.0)
+        self.store.close()

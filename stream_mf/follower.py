@@ -1,0 +1,93 @@
+"""The query side of the store: follow the writer and serve consistent snapshots.
+
+A RocksDB secondary instance replays the writer's WAL on `catch_up()`; each WriteBatch is applied
+whole, so a snapshot never mixes two batches. The item side is rebuilt into an immutable
+`ItemView` only when the writer has moved on, and swapped in by reference; users are read on
+demand, one block get and one prefix scan per request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stream_mf.answer import UserRecord
+from stream_mf.config import ModelConfig
+from stream_mf.recommend import ItemView
+from stream_mf.store import StateStore, StoreError
+
+
+class StoreFollower:
+    def __init__(self, path: str | os.PathLike[str], secondary_dir: str | None = None):
+        self._tmp = None
+        if secondary_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="stream-mf-secondary-")
+            secondary_dir = self._tmp.name
+        self.store = StateStore(path, secondary=secondary_dir)
+        self.config: ModelConfig | None = None
+        self.view: ItemView | None = None
+        self.events_applied = -1
+        self.model_version = -1
+        self.loaded_at = 0.0
+
+    def refresh(self) -> bool:
+        """Catch up with the writer; True when a newer snapshot is now served."""
+        self.store.catch_up()
+        events, version = self.store.events_applied(), self.store.model_version()
+        if events == self.events_applied and version == self.model_version:
+            return False
+        if self.config is None:
+            self.config = self.store.stored_config()
+            if self.config is None:
+                return False
+        n_items = self.store.counts()[1]
+        ids = self.store.item_ids(list(self.view.ids) if self.view else [])
+        if len(ids) < n_items:
+            raise StoreError("item id map behind item count: store is inconsistent")
+        factors, bias, logpop = self.store.item_arrays(self.config.dim, n_items)
+        self.view = ItemView(
+            factors=factors,
+            bias=bias,
+            logpop=logpop,
+            ids=ids,
+            index={k: j for j, k in enumerate(ids)}
+            if self.view is None
+            else _extend_index(self.view.index, ids),
+            clock=self.store.clock(),
+            decay_rate=self.config.decay_rate,
+            model_version=version,
+        )
+        self.events_applied, self.model_version = events, version
+        self.loaded_at = time.time()
+        return True
+
+    def user(self, user_id: str) -> UserRecord | None:
+        if self.config is None:
+            return None
+        row = self.store.user_row(user_id, self.config.dim)
+        if row is None:
+            return None
+        u, vec, count = row
+        items, _ = self.store.user_items(u)
+        return UserRecord(index=u, vector=vec, events=count, seen=items.astype(np.int64))
+
+    def close(self) -> None:
+        self.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _extend_index(index: dict[str, int], ids: list[str]) -> dict[str, int]:
+    if len(index) == len(ids):
+        return index
+    out = dict(index)
+    for j in range(len(index), len(ids)):
+        out[ids[j]] = j
+    return out
+
+
+__all__ = ["Path", "StoreFollower"]

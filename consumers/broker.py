@@ -11,6 +11,12 @@ Tansu quirks worth knowing (Tansu 0.6.0):
   offset of the last record batch plus one, not the end of the log; the high watermark carried in
   fetch responses (``get_watermark_offsets(cached=True)`` or the ``consumer_lag`` statistic) is
   right. ``offsets_for_times`` answers offset 0 for any timestamp.
+- A fetch is not woken by new data, so latency is up to ``fetch.wait.max.ms``: use about 10 ms.
+- A fetch ignores ``max.partition.fetch.bytes`` and can return the whole backlog (20 MB+) at once;
+  librdkafka then finds its queue above ``queued.min.messages`` and waits
+  ``fetch.queue.backoff.ms`` (1 s by default) before fetching again, capping a backlog at about
+  180k msgs/s. Set ``fetch.queue.backoff.ms`` to about 10 ms.
+- The first join of a group takes about 3 s (initial rebalance delay).
 
 Example:
     >>> with EmbeddedBroker() as broker:  # doctest: +SKIP

@@ -92,6 +92,10 @@ class UpdaterSettings(ProcessSettings):
 
     state_dir: Path = Path("state")
     group_id: str = "stream-mf-updater"
+    use_consumer_group: bool = Field(
+        default=False,
+        description="subscribe through the group protocol instead of assigning every partition",
+    )
     max_batch_events: int = Field(default=50_000, ge=1, description="micro-batch bound by count")
     max_batch_seconds: float = Field(default=0.2, gt=0, description="micro-batch bound by time")
     max_message_bytes: int = Field(default=64 * 1024, ge=256)

@@ -64,6 +64,7 @@ class Updater:
         self.dlt = kafka_io.producer(settings.kafka, **{"enable.idempotence": False})
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
+        self._next_metadata = 0.0
         self.registry.register(
             CallbackGauges(
                 {
@@ -81,6 +82,7 @@ class Updater:
     # ---- Kafka callbacks --------------------------------------------------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        partitions = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
         for tp in partitions:
             stored = self.offsets.get((tp.topic, tp.partition))
             tp.offset = stored if stored is not None else OFFSET_BEGINNING
@@ -96,6 +98,32 @@ class Updater:
         self.assigned = []
         consumer.unassign()
 
+    def _assign_partitions(self) -> None:
+        """Assign every partition directly (no group rebalances: a restart resumes at once).
+
+        The store's LOCK already makes this the only writer, so a group adds nothing but the
+        wait for a killed member's session to expire. Offsets are still committed to the group
+        so that lag shows in standard tools. New partitions are picked up every 30 s.
+        """
+        now = time.monotonic()
+        if now < self._next_metadata:
+            return
+        self._next_metadata = now + (30.0 if self.assigned else 1.0)
+        try:
+            meta = self.consumer.list_topics(self.topic, timeout=5.0)
+        except Exception as exc:
+            log.warning("cannot read metadata of %r: %s", self.topic, exc)
+            self.metrics.errors.labels("broker").inc()
+            return
+        tmeta = meta.topics.get(self.topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            log.info("waiting for topic %r to exist", self.topic)
+            return
+        have = {tp.partition for tp in self.assigned}
+        new = [TopicPartition(self.topic, p) for p in sorted(tmeta.partitions) if p not in have]
+        if new:
+            self._on_assign(self.consumer, self.assigned + new)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: kafka_io.StopFlag) -> int:
@@ -103,10 +131,15 @@ class Updater:
         self.metrics_port = serve_metrics(self.registry, s.metrics.host, s.metrics.port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, self.metrics_port)
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         code = EXIT_OK
         try:
+            if s.use_consumer_group:
+                self.consumer.subscribe(
+                    [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+                )
             while not stop:
+                if not s.use_consumer_group:
+                    self._assign_partitions()
                 msgs = self._collect(stop)
                 if msgs:
                     self.process(msgs)

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from consumers.commands import evaluate
-
-OUT = Path("out")
+from consumers.demo import run_demo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the demo on the vendored MovieLens sample")
-    p.add_argument("--out", type=Path, default=OUT, help="where plots and JSON go")
+    p = sub.add_parser(
+        "demo",
+        help="embedded broker + updater + 2 query processes + MovieLens replay + answers",
+    )
+    p.add_argument("--serve", action="store_true", help="keep everything running afterwards")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    ev = evaluate.build_args(
-        ["--json", str(args.out / "prequential.json"), "--plot", str(args.out / "prequential.png")]
-    )
-    return evaluate.run(ev)
+    return run_demo(serve=args.serve)

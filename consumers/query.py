@@ -53,7 +53,7 @@ class QueryService:
             settings.kafka,
             settings.group_id,
             settings.session_timeout_ms,
-            **{"enable.auto.commit": True, "auto.offset.reset": "latest"},
+            **{"enable.auto.commit": True, "auto.offset.reset": "earliest"},
         )
         self.producer = kafka_io.producer(settings.kafka, **{"linger.ms": 0})
         self.deliveries = kafka_io.DeliveryTracker()

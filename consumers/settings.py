@@ -113,7 +113,9 @@ class QuerySettings(ProcessSettings):
     min_user_events: int = Field(default=1, ge=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=256)
     default_deadline_ms: int | None = Field(
-        default=None, description="drop requests older than this when they carry no deadline"
+        default=30_000,
+        description="drop requests older than this (ms, by message timestamp) when they carry "
+        "no deadline_ms header; a new consumer group starts at the earliest request",
     )
     session_timeout_ms: int = 10_000
 

@@ -102,7 +102,7 @@ def decode_events(
         try:
             d = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            out.rejects.append(Reject(pos, "malformed_json", f"not valid UTF-8 JSON: {exc}"))
+            out.rejects.append(Reject(pos, "malformed_json", f"invalid JSON (or not UTF-8): {exc}"))
             continue
         if type(d) is not dict:
             out.rejects.append(

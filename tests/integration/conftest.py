@@ -1,0 +1,95 @@
+"""A real broker for the whole session, unique topics per test, and child processes that are
+always stopped by PID."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from consumers.broker import create_topics, free_port, kafka_bootstrap
+from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
+from consumers.settings import TopicSettings
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    with kafka_bootstrap() as bootstrap:
+        yield bootstrap
+
+
+def make_topics(kafka: str, partitions: int = 1) -> TopicSettings:
+    s = uuid.uuid4().hex[:8]
+    t = TopicSettings(
+        interactions=f"interactions-{s}",
+        dead_letter=f"interactions-{s}.DLT",
+        requests=f"rec-requests-{s}",
+        responses=f"rec-responses-{s}",
+    )
+    create_topics(
+        kafka,
+        {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1},
+    )
+    return t
+
+
+def topic_env(t: TopicSettings) -> dict[str, str]:
+    return {
+        "STREAM_MF_TOPICS__INTERACTIONS": t.interactions,
+        "STREAM_MF_TOPICS__DEAD_LETTER": t.dead_letter,
+        "STREAM_MF_TOPICS__REQUESTS": t.requests,
+        "STREAM_MF_TOPICS__RESPONSES": t.responses,
+        "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
+    }
+
+
+class Cluster:
+    """The product's processes for one test; every one is stopped at teardown."""
+
+    def __init__(self, kafka: str, topics: TopicSettings, work: Path):
+        self.kafka, self.topics, self.work = kafka, topics, work
+        self.state = work / "state"
+        self.procs: list[ManagedProcess] = []
+        self.ports: dict[str, int] = {}
+
+    def start(
+        self, kind: str, name: str, *extra: str, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        port = free_port()
+        self.ports[name] = port
+        argv = [kind, "--bootstrap-servers", self.kafka, "--state-dir", str(self.state),
+                "--metrics-port", str(port), *extra]  # fmt: skip
+        p = ManagedProcess(name, argv, self.work, env={**topic_env(self.topics), **(env or {})})
+        self.procs.append(p.start())
+        return p
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}/metrics"
+
+    def metric(self, name: str, metric: str) -> float:
+        return metric_sum(scrape(self.url(name)), metric)
+
+    def wait_metric(self, name: str, metric: str, at_least: float, timeout: float = 60) -> None:
+        proc = next(p for p in self.procs if p.name == name)
+
+        def ok() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"{name} exited:\n{proc.log_tail()}")
+            return self.metric(name, metric) >= at_least
+
+        wait_until(ok, timeout, 0.1, f"{name} {metric} >= {at_least}")
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+@pytest.fixture
+def cluster(kafka: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(kafka, make_topics(kafka), tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()

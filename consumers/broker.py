@@ -25,12 +25,14 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -58,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 _LOOPBACK = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
 _HERMETIC_ENV = frozenset({"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"})
 
 
@@ -100,6 +103,20 @@ def _signal_group(pid: int, sig: int) -> None:
     """Send ``sig`` to the broker's own process group (its id is the broker's PID)."""
     with suppress(ProcessLookupError):
         os.killpg(pid, sig)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL the broker when its parent dies.
+
+    Without it a test run killed by SIGKILL or an unhandled SIGTERM leaves the broker running,
+    since it sits in its own session. The signal fires when the forking *thread* exits, so start
+    brokers from a thread that lives as long as they should.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _finalize(proc: subprocess.Popen[bytes], log_dir: str | None) -> None:
@@ -249,6 +266,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         self._port = port
         self._paused = False

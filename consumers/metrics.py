@@ -81,6 +81,25 @@ class UpdaterMetrics:
             ["kind"],
             registry=r,
         )
+        self.live_scored = Counter(
+            "stream_mf_live_eval_events_total",
+            "Sampled events scored test-then-learn before being learned",
+            registry=r,
+        )
+        self.live_hits = Counter(
+            "stream_mf_live_eval_hits_total",
+            "Sampled events whose item was in the user's top-10 just before",
+            registry=r,
+        )
+        self.live_ndcg = Counter(
+            "stream_mf_live_eval_ndcg_total", "Sum of NDCG@10 over scored events", registry=r
+        )
+        self.live_hr_window = Gauge(
+            "stream_mf_live_hit_rate", "HR@10 over the last 2000 scored events", registry=r
+        )
+        self.live_ndcg_window = Gauge(
+            "stream_mf_live_ndcg", "NDCG@10 over the last 2000 scored events", registry=r
+        )
         self.last_commit = Gauge(
             "stream_mf_last_commit_timestamp_seconds",
             "When the last batch was committed",
@@ -124,6 +143,12 @@ class QueryMetrics:
             "Events the served model includes",
             registry=r,
         )
+        self.freshness = Histogram(
+            "stream_mf_freshness_seconds",
+            "Event timestamp to the moment this process serves a model that includes the event",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
         self.refresh_seconds = Histogram(
             "stream_mf_model_refresh_seconds",
             "Time to load a newer model snapshot",
@@ -163,8 +188,9 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int | No
     return int(server.server_port)
 
 
-def observe_many(hist: Histogram, values: object) -> None:
-    """Observe a whole array at once (one call per batch, not per event)."""
+def observe_many(hist: Histogram, values: object, weight: float = 1.0) -> None:
+    """Observe a whole array at once (one call per batch, not per event); `weight` counts each
+    value that many times (a sample standing for a whole batch)."""
     import numpy as np
 
     v = np.asarray(values, dtype=np.float64)
@@ -173,8 +199,8 @@ def observe_many(hist: Histogram, values: object) -> None:
         return
     bounds = np.asarray(hist._upper_bounds)  # includes +Inf
     idx = np.searchsorted(bounds, v, side="left")
-    counts = np.bincount(idx, minlength=bounds.size)
+    counts = np.bincount(idx, minlength=bounds.size) * weight
     for j, c in enumerate(counts.tolist()):
         if c:
             hist._buckets[j].inc(c)
-    hist._sum.inc(float(v.sum()))
+    hist._sum.inc(float(v.sum()) * weight)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from consumers import kafka_io
-from consumers.metrics import QueryMetrics, serve_metrics
+from consumers.metrics import QueryMetrics, observe_many, serve_metrics
 from consumers.settings import QuerySettings
 from stream_mf.answer import answer
 from stream_mf.events import describe_error
@@ -72,7 +72,17 @@ class QueryService:
                 log.info("waiting for the model store: %s", exc)
                 return
         t0 = time.perf_counter()
-        if self.follower.refresh():
+        try:
+            changed = self.follower.refresh()
+        except Exception as exc:  # keep serving the snapshot we have; say why in logs/metrics
+            log.warning("could not refresh the model: %s", exc)
+            self.metrics.errors.labels("store").inc()
+            return
+        if changed:
+            now = time.time()
+            for count, times in self.follower.new_commits():
+                if times.size:
+                    observe_many(self.metrics.freshness, now - times, count / times.size)
             self.metrics.refresh_seconds.observe(time.perf_counter() - t0)
             self.metrics.model_version.set(self.follower.model_version)
             self.metrics.model_events.set(self.follower.events_applied)

@@ -101,6 +101,10 @@ class UpdaterSettings(ProcessSettings):
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000
+    live_eval_rate: float = Field(
+        default=0.01, ge=0, le=1, description="share of events scored test-then-learn (0 = off)"
+    )
+    live_eval_max_per_batch: int = Field(default=200, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
 
 

@@ -27,7 +27,8 @@ from consumers import kafka_io
 from consumers.metrics import CallbackGauges, UpdaterMetrics, observe_many, serve_metrics
 from consumers.settings import UpdaterSettings
 from stream_mf.decode import decode_events
-from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.live_eval import LiveEvaluator
+from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
 from stream_mf.store import StateStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class Updater:
         self.model = OnlineModel(state.config, state)
         self.offsets: dict[tuple[str, int], int] = self.store.offsets()
         self.types = state.config.event_types
+        self.live = LiveEvaluator(
+            rate=settings.live_eval_rate, max_per_batch=settings.live_eval_max_per_batch
+        )
         self.topic = settings.topics.interactions
         self.assigned: list[TopicPartition] = []
         self.consumer = kafka_io.consumer(
@@ -193,10 +197,10 @@ class Updater:
             partitions=np.fromiter((msgs[p].partition() for p in pos), np.int32, len(pos)),
             offsets=np.fromiter((msgs[p].offset() for p in pos), np.int64, len(pos)),
         )
-        delta = self.model.learn(batch)
+        delta = self._learn(batch)
         nxt = self._next_offsets(msgs)
         t1 = time.perf_counter()
-        self.store.commit(self.model.state, delta, nxt)
+        self.store.commit(self.model.state, delta, nxt, event_times=batch.times)
         t2 = time.perf_counter()
         self.offsets.update(nxt)
         self.consumer.commit(
@@ -213,6 +217,43 @@ class Updater:
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())
         self._publish_gauges()
+
+    def _learn(self, batch: EventBatch) -> BatchDelta:
+        """Learn the batch, scoring the sampled events test-then-learn on the way."""
+        picks = self.live.sample(batch)
+        if picks.size == 0:
+            return self.model.learn(batch)
+        picked_users = {batch.user_ids[p] for p in picks.tolist()}
+        earlier: dict[str, list[str]] = {}
+        pieces: list[BatchDelta] = []
+        lo = 0
+        m = self.metrics
+        state = self.model.state
+        for p in picks.tolist():
+            if p > lo:
+                pieces.append(self.model.learn(batch.slice(lo, p)))
+                for j in range(lo, p):
+                    uid = batch.user_ids[j]
+                    if uid in picked_users:
+                        earlier.setdefault(uid, []).append(batch.item_ids[j])
+                lo = p
+            uid = batch.user_ids[p]
+
+            def seen(u: int, uid: str = uid) -> np.ndarray:
+                stored, _ = self.store.user_items(u)
+                recent = state.items.lookup(earlier.get(uid, []))
+                return np.concatenate([stored, recent[recent >= 0]]).astype(np.int64)
+
+            result = self.live.score(state, uid, batch.item_ids[p], seen)
+            if result is not None:
+                m.live_scored.inc()
+                m.live_hits.inc(int(result[0]))
+                m.live_ndcg.inc(result[1])
+        pieces.append(self.model.learn(batch.slice(lo, len(batch))))
+        hr, ndcg = self.live.window()
+        m.live_hr_window.set(hr)
+        m.live_ndcg_window.set(ndcg)
+        return merge_deltas(pieces, state)
 
     def _next_offsets(self, msgs: list[Message]) -> dict[tuple[str, int], int]:
         nxt: dict[tuple[str, int], int] = {}

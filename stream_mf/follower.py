@@ -31,6 +31,7 @@ class StoreFollower:
         self.config: ModelConfig | None = None
         self.view: ItemView | None = None
         self.events_applied = -1
+        self.commit_seq = self.store.commit_seq()  # freshness counts commits after we start
         self.model_version = -1
         self.loaded_at = 0.0
 
@@ -64,6 +65,11 @@ class StoreFollower:
         self.events_applied, self.model_version = events, version
         self.loaded_at = time.time()
         return True
+
+    def new_commits(self) -> list[tuple[int, np.ndarray]]:
+        """(events, sampled event times) of every commit since the last call."""
+        self.commit_seq, out = self.store.batch_log(self.commit_seq)
+        return out
 
     def user(self, user_id: str) -> UserRecord | None:
         if self.config is None:

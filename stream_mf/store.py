@@ -38,6 +38,9 @@ CFS = (
     "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
     "item_factors", "item_bias", "item_meta", "confidence", "offsets",
 )  # fmt: skip
+BATCH_LOG_PREFIX = b"batchlog/"
+BATCH_LOG_SAMPLE = 256
+BATCH_LOG_KEEP = 1024
 _BE32 = struct.Struct(">I")
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
@@ -62,6 +65,10 @@ def _options(create: bool) -> rd.Options:
 
 def offset_key(topic: str, partition: int) -> bytes:
     return f"{topic}/{partition}".encode()
+
+
+def _batch_log_key(seq: int) -> bytes:
+    return BATCH_LOG_PREFIX + struct.pack(">Q", max(seq, 0))
 
 
 def _meta_bytes(table: EntityTable, lo: int, hi: int) -> bytes:
@@ -101,7 +108,10 @@ class StateStore:
                     "or point --state-dir at its directory"
                 )
             access = rd.AccessType.secondary(str(secondary))
-            self.db = rd.Rdict(str(self.path), _options(False), cfs, access_type=access)
+            try:
+                self.db = rd.Rdict(str(self.path), _options(False), cfs, access_type=access)
+            except Exception as exc:  # e.g. the writer is still creating column families
+                raise StoreError(f"cannot follow the model store at {self.path}: {exc}") from exc
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             try:
@@ -318,6 +328,7 @@ class StateStore:
         offsets: Mapping[tuple[str, int], int] | None = None,
         *,
         everything: bool = False,
+        event_times: np.ndarray | None = None,
     ) -> None:
         """Persist one batch: every changed row, the counters and the next offsets, atomically.
 
@@ -354,10 +365,43 @@ class StateStore:
             wb.put(b"cdf", state.cdf[: int(state.counters[CDF_LEN])].tobytes(), meta)
         for (topic, part), nxt in (offsets or {}).items():
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
+        if event_times is not None and event_times.size:
+            self._put_batch_log(wb, event_times)
         try:
             self.db.write(wb, self.write_opt)
         except Exception as exc:
             raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
+
+    def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
+        """A sample of the batch's event times, so readers can tell how fresh what they serve is."""
+        seq = self._meta_int(b"commit_seq") + 1
+        sample = times
+        if times.size > BATCH_LOG_SAMPLE:
+            sample = times[np.linspace(0, times.size - 1, BATCH_LOG_SAMPLE).astype(np.int64)]
+        meta = self.h["meta"]
+        wb.put(b"commit_seq", _I64.pack(seq), meta)
+        wb.put(_batch_log_key(seq), _I64.pack(times.size) + sample.astype("<f8").tobytes(), meta)
+        if seq % 256 == 0:
+            wb.delete_range(_batch_log_key(0), _batch_log_key(seq - BATCH_LOG_KEEP), meta)
+
+    def batch_log(self, after: int) -> tuple[int, list[tuple[int, np.ndarray]]]:
+        """(last seq, [(events, sampled event times)]) of commits after `after`."""
+        out: list[tuple[int, np.ndarray]] = []
+        last = after
+        it = self.cf["meta"].iter()
+        it.seek(_batch_log_key(after + 1))
+        while it.valid():
+            k = it.key()
+            if not k.startswith(BATCH_LOG_PREFIX):
+                break
+            last = struct.unpack(">Q", k[len(BATCH_LOG_PREFIX) :])[0]
+            v = it.value()
+            out.append((_I64.unpack(v[:8])[0], np.frombuffer(v[8:], "<f8")))
+            it.next()
+        return last, out
+
+    def commit_seq(self) -> int:
+        return self._meta_int(b"commit_seq")
 
     def _put_ids(self, wb: rd.WriteBatch, kind: str, table: EntityTable, lo: int, hi: int) -> None:
         h_ids, h_index = self.h[f"{kind}_ids"], self.h[f"{kind}_index"]

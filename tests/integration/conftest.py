@@ -61,7 +61,10 @@ class Cluster:
         self.ports[name] = port
         argv = [kind, "--bootstrap-servers", self.kafka, "--state-dir", str(self.state),
                 "--metrics-port", str(port), *extra]  # fmt: skip
-        p = ManagedProcess(name, argv, self.work, env={**topic_env(self.topics), **(env or {})})
+        # a group per test and kind, so no test waits out another's departed members
+        group = {"STREAM_MF_GROUP_ID": f"{kind}-{self.topics.interactions}"}
+        env = {**topic_env(self.topics), **group, **(env or {})}
+        p = ManagedProcess(name, argv, self.work, env=env)
         self.procs.append(p.start())
         return p
 
@@ -69,7 +72,13 @@ class Cluster:
         return f"http://127.0.0.1:{self.ports[name]}/metrics"
 
     def metric(self, name: str, metric: str) -> float:
-        return metric_sum(scrape(self.url(name)), metric)
+        try:
+            return metric_sum(scrape(self.url(name)), metric)
+        except OSError as exc:
+            proc = next(p for p in self.procs if p.name == name)
+            if proc.alive():
+                raise
+            raise AssertionError(f"{name} /metrics: {exc}; log:\n{proc.log_tail()}") from exc
 
     def wait_metric(self, name: str, metric: str, at_least: float, timeout: float = 60) -> None:
         proc = next(p for p in self.procs if p.name == name)

@@ -61,6 +61,7 @@ def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
             "heartbeat.interval.ms": 1000,
             "max.poll.interval.ms": 10000,
             "fetch.wait.max.ms": 10,
+            "fetch.queue.backoff.ms": 10,
             "max.partition.fetch.bytes": 8 * 1024 * 1024,
             "logger": log,
             **extra,

@@ -19,13 +19,13 @@ from stream_mf.config import ModelConfig
 from stream_mf.datasets import read_events
 from stream_mf.evaluate import LEARNERS, prequential
 
-DEFAULT_EVENTS = Path(__file__).resolve().parent.parent / "data/movielens-latest-small/ratings.csv.gz"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EVENTS = ROOT / "data/movielens-latest-small/ratings.csv.gz"
+#: A small grid around the defaults (BPR, uniform adaptive negatives, max-norm 2, see sgd.py).
 GRID: dict[str, list[Any]] = {
-    "learning_rate": [0.05, 0.1, 0.2],
     "n_negatives": [8, 16],
-    "init_scale": [0.1, 1.0],
-    "negative_exponent": [0.5, 0.75],
-    "reg": [0.002, 0.01],
+    "lr_user": [2.0, 3.0],
+    "n_candidates": [2, 3],
 }
 _events = None
 

@@ -55,7 +55,7 @@ class RecClient:
         self.producer.flush(5.0)
         end = time.monotonic() + timeout
         while any(v is None for v in self.pending.values()) and time.monotonic() < end:
-            for m in self.consumer.consume(100, 0.05):
+            for m in kafka_io.drain(self.consumer, 100, 0.05):
                 if m.error():
                     continue
                 cid = kafka_io.headers_dict(m.headers()).get("correlation_id", b"").decode()

@@ -100,6 +100,42 @@ class UpdaterMetrics:
         self.live_ndcg_window = Gauge(
             "stream_mf_live_ndcg", "NDCG@10 over the last 2000 scored events", registry=r
         )
+        self.rebuild_seconds = Histogram(
+            "stream_mf_rebuild_duration_seconds",
+            "A full ALS rebuild, from snapshot to swap",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.rebuild_pause = Histogram(
+            "stream_mf_rebuild_swap_pause_seconds",
+            "Ingestion paused by a rebuild's final step (re-solve, swap, commit)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rebuild_last_success = Gauge(
+            "stream_mf_rebuild_last_success_timestamp_seconds",
+            "When a rebuild last swapped in a new model",
+            registry=r,
+        )
+        self.rebuild_running = Gauge(
+            "stream_mf_rebuild_running", "1 while a rebuild is in flight", registry=r
+        )
+        self.rebuild_rows = Counter(
+            "stream_mf_rebuild_rows_resolved_total",
+            "Rows re-solved after a rebuild's snapshot",
+            registry=r,
+        )
+        self.rebuild_swaps = Counter(
+            "stream_mf_rebuild_swaps_total",
+            "Rebuild outcomes: swapped, rejected (guard), failed",
+            ["decision"],
+            registry=r,
+        )
+        self.rebuild_drift = Gauge(
+            "stream_mf_rebuild_drift",
+            "Mean cosine between the online and the rebuilt vectors of the same users",
+            registry=r,
+        )
         self.last_commit = Gauge(
             "stream_mf_last_commit_timestamp_seconds",
             "When the last batch was committed",

@@ -6,6 +6,7 @@ grace period, so nothing outlives its owner even when a test fails halfway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -73,10 +74,8 @@ class ManagedProcess:
 
     def _signal(self, sig: int) -> None:
         assert self.proc is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, n: int = 4000) -> str:
         try:

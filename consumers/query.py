@@ -17,6 +17,7 @@ import orjson
 from confluent_kafka import KafkaError, Message
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from threadpoolctl import threadpool_limits
 
 from consumers import kafka_io
 from consumers.metrics import QueryMetrics, observe_many, serve_metrics
@@ -93,11 +94,14 @@ class QueryService:
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, self.metrics_port)
         self.consumer.subscribe([s.topics.requests])
+        # one BLAS thread per process: a request's product is small, and several query
+        # processes on shared cores lose more to thread contention than they gain
+        limits = threadpool_limits(s.blas_threads)
         try:
             while not stop:
                 self._follow()
                 wait = max(0.0, min(0.05, self._next_refresh - time.monotonic()))
-                for m in self.consumer.consume(500, wait):
+                for m in kafka_io.drain(self.consumer, 500, wait):
                     err = m.error()
                     if err is None:
                         self.handle(m)
@@ -106,6 +110,7 @@ class QueryService:
                         self.metrics.errors.labels("broker").inc()
                 self.producer.poll(0)
         finally:
+            limits.restore_original_limits()
             self.close()
         return 0
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_mf.config import ModelConfig
+from stream_mf.rebuild import RebuildConfig
 
 
 class KafkaSettings(BaseModel):
@@ -65,6 +66,7 @@ class TopicSettings(BaseModel):
 
     interactions: str = "interactions"
     dead_letter: str = "interactions.DLT"
+    control: str = "stream-mf-control"
     requests: str = "rec-requests"
     responses: str = "rec-responses"
 
@@ -102,10 +104,16 @@ class UpdaterSettings(ProcessSettings):
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000
     live_eval_rate: float = Field(
-        default=0.01, ge=0, le=1, description="share of events scored test-then-learn (0 = off)"
+        default=0.005, ge=0, le=1, description="share of events scored test-then-learn (0 = off)"
     )
-    live_eval_max_per_batch: int = Field(default=200, ge=0)
+    live_eval_max_per_batch: int = Field(
+        default=32, ge=0, description="bounds live scoring's cost on large batches"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
+    rebuild: RebuildConfig = Field(
+        default_factory=lambda: RebuildConfig(every_seconds=3600.0),
+        description="periodic full ALS rebuilds (also on request: `stream-mf rebuild`)",
+    )
 
 
 class QuerySettings(ProcessSettings):
@@ -122,6 +130,7 @@ class QuerySettings(ProcessSettings):
         "no deadline_ms header; a new consumer group starts at the earliest request",
     )
     session_timeout_ms: int = 10_000
+    blas_threads: int = Field(default=1, ge=1, description="BLAS threads for scoring")
 
 
 class ClientSettings(ProcessSettings):

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers import kafka_io
@@ -29,6 +30,7 @@ from consumers.settings import UpdaterSettings
 from stream_mf.decode import decode_events
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
+from stream_mf.rebuild import Rebuild
 from stream_mf.store import StateStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -69,19 +71,29 @@ class Updater:
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
         self._next_metadata = 0.0
+        self.rebuild: Rebuild | None = None
+        self._rebuild_requested = False
+        self._rebuilt_at = time.monotonic()
+        self._rebuilt_at_events = state.events_applied
+        self.control = kafka_io.consumer(settings.kafka, f"{settings.group_id}-control")
+        self._control_assigned = False
+        self._next_control_check = 0.0
         self.registry.register(
             CallbackGauges(
-                {
-                    "stream_mf_store_size_bytes": (
-                        "Bytes of the model store on disk",
-                        lambda: sum(
-                            f.stat().st_size for f in settings.state_dir.glob("*") if f.is_file()
-                        ),
-                    )
-                }
+                {"stream_mf_store_size_bytes": ("Bytes of the model store on disk", self._size)}
             )
         )
+        self._size_cache = (0.0, 0)
         self._publish_gauges()
+
+    def _size(self) -> int:
+        """Store size, recomputed at most every 10 s (scrapes must stay cheap)."""
+        at, size = self._size_cache
+        if time.monotonic() - at > 10.0:
+            d = self.settings.state_dir
+            size = sum(f.stat().st_size for f in d.glob("*") if f.is_file())
+            self._size_cache = (time.monotonic(), size)
+        return size
 
     # ---- Kafka callbacks --------------------------------------------------------------------
 
@@ -147,6 +159,8 @@ class Updater:
                 msgs = self._collect(stop)
                 if msgs:
                     self.process(msgs)
+                self._poll_control()
+                self._drive_rebuild()
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()
@@ -161,6 +175,95 @@ class Updater:
         finally:
             self.close()
         return code
+
+    # ---- rebuilds ------------------------------------------------------------------------------
+
+    def _poll_control(self) -> None:
+        """Commands on the control topic (`stream-mf rebuild` sends one)."""
+        now = time.monotonic()
+        if not self._control_assigned:
+            if now < self._next_control_check:
+                return
+            self._next_control_check = now + 5.0
+            try:
+                meta = self.control.list_topics(self.settings.topics.control, timeout=2.0)
+            except Exception:
+                return
+            t = meta.topics.get(self.settings.topics.control)
+            if t is None or t.error is not None or not t.partitions:
+                return
+            self.control.assign(
+                [TopicPartition(self.settings.topics.control, p, OFFSET_END) for p in t.partitions]
+            )
+            self._control_assigned = True
+        for m in self.control.consume(10, 0):
+            if m.error() is not None:
+                continue
+            try:
+                cmd = orjson.loads(m.value() or b"{}").get("command")
+            except (orjson.JSONDecodeError, AttributeError):
+                cmd = None
+            if cmd == "rebuild":
+                log.info("rebuild requested on %s", self.settings.topics.control)
+                self._rebuild_requested = True
+            else:
+                log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
+
+    def _rebuild_due(self) -> bool:
+        cfg = self.settings.rebuild
+        st = self.model.state
+        if st.users.n == 0 or st.items.n == 0:
+            return False
+        if self._rebuild_requested:
+            return True
+        if cfg.every_events and st.events_applied - self._rebuilt_at_events >= cfg.every_events:
+            return True
+        return bool(cfg.every_seconds and time.monotonic() - self._rebuilt_at >= cfg.every_seconds)
+
+    def _drive_rebuild(self) -> None:
+        """Start a rebuild when due; otherwise advance the one in flight (see stream_mf.rebuild)."""
+        m = self.metrics
+        state = self.model.state
+        if self.rebuild is None:
+            if self._rebuild_due():
+                self._rebuild_requested = False
+                self.rebuild = Rebuild(state, self.store, self.settings.rebuild)
+                m.rebuild_running.set(1)
+            return
+        t0 = time.perf_counter()
+        try:
+            outcome = self.rebuild.step(state)
+        except RuntimeError as exc:
+            log.error("%s; keeping the current model", exc)
+            m.rebuild_swaps.labels("failed").inc()
+            self._end_rebuild()
+            return
+        if outcome is None:
+            return
+        if outcome.swapped:
+            self.store.commit(
+                state,
+                BatchDelta.empty(state),
+                None,
+                generation=outcome.generation,
+                extra_users=outcome.users,
+                extra_items=outcome.items,
+            )
+            m.rebuild_last_success.set(time.time())
+            m.rebuild_drift.set(outcome.drift)
+        m.rebuild_pause.observe(time.perf_counter() - t0)
+        m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
+        m.rebuild_rows.inc(outcome.rows_resolved)
+        m.rebuild_seconds.observe(time.monotonic() - self.rebuild.started)
+        self._end_rebuild()
+        self._publish_gauges()
+
+    def _end_rebuild(self) -> None:
+        self.store.drop_other_generations()  # the old model after a swap, the staged one if not
+        self.rebuild = None
+        self._rebuilt_at = time.monotonic()
+        self._rebuilt_at_events = self.model.state.events_applied
+        self.metrics.rebuild_running.set(0)
 
     def _collect(self, stop: kafka_io.StopFlag) -> list[Message]:
         s = self.settings
@@ -197,7 +300,17 @@ class Updater:
             partitions=np.fromiter((msgs[p].partition() for p in pos), np.int32, len(pos)),
             offsets=np.fromiter((msgs[p].offset() for p in pos), np.int64, len(pos)),
         )
+        if self.rebuild is not None and self.rebuild.wants_scores:
+            st = self.model.state
+            self.rebuild.score(
+                st,
+                st.users.lookup(batch.user_ids).astype(np.int64),
+                st.items.lookup(batch.item_ids).astype(np.int64),
+                lambda u: self.store.user_items(u)[0].astype(np.int64),
+            )
         delta = self._learn(batch)
+        if self.rebuild is not None:
+            self.rebuild.note(delta)
         nxt = self._next_offsets(msgs)
         t1 = time.perf_counter()
         self.store.commit(self.model.state, delta, nxt, event_times=batch.times)
@@ -314,9 +427,10 @@ class Updater:
                 self.metrics.lag.labels(str(tp.partition)).set(max(hi - nxt, 0))
 
     def close(self) -> None:
-        try:
-            self.consumer.close()
-        except Exception as exc:  # already closed or broker gone: nothing to lose here
-            log.debug("consumer close: %s", exc)
+        for c in (self.consumer, self.control):
+            try:
+                c.close()
+            except Exception as exc:  # already closed or broker gone: nothing to lose here
+                log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
         self.store.close()

@@ -38,7 +38,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dim: int = Field(default=64, ge=1, le=1024, description="latent factors per user and item")
-    loss: Literal["logistic", "bpr"] = "logistic"
+    loss: Literal["logistic", "bpr"] = "bpr"
     learning_rate: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
     reg: float = Field(default=0.002, ge=0, le=10, allow_inf_nan=False)
     reg_bias: float = Field(default=0.002, ge=0, le=10, allow_inf_nan=False)
@@ -50,10 +50,30 @@ class ModelConfig(BaseModel):
     half_life_s: float = Field(
         default=30 * 86400.0, gt=0, allow_inf_nan=False, description="decay half-life (seconds)"
     )
-    init_scale: float = Field(default=0.1, gt=0, le=10, allow_inf_nan=False)
+    init_scale: float = Field(default=1.0, gt=0, le=10, allow_inf_nan=False)
     seed: int = Field(default=42, ge=0, lt=2**63)
     sampler_refresh: int = Field(
         default=10_000, ge=1, description="rebuild the negative sampler after this many events"
+    )
+    n_candidates: int = Field(
+        default=2, ge=1, le=64, description="draws per negative; the highest-scoring one is used"
+    )
+    n_steps: int = Field(default=1, ge=1, le=16, description="SGD steps per event")
+    lr_user: float = Field(
+        default=2.0, gt=0, le=100, allow_inf_nan=False, description="user lr / learning_rate"
+    )
+    lr_bias: float = Field(
+        default=0.2, ge=0, le=100, allow_inf_nan=False, description="bias lr / learning_rate"
+    )
+    max_norm: float = Field(
+        default=2.0, ge=0, allow_inf_nan=False, description="cap on vector norms (0: none)"
+    )
+    uniform_mix: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="share of negatives drawn uniformly; the rest follow popularity**exponent",
     )
     event_types: dict[str, EventTypeSpec] = Field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
 

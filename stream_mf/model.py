@@ -82,6 +82,16 @@ class BatchDelta:
     sampler_rebuilt: bool
     events: int
 
+    @classmethod
+    def empty(cls, state: ModelState) -> BatchDelta:
+        """No change: for commits that only carry offsets or a rebuild's rows."""
+        none = np.empty(0, np.int32)
+        return cls(
+            users=none, items=none, new_users=(state.users.n, state.users.n),
+            new_items=(state.items.n, state.items.n), pair_keys=np.empty(0, np.int64),
+            pair_values=np.empty(0), sampler_rebuilt=False, events=0,
+        )  # fmt: skip
+
 
 @njit(cache=True, nogil=True)
 def accumulate_confidence(conf, users, items, logw, keys_out) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +139,7 @@ class OnlineModel:
                 st.cdf, st.counters, st.clock, st.items.n, neg, logw,
                 c.learning_rate, c.reg, c.reg_bias, c.n_negatives, c.negative_exponent,
                 c.negative_weight, c.decay_rate, c.loss_code, c.seed, c.sampler_refresh,
+                c.n_candidates, c.n_steps, c.lr_user, c.lr_bias, c.max_norm, c.uniform_mix,
             )  # fmt: skip
         keys = np.empty(n, dtype=np.int64)
         accumulate_confidence(st.confidence, users, items, logw, keys)
@@ -146,3 +157,22 @@ class OnlineModel:
             sampler_rebuilt=int(st.counters[REBUILDS]) != rebuilds,
             events=n,
         )
+
+
+def merge_deltas(deltas: list[BatchDelta], state: ModelState) -> BatchDelta:
+    """One delta for consecutive batches (a batch learned in pieces commits as one)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    keys = np.unique(np.concatenate([d.pair_keys for d in deltas]))
+    values = np.empty(keys.shape[0], dtype=np.float64)
+    lookup_confidence(state.confidence, keys, values)
+    return BatchDelta(
+        users=np.unique(np.concatenate([d.users for d in deltas])),
+        items=np.unique(np.concatenate([d.items for d in deltas])),
+        new_users=(deltas[0].new_users[0], deltas[-1].new_users[1]),
+        new_items=(deltas[0].new_items[0], deltas[-1].new_items[1]),
+        pair_keys=keys,
+        pair_values=values,
+        sampler_rebuilt=any(d.sampler_rebuilt for d in deltas),
+        events=sum(d.events for d in deltas),
+    )

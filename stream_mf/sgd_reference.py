@@ -14,13 +14,19 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _rebuild_cdf(logpop: np.ndarray, n_items: int, exponent: float) -> np.ndarray:
+def _rebuild_cdf(logpop: np.ndarray, n_items: int, exponent: float) -> tuple[np.ndarray, int]:
     lp = logpop[:n_items]
     seen = np.isfinite(lp)
     weights = np.zeros(n_items)
     if seen.any():
         weights[seen] = np.exp(exponent * (lp[seen] - lp[seen].max()))
-    return np.cumsum(weights)
+    return np.cumsum(weights), int(np.flatnonzero(seen)[-1]) + 1 if seen.any() else 0
+
+
+def _clip(A: np.ndarray, r: int, max_norm: float) -> None:
+    norm = float(np.linalg.norm(A[r].astype(np.float64)))
+    if max_norm > 0 and norm > max_norm:
+        A[r] *= max_norm / norm
 
 
 def sgd_batch_reference(
@@ -55,13 +61,18 @@ def sgd_batch_reference(
     loss: int,
     seed: int,
     refresh: int,
+    n_candidates: int = 1,
+    n_steps: int = 1,
+    lr_user: float = 1.0,
+    lr_bias: float = 1.0,
+    max_norm: float = 0.0,
+    uniform_mix: float = 0.0,
 ) -> None:
     """Same signature and effects as `sgd_batch`."""
     for e in range(len(users)):
         done = int(counters[EVENTS])
         if done >= counters[NEXT_REFRESH]:
-            cdf[:n_items] = _rebuild_cdf(i_logpop, n_items, neg_exponent)
-            counters[CDF_LEN] = n_items
+            cdf[:n_items], counters[CDF_LEN] = _rebuild_cdf(i_logpop, n_items, neg_exponent)
             counters[REBUILDS] += 1
             counters[NEXT_REFRESH] = done + min(max(done, 1), refresh)
         u, i, t = int(users[e]), int(items[e]), float(times[e])
@@ -72,16 +83,31 @@ def sgd_batch_reference(
 
         s = py_stream_seed(seed, int(partitions[e]), int(offsets[e]))
         ncdf = int(counters[CDF_LEN])
+        u_old = U[u].astype(np.float64)
+        x_negs = np.zeros(n_neg)
         for j in range(n_neg):
-            neg = -1
-            if ncdf > 0 and cdf[ncdf - 1] > 0:
-                for _ in range(MAX_NEG_TRIES):
-                    s, x = py_next_uniform(s)
-                    cand = int(np.searchsorted(cdf[:ncdf], x * cdf[ncdf - 1], side="right"))
-                    if cand != i:
-                        neg = cand
-                        break
-            neg_out[e, j] = neg
+            best, best_x = -1, 0.0
+            for _ in range(n_candidates):
+                cand = -1
+                if ncdf > 0 and cdf[ncdf - 1] > 0:
+                    for _ in range(MAX_NEG_TRIES):
+                        s, x = py_next_uniform(s)
+                        if x < uniform_mix:
+                            c = min(int(x / uniform_mix * ncdf), ncdf - 1)
+                            if cdf[c] == (cdf[c - 1] if c > 0 else 0.0):
+                                continue
+                        else:
+                            x = (x - uniform_mix) / (1.0 - uniform_mix)
+                            c = int(np.searchsorted(cdf[:ncdf], x * cdf[ncdf - 1], side="right"))
+                        if c != i:
+                            cand = c
+                            break
+                if cand >= 0:
+                    xc = float(bias[cand]) + float(u_old @ V[cand])
+                    if best < 0 or xc > best_x:
+                        best, best_x = cand, xc
+            neg_out[e, j] = best
+            x_negs[j] = best_x
 
         u_count[u] += 1
         u_last[u] = max(u_last[u], t)
@@ -91,29 +117,28 @@ def sgd_batch_reference(
         i_logpop[i] = np.logaddexp(i_logpop[i], lw)
         counters[EVENTS] += 1
 
-        u_old = U[u].astype(np.float64)
-        x_pos = float(bias[i]) + float(u_old @ V[i])
-        negs = [int(n) for n in neg_out[e] if n >= 0]
-        g_negs = []
-        if loss == LOSS_LOGISTIC:
-            g_pos = w * (_sigmoid(x_pos) - 1.0)
+        negs = [(j, int(n)) for j, n in enumerate(neg_out[e]) if n >= 0]
+        for step in range(n_steps):
+            u_old = U[u].astype(np.float64)
+            x_pos = float(bias[i]) + float(u_old @ V[i])
+            if step > 0:
+                for j, neg in negs:
+                    x_negs[j] = float(bias[neg]) + float(u_old @ V[neg])
+            if loss == LOSS_LOGISTIC:
+                g_pos = w * (_sigmoid(x_pos) - 1.0)
+                g_negs = [w * neg_weight * _sigmoid(x_negs[j]) for j, _ in negs]
+            else:
+                g_negs = [-w * (_sigmoid(x_pos - x_negs[j]) - 1.0) for j, _ in negs]
+                g_pos = -sum(g_negs)
             grad_u = g_pos * V[i].astype(np.float64)
-            for neg in negs:
-                g = w * neg_weight * _sigmoid(float(bias[neg]) + float(u_old @ V[neg]))
-                g_negs.append(g)
+            for (_, neg), g in zip(negs, g_negs, strict=True):
                 grad_u += g * V[neg]
-        else:
-            g_pos = 0.0
-            grad_u = np.zeros_like(u_old)
-            for neg in negs:
-                x_neg = float(bias[neg]) + float(u_old @ V[neg])
-                g = w * (_sigmoid(x_pos - x_neg) - 1.0)
-                g_pos += g
-                g_negs.append(-g)
-                grad_u += g * (V[i] - V[neg])
-        for neg, g in zip(negs, g_negs, strict=True):
-            V[neg] -= lr * (g * u_old + reg * V[neg])
-            bias[neg] -= lr * (g + reg_bias * bias[neg])
-        V[i] -= lr * (g_pos * u_old + reg * V[i])
-        bias[i] -= lr * (g_pos + reg_bias * bias[i])
-        U[u] -= lr * (grad_u + reg * u_old)
+            for (_, neg), g in zip(negs, g_negs, strict=True):
+                V[neg] -= lr * (g * u_old + reg * V[neg])
+                bias[neg] -= lr * lr_bias * (g + reg_bias * bias[neg])
+                _clip(V, neg, max_norm)
+            V[i] -= lr * (g_pos * u_old + reg * V[i])
+            bias[i] -= lr * lr_bias * (g_pos + reg_bias * bias[i])
+            _clip(V, i, max_norm)
+            U[u] -= lr * lr_user * (grad_u + reg * u_old)
+            _clip(U, u, max_norm)

@@ -5,11 +5,16 @@ Layout (keys big-endian so that byte order is numeric order; values little-endia
                 b"n_items", b"model_version" int64, b"cdf" f64[cdf_len], b"format", b"block_rows"
   user_ids      utf-8 id -> int32 index          user_index  be32 index -> utf-8 id
   item_ids      utf-8 id -> int32 index          item_index  be32 index -> utf-8 id
-  user_factors  be32 block -> f32[rows, dim]     item_factors  be32 block -> f32[rows, dim]
-  user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]
-  item_meta     (same)                           item_bias     be32 block -> f32[rows]
+  user_factors  be32 gen | be32 block -> f32[rows, dim]   (item_factors alike)
+  item_bias     be32 gen | be32 block -> f32[rows]
+  user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]  (item_meta alike)
   confidence    be32 user | be32 item -> f64 log decayed confidence (anchored at t=0)
   offsets       b"topic/partition" -> int64 next offset to consume
+
+Factors and biases are the *model* and live under a generation number (meta b"generation"): a
+rebuild stages a whole new model under the next generation in small steps while the stream goes
+on, then one commit writes the rows that changed meanwhile and flips the generation. Readers only
+ever see one generation; leftovers of an unfinished rebuild are deleted on open.
 
 Rows are stored in blocks of BLOCK_ROWS: a micro-batch touches thousands of rows and a put costs
 microseconds of Python, so writing dirty blocks instead of dirty rows cuts a commit's puts by an
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +70,14 @@ def _options(create: bool) -> rd.Options:
 
 def offset_key(topic: str, partition: int) -> bytes:
     return f"{topic}/{partition}".encode()
+
+
+_GEN_BLOCK = struct.Struct(">II")
+MODEL_CFS = ("user_factors", "item_factors", "item_bias")
+
+
+def _model_key(gen: int, block: int) -> bytes:
+    return _GEN_BLOCK.pack(gen, block)
 
 
 def _batch_log_key(seq: int) -> bytes:
@@ -122,6 +135,8 @@ class StateStore:
         self.h = {name: self.db.get_column_family_handle(name) for name in CFS}
         self.write_opt = rd.WriteOptions()
         self.write_opt.sync = sync
+        if not self.secondary and not self.is_new:
+            self.drop_other_generations()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -150,6 +165,33 @@ class StateStore:
     def _meta_int(self, key: bytes, default: int = 0) -> int:
         raw = self._meta(key)
         return default if raw is None else _I64.unpack(raw)[0]
+
+    def generation(self) -> int:
+        return self._meta_int(b"generation")
+
+    def _model_blocks(self, cf: str, gen: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(block, value) of one generation of a model column family, in block order."""
+        gen = self.generation() if gen is None else gen
+        prefix = _BE32.pack(gen)
+        it = self.cf[cf].iter()
+        it.seek(prefix)
+        while it.valid():
+            k = it.key()
+            if k[:4] != prefix:
+                break
+            yield _GEN_BLOCK.unpack(k)[1], it.value()
+            it.next()
+
+    def drop_other_generations(self) -> None:
+        """Delete model rows of every generation but the current (an unfinished rebuild's)."""
+        gen = self.generation()
+        wb = rd.WriteBatch(raw_mode=True)
+        for cf in MODEL_CFS:
+            h = self.h[cf]
+            if gen > 0:
+                wb.delete_range(_BE32.pack(0), _BE32.pack(gen), h)
+            wb.delete_range(_BE32.pack(gen + 1), b"\xff" * 8, h)
+        self.db.write(wb, self.write_opt)
 
     @property
     def is_new(self) -> bool:
@@ -200,15 +242,15 @@ class StateStore:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
         dim = config.dim
-        for k, v in self.cf[f"{kind}_factors"].items():
-            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+        for blk, v in self._model_blocks(f"{kind}_factors"):
+            lo = blk * BLOCK_ROWS
             block = np.frombuffer(v, np.float32).reshape(-1, dim)
             table.factors[lo : lo + block.shape[0]] = block
         for k, v in self.cf[f"{kind}_meta"].items():
             _read_meta_block(table, _BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
-            for k, v in self.cf["item_bias"].items():
-                lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+            for blk, v in self._model_blocks("item_bias"):
+                lo = blk * BLOCK_ROWS
                 b = np.frombuffer(v, np.float32)
                 table.bias[lo : lo + b.shape[0]] = b
         return table
@@ -286,13 +328,14 @@ class StateStore:
         factors = np.zeros((n, dim), np.float32)
         bias = np.zeros(n, np.float32)
         logpop = np.full(n, -np.inf)
-        for k, v in self.cf["item_factors"].items():
-            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+        gen = self.generation()
+        for blk, v in self._model_blocks("item_factors", gen):
+            lo = blk * BLOCK_ROWS
             if lo < n:
                 block = np.frombuffer(v, np.float32).reshape(-1, dim)[: n - lo]
                 factors[lo : lo + block.shape[0]] = block
-        for k, v in self.cf["item_bias"].items():
-            lo = _BE32.unpack(k)[0] * BLOCK_ROWS
+        for blk, v in self._model_blocks("item_bias", gen):
+            lo = blk * BLOCK_ROWS
             if lo < n:
                 b = np.frombuffer(v, np.float32)[: n - lo]
                 bias[lo : lo + b.shape[0]] = b
@@ -311,7 +354,7 @@ class StateStore:
             return None
         u = _I32.unpack(raw)[0]
         b, r = divmod(u, BLOCK_ROWS)
-        fb = self.cf["user_factors"].get(_BE32.pack(b))
+        fb = self.cf["user_factors"].get(_model_key(self.generation(), b))
         mb = self.cf["user_meta"].get(_BE32.pack(b))
         if fb is None or mb is None:
             return None
@@ -329,6 +372,9 @@ class StateStore:
         *,
         everything: bool = False,
         event_times: np.ndarray | None = None,
+        generation: int | None = None,
+        extra_users: np.ndarray | None = None,
+        extra_items: np.ndarray | None = None,
     ) -> None:
         """Persist one batch: every changed row, the counters and the next offsets, atomically.
 
@@ -338,6 +384,9 @@ class StateStore:
             raise StoreError("a secondary (read-only) store cannot commit")
         wb = rd.WriteBatch(raw_mode=True)
         meta = self.h["meta"]
+        gen = self.generation() if generation is None else generation
+        if generation is not None:
+            wb.put(b"generation", _I64.pack(generation), meta)
         if self.is_new or everything:
             wb.put(b"format", FORMAT, meta)
             wb.put(b"block_rows", _I64.pack(BLOCK_ROWS), meta)
@@ -349,8 +398,11 @@ class StateStore:
             else:
                 lo, hi = delta.new_users if kind == "user" else delta.new_items
                 rows = delta.users if kind == "user" else delta.items
+                extra = extra_users if kind == "user" else extra_items
+                if extra is not None and extra.size:
+                    rows = np.concatenate([rows.astype(np.int64), extra.astype(np.int64)])
             self._put_ids(wb, kind, table, lo, hi)
-            self._put_blocks(wb, kind, table, rows)
+            self._put_blocks(wb, kind, table, rows, gen)
         if everything or delta is None:
             keys, vals = confidence_items(state.confidence)
         else:
@@ -411,7 +463,13 @@ class StateStore:
             wb.put(_BE32.pack(k), key, h_index)
 
     def _put_blocks(
-        self, wb: rd.WriteBatch, kind: str, table: EntityTable, rows: np.ndarray
+        self,
+        wb: rd.WriteBatch,
+        kind: str,
+        table: EntityTable,
+        rows: np.ndarray,
+        gen: int,
+        meta: bool = True,
     ) -> None:
         if rows.size == 0:
             return
@@ -421,11 +479,22 @@ class StateStore:
         for b in np.unique(rows // BLOCK_ROWS).tolist():
             lo = b * BLOCK_ROWS
             hi = min(lo + BLOCK_ROWS, n)
-            key = _BE32.pack(b)
+            key = _model_key(gen, b)
             wb.put(key, table.factors[lo:hi].tobytes(), h_f)
-            wb.put(key, _meta_bytes(table, lo, hi), h_m)
+            if meta:
+                wb.put(_BE32.pack(b), _meta_bytes(table, lo, hi), h_m)
             if h_b is not None:
                 wb.put(key, table.bias[lo:hi].tobytes(), h_b)
+
+    def stage_model(self, kind: str, table: EntityTable, gen: int, blocks: np.ndarray) -> None:
+        """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
+        wb = rd.WriteBatch(raw_mode=True)
+        rows = blocks.astype(np.int64) * BLOCK_ROWS
+        self._put_blocks(wb, kind, table, rows, gen, meta=False)
+        try:
+            self.db.write(wb, self.write_opt)
+        except Exception as exc:
+            raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
         if keys.size == 0:

@@ -20,6 +20,7 @@ def product_topics(partitions: int, topics: TopicSettings | None = None) -> dict
         t.dead_letter: 1,
         t.requests: partitions,
         t.responses: partitions,
+        t.control: 1,
     }
 
 

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import orjson
 import pytest
-from conftest import Cluster, make_topics
 from confluent_kafka import Consumer, TopicPartition
+from conftest import Cluster, make_topics
 from synthetic import planted_stream
 
 from consumers import kafka_io
@@ -174,7 +174,8 @@ HOSTILE: list[tuple[str, bytes]] = [
                                      "timestamp": 1.7e9})),
     ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
                                      "timestamp": "soon"})),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": NaN}'),
+    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
+                       b'"timestamp": NaN}'),
     ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
                        b'"timestamp": Infinity}'),
     ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '

@@ -1,0 +1,691 @@
+"""End-to-end ingest: `stream-mf updater` over a pre-published topic, against the raw consume rate.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_ingest.py [--quick] [--profile]
+
+Publishes the shared planted stream (1M events, 100k users, 50k items; `--quick`: 200k) as the
+product's JSON to a fresh one-partition topic (lz4 batches), then measures in the same run:
+
+- raw: confluent-kafka `consume(10000)` in this process with `consumers.kafka_io.consumer`'s fetch
+  settings, touching `msg.value()` of every message (and once more with `fetch.queue.backoff.ms`
+  10, the setting the broker notes recommend), the ceiling any consumer of this topic can reach;
+- updater: the real updater as a child process (`--dim 64 --n-negatives 4`, fresh state dir) at
+  several `--max-batch-events`, events/s between its first and last commit read from /metrics,
+  with the split its own histograms give (decode+learn, RocksDB write, the rest = consume, Kafka
+  commit, metrics) and the CPU seconds of the updater and the broker;
+- river: `river.reco.BiasedMF.learn_one` in memory on the same events (if installed).
+
+`--profile` attaches py-spy to one updater run and splits its main-thread samples into decode,
+learn, RocksDB write, consume, Kafka commit, metrics and the rest. Targets: the updater at
+>= 100k events/s and >= 0.6x the raw consume rate. Every child process is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from common import ROOT, TYPE_FREQ, Col, fmt_rate, print_table, write_results
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from consumers import kafka_io
+from consumers.broker import EmbeddedBroker, create_topics, free_port
+from consumers.processes import ManagedProcess, metric_sum, scrape
+from consumers.publish import publish
+from consumers.settings import KafkaSettings
+from tests.synthetic import PlantedStream, planted_stream
+
+TYPE_NAMES = ("view", "click", "add_to_cart", "purchase")
+MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
+TARGET_RATE = 100_000.0
+TARGET_RATIO = 0.6
+APPLIED = "stream_mf_events_applied_total"
+LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+
+class Children:
+    """Every child process this bench starts, stopped by PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[ManagedProcess] = []
+        self.raw: list[subprocess.Popen[bytes]] = []
+
+    def start(self, p: ManagedProcess) -> ManagedProcess:
+        self.procs.append(p.start())
+        return p
+
+    def stop(self, p: ManagedProcess) -> int | None:
+        code = p.stop(grace=20.0)
+        if p in self.procs:
+            self.procs.remove(p)
+        return code
+
+    def stop_all(self) -> None:
+        for p in list(self.procs):
+            self.stop(p)
+        for r in self.raw:
+            if r.poll() is None:
+                r.kill()
+                r.wait(10)
+        self.raw.clear()
+
+
+@contextlib.contextmanager
+def bootstrap_servers() -> Iterator[tuple[str, int | None]]:
+    """(bootstrap, broker pid or None): KAFKA_BOOTSTRAP_SERVERS if set, else an EmbeddedBroker."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if configured:
+        yield configured, None
+        return
+    broker = EmbeddedBroker().start()
+    try:
+        yield broker.bootstrap_servers, broker.pid
+    finally:
+        broker.stop()
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def try_scrape(url: str) -> dict[str, float] | None:
+    try:
+        return scrape(url, timeout=2.0)
+    except OSError:
+        return None
+
+
+# ---- the stream ---------------------------------------------------------------------------------
+
+
+def stream_spec(quick: bool) -> dict[str, int]:
+    n = 200_000 if quick else 1_000_000
+    return {"n_events": n, "n_users": 100_000, "n_items": 50_000, "n_groups": 20}
+
+
+def payloads_of(s: PlantedStream, seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """(key, JSON value) per event as producers send them; event types drawn 70/20/7/3 %."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(len(TYPE_NAMES), size=len(s.users), p=TYPE_FREQ).tolist()
+    out = []
+    dumps = orjson.dumps
+    for u, i, t, k in zip(s.users.tolist(), s.items.tolist(), s.times.tolist(), kinds, strict=True):
+        uid = f"u{u}"
+        out.append(
+            (
+                uid.encode(),
+                dumps(
+                    {
+                        "user_id": uid,
+                        "item_id": f"i{i}",
+                        "event_type": TYPE_NAMES[k],
+                        "timestamp": t,
+                    }
+                ),
+            )
+        )
+    return out
+
+
+def prepublish(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """Publish every payload (lz4 batches) and wait for delivery; returns timing."""
+    producer = kafka_io.producer(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        **{
+            "linger.ms": 50,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+        },
+    )
+    t0 = time.perf_counter()
+    sent = publish(producer, topic, payloads, progress=False)
+    wall = time.perf_counter() - t0
+    if sent != len(payloads):
+        raise RuntimeError(f"only {sent}/{len(payloads)} events were delivered")
+    return {"events": sent, "seconds": wall, "events_per_s": sent / wall}
+
+
+# ---- (a) raw consume ----------------------------------------------------------------------------
+
+
+def raw_consume(bootstrap: str, topic: str, n: int, timeout: float, **extra: Any) -> dict[str, Any]:
+    """consume(10000) loop over the whole topic, touching every value; events/s."""
+    c = kafka_io.consumer(
+        KafkaSettings(bootstrap_servers=bootstrap), f"bench-raw-{uuid.uuid4().hex[:8]}", **extra
+    )
+    try:
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        got = nbytes = 0
+        t0 = time.perf_counter()
+        first = None
+        end = time.monotonic() + timeout
+        while got < n and time.monotonic() < end:
+            for m in c.consume(num_messages=10_000, timeout=1.0):
+                if m.error() is None:
+                    nbytes += len(m.value())
+                    got += 1
+                elif m.error().code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"consume error: {m.error()}")
+            if first is None and got:
+                first = time.perf_counter()
+        wall = time.perf_counter() - t0
+    finally:
+        c.close()
+    if got < n:
+        raise TimeoutError(f"raw consume read {got}/{n} messages in {timeout}s")
+    return {"events": got, "seconds": wall, "events_per_s": got / wall, "bytes": nbytes}
+
+
+# ---- (b) the updater ----------------------------------------------------------------------------
+
+
+@dataclass
+class UpdaterRun:
+    batch: int
+    label: str
+    events: int
+    startup_s: float = 0.0  # process start -> first commit
+    commit_span_s: float = 0.0  # first -> last commit (stable /metrics pairs)
+    events_in_span: int = 0
+    wall_s: float = 0.0  # process start -> all applied
+    apply_s: float = 0.0  # decode + learn (the updater's own histogram)
+    write_s: float = 0.0  # RocksDB write
+    batches: int = 0
+    updater_cpu_s: float | None = None
+    broker_cpu_s: float | None = None
+    profile: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
+        busy = self.apply_s + self.write_s  # histogram sums over the batches in the span
+        span = self.commit_span_s
+        return {
+            "batch": self.batch,
+            "label": self.label,
+            "events": self.events,
+            "events_per_s": rate,
+            "wall_events_per_s": self.events / self.wall_s if self.wall_s else None,
+            "startup_s": self.startup_s,
+            "commit_span_s": self.commit_span_s,
+            "events_in_span": self.events_in_span,
+            "wall_s": self.wall_s,
+            "batches": self.batches,
+            "apply_s": self.apply_s,
+            "write_s": self.write_s,
+            "apply_share": self.apply_s / span if span > 0 else None,
+            "write_share": self.write_s / span if span > 0 else None,
+            "rest_share": max(0.0, 1 - busy / span) if span > 0 else None,
+            "updater_cpu_s": self.updater_cpu_s,
+            "broker_cpu_s": self.broker_cpu_s,
+            "profile": self.profile or None,
+        }
+
+
+def run_updater(
+    children: Children,
+    bootstrap: str,
+    topic: str,
+    dead_letter: str,
+    n: int,
+    batch: int,
+    work: Path,
+    timeout: float,
+    broker_pid: int | None,
+    profile: bool = False,
+    label: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> UpdaterRun:
+    """One updater process over the topic from offset 0 with a fresh store; stopped afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    state = work / f"state-{uuid.uuid4().hex[:8]}"
+    env = {
+        "STREAM_MF_TOPICS__INTERACTIONS": topic,
+        "STREAM_MF_TOPICS__DEAD_LETTER": dead_letter,
+        "STREAM_MF_GROUP_ID": f"bench-updater-{uuid.uuid4().hex[:8]}",
+        **(extra_env or {}),
+    }
+    argv = [
+        "updater",
+        "--bootstrap-servers",
+        bootstrap,
+        "--state-dir",
+        str(state),
+        "--metrics-port",
+        str(port),
+        "--max-batch-events",
+        str(batch),
+        *MODEL_FLAGS,
+    ]
+    run = UpdaterRun(batch=batch, label=label or f"--max-batch-events {batch}", events=n)
+    name = f"updater-{batch}-{uuid.uuid4().hex[:4]}"
+    p = ManagedProcess(name, argv, work, env=env)
+    spy: subprocess.Popen[bytes] | None = None
+    spy_out = work / f"pyspy-{name}.txt"
+    t_start = time.time()
+    b_cpu0 = cpu_seconds(broker_pid)
+    children.start(p)
+    try:
+        if profile:
+            spy = start_pyspy(children, p.pid, spy_out)
+        first: tuple[float, float] | None = None  # (applied, last commit) at the first stable pair
+        first_sums = (0.0, 0.0, 0.0)  # apply s, write s, batches at that point
+        prev: tuple[float, float] | None = None
+        end = time.monotonic() + timeout
+        last: dict[str, float] = {}
+        while True:
+            if not p.alive():
+                raise RuntimeError(f"updater exited:\n{p.log_tail()}")
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"updater applied {metric_sum(last, APPLIED):.0f}/{n} "
+                    f"events in {timeout}s:\n{p.log_tail()}"
+                )
+            got = try_scrape(url)
+            if got is not None:
+                last = got
+                pair = (metric_sum(got, APPLIED), got.get(LAST_COMMIT, 0.0))
+                if first is None and pair[0] > 0 and pair == prev:
+                    first = pair
+                    first_sums = _sums(got)
+                prev = pair
+                if pair[0] >= n:
+                    break
+            time.sleep(0.2)  # scrapes cost the updater GIL time: keep them rare
+        run.wall_s = time.time() - t_start
+        run.updater_cpu_s = cpu_seconds(p.pid)
+        b_cpu1 = cpu_seconds(broker_pid)
+        if b_cpu0 is not None and b_cpu1 is not None:
+            run.broker_cpu_s = b_cpu1 - b_cpu0
+        t_last = last[LAST_COMMIT]
+        if first is None or first[0] >= n:  # one batch only: fall back to process wall time
+            first = (0.0, t_start)
+        run.events_in_span = int(n - first[0])
+        run.commit_span_s = t_last - first[1]
+        run.startup_s = (first[1] if first[0] > 0 else t_last) - t_start
+        if first[0] == 0.0:
+            first_sums = (0.0, 0.0, 0.0)
+        sums = _sums(last)
+        run.apply_s, run.write_s = sums[0] - first_sums[0], sums[1] - first_sums[1]
+        run.batches = int(sums[2] - first_sums[2])
+        if spy is not None:
+            stop_pyspy(spy)
+            run.profile = categorize(spy_out)
+    finally:
+        if spy is not None:
+            stop_pyspy(spy)
+        children.stop(p)
+        shutil.rmtree(state, ignore_errors=True)
+    return run
+
+
+def _sums(samples: dict[str, float]) -> tuple[float, float, float]:
+    return (
+        samples.get("stream_mf_batch_apply_seconds_sum", 0.0),
+        samples.get("stream_mf_batch_write_seconds_sum", 0.0),
+        samples.get("stream_mf_batches_total", 0.0),
+    )
+
+
+# ---- profiling ----------------------------------------------------------------------------------
+
+
+def start_pyspy(children: Children, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    exe = ROOT / ".venv" / "bin" / "py-spy"
+    if not exe.exists():
+        print("py-spy not installed (.venv/bin/pip install py-spy): no profile")
+        return None
+    spy = subprocess.Popen(
+        [
+            str(exe),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--idle",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    children.raw.append(spy)
+    time.sleep(0.3)
+    return spy
+
+
+def stop_pyspy(spy: subprocess.Popen[bytes]) -> None:
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            spy.wait(20)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(10)
+
+
+def _process_line_kinds() -> dict[int, str]:
+    """Line number in consumers/updater.py -> category, for the statements of `process`."""
+    kinds: dict[int, str] = {}
+    src = (ROOT / "consumers" / "updater.py").read_text().splitlines()
+    for j, line in enumerate(src, start=1):
+        text = line.strip()
+        if "m.value()" in text or "np.fromiter" in text or "EventBatch(" in text:
+            kinds[j] = "decode"
+        elif "consumer.commit" in text or "TopicPartition(t, p, o)" in text:
+            kinds[j] = "kafka_commit"
+        elif "metrics" in text or text.startswith("m.") or "observe_many" in text:
+            kinds[j] = "metrics"
+    return kinds
+
+
+#: (category, test on one frame), checked in order against the whole stack: the first rule any
+#: frame matches wins, so scoring inside live evaluation counts as live evaluation even where it
+#: reads RocksDB, and a write is a write wherever it is called from.
+_RULES: tuple[tuple[str, Any], ...] = (
+    ("live_eval", lambda f, p: p.endswith("stream_mf/live_eval.py")),
+    ("decode", lambda f, p: p.endswith(("stream_mf/decode.py", "stream_mf/events.py"))),
+    ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit")),
+    (
+        "learn",
+        lambda f, p: p.endswith(
+            ("stream_mf/model.py", "stream_mf/sgd.py", "stream_mf/state.py", "stream_mf/rng.py")
+        ),
+    ),
+    (
+        "metrics",
+        lambda f, p: (
+            "prometheus_client" in p
+            or p.endswith("consumers/metrics.py")
+            or f.endswith("_publish_gauges")
+        ),
+    ),
+    ("consume", lambda f, p: f.endswith("_collect")),
+    ("offsets", lambda f, p: f.endswith("_next_offsets")),
+    ("dead_letter", lambda f, p: f.endswith("_dead_letter")),
+    ("metadata", lambda f, p: f.endswith("_assign_partitions")),
+    ("live_eval", lambda f, p: f.endswith("_learn") and p.endswith("consumers/updater.py")),
+)
+
+
+def _classify(frames: Sequence[str], lines: dict[int, str]) -> str:
+    """The category of one main-thread stack (frames as `func (file:line)`, root first)."""
+    parsed = []
+    for fr in frames:
+        func, _, loc = fr.partition(" (")
+        path, _, lineno = loc.rstrip(")").rpartition(":")
+        parsed.append((func, path, lineno))
+    for name, test in _RULES:
+        if any(test(f, p) for f, p, _ in parsed):
+            return name
+    for f, p, lineno in reversed(parsed):
+        if p.endswith("consumers/updater.py") and f.endswith("process"):
+            return lines.get(int(lineno) if lineno.isdigit() else 0, "process_other")
+    return "loop_other"
+
+
+def categorize(raw: Path) -> dict[str, float]:
+    """Share of the updater's main-loop samples per category, from py-spy's raw output."""
+    if not raw.exists():
+        return {}
+    lines = _process_line_kinds()
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "run (consumers/updater.py" not in stack or not n.isdigit():
+            continue  # not the main loop (metrics server thread, imports at start-up)
+        counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.most_common()} if total else {}
+
+
+# ---- river reference ----------------------------------------------------------------------------
+
+
+def river_rate(s: PlantedStream, n: int, n_negatives: int = 0) -> dict[str, Any] | None:
+    """`river.reco.BiasedMF.learn_one` events/s (64 factors); negatives as extra y=0 updates."""
+    try:
+        from river import optim, reco
+    except ImportError:
+        return None
+    model = reco.BiasedMF(
+        n_factors=64,
+        bias_optimizer=optim.SGD(0.05),
+        latent_optimizer=optim.SGD(0.05),
+        l2_latent=0.002,
+        seed=42,
+    )
+    users = [f"u{u}" for u in s.users[:n].tolist()]
+    items = [f"i{i}" for i in s.items[:n].tolist()]
+    rng = np.random.default_rng(1)
+    negs = [f"i{i}" for i in rng.integers(0, int(s.items.max()) + 1, n * n_negatives).tolist()]
+    learn = model.learn_one
+    t0 = time.perf_counter()
+    for j in range(n):
+        u = users[j]
+        learn(u, items[j], 1.0)
+        for q in range(j * n_negatives, (j + 1) * n_negatives):
+            learn(u, negs[q], 0.0)
+    wall = time.perf_counter() - t0
+    return {"events": n, "n_negatives": n_negatives, "seconds": wall, "events_per_s": n / wall}
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200k events, two batch sizes (< 60 s)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="--max-batch-events values (default 20000 50000 100000)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy the updater run at the first batch size"
+    )
+    ap.add_argument(
+        "--no-variants", action="store_true", help="skip the extra run with live evaluation off"
+    )
+    ap.add_argument("--river-events", type=int, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = stream_spec(args.quick)
+    batches = args.batches or ([20_000, 50_000] if args.quick else [20_000, 50_000, 100_000])
+    budget = 45.0 if args.quick else 240.0  # per updater run
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    children = Children()
+    t_all = time.perf_counter()
+    result: dict[str, Any] = {"quick": args.quick, "stream": spec, "model_flags": MODEL_FLAGS}
+    try:
+        s = planted_stream(
+            spec["n_events"],
+            n_users=spec["n_users"],
+            n_items=spec["n_items"],
+            n_groups=spec["n_groups"],
+        )
+        payloads = payloads_of(s)
+        n = len(payloads)
+        with bootstrap_servers() as (bootstrap, broker_pid):
+            tag = uuid.uuid4().hex[:8]
+            topic, dlt = f"bench-interactions-{tag}", f"bench-interactions-{tag}.DLT"
+            create_topics(bootstrap, {topic: 1, dlt: 1})
+            result["broker"] = "embedded tansu" if broker_pid else bootstrap
+            result["publish"] = prepublish(bootstrap, topic, payloads)
+            del payloads
+            print(f"published {n:,} events in {result['publish']['seconds']:.1f}s", flush=True)
+            raw = raw_consume(bootstrap, topic, n, budget)
+            raw_fast = raw_consume(bootstrap, topic, n, budget, **{"fetch.queue.backoff.ms": 10})
+            result["raw_consume"] = raw
+            result["raw_consume_backoff10"] = raw_fast
+            print(
+                f"raw consume {fmt_rate(raw['events_per_s'])}/s "
+                f"(backoff 10 ms: {fmt_rate(raw_fast['events_per_s'])}/s)",
+                flush=True,
+            )
+            plan: list[tuple[int, str, dict[str, str], bool]] = [
+                (b, "", {}, args.profile and j == 0) for j, b in enumerate(batches)
+            ]
+            if not args.no_variants:
+                # the same run without live evaluation, to show what it costs
+                plan.append(
+                    (
+                        50_000,
+                        "--max-batch-events 50000, live eval off",
+                        {"STREAM_MF_LIVE_EVAL_RATE": "0"},
+                        args.profile,
+                    )
+                )
+            runs = []
+            for b, label, env, prof in plan:
+                r = run_updater(
+                    children,
+                    bootstrap,
+                    topic,
+                    dlt,
+                    n,
+                    b,
+                    work,
+                    budget,
+                    broker_pid,
+                    profile=prof,
+                    label=label,
+                    extra_env=env,
+                )
+                row = r.row()
+                row["vs_raw"] = (row["events_per_s"] or 0) / raw["events_per_s"]
+                row["vs_raw_backoff10"] = (row["events_per_s"] or 0) / raw_fast["events_per_s"]
+                row["meets_target"] = bool(
+                    (row["events_per_s"] or 0) >= TARGET_RATE and row["vs_raw"] >= TARGET_RATIO
+                )
+                runs.append(row)
+                print(f"updater {row['label']}: {fmt_rate(row['events_per_s'] or 0)}/s", flush=True)
+        result["updater"] = runs
+        river_n = args.river_events or (20_000 if args.quick else 100_000)
+        result["river"] = [
+            r for r in (river_rate(s, river_n), river_rate(s, river_n // 5, n_negatives=4)) if r
+        ]
+    finally:
+        children.stop_all()
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = time.perf_counter() - t_all
+    report(result)
+    write_results("bench_ingest", result, args.out)
+    return 0
+
+
+def report(result: dict[str, Any]) -> None:
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    raw, fast = result["raw_consume"], result["raw_consume_backoff10"]
+    rows: list[dict[str, Any]] = [
+        {
+            "what": "publish (lz4, 1 partition)",
+            "rate": result["publish"]["events_per_s"],
+            "seconds": result["publish"]["seconds"],
+        },
+        {
+            "what": "raw consume (kafka_io fetch settings)",
+            "rate": raw["events_per_s"],
+            "seconds": raw["seconds"],
+        },
+        {
+            "what": "raw consume + fetch.queue.backoff.ms=10",
+            "rate": fast["events_per_s"],
+            "seconds": fast["seconds"],
+        },
+    ]
+    for r in result["updater"]:
+        rows.append(
+            {
+                "what": f"updater {r['label']}",
+                "rate": r["events_per_s"],
+                "seconds": r["commit_span_s"],
+                "vs_raw": r["vs_raw"],
+                "wall_rate": r["wall_events_per_s"],
+                "ok": "yes" if r["meets_target"] else "NO",
+            }
+        )
+    for r in result["river"]:
+        rows.append(
+            {
+                "what": f"river BiasedMF learn_one, {r['n_negatives']} neg",
+                "rate": r["events_per_s"],
+                "seconds": r["seconds"],
+            }
+        )
+    print_table(
+        f"ingest, {result['stream']['n_events']:,} events ({result['broker']}); target >= "
+        f"{fmt_rate(TARGET_RATE)}/s and >= {TARGET_RATIO}x raw",
+        rows,
+        [
+            Col("what", "measurement"),
+            Col("rate", "events/s", fmt_rate),
+            Col("seconds", "s", ".2f"),
+            Col("vs_raw", "x raw", ".2f"),
+            Col("wall_rate", "incl. startup", fmt_rate),
+            Col("ok", "target"),
+        ],
+    )
+    print_table(
+        "updater time split between first and last commit (own histograms; CPU from /proc)",
+        result["updater"],
+        [
+            Col("label", "run"),
+            Col("batches", "batches"),
+            Col("startup_s", "startup s", ".1f"),
+            Col("apply_share", "decode+learn", pct),
+            Col("write_share", "rocksdb", pct),
+            Col("rest_share", "consume+commit+other", pct),
+            Col("updater_cpu_s", "updater cpu s", ".1f"),
+            Col("broker_cpu_s", "broker cpu s", ".1f"),
+        ],
+    )
+    for r in result["updater"]:
+        if r.get("profile"):
+            print_table(
+                f"py-spy, updater main thread, {r['label']} (share of samples)",
+                [{"what": k, "share": v} for k, v in r["profile"].items()],
+                [Col("what", "category"), Col("share", "share", pct)],
+            )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""`stream-mf rebuild`: ask the running updater for a full ALS rebuild now."""
+
+from __future__ import annotations
+
+import argparse
+
+import orjson
+
+from consumers import kafka_io
+from consumers.broker import create_topics
+from consumers.commands.common import add_process_flags, build_settings
+from consumers.settings import ClientSettings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rebuild", help="ask the running updater for a full ALS rebuild now")
+    add_process_flags(p, state=False, metrics=False)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = build_settings(ClientSettings, args)
+    topic = settings.topics.control
+    create_topics(settings.kafka.bootstrap_servers, {topic: 1})
+    producer = kafka_io.producer(settings.kafka)
+    producer.produce(topic, value=orjson.dumps({"command": "rebuild"}))
+    if producer.flush(10.0):
+        print(f"could not send the request to {topic!r}")
+        return 1
+    print(f"rebuild requested on {topic!r}; watch stream_mf_rebuild_* on the updater's /metrics")
+    return 0

@@ -68,8 +68,11 @@ class ModelConfig(BaseModel):
     max_norm: float = Field(
         default=2.0, ge=0, allow_inf_nan=False, description="cap on vector norms (0: none)"
     )
+    # 0.5: MovieLens Recall@10 as good as all-uniform (0.0862 vs 0.0855) while planted-taste
+    # streams keep their groups (193/200 users vs 166/200): popularity-drawn negatives stop the
+    # globally popular items of other groups from crowding every top-10
     uniform_mix: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         le=1,
         allow_inf_nan=False,

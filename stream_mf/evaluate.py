@@ -17,9 +17,12 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from stream_mf.als import als_fit, confidence_matrix
 from stream_mf.config import EventTypeSpec, ModelConfig
 from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.rebuild import RebuildConfig
+from stream_mf.store import confidence_items
 from stream_mf.topk import top_k
 
 
@@ -79,9 +82,113 @@ class PopularLearner(_ModelLearner):
         return top_k(scores, k)[0]
 
 
+def _fit_als(
+    model: OnlineModel, U: np.ndarray, V: np.ndarray, rcfg: RebuildConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A full ALS fit on the model's decayed confidences, warm-started from (U, V) grown to
+    the current number of users and items."""
+    st = model.state
+    nu, ni, dim = st.users.n, st.items.n, U.shape[1]
+    U = _grow(U, nu, dim, st.config.seed)
+    V = _grow(V, ni, dim, st.config.seed + 1)
+    keys, vals = confidence_items(st.confidence)
+    by_user, by_item = confidence_matrix(
+        keys, vals, nu, ni, float(st.clock[0]), st.config.decay_rate, rcfg.alpha,
+        rcfg.min_confidence,
+    )  # fmt: skip
+    als_fit(by_user, by_item, U, V, rcfg.reg, rcfg.iterations, rcfg.solver, rcfg.cg_steps,
+            compute_loss=False)  # fmt: skip
+    return U, V
+
+
+def _grow(a: np.ndarray, n: int, dim: int, seed: int) -> np.ndarray:
+    if a.shape[0] >= n:
+        return a[:n]
+    rng = np.random.default_rng(seed + a.shape[0])
+    extra = (rng.standard_normal((n - a.shape[0], dim)) * 0.01).astype(np.float32)
+    return np.concatenate([a, extra])
+
+
+class ALSLearner(_ModelLearner):
+    """Implicit ALS refit every `refit_every` events; in between, each user's vector is folded in
+    from the user's current decayed row against the last item factors (without it, a model
+    refit every N events has not seen most users it must score on bursty streams)."""
+
+    name = "als"
+
+    def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
+                 refit_every: int = 10_000):  # fmt: skip
+        super().__init__(config.model_copy(update={"n_negatives": 0}))
+        self.rcfg = rebuild or RebuildConfig()
+        self.refit_every = refit_every
+        self.U = np.zeros((0, config.dim), np.float32)
+        self.V = np.zeros((0, config.dim), np.float32)
+        self.gram = np.zeros((config.dim, config.dim))
+        self.rows: dict[int, dict[int, float]] = {}
+        self.seen_events = 0
+
+    def learn(self, batch: EventBatch) -> None:
+        delta = self.model.learn(batch)
+        for key, val in zip(delta.pair_keys.tolist(), delta.pair_values.tolist(), strict=True):
+            self.rows.setdefault(key >> 32, {})[key & 0xFFFFFFFF] = val
+        self.seen_events += len(batch)
+        if self.seen_events % self.refit_every == 0 or self.V.shape[0] == 0:
+            self.U, self.V = _fit_als(self.model, self.U, self.V, self.rcfg)
+            v = self.V.astype(np.float64)
+            self.gram = v.T @ v
+
+    def user_vector(self, user: int) -> np.ndarray:
+        row = self.rows.get(user, {})
+        items = np.fromiter((i for i in row if i < self.V.shape[0]), np.int64)
+        if items.size == 0:
+            return np.zeros(self.V.shape[1], np.float32)
+        st = self.model.state
+        logc = np.fromiter((row[i] for i in items.tolist()), np.float64, items.size)
+        c = self.rcfg.alpha * np.exp(logc - float(st.clock[0]) * st.config.decay_rate)
+        vs = self.V[items].astype(np.float64)
+        a = self.gram + (vs.T * c) @ vs + self.rcfg.reg * np.eye(vs.shape[1])
+        return np.linalg.solve(a, vs.T @ (1.0 + c)).astype(np.float32)
+
+    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+        scores = self.V @ self.user_vector(user)
+        exclude = exclude[exclude < scores.shape[0]]
+        scores[exclude] = -np.inf
+        return top_k(scores, k)[0]
+
+
+class HybridLearner(SGDLearner):
+    """Online SGD, with a full ALS rebuild swapped in every `refit_every` events (the updater's
+    periodic rebuild, done synchronously here)."""
+
+    name = "hybrid"
+
+    def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
+                 refit_every: int = 10_000):  # fmt: skip
+        super().__init__(config)
+        self.rcfg = rebuild or RebuildConfig()
+        self.refit_every = refit_every
+        self.seen_events = 0
+
+    def learn(self, batch: EventBatch) -> None:
+        self.model.learn(batch)
+        self.seen_events += len(batch)
+        if self.seen_events % self.refit_every == 0:
+            st = self.model.state
+            nu, ni = st.users.n, st.items.n
+            U, V = _fit_als(
+                self.model, st.users.factors[:nu].copy(), st.items.factors[:ni].copy(), self.rcfg
+            )
+            st.users.factors[:nu] = U
+            st.items.factors[:ni] = V
+            st.items.bias[:ni] = 0.0
+            st.model_version += 1
+
+
 LEARNERS: dict[str, Callable[[ModelConfig], PrequentialLearner]] = {
     "sgd": SGDLearner,
     "popular": PopularLearner,
+    "als": ALSLearner,
+    "hybrid": HybridLearner,
 }
 
 

@@ -67,10 +67,13 @@ def sigmoid(x: float) -> float:
 
 @njit(cache=True, nogil=True)
 def rebuild_cdf(cdf: np.ndarray, logpop: np.ndarray, n_items: int, exponent: float) -> int:
-    """Cumulative popularity**exponent over items [0, n_items); unseen items (-inf) weigh 0.
+    """The sampler table over items [0, n_items); unseen items (-inf) weigh 0.
 
-    Returns the table's length, up to the last seen item: items registered by the current batch
-    but not yet seen must not change it, or uniform draws would depend on the batching.
+    `cdf` has three rows: cumulative popularity**exponent, then a Walker/Vose alias table
+    (probability, alias index) over the same weights, so a popularity draw costs O(1) instead
+    of a binary search (35% of the kernel's time on 50k items). Returns the table's length, up
+    to the last seen item: items registered by the current batch but not yet seen must not
+    change it, or draws would depend on the batching.
     """
     top = NEG_INF
     for i in range(n_items):
@@ -83,23 +86,70 @@ def rebuild_cdf(cdf: np.ndarray, logpop: np.ndarray, n_items: int, exponent: flo
         if lp != NEG_INF:
             acc += math.exp(exponent * (lp - top))
             length = i + 1
-        cdf[i] = acc
+        cdf[0, i] = acc
+    if length > 0 and acc > 0.0:
+        build_alias(cdf, length)
     return length
+
+
+@njit(cache=True, nogil=True)
+def build_alias(table: np.ndarray, n: int) -> None:
+    """Vose's alias method over the weights table[0, i] - table[0, i-1], deterministically."""
+    total = table[0, n - 1]
+    scaled = np.empty(n)
+    small = np.empty(n, np.int64)
+    large = np.empty(n, np.int64)
+    ns = 0
+    nl = 0
+    prev = 0.0
+    for i in range(n):
+        w = table[0, i] - prev
+        prev = table[0, i]
+        scaled[i] = w * n / total
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        lo = small[ns]
+        nl -= 1
+        hi = large[nl]
+        table[1, lo] = scaled[lo]
+        table[2, lo] = hi
+        scaled[hi] = (scaled[hi] + scaled[lo]) - 1.0
+        if scaled[hi] < 1.0:
+            small[ns] = hi
+            ns += 1
+        else:
+            large[nl] = hi
+            nl += 1
+    while nl > 0:
+        nl -= 1
+        table[1, large[nl]] = 1.0
+        table[2, large[nl]] = large[nl]
+    while ns > 0:  # rounding leftovers; draws of unseen items are rejected anyway
+        ns -= 1
+        table[1, small[ns]] = 1.0
+        table[2, small[ns]] = small[ns]
 
 
 @njit(cache=True, inline="always")
 def draw_item(cdf: np.ndarray, n: int, u: float) -> int:
-    """Index of the first cdf entry above u * total (binary search)."""
-    target = u * cdf[n - 1]
-    lo = 0
-    hi = n - 1
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if cdf[mid] > target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    """An item by popularity**exponent from the alias table, with one uniform in [0, 1)."""
+    y = u * n
+    c = min(int(y), n - 1)
+    if y - c >= cdf[1, c]:
+        c = int(cdf[2, c])
+    return c
+
+
+@njit(cache=True, inline="always")
+def is_seen(cdf: np.ndarray, c: int) -> bool:
+    """Whether item c had any weight when the table was built."""
+    return cdf[0, c] != (cdf[0, c - 1] if c > 0 else 0.0)
 
 
 @njit(cache=True, inline="always")
@@ -128,7 +178,7 @@ def sgd_batch(
     i_count: np.ndarray,
     i_last: np.ndarray,
     i_logpop: np.ndarray,
-    cdf: np.ndarray,  # float64[items capacity]
+    cdf: np.ndarray,  # float64[3, items capacity]: cumulative weights, alias prob, alias index
     counters: np.ndarray,  # int64[N_COUNTERS]
     clock: np.ndarray,  # float64[1] newest event time seen
     n_items: int,
@@ -183,7 +233,7 @@ def sgd_batch(
             u_old[f] = U[u, f]
         s = stream_seed(seed, partitions[e], offsets[e])
         ncdf = counters[CDF_LEN]
-        can_draw = ncdf > 0 and cdf[ncdf - 1] > 0.0
+        can_draw = ncdf > 0 and cdf[0, ncdf - 1] > 0.0
         for j in range(n_neg):
             best = -1
             best_x = 0.0
@@ -194,10 +244,10 @@ def sgd_batch(
                         s, x = next_uniform(s)
                         if x < uniform_mix:
                             c = min(int(x / uniform_mix * ncdf), ncdf - 1)
-                            if cdf[c] == (cdf[c - 1] if c > 0 else 0.0):
-                                continue  # not seen when the table was built
                         else:
                             c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
+                        if not is_seen(cdf, c):
+                            continue  # not seen when the table was built
                         if c != i:
                             cand = c
                             break

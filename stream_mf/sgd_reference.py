@@ -14,13 +14,47 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _rebuild_cdf(logpop: np.ndarray, n_items: int, exponent: float) -> tuple[np.ndarray, int]:
+def _rebuild_cdf(table: np.ndarray, logpop: np.ndarray, n_items: int, exponent: float) -> int:
     lp = logpop[:n_items]
     seen = np.isfinite(lp)
     weights = np.zeros(n_items)
     if seen.any():
-        weights[seen] = np.exp(exponent * (lp[seen] - lp[seen].max()))
-    return np.cumsum(weights), int(np.flatnonzero(seen)[-1]) + 1 if seen.any() else 0
+        top = lp[seen].max()
+        weights[seen] = [math.exp(exponent * (v - top)) for v in lp[seen].tolist()]
+    table[0, :n_items] = np.cumsum(weights)
+    length = int(np.flatnonzero(seen)[-1]) + 1 if seen.any() else 0
+    if length and table[0, length - 1] > 0:
+        _build_alias(table, length)
+    return length
+
+
+def _build_alias(table: np.ndarray, n: int) -> None:
+    """Vose's alias method, step for step as in `sgd.build_alias`."""
+    total = table[0, n - 1]
+    cum = table[0, :n]
+    w = np.diff(cum, prepend=0.0)
+    scaled = [float(x) * n / total for x in w.tolist()]
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        lo, hi = small.pop(), large.pop()
+        table[1, lo] = scaled[lo]
+        table[2, lo] = hi
+        scaled[hi] = (scaled[hi] + scaled[lo]) - 1.0
+        (small if scaled[hi] < 1.0 else large).append(hi)
+    for i in large + small:
+        table[1, i] = 1.0
+        table[2, i] = i
+
+
+def _draw(table: np.ndarray, n: int, u: float) -> int:
+    y = u * n
+    c = min(int(y), n - 1)
+    return int(table[2, c]) if y - c >= table[1, c] else c
+
+
+def _seen(table: np.ndarray, c: int) -> bool:
+    return bool(table[0, c] != (table[0, c - 1] if c > 0 else 0.0))
 
 
 def _clip(A: np.ndarray, r: int, max_norm: float) -> None:
@@ -72,7 +106,7 @@ def sgd_batch_reference(
     for e in range(len(users)):
         done = int(counters[EVENTS])
         if done >= counters[NEXT_REFRESH]:
-            cdf[:n_items], counters[CDF_LEN] = _rebuild_cdf(i_logpop, n_items, neg_exponent)
+            counters[CDF_LEN] = _rebuild_cdf(cdf, i_logpop, n_items, neg_exponent)
             counters[REBUILDS] += 1
             counters[NEXT_REFRESH] = done + min(max(done, 1), refresh)
         u, i, t = int(users[e]), int(items[e]), float(times[e])
@@ -89,16 +123,15 @@ def sgd_batch_reference(
             best, best_x = -1, 0.0
             for _ in range(n_candidates):
                 cand = -1
-                if ncdf > 0 and cdf[ncdf - 1] > 0:
+                if ncdf > 0 and cdf[0, ncdf - 1] > 0:
                     for _ in range(MAX_NEG_TRIES):
                         s, x = py_next_uniform(s)
                         if x < uniform_mix:
                             c = min(int(x / uniform_mix * ncdf), ncdf - 1)
-                            if cdf[c] == (cdf[c - 1] if c > 0 else 0.0):
-                                continue
                         else:
-                            x = (x - uniform_mix) / (1.0 - uniform_mix)
-                            c = int(np.searchsorted(cdf[:ncdf], x * cdf[ncdf - 1], side="right"))
+                            c = _draw(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
+                        if not _seen(cdf, c):
+                            continue
                         if c != i:
                             cand = c
                             break

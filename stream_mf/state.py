@@ -127,7 +127,7 @@ class ModelState:
             config=c,
             users=EntityTable("user", c.dim, c.seed, c.init_scale, capacity),
             items=EntityTable("item", c.dim, c.seed, c.init_scale, capacity),
-            cdf=np.zeros(max(capacity, 16), dtype=np.float64),
+            cdf=np.zeros((3, max(capacity, 16)), dtype=np.float64),
         )
 
     @property
@@ -136,5 +136,7 @@ class ModelState:
 
     def sync_capacity(self) -> None:
         """The sampler table must cover every registered item before a kernel runs."""
-        if self.cdf.shape[0] < self.items.capacity:
-            self.cdf = _grown(self.cdf, self.items.capacity, 0.0)
+        if self.cdf.shape[1] < self.items.capacity:
+            grown = np.zeros((3, self.items.capacity), dtype=np.float64)
+            grown[:, : self.cdf.shape[1]] = self.cdf
+            self.cdf = grown

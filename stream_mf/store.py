@@ -2,7 +2,7 @@
 
 Layout (keys big-endian so that byte order is numeric order; values little-endian):
   meta          b"config" JSON ModelConfig, b"counters" int64[4], b"clock" f64, b"n_users",
-                b"n_items", b"model_version" int64, b"cdf" f64[cdf_len], b"format", b"block_rows"
+                b"n_items", b"model_version" int64, b"cdf" f64[3, cdf_len], b"format", b"block_rows"
   user_ids      utf-8 id -> int32 index          user_index  be32 index -> utf-8 id
   item_ids      utf-8 id -> int32 index          item_index  be32 index -> utf-8 id
   user_factors  be32 gen | be32 block -> f32[rows, dim]   (item_factors alike)
@@ -262,15 +262,17 @@ class StateStore:
             return ModelState.empty(config)
         users = self._load_table("user", config)
         items = self._load_table("item", config)
-        state = ModelState(config=config, users=users, items=items, cdf=np.zeros(items.capacity))
+        state = ModelState(
+            config=config, users=users, items=items, cdf=np.zeros((3, items.capacity))
+        )
         raw = self._meta(b"counters")
         if raw is not None:
             state.counters[:] = np.frombuffer(raw, np.int64)[:N_COUNTERS]
         state.clock[0] = _F64.unpack(self._meta(b"clock") or _F64.pack(0.0))[0]
         cdf = self._meta(b"cdf")
         if cdf is not None:
-            arr = np.frombuffer(cdf, np.float64)
-            state.cdf[: arr.shape[0]] = arr
+            arr = np.frombuffer(cdf, np.float64).reshape(3, -1)
+            state.cdf[:, : arr.shape[1]] = arr
         state.model_version = self.model_version()
         keys, vals = self._all_confidence()
         fill_confidence(state.confidence, keys, vals)
@@ -414,7 +416,8 @@ class StateStore:
         wb.put(b"n_items", _I64.pack(state.items.n), meta)
         wb.put(b"model_version", _I64.pack(state.model_version), meta)
         if everything or delta is None or delta.sampler_rebuilt:
-            wb.put(b"cdf", state.cdf[: int(state.counters[CDF_LEN])].tobytes(), meta)
+            n_cdf = int(state.counters[CDF_LEN])
+            wb.put(b"cdf", np.ascontiguousarray(state.cdf[:, :n_cdf]).tobytes(), meta)
         for (topic, part), nxt in (offsets or {}).items():
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
         if event_times is not None and event_times.size:

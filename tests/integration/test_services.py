@@ -57,7 +57,7 @@ def wait_for_model(client: RecClient, user: str, timeout: float = 30.0) -> None:
 
 
 def test_planted_tastes_end_to_end(cluster: Cluster) -> None:
-    s = planted_stream(40_000, 200, 300, n_groups=5, in_group=0.9, seed=11)
+    s = planted_stream(40_000, 200, 1000, n_groups=5, in_group=0.9, seed=11)
     cluster.start("updater", "updater")
     cluster.start("query", "query-1")
     send(cluster.kafka, cluster.topics.interactions, payloads_of(s))

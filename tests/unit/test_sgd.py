@@ -30,7 +30,7 @@ def _arrays(m: OnlineModel) -> dict[str, np.ndarray]:
         "u_logact": st.users.logpop[:nu],
         "i_logpop": st.items.logpop[:ni],
         "i_count": st.items.count[:ni],
-        "cdf": st.cdf[: st.counters[2]],
+        "cdf": st.cdf[:, : st.counters[2]],
         "counters": st.counters,
         "clock": st.clock,
     }

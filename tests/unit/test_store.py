@@ -34,7 +34,7 @@ def assert_same_state(a: ModelState, b: ModelState) -> None:
     assert np.array_equal(a.counters, b.counters)
     assert np.array_equal(a.clock, b.clock)
     n = int(a.counters[2])
-    assert np.array_equal(a.cdf[:n], b.cdf[:n])
+    assert np.array_equal(a.cdf[:, :n], b.cdf[:, :n])
     ka, va = confidence_items(a.confidence)
     kb, vb = confidence_items(b.confidence)
     assert np.array_equal(ka, kb) and np.array_equal(va, vb)

@@ -9,9 +9,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from stream_mf.decode import REASONS
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -20,8 +29,9 @@ AGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400
 
 
 class UpdaterMetrics:
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, event_types: Iterable[str] = ()):
         r = registry
+        ProcessCollector(registry=r)
         self.consumed = Counter(
             "stream_mf_events_consumed_total",
             "Messages read from the interactions topic",
@@ -62,12 +72,6 @@ class UpdaterMetrics:
             "stream_mf_event_age_seconds",
             "Wall-clock now minus event timestamp when the event is applied",
             buckets=AGE_BUCKETS,
-            registry=r,
-        )
-        self.lag = Gauge(
-            "stream_mf_consumer_lag_messages",
-            "High watermark minus next offset, per partition",
-            ["partition"],
             registry=r,
         )
         self.users = Gauge("stream_mf_users_known", "Users with a vector", registry=r)
@@ -141,11 +145,21 @@ class UpdaterMetrics:
             "When the last batch was committed",
             registry=r,
         )
+        # every label a series can have exists from the start, so rate() sees the first one
+        for reason in REASONS:
+            self.dead_lettered.labels(reason)
+        for kind in ("broker", "store", "dead_letter"):
+            self.errors.labels(kind)
+        for etype in event_types:
+            self.applied.labels(etype)
+        for decision in ("swapped", "rejected", "failed"):
+            self.rebuild_swaps.labels(decision)
 
 
 class QueryMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "stream_mf_requests_total",
             "Requests answered, by kind and strategy",
@@ -197,6 +211,37 @@ class QueryMetrics:
             ["kind"],
             registry=r,
         )
+        for kind in ("broker", "store", "reply"):
+            self.errors.labels(kind)
+        for kind, strategy in (
+            ("recommend", "personalized"), ("recommend", "popular"), ("popular", "popular"),
+            ("similar_items", "similar_items"), ("recommend_anonymous", "anonymous"),
+            ("because", "because"), ("invalid", "none"),
+        ):  # fmt: skip
+            self.requests.labels(kind, strategy)
+
+
+class LagCollector(Collector):
+    """Consumer lag read at scrape time: high watermark (from the latest fetch) minus the next
+    offset to apply, per partition, so a stuck or idle updater still shows its real lag."""
+
+    def __init__(self, assigned: Callable[[], Iterable[tuple[int, int | None, int]]]):
+        self.assigned = assigned  # -> (partition, high watermark or None, next offset)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(
+            "stream_mf_consumer_lag_messages",
+            "High watermark minus next offset to apply, per partition",
+            labels=["partition"],
+        )
+        try:
+            rows = list(self.assigned())
+        except Exception:  # the consumer is closing: no sample this time
+            rows = []
+        for partition, high, nxt in rows:
+            if high is not None and high >= 0:
+                fam.add_metric([str(partition)], max(high - nxt, 0))
+        yield fam
 
 
 class CallbackGauges(Collector):

@@ -25,7 +25,13 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, T
 from prometheus_client import CollectorRegistry
 
 from consumers import kafka_io
-from consumers.metrics import CallbackGauges, UpdaterMetrics, observe_many, serve_metrics
+from consumers.metrics import (
+    CallbackGauges,
+    LagCollector,
+    UpdaterMetrics,
+    observe_many,
+    serve_metrics,
+)
 from consumers.settings import UpdaterSettings
 from stream_mf.decode import decode_events
 from stream_mf.live_eval import LiveEvaluator
@@ -53,7 +59,7 @@ class Updater:
     def __init__(self, settings: UpdaterSettings, registry: CollectorRegistry | None = None):
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = UpdaterMetrics(self.registry)
+        self.metrics = UpdaterMetrics(self.registry, settings.model.event_types)
         self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
         state = self.store.load(settings.model)
         self.model = OnlineModel(state.config, state)
@@ -84,6 +90,11 @@ class Updater:
             )
         )
         self._size_cache = (0.0, 0)
+        self._lag: list[tuple[int, int | None, int]] = []
+        self.registry.register(LagCollector(lambda: self._lag))
+        rebuilt = self.store.rebuilt_at()
+        # no rebuild yet: count the overdue alert from this start, not from 1970
+        self.metrics.rebuild_last_success.set(rebuilt if rebuilt else time.time())
         self._publish_gauges()
 
     def _size(self) -> int:
@@ -161,6 +172,7 @@ class Updater:
                     self.process(msgs)
                 self._poll_control()
                 self._drive_rebuild()
+                self._refresh_lag()
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()
@@ -417,14 +429,18 @@ class Updater:
         self.metrics.users.set(st.users.n)
         self.metrics.items.set(st.items.n)
         self.metrics.model_version.set(st.model_version)
-        for tp in self.assigned:
+
+    def _refresh_lag(self) -> None:
+        """Read watermarks on the loop thread (the client is not to be called from the scrape
+        thread: it blocked scrapes while consume() waited); the collector serves these rows."""
+        rows = []
+        for tp in list(self.assigned):
             try:
                 _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
             except Exception:  # not fetched yet
-                continue
-            if hi is not None and hi >= 0:
-                nxt = self.offsets.get((tp.topic, tp.partition), 0)
-                self.metrics.lag.labels(str(tp.partition)).set(max(hi - nxt, 0))
+                hi = None
+            rows.append((tp.partition, hi, self.offsets.get((tp.topic, tp.partition), 0)))
+        self._lag = rows
 
     def close(self) -> None:
         for c in (self.consumer, self.control):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -165,6 +166,11 @@ class StateStore:
     def _meta_int(self, key: bytes, default: int = 0) -> int:
         raw = self._meta(key)
         return default if raw is None else _I64.unpack(raw)[0]
+
+    def rebuilt_at(self) -> float | None:
+        """Wall-clock time of the last rebuild swapped in, if any."""
+        raw = self._meta(b"rebuilt_at")
+        return None if raw is None else _F64.unpack(raw)[0]
 
     def generation(self) -> int:
         return self._meta_int(b"generation")
@@ -389,6 +395,7 @@ class StateStore:
         gen = self.generation() if generation is None else generation
         if generation is not None:
             wb.put(b"generation", _I64.pack(generation), meta)
+            wb.put(b"rebuilt_at", _F64.pack(time.time()), meta)
         if self.is_new or everything:
             wb.put(b"format", FORMAT, meta)
             wb.put(b"block_rows", _I64.pack(BLOCK_ROWS), meta)

@@ -117,7 +117,7 @@ class ALSLearner(_ModelLearner):
     name = "als"
 
     def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
-                 refit_every: int = 10_000):  # fmt: skip
+                 refit_every: int = 1000):  # fmt: skip
         super().__init__(config.model_copy(update={"n_negatives": 0}))
         self.rcfg = rebuild or RebuildConfig()
         self.refit_every = refit_every
@@ -125,29 +125,69 @@ class ALSLearner(_ModelLearner):
         self.V = np.zeros((0, config.dim), np.float32)
         self.gram = np.zeros((config.dim, config.dim))
         self.rows: dict[int, dict[int, float]] = {}
+        # per user, since the last refit: (M = sum e v v^T, m = sum e v, s = sum v, L) with
+        # e = exp(logc - L); decay scales every e alike, so the fold-in costs O(k^2) an event
+        # instead of O(items of the user x k^2)
+        self.stats: dict[int, list] = {}
         self.seen_events = 0
 
     def learn(self, batch: EventBatch) -> None:
         delta = self.model.learn(batch)
+        n_items = self.V.shape[0]
         for key, val in zip(delta.pair_keys.tolist(), delta.pair_values.tolist(), strict=True):
-            self.rows.setdefault(key >> 32, {})[key & 0xFFFFFFFF] = val
+            u, i = key >> 32, key & 0xFFFFFFFF
+            row = self.rows.setdefault(u, {})
+            old = row.get(i)
+            row[i] = val
+            st = self.stats.get(u)
+            if st is not None and i < n_items:
+                self._update(st, i, old, val)
         self.seen_events += len(batch)
-        if self.seen_events % self.refit_every == 0 or self.V.shape[0] == 0:
+        if self.seen_events % self.refit_every == 0 or n_items == 0:
             self.U, self.V = _fit_als(self.model, self.U, self.V, self.rcfg)
             v = self.V.astype(np.float64)
             self.gram = v.T @ v
+            self.stats = {}
+
+    def _update(self, st: list, i: int, old: float | None, new: float) -> None:
+        M, m, s, L = st
+        v = self.V[i].astype(np.float64)
+        if new - L > 30.0:  # rebase before exp overflows
+            scale = np.exp(L - new)
+            M *= scale
+            m *= scale
+            st[3] = L = new
+        if old is not None:
+            e = np.exp(old - L)
+            M -= e * np.outer(v, v)
+            m -= e * v
+            s -= v
+        e = np.exp(new - L)
+        M += e * np.outer(v, v)
+        m += e * v
+        s += v
+
+    def _stats(self, user: int) -> list:
+        st = self.stats.get(user)
+        if st is None:
+            row = self.rows.get(user, {})
+            items = np.fromiter((i for i in row if i < self.V.shape[0]), np.int64)
+            logc = np.fromiter((row[i] for i in items.tolist()), np.float64, items.size)
+            L = float(logc.max()) if logc.size else 0.0
+            e = np.exp(logc - L)
+            vs = self.V[items].astype(np.float64)
+            st = [(vs.T * e) @ vs, vs.T @ e, vs.sum(axis=0), L]
+            self.stats[user] = st
+        return st
 
     def user_vector(self, user: int) -> np.ndarray:
-        row = self.rows.get(user, {})
-        items = np.fromiter((i for i in row if i < self.V.shape[0]), np.int64)
-        if items.size == 0:
+        M, m, s, L = self._stats(user)
+        if not s.any():
             return np.zeros(self.V.shape[1], np.float32)
-        st = self.model.state
-        logc = np.fromiter((row[i] for i in items.tolist()), np.float64, items.size)
-        c = self.rcfg.alpha * np.exp(logc - float(st.clock[0]) * st.config.decay_rate)
-        vs = self.V[items].astype(np.float64)
-        a = self.gram + (vs.T * c) @ vs + self.rcfg.reg * np.eye(vs.shape[1])
-        return np.linalg.solve(a, vs.T @ (1.0 + c)).astype(np.float32)
+        state = self.model.state
+        scale = self.rcfg.alpha * np.exp(L - float(state.clock[0]) * state.config.decay_rate)
+        a = self.gram + scale * M + self.rcfg.reg * np.eye(M.shape[0])
+        return np.linalg.solve(a, s + scale * m).astype(np.float32)
 
     def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
         scores = self.V @ self.user_vector(user)
@@ -163,7 +203,7 @@ class HybridLearner(SGDLearner):
     name = "hybrid"
 
     def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
-                 refit_every: int = 10_000):  # fmt: skip
+                 refit_every: int = 1000):  # fmt: skip
         super().__init__(config)
         self.rcfg = rebuild or RebuildConfig()
         self.refit_every = refit_every
@@ -184,12 +224,24 @@ class HybridLearner(SGDLearner):
             st.model_version += 1
 
 
-LEARNERS: dict[str, Callable[[ModelConfig], PrequentialLearner]] = {
+LEARNERS: dict[str, Callable[..., PrequentialLearner]] = {
     "sgd": SGDLearner,
     "popular": PopularLearner,
     "als": ALSLearner,
     "hybrid": HybridLearner,
 }
+
+
+def make_learner(
+    name: str,
+    config: ModelConfig,
+    rebuild: RebuildConfig | None = None,
+    refit_every: int = 1000,
+) -> PrequentialLearner:
+    """A learner by name; `als` and `hybrid` also take the rebuild settings."""
+    if name in ("als", "hybrid"):
+        return LEARNERS[name](config, rebuild, refit_every)
+    return LEARNERS[name](config)
 
 
 @dataclass

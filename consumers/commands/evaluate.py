@@ -9,7 +9,8 @@ from pathlib import Path
 
 from consumers.flags import add_model_flags, model_config_from
 from stream_mf.datasets import ColumnSpec, read_events
-from stream_mf.evaluate import LEARNERS, prequential
+from stream_mf.evaluate import LEARNERS, make_learner, prequential
+from stream_mf.rebuild import RebuildConfig
 
 DEFAULT_EVENTS = Path(__file__).resolve().parents[2] / "data/movielens-latest-small/ratings.csv.gz"
 
@@ -72,6 +73,14 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the per-window curve")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("als and hybrid")
+    d = RebuildConfig()
+    g.add_argument(
+        "--refit-every", type=int, default=1000, help="ALS refit / rebuild every N events"
+    )
+    g.add_argument("--als-alpha", type=float, default=d.alpha, help="confidence 1 + alpha * c")
+    g.add_argument("--als-reg", type=float, default=d.reg)
+    g.add_argument("--als-iterations", type=int, default=d.iterations)
     add_column_flags(p)
     add_model_flags(p)
     p.set_defaults(run=run)
@@ -84,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown model(s) {unknown}; choose from {list(LEARNERS)}", file=sys.stderr)
         return 2
     config = model_config_from(args)
+    rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
     events = read_events(args.events, column_spec(args)).sorted_by_time()
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         r = prequential(
             events,
-            LEARNERS[name](config),
+            make_learner(name, config, rebuild, args.refit_every),
             k=args.k,
             types=config.event_types,
             window=args.window,
@@ -103,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             if name != "popular"
             else {"half_life_s": config.half_life_s}
         )
+        if name in ("als", "hybrid"):
+            r.config["rebuild"] = {**rebuild.model_dump(), "refit_every": args.refit_every}
         results.append(r.to_json())
     base = results[0]["recall_at_k"] if results else 0.0
     print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"

@@ -27,11 +27,13 @@ def make_topics(kafka: str, partitions: int = 1) -> TopicSettings:
         dead_letter=f"interactions-{s}.DLT",
         requests=f"rec-requests-{s}",
         responses=f"rec-responses-{s}",
+        control=f"stream-mf-control-{s}",
     )
     create_topics(
         kafka,
-        {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1},
-    )
+        {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1,
+         t.control: 1},
+    )  # fmt: skip
     return t
 
 
@@ -41,6 +43,7 @@ def topic_env(t: TopicSettings) -> dict[str, str]:
         "STREAM_MF_TOPICS__DEAD_LETTER": t.dead_letter,
         "STREAM_MF_TOPICS__REQUESTS": t.requests,
         "STREAM_MF_TOPICS__RESPONSES": t.responses,
+        "STREAM_MF_TOPICS__CONTROL": t.control,
         "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
     }
 

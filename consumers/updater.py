@@ -36,7 +36,7 @@ from consumers.settings import UpdaterSettings
 from stream_mf.decode import decode_events
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
-from stream_mf.rebuild import Rebuild
+from stream_mf.rebuild import Rebuild, warm_up_rebuild
 from stream_mf.store import StateStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Updater:
         )
         self._size_cache = (0.0, 0)
         self._lag: list[tuple[int, int | None, int]] = []
+        warm_up_rebuild()  # compile (or load) the rebuild's kernels now, not inside a swap
         self.registry.register(LagCollector(lambda: self._lag))
         rebuilt = self.store.rebuilt_at()
         # no rebuild yet: count the overdue alert from this start, not from 1970

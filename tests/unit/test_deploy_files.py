@@ -105,7 +105,7 @@ def exported_names() -> set[str]:
     for r in (reg, qreg):
         for fam in r.collect():
             names |= sample_names(fam.name, fam.type)
-    for src in ("updater.py", "query.py"):
+    for src in ("updater.py", "query.py", "metrics.py"):
         text = (ROOT / "consumers" / src).read_text()
         names |= set(re.findall(r"\"(stream_mf_[a-z0-9_]+)\"", text))
     return names

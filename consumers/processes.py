@@ -119,3 +119,33 @@ def wait_until(
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def histogram_quantile(
+    before: dict[str, float], after: dict[str, float], name: str, q: float
+) -> float | None:
+    """PromQL's histogram_quantile over the increase between two scrapes, summed over series."""
+    buckets: dict[float, float] = {}
+    for k, v in after.items():
+        if not k.startswith(name + "_bucket{"):
+            continue
+        le = k.split('le="', 1)[1].split('"', 1)[0]
+        bound = float("inf") if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + v - before.get(k, 0.0)
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for b in bounds:
+        if buckets[b] >= rank:
+            if b == float("inf"):
+                return prev_bound
+            span = buckets[b] - prev_count
+            frac = (rank - prev_count) / span if span > 0 else 1.0
+            return prev_bound + (b - prev_bound) * frac
+        prev_bound, prev_count = b, buckets[b]
+    return prev_bound

@@ -39,7 +39,11 @@ class LiveEvaluator:
             batch.partitions.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
         )
         picked = np.flatnonzero((h >> np.uint64(20)) % np.uint64(1_000_000) < self.threshold)
-        return picked[: self.max_per_batch]
+        if picked.size > self.max_per_batch:
+            # spread over the whole batch: the first ones only would favour its oldest events
+            keep = np.linspace(0, picked.size - 1, self.max_per_batch).astype(np.int64)
+            picked = picked[np.unique(keep)]
+        return picked
 
     def score(
         self,

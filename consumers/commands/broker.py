@@ -13,10 +13,12 @@ from consumers.settings import TopicSettings
 log = logging.getLogger(__name__)
 
 
-def product_topics(partitions: int, topics: TopicSettings | None = None) -> dict[str, int]:
+def product_topics(
+    partitions: int, topics: TopicSettings | None = None, interactions: int | None = None
+) -> dict[str, int]:
     t = topics or TopicSettings()
     return {
-        t.interactions: partitions,
+        t.interactions: interactions or partitions,
         t.dead_letter: 1,
         t.requests: partitions,
         t.responses: partitions,

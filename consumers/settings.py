@@ -98,7 +98,11 @@ class UpdaterSettings(ProcessSettings):
         default=False,
         description="subscribe through the group protocol instead of assigning every partition",
     )
-    max_batch_events: int = Field(default=50_000, ge=1, description="micro-batch bound by count")
+    max_batch_events: int = Field(
+        default=200_000,
+        ge=1,
+        description="micro-batch bound by count (large batches amortise the RocksDB commit)",
+    )
     max_batch_seconds: float = Field(default=0.1, gt=0, description="micro-batch bound by time")
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")

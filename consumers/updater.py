@@ -304,14 +304,17 @@ class Updater:
         dec = decode_events([m.value() for m in msgs], self.types, self.settings.max_message_bytes)
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
-        pos = dec.positions
+        pos = np.asarray(dec.positions, np.int64)
+        # one pass over the messages for partitions and offsets, used twice below
+        parts = np.array([m.partition() for m in msgs], np.int32)
+        offs = np.array([m.offset() for m in msgs], np.int64)
         batch = EventBatch(
             user_ids=dec.users,
             item_ids=dec.items,
             weights=np.asarray(dec.weights, np.float64),
             times=np.asarray(dec.times, np.float64),
-            partitions=np.fromiter((msgs[p].partition() for p in pos), np.int32, len(pos)),
-            offsets=np.fromiter((msgs[p].offset() for p in pos), np.int64, len(pos)),
+            partitions=parts[pos],
+            offsets=offs[pos],
         )
         if self.rebuild is not None and self.rebuild.wants_scores:
             st = self.model.state
@@ -324,7 +327,7 @@ class Updater:
         delta = self._learn(batch)
         if self.rebuild is not None:
             self.rebuild.note(delta)
-        nxt = self._next_offsets(msgs)
+        nxt = self._next_offsets(parts, offs)
         t1 = time.perf_counter()
         self.store.commit(self.model.state, delta, nxt, event_times=batch.times)
         t2 = time.perf_counter()
@@ -381,13 +384,11 @@ class Updater:
         m.live_ndcg_window.set(ndcg)
         return merge_deltas(pieces, state)
 
-    def _next_offsets(self, msgs: list[Message]) -> dict[tuple[str, int], int]:
+    def _next_offsets(self, parts: np.ndarray, offs: np.ndarray) -> dict[tuple[str, int], int]:
+        """Next offset per partition after this batch (all messages come from one topic)."""
         nxt: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            key = (m.topic(), m.partition())
-            o = m.offset() + 1
-            if o > nxt.get(key, -1):
-                nxt[key] = o
+        for p in np.unique(parts).tolist():
+            nxt[(self.topic, p)] = int(offs[parts == p].max()) + 1
         for key, o in nxt.items():
             before = self.offsets.get(key, 0)
             if o <= before:

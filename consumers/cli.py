@@ -13,6 +13,7 @@ COMMANDS = (
     "query",
     "publish",
     "recommend",
+    "rebuild",
     "evaluate",
     "schema",
     "demo",

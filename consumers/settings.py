@@ -32,8 +32,10 @@ class KafkaSettings(BaseModel):
     ssl_key_location: Path | None = None
     ssl_key_password: SecretStr | None = None
     client_id: str = "stream-mf"
-    extra: dict[str, str] = Field(
-        default_factory=dict, description="further librdkafka properties, passed through"
+    extra: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="further librdkafka properties, passed through (masked when printed: "
+        "some are secrets, e.g. ssl.keystore.password)",
     )
 
     def client_config(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class KafkaSettings(BaseModel):
             conf["ssl.key.location"] = str(self.ssl_key_location)
         if self.ssl_key_password is not None:
             conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
-        conf.update(self.extra)
+        conf.update({k: v.get_secret_value() for k, v in self.extra.items()})
         return conf
 
 

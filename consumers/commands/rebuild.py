@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = build_settings(ClientSettings, args)
     topic = settings.topics.control
-    create_topics(settings.kafka.bootstrap_servers, {topic: 1})
+    kafka = settings.kafka
+    create_topics(kafka.bootstrap_servers, {topic: 1}, client_config=kafka.client_config())
     producer = kafka_io.producer(settings.kafka)
     producer.produce(topic, value=orjson.dumps({"command": "rebuild"}))
     if producer.flush(10.0):

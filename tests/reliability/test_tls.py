@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 from synthetic import planted_stream
 
 from consumers import kafka_io
@@ -268,13 +268,6 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
         assert secret not in metrics_text, "a secret is in the updater's /metrics"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: KafkaSettings.extra values are plain str, so a librdkafka secret with "
-    "no dedicated field (ssl.keystore.password, sasl.oauthbearer.client.secret, ssl.key.pem) "
-    "shows in repr and in the updater/query startup settings log",
-)
 def test_secrets_passed_through_extra_are_masked() -> None:
     k = KafkaSettings(extra={"sasl.oauthbearer.client.secret": "0auth-s3cret"})
     assert k.client_config()["sasl.oauthbearer.client.secret"] == "0auth-s3cret"
@@ -342,13 +335,6 @@ def test_sasl_scram_against_a_real_broker() -> None:
 @needs_tls
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TimeoutError, KafkaException),
-    reason="product bug: consumers/commands/rebuild.py creates the control topic with "
-    "create_topics(settings.kafka.bootstrap_servers, ...), a plaintext AdminClient that drops "
-    "security_protocol/ssl_*/sasl_*, so `stream-mf rebuild` cannot reach a TLS or SASL broker",
-)
 def test_rebuild_request_over_tls(tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     from consumers.commands import rebuild
 

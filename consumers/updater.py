@@ -246,6 +246,8 @@ class Updater:
         t0 = time.perf_counter()
         try:
             outcome = self.rebuild.step(state)
+        except StoreError:
+            raise  # the store itself failed: stop like any other write failure
         except RuntimeError as exc:
             log.error("%s; keeping the current model", exc)
             m.rebuild_swaps.labels("failed").inc()
@@ -451,4 +453,7 @@ class Updater:
             except Exception as exc:  # already closed or broker gone: nothing to lose here
                 log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
-        self.store.close()
+        try:
+            self.store.close()
+        except Exception as exc:  # after a failed write RocksDB reports it again on close
+            log.error("closing the model store: %s", exc)

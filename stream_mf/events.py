@@ -57,7 +57,10 @@ def normalize_timestamp(value: Any) -> float:
             ) from None
         if dt.tzinfo is None:
             raise ValueError(f"timestamp {value[:64]!r} has no UTC offset; add 'Z' or '+00:00'")
-        return dt.timestamp()
+        ts = dt.timestamp()
+        if ts < 0:
+            raise ValueError(f"timestamp {value[:64]!r} is before 1970; events come after it")
+        return ts
     raise ValueError(
         f"timestamp must be a number or an RFC 3339 string, got {type(value).__name__}"
     )

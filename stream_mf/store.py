@@ -197,7 +197,7 @@ class StateStore:
             if gen > 0:
                 wb.delete_range(_BE32.pack(0), _BE32.pack(gen), h)
             wb.delete_range(_BE32.pack(gen + 1), b"\xff" * 8, h)
-        self.db.write(wb, self.write_opt)
+        self._write(wb)
 
     @property
     def is_new(self) -> bool:
@@ -429,9 +429,12 @@ class StateStore:
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
         if event_times is not None and event_times.size:
             self._put_batch_log(wb, event_times)
+        self._write(wb)
+
+    def _write(self, wb: rd.WriteBatch) -> None:
         try:
             self.db.write(wb, self.write_opt)
-        except Exception as exc:
+        except Exception as exc:  # rocksdict raises bare Exception
             raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
 
     def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
@@ -501,10 +504,7 @@ class StateStore:
         wb = rd.WriteBatch(raw_mode=True)
         rows = blocks.astype(np.int64) * BLOCK_ROWS
         self._put_blocks(wb, kind, table, rows, gen, meta=False)
-        try:
-            self.db.write(wb, self.write_opt)
-        except Exception as exc:
-            raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
+        self._write(wb)
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
         if keys.size == 0:
@@ -519,7 +519,7 @@ class StateStore:
         wb = rd.WriteBatch(raw_mode=True)
         for (topic, part), nxt in offsets:
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
-        self.db.write(wb, self.write_opt)
+        self._write(wb)
 
 
 def fill_confidence(conf: object, keys: np.ndarray, vals: np.ndarray) -> None:

@@ -311,12 +311,6 @@ def test_ids_over_256_chars_are_rejected(field: str, n: int, char: str, slow: bo
     assert field in dec.rejects[0].message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream_mf/events.py normalize_timestamp: the RFC 3339 branch returns "
-    "dt.timestamp() unchecked, so dates before 1970 (or before 1970 once their offset is "
-    "applied) decode to negative epoch seconds, which the numeric branch rejects",
-)
 @settings(max_examples=50, deadline=None)
 @given(
     dt=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(1969, 12, 31)),

@@ -72,6 +72,8 @@ def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
         "batch.size": 1_000_000,
         "compression.type": "lz4",
         "acks": "all",
+        # no duplicates and no reordering on retries: a replay must arrive as it was sent
+        "enable.idempotence": True,
         "error_cb": _log_error,
         "logger": log,
     }

@@ -73,7 +73,7 @@ class Updater:
         self.consumer = kafka_io.consumer(
             settings.kafka, settings.group_id, settings.session_timeout_ms
         )
-        self.dlt = kafka_io.producer(settings.kafka, **{"enable.idempotence": False})
+        self.dlt = kafka_io.producer(settings.kafka)
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
         self._next_metadata = 0.0

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,6 +240,12 @@ def test_pause_and_resume_clients_recover(broker: EmbeddedBroker) -> None:
         broker.pause()
         try:
             assert broker.paused
+            # SIGSTOP is asynchronous: wait until the kernel shows the broker stopped
+            stat = Path(f"/proc/{broker.pid}/stat")
+            deadline = time.monotonic() + 5
+            while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+                assert time.monotonic() < deadline, "the broker never stopped"
+                time.sleep(0.01)
             producer.produce(topic, key=b"k", value=b"during")
             assert producer.flush(1.0) == 1, "a paused broker acknowledged a message"
             assert consumer.consume(num_messages=10, timeout=1.0) == []

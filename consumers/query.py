@@ -54,9 +54,16 @@ class QueryService:
             settings.kafka,
             settings.group_id,
             settings.session_timeout_ms,
-            **{"enable.auto.commit": True, "auto.offset.reset": "earliest"},
+            **{
+                "enable.auto.commit": True,
+                "auto.offset.reset": "earliest",
+                # a broker that does not answer a waiting fetch early when data arrives (Tansu)
+                # adds this wait to every request; keep it short for request/reply
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
+            },
         )
-        self.producer = kafka_io.producer(settings.kafka, **{"linger.ms": 0})
+        # 1 ms lets replies under load share a produce request (broker CPU is the limit)
+        self.producer = kafka_io.producer(settings.kafka, **{"linger.ms": 1})
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
         self._next_refresh = 0.0

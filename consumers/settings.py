@@ -137,6 +137,7 @@ class QuerySettings(ProcessSettings):
     )
     session_timeout_ms: int = 10_000
     blas_threads: int = Field(default=1, ge=1, description="BLAS threads for scoring")
+    fetch_wait_ms: int = Field(default=2, ge=0, description="consumer fetch.wait.max.ms")
 
 
 class ClientSettings(ProcessSettings):

@@ -92,14 +92,13 @@ def recommend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items by V.u + b, excluding `exclude`, restricted to `candidates` when given."""
     u = user_vec.astype(np.float32)
+    scores = view.factors @ u + view.bias  # one streaming pass beats gathering candidate rows
     if candidates is not None:
-        # score the candidates only: a few thousand rows instead of the whole catalogue
         cand = np.unique(candidates)
         if exclude is not None and exclude.size:
             cand = cand[~np.isin(cand, exclude)]
-        idx, sc = top_k(view.factors[cand] @ u + view.bias[cand], k)
+        idx, sc = top_k(scores[cand], k)
         return cand[idx].astype(np.int64), sc
-    scores = view.factors @ u + view.bias
     _mask(scores, exclude, None)
     return top_k(scores, k)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -22,6 +22,32 @@ log = logging.getLogger(__name__)
 
 def _log_error(err: KafkaError) -> None:
     log.warning("kafka: %s", err)
+
+
+class CountingLogger:
+    """librdkafka's log sink: forwards to `logging`, and counts warnings and errors, because a
+    hung broker surfaces only as request timeouts in the log, never through error_cb."""
+
+    def __init__(self, count: Callable[[], None] | None):
+        self.count = count
+
+    def log(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        log.log(level, msg, *args, **kwargs)
+        if self.count is not None and level >= logging.WARNING:
+            self.count()
+
+
+def error_handler(count: Callable[[], None] | None) -> Callable[[KafkaError], None]:
+    """librdkafka's error callback: log it, and count it (a broker outage must show in
+    metrics while it lasts, not only in logs)."""
+    if count is None:
+        return _log_error
+
+    def handle(err: KafkaError) -> None:
+        _log_error(err)
+        count()
+
+    return handle
 
 
 def drain(c: Consumer, max_messages: int, timeout: float) -> list[Message]:
@@ -40,7 +66,11 @@ def drain(c: Consumer, max_messages: int, timeout: float) -> list[Message]:
 
 
 def consumer(
-    kafka: KafkaSettings, group_id: str, session_timeout_ms: int = 10_000, **extra: Any
+    kafka: KafkaSettings,
+    group_id: str,
+    session_timeout_ms: int = 10_000,
+    on_error: Callable[[], None] | None = None,
+    **extra: Any,
 ) -> Consumer:
     conf: dict[str, Any] = {
         "group.id": group_id,
@@ -58,15 +88,19 @@ def consumer(
         "session.timeout.ms": session_timeout_ms,
         "heartbeat.interval.ms": max(500, session_timeout_ms // 6),
         "max.poll.interval.ms": max(60_000, session_timeout_ms * 2),
-        "error_cb": _log_error,
-        "logger": log,
+        # notice a dead broker within seconds, not the default minute
+        "socket.timeout.ms": 10_000,
+        "error_cb": error_handler(on_error),
+        "logger": CountingLogger(on_error),
     }
     conf.update(extra)
     conf.update(kafka.client_config())  # the user's settings (incl. `extra`) win
     return Consumer(conf)
 
 
-def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
+def producer(
+    kafka: KafkaSettings, on_error: Callable[[], None] | None = None, **extra: Any
+) -> Producer:
     conf: dict[str, Any] = {
         "linger.ms": 20,
         "batch.size": 1_000_000,
@@ -74,8 +108,8 @@ def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
         "acks": "all",
         # no duplicates and no reordering on retries: a replay must arrive as it was sent
         "enable.idempotence": True,
-        "error_cb": _log_error,
-        "logger": log,
+        "error_cb": error_handler(on_error),
+        "logger": CountingLogger(on_error),
     }
     conf.update(extra)
     conf.update(kafka.client_config())

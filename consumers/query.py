@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -50,10 +51,12 @@ class QueryService:
         self.registry = registry or CollectorRegistry()
         self.metrics = QueryMetrics(self.registry)
         self.follower: StoreFollower | None = None
+        broker_error = self.metrics.errors.labels("broker").inc
         self.consumer = kafka_io.consumer(
             settings.kafka,
             settings.group_id,
             settings.session_timeout_ms,
+            on_error=broker_error,
             **{
                 "enable.auto.commit": True,
                 "auto.offset.reset": "earliest",
@@ -63,8 +66,11 @@ class QueryService:
             },
         )
         # 1 ms lets replies under load share a produce request (broker CPU is the limit)
-        self.producer = kafka_io.producer(settings.kafka, **{"linger.ms": 1})
-        self.deliveries = kafka_io.DeliveryTracker()
+        self.producer = kafka_io.producer(
+            settings.kafka,
+            on_error=broker_error,
+            **{"linger.ms": 1, "queue.buffering.max.kbytes": 64 * 1024},  # bounded under overload
+        )
         self.metrics_port: int | None = None
         self._next_refresh = 0.0
 
@@ -170,16 +176,29 @@ class QueryService:
                 key=(resp.user_id or "").encode(),
                 value=resp.model_dump_json().encode(),
                 headers=[("correlation_id", resp.request_id.encode())],
-                on_delivery=self.deliveries,
+                on_delivery=self._delivered(m),
             )
         except (BufferError, Exception) as exc:  # unknown reply topic, full queue
             log.warning("could not reply to %r: %s", reply_to, exc)
             self.metrics.errors.labels("reply").inc()
+            self.consumer.store_offsets(message=m)
         done = time.time()
         self.metrics.latency.labels(kind).observe(done - t_recv)
         if req is not None and req.sent_at is not None:
             self.metrics.request_to_reply.observe(max(0.0, done - req.sent_at))
-        self.consumer.store_offsets(message=m)
+
+    def _delivered(self, m: Message) -> Callable[[KafkaError | None, Message], None]:
+        """Store the request's offset once its reply is acknowledged, so a crash before that
+        answers the request again instead of losing the reply."""
+
+        def done(err: KafkaError | None, _reply: Message) -> None:
+            if err is not None:
+                log.warning("reply to %s[%d]@%d not delivered: %s",
+                            m.topic(), m.partition(), m.offset(), err)  # fmt: skip
+                self.metrics.errors.labels("reply").inc()
+            self.consumer.store_offsets(message=m)
+
+        return done
 
     def _error(self, request_id: str, user_id: str | None, message: str) -> RecResponse:
         return RecResponse(

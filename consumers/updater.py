@@ -71,7 +71,10 @@ class Updater:
         self.topic = settings.topics.interactions
         self.assigned: list[TopicPartition] = []
         self.consumer = kafka_io.consumer(
-            settings.kafka, settings.group_id, settings.session_timeout_ms
+            settings.kafka,
+            settings.group_id,
+            settings.session_timeout_ms,
+            on_error=self.metrics.errors.labels("broker").inc,
         )
         self.dlt = kafka_io.producer(settings.kafka)
         self.deliveries = kafka_io.DeliveryTracker()

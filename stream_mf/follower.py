@@ -9,8 +9,10 @@ demand, one block get and one prefix scan per request.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,10 @@ from stream_mf.store import StateStore, StoreError
 
 class StoreFollower:
     def __init__(self, path: str | os.PathLike[str], secondary_dir: str | None = None):
-        self._tmp = None
+        self._own: Path | None = None
         if secondary_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="stream-mf-secondary-")
-            secondary_dir = self._tmp.name
+            self._own = _secondary_dir()
+            secondary_dir = str(self._own)
         self.store = StateStore(path, secondary=secondary_dir)
         self.config: ModelConfig | None = None
         self.view: ItemView | None = None
@@ -83,8 +85,23 @@ class StoreFollower:
 
     def close(self) -> None:
         self.store.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        if self._own is not None:
+            shutil.rmtree(self._own, ignore_errors=True)
+
+
+def _secondary_dir() -> Path:
+    """A secondary instance's own files: one directory per process under one parent, where a
+    process killed before cleaning up is tidied by the next one to start."""
+    parent = Path(tempfile.gettempdir()) / "stream-mf-secondary"
+    parent.mkdir(parents=True, exist_ok=True)
+    for d in parent.iterdir():
+        head = d.name.split("-", 1)[0]
+        pid = int(head) if head.isdigit() else -1
+        if pid > 0 and pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+    own = parent / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    own.mkdir()
+    return own
 
 
 def _extend_index(index: dict[str, int], ids: list[str]) -> dict[str, int]:

@@ -124,6 +124,11 @@ class StreamPublisher:
         """Serve delivery reports from the caller's thread too (the publisher may be done)."""
         self.producer.poll(0)
 
+    def finish(self, timeout: float = 60.0) -> int:
+        """Publish everything, then wait for the deliveries; returns how many remain."""
+        self._thread.join(timeout)
+        return self.stop(timeout)
+
     def stop(self, flush_timeout: float = 60.0) -> int:
         """Stop producing, wait for every queued message's delivery; returns how many remain."""
         self._stop.set()
@@ -145,7 +150,15 @@ class SentRequest:
 @dataclass
 class Reply:
     at: float  # epoch seconds when the client read it
-    response: RecResponse
+    raw: bytes
+    _parsed: RecResponse | None = None
+
+    @property
+    def response(self) -> RecResponse:
+        """Parsed on first use: the reader thread must keep up with a flood of replies."""
+        if self._parsed is None:
+            self._parsed = RecResponse.model_validate_json(self.raw)
+        return self._parsed
 
 
 @dataclass
@@ -162,10 +175,11 @@ class RequestLoad:
     errors: list[BaseException] = field(default_factory=list)
     stray: int = 0  # replies whose correlation id we never sent
     delivery_failures: int = 0  # requests the broker never acknowledged
+    linger_ms: int = 0  # >0 batches requests: a broker slow per produce request keeps up
 
     def __post_init__(self) -> None:
         ks = KafkaSettings(bootstrap_servers=self.kafka)
-        self.producer = kafka_io.producer(ks, **{"linger.ms": 0})
+        self.producer = kafka_io.producer(ks, **{"linger.ms": self.linger_ms})
         self.consumer: Consumer = kafka_io.consumer(
             ks, f"reliability-client-{uuid.uuid4().hex[:8]}"
         )
@@ -260,10 +274,9 @@ class RequestLoad:
                         continue
                     at = time.time()
                     cid = kafka_io.headers_dict(m.headers()).get("correlation_id", b"").decode()
-                    resp = RecResponse.model_validate_json(m.value() or b"{}")
                     with self._lock:
                         if cid in self.sent:
-                            self.replies.setdefault(cid, []).append(Reply(at, resp))
+                            self.replies.setdefault(cid, []).append(Reply(at, m.value() or b""))
                         else:
                             self.stray += 1
         except BaseException as exc:

@@ -243,17 +243,46 @@ def _grew(series: list[dict[str, float]], metric: str) -> bool:
     return len(vals) >= 2 and max(vals) > vals[0]
 
 
-def test_outage_shows_in_metrics_and_logs(outage: Outcome) -> None:
+def _first_growth_s(series: list[dict[str, float]], metric: str) -> float | None:
+    """Seconds into the outage (one scrape a second) when `metric` first rose, if it did."""
+    vals = [metric_sum(m, metric) for m in series]
+    for j in range(1, len(vals)):
+        if series[j] and vals[j] > vals[0]:
+            return float(j - 1)
+    return None
+
+
+def test_outage_is_logged(outage: Outcome) -> None:
+    """librdkafka's own lines say what is wrong: the query service's group session times out
+    after session.timeout.ms (6 s here), well inside the outage."""
+    log = outage.logs_during["query-1"]
+    assert BROKER_TROUBLE.search(log), log[-3000:]
+    assert "SESSTMOUT" in log or "Timed out" in log, log[-3000:]
+
+
+QUERY_BLIND = (
+    "product gap: while the broker hangs, the query service's /metrics show nothing wrong "
+    "(no stream_mf_errors_total increment: librdkafka errors/timeouts only reach the log via "
+    "kafka_io._log_error/logger; no lag or assignment gauge; stream_mf_requests_expired_total "
+    "rises only after the broker is back). The updater shows it only when its 30 s metadata "
+    "refresh (Updater._assign_partitions) happens to fall inside the outage; its lag gauge "
+    "reads cached watermarks and stays 0 while producers queue. Fix: count error_cb/consumer "
+    "errors and session loss (on_revoke/on_lost) into stream_mf_errors_total{kind='broker'}, "
+    "expose a broker/group health gauge from statistics (stats_cb: brokers[].state, cgrp.state) "
+    "and lag in the query service too"
+)
+
+
+def test_outage_shows_in_metrics_while_it_lasts(outage: Outcome) -> None:
     o = outage
     problems = []
     for name in ("updater", "query-1"):
         series = o.during.get(name, [])
-        errors = _grew(series, "stream_mf_errors_total")
-        lag = any(metric_sum(m, "stream_mf_consumer_lag_messages") > 0 for m in o.after[name])
-        if not (errors or lag):
-            problems.append(f"{name}: no error count or lag in /metrics while the broker hung")
-        if not BROKER_TROUBLE.search(o.logs_during.get(name, "")):
-            problems.append(f"{name}: nothing in its log about the broker during the outage")
-    assert not problems, "\n".join(problems) + "\n" + "\n".join(
-        f"--- {k} log during the outage:\n{v[-3000:]}" for k, v in o.logs_during.items()
-    )
+        at = _first_growth_s(series, "stream_mf_errors_total")
+        lag = any(metric_sum(m, "stream_mf_consumer_lag_messages") > 0 for m in series)
+        if (at is None or at > OUTAGE_S / 2) and not lag:
+            problems.append(
+                f"{name}: no error count within {OUTAGE_S / 2:.0f} s nor lag in /metrics "
+                f"(first error increment: {at} s)"
+            )
+    assert not problems, "\n".join(problems)

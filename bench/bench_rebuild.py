@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Col, bench_args, print_table, synthetic_events, write_results
+from bench.common import Col, print_table, synthetic_events, write_results
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, OnlineModel
 from stream_mf.rebuild import Rebuild, RebuildConfig
@@ -31,11 +31,17 @@ from stream_mf.store import StateStore
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rate", type=int, default=20_000, help="events/s while the rebuild runs")
+    args = ap.parse_args()
     _stream, batch = synthetic_events(args.quick)
     n = len(batch)
     # the updater's default cadence: a micro-batch every 0.2 s, here at 20k events/s
-    rate = 20_000
+    rate = args.rate
     step_batch = int(rate * 0.2)
     cfg = ModelConfig(dim=64, n_negatives=4)
     rcfg = RebuildConfig(iterations=5 if args.quick else 10, guard_events=500)
@@ -106,7 +112,7 @@ def main() -> None:
         {"what": "naive: write every row at the swap", "ms": naive * 1e3},
     ]
     print_table(
-        f"Rebuild pause, {st.users.n:,} users x {st.items.n:,} items, k=64 "
+        f"Rebuild pause at {rate:,} events/s, {st.users.n:,} users x {st.items.n:,} items, k=64 "
         f"(swapped={outcome.swapped}, rows re-solved {outcome.rows_resolved:,}, "
         f"{batches_during} batches ingested meanwhile, {outcome.users.size + outcome.items.size:,} "
         "rows re-solved in the swap step)",
@@ -117,8 +123,9 @@ def main() -> None:
     verdict = "meets" if pause < 0.1 else "MISSES"
     print(f"swap pause target < 100 ms: {verdict} ({pause * 1e3:.1f} ms)")
     write_results(
-        "bench_rebuild",
+        f"bench_rebuild_{rate}",
         {
+            "rate": rate,
             "quick": args.quick,
             "users": st.users.n,
             "items": st.items.n,
@@ -129,7 +136,7 @@ def main() -> None:
             "rows": rows,
             "drift": outcome.drift,
         },
-        args.out,
+        Path(args.out) if args.out else None,
     )
 
 

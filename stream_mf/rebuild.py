@@ -57,7 +57,7 @@ class RebuildConfig(BaseModel):
     solver: Literal["cg", "cholesky"] = "cg"
     cg_steps: int = Field(default=3, ge=1)
     min_confidence: float = Field(default=0.0, ge=0)
-    max_rounds: int = Field(default=3, ge=1, description="catch-up rounds before the swap")
+    max_rounds: int = Field(default=10, ge=1, description="catch-up rounds before the swap")
     final_rows: int = Field(
         default=2000, ge=0, description="catch up in the background until fewer rows remain"
     )

@@ -39,7 +39,7 @@ from stream_mf.sgd import CDF_LEN, N_COUNTERS
 from stream_mf.state import EntityTable, ModelState, new_confidence_map
 
 FORMAT = b"1"
-BLOCK_ROWS = 64
+BLOCK_ROWS = 16
 CFS = (
     "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
     "item_factors", "item_bias", "item_meta", "confidence", "offsets",
@@ -266,6 +266,12 @@ class StateStore:
         config = self._check_config(config)
         if self.is_new:
             return ModelState.empty(config)
+        rows = self._meta_int(b"block_rows", BLOCK_ROWS)
+        if rows != BLOCK_ROWS:
+            raise StoreError(
+                f"{self.path} stores rows in blocks of {rows}, this version in blocks of "
+                f"{BLOCK_ROWS}: rebuild the store from the topic (a new --state-dir)"
+            )
         users = self._load_table("user", config)
         items = self._load_table("item", config)
         state = ModelState(

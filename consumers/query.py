@@ -137,7 +137,7 @@ class QueryService:
         deadline = _deadline(headers, ts_ms, self.settings.default_deadline_ms)
         if deadline is not None and t_recv > deadline:
             self.metrics.expired.inc()
-            self.consumer.store_offsets(message=m)
+            self._store(m)
             return
         kind = "invalid"
         req: RecRequest | None = None
@@ -181,7 +181,7 @@ class QueryService:
         except (BufferError, Exception) as exc:  # unknown reply topic, full queue
             log.warning("could not reply to %r: %s", reply_to, exc)
             self.metrics.errors.labels("reply").inc()
-            self.consumer.store_offsets(message=m)
+            self._store(m)
         done = time.time()
         self.metrics.latency.labels(kind).observe(done - t_recv)
         if req is not None and req.sent_at is not None:
@@ -196,9 +196,18 @@ class QueryService:
                 log.warning("reply to %s[%d]@%d not delivered: %s",
                             m.topic(), m.partition(), m.offset(), err)  # fmt: skip
                 self.metrics.errors.labels("reply").inc()
-            self.consumer.store_offsets(message=m)
+            self._store(m)
 
         return done
+
+    def _store(self, m: Message) -> None:
+        """Mark a request done. After a rebalance its partition may belong to another process:
+        then that one answers it again (at least once), and there is nothing to store here."""
+        try:
+            self.consumer.store_offsets(message=m)
+        except Exception as exc:
+            log.debug("offset of %s[%d]@%d not stored: %s", m.topic(), m.partition(),
+                      m.offset(), exc)  # fmt: skip
 
     def _error(self, request_id: str, user_id: str | None, message: str) -> RecResponse:
         return RecResponse(
@@ -210,10 +219,12 @@ class QueryService:
         )
 
     def close(self) -> None:
+        # replies first: their delivery callbacks store the requests' offsets, which closing
+        # the consumer then commits
+        self.producer.flush(5.0)
         try:
             self.consumer.close()
         except Exception as exc:
             log.debug("consumer close: %s", exc)
-        self.producer.flush(5.0)
         if self.follower is not None:
             self.follower.close()

@@ -181,22 +181,20 @@ class QueryService:
         except (BufferError, Exception) as exc:  # unknown reply topic, full queue
             log.warning("could not reply to %r: %s", reply_to, exc)
             self.metrics.errors.labels("reply").inc()
-            self._store(m)
         done = time.time()
         self.metrics.latency.labels(kind).observe(done - t_recv)
         if req is not None and req.sent_at is not None:
             self.metrics.request_to_reply.observe(max(0.0, done - req.sent_at))
+        self._store(m)
 
     def _delivered(self, m: Message) -> Callable[[KafkaError | None, Message], None]:
-        """Store the request's offset once its reply is acknowledged, so a crash before that
-        answers the request again instead of losing the reply."""
+        """Count a reply the broker did not take (the request's offset is stored at once)."""
 
         def done(err: KafkaError | None, _reply: Message) -> None:
             if err is not None:
                 log.warning("reply to %s[%d]@%d not delivered: %s",
                             m.topic(), m.partition(), m.offset(), err)  # fmt: skip
                 self.metrics.errors.labels("reply").inc()
-            self._store(m)
 
         return done
 

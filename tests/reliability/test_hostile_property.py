@@ -436,7 +436,7 @@ class _FakeProducer:
 
     def produce(self, topic: str, key: bytes, value: bytes, headers: Any, on_delivery: Any) -> None:
         self.sent.append((topic, key, value, headers))
-        on_delivery(None, None)  # acknowledged at once: the service then stores the offset
+        on_delivery(None, None)  # acknowledged at once
 
 
 class _FakeConsumer:

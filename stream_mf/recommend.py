@@ -94,9 +94,11 @@ def recommend(
     u = user_vec.astype(np.float32)
     scores = view.factors @ u + view.bias  # one streaming pass beats gathering candidate rows
     if candidates is not None:
-        cand = np.unique(candidates)
+        keep = np.zeros(scores.shape[0], dtype=np.bool_)
+        keep[candidates] = True
         if exclude is not None and exclude.size:
-            cand = cand[~np.isin(cand, exclude)]
+            keep[exclude] = False
+        cand = np.flatnonzero(keep)  # sorted and unique, cheaper than np.unique
         idx, sc = top_k(scores[cand], k)
         return cand[idx].astype(np.int64), sc
     _mask(scores, exclude, None)

@@ -243,19 +243,29 @@ class Rebuild:
         self._stage(np.arange(nu), np.arange(ni))
         log.info("rebuild: fit and staged in %.1fs", time.perf_counter() - t0)
 
-    def _start_round(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> None:
-        """Grow to the live size and re-solve changed rows in the background."""
+    def _catch_up_inputs(
+        self, state: ModelState, users: np.ndarray, items: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Grow the new factors to the live size (new ids start from their online vectors) and
+        take the full decayed rows of the changed users and items."""
         nu, ni = state.users.n, state.items.n
         if nu > self.U.shape[0]:
             self.U = np.concatenate([self.U, state.users.factors[self.U.shape[0] : nu]])
         if ni > self.V.shape[0]:
             self.V = np.concatenate([self.V, state.items.factors[self.V.shape[0] : ni]])
         self.clock = float(state.clock[0])
+        if users.size == 0 and items.size == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64), nu, ni
         umask = np.zeros(nu, np.bool_)
         imask = np.zeros(ni, np.bool_)
         umask[users] = True
         imask[items] = True
         keys, vals = _select_pairs(state.confidence, umask, imask)
+        return keys, vals, nu, ni
+
+    def _start_round(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> None:
+        """Re-solve changed rows in the background."""
+        keys, vals, nu, ni = self._catch_up_inputs(state, users, items)
         self.rounds += 1
         self.thread = threading.Thread(
             target=self._guarded,
@@ -308,18 +318,8 @@ class Rebuild:
 
     def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> Outcome:
         t0 = time.perf_counter()
-        nu, ni = state.users.n, state.items.n
-        if nu > self.U.shape[0]:
-            self.U = np.concatenate([self.U, state.users.factors[self.U.shape[0] : nu]])
-        if ni > self.V.shape[0]:
-            self.V = np.concatenate([self.V, state.items.factors[self.V.shape[0] : ni]])
-        self.clock = float(state.clock[0])
+        keys, vals, nu, ni = self._catch_up_inputs(state, users, items)
         if users.size or items.size:
-            umask = np.zeros(nu, np.bool_)
-            imask = np.zeros(ni, np.bool_)
-            umask[users] = True
-            imask[items] = True
-            keys, vals = _select_pairs(state.confidence, umask, imask)
             self._resolve(keys, vals, nu, ni, users, items)
         hr_old = self.hits_old / self.scored if self.scored else 0.0
         hr_new = self.hits_new / self.scored if self.scored else 0.0

@@ -109,7 +109,7 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
             payloads = event_payloads(events, "shift")
             kafka = KafkaSettings(bootstrap_servers=boot)
             t0 = time.monotonic()
-            sent = publish(kafka_io.producer(kafka), topics.interactions, payloads)
+            sent = publish(kafka_io.ordered_producer(kafka), topics.interactions, payloads)
             print(f"replayed {sent:,} MovieLens ratings in {time.monotonic() - t0:.1f}s")
             url = f"http://127.0.0.1:{ports['updater']}/metrics"
             bar = tqdm(total=sent, unit="ev", desc="learned")

@@ -116,6 +116,13 @@ def producer(
     return Producer(conf)
 
 
+def ordered_producer(kafka: KafkaSettings, **extra: Any) -> Producer:
+    """A producer that keeps send order even across retries, whatever the broker: one request
+    in flight. For replays, where order is event-time order and the learner depends on it (a
+    retried batch overtaken by a later one would show the model the future)."""
+    return producer(kafka, **{"max.in.flight.requests.per.connection": 1, **extra})
+
+
 class DeliveryTracker:
     """Counts failed deliveries, so a caller can refuse to advance offsets past a lost message."""
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
     payloads = event_payloads(events, "shift" if args.timestamps == "shift" else "original")
-    producer = kafka_io.producer(settings.kafka)
+    producer = kafka_io.ordered_producer(settings.kafka)
     sent = publish(
         producer,
         settings.topics.interactions,

@@ -32,8 +32,8 @@ def payloads_of(s, first_t: float | None = None) -> list[tuple[bytes, bytes]]:  
 
 
 def send(kafka: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
-    sent = publish(kafka_io.producer(KafkaSettings(bootstrap_servers=kafka)), topic, payloads,
-                   progress=False)  # fmt: skip
+    producer = kafka_io.ordered_producer(KafkaSettings(bootstrap_servers=kafka))
+    sent = publish(producer, topic, payloads, progress=False)
     assert sent == len(payloads)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,10 @@ def kafka() -> Iterator[str]:
         yield bootstrap
 
 
-def make_topics(kafka: str, partitions: int = 1) -> TopicSettings:
+def make_topics(
+    kafka: str, partitions: int = 1, client_config: dict[str, Any] | None = None
+) -> TopicSettings:
+    """The product's topics under unique names; `client_config` for a secured broker."""
     s = uuid.uuid4().hex[:8]
     t = TopicSettings(
         interactions=f"interactions-{s}",
@@ -33,6 +37,7 @@ def make_topics(kafka: str, partitions: int = 1) -> TopicSettings:
         kafka,
         {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1,
          t.control: 1},
+        client_config=client_config,
     )  # fmt: skip
     return t
 

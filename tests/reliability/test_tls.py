@@ -29,7 +29,7 @@ from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
 from consumers.publish import publish
 from consumers.settings import KafkaSettings, ProcessSettings, TopicSettings
 from stream_mf.messages import RecResponse
-from tests.integration.conftest import Cluster, topic_env
+from tests.integration.conftest import Cluster, make_topics, topic_env
 from tests.reliability.tls_proxy import (
     CertFiles,
     TlsBroker,
@@ -73,20 +73,8 @@ def tls_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
 
 
 def product_topics(kafka: KafkaSettings) -> TopicSettings:
-    """The product's topic layout with unique names (as make_topics does), created over TLS."""
-    s = uuid.uuid4().hex[:8]
-    t = TopicSettings(
-        interactions=f"interactions-{s}",
-        dead_letter=f"interactions-{s}.DLT",
-        requests=f"rec-requests-{s}",
-        responses=f"rec-responses-{s}",
-        control=f"stream-mf-control-{s}",
-    )
-    create_topics(
-        kafka,
-        {t.interactions: 1, t.dead_letter: 1, t.requests: 2, t.responses: 1, t.control: 1},
-    )
-    return t
+    """The product's topic layout with unique names, created over TLS."""
+    return make_topics(kafka.bootstrap_servers, client_config=kafka.client_config())
 
 
 def event_payloads(n_events: int, n_users: int, n_items: int) -> list[tuple[bytes, bytes]]:

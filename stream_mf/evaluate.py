@@ -255,6 +255,8 @@ class PrequentialResult:
     seconds: float = 0.0
     windows: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    # per event: -1 not scored (new user or an item the user has), 0 miss, 1 hit; kept on request
+    outcomes: np.ndarray | None = None
 
     @property
     def recall_at_k(self) -> float:
@@ -303,11 +305,14 @@ def prequential(
     types: Mapping[str, EventTypeSpec] | None = None,
     window: int = 5000,
     progress: bool = True,
+    keep_outcomes: bool = False,
 ) -> PrequentialResult:
-    """Test-then-learn over `events` (which must already be in time order)."""
+    """Test-then-learn over `events` (which must already be in time order). `keep_outcomes`
+    records each event's outcome, to compare with a sample scored elsewhere (the live eval)."""
     types = types or ModelConfig().event_types
     weights = base_weights(events, types)
     res = PrequentialResult(model=learner.name, k=k)
+    outcomes = np.full(len(events), -1, np.int8) if keep_outcomes else None
     seen: dict[int, set[int]] = {}
     seen_list: dict[int, list[int]] = {}
     discounts = 1.0 / np.log2(np.arange(k) + 2.0)
@@ -328,6 +333,8 @@ def prequential(
                 hit = np.flatnonzero(recs == item) if item >= 0 else empty
                 res.evaluated += 1
                 w_n += 1
+                if outcomes is not None:
+                    outcomes[e] = 1 if hit.size else 0
                 if hit.size:
                     res.hits += 1
                     res.ndcg_sum += discounts[hit[0]]
@@ -357,4 +364,5 @@ def prequential(
         )
     res.events = len(events)
     res.seconds = time.perf_counter() - start
+    res.outcomes = outcomes
     return res

@@ -18,11 +18,21 @@ from stream_mf.state import ModelState
 from stream_mf.topk import top_k
 
 
+def sampled(partitions: np.ndarray, offsets: np.ndarray, rate: float) -> np.ndarray:
+    """Which events the live eval scores: a hash of (partition, offset) under `rate`, so a replay
+    (or an offline run over the same topic) picks the same ones."""
+    threshold = np.uint64(int(rate * 1_000_000))
+    h = (np.asarray(offsets).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+        np.asarray(partitions).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+    )
+    return (h >> np.uint64(20)) % np.uint64(1_000_000) < threshold
+
+
 class LiveEvaluator:
     def __init__(
         self, rate: float = 0.01, k: int = 10, max_per_batch: int = 200, window: int = 2000
     ):
-        self.threshold = int(rate * 1_000_000)
+        self.rate = rate
         self.k = k
         self.max_per_batch = max_per_batch
         self.discounts = 1.0 / np.log2(np.arange(k) + 2.0)
@@ -33,12 +43,9 @@ class LiveEvaluator:
 
     def sample(self, batch: EventBatch) -> np.ndarray:
         """Positions to score, chosen by a hash of (partition, offset): replays pick the same."""
-        if self.threshold <= 0 or len(batch) == 0:
+        if self.rate <= 0 or len(batch) == 0:
             return np.empty(0, np.int64)
-        h = (batch.offsets.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
-            batch.partitions.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-        )
-        picked = np.flatnonzero((h >> np.uint64(20)) % np.uint64(1_000_000) < self.threshold)
+        picked = np.flatnonzero(sampled(batch.partitions, batch.offsets, self.rate))
         if picked.size > self.max_per_batch:
             # spread over the whole batch: the first ones only would favour its oldest events
             keep = np.linspace(0, picked.size - 1, self.max_per_batch).astype(np.int64)

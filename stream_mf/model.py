@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from stream_mf.arrays import unique_rows, unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.sgd import NEG_INF, REBUILDS, logaddexp, sgd_batch
 from stream_mf.state import ModelState
@@ -94,11 +95,29 @@ class BatchDelta:
 
 
 @njit(cache=True, nogil=True)
-def accumulate_confidence(conf, users, items, logw, keys_out) -> None:  # type: ignore[no-untyped-def]
-    for e in range(users.shape[0]):
-        key = (np.int64(users[e]) << 32) | np.int64(items[e])
-        conf[key] = logaddexp(conf.get(key, NEG_INF), logw[e])
-        keys_out[e] = key
+def accumulate_confidence(conf, keys, order, logw, ukeys, values) -> int:  # type: ignore[no-untyped-def]
+    """Fold each event's log-weight into its pair, visiting `keys` in `order` (a stable sort,
+    so each pair adds its events in event order, as one at a time would); writes the distinct
+    keys and their new values and returns how many. One map read and write per pair."""
+    m = -1
+    prev = np.int64(-1)
+    v = NEG_INF
+    for j in range(order.shape[0]):
+        e = order[j]
+        key = keys[e]
+        if key != prev:
+            if m >= 0:
+                conf[prev] = v
+                values[m] = v
+            m += 1
+            ukeys[m] = key
+            prev = key
+            v = conf.get(key, NEG_INF)
+        v = logaddexp(v, logw[e])
+    if m >= 0:
+        conf[prev] = v
+        values[m] = v
+    return m + 1
 
 
 @njit(cache=True, nogil=True)
@@ -141,19 +160,20 @@ class OnlineModel:
                 c.negative_weight, c.decay_rate, c.loss_code, c.seed, c.sampler_refresh,
                 c.n_candidates, c.n_steps, c.lr_user, c.lr_bias, c.max_norm, c.uniform_mix,
             )  # fmt: skip
-        keys = np.empty(n, dtype=np.int64)
-        accumulate_confidence(st.confidence, users, items, logw, keys)
-        ukeys = np.unique(keys)
-        values = np.empty(ukeys.shape[0], dtype=np.float64)
-        lookup_confidence(st.confidence, ukeys, values)
+        keys = (users.astype(np.int64) << 32) | items.astype(np.int64)
+        ukeys = np.empty(n, dtype=np.int64)
+        values = np.empty(n, dtype=np.float64)
+        m = accumulate_confidence(
+            st.confidence, keys, np.argsort(keys, kind="stable"), logw, ukeys, values
+        )
         touched = np.concatenate([items, neg[neg >= 0].ravel()])
         return BatchDelta(
-            users=np.unique(users),
-            items=np.unique(touched),
+            users=unique_rows(users, st.users.n),
+            items=unique_rows(touched, st.items.n),
             new_users=(u0, st.users.n),
             new_items=(i0, st.items.n),
-            pair_keys=ukeys,
-            pair_values=values,
+            pair_keys=ukeys[:m],
+            pair_values=values[:m],
             sampler_rebuilt=int(st.counters[REBUILDS]) != rebuilds,
             events=n,
         )
@@ -163,12 +183,12 @@ def merge_deltas(deltas: list[BatchDelta], state: ModelState) -> BatchDelta:
     """One delta for consecutive batches (a batch learned in pieces commits as one)."""
     if len(deltas) == 1:
         return deltas[0]
-    keys = np.unique(np.concatenate([d.pair_keys for d in deltas]))
+    keys = unique_sorted(np.concatenate([d.pair_keys for d in deltas]))
     values = np.empty(keys.shape[0], dtype=np.float64)
     lookup_confidence(state.confidence, keys, values)
     return BatchDelta(
-        users=np.unique(np.concatenate([d.users for d in deltas])),
-        items=np.unique(np.concatenate([d.items for d in deltas])),
+        users=unique_rows(np.concatenate([d.users for d in deltas]), state.users.n),
+        items=unique_rows(np.concatenate([d.items for d in deltas]), state.items.n),
         new_users=(deltas[0].new_users[0], deltas[-1].new_users[1]),
         new_items=(deltas[0].new_items[0], deltas[-1].new_items[1]),
         pair_keys=keys,

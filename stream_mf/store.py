@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import rocksdict as rd
 
+from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta
 from stream_mf.sgd import CDF_LEN, N_COUNTERS
@@ -495,7 +496,7 @@ class StateStore:
         h_f, h_m = self.h[f"{kind}_factors"], self.h[f"{kind}_meta"]
         h_b = self.h["item_bias"] if kind == "item" else None
         n = table.n
-        for b in np.unique(rows // BLOCK_ROWS).tolist():
+        for b in unique_sorted(rows // BLOCK_ROWS).tolist():
             lo = b * BLOCK_ROWS
             hi = min(lo + BLOCK_ROWS, n)
             key = _model_key(gen, b)

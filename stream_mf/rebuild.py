@@ -1,25 +1,34 @@
 """Full implicit-ALS rebuilds that reconcile online drift while the stream goes on.
 
 A rebuild runs in the updater's process, in a background thread (the numba kernels release the
-GIL), in three steps:
+GIL), in steps the updater's loop drives between batches (`step`), each short:
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
    then stage the new factors in the store under the next generation (invisible to readers).
 2. **guard**: the next incoming events are scored test-then-learn against both the live model
    and the new one (before either has learned them), until `guard_events` are scored or
-   `guard_timeout_s` passes; the swap goes ahead unless the new model's HR@10 is lower by more
+   `guard_timeout_s` passes; the rebuild is dropped if the new model's HR@10 is lower by more
    than `guard_margin`.
-3. **catch up** (repeated while many rows changed): rows whose data changed since the previous
-   snapshot (users and items with new events, new ids) are re-solved against the new factors
-   from their full decayed rows, and their blocks re-staged.
-4. **swap**, on the updater's thread between batches: re-solve the few rows touched since the
-   last round, copy the new factors into the live arrays, and let the caller commit them with the
-   generation flip in one WriteBatch. Ingestion pauses only for this step.
+3. **catch up** (in the background, repeated while it shrinks what is left): rows whose data
+   changed since the previous round (users and items with new events, new ids) are re-solved
+   against the new factors from their full decayed rows, and their blocks re-staged.
+4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
+   at most `final_rows` of them (new ids always), copy the new factors into the live arrays and
+   flip the generation (`model_version` + 1) in one WriteBatch with those rows.
+5. **after the swap**, only if rows were left over (the stream touched rows faster than the
+   rounds re-solved them): they are re-solved in the background against the new factors, from
+   their rows as of the swap, and the change is added to the live rows (so what SGD learned on
+   the new model meanwhile stays), `final_rows` rows per step, each step one commit.
 
-A crash before the flip leaves the old generation (the staged one is deleted on open); after it,
-the new one. Nothing learned meanwhile is lost: every event since the snapshot is in the
-confidence map the catch-up reads.
+The rebuild keeps its own copy of the confidence map (the snapshot plus every batch's changed
+pairs), so neither the swap nor any other loop-thread step scans the live map, and background
+rounds never read what the loop thread writes. A crash before the flip leaves the old generation
+(the staged one is deleted on open); after it, the new one, never a mix. Every event since the
+snapshot reaches the factors of its user and item through a re-solve of their full decayed rows;
+a crash between the flip and the last step of 5 leaves the left-over rows at their previous
+round's solution (consistent, their newest events still in the confidence map for the next
+rebuild).
 """
 
 from __future__ import annotations
@@ -32,16 +41,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
-from stream_mf.als import CSR, als_fit, confidence_matrix, solve_rows
+from stream_mf.als import CSR, als_fit, confidence_matrix, gramian, solve_rows
 from stream_mf.model import BatchDelta
 from stream_mf.state import ModelState
 from stream_mf.store import BLOCK_ROWS, StateStore, confidence_items
 from stream_mf.topk import top_k
 
 log = logging.getLogger(__name__)
+
+_LOW32 = np.int64(0xFFFFFFFF)
 
 
 class RebuildConfig(BaseModel):
@@ -59,7 +69,10 @@ class RebuildConfig(BaseModel):
     min_confidence: float = Field(default=0.0, ge=0)
     max_rounds: int = Field(default=10, ge=1, description="catch-up rounds before the swap")
     final_rows: int = Field(
-        default=2000, ge=0, description="catch up in the background until fewer rows remain"
+        default=1500,
+        ge=1,
+        description="catch up in the background until fewer rows remain; also the most rows "
+        "the swap step (besides new ids) and each step after it re-solve or write",
     )
     guard_events: int = Field(
         default=1000, ge=0, description="incoming events the guard scores against both models"
@@ -77,36 +90,127 @@ class RebuildConfig(BaseModel):
     stage_blocks: int = Field(default=256, ge=1, description="blocks per staging WriteBatch")
 
 
-@njit(cache=True)
-def _select_pairs(conf, user_mask, item_mask):  # type: ignore[no-untyped-def]
-    """Entries of the confidence map whose user or item is flagged."""
-    n = 0
-    for key in conf:
-        if user_mask[key >> 32] or item_mask[key & 0xFFFFFFFF]:
-            n += 1
-    keys = np.empty(n, np.int64)
-    vals = np.empty(n, np.float64)
-    j = 0
-    for key, v in conf.items():
-        if user_mask[key >> 32] or item_mask[key & 0xFFFFFFFF]:
-            keys[j] = key
-            vals[j] = v
-            j += 1
-    return keys, vals
+# ---- the rebuild's copy of the confidence map ---------------------------------------------------
+
+
+def _latest(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys of `batches` (in order) with each key's last value."""
+    if not batches:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    k = np.concatenate([b[0] for b in batches]).astype(np.int64, copy=False)
+    v = np.concatenate([b[1] for b in batches]).astype(np.float64, copy=False)
+    order = np.argsort(k, kind="stable")
+    k, v = k[order], v[order]
+    last = np.ones(k.size, np.bool_)
+    last[:-1] = k[1:] != k[:-1]
+    return k[last], v[last]
+
+
+def _ranges(sorted_keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of every key whose high 32 bits are one of `ids` (sorted unique)."""
+    hi_bits = ids.astype(np.int64) << 32
+    lo = np.searchsorted(sorted_keys, hi_bits)
+    hi = np.searchsorted(sorted_keys, hi_bits + (np.int64(1) << 32))
+    lens = hi - lo
+    total = int(lens.sum())
+    if total == 0:
+        return np.empty(0, np.int64)
+    starts = np.repeat(lo - np.cumsum(lens) + lens, lens)
+    return starts + np.arange(total, dtype=np.int64)
+
+
+def _in(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Mask of `values` found in `sorted_ids` (sorted unique)."""
+    if sorted_ids.size == 0:
+        return np.zeros(values.size, np.bool_)
+    pos = np.minimum(np.searchsorted(sorted_ids, values), sorted_ids.size - 1)
+    return sorted_ids[pos] == values
+
+
+class _Pairs:
+    """Sorted keys/values as of the last merge, an item-major index, and the batches since.
+
+    Why a copy: rows can then be read by user or item without scanning the live map on the loop
+    thread, and the background thread never reads a map the loop thread is writing.
+    """
+
+    def __init__(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        self.keys, self.vals = keys, vals  # sorted unique (user << 32 | item)
+        self.item_keys = np.empty(0, np.int64)  # (item << 32 | user), sorted
+        self.item_pos = np.empty(0, np.int64)  # where each of those is in keys
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # loop thread appends
+
+    def note(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        self.pending.append((keys.astype(np.int64), vals.astype(np.float64)))
+
+    def take(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The batches noted so far (loop thread), to merge in the background."""
+        out, self.pending = self.pending, []
+        return out
+
+    def merge(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Fold batches into the sorted arrays and rebuild the item index (background)."""
+        k, v = _latest(batches)
+        if k.size:
+            pos = np.searchsorted(self.keys, k)
+            hit = pos < self.keys.size
+            hit[hit] = self.keys[pos[hit]] == k[hit]
+            vals = self.vals.copy()
+            vals[pos[hit]] = v[hit]
+            new = ~hit
+            self.keys = np.insert(self.keys, pos[new], k[new])
+            self.vals = np.insert(vals, pos[new], v[new])
+        elif self.item_keys.size == self.keys.size:
+            return
+        ik = ((self.keys & _LOW32) << 32) | (self.keys >> 32)
+        order = np.argsort(ik)
+        self.item_keys, self.item_pos = ik[order], order
+
+    def rows(
+        self, users: np.ndarray, items: np.ndarray, fresh: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair of these users and items: the merged arrays overlaid with `fresh` (the
+        latest values of batches not merged yet)."""
+        pos = np.union1d(_ranges(self.keys, users), self.item_pos[_ranges(self.item_keys, items)])
+        fk, fv = fresh
+        sel = _in(fk >> 32, users) | _in(fk & _LOW32, items)
+        return _latest([(self.keys[pos], self.vals[pos]), (fk[sel], fv[sel])])
+
+
+def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.ndarray,
+             n_cols: int) -> CSR:  # fmt: skip
+    """CSR whose row r is entity `rows[r]` (sorted unique): solving a few rows then costs
+    nothing per entity of the whole model."""
+    if col_of.size and int(col_of.max()) >= n_cols:  # the kernels do not check bounds
+        raise ValueError(f"a pair refers to column {int(col_of.max())} of {n_cols}")
+    keep = _in(row_of, rows)
+    r = np.searchsorted(rows, row_of[keep])
+    order = np.argsort(r, kind="stable")
+    indptr = np.zeros(rows.size + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=rows.size), out=indptr[1:])
+    return CSR(
+        indptr, col_of[keep][order].astype(np.int32), data[keep][order].astype(np.float32), n_cols
+    )
+
+
+# ---- the rebuild -------------------------------------------------------------------------------
 
 
 @dataclass
 class Outcome:
     swapped: bool
     generation: int
-    users: np.ndarray  # rows whose blocks the flip commit must write
+    users: np.ndarray  # rows whose blocks the caller's (flip) commit must write
     items: np.ndarray
-    seconds: float
+    seconds: float  # the swap step
     rows_resolved: int
     drift: float  # mean cosine between old and new vectors of the same rows
     hr_old: float
     hr_new: float
     scored: int = 0
+    swap_rows: int = 0  # rows re-solved in the swap step
+    deferred: int = 0  # rows re-solved after the swap (their change added to the live rows)
+    swap_parts: dict[str, float] = field(default_factory=dict)  # where the swap step's time went
 
 
 @dataclass
@@ -121,9 +225,42 @@ class _Touched:
         return u.astype(np.int64), i.astype(np.int64)
 
 
+class _Growing:
+    """Factor rows with spare capacity: new ids are appended without copying the whole array."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.buf = np.empty((max(16, rows.shape[0] * 5 // 4), rows.shape[1]), np.float32)
+        self.n = rows.shape[0]
+        self.buf[: self.n] = rows
+
+    @property
+    def a(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.n + rows.shape[0]
+        if need > self.buf.shape[0]:
+            buf = np.empty((need * 5 // 4, self.buf.shape[1]), np.float32)
+            buf[: self.n] = self.a
+            self.buf = buf
+        self.buf[self.n : need] = rows
+        self.n = need
+
+
+@dataclass
+class _After:
+    """Rows left over at the swap: re-solved in the background, then added step by step."""
+
+    users: np.ndarray
+    items: np.ndarray
+    base_u: np.ndarray  # their new-model vectors as swapped in (what SGD started from)
+    base_i: np.ndarray
+    done: int = 0  # rows applied so far (users first)
+
+
 class Rebuild:
     """One rebuild in flight. Drive it from the updater's loop: `note` every batch's delta,
-    `step` between batches until it returns an `Outcome`."""
+    `step` between batches (after the batch's commit) until it returns an `Outcome`."""
 
     def __init__(self, state: ModelState, store: StateStore, cfg: RebuildConfig):
         self.cfg, self.store = cfg, store
@@ -132,6 +269,7 @@ class Rebuild:
         self.decay_rate = state.config.decay_rate
         self.touched = _Touched()
         self.rounds = 0
+        self.last_round_rows: int | None = None
         self.rows_resolved = 0
         self.error: BaseException | None = None
         self.fitted_at: float | None = None
@@ -139,10 +277,15 @@ class Rebuild:
         self.scored = 0
         self.hits_old = 0
         self.hits_new = 0
+        self.after: _After | None = None
+        self.swap_outcome: Outcome | None = None
         keys, vals = confidence_items(state.confidence)
+        self.pairs = _Pairs(keys, vals)
         nu, ni = state.users.n, state.items.n
-        self.U = state.users.factors[:nu].copy()
-        self.V = state.items.factors[:ni].copy()
+        self._u = _Growing(state.users.factors[:nu])
+        self._v = _Growing(state.items.factors[:ni])
+        self.gram_u = np.zeros((state.config.dim,) * 2)  # YᵀY of U and V, kept current
+        self.gram_v = np.zeros((state.config.dim,) * 2)
         self.clock = float(state.clock[0])
         self.thread = threading.Thread(
             target=self._guarded, args=(self._fit, keys, vals, nu, ni), daemon=True
@@ -150,12 +293,22 @@ class Rebuild:
         self.thread.start()
         log.info("rebuild started: %d users, %d items, %d entries", nu, ni, keys.size)
 
+    @property
+    def U(self) -> np.ndarray:  # noqa: N802 (the usual name)
+        return self._u.a
+
+    @property
+    def V(self) -> np.ndarray:  # noqa: N802
+        return self._v.a
+
     # ---- loop-thread API --------------------------------------------------------------------
 
     def note(self, delta: BatchDelta) -> None:
-        if delta.pair_keys.size:
-            self.touched.users.append(delta.pair_keys >> 32)
-            self.touched.items.append(delta.pair_keys & 0xFFFFFFFF)
+        if self.swap_outcome is not None or not delta.pair_keys.size:
+            return  # after the swap the live model learns on the new factors itself
+        self.touched.users.append(delta.pair_keys >> 32)
+        self.touched.items.append(delta.pair_keys & 0xFFFFFFFF)
+        self.pairs.note(delta.pair_keys, delta.pair_values)
 
     @property
     def wants_scores(self) -> bool:
@@ -200,17 +353,24 @@ class Rebuild:
             return None
         if self.error is not None:
             raise RuntimeError(f"rebuild failed: {self.error}") from self.error
+        if self.after is not None:
+            return self._apply_after(state)
         if self.fitted_at is None:
             self.fitted_at = time.monotonic()
-        guarding = self.rounds == 0 and self.scored < self.cfg.guard_events
-        if guarding and time.monotonic() - self.fitted_at < self.cfg.guard_timeout_s:
-            return None
+        if self.rounds == 0:
+            if self.scored < self.cfg.guard_events and (
+                time.monotonic() - self.fitted_at < self.cfg.guard_timeout_s
+            ):
+                return None
+            if not self._passes():
+                return self._reject(state)
         users, items = self.touched.take()
         remaining = users.size + items.size
+        shrinking = self.last_round_rows is None or remaining < 0.9 * self.last_round_rows
         if self.rounds < self.cfg.max_rounds and (
-            remaining > self.cfg.final_rows or not self.rounds
+            not self.rounds or (remaining > self.cfg.final_rows and shrinking)
         ):
-            self._start_round(state, users, items)
+            self._start_round(state, users, items, remaining)
             return None
         return self._swap(state, users, items)
 
@@ -222,16 +382,12 @@ class Rebuild:
         except BaseException as exc:  # reported on the loop thread by step()
             self.error = exc
 
-    def _matrices(self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int) -> tuple[CSR, CSR]:
-        c = self.cfg
-        return confidence_matrix(
-            keys, vals, nu, ni, self.clock, self.decay_rate, c.alpha, c.min_confidence
-        )
-
     def _fit(self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int) -> None:
         t0 = time.perf_counter()
-        by_user, by_item = self._matrices(keys, vals, nu, ni)
         c = self.cfg
+        by_user, by_item = confidence_matrix(
+            keys, vals, nu, ni, self.clock, self.decay_rate, c.alpha, c.min_confidence
+        )
 
         def progress(it: int, seconds: float, loss: float | None) -> None:
             log.info("rebuild: ALS iteration %d/%d (%.2fs)", it + 1, c.iterations, seconds)
@@ -240,67 +396,85 @@ class Rebuild:
             by_user, by_item, self.U, self.V, c.reg, c.iterations, c.solver, c.cg_steps,
             progress=progress, compute_loss=False,
         )  # fmt: skip
+        del by_user, by_item
+        self.pairs.merge([])
         self._stage(np.arange(nu), np.arange(ni))
         log.info("rebuild: fit and staged in %.1fs", time.perf_counter() - t0)
 
-    def _catch_up_inputs(
-        self, state: ModelState, users: np.ndarray, items: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Grow the new factors to the live size (new ids start from their online vectors) and
-        take the full decayed rows of the changed users and items."""
+    def _grow(self, state: ModelState) -> tuple[int, int]:
+        """Append the ids registered since (from their online vectors), on the loop thread;
+        the row counts before."""
+        nu0, ni0 = self._u.n, self._v.n
         nu, ni = state.users.n, state.items.n
-        if nu > self.U.shape[0]:
-            self.U = np.concatenate([self.U, state.users.factors[self.U.shape[0] : nu]])
-        if ni > self.V.shape[0]:
-            self.V = np.concatenate([self.V, state.items.factors[self.V.shape[0] : ni]])
+        if nu > nu0:
+            self._u.append(state.users.factors[nu0:nu])
+        if ni > ni0:
+            self._v.append(state.items.factors[ni0:ni])
         self.clock = float(state.clock[0])
-        if users.size == 0 and items.size == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float64), nu, ni
-        umask = np.zeros(nu, np.bool_)
-        imask = np.zeros(ni, np.bool_)
-        umask[users] = True
-        imask[items] = True
-        keys, vals = _select_pairs(state.confidence, umask, imask)
-        return keys, vals, nu, ni
+        return nu0, ni0
 
-    def _start_round(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> None:
+    def _start_round(
+        self, state: ModelState, users: np.ndarray, items: np.ndarray, remaining: int
+    ) -> None:
         """Re-solve changed rows in the background."""
-        keys, vals, nu, ni = self._catch_up_inputs(state, users, items)
+        self._grow(state)
+        batches = self.pairs.take()
         self.rounds += 1
+        self.last_round_rows = remaining
         self.thread = threading.Thread(
-            target=self._guarded,
-            args=(self._round, keys, vals, nu, ni, users, items),
-            daemon=True,
+            target=self._guarded, args=(self._round, batches, users, items), daemon=True
         )
         self.thread.start()
 
     def _round(
-        self,
-        keys: np.ndarray,
-        vals: np.ndarray,
-        nu: int,
-        ni: int,
-        users: np.ndarray,
-        items: np.ndarray,
+        self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
     ) -> None:
-        self._resolve(keys, vals, nu, ni, users, items)
+        self.pairs.merge(batches)
+        self._resolve(self.pairs.rows(users, items, _latest([])), users, items, fresh_grams=True)
         self._stage(users, items)
 
     def _resolve(
-        self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int,
-        users: np.ndarray, items: np.ndarray, solver: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        pairs: tuple[np.ndarray, np.ndarray],
+        users: np.ndarray,
+        items: np.ndarray,
+        fresh_grams: bool = False,
+    ) -> None:
+        """Users against V, then items against the updated U, from the full rows in `pairs`.
+
+        The Gramians are kept current by rank updates over the rows solved (`fresh_grams`
+        recomputes them first, in the background): a full YᵀY costs more than the few rows a
+        swap solves.
+        """
         if users.size == 0 and items.size == 0:
             return
-        by_user, by_item = self._matrices(keys, vals, nu, ni)
         c = self.cfg
-        how = solver or c.solver
-        steps = max(c.cg_steps, 6)  # new rows start far from their solution
+        keys, logc = pairs
+        conf = np.exp(logc - self.clock * self.decay_rate)
+        ok = conf >= c.min_confidence
+        keys, data = keys[ok], c.alpha * conf[ok]
+        u_of, i_of = keys >> 32, keys & _LOW32
+        if fresh_grams:
+            self.gram_u, self.gram_v = gramian(self.U), gramian(self.V)
         if users.size:
-            solve_rows(by_user, self.U, self.V, c.reg, users, how, steps)
+            self.gram_u += self._solve_side(users, self.U, self.V, u_of, i_of, data, self.gram_v)
         if items.size:
-            solve_rows(by_item, self.V, self.U, c.reg, items, how, steps)
+            self.gram_v += self._solve_side(items, self.V, self.U, i_of, u_of, data, self.gram_u)
         self.rows_resolved += int(users.size + items.size)
+
+    def _solve_side(
+        self, rows: np.ndarray, X_all: np.ndarray, Y: np.ndarray, row_of: np.ndarray,
+        col_of: np.ndarray, data: np.ndarray, gram_y: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """Re-solve `rows` of `X_all` in place; returns the change of its Gramian."""
+        c = self.cfg
+        X = X_all[rows]
+        before = gramian(X)
+        C = _compact(rows, row_of, col_of, data, Y.shape[0])
+        steps = max(c.cg_steps, 6)  # new rows start far from their solution
+        solve_rows(C, X, Y, c.reg, None, c.solver, steps, gram_y)
+        X_all[rows] = X
+        return gramian(X) - before
 
     def _stage(self, users: np.ndarray, items: np.ndarray) -> None:
         self.finite = self.finite and bool(
@@ -316,37 +490,142 @@ class Rebuild:
 
     # ---- the swap (loop thread) ----------------------------------------------------------------
 
-    def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> Outcome:
+    def _hit_rates(self) -> tuple[float, float]:
+        if not self.scored:
+            return 0.0, 0.0
+        return self.hits_old / self.scored, self.hits_new / self.scored
+
+    def _passes(self) -> bool:
+        hr_old, hr_new = self._hit_rates()
+        return self.finite and hr_new >= hr_old - self.cfg.guard_margin
+
+    def _drift(self, state: ModelState) -> float:
+        nu = self.U.shape[0]
+        sample = np.arange(0, nu, max(1, nu // 10_000))
+        return _mean_cosine(state.users.factors[sample], self.U[sample])
+
+    def _reject(self, state: ModelState) -> Outcome:
+        hr_old, hr_new = self._hit_rates()
+        log.info(
+            "rebuild rejected: generation %d, HR@10 on %d new events: old %.3f new %.3f, "
+            "finite %s", self.generation, self.scored, hr_old, hr_new, self.finite,
+        )  # fmt: skip
+        none = np.empty(0, np.int64)
+        return Outcome(
+            swapped=False, generation=self.generation, users=none, items=none, seconds=0.0,
+            rows_resolved=self.rows_resolved, drift=self._drift(state), hr_old=hr_old,
+            hr_new=hr_new, scored=self.scored,
+        )  # fmt: skip
+
+    def _split(
+        self, touched: np.ndarray, n_before: int, n_now: int, budget: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows to solve in the swap: new ids and up to `budget` others, rows left over)."""
+        new = np.arange(n_before, n_now, dtype=np.int64)
+        old = touched[touched < n_before]
+        return np.union1d(new, old[:budget]), old[budget:]
+
+    def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> Outcome | None:
         t0 = time.perf_counter()
-        keys, vals, nu, ni = self._catch_up_inputs(state, users, items)
-        if users.size or items.size:
-            self._resolve(keys, vals, nu, ni, users, items)
-        hr_old = self.hits_old / self.scored if self.scored else 0.0
-        hr_new = self.hits_new / self.scored if self.scored else 0.0
+        parts: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal t0
+            t = time.perf_counter()
+            parts[name] = (t - t0) * 1e3
+            t0 = t
+
+        nu0, ni0 = self._grow(state)
+        nu, ni = self._u.n, self._v.n
+        old_u, old_i = int(np.sum(users < nu0)), int(np.sum(items < ni0))
+        budget = max(0, self.cfg.final_rows - (nu - nu0) - (ni - ni0))
+        share_u = budget * old_u // max(1, old_u + old_i)
+        now_u, later_u = self._split(users, nu0, nu, share_u)
+        now_i, later_i = self._split(items, ni0, ni, budget - share_u)
+        fresh = _latest(self.pairs.take())
+        self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
+        self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
+        lap("grow")
+        pairs = self.pairs.rows(now_u, now_i, fresh)
+        lap("rows")
+        self._resolve(pairs, now_u, now_i)
+        lap("solve")
+        hr_old, hr_new = self._hit_rates()
         # the background work checked every row it wrote; only the rows just re-solved remain
-        ok = self.finite and bool(
+        self.finite = self.finite and bool(
+            np.all(np.isfinite(self.U[now_u])) and np.all(np.isfinite(self.V[now_i]))
+        )
+        if not self._passes():
+            return self._reject(state)
+        drift = self._drift(state)
+        state.users.factors[:nu] = self.U
+        state.items.factors[:ni] = self.V
+        state.items.bias[:ni] = 0.0
+        state.model_version += 1
+        lap("copy")
+        deferred = int(later_u.size + later_i.size)
+        out = self.swap_outcome = Outcome(
+            swapped=True, generation=self.generation, users=now_u, items=now_i, seconds=0.0,
+            rows_resolved=0, drift=drift, hr_old=hr_old, hr_new=hr_new, scored=self.scored,
+            swap_rows=int(now_u.size + now_i.size), deferred=deferred, swap_parts=parts,
+        )  # fmt: skip
+        if deferred:
+            # flip now, finish the rest on the new model (step 5 of the module docstring)
+            self.store.commit(
+                state, BatchDelta.empty(state), None, generation=self.generation,
+                extra_users=now_u, extra_items=now_i,
+            )  # fmt: skip
+            lap("flip commit")
+            self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])
+            self.thread = threading.Thread(
+                target=self._guarded, args=(self._after_round, fresh, later_u, later_i),
+                daemon=True,
+            )  # fmt: skip
+            self.thread.start()
+        out.seconds = sum(parts.values()) / 1e3
+        log.info(
+            "rebuild swapped: generation %d, HR@10 on %d new events: old %.3f new %.3f, drift "
+            "%.3f, swap step %.0f ms (%s), %d rows re-solved in it, %d left for after the swap",
+            self.generation, self.scored, hr_old, hr_new, drift, out.seconds * 1e3,
+            ", ".join(f"{k} {v:.0f}" for k, v in parts.items()), out.swap_rows, deferred,
+        )  # fmt: skip
+        if deferred:
+            return None
+        out.rows_resolved = self.rows_resolved
+        return out
+
+    def _after_round(
+        self, fresh: tuple[np.ndarray, np.ndarray], users: np.ndarray, items: np.ndarray
+    ) -> None:
+        """Re-solve the left-over rows from their rows as of the swap (background)."""
+        self.pairs.merge([fresh])
+        self._resolve(self.pairs.rows(users, items, _latest([])), users, items, fresh_grams=True)
+        self.finite = self.finite and bool(
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
-        ok = ok and hr_new >= hr_old - self.cfg.guard_margin
-        sample = np.arange(0, nu, max(1, nu // 10_000))
-        drift = _mean_cosine(state.users.factors[sample], self.U[sample])
-        if ok:
-            state.users.factors[:nu] = self.U
-            state.items.factors[:ni] = self.V
-            state.items.bias[:ni] = 0.0
-            state.model_version += 1
-        seconds = time.perf_counter() - t0
-        log.info(
-            "rebuild %s: generation %d, HR@10 on %d new events: old %.3f new %.3f, drift %.3f, "
-            "swap step %.0f ms",
-            "swapped" if ok else "rejected", self.generation, self.scored, hr_old, hr_new, drift,
-            seconds * 1e3,
-        )  # fmt: skip
-        return Outcome(
-            swapped=ok, generation=self.generation, users=users, items=items, seconds=seconds,
-            rows_resolved=self.rows_resolved, drift=drift, hr_old=hr_old, hr_new=hr_new,
-            scored=self.scored,
-        )  # fmt: skip
+
+    def _apply_after(self, state: ModelState) -> Outcome | None:
+        """Add the next `final_rows` re-solved rows' change to the live rows; commit them here,
+        or, for the last ones, through the caller's commit of the returned `Outcome`."""
+        a = self.after
+        assert a is not None and self.swap_outcome is not None
+        if not self.finite:  # a non-finite solve: keep what SGD has; the rows stay consistent
+            raise RuntimeError("a row re-solved after the swap is not finite")
+        nu_ = a.users.size
+        lo, hi = a.done, min(a.done + self.cfg.final_rows, nu_ + a.items.size)
+        ju, ji = slice(min(lo, nu_), min(hi, nu_)), slice(max(lo - nu_, 0), max(hi - nu_, 0))
+        users, items = a.users[ju], a.items[ji]
+        state.users.factors[users] += self.U[users] - a.base_u[ju]
+        state.items.factors[items] += self.V[items] - a.base_i[ji]
+        a.done = hi
+        if hi < nu_ + a.items.size:
+            self.store.commit(
+                state, BatchDelta.empty(state), None, extra_users=users, extra_items=items
+            )
+            return None
+        out = self.swap_outcome
+        out.users, out.items, out.rows_resolved = users, items, self.rows_resolved
+        return out
 
 
 class _Rows:
@@ -370,6 +649,8 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def warm_up_rebuild() -> None:
     """Compile (or load from numba's cache) what the loop thread calls during a swap."""
-    from stream_mf.state import new_confidence_map
-
-    _select_pairs(new_confidence_map(), np.zeros(1, np.bool_), np.zeros(1, np.bool_))
+    x = np.ones((2, 4), np.float32)
+    y = np.ones((3, 4), np.float32)
+    c = CSR(np.array([0, 1, 1], np.int64), np.zeros(1, np.int32), np.ones(1, np.float32), 3)
+    for solver in ("cg", "cholesky"):
+        solve_rows(c, x, y, 0.1, None, solver, 1, gramian(y))

@@ -4,12 +4,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from synthetic import planted_stream
 
+from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig
-from stream_mf.store import MODEL_CFS, StateStore
+from stream_mf.rebuild import Rebuild, RebuildConfig, _latest, _Pairs
+from stream_mf.state import ModelState
+from stream_mf.store import MODEL_CFS, StateStore, confidence_items
 
 CFG = ModelConfig(dim=16)
 TOPIC = "interactions"
@@ -64,10 +67,17 @@ def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, State
     return model, store, outcome
 
 
-def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path) -> None:
-    cfg = RebuildConfig(iterations=5, alpha=5.0, guard_events=300, guard_margin=0.1)
+@pytest.mark.parametrize("final_rows", [2000, 25])
+def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int) -> None:
+    # 25: most rows touched during the last round are left for after the swap, while batches
+    # keep coming (their change is added to rows SGD keeps learning)
+    cfg = RebuildConfig(
+        iterations=5, alpha=5.0, guard_events=300, guard_margin=0.1, final_rows=final_rows,
+        max_rounds=2,
+    )  # fmt: skip
     model, store, outcome = run_with_rebuild(tmp_path, cfg)
     assert outcome.swapped and outcome.generation == 1
+    assert (outcome.deferred > 0) == (final_rows < 100)
     assert outcome.rows_resolved > 0 and np.isfinite(outcome.drift)
     assert outcome.scored >= 300 and outcome.hr_new >= outcome.hr_old - 0.1
     st = model.state
@@ -138,3 +148,138 @@ def test_unfinished_rebuild_is_discarded_on_open(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         loaded.users.factors[: loaded.users.n], model.state.users.factors[: model.state.users.n]
     )
+
+
+def test_pairs_copy_follows_the_live_map() -> None:
+    """The rebuild's own copy (snapshot + noted batches) reads the same rows as the live map."""
+    batch = stream(20_000, seed=3)
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    model.learn(batch.slice(0, 8000))
+    pairs = _Pairs(*confidence_items(model.state.confidence))
+    pairs.merge([])
+    for lo in range(8000, 20_000, 1000):
+        d = model.learn(batch.slice(lo, lo + 1000))
+        pairs.note(d.pair_keys, d.pair_values)
+        if lo == 13_000:
+            pairs.merge(pairs.take())  # some merged, the rest still fresh
+    fresh = _latest(pairs.take())
+    keys, vals = confidence_items(model.state.confidence)
+    rng = np.random.default_rng(0)
+    users = np.unique(rng.integers(0, model.state.users.n, 40))
+    items = np.unique(rng.integers(0, model.state.items.n, 40))
+    got_k, got_v = pairs.rows(users, items, fresh)
+    want = np.isin(keys >> 32, users) | np.isin(keys & 0xFFFFFFFF, items)
+    np.testing.assert_array_equal(got_k, keys[want])
+    np.testing.assert_array_equal(got_v, vals[want])
+    pairs.merge([fresh])
+    np.testing.assert_array_equal(pairs.keys, keys)
+    np.testing.assert_array_equal(pairs.vals, vals)
+
+
+def test_rows_left_at_the_swap_are_solved_exactly_after_it(tmp_path: Path) -> None:
+    """A swap bounded to a few rows flips at once; the rows it left are then re-solved from their
+    full decayed rows against the new factors, as a dense solve does, and a crash at any point
+    after the flip reloads exactly the new generation's rows in memory."""
+    rcfg = RebuildConfig(
+        iterations=3, alpha=5.0, solver="cholesky", guard_events=100, guard_margin=1.0,
+        final_rows=30, max_rounds=1,
+    )  # fmt: skip
+    batch = stream(30_000, seed=1)
+    store = StateStore(tmp_path / "db")
+    model = OnlineModel(CFG, store.load(CFG))
+    st = model.state
+    done = 0
+
+    def learn(n: int) -> BatchDelta:
+        nonlocal done
+        delta = model.learn(batch.slice(done, done + n))
+        done += n
+        store.commit(st, delta, {(TOPIC, 0): done})
+        return delta
+
+    learn(10_000)
+    rb = Rebuild(st, store, rcfg)
+    n_before = st.users.n + st.items.n
+    while rb.swap_outcome is None:  # batches keep coming until the flip
+        if rb.wants_scores:
+            nxt = batch.slice(done, done + 500)
+            rb.score(
+                st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                st.items.lookup(nxt.item_ids).astype(np.int64),
+                lambda u: store.user_items(u)[0].astype(np.int64),
+            )  # fmt: skip
+        rb.note(learn(500))
+        assert rb.step(st) is None, "the swap should leave rows for after it"
+        assert done < 30_000, "rebuild never swapped"
+        time.sleep(0.01)
+    flip = rb.swap_outcome
+    after = rb.after
+    assert after is not None and flip.deferred == after.users.size + after.items.size > 0
+    new_ids = st.users.n + st.items.n - n_before  # always solved in the swap
+    assert flip.users.size + flip.items.size <= rcfg.final_rows + new_ids
+    assert store.generation() == 1 and st.model_version == 1
+    V_at_flip = st.items.factors[: st.items.n].copy()
+    keys, vals = confidence_items(st.confidence)
+    clock = float(st.clock[0])
+    outcome = None
+    commits = 0
+    while outcome is None:  # no batches now: the result must be the exact solve
+        rb.thread.join()
+        outcome = rb.step(st)
+        commits += outcome is None
+    assert commits >= 1  # applied in several steps, each committed
+    store.commit(
+        st, BatchDelta.empty(st), None, generation=outcome.generation,
+        extra_users=outcome.users, extra_items=outcome.items,
+    )  # fmt: skip
+    D, P = dense_confidence(keys, vals, st.users.n, st.items.n, clock, CFG.decay_rate, rcfg.alpha)
+    U = st.users.factors[: st.users.n]
+    want_u = solve_rows_reference(D, P, V_at_flip, rcfg.reg, after.users)
+    np.testing.assert_allclose(U[after.users], want_u, rtol=1e-3, atol=1e-4)
+    want_i = solve_rows_reference(D.T, P.T, U.copy(), rcfg.reg, after.items)
+    np.testing.assert_allclose(st.items.factors[after.items], want_i, rtol=1e-3, atol=1e-4)
+    store.drop_other_generations()
+    store.close()
+    with StateStore(tmp_path / "db") as again:
+        loaded = again.load()
+    assert loaded.model_version == 1
+    for kind in ("users", "items"):
+        a, b = getattr(st, kind), getattr(loaded, kind)
+        np.testing.assert_array_equal(a.factors[: a.n], b.factors[: b.n])
+
+
+def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
+    """Killed between the flip and the last row applied after it: the new generation, exactly
+    as committed, never a mix."""
+    rcfg = RebuildConfig(
+        iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1
+    )
+    batch = stream(30_000, seed=2)
+    store = StateStore(tmp_path / "db")
+    model = OnlineModel(CFG, store.load(CFG))
+    st = model.state
+    done = 0
+
+    def learn(n: int) -> BatchDelta:
+        nonlocal done
+        delta = model.learn(batch.slice(done, done + n))
+        done += n
+        store.commit(st, delta, {(TOPIC, 0): done})
+        return delta
+
+    learn(10_000)
+    rb = Rebuild(st, store, rcfg)
+    while rb.after is None or rb.after.done == 0:  # the flip, then one step of rows after it
+        rb.note(learn(500))
+        assert rb.step(st) is None
+        assert done < 30_000, "rebuild never swapped"
+        time.sleep(0.01)
+    rb.thread.join()
+    store.close()  # the process dies here: nothing else reaches the disk
+    with StateStore(tmp_path / "db") as again:
+        assert again.generation() == 1
+        loaded = again.load()
+    assert loaded.model_version == 1 and loaded.events_applied == st.events_applied
+    for kind in ("users", "items"):
+        a, b = getattr(st, kind), getattr(loaded, kind)
+        np.testing.assert_array_equal(a.factors[: a.n], b.factors[: b.n])

@@ -36,10 +36,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numba
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -167,14 +169,16 @@ class _Pairs:
         self.item_keys, self.item_pos = ik[order], order
 
     def rows(
-        self, users: np.ndarray, items: np.ndarray, fresh: tuple[np.ndarray, np.ndarray]
+        self, users: np.ndarray, items: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair of these users and items: the merged arrays overlaid with `fresh` (the
-        latest values of batches not merged yet)."""
+        """Every pair of these users and items: the merged arrays overlaid with `batches` (noted
+        since the last merge, in order)."""
         pos = np.union1d(_ranges(self.keys, users), self.item_pos[_ranges(self.item_keys, items)])
-        fk, fv = fresh
-        sel = _in(fk >> 32, users) | _in(fk & _LOW32, items)
-        return _latest([(self.keys[pos], self.vals[pos]), (fk[sel], fv[sel])])
+        parts = [(self.keys[pos], self.vals[pos])]
+        for k, v in batches:
+            sel = _in(k >> 32, users) | _in(k & _LOW32, items)
+            parts.append((k[sel], v[sel]))
+        return _latest(parts)
 
 
 def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.ndarray,
@@ -430,7 +434,7 @@ class Rebuild:
         self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
     ) -> None:
         self.pairs.merge(batches)
-        self._resolve(self.pairs.rows(users, items, _latest([])), users, items, fresh_grams=True)
+        self._resolve(self.pairs.rows(users, items, []), users, items, fresh_grams=True)
         self._stage(users, items)
 
     def _resolve(
@@ -542,14 +546,15 @@ class Rebuild:
         share_u = budget * old_u // max(1, old_u + old_i)
         now_u, later_u = self._split(users, nu0, nu, share_u)
         now_i, later_i = self._split(items, ni0, ni, budget - share_u)
-        fresh = _latest(self.pairs.take())
-        self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
-        self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
-        lap("grow")
-        pairs = self.pairs.rows(now_u, now_i, fresh)
-        lap("rows")
-        self._resolve(pairs, now_u, now_i)
-        lap("solve")
+        batches = self.pairs.take()
+        with _one_thread():
+            self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
+            self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
+            lap("grow")
+            pairs = self.pairs.rows(now_u, now_i, batches)
+            lap("rows")
+            self._resolve(pairs, now_u, now_i)
+            lap("solve")
         hr_old, hr_new = self._hit_rates()
         # the background work checked every row it wrote; only the rows just re-solved remain
         self.finite = self.finite and bool(
@@ -578,7 +583,7 @@ class Rebuild:
             lap("flip commit")
             self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])
             self.thread = threading.Thread(
-                target=self._guarded, args=(self._after_round, fresh, later_u, later_i),
+                target=self._guarded, args=(self._after_round, batches, later_u, later_i),
                 daemon=True,
             )  # fmt: skip
             self.thread.start()
@@ -595,11 +600,11 @@ class Rebuild:
         return out
 
     def _after_round(
-        self, fresh: tuple[np.ndarray, np.ndarray], users: np.ndarray, items: np.ndarray
+        self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
     ) -> None:
         """Re-solve the left-over rows from their rows as of the swap (background)."""
-        self.pairs.merge([fresh])
-        self._resolve(self.pairs.rows(users, items, _latest([])), users, items, fresh_grams=True)
+        self.pairs.merge(batches)
+        self._resolve(self.pairs.rows(users, items, []), users, items, fresh_grams=True)
         self.finite = self.finite and bool(
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
@@ -635,6 +640,19 @@ class _Rows:
         self.factors = factors
         self.bias = np.zeros(factors.shape[0], np.float32)
         self.n = factors.shape[0]
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Numba's parallel kernels on one thread, for this thread only (numba's setting is per
+    thread). For the swap's few rows: on a loaded machine each parallel region's barrier waits
+    for a descheduled worker, which measured 5-10x the single-thread time."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,7 +10,7 @@ from synthetic import planted_stream
 from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig, _latest, _Pairs
+from stream_mf.rebuild import Rebuild, RebuildConfig, _Pairs
 from stream_mf.state import ModelState
 from stream_mf.store import MODEL_CFS, StateStore, confidence_items
 
@@ -162,7 +162,7 @@ def test_pairs_copy_follows_the_live_map() -> None:
         pairs.note(d.pair_keys, d.pair_values)
         if lo == 13_000:
             pairs.merge(pairs.take())  # some merged, the rest still fresh
-    fresh = _latest(pairs.take())
+    fresh = pairs.take()
     keys, vals = confidence_items(model.state.confidence)
     rng = np.random.default_rng(0)
     users = np.unique(rng.integers(0, model.state.users.n, 40))
@@ -171,7 +171,7 @@ def test_pairs_copy_follows_the_live_map() -> None:
     want = np.isin(keys >> 32, users) | np.isin(keys & 0xFFFFFFFF, items)
     np.testing.assert_array_equal(got_k, keys[want])
     np.testing.assert_array_equal(got_v, vals[want])
-    pairs.merge([fresh])
+    pairs.merge(fresh)
     np.testing.assert_array_equal(pairs.keys, keys)
     np.testing.assert_array_equal(pairs.vals, vals)
 

@@ -105,7 +105,9 @@ class UpdaterSettings(ProcessSettings):
         ge=1,
         description="micro-batch bound by count (large batches amortise the RocksDB commit)",
     )
-    max_batch_seconds: float = Field(default=0.1, gt=0, description="micro-batch bound by time")
+    max_batch_seconds: float = Field(
+        default=0.1, gt=0, description="longest wait for a micro-batch to fill (a backlog fills it)"
+    )
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000

@@ -1,7 +1,7 @@
 """The updater: the one process that learns from `interactions` and writes the model store.
 
 Commit order, per micro-batch (the exactly-once argument; DESIGN.md):
-  1. consume up to `max_batch_events` messages or `max_batch_seconds`, whichever comes first;
+  1. consume up to `max_batch_events` messages, waiting at most `max_batch_seconds` for more;
   2. decode; bad messages go to the dead-letter topic, and that producer is flushed: a message
      whose dead letter was not acknowledged must not be skipped;
   3. learn the valid events (in memory);
@@ -53,6 +53,19 @@ class DeadLetterError(RuntimeError):
 
 class OffsetRegressionError(RuntimeError):
     """An offset went backwards: something other than this process moved the consumer."""
+
+
+def _columns(msgs: list[Message]) -> tuple[list[bytes | None], np.ndarray, np.ndarray]:
+    """Payloads, partitions and offsets in one pass over the messages."""
+    values: list[bytes | None] = []
+    parts: list[int] = []
+    offs: list[int] = []
+    va, pa, oa = values.append, parts.append, offs.append
+    for m in msgs:
+        va(m.value())
+        pa(m.partition())
+        oa(m.offset())
+    return values, np.asarray(parts, np.int32), np.asarray(offs, np.int64)
 
 
 class Updater:
@@ -284,14 +297,17 @@ class Updater:
         self.metrics.rebuild_running.set(0)
 
     def _collect(self, stop: kafka_io.StopFlag) -> list[Message]:
+        """Up to `max_batch_events` messages. `max_batch_seconds` bounds the wait for more, not
+        the draining of what is already fetched: behind a backlog the batch fills up (larger
+        commits cost less per event) and a quiet topic still gets its events applied promptly."""
         s = self.settings
         deadline = time.monotonic() + s.max_batch_seconds
         out: list[Message] = []
         while len(out) < s.max_batch_events and not stop:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+            left = max(0.0, deadline - time.monotonic())
             got = self.consumer.consume(min(s.max_batch_events - len(out), 10_000), left)
+            if not got and left == 0.0:
+                break
             for m in got:
                 err = m.error()
                 if err is None:
@@ -306,13 +322,12 @@ class Updater:
         t0 = time.perf_counter()
         n = len(msgs)
         self.metrics.consumed.inc(n)
-        dec = decode_events([m.value() for m in msgs], self.types, self.settings.max_message_bytes)
+        values, parts, offs = _columns(msgs)
+        dec = decode_events(values, self.types, self.settings.max_message_bytes)
+        del values
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
         pos = np.asarray(dec.positions, np.int64)
-        # one pass over the messages for partitions and offsets, used twice below
-        parts = np.array([m.partition() for m in msgs], np.int32)
-        offs = np.array([m.offset() for m in msgs], np.int64)
         batch = EventBatch(
             user_ids=dec.users,
             item_ids=dec.items,

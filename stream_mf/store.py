@@ -92,6 +92,35 @@ def _meta_bytes(table: EntityTable, lo: int, hi: int) -> bytes:
     )
 
 
+def _block_view(a: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Whole blocks of `a` as one row of raw bytes each: shape (len(blocks), BLOCK_ROWS*row)."""
+    per = a[: (int(blocks[-1]) + 1) * BLOCK_ROWS].reshape(
+        -1, BLOCK_ROWS * int(np.prod(a.shape[1:]))
+    )
+    return per[blocks].view(np.uint8)
+
+
+def _as_bytes(raw: np.ndarray) -> list[bytes]:
+    """One `bytes` per row of a 2-D uint8 array, in one C call (a void view's tolist)."""
+    return np.ascontiguousarray(raw).view(f"V{raw.shape[1]}").ravel().tolist()
+
+
+def _rows_bytes(a: np.ndarray, blocks: np.ndarray) -> list[bytes]:
+    return _as_bytes(_block_view(a, blocks))
+
+
+def _model_keys(gen: int, blocks: np.ndarray) -> list[bytes]:
+    """`_model_key(gen, b)` for every block at once."""
+    k = np.empty((blocks.size, 2), ">u4")
+    k[:, 0] = gen
+    k[:, 1] = blocks
+    return k.view("V8").ravel().tolist()
+
+
+def _be32_keys(blocks: np.ndarray) -> list[bytes]:
+    return blocks.astype(">u4").view("V4").tolist()
+
+
 def _read_meta_block(table: EntityTable, lo: int, raw: bytes) -> None:
     rows = len(raw) // 24
     table.count[lo : lo + rows] = np.frombuffer(raw, np.int64, rows, 0)
@@ -496,15 +525,30 @@ class StateStore:
         h_f, h_m = self.h[f"{kind}_factors"], self.h[f"{kind}_meta"]
         h_b = self.h["item_bias"] if kind == "item" else None
         n = table.n
-        for b in unique_sorted(rows // BLOCK_ROWS).tolist():
+        blocks = unique_sorted(rows.astype(np.int64) // BLOCK_ROWS)
+        full = blocks[(blocks + 1) * BLOCK_ROWS <= n]  # whole blocks: bytes in one C call each
+        put = wb.put
+        if full.size:
+            keys = _model_keys(gen, full)
+            for k, v in zip(keys, _rows_bytes(table.factors, full), strict=True):
+                put(k, v, h_f)
+            if meta:
+                parts = (table.count, table.last, table.logpop)
+                raw = np.concatenate([_block_view(a, full) for a in parts], axis=1)
+                for k, v in zip(_be32_keys(full), _as_bytes(raw), strict=True):
+                    put(k, v, h_m)
+            if h_b is not None:
+                for k, v in zip(keys, _rows_bytes(table.bias, full), strict=True):
+                    put(k, v, h_b)
+        for b in blocks[full.size :].tolist():  # the last, partial block
             lo = b * BLOCK_ROWS
             hi = min(lo + BLOCK_ROWS, n)
             key = _model_key(gen, b)
-            wb.put(key, table.factors[lo:hi].tobytes(), h_f)
+            put(key, table.factors[lo:hi].tobytes(), h_f)
             if meta:
-                wb.put(_BE32.pack(b), _meta_bytes(table, lo, hi), h_m)
+                put(_BE32.pack(b), _meta_bytes(table, lo, hi), h_m)
             if h_b is not None:
-                wb.put(key, table.bias[lo:hi].tobytes(), h_b)
+                put(key, table.bias[lo:hi].tobytes(), h_b)
 
     def stage_model(self, kind: str, table: EntityTable, gen: int, blocks: np.ndarray) -> None:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
@@ -516,11 +560,13 @@ class StateStore:
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
         if keys.size == 0:
             return
-        kb = keys.astype(">i8").tobytes()
-        vb = vals.astype("<f8").tobytes()
         h = self.h["confidence"]
-        for j in range(keys.shape[0]):
-            wb.put(kb[8 * j : 8 * j + 8], vb[8 * j : 8 * j + 8], h)
+        put = wb.put
+        # V8 views turn into 8-byte `bytes` in one C call (3x cheaper than slicing a buffer)
+        kb = keys.astype(">i8").view("V8").tolist()
+        vb = vals.astype("<f8").view("V8").tolist()
+        for k, v in zip(kb, vb, strict=True):
+            put(k, v, h)
 
     def write_offsets(self, offsets: Iterable[tuple[tuple[str, int], int]]) -> None:
         wb = rd.WriteBatch(raw_mode=True)

@@ -13,16 +13,46 @@ from consumers import kafka_io
 from consumers.settings import KafkaSettings
 from stream_mf.messages import RecResponse
 
+#: Client defaults for request/reply through a broker that does not wake a waiting fetch when
+#: data arrives (Tansu): the reply waits up to `fetch.wait.max.ms` at the client's fetch, so it
+#: is short; a 1 ms linger lets requests sent together share a record batch, which is what the
+#: embedded broker's CPU cost is counted in (bench/bench_query.py measures both).
+FETCH_WAIT_MS = 2
+LINGER_MS = 1.0
+
+
+def request_producer(kafka: KafkaSettings, linger_ms: float = LINGER_MS) -> Producer:
+    """Producer for requests (RecClient and bench_query's load use the same settings)."""
+    return kafka_io.producer(kafka, **{"linger.ms": linger_ms, "socket.nagle.disable": True})
+
+
+def reply_consumer(kafka: KafkaSettings, fetch_wait_ms: int = FETCH_WAIT_MS) -> Consumer:
+    """Consumer for the reply topic, assigned by the caller (no group join)."""
+    return kafka_io.consumer(
+        kafka,
+        f"stream-mf-client-{uuid.uuid4().hex[:8]}",
+        **{
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": fetch_wait_ms,
+            "socket.nagle.disable": True,
+        },
+    )
+
 
 class RecClient:
     """Reads the reply topic directly (no consumer group), from its end at start-up."""
 
-    def __init__(self, kafka: KafkaSettings, requests: str, responses: str):
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        requests: str,
+        responses: str,
+        fetch_wait_ms: int = FETCH_WAIT_MS,
+        linger_ms: float = LINGER_MS,
+    ):
         self.requests, self.responses = requests, responses
-        self.producer: Producer = kafka_io.producer(kafka, **{"linger.ms": 0})
-        self.consumer: Consumer = kafka_io.consumer(
-            kafka, f"stream-mf-client-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False}
-        )
+        self.producer: Producer = request_producer(kafka, linger_ms)
+        self.consumer: Consumer = reply_consumer(kafka, fetch_wait_ms)
         meta = self.consumer.list_topics(responses, timeout=10)
         parts = meta.topics[responses].partitions
         if not parts:

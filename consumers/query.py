@@ -9,13 +9,14 @@ one consumer group.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
@@ -45,6 +46,49 @@ def _deadline(headers: dict[str, bytes], msg_ts_ms: int, default_ms: int | None)
     return v / 1000.0 if v >= 1e12 else (msg_ts_ms + v) / 1000.0
 
 
+#: Producer batching for replies. Tansu spends about 1 ms of CPU per stored record batch (a
+#: produce and its fetch), so replies sent one per request cost the broker more than the
+#: service costs; a short linger lets the replies of one fetch share a batch (bench_query.py).
+REPLY_LINGER_MS = 1.0
+
+
+def request_consumer(
+    settings: QuerySettings, on_error: Callable[[], None] | None = None
+) -> Consumer:
+    """The service's request consumer (also what bench_query's bare echo uses, so the two
+    differ only by the model).
+
+    A broker that does not wake a waiting fetch when data arrives (Tansu answers at once when
+    data is there, else after `fetch.wait.max.ms`) adds up to that wait to every request, so it
+    is short; a fetch on an idle topic costs the broker little at 2 ms.
+    """
+    return kafka_io.consumer(
+        settings.kafka,
+        settings.group_id,
+        settings.session_timeout_ms,
+        on_error=on_error,
+        **{
+            "enable.auto.commit": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": settings.fetch_wait_ms,
+            "socket.nagle.disable": True,
+        },
+    )
+
+
+def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None = None) -> Producer:
+    """The service's reply producer: short linger (see REPLY_LINGER_MS), bounded queue."""
+    return kafka_io.producer(
+        settings.kafka,
+        on_error=on_error,
+        **{
+            "linger.ms": REPLY_LINGER_MS,
+            "socket.nagle.disable": True,
+            "queue.buffering.max.kbytes": 64 * 1024,  # bounded under overload
+        },
+    )
+
+
 class QueryService:
     def __init__(self, settings: QuerySettings, registry: CollectorRegistry | None = None):
         self.settings = settings
@@ -52,27 +96,11 @@ class QueryService:
         self.metrics = QueryMetrics(self.registry)
         self.follower: StoreFollower | None = None
         broker_error = self.metrics.errors.labels("broker").inc
-        self.consumer = kafka_io.consumer(
-            settings.kafka,
-            settings.group_id,
-            settings.session_timeout_ms,
-            on_error=broker_error,
-            **{
-                "enable.auto.commit": True,
-                "auto.offset.reset": "earliest",
-                # a broker that does not answer a waiting fetch early when data arrives (Tansu)
-                # adds this wait to every request; keep it short for request/reply
-                "fetch.wait.max.ms": settings.fetch_wait_ms,
-            },
-        )
-        # 1 ms lets replies under load share a produce request (broker CPU is the limit)
-        self.producer = kafka_io.producer(
-            settings.kafka,
-            on_error=broker_error,
-            **{"linger.ms": 1, "queue.buffering.max.kbytes": 64 * 1024},  # bounded under overload
-        )
+        self.consumer = request_consumer(settings, on_error=broker_error)
+        self.producer = reply_producer(settings, on_error=broker_error)
         self.metrics_port: int | None = None
         self._next_refresh = 0.0
+        self._warm = False
 
     def _follow(self) -> None:
         now = time.monotonic()
@@ -100,6 +128,36 @@ class QueryService:
             self.metrics.refresh_seconds.observe(time.perf_counter() - t0)
             self.metrics.model_version.set(self.follower.model_version)
             self.metrics.model_events.set(self.follower.events_applied)
+            if not self._warm:
+                self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Before the first real request: load the numba kernels' caches and touch BLAS and the
+        item arrays, then move start-up objects out of the collector's way (`gc.freeze`), so
+        neither first requests nor later full collections pay for them."""
+        self._warm = True
+        assert self.follower is not None and self.follower.view is not None
+        view = self.follower.view
+        t0 = time.perf_counter()
+        try:
+            reqs = [RecRequest(request_id="warm-up", kind="popular")]
+            if len(view.ids):
+                first = view.ids[0]
+                reqs += [
+                    RecRequest(request_id="warm-up", kind="similar_items", item_id=first),
+                    RecRequest(request_id="warm-up", kind="recommend_anonymous", items=[first]),
+                    RecRequest(request_id="warm-up", kind="recommend", user_id="warm-up"),
+                ]
+            for req in reqs:
+                resp = answer(
+                    req, view, self.follower, min_user_events=self.settings.min_user_events
+                )
+                resp.model_dump_json()
+        except Exception as exc:  # warming is an optimisation: never fail start-up over it
+            log.warning("warm-up failed (first requests will be slower): %s", exc)
+        gc.collect()
+        gc.freeze()
+        log.info("warmed up in %.3f s", time.perf_counter() - t0)
 
     def run(self, stop: kafka_io.StopFlag) -> int:
         s = self.settings

@@ -89,6 +89,12 @@ class RebuildConfig(BaseModel):
         description="swap unless the new HR@10 is lower by more than this (absolute; with 1000 "
         "events the paired noise is about 0.02)",
     )
+    swap_budget_s: float = Field(
+        default=0.03,
+        ge=0,
+        description="time the swap step may spend re-solving rows other than new ids (then "
+        "the rest is finished after the swap): keeps the pause short on a loaded machine",
+    )
     stage_blocks: int = Field(default=256, ge=1, description="blocks per staging WriteBatch")
 
 
@@ -181,6 +187,16 @@ class _Pairs:
         return _latest(parts)
 
 
+def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not batches:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _chunks(rows: np.ndarray, size: int = 256) -> list[np.ndarray]:
+    return [rows[lo : lo + size] for lo in range(0, rows.size, size)]
+
+
 def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.ndarray,
              n_cols: int) -> CSR:  # fmt: skip
     """CSR whose row r is entity `rows[r]` (sorted unique): solving a few rows then costs
@@ -217,15 +233,34 @@ class Outcome:
     swap_parts: dict[str, float] = field(default_factory=dict)  # where the swap step's time went
 
 
-@dataclass
 class _Touched:
-    users: list[np.ndarray] = field(default_factory=list)
-    items: list[np.ndarray] = field(default_factory=list)
+    """Rows touched since the last `take`, as masks: marking costs a batch's size and taking
+    one pass over the ids, where deduplicating a round's worth of batches took tens of ms."""
+
+    def __init__(self) -> None:
+        self.users = np.zeros(1024, np.bool_)
+        self.items = np.zeros(1024, np.bool_)
+
+    @staticmethod
+    def _mark(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if rows.size == 0:
+            return mask
+        need = int(rows.max()) + 1
+        if need > mask.size:
+            grown = np.zeros(max(need, mask.size * 2), np.bool_)
+            grown[: mask.size] = mask
+            mask = grown
+        mask[rows] = True
+        return mask
+
+    def mark(self, users: np.ndarray, items: np.ndarray) -> None:
+        self.users = self._mark(self.users, users)
+        self.items = self._mark(self.items, items)
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
-        u = np.unique(np.concatenate(self.users)) if self.users else np.empty(0, np.int64)
-        i = np.unique(np.concatenate(self.items)) if self.items else np.empty(0, np.int64)
-        self.users, self.items = [], []
+        u, i = np.flatnonzero(self.users), np.flatnonzero(self.items)
+        self.users[:] = False
+        self.items[:] = False
         return u.astype(np.int64), i.astype(np.int64)
 
 
@@ -233,7 +268,7 @@ class _Growing:
     """Factor rows with spare capacity: new ids are appended without copying the whole array."""
 
     def __init__(self, rows: np.ndarray) -> None:
-        self.buf = np.empty((max(16, rows.shape[0] * 5 // 4), rows.shape[1]), np.float32)
+        self.buf = np.empty((max(16, rows.shape[0] * 3 // 2), rows.shape[1]), np.float32)
         self.n = rows.shape[0]
         self.buf[: self.n] = rows
 
@@ -244,7 +279,7 @@ class _Growing:
     def append(self, rows: np.ndarray) -> None:
         need = self.n + rows.shape[0]
         if need > self.buf.shape[0]:
-            buf = np.empty((need * 5 // 4, self.buf.shape[1]), np.float32)
+            buf = np.empty((need * 3 // 2, self.buf.shape[1]), np.float32)
             buf[: self.n] = self.a
             self.buf = buf
         self.buf[self.n : need] = rows
@@ -310,8 +345,7 @@ class Rebuild:
     def note(self, delta: BatchDelta) -> None:
         if self.swap_outcome is not None or not delta.pair_keys.size:
             return  # after the swap the live model learns on the new factors itself
-        self.touched.users.append(delta.pair_keys >> 32)
-        self.touched.items.append(delta.pair_keys & 0xFFFFFFFF)
+        self.touched.mark(delta.pair_keys >> 32, delta.pair_keys & _LOW32)
         self.pairs.note(delta.pair_keys, delta.pair_values)
 
     @property
@@ -521,16 +555,8 @@ class Rebuild:
             hr_new=hr_new, scored=self.scored,
         )  # fmt: skip
 
-    def _split(
-        self, touched: np.ndarray, n_before: int, n_now: int, budget: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(rows to solve in the swap: new ids and up to `budget` others, rows left over)."""
-        new = np.arange(n_before, n_now, dtype=np.int64)
-        old = touched[touched < n_before]
-        return np.union1d(new, old[:budget]), old[budget:]
-
     def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> Outcome | None:
-        t0 = time.perf_counter()
+        t0 = start = time.perf_counter()
         parts: dict[str, float] = {}
 
         def lap(name: str) -> None:
@@ -541,20 +567,35 @@ class Rebuild:
 
         nu0, ni0 = self._grow(state)
         nu, ni = self._u.n, self._v.n
-        old_u, old_i = int(np.sum(users < nu0)), int(np.sum(items < ni0))
-        budget = max(0, self.cfg.final_rows - (nu - nu0) - (ni - ni0))
-        share_u = budget * old_u // max(1, old_u + old_i)
-        now_u, later_u = self._split(users, nu0, nu, share_u)
-        now_i, later_i = self._split(items, ni0, ni, budget - share_u)
+        # new ids have no vector of the new model yet: always solved here
+        new_u = np.arange(nu0, nu, dtype=np.int64)
+        new_i = np.arange(ni0, ni, dtype=np.int64)
+        old_u, old_i = users[users < nu0], items[items < ni0]
+        budget = max(0, self.cfg.final_rows - new_u.size - new_i.size)
+        share_u = budget * old_u.size // max(1, old_u.size + old_i.size)
         batches = self.pairs.take()
+        pend = _concat(batches)  # in order, so the last value of a key wins
+        none = np.empty(0, np.int64)
+        done_u, done_i = [new_u], [new_i]
         with _one_thread():
             self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
             self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
             lap("grow")
-            pairs = self.pairs.rows(now_u, now_i, batches)
-            lap("rows")
-            self._resolve(pairs, now_u, now_i)
+            if new_u.size or new_i.size:
+                self._resolve(self.pairs.rows(new_u, new_i, [pend]), new_u, new_i)
+            # then others, a chunk at a time, within the row and the time budget
+            deadline = start + self.cfg.swap_budget_s
+            chunks = [(c, none) for c in _chunks(old_u[:share_u])]
+            chunks += [(none, c) for c in _chunks(old_i[: budget - share_u])]
+            for cu, ci in chunks:
+                if time.perf_counter() >= deadline:
+                    break
+                self._resolve(self.pairs.rows(cu, ci, [pend]), cu, ci)
+                done_u.append(cu)
+                done_i.append(ci)
             lap("solve")
+        now_u, now_i = np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i))
+        later_u, later_i = old_u[~_in(old_u, now_u)], old_i[~_in(old_i, now_i)]
         hr_old, hr_new = self._hit_rates()
         # the background work checked every row it wrote; only the rows just re-solved remain
         self.finite = self.finite and bool(
@@ -583,7 +624,7 @@ class Rebuild:
             lap("flip commit")
             self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])
             self.thread = threading.Thread(
-                target=self._guarded, args=(self._after_round, batches, later_u, later_i),
+                target=self._guarded, args=(self._after_round, [pend], later_u, later_i),
                 daemon=True,
             )  # fmt: skip
             self.thread.start()

@@ -67,17 +67,17 @@ def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, State
     return model, store, outcome
 
 
-@pytest.mark.parametrize("final_rows", [2000, 25])
+@pytest.mark.parametrize("final_rows", [2000, 100])
 def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int) -> None:
-    # 25: most rows touched during the last round are left for after the swap, while batches
+    # 100: most rows touched during the last round are left for after the swap, while batches
     # keep coming (their change is added to rows SGD keeps learning)
     cfg = RebuildConfig(
         iterations=5, alpha=5.0, guard_events=300, guard_margin=0.1, final_rows=final_rows,
-        max_rounds=2,
+        max_rounds=2, swap_budget_s=60.0,
     )  # fmt: skip
     model, store, outcome = run_with_rebuild(tmp_path, cfg)
     assert outcome.swapped and outcome.generation == 1
-    assert (outcome.deferred > 0) == (final_rows < 100)
+    assert (outcome.deferred > 0) == (final_rows < 1000)
     assert outcome.rows_resolved > 0 and np.isfinite(outcome.drift)
     assert outcome.scored >= 300 and outcome.hr_new >= outcome.hr_old - 0.1
     st = model.state
@@ -176,13 +176,16 @@ def test_pairs_copy_follows_the_live_map() -> None:
     np.testing.assert_array_equal(pairs.vals, vals)
 
 
-def test_rows_left_at_the_swap_are_solved_exactly_after_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("final_rows", "budget_s"), [(30, 60.0), (1500, 0.0)])
+def test_rows_left_at_the_swap_are_solved_exactly_after_it(
+    tmp_path: Path, final_rows: int, budget_s: float
+) -> None:
     """A swap bounded to a few rows flips at once; the rows it left are then re-solved from their
     full decayed rows against the new factors, as a dense solve does, and a crash at any point
     after the flip reloads exactly the new generation's rows in memory."""
     rcfg = RebuildConfig(
         iterations=3, alpha=5.0, solver="cholesky", guard_events=100, guard_margin=1.0,
-        final_rows=30, max_rounds=1,
+        final_rows=final_rows, max_rounds=1, swap_budget_s=budget_s,
     )  # fmt: skip
     batch = stream(30_000, seed=1)
     store = StateStore(tmp_path / "db")
@@ -216,7 +219,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(tmp_path: Path) -> No
     after = rb.after
     assert after is not None and flip.deferred == after.users.size + after.items.size > 0
     new_ids = st.users.n + st.items.n - n_before  # always solved in the swap
-    assert flip.users.size + flip.items.size <= rcfg.final_rows + new_ids
+    assert flip.users.size + flip.items.size <= (rcfg.final_rows if budget_s else 0) + new_ids
     assert store.generation() == 1 and st.model_version == 1
     V_at_flip = st.items.factors[: st.items.n].copy()
     keys, vals = confidence_items(st.confidence)
@@ -227,7 +230,8 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(tmp_path: Path) -> No
         rb.thread.join()
         outcome = rb.step(st)
         commits += outcome is None
-    assert commits >= 1  # applied in several steps, each committed
+    # final_rows rows a step, each step but the last committing its own
+    assert commits == (flip.deferred - 1) // rcfg.final_rows
     store.commit(
         st, BatchDelta.empty(st), None, generation=outcome.generation,
         extra_users=outcome.users, extra_items=outcome.items,
@@ -252,8 +256,9 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     """Killed between the flip and the last row applied after it: the new generation, exactly
     as committed, never a mix."""
     rcfg = RebuildConfig(
-        iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1
-    )
+        iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1,
+        swap_budget_s=60.0,
+    )  # fmt: skip
     batch = stream(30_000, seed=2)
     store = StateStore(tmp_path / "db")
     model = OnlineModel(CFG, store.load(CFG))

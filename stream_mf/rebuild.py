@@ -14,8 +14,9 @@ GIL), in steps the updater's loop drives between batches (`step`), each short:
    changed since the previous round (users and items with new events, new ids) are re-solved
    against the new factors from their full decayed rows, and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
-   at most `final_rows` of them (new ids always), copy the new factors into the live arrays and
-   flip the generation (`model_version` + 1) in one WriteBatch with those rows.
+   new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
+   factors into the live arrays and flip the generation (`model_version` + 1) in one WriteBatch
+   with those rows and every new id's (new ids not solved yet get their initial vector).
 5. **after the swap**, only if rows were left over (the stream touched rows faster than the
    rounds re-solved them): they are re-solved in the background against the new factors, from
    their rows as of the swap, and the change is added to the live rows (so what SGD learned on
@@ -47,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stream_mf.als import CSR, als_fit, confidence_matrix, gramian, solve_rows
 from stream_mf.model import BatchDelta
+from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.state import ModelState
 from stream_mf.store import BLOCK_ROWS, StateStore, confidence_items
 from stream_mf.topk import top_k
@@ -74,7 +76,7 @@ class RebuildConfig(BaseModel):
         default=1500,
         ge=1,
         description="catch up in the background until fewer rows remain; also the most rows "
-        "the swap step (besides new ids) and each step after it re-solve or write",
+        "the swap step and each step after it re-solve or write",
     )
     guard_events: int = Field(
         default=1000, ge=0, description="incoming events the guard scores against both models"
@@ -92,8 +94,8 @@ class RebuildConfig(BaseModel):
     swap_budget_s: float = Field(
         default=0.03,
         ge=0,
-        description="time the swap step may spend re-solving rows other than new ids (then "
-        "the rest is finished after the swap): keeps the pause short on a loaded machine",
+        description="time the swap step may spend re-solving rows (the rest is finished "
+        "after the swap): keeps the pause short on a loaded machine",
     )
     stage_blocks: int = Field(default=256, ge=1, description="blocks per staging WriteBatch")
 
@@ -567,27 +569,28 @@ class Rebuild:
 
         nu0, ni0 = self._grow(state)
         nu, ni = self._u.n, self._v.n
-        # new ids have no vector of the new model yet: always solved here
+        # ids registered since the last round have no vector of the new model: they start from
+        # their initial one (as when registered), model-neutral, whether solved here or after
+        cfg = state.config
+        init_rows(self._u.buf, nu0, nu, cfg.seed, USER_STREAM, cfg.init_scale)
+        init_rows(self._v.buf, ni0, ni, cfg.seed, ITEM_STREAM, cfg.init_scale)
         new_u = np.arange(nu0, nu, dtype=np.int64)
         new_i = np.arange(ni0, ni, dtype=np.int64)
-        old_u, old_i = users[users < nu0], items[items < ni0]
-        budget = max(0, self.cfg.final_rows - new_u.size - new_i.size)
-        share_u = budget * old_u.size // max(1, old_u.size + old_i.size)
-        batches = self.pairs.take()
-        pend = _concat(batches)  # in order, so the last value of a key wins
+        cand_u = np.concatenate([new_u, users[users < nu0]])  # new ids first
+        cand_i = np.concatenate([new_i, items[items < ni0]])
+        cap = self.cfg.final_rows
+        share_u = cap * cand_u.size // max(1, cand_u.size + cand_i.size)
         none = np.empty(0, np.int64)
-        done_u, done_i = [new_u], [new_i]
+        chunks = [(c, none) for c in _chunks(cand_u[:share_u])]
+        chunks += [(none, c) for c in _chunks(cand_i[: cap - share_u])]
+        pend = _concat(self.pairs.take())  # in order, so the last value of a key wins
+        done_u, done_i = [none], [none]
         with _one_thread():
             self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
             self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
             lap("grow")
-            if new_u.size or new_i.size:
-                self._resolve(self.pairs.rows(new_u, new_i, [pend]), new_u, new_i)
-            # then others, a chunk at a time, within the row and the time budget
             deadline = start + self.cfg.swap_budget_s
-            chunks = [(c, none) for c in _chunks(old_u[:share_u])]
-            chunks += [(none, c) for c in _chunks(old_i[: budget - share_u])]
-            for cu, ci in chunks:
+            for cu, ci in chunks:  # a chunk at a time, within the row and the time budget
                 if time.perf_counter() >= deadline:
                     break
                 self._resolve(self.pairs.rows(cu, ci, [pend]), cu, ci)
@@ -595,7 +598,11 @@ class Rebuild:
                 done_i.append(ci)
             lap("solve")
         now_u, now_i = np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i))
-        later_u, later_i = old_u[~_in(old_u, now_u)], old_i[~_in(old_i, now_i)]
+        later_u, later_i = cand_u[~_in(cand_u, now_u)], cand_i[~_in(cand_i, now_i)]
+        later_u.sort()
+        later_i.sort()
+        # the flip writes what it solved and every new id (not staged)
+        flip_u, flip_i = np.union1d(now_u, new_u), np.union1d(now_i, new_i)
         hr_old, hr_new = self._hit_rates()
         # the background work checked every row it wrote; only the rows just re-solved remain
         self.finite = self.finite and bool(
@@ -611,7 +618,7 @@ class Rebuild:
         lap("copy")
         deferred = int(later_u.size + later_i.size)
         out = self.swap_outcome = Outcome(
-            swapped=True, generation=self.generation, users=now_u, items=now_i, seconds=0.0,
+            swapped=True, generation=self.generation, users=flip_u, items=flip_i, seconds=0.0,
             rows_resolved=0, drift=drift, hr_old=hr_old, hr_new=hr_new, scored=self.scored,
             swap_rows=int(now_u.size + now_i.size), deferred=deferred, swap_parts=parts,
         )  # fmt: skip
@@ -619,7 +626,7 @@ class Rebuild:
             # flip now, finish the rest on the new model (step 5 of the module docstring)
             self.store.commit(
                 state, BatchDelta.empty(state), None, generation=self.generation,
-                extra_users=now_u, extra_items=now_i,
+                extra_users=flip_u, extra_items=flip_i,
             )  # fmt: skip
             lap("flip commit")
             self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])

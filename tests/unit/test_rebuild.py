@@ -218,8 +218,9 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     flip = rb.swap_outcome
     after = rb.after
     assert after is not None and flip.deferred == after.users.size + after.items.size > 0
-    new_ids = st.users.n + st.items.n - n_before  # always solved in the swap
-    assert flip.users.size + flip.items.size <= (rcfg.final_rows if budget_s else 0) + new_ids
+    new_ids = st.users.n + st.items.n - n_before  # written by the flip, solved or not
+    assert flip.swap_rows <= (rcfg.final_rows if budget_s else 0)
+    assert flip.users.size + flip.items.size <= flip.swap_rows + new_ids
     assert store.generation() == 1 and st.model_version == 1
     V_at_flip = st.items.factors[: st.items.n].copy()
     keys, vals = confidence_items(st.confidence)

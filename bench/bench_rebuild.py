@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Col, print_table, synthetic_events, write_results
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig
+from stream_mf.rebuild import Rebuild, RebuildConfig, warm_up_rebuild
 from stream_mf.store import StateStore
 
 
@@ -52,6 +52,7 @@ def main() -> None:
     step_batch = int(rate * 0.2)
     cfg = ModelConfig(dim=64, n_negatives=4)
     rcfg = RebuildConfig(iterations=5 if args.quick else 10, guard_events=500)
+    warm_up_rebuild()  # as the updater does at start, on its loop thread
     with tempfile.TemporaryDirectory() as tmp:
         store = StateStore(Path(tmp) / "db")
         model = OnlineModel(cfg, store.load(cfg))

@@ -44,13 +44,14 @@ from typing import Literal
 
 import numba
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream_mf.als import CSR, als_fit, confidence_matrix, gramian, solve_rows
 from stream_mf.model import BatchDelta
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.state import ModelState
-from stream_mf.store import BLOCK_ROWS, StateStore, confidence_items
+from stream_mf.store import BLOCK_ROWS, StateStore
 from stream_mf.topk import top_k
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,23 @@ class _Pairs:
         return _latest(parts)
 
 
+@njit(cache=True)
+def _dump_into(conf, keys, vals):  # type: ignore[no-untyped-def]
+    j = 0
+    for k, v in conf.items():
+        keys[j] = k
+        vals[j] = v
+        j += 1  # noqa: SIM113 (numba)
+
+
+def _dump(conf: object) -> tuple[np.ndarray, np.ndarray]:
+    """The confidence map's entries, unsorted: the loop thread pays only for the copy."""
+    n = len(conf)  # type: ignore[arg-type]
+    keys, vals = np.empty(n, np.int64), np.empty(n, np.float64)
+    _dump_into(conf, keys, vals)
+    return keys, vals
+
+
 def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     if not batches:
         return np.empty(0, np.int64), np.empty(0, np.float64)
@@ -320,7 +338,7 @@ class Rebuild:
         self.hits_new = 0
         self.after: _After | None = None
         self.swap_outcome: Outcome | None = None
-        keys, vals = confidence_items(state.confidence)
+        keys, vals = _dump(state.confidence)  # sorted in the background
         self.pairs = _Pairs(keys, vals)
         nu, ni = state.users.n, state.items.n
         self._u = _Growing(state.users.factors[:nu])
@@ -425,6 +443,9 @@ class Rebuild:
     def _fit(self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int) -> None:
         t0 = time.perf_counter()
         c = self.cfg
+        order = np.argsort(keys)
+        keys, vals = keys[order], vals[order]
+        self.pairs.keys, self.pairs.vals = keys, vals
         by_user, by_item = confidence_matrix(
             keys, vals, nu, ni, self.clock, self.decay_rate, c.alpha, c.min_confidence
         )
@@ -590,12 +611,15 @@ class Rebuild:
             self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
             lap("grow")
             deadline = start + self.cfg.swap_budget_s
+            slowest = 0.0
             for cu, ci in chunks:  # a chunk at a time, within the row and the time budget
-                if time.perf_counter() >= deadline:
+                t = time.perf_counter()
+                if t >= deadline:
                     break
                 self._resolve(self.pairs.rows(cu, ci, [pend]), cu, ci)
                 done_u.append(cu)
                 done_i.append(ci)
+                slowest = max(slowest, time.perf_counter() - t)
             lap("solve")
         now_u, now_i = np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i))
         later_u, later_i = cand_u[~_in(cand_u, now_u)], cand_i[~_in(cand_i, now_i)]
@@ -636,6 +660,7 @@ class Rebuild:
             )  # fmt: skip
             self.thread.start()
         out.seconds = sum(parts.values()) / 1e3
+        parts["slowest chunk"] = slowest * 1e3
         log.info(
             "rebuild swapped: generation %d, HR@10 on %d new events: old %.3f new %.3f, drift "
             "%.3f, swap step %.0f ms (%s), %d rows re-solved in it, %d left for after the swap",
@@ -714,9 +739,16 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def warm_up_rebuild() -> None:
-    """Compile (or load from numba's cache) what the loop thread calls during a swap."""
+    """Compile (or load from numba's cache) what the loop thread calls during a swap, and start
+    this thread's OpenMP team for one thread, as the swap uses it (the first parallel call from
+    a thread pays for both: 10-60 ms measured)."""
     x = np.ones((2, 4), np.float32)
     y = np.ones((3, 4), np.float32)
     c = CSR(np.array([0, 1, 1], np.int64), np.zeros(1, np.int32), np.ones(1, np.float32), 3)
-    for solver in ("cg", "cholesky"):
-        solve_rows(c, x, y, 0.1, None, solver, 1, gramian(y))
+    with _one_thread():
+        for solver in ("cg", "cholesky"):
+            solve_rows(c, x, y, 0.1, None, solver, 1, gramian(y))
+        init_rows(x, 0, 1, 0, USER_STREAM, 0.1)
+    from stream_mf.state import new_confidence_map
+
+    _dump(new_confidence_map())

@@ -275,8 +275,8 @@ class QueryService:
         )
 
     def close(self) -> None:
-        # replies first: their delivery callbacks store the requests' offsets, which closing
-        # the consumer then commits
+        # replies first (a request's offset is stored once its reply is produced; flushing
+        # delivers them before closing the consumer commits those offsets)
         self.producer.flush(5.0)
         try:
             self.consumer.close()

@@ -20,16 +20,16 @@ GIL), in steps the updater's loop drives between batches (`step`), each short:
 5. **after the swap**, only if rows were left over (the stream touched rows faster than the
    rounds re-solved them): they are re-solved in the background against the new factors, from
    their rows as of the swap, and the change is added to the live rows (so what SGD learned on
-   the new model meanwhile stays), `final_rows` rows per step, each step one commit.
+   the new model meanwhile stays), `after_rows` rows per step, each step one commit.
 
 The rebuild keeps its own copy of the confidence map (the snapshot plus every batch's changed
 pairs), so neither the swap nor any other loop-thread step scans the live map, and background
 rounds never read what the loop thread writes. A crash before the flip leaves the old generation
 (the staged one is deleted on open); after it, the new one, never a mix. Every event since the
 snapshot reaches the factors of its user and item through a re-solve of their full decayed rows;
-a crash between the flip and the last step of 5 leaves the left-over rows at their previous
-round's solution (consistent, their newest events still in the confidence map for the next
-rebuild).
+a crash between the flip and the last step of 5 leaves the rows not applied yet at their
+previous round's solution (new ids at their initial vector): still one consistent model, with
+those rows' newest events in the confidence map for the next rebuild but not in their factors.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ class RebuildConfig(BaseModel):
         ge=0,
         description="swap unless the new HR@10 is lower by more than this (absolute; with 1000 "
         "events the paired noise is about 0.02)",
+    )
+    after_rows: int = Field(
+        default=3000,
+        ge=1,
+        description="re-solved rows applied (and committed) per step after the swap",
     )
     swap_budget_s: float = Field(
         default=0.03,
@@ -683,14 +688,14 @@ class Rebuild:
         )
 
     def _apply_after(self, state: ModelState) -> Outcome | None:
-        """Add the next `final_rows` re-solved rows' change to the live rows; commit them here,
+        """Add the next `after_rows` re-solved rows' change to the live rows; commit them here,
         or, for the last ones, through the caller's commit of the returned `Outcome`."""
         a = self.after
         assert a is not None and self.swap_outcome is not None
         if not self.finite:  # a non-finite solve: keep what SGD has; the rows stay consistent
             raise RuntimeError("a row re-solved after the swap is not finite")
         nu_ = a.users.size
-        lo, hi = a.done, min(a.done + self.cfg.final_rows, nu_ + a.items.size)
+        lo, hi = a.done, min(a.done + self.cfg.after_rows, nu_ + a.items.size)
         ju, ji = slice(min(lo, nu_), min(hi, nu_)), slice(max(lo - nu_, 0), max(hi - nu_, 0))
         users, items = a.users[ju], a.items[ji]
         state.users.factors[users] += self.U[users] - a.base_u[ju]

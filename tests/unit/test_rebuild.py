@@ -73,7 +73,7 @@ def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int)
     # keep coming (their change is added to rows SGD keeps learning)
     cfg = RebuildConfig(
         iterations=5, alpha=5.0, guard_events=300, guard_margin=0.1, final_rows=final_rows,
-        max_rounds=2, swap_budget_s=60.0,
+        max_rounds=2, swap_budget_s=60.0, after_rows=100,
     )  # fmt: skip
     model, store, outcome = run_with_rebuild(tmp_path, cfg)
     assert outcome.swapped and outcome.generation == 1
@@ -185,7 +185,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     after the flip reloads exactly the new generation's rows in memory."""
     rcfg = RebuildConfig(
         iterations=3, alpha=5.0, solver="cholesky", guard_events=100, guard_margin=1.0,
-        final_rows=final_rows, max_rounds=1, swap_budget_s=budget_s,
+        final_rows=final_rows, max_rounds=1, swap_budget_s=budget_s, after_rows=200,
     )  # fmt: skip
     batch = stream(30_000, seed=1)
     store = StateStore(tmp_path / "db")
@@ -231,8 +231,8 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
         rb.thread.join()
         outcome = rb.step(st)
         commits += outcome is None
-    # final_rows rows a step, each step but the last committing its own
-    assert commits == (flip.deferred - 1) // rcfg.final_rows
+    # after_rows rows a step, each step but the last committing its own
+    assert commits == (flip.deferred - 1) // rcfg.after_rows
     store.commit(
         st, BatchDelta.empty(st), None, generation=outcome.generation,
         extra_users=outcome.users, extra_items=outcome.items,
@@ -258,7 +258,7 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     as committed, never a mix."""
     rcfg = RebuildConfig(
         iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1,
-        swap_budget_s=60.0,
+        swap_budget_s=60.0, after_rows=20,
     )  # fmt: skip
     batch = stream(30_000, seed=2)
     store = StateStore(tmp_path / "db")

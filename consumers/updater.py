@@ -14,7 +14,6 @@ bit for bit. Any error in 2-4 stops the process without committing anything.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from typing import Any
@@ -360,8 +359,8 @@ class Updater:
         m.write_seconds.observe(t2 - t1)
         m.batches.inc()
         m.batch_events.observe(n)
-        for etype, count in collections.Counter(dec.types).items():
-            m.applied.labels(etype).inc(count)
+        for etype in set(dec.types):  # a few types: list.count scans in C
+            m.applied.labels(etype).inc(dec.types.count(etype))
         if len(batch):
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())

@@ -219,13 +219,16 @@ def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
 
 
 def _chunks(rows: np.ndarray, size: int = 256) -> list[np.ndarray]:
-    return [rows[lo : lo + size] for lo in range(0, rows.size, size)]
+    """Consecutive pieces of `rows`, each sorted (what row lookups and `_compact` expect)."""
+    return [np.sort(rows[lo : lo + size]) for lo in range(0, rows.size, size)]
 
 
 def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.ndarray,
              n_cols: int) -> CSR:  # fmt: skip
     """CSR whose row r is entity `rows[r]` (sorted unique): solving a few rows then costs
     nothing per entity of the whole model."""
+    if rows.size > 1 and not np.all(rows[1:] > rows[:-1]):  # else rows would be dropped
+        raise ValueError("rows must be sorted and unique")
     if col_of.size and int(col_of.max()) >= n_cols:  # the kernels do not check bounds
         raise ValueError(f"a pair refers to column {int(col_of.max())} of {n_cols}")
     keep = _in(row_of, rows)

@@ -10,7 +10,7 @@ from synthetic import planted_stream
 from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig, _Pairs
+from stream_mf.rebuild import Rebuild, RebuildConfig, _chunks, _compact, _Pairs
 from stream_mf.state import ModelState
 from stream_mf.store import MODEL_CFS, StateStore, confidence_items
 
@@ -176,6 +176,20 @@ def test_pairs_copy_follows_the_live_map() -> None:
     np.testing.assert_array_equal(pairs.vals, vals)
 
 
+def test_compact_rows_must_be_sorted() -> None:
+    """New ids come first in the swap's candidates: every chunk must still be sorted, or a
+    row lookup silently misses entries."""
+    cand = np.concatenate([np.arange(500, 520), np.arange(0, 400, 3)])
+    for chunk in _chunks(cand, 16):
+        assert np.all(chunk[1:] > chunk[:-1])
+    keys = np.array([(3 << 32) | 1, (7 << 32) | 2], np.int64)
+    data = np.ones(2)
+    C = _compact(np.array([3, 7]), keys >> 32, keys & 0xFFFFFFFF, data, 4)
+    np.testing.assert_array_equal(C.indptr, [0, 1, 2])
+    with pytest.raises(ValueError, match="sorted"):
+        _compact(np.array([7, 3]), keys >> 32, keys & 0xFFFFFFFF, data, 4)
+
+
 @pytest.mark.parametrize(("final_rows", "budget_s"), [(30, 60.0), (1500, 0.0)])
 def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     tmp_path: Path, final_rows: int, budget_s: float
@@ -200,7 +214,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
         store.commit(st, delta, {(TOPIC, 0): done})
         return delta
 
-    learn(10_000)
+    learn(1_500)  # early: new ids keep arriving during the rebuild
     rb = Rebuild(st, store, rcfg)
     n_before = st.users.n + st.items.n
     while rb.swap_outcome is None:  # batches keep coming until the flip

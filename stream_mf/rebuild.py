@@ -182,6 +182,13 @@ class _Pairs:
         order = np.argsort(ik)
         self.item_keys, self.item_pos = ik[order], order
 
+    def entries(self, ids: np.ndarray, kind: str) -> np.ndarray:
+        """Entries per user or item as of the last merge (what solving its row costs)."""
+        keys = self.keys if kind == "user" else self.item_keys
+        hi_bits = ids.astype(np.int64) << 32
+        lo = np.searchsorted(keys, hi_bits)
+        return np.searchsorted(keys, hi_bits + (np.int64(1) << 32)) - lo
+
     def rows(
         self, users: np.ndarray, items: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,9 +225,21 @@ def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-def _chunks(rows: np.ndarray, size: int = 256) -> list[np.ndarray]:
-    """Consecutive pieces of `rows`, each sorted (what row lookups and `_compact` expect)."""
-    return [np.sort(rows[lo : lo + size]) for lo in range(0, rows.size, size)]
+def _chunks(rows: np.ndarray, entries: np.ndarray, work: int = 16_384) -> list[np.ndarray]:
+    """Consecutive pieces of `rows` of about `work` entries each (a row costs its entries plus
+    a k×k product, about 32 entries at k=64), each sorted, as row lookups and `_compact` expect.
+
+    By entries, not rows: a chunk of 256 items with the most popular among them took 100 ms,
+    longer than the whole time budget the chunks are there to respect."""
+    cost = np.cumsum(entries.astype(np.int64) + 32)
+    out: list[np.ndarray] = []
+    lo = 0
+    while lo < rows.size:
+        base = cost[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cost, base + work, side="right")))
+        out.append(np.sort(rows[lo:hi]))
+        lo = hi
+    return out
 
 
 def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.ndarray,
@@ -605,13 +624,14 @@ class Rebuild:
         init_rows(self._v.buf, ni0, ni, cfg.seed, ITEM_STREAM, cfg.init_scale)
         new_u = np.arange(nu0, nu, dtype=np.int64)
         new_i = np.arange(ni0, ni, dtype=np.int64)
-        cand_u = np.concatenate([new_u, users[users < nu0]])  # new ids first
-        cand_i = np.concatenate([new_i, items[items < ni0]])
+        all_u = np.concatenate([new_u, users[users < nu0]])  # new ids first
+        all_i = np.concatenate([new_i, items[items < ni0]])
         cap = self.cfg.final_rows
-        share_u = cap * cand_u.size // max(1, cand_u.size + cand_i.size)
+        share_u = cap * all_u.size // max(1, all_u.size + all_i.size)
         none = np.empty(0, np.int64)
-        chunks = [(c, none) for c in _chunks(cand_u[:share_u])]
-        chunks += [(none, c) for c in _chunks(cand_i[: cap - share_u])]
+        cand_u, cand_i = all_u[:share_u], all_i[: cap - share_u]
+        chunks = [(c, none) for c in _chunks(cand_u, self.pairs.entries(cand_u, "user"))]
+        chunks += [(none, c) for c in _chunks(cand_i, self.pairs.entries(cand_i, "item"))]
         pend = _concat(self.pairs.take())  # in order, so the last value of a key wins
         done_u, done_i = [none], [none]
         with _one_thread():
@@ -630,7 +650,7 @@ class Rebuild:
                 slowest = max(slowest, time.perf_counter() - t)
             lap("solve")
         now_u, now_i = np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i))
-        later_u, later_i = cand_u[~_in(cand_u, now_u)], cand_i[~_in(cand_i, now_i)]
+        later_u, later_i = all_u[~_in(all_u, now_u)], all_i[~_in(all_i, now_i)]
         later_u.sort()
         later_i.sort()
         # the flip writes what it solved and every new id (not staged)

@@ -180,7 +180,11 @@ def test_compact_rows_must_be_sorted() -> None:
     """New ids come first in the swap's candidates: every chunk must still be sorted, or a
     row lookup silently misses entries."""
     cand = np.concatenate([np.arange(500, 520), np.arange(0, 400, 3)])
-    for chunk in _chunks(cand, 16):
+    entries = np.r_[np.full(cand.size - 1, 10), 10_000]  # the last one alone is over budget
+    chunks = _chunks(cand, entries, work=420)
+    np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), np.sort(cand))
+    assert [c.size for c in chunks] == [10] * 15 + [3, 1]
+    for chunk in chunks:
         assert np.all(chunk[1:] > chunk[:-1])
     keys = np.array([(3 << 32) | 1, (7 << 32) | 2], np.int64)
     data = np.ones(2)

@@ -74,7 +74,7 @@ class RebuildConfig(BaseModel):
     min_confidence: float = Field(default=0.0, ge=0)
     max_rounds: int = Field(default=10, ge=1, description="catch-up rounds before the swap")
     final_rows: int = Field(
-        default=1500,
+        default=1000,
         ge=1,
         description="catch up in the background until fewer rows remain; also the most rows "
         "the swap step and each step after it re-solve or write",
@@ -98,7 +98,7 @@ class RebuildConfig(BaseModel):
         description="re-solved rows applied (and committed) per step after the swap",
     )
     swap_budget_s: float = Field(
-        default=0.03,
+        default=0.02,
         ge=0,
         description="time the swap step may spend re-solving rows (the rest is finished "
         "after the swap): keeps the pause short on a loaded machine",
@@ -368,13 +368,15 @@ class Rebuild:
         keys, vals = _dump(state.confidence)  # sorted in the background
         self.pairs = _Pairs(keys, vals)
         nu, ni = state.users.n, state.items.n
-        self._u = _Growing(state.users.factors[:nu])
-        self._v = _Growing(state.items.factors[:ni])
+        # the warm start is copied in the background: the loop thread may move or update the
+        # live arrays meanwhile, which only changes where the fit starts from
+        live = (state.users.factors, state.items.factors)
+        self._u = self._v = _Growing(np.empty((0, state.config.dim), np.float32))
         self.gram_u = np.zeros((state.config.dim,) * 2)  # YᵀY of U and V, kept current
         self.gram_v = np.zeros((state.config.dim,) * 2)
         self.clock = float(state.clock[0])
         self.thread = threading.Thread(
-            target=self._guarded, args=(self._fit, keys, vals, nu, ni), daemon=True
+            target=self._guarded, args=(self._fit, keys, vals, nu, ni, live), daemon=True
         )
         self.thread.start()
         log.info("rebuild started: %d users, %d items, %d entries", nu, ni, keys.size)
@@ -467,9 +469,13 @@ class Rebuild:
         except BaseException as exc:  # reported on the loop thread by step()
             self.error = exc
 
-    def _fit(self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int) -> None:
+    def _fit(
+        self, keys: np.ndarray, vals: np.ndarray, nu: int, ni: int,
+        live: tuple[np.ndarray, np.ndarray],
+    ) -> None:  # fmt: skip
         t0 = time.perf_counter()
         c = self.cfg
+        self._u, self._v = _Growing(live[0][:nu]), _Growing(live[1][:ni])
         order = np.argsort(keys)
         keys, vals = keys[order], vals[order]
         self.pairs.keys, self.pairs.vals = keys, vals

@@ -115,13 +115,27 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
             bar = tqdm(total=sent, unit="ev", desc="learned")
 
             def caught_up() -> bool:
-                done = metric_sum(scrape(url), "stream_mf_events_consumed_total")
+                m = scrape(url)  # written to the store: applied or dead-lettered, not just read
+                done = metric_sum(m, "stream_mf_events_applied_total") + metric_sum(
+                    m, "stream_mf_events_dead_lettered_total"
+                )
                 bar.update(int(done) - bar.n)
                 return done >= sent
 
             wait_until(caught_up, 90, 0.2, "the updater to apply the replay")
             bar.close()
             print(f"updater applied everything {time.monotonic() - t0:.1f}s after the replay began")
+            applied = metric_sum(scrape(url), "stream_mf_events_applied_total")
+            for q in ("query-1", "query-2"):  # answers below come from the whole replay
+                q_url = f"http://127.0.0.1:{ports[q]}/metrics"
+                wait_until(
+                    lambda u=q_url: (
+                        metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
+                    ),
+                    30,
+                    0.1,
+                    f"{q} to load the model",
+                )
             m = scrape(url)
             scored = metric_sum(m, "stream_mf_live_eval_events_total")
             if scored:
@@ -131,7 +145,6 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
                 print(
                     f"live HR@10 on {int(scored):,} sampled events, test-then-learn: {hr:.4f}{ref}"
                 )
-            time.sleep(0.5)  # one refresh of the query processes
             titles = load_titles()
             client = RecClient(kafka, topics.requests, topics.responses)
             try:

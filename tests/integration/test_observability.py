@@ -262,6 +262,8 @@ def test_every_dashboard_and_alert_expression_returns_data(
         producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka))
         assert publish(producer, cluster.topics.interactions, msgs, progress=False) == len(msgs)
         cluster.wait_metric("updater", "stream_mf_events_consumed_total", len(msgs), timeout=20)
+        # consumed counts on receipt; dead letters once decoded and delivered, a moment later
+        cluster.wait_metric("updater", "stream_mf_events_dead_lettered_total", n_bad, timeout=20)
         assert cluster.metric("updater", "stream_mf_events_dead_lettered_total") == n_bad
 
         ask_some_questions(cluster)

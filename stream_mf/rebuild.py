@@ -93,7 +93,7 @@ class RebuildConfig(BaseModel):
         "events the paired noise is about 0.02)",
     )
     after_rows: int = Field(
-        default=3000,
+        default=1500,
         ge=1,
         description="re-solved rows applied (and committed) per step after the swap",
     )

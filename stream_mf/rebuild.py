@@ -77,7 +77,7 @@ class RebuildConfig(BaseModel):
         default=1000,
         ge=1,
         description="catch up in the background until fewer rows remain; also the most rows "
-        "the swap step and each step after it re-solve or write",
+        "the swap step re-solves",
     )
     guard_events: int = Field(
         default=1000, ge=0, description="incoming events the guard scores against both models"

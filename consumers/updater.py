@@ -264,13 +264,20 @@ class Updater:
         except StoreError:
             raise  # the store itself failed: stop like any other write failure
         except RuntimeError as exc:
-            log.error("%s; keeping the current model", exc)
-            m.rebuild_swaps.labels("failed").inc()
+            if self.rebuild.swap_outcome is not None:  # failed after the flip: the new model
+                log.error("%s; the new model is live, rows not yet re-solved keep what SGD "
+                          "learnt", exc)  # fmt: skip
+                m.rebuild_swaps.labels("swapped").inc()
+                m.rebuild_last_success.set(time.time())
+            else:
+                log.error("%s; keeping the current model", exc)
+                m.rebuild_swaps.labels("failed").inc()
             self._end_rebuild()
             return
         if outcome is None:
             return
         if outcome.swapped:
+            t_commit = time.perf_counter()
             self.store.commit(
                 state,
                 BatchDelta.empty(state),
@@ -281,7 +288,12 @@ class Updater:
             )
             m.rebuild_last_success.set(time.time())
             m.rebuild_drift.set(outcome.drift)
-        m.rebuild_pause.observe(time.perf_counter() - t0)
+            # the pause is the swap step; this commit is the flip unless the swap step made it
+            # itself and finished rows after it (then this commit writes the last of those)
+            flip = 0.0 if outcome.deferred else time.perf_counter() - t_commit
+            m.rebuild_pause.observe(outcome.seconds + flip)
+        else:
+            m.rebuild_pause.observe(time.perf_counter() - t0)
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
         m.rebuild_rows.inc(outcome.rows_resolved)
         m.rebuild_seconds.observe(time.monotonic() - self.rebuild.started)

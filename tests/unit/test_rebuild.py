@@ -23,20 +23,26 @@ def stream(n: int, seed: int = 0) -> EventBatch:
     return EventBatch.build(s.user_ids(), s.item_ids(), np.ones(n), s.times)
 
 
-def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, object]:
-    """The updater's loop in miniature: batches keep coming while a rebuild runs."""
-    batch = stream(60_000)
-    store = StateStore(tmp / "db")
-    model = OnlineModel(CFG, store.load(CFG))
-    done = 0
+class _Feed:
+    """A store and an online model learning a synthetic stream, committing slice by slice."""
 
-    def learn(n: int) -> BatchDelta:
-        nonlocal done
-        delta = model.learn(batch.slice(done, done + n))
-        done += n
-        store.commit(model.state, delta, {(TOPIC, 0): done})
+    def __init__(self, tmp_path: Path, seed: int, n: int = 30_000) -> None:
+        self.batch = stream(n, seed=seed)
+        self.store = StateStore(tmp_path / "db")
+        self.model = OnlineModel(CFG, self.store.load(CFG))
+        self.done = 0
+
+    def learn(self, n: int) -> BatchDelta:
+        delta = self.model.learn(self.batch.slice(self.done, self.done + n))
+        self.done += n
+        self.store.commit(self.model.state, delta, {(TOPIC, 0): self.done})
         return delta
 
+
+def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, object]:
+    """The updater's loop in miniature: batches keep coming while a rebuild runs."""
+    feed = _Feed(tmp, seed=0, n=60_000)
+    store, model, learn = feed.store, feed.model, feed.learn
     for _ in range(20):
         learn(1000)
     rb = Rebuild(model.state, store, rcfg)
@@ -44,7 +50,7 @@ def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, State
     steps = 0
     while outcome is None:
         if rb.wants_scores:
-            nxt = batch.slice(done, done + 500)
+            nxt = feed.batch.slice(feed.done, feed.done + 500)
             rb.score(
                 model.state,
                 model.state.users.lookup(nxt.user_ids).astype(np.int64),
@@ -55,7 +61,7 @@ def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, State
         rb.note(delta)
         outcome = rb.step(model.state)
         steps += 1
-        assert done < 60_000, "rebuild never finished"
+        assert feed.done < 60_000, "rebuild never finished"
         time.sleep(0.01)
     if outcome.swapped:
         store.commit(
@@ -205,25 +211,14 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
         iterations=3, alpha=5.0, solver="cholesky", guard_events=100, guard_margin=1.0,
         final_rows=final_rows, max_rounds=1, swap_budget_s=budget_s, after_rows=200,
     )  # fmt: skip
-    batch = stream(30_000, seed=1)
-    store = StateStore(tmp_path / "db")
-    model = OnlineModel(CFG, store.load(CFG))
-    st = model.state
-    done = 0
-
-    def learn(n: int) -> BatchDelta:
-        nonlocal done
-        delta = model.learn(batch.slice(done, done + n))
-        done += n
-        store.commit(st, delta, {(TOPIC, 0): done})
-        return delta
-
+    feed = _Feed(tmp_path, seed=1)
+    store, st, learn = feed.store, feed.model.state, feed.learn
     learn(1_500)  # early: new ids keep arriving during the rebuild
     rb = Rebuild(st, store, rcfg)
     n_before = st.users.n + st.items.n
     while rb.swap_outcome is None:  # batches keep coming until the flip
         if rb.wants_scores:
-            nxt = batch.slice(done, done + 500)
+            nxt = feed.batch.slice(feed.done, feed.done + 500)
             rb.score(
                 st, st.users.lookup(nxt.user_ids).astype(np.int64),
                 st.items.lookup(nxt.item_ids).astype(np.int64),
@@ -231,7 +226,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
             )  # fmt: skip
         rb.note(learn(500))
         assert rb.step(st) is None, "the swap should leave rows for after it"
-        assert done < 30_000, "rebuild never swapped"
+        assert feed.done < 30_000, "rebuild never swapped"
         time.sleep(0.01)
     flip = rb.swap_outcome
     after = rb.after
@@ -278,25 +273,14 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
         iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1,
         swap_budget_s=60.0, after_rows=20,
     )  # fmt: skip
-    batch = stream(30_000, seed=2)
-    store = StateStore(tmp_path / "db")
-    model = OnlineModel(CFG, store.load(CFG))
-    st = model.state
-    done = 0
-
-    def learn(n: int) -> BatchDelta:
-        nonlocal done
-        delta = model.learn(batch.slice(done, done + n))
-        done += n
-        store.commit(st, delta, {(TOPIC, 0): done})
-        return delta
-
+    feed = _Feed(tmp_path, seed=2)
+    store, st, learn = feed.store, feed.model.state, feed.learn
     learn(10_000)
     rb = Rebuild(st, store, rcfg)
     while rb.after is None or rb.after.done == 0:  # the flip, then one step of rows after it
         rb.note(learn(500))
         assert rb.step(st) is None
-        assert done < 30_000, "rebuild never swapped"
+        assert feed.done < 30_000, "rebuild never swapped"
         time.sleep(0.01)
     rb.thread.join()
     store.close()  # the process dies here: nothing else reaches the disk

@@ -25,7 +25,11 @@ from stream_mf.decode import REASONS
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
-AGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400, 604800)
+# fine around 1 s: freshness is judged against a 1 s bound
+AGE_BUCKETS = (
+    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5, 2, 5, 10, 30, 60, 300, 3600, 86400,
+    604800,
+)  # fmt: skip
 
 
 class UpdaterMetrics:
@@ -87,12 +91,13 @@ class UpdaterMetrics:
         )
         self.live_scored = Counter(
             "stream_mf_live_eval_events_total",
-            "Sampled events scored test-then-learn before being learned",
+            "Sampled events scored test-then-learn before being learned (weighted: past the "
+            "per-batch cap, each scored event stands for the sampled ones left out)",
             registry=r,
         )
         self.live_hits = Counter(
             "stream_mf_live_eval_hits_total",
-            "Sampled events whose item was in the user's top-10 just before",
+            "Sampled events whose item was in the user's top-10 just before (weighted)",
             registry=r,
         )
         self.live_ndcg = Counter(

@@ -406,9 +406,10 @@ class Updater:
 
             result = self.live.score(state, uid, batch.item_ids[p], seen)
             if result is not None:
-                m.live_scored.inc()
-                m.live_hits.inc(int(result[0]))
-                m.live_ndcg.inc(result[1])
+                w = self.live.weight  # > 1 when the per-batch cap left sampled events out
+                m.live_scored.inc(w)
+                m.live_hits.inc(w * result[0])
+                m.live_ndcg.inc(w * result[1])
         pieces.append(self.model.learn(batch.slice(lo, len(batch))))
         hr, ndcg = self.live.window()
         m.live_hr_window.set(hr)

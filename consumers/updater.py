@@ -306,6 +306,7 @@ class Updater:
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = self.model.state.events_applied
         self.metrics.rebuild_running.set(0)
+        log.info("rebuild done")
 
     def _collect(self, stop: kafka_io.StopFlag) -> list[Message]:
         """Up to `max_batch_events` messages. `max_batch_seconds` bounds the wait for more, not

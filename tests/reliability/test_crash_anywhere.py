@@ -81,8 +81,9 @@ def _updater_phase(log: str) -> str:
     marks = {
         "rebuild started": "rebuild:fit",
         "rebuild: fit and staged": "rebuild:guard/catch-up",
-        "rebuild swapped": "streaming",
+        "rebuild swapped": "rebuild:after-swap",  # rows left over are re-solved after it
         "rebuild rejected": "streaming",
+        "rebuild done": "streaming",
     }
     last, where = -1, "streaming"
     for mark, phase in marks.items():
@@ -111,6 +112,9 @@ class UpdaterLife:
         self.kill_at: float | None = None
         if mode == "startup":
             self.kill_at = self.started + float(rng.uniform(0.1, 1.5))
+        # "batch": killed while streaming with no rebuild in flight (rebuilds come every 1,500
+        # events and take most of an updater's short life, so a random delay rarely hit this)
+        self.after_batches = int(rng.integers(1, 6))
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -118,8 +122,10 @@ class UpdaterLife:
             raise AssertionError(f"the updater died on its own:\n{self.proc.log_tail()}")
         if self.kill_at is None:
             if self.mode == "batch":
-                if (_try_metric(self.c, "updater", "stream_mf_batches_total") or 0) >= 1:
-                    self.kill_at = now + float(self.rng.uniform(0.0, 1.0))
+                batches = _try_metric(self.c, "updater", "stream_mf_batches_total") or 0
+                idle = _try_metric(self.c, "updater", "stream_mf_rebuild_running") == 0
+                if (batches >= self.after_batches and idle) or now - self.started > 8.0:
+                    self.kill_at = now
             elif _try_metric(self.c, "updater", "stream_mf_rebuild_running") == 1:
                 self.kill_at = now + float(self.rng.uniform(0.0, 0.8))
             elif now - self.started > 8.0:  # no rebuild came: kill it anyway

@@ -708,6 +708,18 @@ def phase_cpu(
     }
 
 
+# columns both latency tables share
+_LATENCY_COLS = [
+    Col("what", "measurement"),
+    Col("client", "client"),
+    Col("n", "n"),
+    Col("p50", "p50", ".2f"),
+    Col("p90", "p90", ".2f"),
+    Col("p99", "p99", ".2f"),
+    Col("max", "max", ".1f"),
+]
+
+
 def report(result: dict[str, Any]) -> None:
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     phases = result["phases"]
@@ -764,13 +776,7 @@ def report(result: dict[str, Any]) -> None:
         + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()),
         rows,
         [
-            Col("what", "measurement"),
-            Col("client", "client"),
-            Col("n", "n"),
-            Col("p50", "p50", ".2f"),
-            Col("p90", "p90", ".2f"),
-            Col("p99", "p99", ".2f"),
-            Col("max", "max", ".1f"),
+            *_LATENCY_COLS,
             Col("mean", "mean", ".2f"),
             Col("broker_cpu", "broker CPU", pct),
         ],
@@ -800,15 +806,7 @@ def report(result: dict[str, Any]) -> None:
     print_table(
         "query service, where the time goes (ms; service rows from its histograms)",
         rows,
-        [
-            Col("what", "measurement"),
-            Col("client", "client"),
-            Col("n", "n"),
-            Col("p50", "p50", ".2f"),
-            Col("p90", "p90", ".2f"),
-            Col("p99", "p99", ".2f"),
-            Col("max", "max", ".1f"),
-        ],
+        _LATENCY_COLS,
     )
     for ph in phases:
         cpu = ph["window_cpu_s"]

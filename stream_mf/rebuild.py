@@ -44,14 +44,14 @@ from typing import Literal
 
 import numba
 import numpy as np
-from numba import njit
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream_mf.als import CSR, als_fit, confidence_matrix, gramian, solve_rows
+from stream_mf.arrays import unique_sorted
 from stream_mf.model import BatchDelta
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
-from stream_mf.state import ModelState
-from stream_mf.store import BLOCK_ROWS, StateStore
+from stream_mf.state import ModelState, new_confidence_map
+from stream_mf.store import BLOCK_ROWS, StateStore, confidence_items
 from stream_mf.topk import top_k
 
 log = logging.getLogger(__name__)
@@ -202,23 +202,6 @@ class _Pairs:
         return _latest(parts)
 
 
-@njit(cache=True)
-def _dump_into(conf, keys, vals):  # type: ignore[no-untyped-def]
-    j = 0
-    for k, v in conf.items():
-        keys[j] = k
-        vals[j] = v
-        j += 1  # noqa: SIM113 (numba)
-
-
-def _dump(conf: object) -> tuple[np.ndarray, np.ndarray]:
-    """The confidence map's entries, unsorted: the loop thread pays only for the copy."""
-    n = len(conf)  # type: ignore[arg-type]
-    keys, vals = np.empty(n, np.int64), np.empty(n, np.float64)
-    _dump_into(conf, keys, vals)
-    return keys, vals
-
-
 def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     if not batches:
         return np.empty(0, np.int64), np.empty(0, np.float64)
@@ -365,7 +348,7 @@ class Rebuild:
         self.hits_new = 0
         self.after: _After | None = None
         self.swap_outcome: Outcome | None = None
-        keys, vals = _dump(state.confidence)  # sorted in the background
+        keys, vals = confidence_items(state.confidence, sort=False)  # sorted in the background
         self.pairs = _Pairs(keys, vals)
         nu, ni = state.users.n, state.items.n
         # the warm start is copied in the background: the loop thread may move or update the
@@ -575,7 +558,7 @@ class Rebuild:
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
         for kind, rows, arr in (("user", users, self.U), ("item", items, self.V)):
-            blocks = np.unique(np.asarray(rows, np.int64) // BLOCK_ROWS)
+            blocks = unique_sorted(np.asarray(rows, np.int64) // BLOCK_ROWS)
             view = _Rows(arr)
             for lo in range(0, blocks.size, self.cfg.stage_blocks):
                 self.store.stage_model(
@@ -783,6 +766,4 @@ def warm_up_rebuild() -> None:
         for solver in ("cg", "cholesky"):
             solve_rows(c, x, y, 0.1, None, solver, 1, gramian(y))
         init_rows(x, 0, 1, 0, USER_STREAM, 0.1)
-    from stream_mf.state import new_confidence_map
-
-    _dump(new_confidence_map())
+    confidence_items(new_confidence_map(), sort=False)  # the snapshot copy

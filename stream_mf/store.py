@@ -579,11 +579,15 @@ def fill_confidence(conf: object, keys: np.ndarray, vals: np.ndarray) -> None:
     _fill(conf, keys, vals)
 
 
-def confidence_items(conf: object) -> tuple[np.ndarray, np.ndarray]:
+def confidence_items(conf: object, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The confidence map's entries; `sort=False` leaves them in map order, for a caller that
+    only pays for the copy now (a rebuild's snapshot on the loop thread) and sorts later."""
     n = len(conf)  # type: ignore[arg-type]
     keys = np.empty(n, np.int64)
     vals = np.empty(n, np.float64)
     _dump(conf, keys, vals)
+    if not sort:
+        return keys, vals
     order = np.argsort(keys)
     return keys[order], vals[order]
 

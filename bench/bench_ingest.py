@@ -11,7 +11,9 @@ product's JSON to a fresh one-partition topic (lz4 batches), then measures in th
 - updater: the real updater as a child process (`--dim 64 --n-negatives 4`, fresh state dir) at
   several `--max-batch-events`, events/s between its first and last commit read from /metrics,
   with the split its own histograms give (decode+learn, RocksDB write, the rest = consume, Kafka
-  commit, metrics) and the CPU seconds of the updater and the broker;
+  commit, metrics) and the CPU seconds of the updater and the broker; then the first batch size
+  again with CPython's default collector (`STREAM_MF_PAUSE_GC=false`), and 50k batches with live
+  evaluation off, each showing what one feature costs or buys;
 - river: `river.reco.BiasedMF.learn_one` in memory on the same events (if installed).
 
 `--profile` attaches py-spy to one updater run and splits its main-thread samples into decode,
@@ -510,13 +512,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=None,
-        help="--max-batch-events values (default 20000 50000 100000)",
+        help="--max-batch-events values (default 200000 50000; quick: 50000)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="py-spy the updater run at the first batch size"
     )
     ap.add_argument(
-        "--no-variants", action="store_true", help="skip the extra run with live evaluation off"
+        "--no-variants",
+        action="store_true",
+        help="skip the extra runs (default gc, live evaluation off)",
     )
     ap.add_argument("--river-events", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
@@ -526,7 +530,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     spec = stream_spec(args.quick)
-    batches = args.batches or ([20_000, 50_000] if args.quick else [20_000, 50_000, 100_000])
+    batches = args.batches or ([50_000] if args.quick else [200_000, 50_000])
     budget = 45.0 if args.quick else 240.0  # per updater run
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     children = Children()
@@ -562,7 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (b, "", {}, args.profile and j == 0) for j, b in enumerate(batches)
             ]
             if not args.no_variants:
-                # the same run without live evaluation, to show what it costs
+                # the first batch size again with CPython's default collector, right after it
+                # (the same minute of this noisy host), to show what pausing the GC buys
+                b0 = batches[0]
+                gc_label = f"--max-batch-events {b0}, CPython's default gc"
+                plan.insert(1, (b0, gc_label, {"STREAM_MF_PAUSE_GC": "false"}, False))
+                # without live evaluation, to show what it costs
                 plan.append(
                     (
                         50_000,

@@ -9,7 +9,6 @@ one consumer group.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
 from consumers import kafka_io
+from consumers.gc_control import freeze_startup
 from consumers.metrics import QueryMetrics, observe_many, serve_metrics
 from consumers.settings import QuerySettings
 from stream_mf.answer import answer
@@ -155,8 +155,7 @@ class QueryService:
                 resp.model_dump_json()
         except Exception as exc:  # warming is an optimisation: never fail start-up over it
             log.warning("warm-up failed (first requests will be slower): %s", exc)
-        gc.collect()
-        gc.freeze()
+        freeze_startup()
         log.info("warmed up in %.3f s", time.perf_counter() - t0)
 
     def run(self, stop: kafka_io.StopFlag) -> int:

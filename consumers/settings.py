@@ -108,6 +108,11 @@ class UpdaterSettings(ProcessSettings):
     max_batch_seconds: float = Field(
         default=0.1, gt=0, description="longest wait for a micro-batch to fill (a backlog fills it)"
     )
+    pause_gc: bool = Field(
+        default=True,
+        description="freeze start-up objects and pause the cyclic GC while a micro-batch is read "
+        "and applied (1.3-1.5x behind a backlog; consumers/gc_control.py); off: CPython's default",
+    )
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000

@@ -14,6 +14,7 @@ bit for bit. Any error in 2-4 stops the process without committing anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -23,7 +24,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumers import kafka_io
+from consumers import gc_control, kafka_io
 from consumers.metrics import (
     CallbackGauges,
     LagCollector,
@@ -175,6 +176,8 @@ class Updater:
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, self.metrics_port)
         code = EXIT_OK
+        if s.pause_gc:
+            gc_control.freeze_startup()  # start-up objects stay out of every later collection
         try:
             if s.use_consumer_group:
                 self.consumer.subscribe(
@@ -183,9 +186,11 @@ class Updater:
             while not stop:
                 if not s.use_consumer_group:
                     self._assign_partitions()
-                msgs = self._collect(stop)
-                if msgs:
-                    self.process(msgs)
+                # a batch's objects die by reference counting: no collections inside one
+                with gc_control.paused() if s.pause_gc else contextlib.nullcontext():
+                    msgs = self._collect(stop)
+                    if msgs:
+                        self.process(msgs)
                 self._poll_control()
                 self._drive_rebuild()
                 self._refresh_lag()

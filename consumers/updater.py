@@ -340,7 +340,9 @@ class Updater:
         n = len(msgs)
         self.metrics.consumed.inc(n)
         values, parts, offs = _columns(msgs)
-        dec = decode_events(values, self.types, self.settings.max_message_bytes)
+        s = self.settings
+        latest = None if s.max_future_seconds is None else time.time() + s.max_future_seconds
+        dec = decode_events(values, self.types, s.max_message_bytes, latest)
         del values
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)

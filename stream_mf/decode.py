@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -32,6 +33,7 @@ REASONS = (
     "missing_field",
     "unknown_event_type",
     "invalid_field",
+    "future_timestamp",
 )
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
@@ -172,12 +174,59 @@ def _slow(
     return ev.user_id, ev.item_id, ev.event_type, w, float(ev.timestamp)
 
 
+def _utc(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return "beyond the calendar"
+
+
+def _drop_future(out: DecodedEvents, latest: float) -> None:
+    """Reject events timed after `latest`: one of them would move the stream clock ahead and
+    decay every real event after it toward zero weight."""
+    ts = np.asarray(out.times, np.float64)
+    late = ts > latest
+    if not late.any():
+        return
+    for j in np.flatnonzero(late).tolist():
+        t = out.times[j]
+        out.rejects.append(
+            Reject(
+                out.positions[j],
+                "future_timestamp",
+                f"timestamp {t!r} ({_utc(t)}) is after the latest accepted time "
+                f"{_utc(latest)} (this updater's wall clock plus max_future_seconds): an event from the "
+                "future would move the stream clock and decay every real event toward zero. "
+                "Fix the producer's clock or time unit, or raise --max-future-seconds",
+            )
+        )
+    keep = np.flatnonzero(~late).tolist()
+    out.positions, out.users, out.items, out.types, out.weights, out.times = (
+        [col[j] for j in keep]
+        for col in (out.positions, out.users, out.items, out.types, out.weights, out.times)
+    )
+    out.rejects.sort(key=lambda r: r.position)
+
+
 def decode_events(
     payloads: Sequence[bytes | None],
     types: Mapping[str, EventTypeSpec],
     max_bytes: int = 64 * 1024,
+    latest: float | None = None,
 ) -> DecodedEvents:
-    """Decode a batch in input order; never raises on input, whatever the bytes."""
+    """Decode a batch in input order; never raises on input, whatever the bytes.
+
+    `latest` (epoch seconds) rejects events timed after it as `future_timestamp`; the caller
+    chooses it (wall clock plus a tolerance), so decoding itself stays a pure function."""
+    out = _decode(payloads, types, max_bytes)
+    if latest is not None and out.times:
+        _drop_future(out, latest)
+    return out
+
+
+def _decode(
+    payloads: Sequence[bytes | None], types: Mapping[str, EventTypeSpec], max_bytes: int
+) -> DecodedEvents:
     f = _fast(payloads, types, max_bytes)
     out = DecodedEvents(f.positions, f.users, f.items, f.types, f.weights, f.times, f.rejects)
     if not f.slow:

@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-events", type=int, default=None)
     p.add_argument("--max-batch-seconds", type=float, default=None)
     p.add_argument("--sync-writes", action="store_true", default=None, help="fsync each commit")
+    p.add_argument(
+        "--max-future-seconds",
+        type=float,
+        default=None,
+        help="dead-letter events timed more than this after the wall clock (default 86400)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -31,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
             "model": model_config_from(args, base.model),
             **{
                 k: v
-                for k in ("max_batch_events", "max_batch_seconds", "sync_writes")
+                for k in (
+                    "max_batch_events",
+                    "max_batch_seconds",
+                    "sync_writes",
+                    "max_future_seconds",
+                )
                 if (v := getattr(args, k)) is not None
             },
         }

@@ -190,6 +190,8 @@ HOSTILE: list[tuple[str, bytes]] = [
     ("too_large", b'{"pad": "' + b"x" * 100_000 + b'"}'),
     ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
                                      "timestamp": 1.7e9, "extra": True})),
+    ("future_timestamp", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
+                                        "timestamp": 4.1e9})),  # 2099: would stall learning
 ]  # fmt: skip
 
 

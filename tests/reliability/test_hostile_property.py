@@ -571,6 +571,10 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
 
+#: the updater's default bound (wall clock + max_future_seconds) is later than this
+_LATEST = time.time() + 86_400
+
+
 def _hostile_events(rng: random.Random, n: int) -> list[bytes | None]:
     """A seeded mix of every way a payload can be bad (each checked bad before use)."""
     base = {"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": 1.7e9}
@@ -594,12 +598,13 @@ def _hostile_events(rng: random.Random, n: int) -> list[bytes | None]:
         lambda: _dump({**base, "value": float("nan")}, True),
         lambda: orjson.dumps({**base, "extra": rng.random()}),
         lambda: b"[" * 3000 + b"]" * 3000,
+        lambda: orjson.dumps({**base, "timestamp": rng.choice([4.1e9, 9e10, 4.1e12])}),
         lambda: b'{"pad": "' + b"x" * rng.randrange(70_000, 120_000) + b'"}',
     ]
     out: list[bytes | None] = []
     for j in range(n):
         raw = makers[j % len(makers)]()
-        assert not decode_events([raw], DEFAULT_EVENT_TYPES).positions, raw
+        assert not decode_events([raw], DEFAULT_EVENT_TYPES, latest=_LATEST).positions, raw
         out.append(raw)
     return out
 
@@ -614,7 +619,7 @@ def test_hostile_payloads_through_a_real_updater(cluster: Cluster) -> None:
         (rng.choice([None, b"evil", b"\xff"]), v) for v in bad
     ]
     rng.shuffle(mixed)
-    expect = decode_events([v for _, v in mixed], DEFAULT_EVENT_TYPES)
+    expect = decode_events([v for _, v in mixed], DEFAULT_EVENT_TYPES, latest=_LATEST)
     assert len(expect.positions) == len(good) and len(expect.rejects) == len(bad)
     expect_reasons = Counter(r.reason for r in expect.rejects)
     assert len(expect_reasons) == len(REASONS), expect_reasons  # every reason at least once

@@ -56,3 +56,23 @@ def test_weighted_types_multiply_the_value() -> None:
     assert decode_events([raw.replace(b',"value":4.5', b"")], types).rejects[0].reason == (
         "invalid_field"
     )  # a weighted type needs its value
+
+
+def test_events_from_the_future_are_rejected_with_their_reason() -> None:
+    latest = 1.8e9
+    payloads = [
+        _ev("a", 1.7e9),
+        _ev("b", 4.1e9),  # 2099 in seconds: fast path
+        _ev("c", 4_100_000_000_000),  # the same in ms: the model's path
+        _ev("d", latest),  # exactly the bound: accepted
+        _ev("e", "2099-01-01T00:00:00Z"),
+    ]
+    dec = decode_events(payloads, TYPES, latest=latest)
+    assert dec.positions == [0, 3] and dec.users == ["a", "d"]
+    assert [(r.position, r.reason) for r in dec.rejects] == [
+        (1, "future_timestamp"), (2, "future_timestamp"), (4, "future_timestamp")
+    ]  # fmt: skip
+    assert (
+        "2099-12-03" in dec.rejects[0].message and "--max-future-seconds" in dec.rejects[0].message
+    )
+    assert decode_events(payloads, TYPES).positions == [0, 1, 2, 3, 4]  # no bound: all accepted

@@ -114,12 +114,12 @@ class UpdaterSettings(ProcessSettings):
         "and applied (1.3-1.5x behind a backlog; consumers/gc_control.py); off: CPython's default",
     )
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
-    max_future_seconds: float | None = Field(
+    max_future_seconds: float = Field(
         default=86_400.0,
         ge=0,
         description="dead-letter events timed more than this after the updater's wall clock "
         "(reason future_timestamp): one would move the stream clock and decay every real event "
-        "toward zero; None accepts any time",
+        "toward zero; inf accepts any time",
     )
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000

@@ -341,7 +341,7 @@ class Updater:
         self.metrics.consumed.inc(n)
         values, parts, offs = _columns(msgs)
         s = self.settings
-        latest = None if s.max_future_seconds is None else time.time() + s.max_future_seconds
+        latest = time.time() + s.max_future_seconds  # inf: no bound
         dec = decode_events(values, self.types, s.max_message_bytes, latest)
         del values
         if dec.rejects:

@@ -3,11 +3,12 @@
 A micro-batch allocates hundreds of thousands of container objects (one `Message` per event) that
 live until the batch is written. Each allocation burst triggers young collections, survivors pile
 up, and CPython 3.11 then runs full collections that walk every tracked object of the process,
-start-up objects (numba, pydantic, numpy) included, twice per 200k-event batch: 15-25% of the
-updater's time behind a backlog (bench/README.md). Nothing in a batch makes reference cycles on
-purpose (its objects are freed by reference counting when it is done), so the collector is paused
-while a batch is read and applied and runs as usual between batches, where it still finds the
-rare cycle (an exception's traceback, say) before memory grows.
+start-up objects (numba, pydantic, numpy) included, twice per 200k-event batch. Nothing in a batch
+makes reference cycles on purpose (its objects are freed by reference counting when it is done),
+so the updater freezes its start-up objects and, behind a backlog, pauses the collector while a
+batch is read and applied; it runs as usual between batches and while the updater waits idle,
+where it still finds the rare cycle (an exception's traceback, say) before memory grows. Both
+together: median 1.24x (1.04-1.51x over 7 pairs) at 200k-event batches, bench/README.md.
 """
 
 from __future__ import annotations

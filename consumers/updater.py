@@ -55,17 +55,39 @@ class OffsetRegressionError(RuntimeError):
     """An offset went backwards: something other than this process moved the consumer."""
 
 
-def _columns(msgs: list[Message]) -> tuple[list[bytes | None], np.ndarray, np.ndarray]:
-    """Payloads, partitions and offsets in one pass over the messages."""
+def _columns(
+    msgs: list[Message],
+) -> tuple[list[bytes | None], np.ndarray, np.ndarray, np.ndarray]:
+    """Payloads, partitions, offsets and Kafka timestamps (ms) in one pass over the messages."""
     values: list[bytes | None] = []
     parts: list[int] = []
     offs: list[int] = []
-    va, pa, oa = values.append, parts.append, offs.append
+    stamps: list[int] = []
+    va, pa, oa, sa = values.append, parts.append, offs.append, stamps.append
     for m in msgs:
         va(m.value())
         pa(m.partition())
         oa(m.offset())
-    return values, np.asarray(parts, np.int32), np.asarray(offs, np.int64)
+        sa(m.timestamp()[1])
+    return (
+        values,
+        np.asarray(parts, np.int32),
+        np.asarray(offs, np.int64),
+        np.asarray(stamps, np.int64),
+    )
+
+
+def future_bounds(stamps_ms: np.ndarray, max_future_s: float) -> np.ndarray:
+    """Latest accepted event time per message: its Kafka timestamp plus the tolerance.
+
+    The record's timestamp, not this host's clock, so that a batch replayed after a crash
+    decides exactly as the first time did (its dead letters were already sent); but never later
+    than the wall clock, for producers that stamp records with the event's own (future) time.
+    Records without a timestamp (-1) take the wall clock."""
+    now = time.time()
+    ref = stamps_ms.astype(np.float64) / 1000.0
+    ref[(stamps_ms <= 0) | (ref > now)] = now
+    return ref + max_future_s
 
 
 class Updater:
@@ -113,6 +135,15 @@ class Updater:
         # no rebuild yet: count the overdue alert from this start, not from 1970
         self.metrics.rebuild_last_success.set(rebuilt if rebuilt else time.time())
         self._publish_gauges()
+        ahead = float(state.clock[0]) - time.time()
+        if ahead > settings.max_future_seconds:
+            log.warning(
+                "the model's stream clock is %.0f s ahead of this host's clock: an event from the "
+                "future reached it (before future_timestamp existed, or with a larger "
+                "max_future_seconds), so new events are decayed as if that old. Check this "
+                "host's clock; otherwise replay the topic into a fresh state dir",
+                ahead,
+            )
 
     def _size(self) -> int:
         """Store size, recomputed at most every 10 s (scrapes must stay cheap)."""
@@ -178,6 +209,7 @@ class Updater:
         code = EXIT_OK
         if s.pause_gc:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
+        busy = frozen_kernels = False
         try:
             if s.use_consumer_group:
                 self.consumer.subscribe(
@@ -186,11 +218,17 @@ class Updater:
             while not stop:
                 if not s.use_consumer_group:
                     self._assign_partitions()
-                # a batch's objects die by reference counting: no collections inside one
-                with gc_control.paused() if s.pause_gc else contextlib.nullcontext():
+                # behind a backlog, no collections inside a batch (its objects die by reference
+                # counting); an idle updater, waiting in consume, collects as usual
+                pause = s.pause_gc and busy
+                with gc_control.paused() if pause else contextlib.nullcontext():
                     msgs = self._collect(stop)
                     if msgs:
                         self.process(msgs)
+                busy = bool(msgs)
+                if busy and s.pause_gc and not frozen_kernels:
+                    gc_control.freeze_startup()  # the SGD kernels loaded by the first batch too
+                    frozen_kernels = True
                 self._poll_control()
                 self._drive_rebuild()
                 self._refresh_lag()
@@ -339,9 +377,9 @@ class Updater:
         t0 = time.perf_counter()
         n = len(msgs)
         self.metrics.consumed.inc(n)
-        values, parts, offs = _columns(msgs)
+        values, parts, offs, stamps = _columns(msgs)
         s = self.settings
-        latest = time.time() + s.max_future_seconds  # inf: no bound
+        latest = future_bounds(stamps, s.max_future_seconds)  # inf: no bound
         dec = decode_events(values, self.types, s.max_message_bytes, latest)
         del values
         if dec.rejects:

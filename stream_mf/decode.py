@@ -181,23 +181,27 @@ def _utc(ts: float) -> str:
         return "beyond the calendar"
 
 
-def _drop_future(out: DecodedEvents, latest: float) -> None:
+def _drop_future(out: DecodedEvents, latest: float | np.ndarray) -> None:
     """Reject events timed after `latest`: one of them would move the stream clock ahead and
     decay every real event after it toward zero weight."""
     ts = np.asarray(out.times, np.float64)
-    late = ts > latest
+    lim = np.asarray(latest, np.float64)
+    if lim.ndim:
+        lim = lim[np.asarray(out.positions, np.int64)]
+    late = ts > lim
     if not late.any():
         return
     for j in np.flatnonzero(late).tolist():
-        t = out.times[j]
+        t, bound = out.times[j], float(lim[j] if lim.ndim else lim)
         out.rejects.append(
             Reject(
                 out.positions[j],
                 "future_timestamp",
-                f"timestamp {t!r} ({_utc(t)}) is after the latest accepted time "
-                f"{_utc(latest)} (this updater's wall clock plus max_future_seconds): an event from the "
-                "future would move the stream clock and decay every real event toward zero. "
-                "Fix the producer's clock or time unit, or raise --max-future-seconds",
+                f"timestamp {t!r} s ({_utc(t)}) is after the latest accepted time {_utc(bound)} "
+                "(the message's own timestamp, or the consumer's clock if earlier, plus "
+                "max_future_seconds): an event from the future would move the stream clock and "
+                "decay every real event toward zero. Fix the producer's clock or time unit (or "
+                "the consumer host's clock), or raise --max-future-seconds",
             )
         )
     keep = np.flatnonzero(~late).tolist()
@@ -212,12 +216,12 @@ def decode_events(
     payloads: Sequence[bytes | None],
     types: Mapping[str, EventTypeSpec],
     max_bytes: int = 64 * 1024,
-    latest: float | None = None,
+    latest: float | np.ndarray | None = None,
 ) -> DecodedEvents:
     """Decode a batch in input order; never raises on input, whatever the bytes.
 
-    `latest` (epoch seconds) rejects events timed after it as `future_timestamp`; the caller
-    chooses it (wall clock plus a tolerance), so decoding itself stays a pure function."""
+    `latest` (epoch seconds, one for the batch or one per payload) rejects events timed after
+    it as `future_timestamp`; the caller chooses it, so decoding stays a pure function."""
     out = _decode(payloads, types, max_bytes)
     if latest is not None and out.times:
         _drop_future(out, latest)

@@ -31,22 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+_FLAGS = ("max_batch_events", "max_batch_seconds", "sync_writes", "max_future_seconds")
+
+
 def run(args: argparse.Namespace) -> int:
-    base = build_settings(UpdaterSettings, args)
-    settings = base.model_copy(
-        update={
-            "model": model_config_from(args, base.model),
-            **{
-                k: v
-                for k in (
-                    "max_batch_events",
-                    "max_batch_seconds",
-                    "sync_writes",
-                    "max_future_seconds",
-                )
-                if (v := getattr(args, k)) is not None
-            },
-        }
-    )
+    # flags go through the settings' validation (a model_copy update would skip it)
+    base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
+    settings = base.model_copy(update={"model": model_config_from(args, base.model)})
     log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
     return Updater(settings).run(StopFlag().install())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 
 from stream_mf.config import EventTypeSpec, ModelConfig
@@ -63,16 +64,29 @@ def test_events_from_the_future_are_rejected_with_their_reason() -> None:
     payloads = [
         _ev("a", 1.7e9),
         _ev("b", 4.1e9),  # 2099 in seconds: fast path
+        b"{not json",  # an earlier-position reject must stay in order with the future ones
         _ev("c", 4_100_000_000_000),  # the same in ms: the model's path
         _ev("d", latest),  # exactly the bound: accepted
         _ev("e", "2099-01-01T00:00:00Z"),
+        _ev("f", 1_700_000_000_500),  # a past time in ms, kept from the model's path
     ]
     dec = decode_events(payloads, TYPES, latest=latest)
-    assert dec.positions == [0, 3] and dec.users == ["a", "d"]
+    assert dec.positions == [0, 4, 6]
+    assert dec.users == ["a", "d", "f"] and dec.times == [1.7e9, latest, 1_700_000_000.5]
     assert [(r.position, r.reason) for r in dec.rejects] == [
-        (1, "future_timestamp"), (2, "future_timestamp"), (4, "future_timestamp")
+        (1, "future_timestamp"), (2, "malformed_json"), (3, "future_timestamp"),
+        (5, "future_timestamp"),
     ]  # fmt: skip
-    assert (
-        "2099-12-03" in dec.rejects[0].message and "--max-future-seconds" in dec.rejects[0].message
-    )
-    assert decode_events(payloads, TYPES).positions == [0, 1, 2, 3, 4]  # no bound: all accepted
+    msg = dec.rejects[0].message
+    assert "4100000000.0 s (2099-12-03" in msg and "--max-future-seconds" in msg
+    assert decode_events(payloads, TYPES).positions == [0, 1, 3, 4, 5, 6]  # no bound
+
+
+def test_the_future_bound_can_differ_per_payload() -> None:
+    payloads = [_ev("a", 1.7e9), _ev("b", 1.7e9), b"", _ev("c", 1.6e9)]
+    bounds = np.array([1.8e9, 1.69e9, 0.0, 1.65e9])  # one per payload, rejects included
+    dec = decode_events(payloads, TYPES, latest=bounds)
+    assert dec.users == ["a", "c"]
+    assert [(r.position, r.reason) for r in dec.rejects] == [
+        (1, "future_timestamp"), (2, "empty")
+    ]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,7 +12,7 @@ from consumers import gc_control
 
 
 @pytest.fixture(autouse=True)
-def _restore_gc() -> None:
+def _restore_gc() -> Iterator[None]:
     was = gc.isenabled()
     yield
     gc.unfreeze()
@@ -54,5 +55,7 @@ def test_a_cycle_made_during_a_pause_is_collected_after_it() -> None:
 
 
 def test_freeze_startup_moves_live_objects_out_of_collections() -> None:
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
     gc_control.freeze_startup()
     assert gc.get_freeze_count() > 0

@@ -143,7 +143,8 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
                 offline = _offline_recall()
                 ref = f" (offline prequential, same model: {offline:.4f})" if offline else ""
                 print(
-                    f"live HR@10 on {int(scored):,} sampled events, test-then-learn: {hr:.4f}{ref}"
+                    f"live HR@10 on {int(scored):,} sampled events (weighted), test-then-learn: "
+                    f"{hr:.4f}{ref}"
                 )
             titles = load_titles()
             client = RecClient(kafka, topics.requests, topics.responses)

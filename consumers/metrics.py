@@ -111,13 +111,21 @@ class UpdaterMetrics:
         )
         self.rebuild_seconds = Histogram(
             "stream_mf_rebuild_duration_seconds",
-            "A full ALS rebuild, from snapshot to swap",
+            "A full ALS rebuild, from snapshot to its last step (after the swap, if rows were "
+            "left over)",
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
             registry=r,
         )
         self.rebuild_pause = Histogram(
             "stream_mf_rebuild_swap_pause_seconds",
-            "Ingestion paused by a rebuild's final step (re-solve, swap, commit)",
+            "Ingestion paused by a rebuild's swap step (re-solve, copy, flip commit)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rebuild_step = Histogram(
+            "stream_mf_rebuild_step_seconds",
+            "Loop-thread time of every step of a rebuild (ingestion waits for each), the swap "
+            "and the after-swap steps included",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

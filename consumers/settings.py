@@ -118,9 +118,9 @@ class UpdaterSettings(ProcessSettings):
     max_future_seconds: float = Field(
         default=86_400.0,
         ge=0,
-        description="dead-letter events timed more than this after the updater's wall clock "
-        "(reason future_timestamp): one would move the stream clock and decay every real event "
-        "toward zero; inf accepts any time",
+        description="dead-letter events timed more than this after their message's Kafka "
+        "timestamp, or the updater's clock if earlier (reason future_timestamp): one would move "
+        "the stream clock and decay every real event toward zero; inf accepts any time",
     )
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000

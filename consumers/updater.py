@@ -317,6 +317,7 @@ class Updater:
                 m.rebuild_swaps.labels("failed").inc()
             self._end_rebuild()
             return
+        m.rebuild_step.observe(time.perf_counter() - t0)
         if outcome is None:
             return
         if outcome.swapped:

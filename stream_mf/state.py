@@ -28,16 +28,19 @@ def _grown(arr: np.ndarray, cap: int, fill: float) -> np.ndarray:
 
 
 class IdIndex(dict[str, int]):
-    """String id -> dense row. Indexing with `[]` registers an unseen id at the next row (for
-    `EntityTable.resolve` only); everything else looks up with `.get` or `in`."""
+    """String id -> dense row. Inside `EntityTable.resolve` (and only there), indexing with `[]`
+    registers an unseen id at the next row; anywhere else an unknown id raises KeyError, like a
+    plain dict, so a stray lookup can never add a row the table does not have."""
 
     __slots__ = ("fresh",)
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
-        self.fresh: list[str] = []
+        self.fresh: list[str] | None = None  # a list only while `resolve` runs
 
     def __missing__(self, key: str) -> int:
+        if self.fresh is None:
+            raise KeyError(key)
         row = len(self)
         self[key] = row
         self.fresh.append(key)
@@ -107,11 +110,18 @@ class EntityTable:
         updater's time)."""
         index = self.index
         start = self.n
-        index.fresh = []
-        out = np.fromiter(map(index.__getitem__, keys), np.int32, len(keys))
-        if index.fresh:
-            self._registered(start, index.fresh)
-            index.fresh = []
+        fresh: list[str] = []
+        index.fresh = fresh
+        try:
+            out = np.fromiter(map(index.__getitem__, keys), np.int32, len(keys))
+        except BaseException:
+            for k in fresh:  # all or nothing: the index never gets ahead of `ids`
+                del index[k]
+            raise
+        finally:
+            index.fresh = None
+        if fresh:
+            self._registered(start, fresh)
         return out
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:

@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-future-seconds",
         type=float,
         default=None,
-        help="dead-letter events timed more than this after the wall clock "
-        "(default 86400; inf accepts any)",
+        help="dead-letter events timed more than this after their message's Kafka timestamp "
+        "(or this host's clock, if earlier; default 86400; inf accepts any)",
     )
     add_model_flags(p)
     p.set_defaults(run=run)

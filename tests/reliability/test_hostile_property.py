@@ -571,7 +571,7 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
 
-#: the updater's default bound (wall clock + max_future_seconds) is later than this
+#: the updater's default bound (a record's timestamp, taken after this, + max_future_seconds)
 _LATEST = time.time() + 86_400
 
 

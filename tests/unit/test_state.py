@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stream_mf.rng import USER_STREAM, init_rows
 from stream_mf.state import EntityTable
@@ -22,7 +23,8 @@ def test_resolve_registers_new_ids_in_first_seen_order() -> None:
     np.testing.assert_array_equal(t.factors[:4], want)
     # a batch of known ids registers nothing
     np.testing.assert_array_equal(t.resolve(["d", "a"]), [3, 0])
-    assert t.n == 4 and t.index.fresh == []
+    assert t.n == 4 and len(t.index) == 4 and t.ids == ["a", "b", "c", "d"]
+    assert t.index.fresh is None  # registration is only armed while `resolve` runs
 
 
 def test_lookups_never_register() -> None:
@@ -31,3 +33,24 @@ def test_lookups_never_register() -> None:
     assert t.index.get("y") is None and "y" not in t.index
     np.testing.assert_array_equal(t.lookup(["y", "x"]), [-1, 0])
     assert t.n == 1 and t.ids == ["x"]
+
+
+def test_indexing_an_unknown_id_outside_resolve_raises_and_registers_nothing() -> None:
+    t = EntityTable("user", 4, seed=0, init_scale=0.1)
+    t.resolve(["a", "b"])
+    with pytest.raises(KeyError):
+        t.index["zzz"]
+    assert "zzz" not in t.index and t.n == 2
+    # the next registration still gets the next row, in the index and in `ids` alike
+    np.testing.assert_array_equal(t.resolve(["new", "a"]), [2, 0])
+    assert t.ids == ["a", "b", "new"] and t.index["new"] == 2 and len(t.index) == t.n
+
+
+def test_a_failed_resolve_registers_nothing_and_leaves_lookups_strict() -> None:
+    t = EntityTable("user", 4, seed=0, init_scale=0.1)
+    with pytest.raises(TypeError):
+        t.resolve(["a", ["not", "hashable"]])  # type: ignore[list-item]
+    assert len(t.index) == t.n == 0
+    with pytest.raises(KeyError):
+        t.index["a"]
+    np.testing.assert_array_equal(t.resolve(["b"]), [0])

@@ -77,7 +77,7 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = Field(default=9464, ge=0, le=65535, description="0 picks a free port; -1 is off")
+    port: int = Field(default=9464, ge=-1, le=65535, description="0 picks a free port; -1 is off")
 
 
 class ProcessSettings(BaseSettings):
@@ -121,6 +121,13 @@ class UpdaterSettings(ProcessSettings):
         description="dead-letter events timed more than this after their message's Kafka "
         "timestamp, or the updater's clock if earlier (reason future_timestamp): one would move "
         "the stream clock and decay every real event toward zero; inf accepts any time",
+    )
+    dead_letter_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long a batch waits for the broker to acknowledge its dead letters "
+        "(a broker outage shorter than this is ridden out, shown every 5 s in the log and "
+        "errors_total{kind='broker'}); then the updater stops without committing the batch",
     )
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
     session_timeout_ms: int = 10_000

@@ -45,6 +45,8 @@ EXIT_OK = 0
 EXIT_STORE = 3
 EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
+# while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
+STALL_REPORT_S = 5.0
 
 
 class DeadLetterError(RuntimeError):
@@ -111,9 +113,12 @@ class Updater:
             settings.session_timeout_ms,
             on_error=self.metrics.errors.labels("broker").inc,
         )
-        self.dlt = kafka_io.producer(settings.kafka)
+        self.dlt = kafka_io.producer(
+            settings.kafka, on_error=self.metrics.errors.labels("broker").inc
+        )
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
+        self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
         self.rebuild: Rebuild | None = None
         self._rebuild_requested = False
@@ -203,6 +208,7 @@ class Updater:
 
     def run(self, stop: kafka_io.StopFlag) -> int:
         s = self.settings
+        self._stop = stop
         self.metrics_port = serve_metrics(self.registry, s.metrics.host, s.metrics.port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, self.metrics_port)
@@ -497,12 +503,44 @@ class Updater:
             log.debug(
                 "dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message
             )
-        before = self.deliveries.failed
-        left = self.dlt.flush(30.0)
-        if left or self.deliveries.failed != before:
+        self._await_dead_letters(topic, self.deliveries.failed)
+
+    def _await_dead_letters(self, topic: str, failed_before: int) -> None:
+        """Wait until the broker acknowledges this batch's dead letters: the batch is committed
+        only after them. A broker outage is ridden out for up to `dead_letter_timeout_seconds`,
+        and the wait shows while it lasts (this thread serves no consumer callbacks meanwhile,
+        so nothing else would count it); a stop request ends it without committing."""
+        s = self.settings
+        start = time.monotonic()
+        deadline = start + s.dead_letter_timeout_seconds
+        report_at = start + STALL_REPORT_S
+        left = self.dlt.flush(min(1.0, s.dead_letter_timeout_seconds))
+        while left and self.deliveries.failed == failed_before and not self._stop:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= report_at:
+                log.warning(
+                    "%d dead letter(s) to %r not acknowledged after %.0f s: is the broker "
+                    "reachable? This batch waits (up to dead_letter_timeout_seconds=%g) and is "
+                    "committed only after they are delivered",
+                    left, topic, now - start, s.dead_letter_timeout_seconds,
+                )  # fmt: skip
+                self.metrics.errors.labels("broker").inc()
+                report_at = now + STALL_REPORT_S
+            left = self.dlt.flush(min(1.0, deadline - now))
+        if left or self.deliveries.failed != failed_before:
+            why = (
+                f"last error: {self.deliveries.last_error}"
+                if self.deliveries.failed != failed_before
+                else "stop requested while waiting"
+                if self._stop
+                else f"not acknowledged within dead_letter_timeout_seconds="
+                f"{s.dead_letter_timeout_seconds:g}"
+            )
             raise DeadLetterError(
-                f"{left} dead letter(s) not delivered to {topic!r} "
-                f"(last error: {self.deliveries.last_error})"
+                f"{left} dead letter(s) not delivered to {topic!r} ({why}); the batch is not "
+                "committed and will be read again"
             )
 
     def _publish_gauges(self) -> None:

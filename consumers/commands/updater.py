@@ -27,11 +27,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="dead-letter events timed more than this after their message's Kafka timestamp "
         "(or this host's clock, if earlier; default 86400; inf accepts any)",
     )
+    p.add_argument(
+        "--dead-letter-timeout-seconds",
+        type=float,
+        default=None,
+        help="how long a batch waits for its dead letters to be acknowledged, riding out a "
+        "broker outage, before the updater stops without committing it (default 300)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
 
-_FLAGS = ("max_batch_events", "max_batch_seconds", "sync_writes", "max_future_seconds")
+_FLAGS = (
+    "max_batch_events",
+    "max_batch_seconds",
+    "sync_writes",
+    "max_future_seconds",
+    "dead_letter_timeout_seconds",
+)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,159 @@
+"""The broker hangs while a batch waits for its dead letters to be acknowledged.
+
+The updater cannot commit a batch before its dead letters are delivered (a bad message must not
+be skipped), so it waits; while it waits its loop serves no consumer callbacks, and a broker
+outage used to show nowhere (CI once caught the updater silent for a whole 30 s outage). These
+tests hold the updater exactly there: a real embedded broker of their own (pausing it disturbs
+no other test) and a real updater in this process, given a consumed batch with bad messages in
+it just as the broker is frozen (SIGSTOP).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Message, Producer
+
+from consumers.broker import EmbeddedBroker
+from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
+from consumers.updater import STALL_REPORT_S, DeadLetterError, Updater
+from tests.integration.conftest import make_topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+GOOD = 40
+BAD = [b"{not json", b'{"user_id": "u1"}', b""]
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    b = EmbeddedBroker().start()
+    try:
+        yield b
+    finally:
+        if b.is_running() and b.paused:
+            b.resume()
+        b.stop()
+
+
+def _updater(broker: EmbeddedBroker, work: Path, timeout_s: float) -> Updater:
+    topics = make_topics(broker.bootstrap_servers)
+    p = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    for j in range(GOOD):
+        doc = {"user_id": f"u{j % 7}", "item_id": f"i{j % 11}", "event_type": "view",
+               "timestamp": 1.7e9 + j}  # fmt: skip
+        p.produce(topics.interactions, orjson.dumps(doc))
+        if j % 13 == 0:
+            p.produce(topics.interactions, BAD[(j // 13) % len(BAD)])
+    assert p.flush(10) == 0
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers),
+        topics=topics,
+        metrics=MetricsSettings(port=-1),
+        state_dir=work / "state",
+        dead_letter_timeout_seconds=timeout_s,
+        max_batch_seconds=0.2,
+    )
+    return Updater(settings)
+
+
+def _consume_all(u: Updater) -> list[Message]:
+    total = GOOD + len(range(0, GOOD, 13))
+    msgs: list[Message] = []
+    end = time.monotonic() + 30
+    while len(msgs) < total and time.monotonic() < end:
+        u._assign_partitions()
+        msgs += u._collect(u._stop)
+    assert len(msgs) == total, f"read {len(msgs)} of {total} messages"
+    return msgs
+
+
+def _broker_errors(u: Updater) -> float:
+    return u.registry.get_sample_value("stream_mf_errors_total", {"kind": "broker"}) or 0.0
+
+
+class _Batch(threading.Thread):
+    """`Updater.process` on a thread, so the test can watch the wait from outside."""
+
+    def __init__(self, u: Updater, msgs: list[Message]):
+        super().__init__(daemon=True)
+        self.u, self.msgs = u, msgs
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.u.process(self.msgs)
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+
+def test_outage_while_dead_lettering_is_counted_and_ridden_out(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    u = _updater(broker, tmp_path, timeout_s=120.0)
+    try:
+        msgs = _consume_all(u)
+        before = _broker_errors(u)
+        broker.pause()
+        try:
+            batch = _Batch(u, msgs)
+            batch.start()
+            end = time.monotonic() + STALL_REPORT_S + 6
+            while _broker_errors(u) == before and time.monotonic() < end:
+                time.sleep(0.1)
+            assert _broker_errors(u) > before, "the wait for dead letters showed no broker error"
+            assert batch.is_alive(), f"the batch did not wait for the broker: {batch.error!r}"
+            assert u.model.state.events_applied == 0 and u.store.offsets() == {}
+        finally:
+            broker.resume()
+        batch.join(60)
+        assert not batch.is_alive() and batch.error is None, batch.error
+        assert u.model.state.events_applied == GOOD
+        assert sum(u.store.offsets().values()) == len(msgs)
+        dead = u.registry.get_sample_value
+        assert (
+            sum(
+                dead("stream_mf_events_dead_lettered_total", {"reason": r}) or 0.0
+                for r in ("malformed_json", "missing_field", "empty")
+            )
+            == len(msgs) - GOOD
+        )
+    finally:
+        u.close()
+
+
+@pytest.mark.parametrize("how", ["timeout", "stop"])
+def test_undelivered_dead_letters_stop_the_batch_uncommitted(
+    broker: EmbeddedBroker, tmp_path: Path, how: str
+) -> None:
+    u = _updater(broker, tmp_path, timeout_s=3.0 if how == "timeout" else 120.0)
+    try:
+        msgs = _consume_all(u)
+        broker.pause()
+        try:
+            t0 = time.monotonic()
+            batch = _Batch(u, msgs)
+            batch.start()
+            if how == "stop":
+                time.sleep(1.0)
+                u._stop.event.set()
+            batch.join(20)
+            waited = time.monotonic() - t0
+        finally:
+            broker.resume()
+        assert not batch.is_alive()
+        assert isinstance(batch.error, DeadLetterError), batch.error
+        text = str(batch.error)
+        assert "not committed" in text
+        if how == "timeout":
+            assert "dead_letter_timeout_seconds=3" in text and 2.5 < waited < 8, (text, waited)
+        else:
+            assert "stop requested" in text and waited < 5, (text, waited)
+        assert u.model.state.events_applied == 0 and u.store.offsets() == {}
+    finally:
+        u.close()

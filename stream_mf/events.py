@@ -76,6 +76,13 @@ def _strict_id(value: Any) -> Any:
     raise ValueError(f"ids are strings, got {type(value).__name__}")
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON true would be read as 1.0: almost surely a producer bug, never a weight."""
+    if isinstance(value, bool):
+        raise ValueError("value must be a number, not a boolean (send e.g. 1.0)")
+    return value
+
+
 EntityId = Annotated[
     str,
     BeforeValidator(_strict_id),
@@ -93,7 +100,9 @@ class InteractionEvent(BaseModel):
     item_id: EntityId
     event_type: str = Field(min_length=1, max_length=64)
     timestamp: Timestamp
-    value: float | None = Field(default=None, allow_inf_nan=False)
+    value: Annotated[float | None, BeforeValidator(_not_bool)] = Field(
+        default=None, allow_inf_nan=False
+    )
     event_id: EntityId | None = None
 
     @field_validator("event_type")

@@ -25,22 +25,30 @@ def test_columns_follow_input_order_across_fast_and_model_paths() -> None:
         _ev("c", "2023-11-14T22:13:20Z"),  # RFC 3339: the model's path
         None,
         _ev("d", 5),  # fast (an int)
-        _ev("e", 1.7e9, value=True),  # a boolean value: the model decides (it coerces to 1.0)
+        _ev("e", 1.7e9, value=True),  # a boolean value: the model refuses it
+        _ev("f", 1.7e9, value="2.5"),  # a numeric string: the model reads it
     ]
     dec = decode_events(payloads, TYPES)
-    assert dec.positions == [0, 1, 3, 5, 6]
-    assert dec.users == ["a", "b", "c", "d", "e"]
+    assert dec.positions == [0, 1, 3, 5, 7]
+    assert dec.users == ["a", "b", "c", "d", "f"]
     assert dec.times == [1.7e9, 1_700_000_000.5, 1_700_000_000.0, 5.0, 1.7e9]
-    assert [(r.position, r.reason) for r in dec.rejects] == [(2, "malformed_json"), (4, "empty")]
+    assert [(r.position, r.reason) for r in dec.rejects] == [
+        (2, "malformed_json"), (4, "empty"), (6, "invalid_field")
+    ]  # fmt: skip
+    assert "not a boolean" in dec.rejects[2].message
     assert [fast_path(p, TYPES) is not None for p in payloads if p] == [
-        True, False, False, False, True, False
+        True, False, False, False, True, False, False
     ]  # fmt: skip
 
 
 def test_duplicate_keys_take_the_last_value_on_both_paths() -> None:
     raw = b'{"user_id":"x","user_id":"y","item_id":"i","event_type":"view","timestamp":1}'
+    assert fast_path(raw, TYPES) is not None
     assert decode_events([raw], TYPES).users == ["y"]
-    assert orjson.loads(raw)["user_id"] == "y"  # what the model path sees
+    # an ms timestamp sends the same payload down the model's path: the same verdict
+    slow = raw.replace(b'"timestamp":1}', b'"timestamp":1700000000000}')
+    assert fast_path(slow, TYPES) is None
+    assert decode_events([slow], TYPES).users == ["y"]
 
 
 def test_weighted_types_multiply_the_value() -> None:

@@ -47,6 +47,7 @@ def test_valid_event_and_timestamp_forms() -> None:
         ({"timestamp": True}, "timestamp", "not a boolean"),
         ({"value": math.nan}, "value", "finite"),
         ({"value": "lots"}, "value", "number"),
+        ({"value": True}, "value", "not a boolean"),
         ({"colour": "red"}, "colour", "Extra inputs"),
     ],
 )

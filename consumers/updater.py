@@ -140,6 +140,16 @@ class Updater:
         # no rebuild yet: count the overdue alert from this start, not from 1970
         self.metrics.rebuild_last_success.set(rebuilt if rebuilt else time.time())
         self._publish_gauges()
+        unfinished = self.store.rebuild_unfinished()
+        if unfinished is not None:
+            # the rows left over at that swap keep the last round's solution (one consistent
+            # model, but their newest evidence is missing from it): a new rebuild re-solves them
+            log.warning(
+                "rebuild generation %d stopped before every row left over at its swap was "
+                "re-solved (the updater died in its after-swap phase): starting a new rebuild",
+                unfinished,
+            )
+            self._rebuild_requested = True
         ahead = float(state.clock[0]) - time.time()
         if ahead > settings.max_future_seconds:
             log.warning(

@@ -29,7 +29,9 @@ rounds never read what the loop thread writes. A crash before the flip leaves th
 snapshot reaches the factors of its user and item through a re-solve of their full decayed rows;
 a crash between the flip and the last step of 5 leaves the rows not applied yet at their
 previous round's solution (new ids at their initial vector): still one consistent model, with
-those rows' newest events in the confidence map for the next rebuild but not in their factors.
+those rows' newest events in the confidence map but not in their factors. The flip commit marks
+the generation unfinished (`StateStore.rebuild_unfinished`) and the commit of the outcome clears
+the mark, so a restarted writer knows to rebuild at once.
 """
 
 from __future__ import annotations
@@ -676,7 +678,7 @@ class Rebuild:
             # flip now, finish the rest on the new model (step 5 of the module docstring)
             self.store.commit(
                 state, BatchDelta.empty(state), None, generation=self.generation,
-                extra_users=flip_u, extra_items=flip_i,
+                extra_users=flip_u, extra_items=flip_i, unfinished=True,
             )  # fmt: skip
             lap("flip commit")
             self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])

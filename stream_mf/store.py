@@ -205,6 +205,13 @@ class StateStore:
     def generation(self) -> int:
         return self._meta_int(b"generation")
 
+    def rebuild_unfinished(self) -> int | None:
+        """The generation whose rows left over at the swap were not all re-solved when the
+        writer stopped (a crash in a rebuild's after-swap phase), if any: those rows keep the
+        last round's solution until a rebuild re-solves them."""
+        raw = self._meta(b"rebuild_unfinished")
+        return None if raw is None else _I64.unpack(raw)[0]
+
     def _model_blocks(self, cf: str, gen: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(block, value) of one generation of a model column family, in block order."""
         gen = self.generation() if gen is None else gen
@@ -419,10 +426,13 @@ class StateStore:
         generation: int | None = None,
         extra_users: np.ndarray | None = None,
         extra_items: np.ndarray | None = None,
+        unfinished: bool = False,
     ) -> None:
         """Persist one batch: every changed row, the counters and the next offsets, atomically.
 
         `everything=True` writes every row (first save, or after a rebuild replaced the model).
+        A commit that sets `generation` also records whether that rebuild still has rows to
+        re-solve after it (`unfinished`, the flip of a deferred swap) or is complete.
         """
         if self.secondary:
             raise StoreError("a secondary (read-only) store cannot commit")
@@ -432,6 +442,10 @@ class StateStore:
         if generation is not None:
             wb.put(b"generation", _I64.pack(generation), meta)
             wb.put(b"rebuilt_at", _F64.pack(time.time()), meta)
+            if unfinished:
+                wb.put(b"rebuild_unfinished", _I64.pack(generation), meta)
+            else:
+                wb.delete(b"rebuild_unfinished", meta)
         if self.is_new or everything:
             wb.put(b"format", FORMAT, meta)
             wb.put(b"block_rows", _I64.pack(BLOCK_ROWS), meta)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from synthetic import planted_stream
 
+from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
+from consumers.updater import Updater
 from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel
@@ -235,6 +237,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     assert flip.swap_rows <= (rcfg.final_rows if budget_s else 0)
     assert flip.users.size + flip.items.size <= flip.swap_rows + new_ids
     assert store.generation() == 1 and st.model_version == 1
+    assert store.rebuild_unfinished() == 1  # until the last row after the flip is committed
     V_at_flip = st.items.factors[: st.items.n].copy()
     keys, vals = confidence_items(st.confidence)
     clock = float(st.clock[0])
@@ -250,6 +253,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
         st, BatchDelta.empty(st), None, generation=outcome.generation,
         extra_users=outcome.users, extra_items=outcome.items,
     )  # fmt: skip
+    assert store.rebuild_unfinished() is None
     D, P = dense_confidence(keys, vals, st.users.n, st.items.n, clock, CFG.decay_rate, rcfg.alpha)
     U = st.users.factors[: st.users.n]
     want_u = solve_rows_reference(D, P, V_at_flip, rcfg.reg, after.users)
@@ -286,8 +290,21 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     store.close()  # the process dies here: nothing else reaches the disk
     with StateStore(tmp_path / "db") as again:
         assert again.generation() == 1
+        assert again.rebuild_unfinished() == 1  # a restart knows rows still wait for a re-solve
         loaded = again.load()
     assert loaded.model_version == 1 and loaded.events_applied == st.events_applied
     for kind in ("users", "items"):
         a, b = getattr(st, kind), getattr(loaded, kind)
         np.testing.assert_array_equal(a.factors[: a.n], b.factors[: b.n])
+    # the restarted updater starts a new rebuild at once, to re-solve the rows left over
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted here
+        metrics=MetricsSettings(port=-1),
+        state_dir=tmp_path / "db",
+        model=CFG,
+    )
+    updater = Updater(settings)
+    try:
+        assert updater._rebuild_due()
+    finally:
+        updater.close()

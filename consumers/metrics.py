@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stream_mf.decode import REASONS
+from stream_mf.messages import RequestKind
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -226,6 +228,9 @@ class QueryMetrics:
         )
         for kind in ("broker", "store", "reply"):
             self.errors.labels(kind)
+        # every label a series can have exists from the start, so rate() sees the first one
+        for kind in (*get_args(RequestKind), "invalid"):
+            self.latency.labels(kind)
         for kind, strategy in (
             ("recommend", "personalized"), ("recommend", "popular"), ("popular", "popular"),
             ("similar_items", "similar_items"), ("recommend_anonymous", "anonymous"),

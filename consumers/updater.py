@@ -47,10 +47,17 @@ EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
+# after a stop request a batch still waits this long for its dead letters (a slow broker), then
+# stops uncommitted; well inside a container's usual 30 s stop grace period
+STOP_GRACE_S = 10.0
 
 
 class DeadLetterError(RuntimeError):
     pass
+
+
+class StoppedBeforeCommitError(RuntimeError):
+    """A stop request ended the wait for a batch's dead letters: that batch is read again."""
 
 
 class OffsetRegressionError(RuntimeError):
@@ -107,14 +114,25 @@ class Updater:
         )
         self.topic = settings.topics.interactions
         self.assigned: list[TopicPartition] = []
+        wait_ms = int(settings.dead_letter_timeout_seconds * 1000)
         self.consumer = kafka_io.consumer(
             settings.kafka,
             settings.group_id,
             settings.session_timeout_ms,
             on_error=self.metrics.errors.labels("broker").inc,
+            # a batch waiting for its dead letters does not poll: with a consumer group, do not
+            # leave it meanwhile
+            **{
+                "max.poll.interval.ms": max(
+                    60_000, settings.session_timeout_ms * 2, wait_ms + 30_000
+                )
+            },
         )
         self.dlt = kafka_io.producer(
-            settings.kafka, on_error=self.metrics.errors.labels("broker").inc
+            settings.kafka,
+            on_error=self.metrics.errors.labels("broker").inc,
+            # librdkafka gives up on a message after this (default 300 s): never before the wait
+            **{"message.timeout.ms": max(wait_ms, 1000)},
         )
         self.deliveries = kafka_io.DeliveryTracker()
         self.metrics_port: int | None = None
@@ -256,6 +274,8 @@ class Updater:
             log.error("dead-letter topic unavailable, stopping without committing: %s", exc)
             self.metrics.errors.labels("dead_letter").inc()
             code = EXIT_DEAD_LETTER
+        except StoppedBeforeCommitError as exc:
+            log.warning("%s", exc)  # asked to stop: nothing lost, the batch is read again
         except OffsetRegressionError as exc:
             log.error("%s", exc)
             code = EXIT_OFFSETS
@@ -354,6 +374,8 @@ class Updater:
             m.rebuild_pause.observe(outcome.seconds + flip)
         else:
             m.rebuild_pause.observe(time.perf_counter() - t0)
+            # the guard judged a rebuild over these rows: do not start another at every restart
+            self.store.clear_rebuild_unfinished()
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
         m.rebuild_rows.inc(outcome.rows_resolved)
         m.rebuild_seconds.observe(time.monotonic() - self.rebuild.started)
@@ -524,9 +546,13 @@ class Updater:
         start = time.monotonic()
         deadline = start + s.dead_letter_timeout_seconds
         report_at = start + STALL_REPORT_S
+        stopping = False
         left = self.dlt.flush(min(1.0, s.dead_letter_timeout_seconds))
-        while left and self.deliveries.failed == failed_before and not self._stop:
+        while left and self.deliveries.failed == failed_before:
             now = time.monotonic()
+            if self._stop and not stopping:  # a slow broker gets a grace period, not a hang
+                stopping = True
+                deadline = min(deadline, now + STOP_GRACE_S)
             if now >= deadline:
                 break
             if now >= report_at:
@@ -539,18 +565,22 @@ class Updater:
                 self.metrics.errors.labels("broker").inc()
                 report_at = now + STALL_REPORT_S
             left = self.dlt.flush(min(1.0, deadline - now))
-        if left or self.deliveries.failed != failed_before:
-            why = (
-                f"last error: {self.deliveries.last_error}"
-                if self.deliveries.failed != failed_before
-                else "stop requested while waiting"
-                if self._stop
-                else f"not acknowledged within dead_letter_timeout_seconds="
-                f"{s.dead_letter_timeout_seconds:g}"
-            )
+        if self.deliveries.failed != failed_before:
             raise DeadLetterError(
-                f"{left} dead letter(s) not delivered to {topic!r} ({why}); the batch is not "
-                "committed and will be read again"
+                f"{left} dead letter(s) not delivered to {topic!r} (last error: "
+                f"{self.deliveries.last_error}); the batch is not committed and will be read again"
+            )
+        if left and stopping:
+            raise StoppedBeforeCommitError(
+                f"stopping with {left} dead letter(s) to {topic!r} not acknowledged after "
+                f"{time.monotonic() - start:.0f} s: the batch is not committed and will be read "
+                "again"
+            )
+        if left:
+            raise DeadLetterError(
+                f"{left} dead letter(s) not delivered to {topic!r} (not acknowledged within "
+                f"dead_letter_timeout_seconds={s.dead_letter_timeout_seconds:g}); the batch is "
+                "not committed and will be read again"
             )
 
     def _publish_gauges(self) -> None:

@@ -205,6 +205,13 @@ class StateStore:
     def generation(self) -> int:
         return self._meta_int(b"generation")
 
+    def clear_rebuild_unfinished(self) -> None:
+        """Forget the mark (a later rebuild was judged, and rejected, by its guard)."""
+        if self._meta(b"rebuild_unfinished") is not None:
+            wb = rd.WriteBatch(raw_mode=True)
+            wb.delete(b"rebuild_unfinished", self.h["meta"])
+            self._write(wb)
+
     def rebuild_unfinished(self) -> int | None:
         """The generation whose rows left over at the swap were not all re-solved when the
         writer stopped (a crash in a rebuild's after-swap phase), if any: those rows keep the

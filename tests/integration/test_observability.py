@@ -223,7 +223,15 @@ def test_every_dashboard_and_alert_expression_returns_data(
             "the prometheus server is not installed (Debian: apt-get install -y prometheus)"
         )
     started = time.monotonic()
-    cluster.start("updater", "updater", env={"STREAM_MF_LIVE_EVAL_RATE": "0.2"})
+    # a quick rebuild runs during the test, so its panels are checked on real values too
+    rebuild = {
+        "STREAM_MF_REBUILD__EVERY_EVENTS": "1000",
+        "STREAM_MF_REBUILD__ITERATIONS": "3",
+        "STREAM_MF_REBUILD__GUARD_EVENTS": "20",
+        "STREAM_MF_REBUILD__GUARD_TIMEOUT_S": "1",
+        "STREAM_MF_REBUILD__GUARD_MARGIN": "1.0",
+    }
+    cluster.start("updater", "updater", env={"STREAM_MF_LIVE_EVAL_RATE": "0.2", **rebuild})
     cluster.start("query", "query-1")
     # the same job names as deploy/prometheus/prometheus.yml, so `up{job=~...}` matches
     prom = Prometheus(
@@ -247,6 +255,12 @@ def test_every_dashboard_and_alert_expression_returns_data(
         # the events below count towards its freshness histogram)
         cluster.wait_metric("updater", "stream_mf_batches_total", 0, timeout=20)
         cluster.wait_metric("query-1", "stream_mf_requests_invalid_total", 0, timeout=20)
+        # and Prometheus has scraped both before anything happens: a rate or increase needs the
+        # counters' values from before the events, or it reads 0 and every quantile NaN
+        end = time.monotonic() + 20
+        while len(prom.query("up == 1")) < 2:
+            assert time.monotonic() < end, "Prometheus never scraped both processes"
+            time.sleep(0.2)
 
         msgs, n_bad = payloads(3000, bad_per_reason=4)
         producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka))
@@ -300,13 +314,17 @@ def test_every_dashboard_and_alert_expression_returns_data(
 
 
 def lacks(prom: Prometheus, expr: str, legend: str) -> str | None:
-    """What is wrong with the data of `expr`, or None: no series at all, or no series carrying a
+    """What is wrong with the data of `expr`, or None: no series at all, only NaN (nothing
+    observed, so the panel would be empty), or no series carrying a
     label that the panel's legend shows (`sum by (strateg)` still returns a series). A result of
     only label-less series is a constant fallback (`... or on () vector(0)`), exempt from the
     legend check."""
     result = prom.query(expr)
     if not result:
         return "no data"
+    values = [r["value"][1] if isinstance(r, dict) else r[1] for r in result]
+    if all(v == "NaN" for v in values):  # e.g. a quantile of a histogram never observed
+        return f"only NaN: {result}"
     if all(isinstance(r, dict) and not r.get("metric") for r in result):
         return None
     wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))

@@ -21,10 +21,16 @@ from confluent_kafka import Message, Producer
 
 from consumers.broker import EmbeddedBroker
 from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
-from consumers.updater import STALL_REPORT_S, DeadLetterError, Updater
+from consumers.updater import (
+    STALL_REPORT_S,
+    STOP_GRACE_S,
+    DeadLetterError,
+    StoppedBeforeCommitError,
+    Updater,
+)
 from tests.integration.conftest import make_topics
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 GOOD = 40
 BAD = [b"{not json", b'{"user_id": "u1"}', b""]
@@ -111,7 +117,7 @@ def test_outage_while_dead_lettering_is_counted_and_ridden_out(
             assert u.model.state.events_applied == 0 and u.store.offsets() == {}
         finally:
             broker.resume()
-        batch.join(60)
+        batch.join(120)
         assert not batch.is_alive() and batch.error is None, batch.error
         assert u.model.state.events_applied == GOOD
         assert sum(u.store.offsets().values()) == len(msgs)
@@ -131,6 +137,8 @@ def test_outage_while_dead_lettering_is_counted_and_ridden_out(
 def test_undelivered_dead_letters_stop_the_batch_uncommitted(
     broker: EmbeddedBroker, tmp_path: Path, how: str
 ) -> None:
+    """Past `dead_letter_timeout_seconds`, or `STOP_GRACE_S` after a stop request, the batch
+    gives up: nothing of it is committed, so a restart reads it again."""
     u = _updater(broker, tmp_path, timeout_s=3.0 if how == "timeout" else 120.0)
     try:
         msgs = _consume_all(u)
@@ -142,18 +150,44 @@ def test_undelivered_dead_letters_stop_the_batch_uncommitted(
             if how == "stop":
                 time.sleep(1.0)
                 u._stop.event.set()
-            batch.join(20)
+            batch.join(STOP_GRACE_S + 15)
             waited = time.monotonic() - t0
         finally:
             broker.resume()
         assert not batch.is_alive()
-        assert isinstance(batch.error, DeadLetterError), batch.error
-        text = str(batch.error)
-        assert "not committed" in text
+        want = DeadLetterError if how == "timeout" else StoppedBeforeCommitError
+        assert isinstance(batch.error, want), batch.error
+        assert "not committed" in str(batch.error)
         if how == "timeout":
-            assert "dead_letter_timeout_seconds=3" in text and 2.5 < waited < 8, (text, waited)
-        else:
-            assert "stop requested" in text and waited < 5, (text, waited)
+            assert 2.5 < waited < 9, waited
+        else:  # the grace period runs from the stop request
+            assert 1 + STOP_GRACE_S - 0.5 < waited < 1 + STOP_GRACE_S + 6, waited
         assert u.model.state.events_applied == 0 and u.store.offsets() == {}
+    finally:
+        u.close()
+
+
+def test_a_stop_request_still_commits_when_the_broker_answers_in_time(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A slow broker is no reason to drop the batch at a stop: within the grace period the
+    dead letters are acknowledged and the batch is committed as usual."""
+    u = _updater(broker, tmp_path, timeout_s=120.0)
+    try:
+        msgs = _consume_all(u)
+        broker.pause()
+        try:
+            batch = _Batch(u, msgs)
+            batch.start()
+            time.sleep(1.0)
+            u._stop.event.set()
+            time.sleep(2.0)
+            assert batch.is_alive(), batch.error
+        finally:
+            broker.resume()
+        batch.join(60)
+        assert not batch.is_alive() and batch.error is None, batch.error
+        assert u.model.state.events_applied == GOOD
+        assert sum(u.store.offsets().values()) == len(msgs)
     finally:
         u.close()

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +46,7 @@ from bench_ingest import (
     stop_pyspy,
     try_scrape,
 )
-from common import BLAS_THREAD_VARS, ROOT, Col, print_table, write_results
+from common import BLAS_THREAD_VARS, Col, print_table, write_results
 from confluent_kafka import OFFSET_END, TopicPartition
 
 from consumers import kafka_io
@@ -311,40 +309,15 @@ def echo_child() -> int:
 
 def start_echo(
     children: Children, work: Path, bootstrap: str, env: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    """The echo process, stopped by PID through `children.raw` (SIGTERM, then SIGKILL)."""
-    log = open(work / "echo.log", "ab")  # noqa: SIM115 (owned by the child)
-    p = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--echo-child"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={
-            **os.environ,
-            **env,
-            "STREAM_MF_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "PYTHONPATH": str(ROOT),
-        },
-        start_new_session=True,
-    )
-    log.close()
-    children.raw.append(p)
-    return p
-
-
-def stop_echo(children: Children, p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-    if p in children.raw:
-        children.raw.remove(p)
+) -> ManagedProcess:
+    """The echo process (this file, `--echo-child`), stopped by PID like the product's."""
+    echo_env = {**env, "STREAM_MF_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+    script = Path(__file__).resolve()
+    return children.start(ManagedProcess("echo", ["--echo-child"], work, echo_env, script=script))
 
 
 def wait_for_echo(
-    bootstrap: str, requests: str, responses: str, p: subprocess.Popen[bytes], timeout: float
+    bootstrap: str, requests: str, responses: str, p: ManagedProcess, timeout: float
 ) -> float:
     """Ask until the echo answers (its group join done); returns the seconds it took."""
     client = RecClient(KafkaSettings(bootstrap_servers=bootstrap), requests, responses)
@@ -352,8 +325,8 @@ def wait_for_echo(
     end = time.monotonic() + timeout
     try:
         while time.monotonic() < end:
-            if p.poll() is not None:
-                raise RuntimeError(f"echo exited with {p.returncode}")
+            if not p.alive():
+                raise RuntimeError(f"echo exited:\n{p.log_tail()}")
             try:
                 client.ask({"user_id": "u0", "k": 10}, timeout=3)
                 return time.perf_counter() - t0
@@ -671,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
             result["phases"] = phases
-            stop_echo(children, echo)
+            children.stop(echo)
             children.stop(q)
     finally:
         children.stop_all()

@@ -21,11 +21,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 class ManagedProcess:
-    """`stream-mf SUBCOMMAND ...` as a child process with its log in a file."""
+    """`stream-mf SUBCOMMAND ...` (or, with `script`, that Python file) as a child process with
+    its log in a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: dict | None = None,
+        *,
+        script: Path | None = None,
+    ):
         self.name = name
-        self.argv = [sys.executable, "-m", "consumers.cli", *argv]
+        head = [str(script)] if script is not None else ["-m", "consumers.cli"]
+        self.argv = [sys.executable, *head, *argv]
         self.log_path = Path(log_dir) / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
         root = str(Path(__file__).resolve().parent.parent)

@@ -13,7 +13,6 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,6 @@ from consumers.broker import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    """One broker for the module: it starts in well under a second, but topics are cheaper."""
-    b = EmbeddedBroker().start()
-    try:
-        yield b
-    finally:
-        b.stop(timeout=1.0)  # Tansu lingers ~5 s on SIGTERM while a client is connected
 
 
 def _name(prefix: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -34,17 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 GOOD = 40
 BAD = [b"{not json", b'{"user_id": "u1"}', b""]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker().start()
-    try:
-        yield b
-    finally:
-        if b.is_running() and b.paused:
-            b.resume()
-        b.stop()
 
 
 def _updater(broker: EmbeddedBroker, work: Path, timeout_s: float) -> Updater:

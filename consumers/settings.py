@@ -150,6 +150,14 @@ class QuerySettings(ProcessSettings):
     state_dir: Path = Path("state")
     group_id: str = "stream-mf-query"
     refresh_seconds: float = Field(default=0.2, gt=0, description="how often to follow the store")
+    max_refresh_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="most of the request loop's time that following the store may take: after a "
+        "refresh of T s the next waits at least T*(1-share)/share (a large catalogue refreshes "
+        "less often rather than starving requests); 1 = every refresh_seconds regardless",
+    )
     min_user_events: int = Field(default=1, ge=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=256)
     default_deadline_ms: int | None = Field(

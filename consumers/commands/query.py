@@ -17,10 +17,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="serve rec-requests from the model store (read-only)")
     add_process_flags(p)
     p.add_argument("--refresh-seconds", type=float, default=None)
+    p.add_argument(
+        "--max-refresh-share",
+        type=float,
+        default=None,
+        help="most of the loop's time following the store may take (default 0.25; 1 = off)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = build_settings(QuerySettings, args, refresh_seconds=args.refresh_seconds)
+    settings = build_settings(
+        QuerySettings,
+        args,
+        refresh_seconds=args.refresh_seconds,
+        max_refresh_share=args.max_refresh_share,
+    )
     log.info("query settings: %s", settings.model_dump_json())
     return QueryService(settings).run(StopFlag().install())

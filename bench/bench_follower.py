@@ -1,0 +1,138 @@
+"""How long a query process's request loop stops to follow the store while the updater writes.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_follower.py [--quick]
+
+A query process refreshes its model between polls on its one thread (`consumers/query.py`,
+every `refresh_seconds`): `StoreFollower.refresh` replays the writer's WAL (`catch_up`) and, when
+the model moved on, loads the item side anew. No request is answered meanwhile, so a refresh is
+added to the latency of every request that arrives during it.
+
+For each catalogue size, a store is filled the way the updater fills it (`OnlineModel.learn` +
+`StateStore.commit`, k=64, one event per item so every item has a vector, then a planted stream);
+then, in this process, a writer commits batches of `--batch` events (the size a quiet-to-busy
+updater commits every 0.1 s) and a RocksDB secondary instance follows each commit, as the query
+process does. Per refresh: the WAL replay and the reload are timed apart. The reference, in the
+same run and on the same view, is one `recommend` request's scoring (V·u + b over every item and
+top-10): the refresh is reported as a multiple of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import Col, bench_args, print_table, write_results
+
+from stream_mf.config import ModelConfig
+from stream_mf.follower import StoreFollower
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.recommend import recommend
+from stream_mf.store import StateStore
+from tests.synthetic import planted_stream
+
+TOPIC = "interactions"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def run_size(n_items: int, n_users: int, batch: int, rounds: int, work: Path) -> dict[str, Any]:
+    cfg = ModelConfig(dim=64)
+    path = work / f"store-{n_items}"
+    store = StateStore(path)
+    model = OnlineModel(cfg, store.load(cfg))
+    t0 = 1.7e9
+    done = 0
+
+    def commit(b: EventBatch) -> None:
+        nonlocal done
+        delta = model.learn(b)
+        done += len(b)
+        store.commit(model.state, delta, {(TOPIC, 0): done}, event_times=b.times)
+
+    every = [f"i{j}" for j in range(n_items)]
+    users = [f"u{j % n_users}" for j in range(n_items)]
+    for lo in range(0, n_items, 100_000):  # every item gets a vector
+        hi = min(n_items, lo + 100_000)
+        times = t0 + np.arange(lo, hi, dtype=np.float64)
+        commit(EventBatch.build(users[lo:hi], every[lo:hi], np.ones(hi - lo), times))
+    s = planted_stream(batch * (rounds + 2), n_users, n_items, seed=5, t0=t0 + n_items)
+    stream = EventBatch.build(s.user_ids(), s.item_ids(), np.ones(len(s.users)), s.times)
+
+    follower = StoreFollower(path, secondary_dir=str(work / f"sec-{n_items}"))
+    assert follower.refresh() and follower.view is not None
+    user = follower.user("u1")
+    assert user is not None
+    replay, reload, total, score = [], [], [], []
+    for r in range(rounds):
+        commit(stream.slice(r * batch, (r + 1) * batch))
+        a = time.perf_counter()
+        follower.store.catch_up()
+        b = time.perf_counter()
+        changed = follower.refresh()
+        c = time.perf_counter()
+        assert changed, "the follower did not see the commit"
+        replay.append((b - a) * 1e3)
+        reload.append((c - b) * 1e3)
+        total.append((c - a) * 1e3)
+        a = time.perf_counter()
+        recommend(follower.view, user.vector, 10, exclude=user.seen)
+        score.append((time.perf_counter() - a) * 1e3)
+    follower.close()
+    store.close()
+    shutil.rmtree(path, ignore_errors=True)
+    p50_score = _pct(score, 50)
+    return {
+        "items": n_items,
+        "users": n_users,
+        "batch": batch,
+        "refreshes": rounds,
+        "replay_p50_ms": _pct(replay, 50),
+        "reload_p50_ms": _pct(reload, 50),
+        "refresh_p50_ms": _pct(total, 50),
+        "refresh_p99_ms": _pct(total, 99),
+        "refresh_max_ms": max(total),
+        "score_p50_ms": p50_score,
+        "refresh_vs_score": _pct(total, 50) / p50_score,
+    }
+
+
+def main() -> None:
+    ap_args = bench_args(__doc__)
+    quick = ap_args.quick
+    sizes = [(20_000, 5_000)] if quick else [(50_000, 20_000), (200_000, 50_000)]
+    rounds = 10 if quick else 30
+    batch = 2000
+    work = Path(tempfile.mkdtemp(prefix="bench-follower-"))
+    rows = []
+    try:
+        for n_items, n_users in sizes:
+            print(f"{n_items} items: filling the store, then {rounds} commits + refreshes ...",
+                  flush=True)  # fmt: skip
+            rows.append(run_size(n_items, n_users, batch, rounds, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(
+        f"Follower refresh per commit of {batch} events (k=64), the query loop's stall",
+        rows,
+        [
+            Col("items", "items", ","),
+            Col("replay_p50_ms", "WAL replay p50 ms", ".2f"),
+            Col("reload_p50_ms", "reload p50 ms", ".1f"),
+            Col("refresh_p50_ms", "refresh p50 ms", ".1f"),
+            Col("refresh_p99_ms", "p99 ms", ".1f"),
+            Col("refresh_max_ms", "max ms", ".1f"),
+            Col("score_p50_ms", "1 request's scoring p50 ms", ".2f"),
+            Col("refresh_vs_score", "refresh / scoring", ".0f"),
+        ],
+    )
+    write_results("bench_follower", {"quick": quick, "batch": batch, "rows": rows}, ap_args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,9 @@
 A RocksDB secondary instance replays the writer's WAL on `catch_up()`; each WriteBatch is applied
 whole, so a snapshot never mixes two batches. The item side is rebuilt into an immutable
 `ItemView` only when the writer has moved on, and swapped in by reference; users are read on
-demand, one block get and one prefix scan per request.
+demand, one block get and one prefix scan per request, pinned to the view's model generation
+(`users_for`). So `refresh` may run on its own thread while others read: a reader takes
+`view` once per request and never sees a half-built one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_mf.answer import UserRecord
+from stream_mf.answer import UserRecord, UserSource
 from stream_mf.config import ModelConfig
 from stream_mf.recommend import ItemView
 from stream_mf.store import StateStore, StoreError
@@ -51,7 +53,8 @@ class StoreFollower:
         ids = self.store.item_ids(list(self.view.ids) if self.view else [])
         if len(ids) < n_items:
             raise StoreError("item id map behind item count: store is inconsistent")
-        factors, bias, logpop = self.store.item_arrays(self.config.dim, n_items)
+        gen = self.store.generation()
+        factors, bias, logpop = self.store.item_arrays(self.config.dim, n_items, gen)
         self.view = ItemView(
             factors=factors,
             bias=bias,
@@ -63,6 +66,7 @@ class StoreFollower:
             clock=self.store.clock(),
             decay_rate=self.config.decay_rate,
             model_version=version,
+            generation=gen,
         )
         self.events_applied, self.model_version = events, version
         self.loaded_at = time.time()
@@ -73,20 +77,35 @@ class StoreFollower:
         self.commit_seq, out = self.store.batch_log(self.commit_seq)
         return out
 
-    def user(self, user_id: str) -> UserRecord | None:
+    def user(self, user_id: str, generation: int | None = None) -> UserRecord | None:
         if self.config is None:
             return None
-        row = self.store.user_row(user_id, self.config.dim)
+        row = self.store.user_row(user_id, self.config.dim, generation)
         if row is None:
             return None
         u, vec, count = row
         items, _ = self.store.user_items(u)
         return UserRecord(index=u, vector=vec, events=count, seen=items.astype(np.int64))
 
+    def users_for(self, view: ItemView) -> UserSource:
+        """Users as of `view`'s model generation. A refresh on another thread may already have
+        caught up with a rebuild's swap while a request still holds the older view: a user
+        vector of the new model scored against the old item factors would rank noise (until
+        the old generation is dropped, such a user gets its old-model row; after, none)."""
+        return _PinnedUsers(self, view.generation)
+
     def close(self) -> None:
         self.store.close()
         if self._own is not None:
             shutil.rmtree(self._own, ignore_errors=True)
+
+
+class _PinnedUsers:
+    def __init__(self, follower: StoreFollower, generation: int) -> None:
+        self.follower, self.generation = follower, generation
+
+    def user(self, user_id: str) -> UserRecord | None:
+        return self.follower.user(user_id, self.generation)
 
 
 def _secondary_dir() -> Path:

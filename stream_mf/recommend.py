@@ -27,6 +27,7 @@ class ItemView:
     clock: float
     decay_rate: float
     model_version: int = 0
+    generation: int = 0  # the store's model generation these rows belong to (rebuilds add one)
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -381,12 +381,15 @@ class StateStore:
             it.next()
         return out
 
-    def item_arrays(self, dim: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Factors, biases and log-popularity of items [0, n)."""
+    def item_arrays(
+        self, dim: int, n: int, generation: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Factors, biases and log-popularity of items [0, n), of `generation` (the current one
+        by default)."""
         factors = np.zeros((n, dim), np.float32)
         bias = np.zeros(n, np.float32)
         logpop = np.full(n, -np.inf)
-        gen = self.generation()
+        gen = self.generation() if generation is None else generation
         for blk, v in self._model_blocks("item_factors", gen):
             lo = blk * BLOCK_ROWS
             if lo < n:
@@ -405,14 +408,18 @@ class StateStore:
                 logpop[lo : lo + lp.shape[0]] = lp
         return factors, bias, logpop
 
-    def user_row(self, user_id: str, dim: int) -> tuple[int, np.ndarray, int] | None:
-        """(index, vector, events) of a user, or None if the store has not seen it."""
+    def user_row(
+        self, user_id: str, dim: int, generation: int | None = None
+    ) -> tuple[int, np.ndarray, int] | None:
+        """(index, vector, events) of a user, or None if the store has not seen it (or holds no
+        row of it in `generation`, the current one by default)."""
         raw = self.cf["user_ids"].get(user_id.encode())
         if raw is None:
             return None
         u = _I32.unpack(raw)[0]
         b, r = divmod(u, BLOCK_ROWS)
-        fb = self.cf["user_factors"].get(_model_key(self.generation(), b))
+        gen = self.generation() if generation is None else generation
+        fb = self.cf["user_factors"].get(_model_key(gen, b))
         mb = self.cf["user_meta"].get(_BE32.pack(b))
         if fb is None or mb is None:
             return None

@@ -12,6 +12,7 @@ import pytest
 from synthetic import planted_stream
 
 from stream_mf.config import ModelConfig
+from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.state import ModelState
 from stream_mf.store import ConfigMismatchError, StateStore, confidence_items
@@ -98,6 +99,38 @@ def test_secondary_follows_primary(tmp_path: Path) -> None:
         assert follower.events_applied() == 3000
         assert_same_state(m.state, follower.load())
         follower.close()
+
+
+def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
+    """A refresh on another thread may catch up with a rebuild's swap while a request holds the
+    older view: that request must not score a new-model user vector against old item factors."""
+    batch = stream(2000)
+    with StateStore(tmp_path / "db") as primary:
+        m = OnlineModel(CFG, primary.load(CFG))
+        primary.commit(m.state, m.learn(batch), {(TOPIC, 0): 2000})
+        follower = StoreFollower(tmp_path / "db", secondary_dir=str(tmp_path / "sec"))
+        try:
+            assert follower.refresh() and follower.view is not None
+            old_view = follower.view
+            uid = m.state.users.ids[0]
+            old_vec = m.state.users.factors[0].copy()
+            # a rebuild swaps in generation 1 with other user vectors
+            m.state.users.factors[: m.state.users.n] *= -1.0
+            m.state.model_version += 1
+            primary.commit(m.state, None, None, generation=1, everything=True)
+            follower.store.catch_up()  # the follower thread got there; the view did not yet
+            pinned = follower.users_for(old_view).user(uid)
+            assert pinned is not None and np.array_equal(pinned.vector, old_vec)
+            latest = follower.user(uid)
+            assert latest is not None and np.array_equal(latest.vector, -old_vec)
+            primary.drop_other_generations()  # the rebuild ends
+            follower.store.catch_up()
+            assert follower.users_for(old_view).user(uid) is None  # unknown, never mixed
+            assert follower.refresh() and follower.view.generation == 1
+            now = follower.users_for(follower.view).user(uid)
+            assert now is not None and np.array_equal(now.vector, -old_vec)
+        finally:
+            follower.close()
 
 
 WRITER = textwrap.dedent(

@@ -1,12 +1,15 @@
 """The query service: answers `rec-requests` on each request's `reply_to` topic.
 
 It never writes the model. It follows the updater's RocksDB through a secondary instance
-(`StoreFollower`), refreshed every `refresh_seconds` on a thread of its own: with the updater
-committing, a refresh reloads every item row (0.2 s at 50k items, bench/bench_follower.py), and
-on the request thread it held up every request behind it. Each request takes the current view
-once and reads users pinned to its model generation, so it is answered from one model; an event
-the updater has committed is served within about `refresh_seconds` plus one refresh. Several
-processes share the requests as one consumer group.
+(`StoreFollower`), refreshed on a thread of its own: with the updater committing, a refresh
+replays the WAL and reloads every item row (0.2 s at 50k items, 1 s at 200k:
+bench/bench_follower.py), and on the request thread it held up every request behind it. Each
+request takes the current view once and reads users pinned to its model generation, so it never
+mixes two models (user rows may be a few batches newer than the item view). Refreshes run every
+`refresh_seconds`, but take at most `max_refresh_share` of the time: an event the updater has
+committed is served within about max(`refresh_seconds`, 4 refreshes) plus one refresh (0.2 s on
+a small catalogue, ~1 s at 50k items under continuous commits, 4-5 s at 200k). Several processes
+share the requests as one consumer group.
 """
 
 from __future__ import annotations
@@ -93,14 +96,14 @@ def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None 
 
 
 def next_refresh(planned: float, now: float, took: float, max_share: float) -> float:
-    """When to refresh next: as planned (every `refresh_seconds`), but not before the loop has
-    served requests for `took * (1 - max_share) / max_share` seconds.
+    """When to refresh next: as planned (every `refresh_seconds`), but not before
+    `took * (1 - max_share) / max_share` seconds have passed since the last one ended.
 
     A refresh replays the writer's WAL and reloads every item row (bench/bench_follower.py:
-    ~0.1 s at 20k items, ~0.75 s at 200k while the updater commits continuously); at a fixed
-    0.2 s period a large catalogue would leave the loop refreshing most of the time and
-    requests would queue. Bounding the share trades freshness for throughput, visibly (the
-    freshness histogram)."""
+    ~0.2 s at 50k items, ~1 s at 200k while the updater commits continuously) and competes with
+    requests for the interpreter; at a fixed 0.2 s period a large catalogue would keep the
+    follower thread busy all the time and halve request throughput. Bounding its share trades
+    freshness for throughput, visibly (the freshness histogram)."""
     if max_share >= 1.0:
         return planned
     return max(planned, now + took * (1.0 - max_share) / max_share)
@@ -118,22 +121,25 @@ class QueryService:
         self.metrics_port: int | None = None
         self._warm = False
         self._stopping = threading.Event()
-        self._follower_thread = threading.Thread(
-            target=self._follow_loop, name="follow-store", daemon=True
-        )
+        self._follower_thread: threading.Thread | None = None
 
-    def _follow_loop(self) -> None:
+    def _follow_loop(self, first_took: float) -> None:
         """Refresh every `refresh_seconds`, but never more than `max_refresh_share` of the time
-        (a refresh competes with requests for the interpreter)."""
+        (a refresh competes with requests for the interpreter); after unexpected failures, back
+        off up to 30 s."""
         s = self.settings
-        next_at = 0.0
+        failures = 0
+        next_at = next_refresh(0.0, time.monotonic(), first_took, s.max_refresh_share)
         while not self._stopping.wait(max(0.0, next_at - time.monotonic())):
             planned = time.monotonic() + s.refresh_seconds
             try:
                 took = self._follow()
+                failures = 0
             except Exception as exc:  # never let the thread die: the model would go stale
-                log.exception("following the model store failed: %s", exc)
+                failures += 1
+                log.exception("following the model store failed (%d in a row): %s", failures, exc)
                 self.metrics.errors.labels("store").inc()
+                planned = time.monotonic() + min(30.0, s.refresh_seconds * 2**failures)
                 took = 0.0
             next_at = next_refresh(planned, time.monotonic(), took, s.max_refresh_share)
 
@@ -198,6 +204,16 @@ class QueryService:
         # one BLAS thread per process: a request's product is small, and several query
         # processes on shared cores lose more to thread contention than they gain
         limits = threadpool_limits(s.blas_threads)
+        # the first refresh before the first request (a backlog would get "no model yet"),
+        # then the thread
+        try:
+            took = self._follow()
+        except Exception as exc:
+            log.warning("first refresh failed, the follower thread retries: %s", exc)
+            took = 0.0
+        self._follower_thread = threading.Thread(
+            target=self._follow_loop, args=(took,), name="follow-store", daemon=True
+        )
         self._follower_thread.start()
         try:
             while not stop:
@@ -305,6 +321,7 @@ class QueryService:
         )
 
     def close(self) -> None:
+        self._stopping.set()  # no refresh starts from here on
         # replies first (a request's offset is stored once its reply is produced; flushing
         # delivers them before closing the consumer commits those offsets)
         self.producer.flush(5.0)
@@ -312,10 +329,10 @@ class QueryService:
             self.consumer.close()
         except Exception as exc:
             log.debug("consumer close: %s", exc)
-        self._stopping.set()
-        if self._follower_thread.is_alive():
-            self._follower_thread.join(60.0)  # one refresh at most
-        if self._follower_thread.is_alive():
-            log.error("the store follower did not stop; leaving its store open")
+        thread = self._follower_thread
+        if thread is not None and thread.is_alive():
+            thread.join(60.0)  # one refresh at most
+        if thread is not None and thread.is_alive():
+            log.error("the store follower did not stop within 60 s; leaving its store open")
         elif self.follower is not None:
             self.follower.close()

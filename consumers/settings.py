@@ -154,9 +154,10 @@ class QuerySettings(ProcessSettings):
         default=0.25,
         gt=0,
         le=1,
-        description="most of the request loop's time that following the store may take: after a "
-        "refresh of T s the next waits at least T*(1-share)/share (a large catalogue refreshes "
-        "less often rather than starving requests); 1 = every refresh_seconds regardless",
+        description="most of the time that following the store (on its own thread, competing "
+        "with requests for the interpreter) may take: after a refresh of T s the next waits at "
+        "least T*(1-share)/share (a large catalogue refreshes less often rather than slowing "
+        "requests); 1 = every refresh_seconds regardless",
     )
     min_user_events: int = Field(default=1, ge=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=256)

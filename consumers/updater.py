@@ -47,6 +47,10 @@ EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
+# a swapped-out model's rows stay this long after a rebuild: query processes answer requests
+# from the view they hold (users pinned to its generation) until their next refresh, which can
+# take seconds on a large catalogue (bench/bench_follower.py)
+OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period
 STOP_GRACE_S = 10.0
@@ -139,6 +143,7 @@ class Updater:
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
         self.rebuild: Rebuild | None = None
+        self._drop_old_at: float | None = None
         self._rebuild_requested = False
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = state.events_applied
@@ -332,7 +337,11 @@ class Updater:
         m = self.metrics
         state = self.model.state
         if self.rebuild is None:
-            if self._rebuild_due():
+            due = self._rebuild_due()
+            if self._drop_old_at is not None and (due or time.monotonic() >= self._drop_old_at):
+                self.store.drop_other_generations(staged=False)
+                self._drop_old_at = None
+            if due:
                 self._rebuild_requested = False
                 self.rebuild = Rebuild(state, self.store, self.settings.rebuild)
                 m.rebuild_running.set(1)
@@ -383,7 +392,11 @@ class Updater:
         self._publish_gauges()
 
     def _end_rebuild(self) -> None:
-        self.store.drop_other_generations()  # the old model after a swap, the staged one if not
+        swapped = self.rebuild is not None and self.rebuild.swap_outcome is not None
+        # a staged model nobody reads goes now; a replaced one after readers have moved on
+        self.store.drop_other_generations(older=False)
+        if swapped:
+            self._drop_old_at = time.monotonic() + OLD_GENERATION_GRACE_S
         self.rebuild = None
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = self.model.state.events_applied

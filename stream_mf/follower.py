@@ -31,7 +31,13 @@ class StoreFollower:
         if secondary_dir is None:
             self._own = _secondary_dir()
             secondary_dir = str(self._own)
-        self.store = StateStore(path, secondary=secondary_dir)
+        try:
+            self.store = StateStore(path, secondary=secondary_dir)
+        except BaseException:
+            if self._own is not None:
+                shutil.rmtree(self._own, ignore_errors=True)
+            raise
+        self.catch_up_seconds = 0.0  # of the last refresh: WAL replay, apart from the reload
         self.config: ModelConfig | None = None
         self.view: ItemView | None = None
         self.events_applied = -1
@@ -41,7 +47,9 @@ class StoreFollower:
 
     def refresh(self) -> bool:
         """Catch up with the writer; True when a newer snapshot is now served."""
+        t0 = time.perf_counter()
         self.store.catch_up()
+        self.catch_up_seconds = time.perf_counter() - t0
         events, version = self.store.events_applied(), self.store.model_version()
         if events == self.events_applied and version == self.model_version:
             return False

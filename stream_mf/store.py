@@ -232,15 +232,18 @@ class StateStore:
             yield _GEN_BLOCK.unpack(k)[1], it.value()
             it.next()
 
-    def drop_other_generations(self) -> None:
-        """Delete model rows of every generation but the current (an unfinished rebuild's)."""
+    def drop_other_generations(self, older: bool = True, staged: bool = True) -> None:
+        """Delete model rows of every generation but the current: `older` ones (the model a
+        rebuild replaced: readers may still hold views of it for a moment) and `staged` ones (an
+        unfinished or rejected rebuild's)."""
         gen = self.generation()
         wb = rd.WriteBatch(raw_mode=True)
         for cf in MODEL_CFS:
             h = self.h[cf]
-            if gen > 0:
+            if older and gen > 0:
                 wb.delete_range(_BE32.pack(0), _BE32.pack(gen), h)
-            wb.delete_range(_BE32.pack(gen + 1), b"\xff" * 8, h)
+            if staged:
+                wb.delete_range(_BE32.pack(gen + 1), b"\xff" * 8, h)
         self._write(wb)
 
     @property
@@ -421,7 +424,9 @@ class StateStore:
         gen = self.generation() if generation is None else generation
         fb = self.cf["user_factors"].get(_model_key(gen, b))
         mb = self.cf["user_meta"].get(_BE32.pack(b))
-        if fb is None or mb is None:
+        # a user registered after `generation` was replaced has no row in it (its block there
+        # is missing, or shorter than the user's row)
+        if fb is None or mb is None or len(fb) < (r + 1) * dim * 4 or len(mb) < (r + 1) * 8:
             return None
         vec = np.frombuffer(fb, np.float32).reshape(-1, dim)[r].copy()
         count = int(np.frombuffer(mb, np.int64, 1, r * 8)[0])

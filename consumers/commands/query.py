@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-refresh-share",
         type=float,
         default=None,
-        help="most of the loop's time following the store may take (default 0.25; 1 = off)",
+        help="most of the time following the store may take, competing with requests "
+        "(default 0.25; 1 = off)",
     )
     p.set_defaults(run=run)
 

@@ -1,5 +1,5 @@
-"""The query loop's refresh schedule: every refresh_seconds, but never more than a bounded share
-of the loop's time (a refresh answers no request)."""
+"""The query service's refresh schedule: every refresh_seconds, but never more than a bounded
+share of the time (a refresh competes with requests for the interpreter)."""
 
 from __future__ import annotations
 

@@ -133,6 +133,33 @@ def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
             follower.close()
 
 
+def test_a_user_registered_after_a_swap_is_unknown_to_the_older_view(tmp_path: Path) -> None:
+    """Its row exists only in the new generation: in the old one its block is missing or ends
+    before it (21 users: the second block holds 5 rows), and reading it must not raise."""
+    ids = [f"a{j}" for j in range(21)]
+    first = EventBatch.build(ids, ["i0"] * 21, np.ones(21), 1.7e9 + np.arange(21.0))
+    with StateStore(tmp_path / "db") as primary:
+        m = OnlineModel(CFG, primary.load(CFG))
+        primary.commit(m.state, m.learn(first), {(TOPIC, 0): 21})
+        follower = StoreFollower(tmp_path / "db", secondary_dir=str(tmp_path / "sec"))
+        try:
+            assert follower.refresh() and follower.view is not None
+            old_view = follower.view
+            m.state.model_version += 1
+            primary.commit(m.state, None, None, generation=1, everything=True)  # the swap
+            later = ["a21", "b0"] + [f"c{j}" for j in range(20)]  # a21: row 5 of block 1
+            batch = EventBatch.build(later, ["i1"] * 22, np.ones(22), 1.8e9 + np.arange(22.0))
+            primary.commit(m.state, m.learn(batch), {(TOPIC, 0): 43})
+            follower.store.catch_up()
+            pinned = follower.users_for(old_view)
+            for uid in ("a21", "c19"):  # in the short block 1, and in block 2 (absent)
+                assert pinned.user(uid) is None
+                assert follower.user(uid) is not None  # the current generation has it
+            assert pinned.user("a3") is not None
+        finally:
+            follower.close()
+
+
 WRITER = textwrap.dedent(
     """
     import sys, numpy as np

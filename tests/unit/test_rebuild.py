@@ -311,3 +311,41 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
         assert updater.store.rebuild_unfinished() is None
     finally:
         updater.close()
+
+
+def test_the_replaced_model_stays_readable_for_a_while(tmp_path: Path) -> None:
+    """After a swap, query processes may still answer from a view of the old model (users
+    pinned to its generation) until their next refresh: its rows go later, not with the swap."""
+    feed = _Feed(tmp_path, seed=3)
+    feed.learn(5_000)
+    feed.store.close()
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted here
+        metrics=MetricsSettings(port=-1),
+        state_dir=tmp_path / "db",
+        model=CFG,
+        rebuild=RebuildConfig(iterations=2, guard_events=0, guard_margin=1.0, max_rounds=1),
+    )
+    updater = Updater(settings)
+
+    def generations() -> set[int]:
+        store = updater.store
+        return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in store.cf[cf].keys()}  # noqa: SIM118
+
+    try:
+        updater._rebuild_requested = True
+        updater._drive_rebuild()
+        end = time.monotonic() + 60
+        while updater.rebuild is not None:
+            assert time.monotonic() < end, "the rebuild never ended"
+            time.sleep(0.01)
+            updater._drive_rebuild()
+        assert updater.store.generation() == 1
+        assert generations() == {0, 1}  # the old model is still there for readers
+        updater._drive_rebuild()
+        assert generations() == {0, 1}  # and stays through the grace period
+        updater._drop_old_at = time.monotonic()  # the grace period is over
+        updater._drive_rebuild()
+        assert generations() == {1}
+    finally:
+        updater.close()

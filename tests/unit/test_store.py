@@ -160,6 +160,25 @@ def test_a_user_registered_after_a_swap_is_unknown_to_the_older_view(tmp_path: P
             follower.close()
 
 
+@pytest.mark.parametrize("n_read", ["all", "fewer", "more"])
+def test_item_arrays_match_the_model(tmp_path: Path, n_read: str) -> None:
+    """What a query process serves is what the updater holds: full blocks copied in one piece,
+    the short last block, and reads of fewer or more rows than the store has."""
+    batch = stream(3000)
+    with StateStore(tmp_path / "db") as primary:
+        m = OnlineModel(CFG, primary.load(CFG))
+        primary.commit(m.state, m.learn(batch), {(TOPIC, 0): 3000})
+        items = m.state.items
+        assert items.n % 16, "the test needs a short last block"
+        n = {"all": items.n, "fewer": items.n - 21, "more": items.n + 5}[n_read]
+        factors, bias, logpop = primary.item_arrays(CFG.dim, n)
+        k = min(n, items.n)
+        assert np.array_equal(factors[:k], items.factors[:k])
+        assert np.array_equal(bias[:k], items.bias[:k])
+        assert np.array_equal(logpop[:k], items.logpop[:k])
+        assert not factors[k:].any() and np.all(np.isneginf(logpop[k:]))
+
+
 WRITER = textwrap.dedent(
     """
     import sys, numpy as np

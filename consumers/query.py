@@ -135,9 +135,9 @@ class QueryService:
             try:
                 took = self._follow()
                 failures = 0
-            except Exception as exc:  # never let the thread die: the model would go stale
+            except Exception as exc:  # keep serving the view we have; never let the thread die
                 failures += 1
-                log.exception("following the model store failed (%d in a row): %s", failures, exc)
+                log.warning("could not refresh the model (%d in a row): %s", failures, exc)
                 self.metrics.errors.labels("store").inc()
                 planned = time.monotonic() + min(30.0, s.refresh_seconds * 2**failures)
                 took = 0.0
@@ -152,12 +152,7 @@ class QueryService:
                 log.info("waiting for the model store: %s", exc)
                 return 0.0
         t0 = time.perf_counter()
-        try:
-            changed = self.follower.refresh()
-        except Exception as exc:  # keep serving the snapshot we have; say why in logs/metrics
-            log.warning("could not refresh the model: %s", exc)
-            self.metrics.errors.labels("store").inc()
-            return time.perf_counter() - t0
+        changed = self.follower.refresh()  # a failure: the caller logs, counts and backs off
         took = time.perf_counter() - t0
         if changed:
             now = time.time()
@@ -210,6 +205,7 @@ class QueryService:
             took = self._follow()
         except Exception as exc:
             log.warning("first refresh failed, the follower thread retries: %s", exc)
+            self.metrics.errors.labels("store").inc()
             took = 0.0
         self._follower_thread = threading.Thread(
             target=self._follow_loop, args=(took,), name="follow-store", daemon=True

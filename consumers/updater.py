@@ -47,9 +47,10 @@ EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
-# a swapped-out model's rows stay this long after a rebuild: query processes answer requests
-# from the view they hold (users pinned to its generation) until their next refresh, which can
-# take seconds on a large catalogue (bench/bench_follower.py)
+# a swapped-out model's rows stay this long after a rebuild (another rebuild may start
+# meanwhile): query processes answer requests from the view they hold (users pinned to its
+# generation) until their next refresh, which can take seconds on a large catalogue
+# (bench/bench_follower.py); a restart of the updater drops them at once
 OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period
@@ -143,7 +144,8 @@ class Updater:
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
         self.rebuild: Rebuild | None = None
-        self._drop_old_at: float | None = None
+        # (when, generation): drop the models under that generation then (a swap's old one)
+        self._drops: list[tuple[float, int]] = []
         self._rebuild_requested = False
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = state.events_applied
@@ -336,12 +338,13 @@ class Updater:
         """Start a rebuild when due; otherwise advance the one in flight (see stream_mf.rebuild)."""
         m = self.metrics
         state = self.model.state
+        now = time.monotonic()
+        while self._drops and self._drops[0][0] <= now:
+            # only generations under the one that replaced them: never the current, nor the
+            # one a rebuild in flight is staging
+            self.store.drop_other_generations(staged=False, below=self._drops.pop(0)[1])
         if self.rebuild is None:
-            due = self._rebuild_due()
-            if self._drop_old_at is not None and (due or time.monotonic() >= self._drop_old_at):
-                self.store.drop_other_generations(staged=False)
-                self._drop_old_at = None
-            if due:
+            if self._rebuild_due():
                 self._rebuild_requested = False
                 self.rebuild = Rebuild(state, self.store, self.settings.rebuild)
                 m.rebuild_running.set(1)
@@ -396,7 +399,7 @@ class Updater:
         # a staged model nobody reads goes now; a replaced one after readers have moved on
         self.store.drop_other_generations(older=False)
         if swapped:
-            self._drop_old_at = time.monotonic() + OLD_GENERATION_GRACE_S
+            self._drops.append((time.monotonic() + OLD_GENERATION_GRACE_S, self.store.generation()))
         self.rebuild = None
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = self.model.state.events_applied

@@ -332,20 +332,30 @@ def test_the_replaced_model_stays_readable_for_a_while(tmp_path: Path) -> None:
         store = updater.store
         return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in store.cf[cf].keys()}  # noqa: SIM118
 
-    try:
+    def rebuild() -> None:
         updater._rebuild_requested = True
         updater._drive_rebuild()
-        end = time.monotonic() + 60
+        end = time.monotonic() + 300  # a hang guard: a cold numba cache compiles here
         while updater.rebuild is not None:
             assert time.monotonic() < end, "the rebuild never ended"
             time.sleep(0.01)
             updater._drive_rebuild()
+
+    try:
+        rebuild()
         assert updater.store.generation() == 1
         assert generations() == {0, 1}  # the old model is still there for readers
         updater._drive_rebuild()
         assert generations() == {0, 1}  # and stays through the grace period
-        updater._drop_old_at = time.monotonic()  # the grace period is over
+        rebuild()  # another rebuild right away (a `stream-mf rebuild` sent during the first)
+        assert updater.store.generation() == 2
+        assert generations() == {0, 1, 2}  # each replaced model keeps its own grace period
+        assert len(updater._drops) == 2
+        updater._drops[0] = (0.0, updater._drops[0][1])  # the first grace period is over
         updater._drive_rebuild()
-        assert generations() == {1}
+        assert generations() == {1, 2}
+        updater._drops = [(0.0, gen) for _when, gen in updater._drops]  # and the second
+        updater._drive_rebuild()
+        assert generations() == {2}
     finally:
         updater.close()

@@ -4,10 +4,12 @@ share of the time (a refresh competes with requests for the interpreter)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from consumers.kafka_io import StopFlag
 from consumers.query import QueryService, next_refresh
 from consumers.settings import KafkaSettings, MetricsSettings, QuerySettings
 
@@ -29,15 +31,28 @@ def test_share_one_means_the_fixed_period() -> None:
     assert next_refresh(10.2, 11.0, 1.0, 1.0) == 10.2
 
 
-def test_a_service_closed_before_it_ran_stops_cleanly(tmp_path: Path) -> None:
-    """close() without run(): no follower thread to join, no store to close, no hang."""
+def test_the_follower_thread_stops_with_the_service(tmp_path: Path) -> None:
+    """run() starts the store follower on its own thread; a stop request ends both, and close()
+    joins the thread before the store would be closed. Also without run(): nothing to join."""
     settings = QuerySettings(
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted here
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # nothing answers: no requests
         metrics=MetricsSettings(port=-1),
-        state_dir=tmp_path / "state",
+        state_dir=tmp_path / "state",  # no store yet: the thread keeps waiting for one
+        refresh_seconds=0.05,
     )
+    QueryService(settings).close()  # never ran: returns at once
     service = QueryService(settings)
-    before = {t.name for t in threading.enumerate()}
-    service.close()
-    assert service.follower is None
-    assert "follow-store" not in before | {t.name for t in threading.enumerate()}
+    stop = StopFlag()
+    runner = threading.Thread(target=service.run, args=(stop,))
+    runner.start()
+    try:
+        end = time.monotonic() + 20
+        while service._follower_thread is None or not service._follower_thread.is_alive():
+            assert time.monotonic() < end and runner.is_alive(), "the follower never started"
+            time.sleep(0.05)
+    finally:
+        stop.event.set()
+        runner.join(30)
+    assert not runner.is_alive(), "run() did not return after the stop request"
+    assert not service._follower_thread.is_alive()
+    assert "follow-store" not in {t.name for t in threading.enumerate()}

@@ -15,7 +15,7 @@ from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.state import ModelState
-from stream_mf.store import ConfigMismatchError, StateStore, confidence_items
+from stream_mf.store import ConfigMismatchError, StateStore, _fill_rows, confidence_items
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
 TOPIC = "interactions"
@@ -177,6 +177,31 @@ def test_item_arrays_match_the_model(tmp_path: Path, n_read: str) -> None:
         assert np.array_equal(bias[:k], items.bias[:k])
         assert np.array_equal(logpop[:k], items.logpop[:k])
         assert not factors[k:].any() and np.all(np.isneginf(logpop[k:]))
+
+
+def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
+    """The one-piece copy of full blocks and the block-by-block rest agree with a plain copy:
+    a missing block in the middle, a short last block, a block past `n`, columnar blocks."""
+    rng = np.random.default_rng(0)
+    n, dim = 16 * 5 + 7, 3
+    want = rng.standard_normal((16 * 7, dim)).astype(np.float32)
+
+    def block(b: int) -> bytes:
+        return want[b * 16 : (b + 1) * 16].tobytes()
+
+    blocks = [(0, block(0)), (1, block(1)), (3, block(3)), (4, block(4)),
+              (5, want[80:87].tobytes()), (6, block(6))]  # fmt: skip
+    out = np.zeros((n, dim), np.float32)
+    _fill_rows(out, blocks)
+    expect = want[:n].copy()
+    expect[32:48] = 0.0  # block 2 is missing
+    assert np.array_equal(out, expect)
+    # columnar blocks (count, last, logpop of each row one after the other): the third column
+    cols = rng.standard_normal((3, 3 * 16))
+    meta = [(b, cols[:, b * 16 : (b + 1) * 16].tobytes()) for b in range(3)]
+    lp = np.full(40, -np.inf)
+    _fill_rows(lp, meta, columns=3, column=2)
+    assert np.array_equal(lp, cols[2, :40])
 
 
 WRITER = textwrap.dedent(

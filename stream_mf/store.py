@@ -326,18 +326,11 @@ class StateStore:
         if len(ids) < n:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
-        dim = config.dim
-        for blk, v in self._model_blocks(f"{kind}_factors"):
-            lo = blk * BLOCK_ROWS
-            block = np.frombuffer(v, np.float32).reshape(-1, dim)
-            table.factors[lo : lo + block.shape[0]] = block
+        _fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
         for k, v in self.cf[f"{kind}_meta"].items():
             _read_meta_block(table, _BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
-            for blk, v in self._model_blocks("item_bias"):
-                lo = blk * BLOCK_ROWS
-                b = np.frombuffer(v, np.float32)
-                table.bias[lo : lo + b.shape[0]] = b
+            _fill_rows(table.bias[:n], self._model_blocks("item_bias"))
         return table
 
     def load(self, config: ModelConfig | None = None) -> ModelState:

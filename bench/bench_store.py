@@ -7,7 +7,7 @@ For each micro-batch size (10k, 50k, 100k) the shared planted stream goes throug
 WriteBatch, on disk in a temp dir), timing learn and commit separately. The naive reference,
 in the same run, keeps one RocksDB value per row and, per event, gets the user row, the positive
 item row and the negative item rows, applies the same logistic SGD step with numpy, and puts
-each row back with its own `put` (DESIGN.md measured about 12k events/s for that pattern). Its
+each row back with its own `put` (about 12k events/s measured for that pattern). Its
 negatives are pre-drawn from popularity**0.75 outside the timed loop, and it writes no
 confidences or offsets, so the ratio flatters the naive path if anything.
 """

@@ -1,7 +1,8 @@
 """Thin typed wrappers over confluent-kafka: client configs, delivery checks, headers, signals.
 
-Fetch settings matter on every broker and enormously on the embedded one (DESIGN.md: defaults
-crawl below 10k messages/s), so every consumer here is built with them.
+Fetch settings matter on every broker and enormously on the embedded one (librdkafka's
+defaults crawl below 10k messages/s there: docs/architecture.md), so every consumer here is
+built with them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The updater: the one process that learns from `interactions` and writes the model store.
 
-Commit order, per micro-batch (the exactly-once argument; DESIGN.md):
+Commit order, per micro-batch (the exactly-once argument; docs/architecture.md):
   1. consume up to `max_batch_events` messages, waiting at most `max_batch_seconds` for more;
   2. decode; bad messages go to the dead-letter topic, and that producer is flushed: a message
      whose dead letter was not acknowledged must not be skipped;

@@ -1,10 +1,10 @@
 """Implicit ALS (Hu, Koren, Volinsky 2008) on the decayed confidence map, as array functions.
 
-The batch learner of DESIGN.md ("Learning"): from a snapshot of the confidence map build a
-user-major CSR of `alpha * c_ui` (c_ui = decayed confidence) and its item-major transpose, then
-alternate exact-per-row least squares on each side. Every observed entry has preference 1 and
-confidence `1 + alpha * c_ui`; every other entry preference 0 and confidence 1, which the Gramian
-trick handles without touching it:
+The batch learner (docs/architecture.md, "Generations"): from a snapshot of the confidence map
+build a user-major CSR of `alpha * c_ui` (c_ui = decayed confidence) and its item-major
+transpose, then alternate exact-per-row least squares on each side. Every observed entry has
+preference 1 and confidence `1 + alpha * c_ui`; every other entry preference 0 and confidence 1,
+which the Gramian trick handles without touching it:
 
     (YᵀY + Σ_i∈row d_ui y_i y_iᵀ + reg I) x_u = Σ_i∈row (1 + d_ui) y_i        (d = alpha * c)
 

@@ -1,11 +1,11 @@
 """Decoding raw message payloads into event columns, and naming exactly why a payload is bad.
 
-Per-message pydantic validation is far slower than the rest of the pipeline (DESIGN.md), so a
-fast path decodes the canonical shape with msgspec (typed structs, checked in C: 6x the speed of
-orjson plus hand checks) and hands everything else to the pydantic model, which either
-normalises it (ms timestamps, RFC 3339) or explains the error. The fast path accepts a strict
-subset of what the model accepts, with identical results, and the tests check that on arbitrary
-input.
+Per-message pydantic validation is far slower than the rest of the pipeline
+(docs/architecture.md), so a fast path decodes the canonical shape with msgspec (typed structs,
+checked in C: 6x the speed of orjson plus hand checks) and hands everything else to the pydantic
+model, which either normalises it (ms timestamps, RFC 3339) or explains the error. The fast path
+accepts a strict subset of what the model accepts, with identical results, and the tests check
+that on arbitrary input.
 """
 
 from __future__ import annotations

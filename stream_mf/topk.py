@@ -1,7 +1,7 @@
 """Top-k selection over a score vector without sorting it all.
 
 A bounded min-heap scan in numba is an order of magnitude cheaper than `np.argpartition` for
-k << n (DESIGN.md). Non-finite scores never enter: a diverged model must not look good.
+k << n (bench/bench_topk.py). Non-finite scores never enter: a diverged model must not look good.
 """
 
 from __future__ import annotations

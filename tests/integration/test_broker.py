@@ -40,7 +40,7 @@ def _producer(bootstrap: str, **extra: Any) -> Producer:
 
 
 def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
-    """Settings from DESIGN.md: short sessions so a group re-forms fast, short fetch waits."""
+    """Short sessions so a group re-forms fast, short fetch waits."""
     return Consumer(
         {
             "bootstrap.servers": bootstrap,

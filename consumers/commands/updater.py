@@ -7,7 +7,7 @@ import logging
 
 from consumers.commands.common import add_process_flags, build_settings
 from consumers.flags import add_model_flags, model_config_from
-from consumers.kafka_io import StopFlag
+from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.settings import UpdaterSettings
 from consumers.updater import Updater
 
@@ -51,5 +51,10 @@ def run(args: argparse.Namespace) -> int:
     # flags go through the settings' validation (a model_copy update would skip it)
     base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
     settings = base.model_copy(update={"model": model_config_from(args, base.model)})
-    log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
-    return Updater(settings).run(StopFlag().install())
+    watch = BrokerWatch(settings.kafka).start()  # one line if no broker answers in 10 s
+    try:
+        updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
+        log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
+        return updater.run(StopFlag().install())
+    finally:
+        watch.stop()

@@ -62,7 +62,9 @@ def add_process_flags(p: argparse.ArgumentParser, state: bool = True, metrics: b
         "default 127.0.0.1:9092)",
     )
     if state:
-        g.add_argument("--state-dir", type=nonempty_path, default=None, help="model store (default ./state)")
+        g.add_argument(
+            "--state-dir", type=nonempty_path, default=None, help="model store (default ./state)"
+        )
     if metrics:
         g.add_argument("--metrics-host", default=None, help="default 127.0.0.1")
         g.add_argument(

@@ -86,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=nonempty_path, default=DEFAULT_EVENTS, help="CSV/TSV/JSONL(.gz)")
+    p.add_argument(
+        "--events", type=nonempty_path, default=DEFAULT_EVENTS, help="CSV/TSV/JSONL(.gz)"
+    )
     p.add_argument(
         "--model",
         default="popular,sgd",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -44,7 +45,10 @@ def flag(name: str) -> str:
 def _first_line(text: str) -> str:
     """A library message on one line (embedded-broker errors append a log tail after a newline)."""
     lines = [s.strip() for s in str(text).splitlines() if s.strip()]
-    return lines[0].removesuffix(";").removesuffix(":") if lines else ""
+    return _TAIL.sub("", lines[0]) if lines else ""
+
+
+_TAIL = re.compile(r"[;:,]?\s*(log tail)?:?$")
 
 
 #: settings fields whose flag is named differently from the field path

@@ -61,6 +61,12 @@ class LogThrottle:
     def suffix(self, skipped: int) -> str:
         return f" ({skipped} more like it in the last {self.interval:.0f} s)" if skipped else ""
 
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
+        """`logger.log(level, msg, *args)`, unless the same line was shown within the interval."""
+        skipped = self.admit(msg % args if args else msg)
+        if skipped is not None:
+            logger.log(level, msg + self.suffix(skipped), *args)
+
 
 _DIGITS = re.compile(r"\d+")
 _THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")
@@ -69,6 +75,7 @@ THROTTLE = LogThrottle()
 
 
 def _log_error(err: KafkaError) -> None:
+    # keyed by err.str(), the text the logger's line for the same failure carries too
     skipped = THROTTLE.admit(err.str())
     if skipped is not None:
         log.warning("kafka: %s%s", err, THROTTLE.suffix(skipped))

@@ -227,7 +227,8 @@ class Updater:
         try:
             meta = self.consumer.list_topics(self.topic, timeout=5.0)
         except Exception as exc:
-            log.warning("cannot read metadata of %r: %s", self.topic, exc)
+            kafka_io.THROTTLE.log(log, logging.WARNING, "cannot read metadata of %r: %s",
+                                  self.topic, exc)  # fmt: skip
             self.metrics.errors.labels("broker").inc()
             return
         tmeta = meta.topics.get(self.topic)

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     )
     state_dir_usable(settings.state_dir)
     log.info("query settings: %s", settings.model_dump_json())
-    watch = BrokerWatch(settings.kafka).start()  # one line if no broker answers in 10 s
+    # one line if no broker answers in time; the process keeps retrying
+    watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:
         return QueryService(settings).run(StopFlag().install())
     finally:

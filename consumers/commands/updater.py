@@ -51,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     # flags go through the settings' validation (a model_copy update would skip it)
     base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
     settings = base.model_copy(update={"model": model_config_from(args, base.model)})
-    watch = BrokerWatch(settings.kafka).start()  # one line if no broker answers in 10 s
+    updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
+    log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
+    # one line if no broker answers in time; the process keeps retrying
+    watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:
-        updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
-        log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
         return updater.run(StopFlag().install())
     finally:
         watch.stop()

@@ -104,7 +104,7 @@ class RecClient:
         got = self.collect(timeout)
         if rid not in got:
             raise TimeoutError(
-                f"no reply to request {rid} within {timeout:g} s: is `stream-mf query` running "
+                f"no reply to request {rid} within {timeout:g} s: is stream-mf query running "
                 "on the same broker and topics?"
             )
         return got[rid]

@@ -103,7 +103,8 @@ def services(work: Path) -> Iterator[Services]:
     state = work / "held-state"
     common = ["--bootstrap-servers", DEAD, "--metrics-port", "-1"]
     up = ManagedProcess("updater", ["updater", *common, "--state-dir", str(state)], work, env)
-    q = ManagedProcess("query", ["query", *common, "--state-dir", str(work / "no-store")], work, env)
+    no_store = str(work / "no-store")
+    q = ManagedProcess("query", ["query", *common, "--state-dir", no_store], work, env)
     s = Services(up.start(), q.start(), state)
     try:
         yield s
@@ -129,7 +130,9 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
         ),
         "publish-negative-rate": Case(["publish", "--rate", "-5"], ["--rate", "greater than 0"]),
         "broker-port-range": Case(["broker", "--port", "99999"], ["--port", "65535"]),
-        "broker-partitions-0": Case(["broker", "--partitions", "0"], ["--partitions", "at least 1"]),
+        "broker-partitions-0": Case(
+            ["broker", "--partitions", "0"], ["--partitions", "at least 1"]
+        ),
         "broker-port-in-use": Case(["broker", "--port", str(taken)], [str(taken), "in use"]),
         "state-dir-file": Case(
             ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(work / "a-file")],
@@ -144,10 +147,9 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
             ["--state-dir", "is a file"],
         ),
         "store-locked": Case(
-            ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(held), "--metrics-port",
-             "-1"],
+            ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(held)],
             ["in use by another updater", "pid"],
-        ),  # fmt: skip
+        ),
         "publish-no-broker": Case(
             ["publish", str(work / "ratings.csv"), "--bootstrap-servers", DEAD, "--timeout", "1"],
             ["no Kafka broker answers at 127.0.0.1:1", "--bootstrap-servers"],
@@ -168,9 +170,7 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
 
 
 @pytest.fixture(scope="module")
-def ran(
-    work: Path, taken_port: int, services: Services, kafka: str
-) -> dict[str, tuple[Case, Ran]]:
+def ran(work: Path, taken_port: int, services: Services, kafka: str) -> dict[str, tuple[Case, Ran]]:
     topics = make_topics(kafka)
     kafka_env = {**topic_env(topics), "STREAM_MF_KAFKA__BOOTSTRAP_SERVERS": kafka}
     cases = _cases(work, taken_port, services.state, kafka_env)

@@ -8,12 +8,18 @@ import orjson
 
 from consumers import kafka_io
 from consumers.broker import create_topics
-from consumers.commands.common import add_process_flags, build_settings
+from consumers.commands.common import add_process_flags, build_settings, positive_float
 from consumers.settings import ClientSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rebuild", help="ask the running updater for a full ALS rebuild now")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds to wait for a broker to answer before giving up (default 10)",
+    )
     add_process_flags(p, state=False, metrics=False)
     p.set_defaults(run=run)
 
@@ -22,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(ClientSettings, args)
     topic = settings.topics.control
     kafka = settings.kafka
+    kafka_io.require_broker(kafka, args.timeout)
     create_topics(kafka.bootstrap_servers, {topic: 1}, client_config=kafka.client_config())
     producer = kafka_io.producer(settings.kafka)
     producer.produce(topic, value=orjson.dumps({"command": "rebuild"}))

@@ -233,7 +233,7 @@ class Updater:
             return
         tmeta = meta.topics.get(self.topic)
         if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-            log.info("waiting for topic %r to exist", self.topic)
+            kafka_io.THROTTLE.log(log, logging.INFO, "waiting for topic %r to exist", self.topic)
             return
         have = {tp.partition for tp in self.assigned}
         new = [TopicPartition(self.topic, p) for p in sorted(tmeta.partitions) if p not in have]

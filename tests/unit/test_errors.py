@@ -89,3 +89,20 @@ def test_a_bug_is_not_a_user_error() -> None:
         "/tmp: Is a directory",
         EXIT_USAGE,
     )
+
+
+def test_verbose_is_ours_only() -> None:
+    """-v: our loggers at DEBUG; numba's compiler log (thousands of lines) stays at WARNING."""
+    from consumers.cli import NOISY_LOGGERS, OWN_LOGGERS, configure_logging
+
+    names = (*OWN_LOGGERS, *NOISY_LOGGERS)
+    before = {n: logging.getLogger(n).level for n in names}
+    try:
+        configure_logging(1)
+        assert logging.getLogger("consumers.updater").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("stream_mf.rebuild").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("numba.core.ssa").isEnabledFor(logging.INFO)
+        assert logging.getLogger("numba.core.ssa").isEnabledFor(logging.WARNING)
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)

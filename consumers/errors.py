@@ -116,8 +116,6 @@ def one_line(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
         if exc.filename is not None and exc.strerror:
             return f"{exc.filename}: {exc.strerror}", EXIT_USAGE
         return _first_line(str(exc)), EXIT_USAGE
-    if isinstance(exc, ValueError) and str(exc):
-        # the library's contract for bad input (an event file, a flag's value): ValueError with
-        # a message naming what and where
-        return _first_line(str(exc)), EXIT_USAGE
+    # not a bare ValueError: the numerical code raises it for broken invariants (bugs); the
+    # commands turn the ValueErrors that are the user's to fix (a bad event file) into UserError
     return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from consumers.commands.common import nonempty_path, positive_int
 from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
-from stream_mf.datasets import ColumnSpec, read_events
+from stream_mf.datasets import ColumnSpec, EventColumns, read_events
 from stream_mf.evaluate import LEARNERS, make_learner, prequential
 from stream_mf.rebuild import RebuildConfig
 
@@ -41,6 +41,15 @@ def event_file(path: Path, flag: str = "--events") -> Path:
     if not path.exists():
         raise UserError(f"{flag} {path}: no such file")
     return path
+
+
+def load_events(path: Path, spec: ColumnSpec, flag: str = "--events") -> EventColumns:
+    """The event file in time order; a bad file is the user's to fix (the reader's ValueError
+    names file, line and what is wrong), so it ends in one line."""
+    try:
+        return read_events(event_file(path, flag), spec).sorted_by_time()
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def model_names(text: str) -> list[str]:
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     names = model_names(args.model)
     config = model_config_from(args)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
-    events = read_events(event_file(args.events), column_spec(args)).sorted_by_time()
+    events = load_events(args.events, column_spec(args))
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
     print(f"{len(events):,} events from {args.events}", file=sys.stderr)

@@ -12,10 +12,9 @@ from consumers.commands.common import (
     positive_float,
     positive_int,
 )
-from consumers.commands.evaluate import DEFAULT_EVENTS, add_column_flags, column_spec, event_file
+from consumers.commands.evaluate import DEFAULT_EVENTS, add_column_flags, column_spec, load_events
 from consumers.publish import event_payloads, publish
 from consumers.settings import ClientSettings
-from stream_mf.datasets import read_events
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = build_settings(ClientSettings, args)
-    events = read_events(event_file(args.file, "FILE"), column_spec(args)).sorted_by_time()
+    events = load_events(args.file, column_spec(args), "FILE")
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
     payloads = event_payloads(events, "shift" if args.timestamps == "shift" else "original")

@@ -9,6 +9,7 @@ import orjson
 from consumers import kafka_io
 from consumers.broker import create_topics
 from consumers.commands.common import add_process_flags, build_settings, positive_float
+from consumers.errors import UserError
 from consumers.settings import ClientSettings
 
 
@@ -29,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
     topic = settings.topics.control
     kafka = settings.kafka
     kafka_io.require_broker(kafka, args.timeout)
-    create_topics(kafka.bootstrap_servers, {topic: 1}, client_config=kafka.client_config())
+    try:
+        create_topics(kafka.bootstrap_servers, {topic: 1}, client_config=kafka.client_config())
+    except ValueError as exc:  # the topic exists with another partition count
+        raise UserError(f"{exc}: the control topic must have 1 partition") from exc
     producer = kafka_io.producer(settings.kafka)
     producer.produce(topic, value=orjson.dumps({"command": "rebuild"}))
     if producer.flush(10.0):

@@ -92,8 +92,8 @@ def _rows(path: Path, spec: ColumnSpec) -> Iterator[dict[str, object]]:
                         raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
                     if not isinstance(doc, dict):
                         raise ValueError(
-                            f"{path}:{lineno}: a JSONL line must hold one JSON object per event, "
-                            f"not {type(doc).__name__}"
+                            f"{path}:{lineno}: a JSON {type(doc).__name__} where an event object "
+                            'belongs, e.g. {"user_id": "u1", "item_id": "i1", "timestamp": 1.7e9}'
                         )
                     yield doc
         else:

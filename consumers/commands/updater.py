@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from consumers import kafka_io
 from consumers.commands.common import add_process_flags, build_settings
 from consumers.flags import add_model_flags, model_config_from
-from consumers.kafka_io import BrokerWatch, StopFlag
+from consumers.kafka_io import StopFlag
 from consumers.settings import UpdaterSettings
 from consumers.updater import Updater
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
     log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
     # one line if no broker answers in time; the process keeps retrying
-    watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
+    watch = kafka_io.BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:
         return updater.run(StopFlag().install())
     finally:

@@ -119,7 +119,8 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
         "evaluate-events-dir": Case([*ev, "--events", str(work)], ["--events", "is a directory"]),
         "evaluate-model-empty": Case([*ev, "--model", ""], ["--model", "no model"]),
         "evaluate-jsonl-array": Case(
-            [*ev, "--events", str(work / "array.jsonl")], ["array.jsonl:1", "JSON object"]
+            [*ev, "--events", str(work / "array.jsonl")],
+            ["array.jsonl:1", "a JSON list where an event object belongs"],
         ),
         "event-types-json": Case([*ev, "--event-types", "{bad"], ["--event-types", "JSON"]),
         "flag-range": Case(["updater", "--max-batch-events", "0"], ["--max-batch-events 0"]),

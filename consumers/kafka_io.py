@@ -131,9 +131,13 @@ def no_broker_message(kafka: KafkaSettings, after: float) -> str:
     )
 
 
-def broker_answers(kafka: KafkaSettings, timeout: float) -> bool:
+def _probe(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient({**kafka.client_config(), "logger": _Silent(), "error_cb": _ignore})
+
+
+def broker_answers(kafka: KafkaSettings, timeout: float, admin: AdminClient | None = None) -> bool:
     """True once a broker at the bootstrap address answers a metadata request."""
-    admin = AdminClient({**kafka.client_config(), "logger": _Silent(), "error_cb": _ignore})
+    admin = admin or _probe(kafka)
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException:
@@ -170,8 +174,9 @@ class BrokerWatch:
 
     def _run(self) -> None:
         t0 = time.monotonic()
+        admin = _probe(self.kafka)  # one client for every probe: it keeps reconnecting itself
         while not self._stop.is_set():
-            if broker_answers(self.kafka, timeout=2.0):
+            if broker_answers(self.kafka, timeout=2.0, admin=admin):
                 if self.warned:
                     log.info("a Kafka broker answers at %s now", self.kafka.bootstrap_servers)
                 return

@@ -275,3 +275,18 @@ def test_unexpected_error_keeps_its_traceback() -> None:
     assert one_line(KeyError("x")) is None
     assert one_line(IndexError("list index out of range")) is None
     assert free_port()  # the module's helpers import cleanly
+
+
+def test_a_broker_that_starts_later_is_picked_up(work: Path) -> None:
+    """Still retrying means it: a broker started after the warning is announced and used."""
+    port = free_port()
+    env = {"STREAM_MF_NO_BROKER_WARNING_SECONDS": "1"}
+    argv = ["query", "--bootstrap-servers", f"127.0.0.1:{port}", "--metrics-port", "-1",
+            "--state-dir", str(work / "later-store")]  # fmt: skip
+    with ManagedProcess("query-later", argv, work, env) as q:
+        wait_until(lambda: "no Kafka broker answers" in q.log_tail(100_000), 60, what="warning")
+        with EmbeddedBroker(port):
+            now = f"a Kafka broker answers at 127.0.0.1:{port} now"
+            wait_until(lambda: now in q.log_tail(100_000), 30, what="the broker announced")
+            assert q.alive()
+    assert "Traceback" not in q.log_tail(100_000)

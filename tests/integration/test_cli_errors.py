@@ -1,8 +1,8 @@
 """Every user mistake in docs/errors.md, run as a user would (`python -m consumers.cli ...` in a
 real process): a non-zero exit, exactly one line on stderr, `stream-mf CMD: ...` naming what to
 fix, and no traceback. Unreachable brokers use 127.0.0.1:1 (refused at once) and short timeouts;
-the one-shot cases run a few at a time beside two long-running processes, so the file takes
-about 20 s.
+the one-shot cases run four at a time beside two long-running processes (about 25 s of CPU in
+all, most of it each process importing numba).
 """
 
 from __future__ import annotations

@@ -291,14 +291,19 @@ class EmbeddedBroker:
         last_error: object = None
         while time.monotonic() < deadline:
             code = self._proc.poll()
+            tail = self.log_tail()
+            if "AddrInUse" in tail:  # Tansu panics, then lives on or exits with code 0
+                raise BrokerError(
+                    f"port {self._port} on {self._host} is in use (another broker?): pick another "
+                    f"port, or 0 for a free one\nlog tail:\n{tail}"
+                )
             if code is not None:
                 raise BrokerError(
-                    f"embedded broker exited with code {code} during startup; log tail:\n"
-                    f"{self.log_tail()}"
+                    f"embedded broker exited with code {code} during startup (log tail below)\n"
+                    f"{tail}"
                 )
-            tail = self.log_tail()
-            if "AddrInUse" in tail or "panicked" in tail:
-                raise BrokerError(f"embedded broker failed to start; log tail:\n{tail}")
+            if "panicked" in tail:
+                raise BrokerError(f"embedded broker failed to start (log tail below)\n{tail}")
             try:
                 md = admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
             except KafkaException as exc:

@@ -10,6 +10,7 @@ import orjson
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from consumers import kafka_io
+from consumers.errors import UserError
 from consumers.settings import KafkaSettings
 from stream_mf.messages import RecResponse
 
@@ -56,7 +57,10 @@ class RecClient:
         meta = self.consumer.list_topics(responses, timeout=10)
         parts = meta.topics[responses].partitions
         if not parts:
-            raise RuntimeError(f"reply topic {responses!r} does not exist; create it first")
+            raise UserError(
+                f"reply topic {responses!r} does not exist: create it (`stream-mf broker` "
+                "creates the product's topics) or name yours with STREAM_MF_TOPICS__RESPONSES"
+            )
         self.consumer.assign([TopicPartition(responses, p, OFFSET_END) for p in parts])
         self.pending: dict[str, RecResponse | None] = {}
         self._ready = False
@@ -99,7 +103,10 @@ class RecClient:
         rid = self.send(request)
         got = self.collect(timeout)
         if rid not in got:
-            raise TimeoutError(f"no reply to request {rid} within {timeout}s: is `query` running?")
+            raise TimeoutError(
+                f"no reply to request {rid} within {timeout:g} s: is stream-mf query running "
+                "on the same broker and topics?"
+            )
         return got[rid]
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from consumers.errors import UserError
 from stream_mf.config import ModelConfig
 
 _SKIP = {"event_types"}
@@ -46,5 +47,15 @@ def model_config_from(args: argparse.Namespace, base: ModelConfig | None = None)
     for name in ModelConfig.model_fields:
         v = getattr(args, f"model_{name}", None)
         if v is not None:
-            values[name] = json.loads(v) if name == "event_types" else v
+            values[name] = _event_types(v) if name == "event_types" else v
     return ModelConfig.model_validate(values)
+
+
+def _event_types(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"--event-types is not valid JSON ({exc}): e.g. "
+            '\'{"view": {"weight": 1}, "rating": {"weight": 1, "use_value": true}}\''
+        ) from None

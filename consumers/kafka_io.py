@@ -8,39 +8,108 @@ built with them.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
 
+from consumers.errors import UnavailableError
 from consumers.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
+class LogThrottle:
+    """Repeated lines become one line per `interval` with a count of those left out.
+
+    A dead broker makes librdkafka report the same failed connect from every client, about 90
+    lines a second for an updater; one line per condition every 30 s says as much. Lines are
+    the same when they differ only in numbers (milliseconds, counts, client ids), and the same
+    condition reported through the logger and through error_cb counts once.
+    """
+
+    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, list[float | int]] = {}  # key -> [last shown at, left out since]
+
+    @staticmethod
+    def key(text: str) -> str:
+        return _DIGITS.sub("#", _THREAD.sub("", text))
+
+    def admit(self, text: str) -> int | None:
+        """None: leave this line out; else show it, with how many were left out before it."""
+        key = self.key(text)
+        now = self.clock()
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return None
+            if len(self._seen) > 1000:  # distinct lines are few; never grow without bound
+                self._seen.clear()
+            skipped = int(entry[1]) if entry is not None else 0
+            self._seen[key] = [now, 0]
+            return skipped
+
+    def suffix(self, skipped: int) -> str:
+        return f" ({skipped} more like it in the last {self.interval:.0f} s)" if skipped else ""
+
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
+        """`logger.log(level, msg, *args)`, unless the same line was shown within the interval."""
+        skipped = self.admit(msg % args if args else msg)
+        if skipped is not None:
+            logger.log(level, msg + self.suffix(skipped), *args)
+
+
+_DIGITS = re.compile(r"\d+")
+_THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")
+#: one per process: the same condition seen by every client is shown once
+THROTTLE = LogThrottle()
+
+
 def _log_error(err: KafkaError) -> None:
-    log.warning("kafka: %s", err)
+    # keyed by err.str(), the text the logger's line for the same failure carries too
+    skipped = THROTTLE.admit(err.str())
+    if skipped is not None:
+        log.warning("kafka: %s%s", err, THROTTLE.suffix(skipped))
 
 
 class CountingLogger:
-    """librdkafka's log sink: forwards to `logging`, and counts warnings and errors, because a
-    hung broker surfaces only as request timeouts in the log, never through error_cb."""
+    """librdkafka's log sink: forwards to `logging` (throttled, see LogThrottle), and counts
+    every warning and error, because a hung broker surfaces only as request timeouts in the log,
+    never through error_cb."""
 
     def __init__(self, count: Callable[[], None] | None):
         self.count = count
 
     def log(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
-        log.log(level, msg, *args, **kwargs)
         if self.count is not None and level >= logging.WARNING:
             self.count()
+        # confluent-kafka calls log(level, "%s [%s] %s", facility, client name, message)
+        text = str(args[-1]) if args else msg
+        skipped = THROTTLE.admit(text)
+        if skipped is not None:
+            log.log(level, msg + THROTTLE.suffix(skipped), *args, **kwargs)
+
+
+class _Silent:
+    """A librdkafka log sink that drops everything: a probe's conclusion is its one line."""
+
+    def log(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
 
 
 def error_handler(count: Callable[[], None] | None) -> Callable[[KafkaError], None]:
-    """librdkafka's error callback: log it, and count it (a broker outage must show in
-    metrics while it lasts, not only in logs)."""
+    """librdkafka's error callback: log it (throttled), and count every one (a broker outage
+    must show in metrics while it lasts, not only in logs)."""
     if count is None:
         return _log_error
 
@@ -49,6 +118,78 @@ def error_handler(count: Callable[[], None] | None) -> Callable[[KafkaError], No
         count()
 
     return handle
+
+
+def no_broker_message(kafka: KafkaSettings, after: float) -> str:
+    """What to check when nothing answers at the bootstrap address."""
+    secured = kafka.security_protocol != "PLAINTEXT"
+    what = "--bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS" + (
+        f", the {kafka.security_protocol} settings" if secured else ""
+    )
+    return (
+        f"no Kafka broker answers at {kafka.bootstrap_servers} after {after:g} s: "
+        f"check {what} and that the broker is up"
+    )
+
+
+def _probe(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient({**kafka.client_config(), "logger": _Silent(), "error_cb": _ignore})
+
+
+def broker_answers(kafka: KafkaSettings, timeout: float, admin: AdminClient | None = None) -> bool:
+    """True once a broker at the bootstrap address answers a metadata request."""
+    admin = admin or _probe(kafka)
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return True
+
+
+def _ignore(_err: KafkaError) -> None:
+    pass
+
+
+def require_broker(kafka: KafkaSettings, timeout: float) -> None:
+    """For one-shot commands: fail in one line when no broker answers within `timeout`."""
+    if not broker_answers(kafka, timeout):
+        raise UnavailableError(no_broker_message(kafka, timeout))
+
+
+class BrokerWatch:
+    """For long-running processes: when no broker has answered `after` seconds into start-up,
+    say so once, in one line naming the address and what to check, while the process keeps
+    retrying (librdkafka's own lines about it are throttled); and say when one answers."""
+
+    def __init__(self, kafka: KafkaSettings, after: float = 10.0):
+        self.kafka = kafka
+        self.after = after
+        self.warned = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BrokerWatch:
+        self._thread = threading.Thread(target=self._run, name="broker-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        admin = _probe(self.kafka)  # one client for every probe: it keeps reconnecting itself
+        while not self._stop.is_set():
+            if broker_answers(self.kafka, timeout=2.0, admin=admin):
+                if self.warned:
+                    log.info("a Kafka broker answers at %s now", self.kafka.bootstrap_servers)
+                return
+            if not self.warned and time.monotonic() - t0 >= self.after:
+                self.warned = True
+                log.error("%s; still retrying", no_broker_message(self.kafka, self.after))
+            self._stop.wait(0.5 if not self.warned else 5.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
 
 
 def drain(c: Consumer, max_messages: int, timeout: float) -> list[Message]:

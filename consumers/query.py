@@ -120,6 +120,7 @@ class QueryService:
         self.producer = reply_producer(settings, on_error=broker_error)
         self.metrics_port: int | None = None
         self._warm = False
+        self._waiting_for = ""  # the last "waiting for the model store" reason logged
         self._stopping = threading.Event()
         self._follower_thread: threading.Thread | None = None
 
@@ -149,7 +150,10 @@ class QueryService:
             try:
                 self.follower = StoreFollower(self.settings.state_dir)
             except StoreError as exc:
-                log.info("waiting for the model store: %s", exc)
+                # every refresh_seconds until the updater creates it: say it once, not 5 a second
+                level = logging.DEBUG if str(exc) == self._waiting_for else logging.INFO
+                log.log(level, "waiting for the model store: %s", exc)
+                self._waiting_for = str(exc)
                 return 0.0
         t0 = time.perf_counter()
         changed = self.follower.refresh()  # a failure: the caller logs, counts and backs off

@@ -89,6 +89,12 @@ class ProcessSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "INFO"
+    no_broker_warning_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="say once, in one line, when no Kafka broker has answered this long after "
+        "start (the process keeps retrying; librdkafka's own lines are throttled)",
+    )
 
 
 class UpdaterSettings(ProcessSettings):

@@ -227,12 +227,13 @@ class Updater:
         try:
             meta = self.consumer.list_topics(self.topic, timeout=5.0)
         except Exception as exc:
-            log.warning("cannot read metadata of %r: %s", self.topic, exc)
+            kafka_io.THROTTLE.log(log, logging.WARNING, "cannot read metadata of %r: %s",
+                                  self.topic, exc)  # fmt: skip
             self.metrics.errors.labels("broker").inc()
             return
         tmeta = meta.topics.get(self.topic)
         if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-            log.info("waiting for topic %r to exist", self.topic)
+            kafka_io.THROTTLE.log(log, logging.INFO, "waiting for topic %r to exist", self.topic)
             return
         have = {tp.partition for tp in self.assigned}
         new = [TopicPartition(self.topic, p) for p in sorted(tmeta.partitions) if p not in have]

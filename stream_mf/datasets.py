@@ -84,9 +84,18 @@ def _rows(path: Path, spec: ColumnSpec) -> Iterator[dict[str, object]]:
     kind = _kind(path)
     with _open_text(path) as fh:
         if kind == "jsonl":
-            for line in fh:
+            for lineno, line in enumerate(fh, start=1):
                 if line.strip():
-                    yield orjson.loads(line)
+                    try:
+                        doc = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+                    if not isinstance(doc, dict):
+                        raise ValueError(
+                            f"{path}:{lineno}: a JSON {type(doc).__name__} where an event object "
+                            'belongs, e.g. {"user_id": "u1", "item_id": "i1", "timestamp": 1.7e9}'
+                        )
+                    yield doc
         else:
             sep = spec.sep or ("\t" if kind == "tsv" else ",")
             yield from csv.DictReader(fh, delimiter=sep)

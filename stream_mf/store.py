@@ -70,6 +70,40 @@ def _options(create: bool) -> rd.Options:
     return opt
 
 
+def _lock_holder(lock: Path) -> int | None:
+    """The pid holding a POSIX lock on `lock` (Linux /proc/locks), if it can be told."""
+    try:
+        st = lock.stat()
+        want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as fh:
+            for line in fh:
+                fields = line.split()
+                # "1: POSIX  ADVISORY  WRITE 8266 fe:00:2147587 0 EOF" ("->" marks waiters)
+                if "->" not in fields and len(fields) >= 6 and fields[5] == want:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _open_error(path: Path, exc: Exception) -> str:
+    """RocksDB's open errors in words a user can act on."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "LOCK" in text and ("lock" in text.lower()):
+        pid = _lock_holder(path / "LOCK")
+        by = f" (pid {pid})" if pid is not None and pid != os.getpid() else ""
+        return (
+            f"state dir {path} is in use by another updater{by}: one updater writes a store; "
+            "stop that one or give this one another --state-dir"
+        )
+    if "Permission denied" in text or "Read-only file system" in text:
+        return (
+            f"cannot write the model store at {path} ({text}): point --state-dir at a "
+            "directory this user can write"
+        )
+    return f"cannot open the model store at {path}: {text}"
+
+
 def offset_key(topic: str, partition: int) -> bytes:
     return f"{topic}/{partition}".encode()
 
@@ -174,6 +208,11 @@ class StateStore:
         self.path = Path(path)
         self.secondary = secondary is not None
         cfs = {name: rd.Options(raw_mode=True) for name in CFS}
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(
+                f"state dir {self.path} is a file, not a directory: point --state-dir at the "
+                "model store's directory (the updater creates it)"
+            )
         if self.secondary:
             if not (self.path / "CURRENT").exists():
                 raise StoreError(
@@ -186,11 +225,17 @@ class StateStore:
             except Exception as exc:  # e.g. the writer is still creating column families
                 raise StoreError(f"cannot follow the model store at {self.path}: {exc}") from exc
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create state dir {self.path}: {exc.strerror}: point --state-dir at "
+                    "a directory this user can write"
+                ) from exc
             try:
                 self.db = rd.Rdict(str(self.path), _options(True), cfs)
             except Exception as exc:  # rocksdict raises bare Exception
-                raise StoreError(f"cannot open the model store at {self.path}: {exc}") from exc
+                raise StoreError(_open_error(self.path, exc)) from exc
         self.cf = {name: self.db.get_column_family(name) for name in CFS}
         self.h = {name: self.db.get_column_family_handle(name) for name in CFS}
         self.write_opt = rd.WriteOptions()

@@ -7,9 +7,50 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+from consumers.errors import UserError
 from consumers.settings import ProcessSettings
 
 S = TypeVar("S", bound=ProcessSettings)
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port (0 lets the OS pick one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 picks a free one), not {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0 (and not NaN)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
+def nonempty_path(text: str) -> Path:
+    """argparse type: a path, never '' (which Path would read as the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    return Path(text)
+
+
+def state_dir_usable(path: Path, flag: str = "--state-dir") -> None:
+    """A state dir that exists must be a directory (a file there is a typo, not a store)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{flag} {path} is a file, not a directory: point it at the model store's "
+            "directory (the updater creates it)"
+        )
 
 
 def add_process_flags(p: argparse.ArgumentParser, state: bool = True, metrics: bool = True) -> None:
@@ -21,7 +62,9 @@ def add_process_flags(p: argparse.ArgumentParser, state: bool = True, metrics: b
         "default 127.0.0.1:9092)",
     )
     if state:
-        g.add_argument("--state-dir", type=Path, default=None, help="model store (default ./state)")
+        g.add_argument(
+            "--state-dir", type=nonempty_path, default=None, help="model store (default ./state)"
+        )
     if metrics:
         g.add_argument("--metrics-host", default=None, help="default 127.0.0.1")
         g.add_argument(

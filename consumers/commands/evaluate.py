@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from consumers.commands.common import nonempty_path, positive_int
+from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
-from stream_mf.datasets import ColumnSpec, read_events
+from stream_mf.datasets import ColumnSpec, EventColumns, read_events
 from stream_mf.evaluate import LEARNERS, make_learner, prequential
 from stream_mf.rebuild import RebuildConfig
 
@@ -28,6 +30,38 @@ def add_column_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sep", default=None, help="field separator (default: by file extension)")
     g.add_argument("--min-value", type=float, default=None, help="keep events with value >= this")
+
+
+def event_file(path: Path, flag: str = "--events") -> Path:
+    """An event file that can be read, or one line saying what is wrong with the path."""
+    if path.is_dir():
+        raise UserError(
+            f"{flag} {path} is a directory: give an event file (CSV, TSV or JSONL, optionally .gz)"
+        )
+    if not path.exists():
+        raise UserError(f"{flag} {path}: no such file")
+    return path
+
+
+def load_events(path: Path, spec: ColumnSpec, flag: str = "--events") -> EventColumns:
+    """The event file in time order; a bad file is the user's to fix (the reader's ValueError
+    names file, line and what is wrong), so it ends in one line."""
+    try:
+        return read_events(event_file(path, flag), spec).sorted_by_time()
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def model_names(text: str) -> list[str]:
+    """`--model`'s comma-separated learners, checked before any event is read."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    choices = ", ".join(LEARNERS)
+    if not names:
+        raise UserError(f"--model names no model: give one or more of {choices}, comma-separated")
+    unknown = [m for m in names if m not in LEARNERS]
+    if unknown:
+        raise UserError(f"--model: unknown {', '.join(unknown)}; choose from {choices}")
+    return names
 
 
 def column_spec(args: argparse.Namespace) -> ColumnSpec:
@@ -61,15 +95,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=Path, default=DEFAULT_EVENTS, help="CSV/TSV/JSONL(.gz)")
+    p.add_argument(
+        "--events", type=nonempty_path, default=DEFAULT_EVENTS, help="CSV/TSV/JSONL(.gz)"
+    )
     p.add_argument(
         "--model",
         default="popular,sgd",
         help=f"comma-separated, from: {', '.join(LEARNERS)} (default: popular,sgd)",
     )
-    p.add_argument("-k", "--k", type=int, default=10)
-    p.add_argument("--window", type=int, default=5000, help="evaluated events per curve point")
-    p.add_argument("--limit", type=int, default=None, help="only the first N events (by time)")
+    p.add_argument("-k", "--k", type=positive_int, default=10)
+    p.add_argument(
+        "--window", type=positive_int, default=5000, help="evaluated events per curve point"
+    )
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N events (by time)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the per-window curve")
     p.add_argument("--no-progress", action="store_true")
@@ -87,14 +127,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = [m.strip() for m in args.model.split(",") if m.strip()]
-    unknown = [m for m in names if m not in LEARNERS]
-    if unknown:
-        print(f"unknown model(s) {unknown}; choose from {list(LEARNERS)}", file=sys.stderr)
-        return 2
+    names = model_names(args.model)
     config = model_config_from(args)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
-    events = read_events(args.events, column_spec(args)).sorted_by_time()
+    events = load_events(args.events, column_spec(args))
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
     print(f"{len(events):,} events from {args.events}", file=sys.stderr)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from consumers.commands.common import add_process_flags, build_settings
-from consumers.kafka_io import StopFlag
+from consumers.commands.common import add_process_flags, build_settings, state_dir_usable
+from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.query import QueryService
 from consumers.settings import QuerySettings
 
@@ -34,5 +34,11 @@ def run(args: argparse.Namespace) -> int:
         refresh_seconds=args.refresh_seconds,
         max_refresh_share=args.max_refresh_share,
     )
+    state_dir_usable(settings.state_dir)
     log.info("query settings: %s", settings.model_dump_json())
-    return QueryService(settings).run(StopFlag().install())
+    # one line if no broker answers in time; the process keeps retrying
+    watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
+    try:
+        return QueryService(settings).run(StopFlag().install())
+    finally:
+        watch.stop()

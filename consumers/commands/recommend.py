@@ -7,7 +7,9 @@ from pathlib import Path
 
 from consumers.catalog import load_titles
 from consumers.client import RecClient
-from consumers.commands.common import add_process_flags, build_settings
+from consumers.commands.common import add_process_flags, build_settings, positive_float
+from consumers.errors import UnavailableError
+from consumers.kafka_io import require_broker
 from consumers.settings import ClientSettings
 from stream_mf.messages import RecResponse
 
@@ -24,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--item", default=None, help="item id for similar_items / because")
     p.add_argument("--items", default=None, help="comma-separated items for recommend_anonymous")
     p.add_argument("--catalog", type=Path, default=None, help="CSV of titles (MovieLens movies)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds to wait for the broker, then for the reply (default 10)",
+    )
     add_process_flags(p, state=False, metrics=False)
     p.set_defaults(run=run)
 
@@ -48,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
         req["item_id"] = args.item
     if args.items:
         req["items"] = [s.strip() for s in args.items.split(",") if s.strip()]
+    require_broker(settings.kafka, args.timeout)
     client = RecClient(settings.kafka, settings.topics.requests, settings.topics.responses)
     try:
         resp = client.ask(req, timeout=args.timeout)
+    except TimeoutError as exc:
+        raise UnavailableError(str(exc)) from exc
     finally:
         client.close()
     titles = load_titles(args.catalog) if args.catalog else None

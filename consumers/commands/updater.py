@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from consumers import kafka_io
 from consumers.commands.common import add_process_flags, build_settings
 from consumers.flags import add_model_flags, model_config_from
 from consumers.kafka_io import StopFlag
@@ -51,5 +52,11 @@ def run(args: argparse.Namespace) -> int:
     # flags go through the settings' validation (a model_copy update would skip it)
     base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
     settings = base.model_copy(update={"model": model_config_from(args, base.model)})
+    updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
     log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
-    return Updater(settings).run(StopFlag().install())
+    # one line if no broker answers in time; the process keeps retrying
+    watch = kafka_io.BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
+    try:
+        return updater.run(StopFlag().install())
+    finally:
+        watch.stop()

@@ -2,14 +2,22 @@
 
 Commit order, per micro-batch (the exactly-once argument; DESIGN.md):
   1. consume up to `max_batch_events` messages, waiting at most `max_batch_seconds` for more;
-  2. decode; bad messages go to the dead-letter topic, and that producer is flushed: a message
-     whose dead letter was not acknowledged must not be skipped;
-  3. learn the valid events (in memory);
+  2. decode, and learn the valid events (in memory);
+  3. bad messages go to the dead-letter topic, and that producer is flushed: a message whose
+     dead letter was not acknowledged must not be skipped;
   4. write every changed row and the next offsets in one RocksDB WriteBatch;
   5. only then commit the offsets to Kafka, so standard tools show lag.
 On assignment the consumer seeks to the offsets stored in RocksDB, never to Kafka's, so a crash
 anywhere replays exactly the batches that were not written, and the seeded learner replays them
-bit for bit. Any error in 2-4 stops the process without committing anything.
+bit for bit. A store or broker error in 3-4 stops the process without committing anything.
+
+Any other exception in step 2 is a bug met by some message; it must not stop learning for good
+(a restart would meet it again). The in-memory model, which a failed attempt may have half
+changed, is reloaded from the store (the last commit), and the batch is cut in halves, each
+decoded, learned and committed on its own, until the message that fails alone is found: it is
+dead-lettered with reason `internal`. The learner gives the same state however a batch is cut,
+so the messages around it are learned exactly as without the failure, and a restart in the
+middle isolates the same message again.
 """
 
 from __future__ import annotations
@@ -17,11 +25,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from prometheus_client import CollectorRegistry
 
 from consumers import gc_control, kafka_io
@@ -33,7 +50,7 @@ from consumers.metrics import (
     serve_metrics,
 )
 from consumers.settings import UpdaterSettings
-from stream_mf.decode import decode_events
+from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, warm_up_rebuild
@@ -55,6 +72,15 @@ OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period
 STOP_GRACE_S = 10.0
+# librdkafka's default message.max.bytes: it refuses to produce anything larger (key, value and
+# headers together), raising MSG_SIZE_TOO_LARGE from produce()
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+# room left in a truncated dead letter for its key (cut to KEY_KEEP) and headers (error.message
+# is cut to 2,000 characters) and the record's framing
+DEAD_LETTER_HEADROOM = 16 * 1024
+KEY_KEEP = 1024
+# a broker refusing even this much of a dead letter refuses something else than its size
+MIN_DEAD_LETTER_BYTES = 1024
 
 
 class DeadLetterError(RuntimeError):
@@ -67,6 +93,55 @@ class StoppedBeforeCommitError(RuntimeError):
 
 class OffsetRegressionError(RuntimeError):
     """An offset went backwards: something other than this process moved the consumer."""
+
+
+#: failures that stop the updater uncommitted instead of isolating a message: the store, the
+#: broker, a stop request, and the host itself (a message is not to blame for lack of memory)
+_STOPS = (
+    StoreError,
+    DeadLetterError,
+    StoppedBeforeCommitError,
+    OffsetRegressionError,
+    KafkaException,
+    MemoryError,
+)
+
+
+@dataclass
+class _Attempt:
+    """A batch decoded and learned in memory, not yet dead-lettered nor committed."""
+
+    dec: DecodedEvents
+    batch: EventBatch
+    delta: BatchDelta
+    parts: np.ndarray
+    offs: np.ndarray
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception and where it was raised, for a dead letter and a bug report."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ""
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" (in {code.co_name}, {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _truncate(
+    value: bytes, key: bytes | None, limit: int
+) -> tuple[bytes, bytes | None, dict[str, str | int]]:
+    """Value and key cut to fit `limit` bytes together, and the headers that say so."""
+    vlen, klen = len(value), len(key or b"")
+    if vlen + klen <= limit:
+        return value, key, {}
+    headers: dict[str, str | int] = {"error.truncated": "true", "original.size": vlen}
+    if key is not None and klen > KEY_KEEP:
+        key = key[:KEY_KEEP]
+        headers["original.key.size"] = klen
+    return value[: max(0, limit - len(key or b""))], key, headers
 
 
 def _columns(
@@ -140,6 +215,12 @@ class Updater:
             **{"message.timeout.ms": max(wait_ms, 1000)},
         )
         self.deliveries = kafka_io.DeliveryTracker()
+        # what the dead-letter producer accepts (a user may raise it through kafka.extra), and
+        # the most of an event's bytes one dead letter carries
+        self._dlt_max = int(
+            settings.kafka.client_config().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        )
+        self._dlt_limit = max(MIN_DEAD_LETTER_BYTES, self._dlt_max - DEAD_LETTER_HEADROOM)
         self.metrics_port: int | None = None
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
@@ -430,15 +511,23 @@ class Updater:
     def process(self, msgs: list[Message]) -> None:
         """Decode, learn, write, commit one micro-batch (see the module docstring)."""
         t0 = time.perf_counter()
-        n = len(msgs)
-        self.metrics.consumed.inc(n)
+        self.metrics.consumed.inc(len(msgs))
+        try:
+            att = self._attempt(msgs)
+        except _STOPS:
+            raise
+        except Exception as exc:
+            self._isolate(msgs, exc)
+            return
+        self._finish(msgs, att, t0)
+
+    def _attempt(self, msgs: list[Message]) -> _Attempt:
+        """Decode and learn a batch in memory: nothing is sent or written yet."""
         values, parts, offs, stamps = _columns(msgs)
         s = self.settings
         latest = future_bounds(stamps, s.max_future_seconds)  # inf: no bound
         dec = decode_events(values, self.types, s.max_message_bytes, latest)
         del values
-        if dec.rejects:
-            self._dead_letter(msgs, dec.rejects)
         pos = np.asarray(dec.positions, np.int64)
         batch = EventBatch(
             user_ids=dec.users,
@@ -459,9 +548,16 @@ class Updater:
         delta = self._learn(batch)
         if self.rebuild is not None:
             self.rebuild.note(delta)
-        nxt = self._next_offsets(parts, offs)
+        return _Attempt(dec, batch, delta, parts, offs)
+
+    def _finish(self, msgs: list[Message], att: _Attempt, t0: float) -> None:
+        """Dead letters acknowledged, then one WriteBatch, then the offsets to Kafka."""
+        dec, batch = att.dec, att.batch
+        nxt = self._next_offsets(att.parts, att.offs)
+        if dec.rejects:
+            self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
-        self.store.commit(self.model.state, delta, nxt, event_times=batch.times)
+        self.store.commit(self.model.state, att.delta, nxt, event_times=batch.times)
         t2 = time.perf_counter()
         self.offsets.update(nxt)
         self.consumer.commit(
@@ -471,12 +567,73 @@ class Updater:
         m.apply_seconds.observe(t1 - t0)
         m.write_seconds.observe(t2 - t1)
         m.batches.inc()
-        m.batch_events.observe(n)
+        m.batch_events.observe(len(msgs))
         for etype in set(dec.types):  # a few types: list.count scans in C
             m.applied.labels(etype).inc(dec.types.count(etype))
         if len(batch):
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())
+        self._publish_gauges()
+
+    def _isolate(self, msgs: list[Message], exc: Exception) -> None:
+        """Find the message a batch failed on by halving it (see the module docstring):
+        every half that succeeds is committed, the one message that fails alone is
+        dead-lettered `internal`. Each failure reloads the model from the store first."""
+        first, last = msgs[0], msgs[-1]
+        log.error(
+            "a batch of %d message(s) from %s[%d]@%d to %s[%d]@%d failed (%s): reloading the "
+            "model from the store and isolating the message that fails",
+            len(msgs), first.topic(), first.partition(), first.offset(), last.topic(),
+            last.partition(), last.offset(), _describe(exc),
+        )  # fmt: skip
+        log.debug("the batch failed with", exc_info=exc)
+        self._reload()
+        todo: deque[list[Message]] = deque([msgs])
+        while todo:
+            part = todo.popleft()
+            t0 = time.perf_counter()
+            try:
+                att = self._attempt(part)
+            except _STOPS:
+                raise
+            except Exception as err:
+                self._reload()
+                if len(part) > 1:
+                    half = len(part) // 2
+                    todo.extendleft([part[half:], part[:half]])  # first half first
+                    continue
+                att = self._failed(part[0], err)
+            self._finish(part, att, t0)
+
+    def _failed(self, m: Message, exc: Exception) -> _Attempt:
+        """The attempt of a message that fails alone: nothing learnt, dead-lettered `internal`."""
+        text = _describe(exc)
+        log.error(
+            "internal error on %s[%d]@%d, dead-lettered with reason internal (a bug: please "
+            "report it with that dead letter): %s",
+            m.topic(), m.partition(), m.offset(), text,
+        )  # fmt: skip
+        log.debug("the message failed with", exc_info=exc)
+        dec = DecodedEvents(rejects=[Reject(0, "internal", text)])
+        parts = np.asarray([m.partition()], np.int32)
+        offs = np.asarray([m.offset()], np.int64)
+        empty = np.empty(0, np.int64)
+        batch = EventBatch([], [], np.empty(0), np.empty(0), np.empty(0, np.int32), empty)
+        return _Attempt(dec, batch, BatchDelta.empty(self.model.state), parts, offs)
+
+    def _reload(self) -> None:
+        """The model as of the last commit: a failed attempt may have changed it half way.
+        A rebuild in flight is given up (it holds the old arrays); one whose swap was not
+        finished starts again, as after a restart."""
+        if self.rebuild is not None:
+            log.warning("giving up the rebuild in flight: the model is reloaded from the store")
+            if self.rebuild.swap_outcome is None:
+                self.metrics.rebuild_swaps.labels("failed").inc()
+            self._end_rebuild()
+            if self.store.rebuild_unfinished() is not None:
+                self._rebuild_requested = True
+        state = self.store.load(self.settings.model)
+        self.model = OnlineModel(state.config, state)
         self._publish_gauges()
 
     def _learn(self, batch: EventBatch) -> BatchDelta:
@@ -531,10 +688,43 @@ class Updater:
                 )
         return nxt
 
-    def _dead_letter(self, msgs: list[Message], rejects: list[Any]) -> None:
+    def _dead_letter(self, msgs: list[Message], rejects: list[Reject]) -> None:
+        """Send each reject with its reason and origin, and wait for the broker's ack.
+
+        A message too large to send whole (over the producer's message.max.bytes, or refused
+        by the broker for its size) is sent truncated, saying so in its headers; the original
+        stays findable by original.topic/partition/offset."""
         topic = self.settings.topics.dead_letter
+        failed_before = self.deliveries.failed
+        todo = [(msgs[r.position], r, self._dlt_limit) for r in rejects]
+        while todo:
+            refused: list[tuple[Message, Reject, int]] = []
+            for m, r, limit in todo:
+                self._send_dead_letter(topic, m, r, limit, refused)
+            self._await_dead_letters(topic, failed_before)
+            todo = []
+            for m, r, sent in refused:  # the broker's limit is lower: halve until it fits
+                if sent <= MIN_DEAD_LETTER_BYTES:
+                    raise DeadLetterError(
+                        f"the broker refuses a {sent}-byte dead letter for "
+                        f"{m.topic()}[{m.partition()}]@{m.offset()} as too large; check the "
+                        f"max.message.bytes of {topic!r}"
+                    )
+                todo.append((m, r, sent // 2))
         for r in rejects:
-            m = msgs[r.position]
+            self.metrics.dead_lettered.labels(r.reason).inc()
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        m: Message,
+        r: Reject,
+        limit: int,
+        refused: list[tuple[Message, Reject, int]],
+    ) -> None:
+        raw = m.value() or b""
+        while True:
+            value, key, cut = _truncate(raw, m.key(), limit)
             headers = kafka_io.str_headers(
                 {
                     "error.reason": r.reason,
@@ -542,16 +732,45 @@ class Updater:
                     "original.topic": m.topic(),
                     "original.partition": m.partition(),
                     "original.offset": m.offset(),
+                    **cut,
                 }
             )
-            self.dlt.produce(
-                topic, value=m.value(), key=m.key(), headers=headers, on_delivery=self.deliveries
-            )
-            self.metrics.dead_lettered.labels(r.reason).inc()
-            log.debug(
-                "dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message
-            )
-        self._await_dead_letters(topic, self.deliveries.failed)
+            sent = len(value) + len(key or b"")
+
+            def delivered(err: KafkaError | None, msg: object, sent: int = sent) -> None:
+                if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    refused.append((m, r, sent))  # sent again, smaller
+                else:
+                    self.deliveries(err, msg)
+
+            try:
+                self.dlt.produce(
+                    topic,
+                    value=value if m.value() is not None else None,
+                    key=key,
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.dlt.poll(0.1)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError) or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise DeadLetterError(f"cannot send a dead letter to {topic!r}: {exc}") from exc
+                if sent <= MIN_DEAD_LETTER_BYTES:
+                    raise DeadLetterError(
+                        f"cannot send even {sent} bytes of a dead letter to {topic!r}: {exc}"
+                    ) from exc
+                limit = sent // 2  # headers larger than the headroom: cut more
+        if cut:
+            log.warning(
+                "dead-lettered %s[%d]@%d (%s) truncated to %d of %d bytes: a dead letter must "
+                "fit the producer's message.max.bytes (%d)",
+                m.topic(), m.partition(), m.offset(), r.reason, len(value), len(raw),
+                self._dlt_max,
+            )  # fmt: skip
+        log.debug("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message)
 
     def _await_dead_letters(self, topic: str, failed_before: int) -> None:
         """Wait until the broker acknowledges this batch's dead letters: the batch is committed

@@ -622,7 +622,8 @@ def test_hostile_payloads_through_a_real_updater(cluster: Cluster) -> None:
     expect = decode_events([v for _, v in mixed], DEFAULT_EVENT_TYPES, latest=_LATEST)
     assert len(expect.positions) == len(good) and len(expect.rejects) == len(bad)
     expect_reasons = Counter(r.reason for r in expect.rejects)
-    assert len(expect_reasons) == len(REASONS), expect_reasons  # every reason at least once
+    # every reason decoding gives at least once (`internal` is the updater's own failure)
+    assert set(expect_reasons) == set(REASONS) - {"internal"}, expect_reasons
 
     producer = kafka_io.producer(
         KafkaSettings(bootstrap_servers=cluster.kafka), **{"message.max.bytes": 2_000_000}

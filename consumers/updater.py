@@ -138,8 +138,9 @@ def _truncate(
     if vlen + klen <= limit:
         return value, key, {}
     headers: dict[str, str | int] = {"error.truncated": "true", "original.size": vlen}
-    if key is not None and klen > KEY_KEEP:
-        key = key[:KEY_KEEP]
+    keep = min(KEY_KEEP, limit)
+    if key is not None and klen > keep:
+        key = key[:keep]
         headers["original.key.size"] = klen
     return value[: max(0, limit - len(key or b""))], key, headers
 
@@ -723,12 +724,13 @@ class Updater:
         refused: list[tuple[Message, Reject, int]],
     ) -> None:
         raw = m.value() or b""
+        text = 2000  # characters of error.message
         while True:
             value, key, cut = _truncate(raw, m.key(), limit)
             headers = kafka_io.str_headers(
                 {
                     "error.reason": r.reason,
-                    "error.message": r.message[:2000],
+                    "error.message": r.message[:text],
                     "original.topic": m.topic(),
                     "original.partition": m.partition(),
                     "original.offset": m.offset(),
@@ -758,11 +760,13 @@ class Updater:
                 err = exc.args[0] if exc.args else None
                 if not isinstance(err, KafkaError) or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
                     raise DeadLetterError(f"cannot send a dead letter to {topic!r}: {exc}") from exc
-                if sent <= MIN_DEAD_LETTER_BYTES:
+                if sent == 0 and text <= 200:
                     raise DeadLetterError(
-                        f"cannot send even {sent} bytes of a dead letter to {topic!r}: {exc}"
+                        f"cannot send even the headers of a dead letter to {topic!r} ({exc}): "
+                        f"is message.max.bytes ({self._dlt_max}) that small?"
                     ) from exc
-                limit = sent // 2  # headers larger than the headroom: cut more
+                # headers over the headroom (a tiny message.max.bytes): cut the rest and them
+                limit, text = sent // 2, 200
         if cut:
             log.warning(
                 "dead-lettered %s[%d]@%d (%s) truncated to %d of %d bytes: a dead letter must "

@@ -276,3 +276,54 @@ def test_a_message_the_learner_fails_on_is_isolated_and_dead_lettered(
         assert _fingerprint(reopened) == got
     finally:
         reopened.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("max_bytes", [20_000, 1000])
+def test_dead_letters_fit_the_producers_configured_message_max_bytes(
+    kafka: str, tmp_path: Path, max_bytes: int
+) -> None:
+    """The truncation bound follows message.max.bytes as configured (kafka.extra); at
+    librdkafka's smallest (1000) even the headers leave less than the headroom assumed, and
+    the dead letter is cut until it fits rather than stopping the updater."""
+    topics = make_topics(kafka)
+    big = b'{"pad":"' + b"x" * 50_000 + b'"}'  # under the 64 kB limit: missing_field
+    key = b"k" * 3000
+    p = Producer({"bootstrap.servers": kafka})
+    p.produce(topics.interactions, _event(1), key=b"k")
+    p.produce(topics.interactions, big, key=key)
+    p.produce(topics.interactions, b"\xe9", key=None)
+    p.produce(topics.interactions, _event(2), key=b"k")
+    assert p.flush(10) == 0
+    s = _settings(kafka, topics, tmp_path / "state", 100)
+    s = s.model_copy(
+        update={
+            "kafka": KafkaSettings(
+                bootstrap_servers=kafka, extra={"message.max.bytes": str(max_bytes)}
+            )
+        }
+    )
+    u = Updater(s)
+    try:
+        _run_until(u, 4)
+        assert u.store.events_applied() == 2
+        assert u.store.offsets() == {(topics.interactions, 0): 4}
+    finally:
+        u.close()
+    letters = _dead_letters(kafka, topics.dead_letter, 2)
+    assert len(letters) == 2
+    first, second = (kafka_io.headers_dict(m.headers()) for m in letters)
+    assert first["error.reason"] == b"missing_field" and first["original.offset"] == b"1"
+    assert first["error.truncated"] == b"true"
+    assert int(first["original.size"]) == len(big)
+    assert int(first["original.key.size"]) == len(key)
+    got = letters[0].value() or b""
+    assert big.startswith(got) and key.startswith(letters[0].key() or b"")
+    size = len(got) + len(letters[0].key() or b"")
+    size += sum(len(k) + len(v) for k, v in first.items())
+    assert size <= max_bytes
+    if max_bytes > DEAD_LETTER_HEADROOM:
+        assert len(got) + len(letters[0].key() or b"") == max_bytes - DEAD_LETTER_HEADROOM
+    # a small one goes whole, with its key
+    assert second["error.reason"] == b"malformed_json" and "error.truncated" not in second
+    assert (letters[1].value(), letters[1].key()) == (b"\xe9", None)

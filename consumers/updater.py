@@ -81,6 +81,8 @@ DEAD_LETTER_HEADROOM = 16 * 1024
 KEY_KEEP = 1024
 # a broker refusing even this much of a dead letter refuses something else than its size
 MIN_DEAD_LETTER_BYTES = 1024
+# after a start, the dead-letter topic is read back from its end this many at a time
+DLT_READ_BACK_CHUNK = 1000
 
 
 class DeadLetterError(RuntimeError):
@@ -116,6 +118,28 @@ class _Attempt:
     delta: BatchDelta
     parts: np.ndarray
     offs: np.ndarray
+
+
+def _read_range(c: Any, topic: str, partition: int, start: int, end: int | None) -> list[Message]:
+    """Messages [start, end) of one partition, or from `start` to wherever fetches stop
+    returning more (end None); fewer if the broker stops answering."""
+    c.assign([TopicPartition(topic, partition, start)])
+    out: list[Message] = []
+    last = start - 1
+    deadline = time.monotonic() + 10.0
+    try:
+        while (end is None or last < end - 1) and time.monotonic() < deadline:
+            got = c.consume(500, 0.2)
+            if not got:  # the end, or a gap in the offsets (compaction, markers)
+                deadline = min(deadline, time.monotonic() + (0.5 if last >= start else 2.0))
+            for m in got:
+                if m.error() is None:
+                    last = max(last, m.offset())
+                    if end is None or m.offset() < end:
+                        out.append(m)
+    finally:
+        c.unassign()
+    return out
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,6 +246,9 @@ class Updater:
             settings.kafka.client_config().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
         )
         self._dlt_limit = max(MIN_DEAD_LETTER_BYTES, self._dlt_max - DEAD_LETTER_HEADROOM)
+        # (partition, offset) of messages past the stored offsets already on the dead-letter
+        # topic (a batch interrupted before its commit); None until read back
+        self._sent_before: set[tuple[int, int]] | None = None
         self.metrics_port: int | None = None
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
@@ -696,6 +723,22 @@ class Updater:
         by the broker for its size) is sent truncated, saying so in its headers; the original
         stays findable by original.topic/partition/offset."""
         topic = self.settings.topics.dead_letter
+        if self._sent_before is None:
+            self._sent_before = self._read_back_dead_letters(topic)
+        if self._sent_before:
+            sent = self._sent_before
+            keep = [
+                r
+                for r in rejects
+                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent
+            ]
+            if len(keep) < len(rejects):
+                log.info(
+                    "%d dead letter(s) of this batch were sent before the last stop (its batch "
+                    "was not committed): not sending them again",
+                    len(rejects) - len(keep),
+                )
+                rejects = keep
         failed_before = self.deliveries.failed
         todo = [(msgs[r.position], r, self._dlt_limit) for r in rejects]
         while todo:
@@ -714,6 +757,59 @@ class Updater:
                 todo.append((m, r, sent // 2))
         for r in rejects:
             self.metrics.dead_lettered.labels(r.reason).inc()
+
+    def _read_back_dead_letters(self, topic: str) -> set[tuple[int, int]]:
+        """(partition, offset) of this topic's messages at or past the stored offsets that are
+        already on the dead-letter topic: a batch's dead letters are acknowledged before its
+        WriteBatch, so a kill in between leaves them sent but the batch to be read again.
+
+        They are the end of each dead-letter partition (dead letters are sent in batch order),
+        so it is read back from its end until a dead letter of a committed batch shows, at most
+        a batch's worth. Best effort: if the broker cannot say, they are sent again (README)."""
+        if not self.offsets:
+            return set()  # nothing committed yet: a fresh store sends every dead letter
+        name = self.topic.encode()
+        found: set[tuple[int, int]] = set()
+        c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-dead-letters")
+        try:
+            meta = c.list_topics(topic, timeout=5.0)
+            t = meta.topics.get(topic)
+            if t is None or t.error is not None:
+                return found
+            for p in sorted(t.partitions):
+                lo, end = c.get_watermark_offsets(TopicPartition(topic, p), 5.0, cached=False)
+                budget = self.settings.max_batch_events + DLT_READ_BACK_CHUNK
+                tail = True
+                while end > lo and budget > 0:
+                    start = max(lo, end - DLT_READ_BACK_CHUNK)
+                    older = False
+                    # the end of the log is found by fetching: the embedded broker's high
+                    # watermark can lag behind a batch of several records
+                    for m in _read_range(c, topic, p, start, None if tail else end):
+                        h = kafka_io.headers_dict(m.headers())
+                        if h.get("original.topic") != name:
+                            continue
+                        part, off = int(h["original.partition"]), int(h["original.offset"])
+                        stored = self.offsets.get((self.topic, part))
+                        if stored is None:
+                            continue
+                        if off >= stored:
+                            found.add((part, off))
+                        else:
+                            older = True
+                    budget -= end - start
+                    if older:
+                        break
+                    end, tail = start, False
+        except (KafkaException, KeyError, ValueError) as exc:
+            log.warning(
+                "cannot read back the end of %r (%s): dead letters of a batch interrupted "
+                "before its commit may be sent again",
+                topic, exc,
+            )  # fmt: skip
+        finally:
+            c.close()
+        return found
 
     def _send_dead_letter(
         self,

@@ -327,3 +327,61 @@ def test_dead_letters_fit_the_producers_configured_message_max_bytes(
     # a small one goes whole, with its key
     assert second["error.reason"] == b"malformed_json" and "error.truncated" not in second
     assert (letters[1].value(), letters[1].key()) == (b"\xe9", None)
+
+
+class _Killed(BaseException):
+    """The process dies here (what kill -9 leaves on disk: nothing of this write)."""
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_after_a_kill_between_ack_and_commit_resends_no_dead_letter(
+    kafka: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = make_topics(kafka)
+    events = [_event(j) for j in range(30)]
+    bad = {5: b"{torn", 12: b"\xe9", 17: b'{"user_id":"u"}', 25: b"[]"}
+    for j, raw in bad.items():
+        events[j] = raw
+    p = Producer({"bootstrap.servers": kafka})
+    for e in events:
+        p.produce(topics.interactions, e)
+    assert p.flush(10) == 0
+    settings = _settings(kafka, topics, tmp_path / "state", 100)
+
+    u = Updater(settings)
+    try:
+        msgs: list[Message] = []
+        end = time.monotonic() + 30
+        while len(msgs) < len(events) and time.monotonic() < end:
+            u._assign_partitions()
+            msgs += u._collect(u._stop)
+        u.process(msgs[:10])  # committed, with the dead letter of offset 5
+        commit = u.store.commit
+
+        def killed(*args: Any, **kwargs: Any) -> None:
+            raise _Killed
+
+        monkeypatch.setattr(u.store, "commit", killed)
+        with pytest.raises(_Killed):
+            u.process(msgs[10:20])  # dead letters 12 and 17 acknowledged, then the kill
+        monkeypatch.setattr(u.store, "commit", commit)
+    finally:
+        u.close()
+    assert len(_dead_letters(kafka, topics.dead_letter, 3)) == 3
+
+    again = Updater(settings)
+    try:
+        _run_until(again, len(events) - 10)
+        assert again.store.offsets() == {(topics.interactions, 0): len(events)}
+        assert again.store.events_applied() == len(events) - len(bad)
+        sent = sum(
+            again.registry.get_sample_value("stream_mf_events_dead_lettered_total", {"reason": r})
+            or 0.0
+            for r in ("malformed_json", "missing_field", "not_an_object")
+        )
+        assert sent == 1  # offset 25; 12 and 17 were on the topic already
+    finally:
+        again.close()
+    letters = _dead_letters(kafka, topics.dead_letter, len(bad))
+    offsets = [int(kafka_io.headers_dict(m.headers())["original.offset"]) for m in letters]
+    assert offsets == sorted(bad), offsets

@@ -10,6 +10,8 @@ Commit order, per micro-batch (the exactly-once argument; DESIGN.md):
 On assignment the consumer seeks to the offsets stored in RocksDB, never to Kafka's, so a crash
 anywhere replays exactly the batches that were not written, and the seeded learner replays them
 bit for bit. A store or broker error in 3-4 stops the process without committing anything.
+A kill between 3 and 4 leaves the batch's dead letters sent: before its first dead letters a
+restarted updater reads the end of the dead-letter topic back and skips those already there.
 
 Any other exception in step 2 is a bug met by some message; it must not stop learning for good
 (a restart would meet it again). The in-memory model, which a failed attempt may have half
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,26 +123,27 @@ class _Attempt:
     offs: np.ndarray
 
 
-def _read_range(c: Any, topic: str, partition: int, start: int, end: int | None) -> list[Message]:
+def _read_range(
+    c: Any, topic: str, partition: int, start: int, end: int | None
+) -> Iterator[Message]:
     """Messages [start, end) of one partition, or from `start` to wherever fetches stop
-    returning more (end None); fewer if the broker stops answering."""
+    returning more (end None); fewer if the broker stops answering. One fetch at a time in
+    memory: dead letters can be a megabyte each."""
     c.assign([TopicPartition(topic, partition, start)])
-    out: list[Message] = []
     last = start - 1
     deadline = time.monotonic() + 10.0
     try:
         while (end is None or last < end - 1) and time.monotonic() < deadline:
-            got = c.consume(500, 0.2)
+            got = c.consume(100, 0.2)
             if not got:  # the end, or a gap in the offsets (compaction, markers)
                 deadline = min(deadline, time.monotonic() + (0.5 if last >= start else 2.0))
             for m in got:
                 if m.error() is None:
                     last = max(last, m.offset())
                     if end is None or m.offset() < end:
-                        out.append(m)
+                        yield m
     finally:
         c.unassign()
-    return out
 
 
 def _describe(exc: BaseException) -> str:

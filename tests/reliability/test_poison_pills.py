@@ -38,6 +38,10 @@ pytestmark = pytest.mark.integration
 BIG = 1_500_000  # over librdkafka's default message.max.bytes: cannot be dead-lettered whole
 
 
+class _Killed(BaseException):
+    """The process dies here (what kill -9 leaves on disk: nothing of this write)."""
+
+
 def _event(j: int) -> bytes:
     return orjson.dumps(
         {
@@ -219,10 +223,13 @@ def _fingerprint(u: Updater) -> tuple[Any, ...]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("batch", [1000, 37])
+@pytest.mark.parametrize("batch,killed", [(1000, False), (37, False), (100, True)])
 def test_a_message_the_learner_fails_on_is_isolated_and_dead_lettered(
-    kafka: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+    kafka: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int, killed: bool
 ) -> None:
+    """`killed`: the first updater dies the moment it has found the message (halves before it
+    committed, the message not yet dead-lettered); a restart, meeting the same bug, finds the
+    same message and ends in the same state."""
     topics = make_topics(kafka)
     good = [_event(j) for j in range(400)]
     poison_at = 237
@@ -241,9 +248,28 @@ def test_a_message_the_learner_fails_on_is_isolated_and_dead_lettered(
     assert p.flush(10) == 0
 
     failures = _fail_on_poison(monkeypatch)
+    if killed:
+
+        def die(*args: Any) -> None:
+            raise _Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Updater, "_failed", die)
+            first = Updater(_settings(kafka, topics, tmp_path / "state", batch))
+            try:
+                with pytest.raises(_Killed):
+                    _run_until(first, len(events))
+                part = first.store.offsets()[(topics.interactions, 0)]
+                assert poison_at - batch < part <= poison_at, part  # halves before it committed
+            finally:
+                first.close()
+        assert _dead_letters(kafka, topics.dead_letter, 1, timeout=2) == []
+        events_left = len(events) - part
+    else:
+        events_left = len(events)
     u = Updater(_settings(kafka, topics, tmp_path / "state", batch))
     try:
-        _run_until(u, len(events))
+        _run_until(u, events_left)
         assert failures, "the poison never reached the learner"
         assert u.model.state.events_applied == len(good)
         assert u.store.events_applied() == len(good)
@@ -327,10 +353,6 @@ def test_dead_letters_fit_the_producers_configured_message_max_bytes(
     # a small one goes whole, with its key
     assert second["error.reason"] == b"malformed_json" and "error.truncated" not in second
     assert (letters[1].value(), letters[1].key()) == (b"\xe9", None)
-
-
-class _Killed(BaseException):
-    """The process dies here (what kill -9 leaves on disk: nothing of this write)."""
 
 
 @pytest.mark.timeout(120)

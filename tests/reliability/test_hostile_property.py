@@ -6,6 +6,9 @@
 - The msgspec fast path and the pydantic model agree: every payload the decoder accepts, the
   model accepts with identical normalised values, and vice versa.
 - Size limits: payloads over `max_bytes` are `too_large`, ids over 256 characters are rejected.
+- Bytes that are not UTF-8, spliced into JSON (mostly inside strings, as a Latin-1 producer
+  sends them), are `malformed_json` naming the first bad byte, on both paths; nesting from a
+  few levels to far past every parser's limit, alone or in a field, never raises.
 - The query service's request parsing raises nothing but `ValidationError` / `JSONDecodeError`,
   and `QueryService.handle` answers every request exactly once without raising.
 - Nothing in the product deserialises with pickle, marshal, eval, exec or yaml.load.

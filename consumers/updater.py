@@ -2,14 +2,24 @@
 
 Commit order, per micro-batch (the exactly-once argument; docs/architecture.md):
   1. consume up to `max_batch_events` messages, waiting at most `max_batch_seconds` for more;
-  2. decode; bad messages go to the dead-letter topic, and that producer is flushed: a message
-     whose dead letter was not acknowledged must not be skipped;
-  3. learn the valid events (in memory);
+  2. decode, and learn the valid events (in memory);
+  3. bad messages go to the dead-letter topic, and that producer is flushed: a message whose
+     dead letter was not acknowledged must not be skipped;
   4. write every changed row and the next offsets in one RocksDB WriteBatch;
   5. only then commit the offsets to Kafka, so standard tools show lag.
 On assignment the consumer seeks to the offsets stored in RocksDB, never to Kafka's, so a crash
 anywhere replays exactly the batches that were not written, and the seeded learner replays them
-bit for bit. Any error in 2-4 stops the process without committing anything.
+bit for bit. A store or broker error in 3-4 stops the process without committing anything.
+A kill between 3 and 4 leaves the batch's dead letters sent: before its first dead letters a
+restarted updater reads the end of the dead-letter topic back and skips those already there.
+
+Any other exception in step 2 is a bug met by some message; it must not stop learning for good
+(a restart would meet it again). The in-memory model, which a failed attempt may have half
+changed, is reloaded from the store (the last commit), and the batch is cut in halves, each
+decoded, learned and committed on its own, until the message that fails alone is found: it is
+dead-lettered with reason `internal`. The learner gives the same state however a batch is cut,
+so the messages around it are learned exactly as without the failure, and a restart in the
+middle isolates the same message again.
 """
 
 from __future__ import annotations
@@ -17,11 +27,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from prometheus_client import CollectorRegistry
 
 from consumers import gc_control, kafka_io
@@ -33,7 +53,7 @@ from consumers.metrics import (
     serve_metrics,
 )
 from consumers.settings import UpdaterSettings
-from stream_mf.decode import decode_events
+from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, warm_up_rebuild
@@ -55,6 +75,17 @@ OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period
 STOP_GRACE_S = 10.0
+# librdkafka's default message.max.bytes: it refuses to produce anything larger (key, value and
+# headers together), raising MSG_SIZE_TOO_LARGE from produce()
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+# room left in a truncated dead letter for its key (cut to KEY_KEEP) and headers (error.message
+# is cut to 2,000 characters) and the record's framing
+DEAD_LETTER_HEADROOM = 16 * 1024
+KEY_KEEP = 1024
+# a broker refusing even this much of a dead letter refuses something else than its size
+MIN_DEAD_LETTER_BYTES = 1024
+# after a start, the dead-letter topic is read back from its end this many at a time
+DLT_READ_BACK_CHUNK = 1000
 
 
 class DeadLetterError(RuntimeError):
@@ -67,6 +98,79 @@ class StoppedBeforeCommitError(RuntimeError):
 
 class OffsetRegressionError(RuntimeError):
     """An offset went backwards: something other than this process moved the consumer."""
+
+
+#: failures that stop the updater uncommitted instead of isolating a message: the store, the
+#: broker, a stop request, and the host itself (a message is not to blame for lack of memory)
+_STOPS = (
+    StoreError,
+    DeadLetterError,
+    StoppedBeforeCommitError,
+    OffsetRegressionError,
+    KafkaException,
+    MemoryError,
+)
+
+
+@dataclass
+class _Attempt:
+    """A batch decoded and learned in memory, not yet dead-lettered nor committed."""
+
+    dec: DecodedEvents
+    batch: EventBatch
+    delta: BatchDelta
+    parts: np.ndarray
+    offs: np.ndarray
+
+
+def _read_range(
+    c: Any, topic: str, partition: int, start: int, end: int | None
+) -> Iterator[Message]:
+    """Messages [start, end) of one partition, or from `start` to wherever fetches stop
+    returning more (end None); fewer if the broker stops answering. One fetch at a time in
+    memory: dead letters can be a megabyte each."""
+    c.assign([TopicPartition(topic, partition, start)])
+    last = start - 1
+    deadline = time.monotonic() + 10.0
+    try:
+        while (end is None or last < end - 1) and time.monotonic() < deadline:
+            got = c.consume(100, 0.2)
+            if not got:  # the end, or a gap in the offsets (compaction, markers)
+                deadline = min(deadline, time.monotonic() + (0.5 if last >= start else 2.0))
+            for m in got:
+                if m.error() is None:
+                    last = max(last, m.offset())
+                    if end is None or m.offset() < end:
+                        yield m
+    finally:
+        c.unassign()
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception and where it was raised, for a dead letter and a bug report."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ""
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" (in {code.co_name}, {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _truncate(
+    value: bytes, key: bytes | None, limit: int
+) -> tuple[bytes, bytes | None, dict[str, str | int]]:
+    """Value and key cut to fit `limit` bytes together, and the headers that say so."""
+    vlen, klen = len(value), len(key or b"")
+    if vlen + klen <= limit:
+        return value, key, {}
+    headers: dict[str, str | int] = {"error.truncated": "true", "original.size": vlen}
+    keep = min(KEY_KEEP, limit)
+    if key is not None and klen > keep:
+        key = key[:keep]
+        headers["original.key.size"] = klen
+    return value[: max(0, limit - len(key or b""))], key, headers
 
 
 def _columns(
@@ -140,6 +244,15 @@ class Updater:
             **{"message.timeout.ms": max(wait_ms, 1000)},
         )
         self.deliveries = kafka_io.DeliveryTracker()
+        # what the dead-letter producer accepts (a user may raise it through kafka.extra), and
+        # the most of an event's bytes one dead letter carries
+        self._dlt_max = int(
+            settings.kafka.client_config().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        )
+        self._dlt_limit = max(MIN_DEAD_LETTER_BYTES, self._dlt_max - DEAD_LETTER_HEADROOM)
+        # (partition, offset) of messages past the stored offsets already on the dead-letter
+        # topic (a batch interrupted before its commit); None until read back
+        self._sent_before: set[tuple[int, int]] | None = None
         self.metrics_port: int | None = None
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
@@ -431,15 +544,23 @@ class Updater:
     def process(self, msgs: list[Message]) -> None:
         """Decode, learn, write, commit one micro-batch (see the module docstring)."""
         t0 = time.perf_counter()
-        n = len(msgs)
-        self.metrics.consumed.inc(n)
+        self.metrics.consumed.inc(len(msgs))
+        try:
+            att = self._attempt(msgs)
+        except _STOPS:
+            raise
+        except Exception as exc:
+            self._isolate(msgs, exc)
+            return
+        self._finish(msgs, att, t0)
+
+    def _attempt(self, msgs: list[Message]) -> _Attempt:
+        """Decode and learn a batch in memory: nothing is sent or written yet."""
         values, parts, offs, stamps = _columns(msgs)
         s = self.settings
         latest = future_bounds(stamps, s.max_future_seconds)  # inf: no bound
         dec = decode_events(values, self.types, s.max_message_bytes, latest)
         del values
-        if dec.rejects:
-            self._dead_letter(msgs, dec.rejects)
         pos = np.asarray(dec.positions, np.int64)
         batch = EventBatch(
             user_ids=dec.users,
@@ -460,9 +581,16 @@ class Updater:
         delta = self._learn(batch)
         if self.rebuild is not None:
             self.rebuild.note(delta)
-        nxt = self._next_offsets(parts, offs)
+        return _Attempt(dec, batch, delta, parts, offs)
+
+    def _finish(self, msgs: list[Message], att: _Attempt, t0: float) -> None:
+        """Dead letters acknowledged, then one WriteBatch, then the offsets to Kafka."""
+        dec, batch = att.dec, att.batch
+        nxt = self._next_offsets(att.parts, att.offs)
+        if dec.rejects:
+            self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
-        self.store.commit(self.model.state, delta, nxt, event_times=batch.times)
+        self.store.commit(self.model.state, att.delta, nxt, event_times=batch.times)
         t2 = time.perf_counter()
         self.offsets.update(nxt)
         self.consumer.commit(
@@ -472,12 +600,73 @@ class Updater:
         m.apply_seconds.observe(t1 - t0)
         m.write_seconds.observe(t2 - t1)
         m.batches.inc()
-        m.batch_events.observe(n)
+        m.batch_events.observe(len(msgs))
         for etype in set(dec.types):  # a few types: list.count scans in C
             m.applied.labels(etype).inc(dec.types.count(etype))
         if len(batch):
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())
+        self._publish_gauges()
+
+    def _isolate(self, msgs: list[Message], exc: Exception) -> None:
+        """Find the message a batch failed on by halving it (see the module docstring):
+        every half that succeeds is committed, the one message that fails alone is
+        dead-lettered `internal`. Each failure reloads the model from the store first."""
+        first, last = msgs[0], msgs[-1]
+        log.error(
+            "a batch of %d message(s) from %s[%d]@%d to %s[%d]@%d failed (%s): reloading the "
+            "model from the store and isolating the message that fails",
+            len(msgs), first.topic(), first.partition(), first.offset(), last.topic(),
+            last.partition(), last.offset(), _describe(exc),
+        )  # fmt: skip
+        log.debug("the batch failed with", exc_info=exc)
+        self._reload()
+        todo: deque[list[Message]] = deque([msgs])
+        while todo:
+            part = todo.popleft()
+            t0 = time.perf_counter()
+            try:
+                att = self._attempt(part)
+            except _STOPS:
+                raise
+            except Exception as err:
+                self._reload()
+                if len(part) > 1:
+                    half = len(part) // 2
+                    todo.extendleft([part[half:], part[:half]])  # first half first
+                    continue
+                att = self._failed(part[0], err)
+            self._finish(part, att, t0)
+
+    def _failed(self, m: Message, exc: Exception) -> _Attempt:
+        """The attempt of a message that fails alone: nothing learnt, dead-lettered `internal`."""
+        text = _describe(exc)
+        log.error(
+            "internal error on %s[%d]@%d, dead-lettered with reason internal (a bug: please "
+            "report it with that dead letter): %s",
+            m.topic(), m.partition(), m.offset(), text,
+        )  # fmt: skip
+        log.debug("the message failed with", exc_info=exc)
+        dec = DecodedEvents(rejects=[Reject(0, "internal", text)])
+        parts = np.asarray([m.partition()], np.int32)
+        offs = np.asarray([m.offset()], np.int64)
+        empty = np.empty(0, np.int64)
+        batch = EventBatch([], [], np.empty(0), np.empty(0), np.empty(0, np.int32), empty)
+        return _Attempt(dec, batch, BatchDelta.empty(self.model.state), parts, offs)
+
+    def _reload(self) -> None:
+        """The model as of the last commit: a failed attempt may have changed it half way.
+        A rebuild in flight is given up (it holds the old arrays); one whose swap was not
+        finished starts again, as after a restart."""
+        if self.rebuild is not None:
+            log.warning("giving up the rebuild in flight: the model is reloaded from the store")
+            if self.rebuild.swap_outcome is None:
+                self.metrics.rebuild_swaps.labels("failed").inc()
+            self._end_rebuild()
+            if self.store.rebuild_unfinished() is not None:
+                self._rebuild_requested = True
+        state = self.store.load(self.settings.model)
+        self.model = OnlineModel(state.config, state)
         self._publish_gauges()
 
     def _learn(self, batch: EventBatch) -> BatchDelta:
@@ -532,27 +721,161 @@ class Updater:
                 )
         return nxt
 
-    def _dead_letter(self, msgs: list[Message], rejects: list[Any]) -> None:
+    def _dead_letter(self, msgs: list[Message], rejects: list[Reject]) -> None:
+        """Send each reject with its reason and origin, and wait for the broker's ack.
+
+        A message too large to send whole (over the producer's message.max.bytes, or refused
+        by the broker for its size) is sent truncated, saying so in its headers; the original
+        stays findable by original.topic/partition/offset."""
         topic = self.settings.topics.dead_letter
+        if self._sent_before is None:
+            self._sent_before = self._read_back_dead_letters(topic)
+        if self._sent_before:
+            sent = self._sent_before
+            keep = [
+                r
+                for r in rejects
+                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent
+            ]
+            if len(keep) < len(rejects):
+                log.info(
+                    "%d dead letter(s) of this batch were sent before the last stop (its batch "
+                    "was not committed): not sending them again",
+                    len(rejects) - len(keep),
+                )
+                rejects = keep
+        failed_before = self.deliveries.failed
+        todo = [(msgs[r.position], r, self._dlt_limit) for r in rejects]
+        while todo:
+            refused: list[tuple[Message, Reject, int]] = []
+            for m, r, limit in todo:
+                self._send_dead_letter(topic, m, r, limit, refused)
+            self._await_dead_letters(topic, failed_before)
+            todo = []
+            for m, r, sent in refused:  # the broker's limit is lower: halve until it fits
+                if sent <= MIN_DEAD_LETTER_BYTES:
+                    raise DeadLetterError(
+                        f"the broker refuses a {sent}-byte dead letter for "
+                        f"{m.topic()}[{m.partition()}]@{m.offset()} as too large; check the "
+                        f"max.message.bytes of {topic!r}"
+                    )
+                todo.append((m, r, sent // 2))
         for r in rejects:
-            m = msgs[r.position]
+            self.metrics.dead_lettered.labels(r.reason).inc()
+
+    def _read_back_dead_letters(self, topic: str) -> set[tuple[int, int]]:
+        """(partition, offset) of this topic's messages at or past the stored offsets that are
+        already on the dead-letter topic: a batch's dead letters are acknowledged before its
+        WriteBatch, so a kill in between leaves them sent but the batch to be read again.
+
+        They are the end of each dead-letter partition (dead letters are sent in batch order),
+        so it is read back from its end until a dead letter of a committed batch shows, at most
+        a batch's worth. Best effort: if the broker cannot say, they are sent again (README)."""
+        if not self.offsets:
+            return set()  # nothing committed yet: a fresh store sends every dead letter
+        name = self.topic.encode()
+        found: set[tuple[int, int]] = set()
+        c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-dead-letters")
+        try:
+            meta = c.list_topics(topic, timeout=5.0)
+            t = meta.topics.get(topic)
+            if t is None or t.error is not None:
+                return found
+            for p in sorted(t.partitions):
+                lo, end = c.get_watermark_offsets(TopicPartition(topic, p), 5.0, cached=False)
+                budget = self.settings.max_batch_events + DLT_READ_BACK_CHUNK
+                tail = True
+                while end > lo and budget > 0:
+                    start = max(lo, end - DLT_READ_BACK_CHUNK)
+                    older = False
+                    # the end of the log is found by fetching: the embedded broker's high
+                    # watermark can lag behind a batch of several records
+                    for m in _read_range(c, topic, p, start, None if tail else end):
+                        h = kafka_io.headers_dict(m.headers())
+                        if h.get("original.topic") != name:
+                            continue
+                        part, off = int(h["original.partition"]), int(h["original.offset"])
+                        stored = self.offsets.get((self.topic, part))
+                        if stored is None:
+                            continue
+                        if off >= stored:
+                            found.add((part, off))
+                        else:
+                            older = True
+                    budget -= end - start
+                    if older:
+                        break
+                    end, tail = start, False
+        except (KafkaException, KeyError, ValueError) as exc:
+            log.warning(
+                "cannot read back the end of %r (%s): dead letters of a batch interrupted "
+                "before its commit may be sent again",
+                topic, exc,
+            )  # fmt: skip
+        finally:
+            c.close()
+        return found
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        m: Message,
+        r: Reject,
+        limit: int,
+        refused: list[tuple[Message, Reject, int]],
+    ) -> None:
+        raw = m.value() or b""
+        text = 2000  # characters of error.message
+        while True:
+            value, key, cut = _truncate(raw, m.key(), limit)
             headers = kafka_io.str_headers(
                 {
                     "error.reason": r.reason,
-                    "error.message": r.message[:2000],
+                    "error.message": r.message[:text],
                     "original.topic": m.topic(),
                     "original.partition": m.partition(),
                     "original.offset": m.offset(),
+                    **cut,
                 }
             )
-            self.dlt.produce(
-                topic, value=m.value(), key=m.key(), headers=headers, on_delivery=self.deliveries
-            )
-            self.metrics.dead_lettered.labels(r.reason).inc()
-            log.debug(
-                "dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message
-            )
-        self._await_dead_letters(topic, self.deliveries.failed)
+            sent = len(value) + len(key or b"")
+
+            def delivered(err: KafkaError | None, msg: object, sent: int = sent) -> None:
+                if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    refused.append((m, r, sent))  # sent again, smaller
+                else:
+                    self.deliveries(err, msg)
+
+            try:
+                self.dlt.produce(
+                    topic,
+                    value=value if m.value() is not None else None,
+                    key=key,
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.dlt.poll(0.1)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError) or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise DeadLetterError(f"cannot send a dead letter to {topic!r}: {exc}") from exc
+                if sent == 0 and text <= 200:
+                    raise DeadLetterError(
+                        f"cannot send even the headers of a dead letter to {topic!r} ({exc}): "
+                        f"is message.max.bytes ({self._dlt_max}) that small?"
+                    ) from exc
+                # headers over the headroom (a tiny message.max.bytes): cut the rest and them
+                limit, text = sent // 2, 200
+        if cut:
+            log.warning(
+                "dead-lettered %s[%d]@%d (%s) truncated to %d of %d bytes: a dead letter must "
+                "fit the producer's message.max.bytes (%d)",
+                m.topic(), m.partition(), m.offset(), r.reason, len(value), len(raw),
+                self._dlt_max,
+            )  # fmt: skip
+        log.debug("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message)
 
     def _await_dead_letters(self, topic: str, failed_before: int) -> None:
         """Wait until the broker acknowledges this batch's dead letters: the batch is committed

@@ -34,6 +34,7 @@ REASONS = (
     "unknown_event_type",
     "invalid_field",
     "future_timestamp",
+    "internal",  # the updater failed on this message itself (a bug): isolated, not retried
 )
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
@@ -107,7 +108,9 @@ def _fast(
             try:
                 evs.append(_DECODE(raw))
                 pos.append(p)
-            except msgspec.DecodeError:
+            # msgspec raises UnicodeDecodeError, not DecodeError, on invalid UTF-8 inside a
+            # string, and RecursionError past its depth limit: the model's path explains each
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 slow.append(p)
     weight = {t: spec.weight for t, spec in types.items() if not spec.use_value}
     users = [e.user_id for e in evs]
@@ -143,6 +146,20 @@ def fast_path(
     return (f.users[0], f.items[0], f.types[0], f.weights[0], f.times[0]) if f.positions else None
 
 
+def _malformed(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why a payload is not JSON; for bytes that are not UTF-8 (orjson then says only "str is
+    not valid UTF-8"), the first bad byte and where it is, which is what a producer must fix."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        at = bad.start
+        return (
+            f"not valid UTF-8 at byte {at} (0x{raw[at]:02x}, {bad.reason}): events must be "
+            "JSON encoded as UTF-8 (a Latin-1 or UTF-16 producer sends other bytes)"
+        )
+    return f"invalid JSON: {exc}"
+
+
 def _reason(exc: ValidationError) -> str:
     errs = exc.errors(include_url=False)
     if any(e["type"] == "missing" for e in errs):
@@ -158,8 +175,8 @@ def _slow(
     """The model's verdict on one payload: an event, or the reason it is dead-lettered."""
     try:
         d = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return Reject(pos, "malformed_json", f"invalid JSON (or not UTF-8): {exc}")
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and nesting past 1024 levels
+        return Reject(pos, "malformed_json", _malformed(raw, exc))
     if type(d) is not dict:
         return Reject(pos, "not_an_object", f"expected a JSON object, got {type(d).__name__}")
     try:

@@ -98,3 +98,47 @@ def test_the_future_bound_can_differ_per_payload() -> None:
     assert [(r.position, r.reason) for r in dec.rejects] == [
         (1, "future_timestamp"), (2, "empty")
     ]  # fmt: skip
+
+
+_LATIN1 = b'{"user_id":"Jos\xe9","item_id":"i","event_type":"view","timestamp":1}'
+
+
+def test_invalid_utf8_inside_a_string_is_malformed_json_naming_the_byte() -> None:
+    """msgspec raises UnicodeDecodeError (not DecodeError) here: it once stopped the updater."""
+    for raw, bad in (
+        (_LATIN1, b"\xe9"),  # a Latin-1 "é" inside the user id: the fast path's shape
+        (_LATIN1.replace(b'"timestamp":1', b'"timestamp":1700000000000'), b"\xe9"),  # the model's
+        (b'{"user_id":"u","item_id":"i","event_type":"view","timestamp":1,"x\xff":1}', b"\xff"),
+        (b'{"user_id":"\xed\xa0\x80","item_id":"i","event_type":"view","timestamp":1}', b"\xed"),
+        (b"\xc3", b"\xc3"),  # a torn two-byte sequence
+    ):
+        at = raw.index(bad)
+        dec = decode_events([raw, _ev("ok", 1.7e9)], TYPES)
+        assert dec.positions == [1] and dec.users == ["ok"]
+        (rej,) = dec.rejects
+        assert rej.reason == "malformed_json"
+        assert f"not valid UTF-8 at byte {at} (0x{raw[at]:02x}" in rej.message, rej.message
+        assert fast_path(raw, TYPES) is None
+
+
+def test_deep_nesting_nan_and_huge_numbers_are_rejected_without_raising() -> None:
+    head = b'{"user_id":"u","item_id":"i","event_type":"rating","timestamp":1,"value":'
+    payloads = [
+        b"[" * 100_000 + b"]" * 100_000,  # past every parser's depth limit
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        head + b"[" * 1023 + b"1" + b"]" * 1023 + b"}",  # just inside orjson's limit
+        head + b"[" * 1025 + b"1" + b"]" * 1025 + b"}",  # just past it
+        head + b"NaN}",
+        head + b"-Infinity}",
+        head + b"1e999999}",
+        head + b"9" * 100_000 + b"}",
+        head.replace(b'"timestamp":1', b'"timestamp":' + b"9" * 5000) + b"1}",
+    ]
+    dec = decode_events(payloads, TYPES, max_bytes=1 << 20)
+    assert dec.positions == []
+    assert [r.reason for r in dec.rejects] == [
+        "malformed_json", "malformed_json", "invalid_field", "malformed_json",
+        "malformed_json", "malformed_json", "malformed_json", "malformed_json",
+        "malformed_json",
+    ]  # fmt: skip
+    assert "depth" in dec.rejects[0].message

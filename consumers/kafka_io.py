@@ -104,6 +104,8 @@ def producer(
     conf: dict[str, Any] = {
         "linger.ms": 20,
         "batch.size": 1_000_000,
+        # lz4 where throughput matters (replays, bench); replies and dead letters override it
+        # with their own setting (none by default: kafkajs reads lz4 only with a plugin)
         "compression.type": "lz4",
         "acks": "all",
         # no duplicates and no reordering on retries: a replay must arrive as it was sent

@@ -89,8 +89,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     names = [m.strip() for m in args.model.split(",") if m.strip()]
     unknown = [m for m in names if m not in LEARNERS]
-    if unknown:
-        print(f"unknown model(s) {unknown}; choose from {list(LEARNERS)}", file=sys.stderr)
+    if unknown or not names:
+        what = f"unknown model(s) {unknown}" if unknown else "--model names no model"
+        print(f"stream-mf evaluate: {what}; choose from {list(LEARNERS)}", file=sys.stderr)
         return 2
     config = model_config_from(args)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
@@ -120,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"
           f"{'evaluated':>11}{'events/s':>11}  {'vs ' + names[0]:>10}")  # fmt: skip
     for r in results:
-        ratio = r["recall_at_k"] / base if base else float("nan")
+        ratio = f"{r['recall_at_k'] / base:>9.2f}x" if base else f"{'-':>10}"
         print(f"{r['model']:<10}{r['recall_at_k']:>11.4f}{r['ndcg_at_k']:>10.4f}"
-              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio:>9.2f}x")  # fmt: skip
+              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio}")  # fmt: skip
     out = results[0] if len(results) == 1 else {**results[-1], "models": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

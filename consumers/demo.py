@@ -162,6 +162,8 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
         create_topics(boot, product_topics(2, topics, interactions=1))
         ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
         common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
+        # their temporary files too (a query process's RocksDB secondary instance)
+        scratch = {"TMPDIR": str(work)}
         try:
             procs.append(
                 ManagedProcess(
@@ -172,12 +174,14 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
                     env={
                         "STREAM_MF_LIVE_EVAL_RATE": "0.05",
                         "STREAM_MF_LIVE_EVAL_MAX_PER_BATCH": "1000",
+                        **scratch,
                     },
                 ).start()
             )
             for q in ("query-1", "query-2"):
                 procs.append(
-                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work)
+                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work,
+                                   env=scratch)
                     .start()
                 )  # fmt: skip
             print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")

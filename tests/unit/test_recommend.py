@@ -143,7 +143,7 @@ def test_every_kind_ranks_only_its_candidates(trained: OnlineModel, kind: str) -
         "popular": {},
     }[kind]
     pool = seen if kind == "because" else list(view.ids)
-    candidates = pool[::3] + ["not-an-item"]  # an unknown id is simply never returned
+    candidates = [*pool[::3], "not-an-item"]  # an unknown id is simply never returned
     full = answer(RecRequest(request_id="all", kind=kind, k=1000, **fields), view, users)
     within = answer(
         RecRequest(request_id="c", kind=kind, k=4, candidates=candidates, **fields), view, users

@@ -110,5 +110,5 @@ class RecClient:
         return got[rid]
 
     def close(self) -> None:
-        self.producer.flush(5.0)
+        kafka_io.close_producer(self.producer)
         self.consumer.close()

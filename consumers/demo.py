@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import orjson
@@ -27,7 +30,14 @@ from consumers.processes import (
 )
 from consumers.publish import event_payloads, publish
 from consumers.settings import KafkaSettings, TopicSettings
+from stream_mf.answer import StateUsers, answer
+from stream_mf.config import ModelConfig
 from stream_mf.datasets import ColumnSpec, read_events
+from stream_mf.messages import RecRequest
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.rebuild import warm_up_rebuild
+from stream_mf.recommend import ItemView
+from stream_mf.store import StateStore
 
 log = logging.getLogger(__name__)
 RATINGS = DEFAULT_CATALOG.parent / "ratings.csv.gz"
@@ -46,6 +56,46 @@ def _offline_recall() -> float | None:
     return None
 
 
+def _numba_dispatchers() -> list[Any]:
+    from numba.core.registry import CPUDispatcher
+
+    out = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("stream_mf."):
+            out.extend(v for v in vars(module).values() if isinstance(v, CPUDispatcher))
+    return out
+
+
+def prepare_kernels(work: Path) -> tuple[float, int]:
+    """Compile the numba kernels (first run) or load them from numba's cache (later runs) by
+    running the updater's and the query service's paths once on a tiny model, before they
+    start: the processes then load every kernel from the cache, and the demo can say what the
+    wait is for instead of showing a progress bar stuck at 0%. Returns (seconds, kernels
+    compiled rather than loaded)."""
+    t0 = time.perf_counter()
+    warm_up_rebuild()
+    model = OnlineModel(ModelConfig())
+    users, items = ["u1", "u2", "u1", "u3"], ["i1", "i2", "i2", "i3"]
+    model.learn(EventBatch.build(users, items, np.ones(4), np.arange(4.0) + 1.7e9))
+    with StateStore(work / "kernels") as store:
+        store.commit(model.state, None, {("warm-up", 0): 4}, everything=True)
+        model = OnlineModel(store.stored_config() or ModelConfig(), store.load())
+    view = ItemView.from_state(model.state)
+    known = StateUsers(model.state)
+    for req in (
+        RecRequest(request_id="w", user_id="u1"),
+        RecRequest(request_id="w", kind="popular"),
+        RecRequest(request_id="w", kind="similar_items", item_id="i1"),
+        RecRequest(request_id="w", kind="recommend_anonymous", items=["i1"]),
+        RecRequest(request_id="w", kind="because", user_id="u1", item_id="i2"),
+    ):
+        answer(req, view, known)
+    compiled = sum(
+        sum(d.stats.cache_misses.values()) for d in _numba_dispatchers() if d.stats is not None
+    )
+    return time.perf_counter() - t0, compiled
+
+
 def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, int]) -> None:
     """Five seconds of live traffic stamped now: how fresh is what the query service serves?"""
     urls = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
@@ -62,7 +112,7 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
             sent += 1
         producer.poll(0)
         time.sleep(0.05)
-    producer.flush(10)
+    kafka_io.close_producer(producer, 10)
     time.sleep(1.0)
     p99s = []
     for u, b in zip(urls, before, strict=True):
@@ -74,9 +124,35 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
               f"servable in a query process): {max(p99s):.2f} s")  # fmt: skip
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) -> int:
+    """Everything lives in one temporary directory, removed on the way out whatever the way
+    (an error, Ctrl-C, SIGTERM): the processes are stopped first, the broker last, after every
+    client here has closed its connections (Tansu waits 5 s for open ones before exiting on
+    SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: cleanup runs
+    try:
+        with tempfile.TemporaryDirectory(prefix="stream-mf-demo-") as tmp:
+            return _run(Path(tmp), serve, users)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
     topics = TopicSettings()
-    work = Path(tempfile.mkdtemp(prefix="stream-mf-demo-"))
+    print(
+        "compiling kernels… (numba; the first run compiles them, about half a minute on two "
+        "cores; later runs load them from its cache)",
+        flush=True,
+    )
+    took, compiled = prepare_kernels(work)
+    if compiled:
+        print(f"compiled {compiled} kernels in {took:.1f}s (cached for the next run)")
+    else:
+        print(f"kernels loaded from numba's cache in {took:.1f}s")
     procs: list[ManagedProcess] = []
     with EmbeddedBroker() as broker:
         boot = broker.bootstrap_servers
@@ -86,6 +162,8 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
         create_topics(boot, product_topics(2, topics, interactions=1))
         ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
         common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
+        # their temporary files too (a query process's RocksDB secondary instance)
+        scratch = {"TMPDIR": str(work)}
         try:
             procs.append(
                 ManagedProcess(
@@ -96,20 +174,26 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
                     env={
                         "STREAM_MF_LIVE_EVAL_RATE": "0.05",
                         "STREAM_MF_LIVE_EVAL_MAX_PER_BATCH": "1000",
+                        **scratch,
                     },
                 ).start()
             )
             for q in ("query-1", "query-2"):
                 procs.append(
-                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work)
+                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work,
+                                   env=scratch)
                     .start()
                 )  # fmt: skip
-            print(f"broker {boot} (pid {broker.pid}); state and logs in {work}")
+            print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")
             events = read_events(RATINGS, ColumnSpec()).sorted_by_time()
             payloads = event_payloads(events, "shift")
             kafka = KafkaSettings(bootstrap_servers=boot)
             t0 = time.monotonic()
-            sent = publish(kafka_io.ordered_producer(kafka), topics.interactions, payloads)
+            producer = kafka_io.ordered_producer(kafka)
+            try:
+                sent = publish(producer, topics.interactions, payloads)
+            finally:
+                kafka_io.close_producer(producer)
             print(f"replayed {sent:,} MovieLens ratings in {time.monotonic() - t0:.1f}s")
             url = f"http://127.0.0.1:{ports['updater']}/metrics"
             bar = tqdm(total=sent, unit="ev", desc="learned")

@@ -33,7 +33,7 @@ from consumers.settings import QuerySettings
 from stream_mf.answer import answer
 from stream_mf.events import describe_error
 from stream_mf.follower import StoreFollower
-from stream_mf.messages import RecRequest, RecResponse
+from stream_mf.messages import RecRequest, RecResponse, request_id_in
 from stream_mf.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,19 @@ def _deadline(headers: dict[str, bytes], msg_ts_ms: int, default_ms: int | None)
     except ValueError:
         return None
     return v / 1000.0 if v >= 1e12 else (msg_ts_ms + v) / 1000.0
+
+
+def reply_id(raw: bytes, key: bytes | None, headers: dict[str, bytes]) -> str:
+    """The id an error reply carries, so the sender can match it even to a request that could
+    not be read: the request's own `request_id` as far as it can be read, else a
+    `request_id` or `correlation_id` header, else the message key, else "unknown"."""
+    found = request_id_in(raw)
+    if found is not None:
+        return found
+    for candidate in (headers.get("request_id"), headers.get("correlation_id"), key):
+        if candidate:
+            return candidate.decode(errors="replace")[:256]
+    return "unknown"
 
 
 #: Producer batching for replies. Tansu spends about 1 ms of CPU per stored record batch (a
@@ -83,7 +96,8 @@ def request_consumer(
 
 
 def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None = None) -> Producer:
-    """The service's reply producer: short linger (see REPLY_LINGER_MS), bounded queue."""
+    """The service's reply producer: short linger (see REPLY_LINGER_MS), bounded queue,
+    uncompressed by default (`reply_compression`: any client reads it without a codec)."""
     return kafka_io.producer(
         settings.kafka,
         on_error=on_error,
@@ -91,6 +105,7 @@ def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None 
             "linger.ms": REPLY_LINGER_MS,
             "socket.nagle.disable": True,
             "queue.buffering.max.kbytes": 64 * 1024,  # bounded under overload
+            "compression.type": settings.reply_compression,
         },
     )
 
@@ -246,22 +261,22 @@ class QueryService:
             return
         kind = "invalid"
         req: RecRequest | None = None
-        request_id = "unknown"
         user_id = None
+        raw = m.value() or b""
         try:
-            raw = m.value() or b""
             if len(raw) > self.settings.max_message_bytes:
                 raise ValueError(f"request of {len(raw)} bytes exceeds the limit")
             doc: Any = orjson.loads(raw)
             if isinstance(doc, dict):
-                request_id = str(doc.get("request_id") or "unknown")[:256]
                 uid = doc.get("user_id")
                 user_id = uid[:256] if isinstance(uid, str) else None
             req = RecRequest.model_validate(doc)
             kind = req.kind
         except ValidationError as exc:
+            request_id = reply_id(raw, m.key(), headers)
             resp = self._error(request_id, user_id, f"invalid request: {describe_error(exc)}")
         except (orjson.JSONDecodeError, ValueError) as exc:
+            request_id = reply_id(raw, m.key(), headers)
             resp = self._error(request_id, user_id, f"invalid request: {exc}")
         if req is not None:
             view = self.follower.view if self.follower else None

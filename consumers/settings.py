@@ -16,6 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stream_mf.config import ModelConfig
 from stream_mf.rebuild import RebuildConfig
 
+#: librdkafka's `compression.type` values. Replies and dead letters default to none: they are
+#: small and latency-bound, and kafkajs (the most used Node client) reads LZ4, Snappy or Zstd
+#: records only with a codec plugin it does not ship, silently receiving nothing without one.
+Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+
 
 class KafkaSettings(BaseModel):
     """Connection and security settings shared by every Kafka client a process creates."""
@@ -128,6 +133,11 @@ class UpdaterSettings(ProcessSettings):
         "timestamp, or the updater's clock if earlier (reason future_timestamp): one would move "
         "the stream clock and decay every real event toward zero; inf accepts any time",
     )
+    dead_letter_compression: Compression = Field(
+        default="none",
+        description="compression of dead letters (none: readable by every client without a "
+        "codec plugin; they are few and small)",
+    )
     dead_letter_timeout_seconds: float = Field(
         default=300.0,
         gt=0,
@@ -175,6 +185,11 @@ class QuerySettings(ProcessSettings):
     session_timeout_ms: int = 10_000
     blas_threads: int = Field(default=1, ge=1, description="BLAS threads for scoring")
     fetch_wait_ms: int = Field(default=2, ge=0, description="consumer fetch.wait.max.ms")
+    reply_compression: Compression = Field(
+        default="none",
+        description="compression of replies (none: readable by every client without a codec "
+        "plugin; a reply is small and latency-bound)",
+    )
 
 
 class ClientSettings(ProcessSettings):

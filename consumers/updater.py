@@ -241,7 +241,10 @@ class Updater:
             settings.kafka,
             on_error=self.metrics.errors.labels("broker").inc,
             # librdkafka gives up on a message after this (default 300 s): never before the wait
-            **{"message.timeout.ms": max(wait_ms, 1000)},
+            **{
+                "message.timeout.ms": max(wait_ms, 1000),
+                "compression.type": settings.dead_letter_compression,
+            },
         )
         self.deliveries = kafka_io.DeliveryTracker()
         # what the dead-letter producer accepts (a user may raise it through kafka.extra), and

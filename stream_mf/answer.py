@@ -96,7 +96,7 @@ def answer(
         item = view.index.get(req.item_id or "", -1)
         if item < 0 or item >= view.n:
             return fail(f"item_id {req.item_id!r} is not known to the model yet")
-        return reply("similar_items", *similar_items(view, item, req.k, excl))
+        return reply("similar_items", *similar_items(view, item, req.k, excl, cand))
     if req.kind == "recommend_anonymous":
         touched = view.indices(req.items or [])
         if touched.size == 0:
@@ -113,7 +113,7 @@ def answer(
         if rec is None:
             return fail(f"user_id {req.user_id!r} has no events yet")
         mine = rec.seen[rec.seen < view.n]
-        return reply("because", *because(view, item, mine, req.k))
+        return reply("because", *because(view, item, mine, req.k, excl, cand))
 
     # recommend
     seen = rec.seen[rec.seen < view.n] if rec is not None else np.empty(0, np.int64)

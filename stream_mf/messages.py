@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stream_mf.events import EntityId, Timestamp
@@ -68,3 +70,36 @@ class RecResponse(BaseModel):
     model_version: int = 0
     generated_at: float
     error: str | None = None
+
+
+# a JSON string or integer after "request_id": found in bytes that are not JSON as a whole
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def _id_text(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value)[:256]
+    return text or None
+
+
+def request_id_in(raw: bytes) -> str | None:
+    """The request id an invalid request carries, as far as it can be read, so its sender can
+    match the error reply: from the document when it parses, else from the bytes (truncated
+    JSON, invalid UTF-8, NaN). None when there is none."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    else:  # parsed: the bytes hold no other id than the document's
+        return _id_text(doc.get("request_id")) if isinstance(doc, dict) else None
+    found = _REQUEST_ID.search(raw)
+    if found is None:
+        return None
+    token = found.group(1)
+    if not token.startswith(b'"'):
+        return _id_text(token.decode())
+    try:  # JSON string escapes; an invalid byte inside becomes U+FFFD
+        return _id_text(orjson.loads(token.decode("utf-8", "replace").encode()))
+    except orjson.JSONDecodeError:
+        return None

@@ -138,13 +138,17 @@ def popular(
 
 
 def similar_items(
-    view: ItemView, item: int, k: int, exclude: np.ndarray | None = None
+    view: ItemView,
+    item: int,
+    k: int,
+    exclude: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine neighbours of `item`, itself excluded."""
+    """Cosine neighbours of `item`, itself excluded, among `candidates` when given."""
     unit = view.unit
     scores = unit @ unit[item]
     scores[item] = -np.inf
-    _mask(scores, exclude, None)
+    _mask(scores, exclude, candidates)
     return top_k(scores, k)
 
 
@@ -172,9 +176,19 @@ def fold_in(
 
 
 def because(
-    view: ItemView, item: int, user_items: np.ndarray, k: int
+    view: ItemView,
+    item: int,
+    user_items: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The user's own items most similar to `item`: why it was recommended."""
+    """The user's own items most similar to `item`: why it was recommended. `candidates` and
+    `exclude` narrow which of the user's items may explain it."""
+    if candidates is not None:
+        user_items = user_items[np.isin(user_items, candidates)]
+    if exclude is not None and exclude.size:
+        user_items = user_items[~np.isin(user_items, exclude)]
     if user_items.size == 0:
         return np.empty(0, np.int64), np.empty(0, np.float64)
     unit = view.unit

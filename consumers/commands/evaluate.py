@@ -10,7 +10,7 @@ from pathlib import Path
 from consumers.commands.common import nonempty_path, positive_int
 from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
-from stream_mf.datasets import ColumnSpec, EventColumns, read_events
+from stream_mf.datasets import ColumnSpec, EventColumns, EventFileError, read_events
 from stream_mf.evaluate import LEARNERS, make_learner, prequential
 from stream_mf.rebuild import RebuildConfig
 
@@ -44,11 +44,11 @@ def event_file(path: Path, flag: str = "--events") -> Path:
 
 
 def load_events(path: Path, spec: ColumnSpec, flag: str = "--events") -> EventColumns:
-    """The event file in time order; a bad file is the user's to fix (the reader's ValueError
-    names file, line and what is wrong), so it ends in one line."""
+    """The event file in time order; a bad file is the user's to fix (the reader's
+    EventFileError names file, line and what is wrong), so it ends in one line."""
     try:
         return read_events(event_file(path, flag), spec).sorted_by_time()
-    except ValueError as exc:
+    except EventFileError as exc:
         raise UserError(str(exc)) from exc
 
 
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"
           f"{'evaluated':>11}{'events/s':>11}  {'vs ' + names[0]:>10}")  # fmt: skip
     for r in results:
-        ratio = r["recall_at_k"] / base if base else float("nan")
+        ratio = f"{r['recall_at_k'] / base:>9.2f}x" if base else f"{'-':>10}"
         print(f"{r['model']:<10}{r['recall_at_k']:>11.4f}{r['ndcg_at_k']:>10.4f}"
-              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio:>9.2f}x")  # fmt: skip
+              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio}")  # fmt: skip
     out = results[0] if len(results) == 1 else {**results[-1], "models": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import get_args
 
 from consumers.commands.common import add_process_flags, build_settings, state_dir_usable
 from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.query import QueryService
-from consumers.settings import QuerySettings
+from consumers.settings import Compression, QuerySettings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="most of the time following the store may take, competing with requests "
         "(default 0.25; 1 = off)",
     )
+    p.add_argument(
+        "--reply-compression",
+        choices=get_args(Compression),
+        default=None,
+        help="compression of replies (default none: every client reads them without a codec)",
+    )
     p.set_defaults(run=run)
 
 
@@ -33,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         args,
         refresh_seconds=args.refresh_seconds,
         max_refresh_share=args.max_refresh_share,
+        reply_compression=args.reply_compression,
     )
     state_dir_usable(settings.state_dir)
     log.info("query settings: %s", settings.model_dump_json())

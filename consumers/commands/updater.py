@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import get_args
 
 from consumers import kafka_io
 from consumers.commands.common import add_process_flags, build_settings
 from consumers.flags import add_model_flags, model_config_from
 from consumers.kafka_io import StopFlag
-from consumers.settings import UpdaterSettings
+from consumers.settings import Compression, UpdaterSettings
 from consumers.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="how long a batch waits for its dead letters to be acknowledged, riding out a "
         "broker outage, before the updater stops without committing it (default 300)",
     )
+    p.add_argument(
+        "--dead-letter-compression",
+        choices=get_args(Compression),
+        default=None,
+        help="compression of dead letters (default none: any client reads them without a codec)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -45,6 +52,7 @@ _FLAGS = (
     "sync_writes",
     "max_future_seconds",
     "dead_letter_timeout_seconds",
+    "dead_letter_compression",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -19,12 +20,14 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from consumers import kafka_io
 from consumers.broker import (
     BrokerError,
     EmbeddedBroker,
     create_topics,
     kafka_bootstrap,
 )
+from consumers.settings import KafkaSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -272,6 +275,40 @@ def test_stop_leaves_no_process() -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     b.stop()  # idempotent
+
+
+def _exited(pid: int) -> bool:
+    """Our child has exited (a zombie until reaped), or is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_alone_stops_the_broker_once_clients_close() -> None:
+    """Tansu waits for open connections before exiting on SIGTERM (so the demo's broker used to
+    need SIGKILL): clients closed through kafka_io first, SIGTERM is enough."""
+    b = EmbeddedBroker().start()
+    try:
+        topic = _name("sigterm")
+        create_topics(b.bootstrap_servers, {topic: 1})
+        kafka = KafkaSettings(bootstrap_servers=b.bootstrap_servers)
+        producer = kafka_io.producer(kafka)
+        for n in range(1000):
+            producer.produce(topic, str(n).encode())
+        assert kafka_io.close_producer(producer) == 0
+        consumer = kafka_io.consumer(kafka, _name("g"))
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        assert len(consumer.consume(1000, 5.0)) > 0
+        consumer.close()
+        os.killpg(b.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0  # EmbeddedBroker.stop sends SIGKILL after 3 s
+        while not _exited(b.pid):
+            assert time.monotonic() < deadline, "the broker ignored SIGTERM"
+            time.sleep(0.02)
+    finally:
+        b.stop()
 
 
 def test_stop_while_paused() -> None:

@@ -124,3 +124,42 @@ def test_answer_strategies(trained: OnlineModel) -> None:
         users,
     )
     assert why.strategy == "because" and {i.item_id for i in why.items} <= seen
+
+
+@pytest.mark.parametrize(
+    "kind", ["recommend", "similar_items", "recommend_anonymous", "because", "popular"]
+)
+def test_every_kind_ranks_only_its_candidates(trained: OnlineModel, kind: str) -> None:
+    """`candidates` restricts every kind's ranking: the answer is the unrestricted ranking with
+    everything else left out (never silently ignored)."""
+    view = ItemView.from_state(trained.state)
+    users = StateUsers(trained.state)
+    seen = [view.ids[i] for i in users.user("u3").seen.tolist()]
+    fields = {
+        "recommend": {"user_id": "u3"},
+        "similar_items": {"item_id": "i9"},
+        "recommend_anonymous": {"items": ["i1", "i4"]},
+        "because": {"user_id": "u3", "item_id": "i9"},
+        "popular": {},
+    }[kind]
+    pool = seen if kind == "because" else list(view.ids)
+    candidates = [*pool[::3], "not-an-item"]  # an unknown id is simply never returned
+    full = answer(RecRequest(request_id="all", kind=kind, k=1000, **fields), view, users)
+    within = answer(
+        RecRequest(request_id="c", kind=kind, k=4, candidates=candidates, **fields), view, users
+    )
+    assert full.error is None and within.error is None
+    expect = [it.item_id for it in full.items if it.item_id in set(candidates)][:4]
+    assert len(expect) == 4
+    assert [it.item_id for it in within.items] == expect
+    none = answer(RecRequest(request_id="e", kind=kind, candidates=[], **fields), view, users)
+    assert none.error is None and none.items == []
+
+
+def test_because_honours_exclude_items(trained: OnlineModel) -> None:
+    view = ItemView.from_state(trained.state)
+    users = StateUsers(trained.state)
+    req = {"request_id": "w", "kind": "because", "user_id": "u3", "item_id": "i9", "k": 3}
+    top = answer(RecRequest(**req), view, users).items[0].item_id
+    again = answer(RecRequest(**req, exclude_items=[top]), view, users)
+    assert top not in {it.item_id for it in again.items} and len(again.items) == 3

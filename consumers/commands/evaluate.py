@@ -57,7 +57,7 @@ def model_names(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     choices = ", ".join(LEARNERS)
     if not names:
-        raise UserError(f"--model names no model: give one or more of {choices}, comma-separated")
+        raise UserError(f"--model names no model: choose from {choices}, comma-separated")
     unknown = [m for m in names if m not in LEARNERS]
     if unknown:
         raise UserError(f"--model: unknown {', '.join(unknown)}; choose from {choices}")

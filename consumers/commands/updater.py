@@ -34,6 +34,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="how long a batch waits for its dead letters to be acknowledged, riding out a "
         "broker outage, before the updater stops without committing it (default 300)",
     )
+    p.add_argument(
+        "--on-offset-gap",
+        choices=("fail", "resume-from-start", "resume-from-end"),
+        default=None,
+        help="when the store's next offset lies outside the partition's log (topic recreated, "
+        "broker data lost, retention): stop with exit code 6 (fail, the default), apply the "
+        "log from its start, or apply only events published from now on (env "
+        "STREAM_MF_ON_OFFSET_GAP)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -44,6 +53,7 @@ _FLAGS = (
     "sync_writes",
     "max_future_seconds",
     "dead_letter_timeout_seconds",
+    "on_offset_gap",
 )
 
 

@@ -1,0 +1,168 @@
+"""A model store ahead of its topic: the embedded broker restarted (it keeps topics in memory, so
+they are gone) and the topic was recreated. The stored next offset lies beyond the new log's
+end, and a consumer fetching there would wait forever while showing lag 0. A real updater
+process against a real broker must stop with the documented exit code under `fail`, and under
+each resuming policy apply exactly the events it says it applies.
+
+Each test has a broker of its own, restarted on the same port: that restart is the scenario.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from consumers import kafka_io
+from consumers.broker import EmbeddedBroker, create_topics
+from consumers.processes import wait_until
+from consumers.settings import KafkaSettings, TopicSettings
+from consumers.updater import EXIT_OFFSET_GAP
+from stream_mf.store import StateStore
+from tests.integration.conftest import Cluster, make_topics
+
+OLD = 120  # events applied from the topic before the broker lost it
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    b = EmbeddedBroker().start()
+    try:
+        yield b
+    finally:
+        b.stop(timeout=1.0)  # idempotent: the scenario restarts it
+
+
+def restart(b: EmbeddedBroker) -> EmbeddedBroker:
+    """Stop the broker and start a new one on the same port: every topic is gone."""
+    port = b.port
+    b.stop(timeout=1.0)
+    return EmbeddedBroker(port=port).start()
+
+
+def publish(kafka: str, topic: str, users: list[str]) -> None:
+    p = kafka_io.producer(KafkaSettings(bootstrap_servers=kafka))
+    now = time.time()
+    for j, u in enumerate(users):
+        doc = {"user_id": u, "item_id": f"i{j % 7}", "event_type": "view", "timestamp": now}
+        p.produce(topic, key=u.encode(), value=orjson.dumps(doc))
+    assert p.flush(15) == 0
+
+
+def stored(c: Cluster) -> tuple[dict[tuple[str, int], int], int, list[str]]:
+    """Offsets, events applied and every known user, read from the store on disk."""
+    with StateStore(c.state) as store:
+        offsets, applied = store.offsets(), store.events_applied()
+        state = store.load()
+    return offsets, applied, list(state.users.index)
+
+
+def store_ahead_of_topic(
+    own_broker: EmbeddedBroker, tmp_path: Path, fresh: int
+) -> tuple[Cluster, EmbeddedBroker]:
+    """An updater applied OLD events and stopped; the broker restarted and the topics were
+    recreated with `fresh` events: the store's next offset (OLD) is beyond the log's end."""
+    kafka = own_broker.bootstrap_servers
+    topics = make_topics(kafka)
+    c = Cluster(kafka, topics, tmp_path)
+    try:
+        publish(kafka, topics.interactions, [f"old{j}" for j in range(OLD)])
+        c.start("updater", "first")
+        c.wait_metric("first", "stream_mf_events_applied_total", OLD)
+        assert c.procs[-1].stop() == 0
+        assert stored(c)[0] == {(topics.interactions, 0): OLD}
+        broker = restart(own_broker)
+        recreate(kafka, topics)
+        publish(kafka, topics.interactions, [f"fresh{j}" for j in range(fresh)])
+        return c, broker
+    except BaseException:
+        c.stop_all()
+        raise
+
+
+def recreate(kafka: str, topics: TopicSettings) -> None:
+    create_topics(
+        kafka,
+        {topics.interactions: 1, topics.dead_letter: 1, topics.requests: 2,
+         topics.responses: 1, topics.control: 1},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def scenario(own_broker: EmbeddedBroker, tmp_path: Path) -> Iterator[tuple[Cluster, int]]:
+    fresh = 30
+    c, broker = store_ahead_of_topic(own_broker, tmp_path, fresh)
+    try:
+        yield c, fresh
+    finally:
+        c.stop_all()
+        broker.stop(timeout=1.0)
+
+
+def test_fail_exits_with_the_documented_code_and_says_what_to_do(
+    scenario: tuple[Cluster, int],
+) -> None:
+    c, _fresh = scenario
+    p = c.start("updater", "fail")  # the default policy
+    assert p.proc is not None
+    code = p.proc.wait(60)
+    log = p.log_tail(20_000)
+    assert code == EXIT_OFFSET_GAP, log
+    topic = c.topics.interactions
+    assert f"{topic}[0]: the model store's next offset {OLD} is beyond the log's end" in log
+    assert "--on-offset-gap resume-from-start" in log and "STREAM_MF_ON_OFFSET_GAP" in log
+    assert "Traceback" not in log
+    offsets, applied, users = stored(c)
+    assert offsets == {(topic, 0): OLD} and applied == OLD  # nothing moved, nothing applied
+    assert not any(u.startswith("fresh") for u in users)
+
+
+def test_resume_from_start_applies_the_new_log_from_its_first_record(
+    scenario: tuple[Cluster, int],
+) -> None:
+    c, fresh = scenario
+    c.start("updater", "start", "--on-offset-gap", "resume-from-start")
+    c.wait_metric("start", "stream_mf_events_applied_total", fresh)
+    assert c.metric("start", 'stream_mf_offset_gaps_total{kind="ahead_of_log"}') == 1
+    assert c.metric("start", "stream_mf_events_lost_total") == 0
+    publish(c.kafka, c.topics.interactions, ["late0", "late1"])
+    c.wait_metric("start", "stream_mf_events_applied_total", fresh + 2)
+    assert c.procs[-1].stop() == 0
+    assert "resuming at offset 0 instead of 120" in c.procs[-1].log_tail(20_000)
+    offsets, applied, users = stored(c)
+    assert offsets == {(c.topics.interactions, 0): fresh + 2}
+    assert applied == OLD + fresh + 2
+    assert {f"fresh{j}" for j in range(fresh)} <= set(users)
+    # a restart resumes where the store says, with no gap left to report
+    c.start("updater", "again", "--on-offset-gap", "resume-from-start")
+    c.wait_metric("again", "stream_mf_batches_total", 0)
+    time.sleep(2.0)
+    assert c.metric("again", "stream_mf_offset_gaps_total") == 0
+    assert c.metric("again", "stream_mf_events_applied_total") == 0
+
+
+def test_resume_from_end_applies_only_events_published_after(
+    scenario: tuple[Cluster, int],
+) -> None:
+    c, fresh = scenario
+    c.start("updater", "end", "--on-offset-gap", "resume-from-end")
+    log = c.procs[-1]
+    wait_until(
+        lambda: f"resuming at offset {fresh} instead of {OLD}" in log.log_tail(20_000),
+        60, 0.1, "the updater to resume at the log's end",
+    )  # fmt: skip
+    assert c.metric("end", 'stream_mf_offset_gaps_total{kind="ahead_of_log"}') == 1
+    late = [f"late{j}" for j in range(7)]
+    publish(c.kafka, c.topics.interactions, late)
+    c.wait_metric("end", "stream_mf_events_applied_total", len(late))
+    time.sleep(1.0)
+    assert c.metric("end", "stream_mf_events_applied_total") == len(late)
+    assert log.stop() == 0
+    offsets, applied, users = stored(c)
+    assert offsets == {(c.topics.interactions, 0): fresh + len(late)}
+    assert applied == OLD + len(late)
+    assert set(late) <= set(users)
+    assert not any(u.startswith("fresh") for u in users)

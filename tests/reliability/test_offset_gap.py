@@ -4,20 +4,24 @@ end, and a consumer fetching there would wait forever while showing lag 0. A rea
 process against a real broker must stop with the documented exit code under `fail`, and under
 each resuming policy apply exactly the events it says it applies.
 
-Each test has a broker of its own, restarted on the same port: that restart is the scenario.
+The module has a broker of its own, restarted on the same port before each test: that restart
+is the scenario.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka import TopicPartition
 
 from consumers import kafka_io
 from consumers.broker import EmbeddedBroker, create_topics
+from consumers.offset_gap import verified_end
 from consumers.processes import wait_until
 from consumers.settings import KafkaSettings, TopicSettings
 from consumers.updater import EXIT_OFFSET_GAP
@@ -27,20 +31,18 @@ from tests.integration.conftest import Cluster, make_topics
 OLD = 120  # events applied from the topic before the broker lost it
 
 
-@pytest.fixture
-def own_broker() -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker().start()
-    try:
-        yield b
-    finally:
-        b.stop(timeout=1.0)  # idempotent: the scenario restarts it
+class Broker:
+    """The module's broker, replaced by a new one on the same port at every restart."""
 
+    def __init__(self) -> None:
+        self.b = EmbeddedBroker().start()
+        self.kafka = self.b.bootstrap_servers
 
-def restart(b: EmbeddedBroker) -> EmbeddedBroker:
-    """Stop the broker and start a new one on the same port: every topic is gone."""
-    port = b.port
-    b.stop(timeout=1.0)
-    return EmbeddedBroker(port=port).start()
+    def restart(self) -> None:
+        """Stop the broker and start a new one on the same port: every topic is gone."""
+        port = self.b.port
+        self.b.stop(timeout=1.0)
+        self.b = EmbeddedBroker(port=port).start()
 
 
 def publish(kafka: str, topic: str, users: list[str]) -> None:
@@ -52,38 +54,15 @@ def publish(kafka: str, topic: str, users: list[str]) -> None:
     assert p.flush(15) == 0
 
 
-def stored(c: Cluster) -> tuple[dict[tuple[str, int], int], int, list[str]]:
+def stored(state: Path) -> tuple[dict[tuple[str, int], int], int, list[str]]:
     """Offsets, events applied and every known user, read from the store on disk."""
-    with StateStore(c.state) as store:
+    with StateStore(state) as store:
         offsets, applied = store.offsets(), store.events_applied()
-        state = store.load()
-    return offsets, applied, list(state.users.index)
+        users = list(store.load().users.index)
+    return offsets, applied, users
 
 
-def store_ahead_of_topic(
-    own_broker: EmbeddedBroker, tmp_path: Path, fresh: int
-) -> tuple[Cluster, EmbeddedBroker]:
-    """An updater applied OLD events and stopped; the broker restarted and the topics were
-    recreated with `fresh` events: the store's next offset (OLD) is beyond the log's end."""
-    kafka = own_broker.bootstrap_servers
-    topics = make_topics(kafka)
-    c = Cluster(kafka, topics, tmp_path)
-    try:
-        publish(kafka, topics.interactions, [f"old{j}" for j in range(OLD)])
-        c.start("updater", "first")
-        c.wait_metric("first", "stream_mf_events_applied_total", OLD)
-        assert c.procs[-1].stop() == 0
-        assert stored(c)[0] == {(topics.interactions, 0): OLD}
-        broker = restart(own_broker)
-        recreate(kafka, topics)
-        publish(kafka, topics.interactions, [f"fresh{j}" for j in range(fresh)])
-        return c, broker
-    except BaseException:
-        c.stop_all()
-        raise
-
-
-def recreate(kafka: str, topics: TopicSettings) -> None:
+def create(kafka: str, topics: TopicSettings) -> None:
     create_topics(
         kafka,
         {topics.interactions: 1, topics.dead_letter: 1, topics.requests: 2,
@@ -91,15 +70,46 @@ def recreate(kafka: str, topics: TopicSettings) -> None:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def applied_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Broker, TopicSettings, Path]]:
+    """A broker, and a store a real updater wrote after applying OLD events from its topic
+    (each test starts from a copy of it: one updater run, not three)."""
+    broker = Broker()
+    try:
+        topics = make_topics(broker.kafka)
+        c = Cluster(broker.kafka, topics, tmp_path_factory.mktemp("template"))
+        try:
+            publish(broker.kafka, topics.interactions, [f"old{j}" for j in range(OLD)])
+            c.start("updater", "first")
+            c.wait_metric("first", "stream_mf_events_applied_total", OLD)
+            assert c.procs[-1].stop() == 0
+        finally:
+            c.stop_all()
+        assert stored(c.state)[0] == {(topics.interactions, 0): OLD}
+        yield broker, topics, c.state
+    finally:
+        broker.b.stop(timeout=1.0)
+
+
 @pytest.fixture
-def scenario(own_broker: EmbeddedBroker, tmp_path: Path) -> Iterator[tuple[Cluster, int]]:
+def scenario(
+    applied_store: tuple[Broker, TopicSettings, Path], tmp_path: Path
+) -> Iterator[tuple[Cluster, int]]:
+    """The broker restarted (its topics gone) and the topics were recreated with `fresh`
+    events: the store's next offset (OLD) is beyond the new log's end."""
+    broker, topics, template = applied_store
     fresh = 30
-    c, broker = store_ahead_of_topic(own_broker, tmp_path, fresh)
+    broker.restart()
+    create(broker.kafka, topics)
+    publish(broker.kafka, topics.interactions, [f"fresh{j}" for j in range(fresh)])
+    c = Cluster(broker.kafka, topics, tmp_path)
+    shutil.copytree(template, c.state)
     try:
         yield c, fresh
     finally:
         c.stop_all()
-        broker.stop(timeout=1.0)
 
 
 def test_fail_exits_with_the_documented_code_and_says_what_to_do(
@@ -115,7 +125,7 @@ def test_fail_exits_with_the_documented_code_and_says_what_to_do(
     assert f"{topic}[0]: the model store's next offset {OLD} is beyond the log's end" in log
     assert "--on-offset-gap resume-from-start" in log and "STREAM_MF_ON_OFFSET_GAP" in log
     assert "Traceback" not in log
-    offsets, applied, users = stored(c)
+    offsets, applied, users = stored(c.state)
     assert offsets == {(topic, 0): OLD} and applied == OLD  # nothing moved, nothing applied
     assert not any(u.startswith("fresh") for u in users)
 
@@ -132,14 +142,14 @@ def test_resume_from_start_applies_the_new_log_from_its_first_record(
     c.wait_metric("start", "stream_mf_events_applied_total", fresh + 2)
     assert c.procs[-1].stop() == 0
     assert "resuming at offset 0 instead of 120" in c.procs[-1].log_tail(20_000)
-    offsets, applied, users = stored(c)
+    offsets, applied, users = stored(c.state)
     assert offsets == {(c.topics.interactions, 0): fresh + 2}
     assert applied == OLD + fresh + 2
     assert {f"fresh{j}" for j in range(fresh)} <= set(users)
     # a restart resumes where the store says, with no gap left to report
     c.start("updater", "again", "--on-offset-gap", "resume-from-start")
     c.wait_metric("again", "stream_mf_batches_total", 0)
-    time.sleep(2.0)
+    time.sleep(1.0)
     assert c.metric("again", "stream_mf_offset_gaps_total") == 0
     assert c.metric("again", "stream_mf_events_applied_total") == 0
 
@@ -161,8 +171,28 @@ def test_resume_from_end_applies_only_events_published_after(
     time.sleep(1.0)
     assert c.metric("end", "stream_mf_events_applied_total") == len(late)
     assert log.stop() == 0
-    offsets, applied, users = stored(c)
+    offsets, applied, users = stored(c.state)
     assert offsets == {(c.topics.interactions, 0): fresh + len(late)}
     assert applied == OLD + len(late)
     assert set(late) <= set(users)
     assert not any(u.startswith("fresh") for u in users)
+
+
+def test_the_end_is_verified_by_fetching_not_taken_from_the_watermark(kafka: str) -> None:
+    """The embedded broker's high watermark stops at the last batch's first record (100
+    records in one batch read as an end of 1): a store at the true end is not a gap, and the
+    end a resume would use is the true one."""
+    topics = make_topics(kafka)
+    t = topics.interactions
+    publish(kafka, t, [f"u{j}" for j in range(100)])
+    probe = kafka_io.consumer(
+        KafkaSettings(bootstrap_servers=kafka), f"probe-{t}", **{"auto.offset.reset": "error"}
+    )
+    try:
+        low, high = probe.get_watermark_offsets(TopicPartition(t, 0), timeout=5.0)
+        assert low == 0 and 1 <= high <= 100
+        assert verified_end(probe, t, 0, 100, low, high) == 100  # the store is at the end
+        assert verified_end(probe, t, 0, 60, low, high) >= 60  # the watermark lagged: no gap
+        assert verified_end(probe, t, 0, 150, low, high) == 100  # a gap, with the true end
+    finally:
+        probe.close()

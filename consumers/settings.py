@@ -137,6 +137,13 @@ class UpdaterSettings(ProcessSettings):
         "resume-from-start (apply the log from its first record) or resume-from-end (apply "
         "only events published from now on)",
     )
+    offset_check_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often, while running, the stored offsets of the assigned partitions are "
+        "checked against their log (a broker restarted without its topics, a recreated topic); "
+        "assignment checks at once",
+    )
     session_timeout_ms: int = 10_000
     live_eval_rate: float = Field(
         default=0.005, ge=0, le=1, description="share of events scored test-then-learn (0 = off)"

@@ -48,9 +48,6 @@ EXIT_STORE = 3
 EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
 EXIT_OFFSET_GAP = 6
-# how often assigned partitions are checked for a stored offset outside their log while running
-# (a broker that lost its topics, a recreated topic); assignment checks at once
-GAP_CHECK_S = 30.0
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
 # a swapped-out model's rows stay this long after a rebuild (another rebuild may start
@@ -164,7 +161,7 @@ class Updater:
         self._rebuilt_at_events = state.events_applied
         self.control = kafka_io.consumer(settings.kafka, f"{settings.group_id}-control")
         self._probe: Any = None  # a consumer that verifies a log's end by fetching (lazily)
-        self._next_gap_check = time.monotonic() + GAP_CHECK_S
+        self._next_gap_check = time.monotonic() + settings.offset_check_seconds
         self._control_assigned = False
         self._next_control_check = 0.0
         self.registry.register(
@@ -296,13 +293,13 @@ class Updater:
         return self._probe
 
     def _watch_offsets(self) -> None:
-        """Every GAP_CHECK_S, the assigned partitions whose watermark is below the stored
+        """Every `offset_check_seconds`, assigned partitions whose watermark is below the stored
         offset are checked (a broker restarted with its topics lost, a topic recreated): a
         consumer fetching beyond the end would otherwise wait there forever, showing lag 0."""
         now = time.monotonic()
         if now < self._next_gap_check or not self.assigned:
             return
-        self._next_gap_check = now + GAP_CHECK_S
+        self._next_gap_check = now + self.settings.offset_check_seconds
         for tp in list(self.assigned):
             stored = self.offsets.get((tp.topic, tp.partition))
             if stored is None:

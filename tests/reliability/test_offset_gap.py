@@ -196,3 +196,36 @@ def test_the_end_is_verified_by_fetching_not_taken_from_the_watermark(kafka: str
         assert verified_end(probe, t, 0, 150, low, high) == 100  # a gap, with the true end
     finally:
         probe.close()
+
+
+def test_a_running_updater_notices_that_its_broker_lost_the_topic(
+    applied_store: tuple[Broker, TopicSettings, Path], tmp_path: Path
+) -> None:
+    """Checked while running too (every `offset_check_seconds`): on the embedded broker a
+    fetch beyond the end returns nothing, not OFFSET_OUT_OF_RANGE, so without the check the
+    updater would wait at its old offset forever. The steady state, where the watermark lags
+    the store's offset on this broker, is not taken for a gap."""
+    broker, topics, template = applied_store
+    broker.restart()
+    create(broker.kafka, topics)
+    publish(broker.kafka, topics.interactions, [f"same{j}" for j in range(OLD)])  # end == OLD
+    c = Cluster(broker.kafka, topics, tmp_path)
+    shutil.copytree(template, c.state)
+    try:
+        env = {"STREAM_MF_OFFSET_CHECK_SECONDS": "0.5"}
+        p = c.start("updater", "run", "--on-offset-gap", "resume-from-start", env=env)
+        c.wait_metric("run", "stream_mf_batches_total", 0)
+        time.sleep(2.0)  # a few checks against a lagging watermark
+        assert c.metric("run", "stream_mf_offset_gaps_total") == 0
+        assert c.metric("run", "stream_mf_events_applied_total") == 0
+        broker.restart()
+        create(broker.kafka, topics)
+        publish(broker.kafka, topics.interactions, [f"fresh{j}" for j in range(10)])
+        c.wait_metric("run", "stream_mf_events_applied_total", 10)
+        assert c.metric("run", 'stream_mf_offset_gaps_total{kind="ahead_of_log"}') == 1
+        assert p.stop() == 0
+        offsets, applied, users = stored(c.state)
+        assert offsets == {(topics.interactions, 0): 10} and applied == OLD + 10
+        assert {f"fresh{j}" for j in range(10)} <= set(users)
+    finally:
+        c.stop_all()

@@ -21,6 +21,7 @@ from confluent_kafka import TopicPartition
 
 from consumers import kafka_io
 from consumers.broker import EmbeddedBroker, create_topics
+from consumers.client import RecClient
 from consumers.offset_gap import verified_end
 from consumers.processes import wait_until
 from consumers.settings import KafkaSettings, TopicSettings
@@ -227,5 +228,38 @@ def test_a_running_updater_notices_that_its_broker_lost_the_topic(
         offsets, applied, users = stored(c.state)
         assert offsets == {(topics.interactions, 0): 10} and applied == OLD + 10
         assert {f"fresh{j}" for j in range(10)} <= set(users)
+    finally:
+        c.stop_all()
+
+
+def test_the_query_service_answers_after_its_broker_restarted(
+    applied_store: tuple[Broker, TopicSettings, Path], tmp_path: Path
+) -> None:
+    """Replies are produced without idempotence: an idempotent producer's id means nothing to
+    a restarted broker (or a new cluster), and librdkafka then failed every reply
+    (PRODUCER_FENCED, or timeouts) until the process was restarted. A duplicate reply is
+    harmless: clients match replies by correlation id."""
+    broker, topics, template = applied_store
+    broker.restart()
+    create(broker.kafka, topics)
+    c = Cluster(broker.kafka, topics, tmp_path)
+    shutil.copytree(template, c.state)
+    settings = KafkaSettings(bootstrap_servers=broker.kafka)
+    try:
+        c.start("query", "q")
+        c.wait_metric("q", "stream_mf_requests_invalid_total", 0)
+        client = RecClient(settings, topics.requests, topics.responses)
+        try:
+            assert client.ask({"kind": "popular", "k": 3}, timeout=30).error is None
+        finally:
+            client.close()
+        broker.restart()
+        create(broker.kafka, topics)
+        client = RecClient(settings, topics.requests, topics.responses)
+        try:
+            reply = client.ask({"kind": "popular", "k": 3}, timeout=45)
+            assert reply.error is None and len(reply.items) == 3
+        finally:
+            client.close()
     finally:
         c.stop_all()

@@ -311,12 +311,14 @@ class Updater:
             if high < stored:
                 self._resume_at(tp.topic, tp.partition, stored)
 
-    def _resume_at(self, topic: str, partition: int, stored: int, always: bool = False) -> None:
+    def _resume_at(self, topic: str, partition: int, stored: int, always: bool = False) -> bool:
         """Check a partition already assigned; seek the consumer if the policy moved it, or
-        `always` (librdkafka stops fetching a partition after reporting it out of range)."""
+        `always` (librdkafka stops fetching a partition after reporting it out of range).
+        True when the policy moved it."""
         new = self._check_offset(topic, partition, stored, self.consumer)
         if new != stored or always:
             self.consumer.seek(TopicPartition(topic, partition, new))
+        return new != stored
 
     def _assign_partitions(self) -> None:
         """Assign every partition directly (no group rebalances: a restart resumes at once).
@@ -534,10 +536,12 @@ class Updater:
                 elif err.code() in offset_gap.OUT_OF_RANGE and m.topic() == self.topic:
                     # the fetch position left the log (retention, a truncated or recreated
                     # topic): Kafka said so; the policy decides
-                    stored = self.offsets.get((m.topic(), m.partition()))
+                    p = m.partition()
+                    stored = self.offsets.get((m.topic(), p))
                     at = m.offset() if stored is None else stored
-                    if at is not None and at >= 0:
-                        self._resume_at(m.topic(), m.partition(), at, always=True)
+                    if at is not None and at >= 0 and self._resume_at(m.topic(), p, at, True):
+                        # read before the move, from the log the policy left: not applied
+                        out = [x for x in out if x.partition() != p]
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                     self.metrics.errors.labels("broker").inc()

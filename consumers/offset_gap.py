@@ -27,6 +27,9 @@ OnOffsetGap = Literal["fail", "resume-from-start", "resume-from-end"]
 GAP_KINDS: tuple[GapKind, ...] = ("ahead_of_log", "before_log_start")
 # what a fetch outside the log returns: the broker's error, or librdkafka's with reset=error
 OUT_OF_RANGE = (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET)
+# reading toward a log's end stops after this even if records keep arriving (a busy topic's
+# end moves; what was read by then is the end the policy uses)
+READ_LIMIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,14 @@ def _fetch(
 ) -> tuple[int | None, bool]:
     """Read `topic[partition]` from `offset`: wait up to `first` seconds for a record, then
     until `quiet` seconds pass with nothing new (0: stop at the first). Returns the last
-    offset delivered (None: none) and whether the broker said the offset is out of range."""
+    offset delivered (None: none) and whether the broker said the offset is out of range.
+    A topic that never goes quiet is read for at most `first + READ_LIMIT_S` seconds."""
     probe.assign([TopicPartition(topic, partition, offset)])
     last: int | None = None
     idle_until = time.monotonic() + first
+    deadline = idle_until + READ_LIMIT_S
     try:
-        while (now := time.monotonic()) < idle_until:
+        while (now := time.monotonic()) < min(idle_until, deadline):
             got = probe.consume(10_000, min(0.1, idle_until - now))
             for m in got:
                 err = m.error()

@@ -8,8 +8,11 @@ case (events removed before they were applied) is decided here, not provoked on 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from consumers.cli import build_parser
 from consumers.offset_gap import OffsetGap, classify, resume_offset
+from consumers.settings import UpdaterSettings
 
 
 @pytest.mark.parametrize(
@@ -56,3 +59,18 @@ def test_an_empty_log_is_named_as_such() -> None:
 def test_fail_does_not_resume() -> None:
     with pytest.raises(ValueError, match="does not resume"):
         resume_offset(OffsetGap("ahead_of_log", 5, 0, 1), "fail")
+
+
+def test_the_policy_is_a_setting_and_a_flag_with_fail_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("STREAM_MF_ON_OFFSET_GAP", raising=False)
+    assert UpdaterSettings().on_offset_gap == "fail"
+    monkeypatch.setenv("STREAM_MF_ON_OFFSET_GAP", "resume-from-end")
+    assert UpdaterSettings().on_offset_gap == "resume-from-end"
+    with pytest.raises(ValidationError):
+        UpdaterSettings(on_offset_gap="skip")
+    args = build_parser().parse_args(["updater", "--on-offset-gap", "resume-from-start"])
+    assert args.on_offset_gap == "resume-from-start"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["updater", "--on-offset-gap", "skip"])

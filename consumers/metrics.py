@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from consumers.offset_gap import GAP_KINDS
 from stream_mf.decode import REASONS
 from stream_mf.messages import RequestKind
 
@@ -181,7 +182,7 @@ class UpdaterMetrics:
             self.applied.labels(etype)
         for decision in ("swapped", "rejected", "failed"):
             self.rebuild_swaps.labels(decision)
-        for gap in ("ahead_of_log", "before_log_start"):
+        for gap in GAP_KINDS:
             self.offset_gaps.labels(gap)
 
 

@@ -52,7 +52,7 @@ class OffsetGap:
         span = (
             f"the log holds offsets {self.low}..{self.high - 1}"
             if self.high > self.low
-            else (f"the log is empty (start and end {self.low})")
+            else f"the log is empty (start and end {self.low})"
         )
         if self.kind == "ahead_of_log":
             return (

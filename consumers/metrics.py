@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from consumers.offset_gap import GAP_KINDS
 from stream_mf.decode import REASONS
 from stream_mf.messages import RequestKind
 
@@ -155,6 +156,18 @@ class UpdaterMetrics:
             "Mean cosine between the online and the rebuilt vectors of the same users",
             registry=r,
         )
+        self.offset_gaps = Counter(
+            "stream_mf_offset_gaps_total",
+            "Stored next offsets found outside their partition's log: ahead_of_log (topic "
+            "recreated, broker data lost) or before_log_start (events removed unapplied)",
+            ["kind"],
+            registry=r,
+        )
+        self.events_lost = Counter(
+            "stream_mf_events_lost_total",
+            "Events removed from the log (retention, deleted records) before they were applied",
+            registry=r,
+        )
         self.last_commit = Gauge(
             "stream_mf_last_commit_timestamp_seconds",
             "When the last batch was committed",
@@ -169,6 +182,8 @@ class UpdaterMetrics:
             self.applied.labels(etype)
         for decision in ("swapped", "rejected", "failed"):
             self.rebuild_swaps.labels(decision)
+        for gap in GAP_KINDS:
+            self.offset_gaps.labels(gap)
 
 
 class QueryMetrics:

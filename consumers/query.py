@@ -97,11 +97,15 @@ def request_consumer(
 
 def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None = None) -> Producer:
     """The service's reply producer: short linger (see REPLY_LINGER_MS), bounded queue,
-    uncompressed by default (`reply_compression`: any client reads it without a codec)."""
+    uncompressed by default (`reply_compression`: any client reads it without a codec), and no
+    idempotence: its producer id means nothing to a restarted broker or a new cluster, and
+    librdkafka then failed every reply (PRODUCER_FENCED, or timeouts) until the process was
+    restarted; a duplicate reply is harmless (clients match replies by correlation id)."""
     return kafka_io.producer(
         settings.kafka,
         on_error=on_error,
         **{
+            "enable.idempotence": False,
             "linger.ms": REPLY_LINGER_MS,
             "socket.nagle.disable": True,
             "queue.buffering.max.kbytes": 64 * 1024,  # bounded under overload

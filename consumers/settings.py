@@ -146,6 +146,20 @@ class UpdaterSettings(ProcessSettings):
         "errors_total{kind='broker'}); then the updater stops without committing the batch",
     )
     sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
+    on_offset_gap: Literal["fail", "resume-from-start", "resume-from-end"] = Field(
+        default="fail",
+        description="when the model store's next offset lies outside the partition's log (topic "
+        "recreated, broker data lost, events removed by retention): fail (stop, exit 6), "
+        "resume-from-start (apply the log from its first record) or resume-from-end (apply "
+        "only events published from now on)",
+    )
+    offset_check_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often, while running, the stored offsets of the assigned partitions are "
+        "checked against their log (a broker restarted without its topics, a recreated topic); "
+        "assignment checks at once",
+    )
     session_timeout_ms: int = 10_000
     live_eval_rate: float = Field(
         default=0.005, ge=0, le=1, description="share of events scored test-then-learn (0 = off)"

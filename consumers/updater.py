@@ -20,6 +20,10 @@ decoded, learned and committed on its own, until the message that fails alone is
 dead-lettered with reason `internal`. The learner gives the same state however a batch is cut,
 so the messages around it are learned exactly as without the failure, and a restart in the
 middle isolates the same message again.
+
+A stored offset the log no longer has (consumers/offset_gap.py) is never followed silently: it
+stops the updater or, by explicit policy (`on_offset_gap`), moves the stored offset to the
+log's start or end.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
-from consumers import gc_control, kafka_io
+from consumers import gc_control, kafka_io, offset_gap
 from consumers.metrics import (
     CallbackGauges,
     LagCollector,
@@ -65,6 +69,7 @@ EXIT_OK = 0
 EXIT_STORE = 3
 EXIT_DEAD_LETTER = 4
 EXIT_OFFSETS = 5
+EXIT_OFFSET_GAP = 6
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
 # a swapped-out model's rows stay this long after a rebuild (another rebuild may start
@@ -100,6 +105,10 @@ class OffsetRegressionError(RuntimeError):
     """An offset went backwards: something other than this process moved the consumer."""
 
 
+class OffsetGapError(RuntimeError):
+    """A stored offset lies outside its partition's log and `on_offset_gap` is `fail`."""
+
+
 #: failures that stop the updater uncommitted instead of isolating a message: the store, the
 #: broker, a stop request, and the host itself (a message is not to blame for lack of memory)
 _STOPS = (
@@ -107,6 +116,7 @@ _STOPS = (
     DeadLetterError,
     StoppedBeforeCommitError,
     OffsetRegressionError,
+    OffsetGapError,
     KafkaException,
     MemoryError,
 )
@@ -234,7 +244,10 @@ class Updater:
             **{
                 "max.poll.interval.ms": max(
                     60_000, settings.session_timeout_ms * 2, wait_ms + 30_000
-                )
+                ),
+                # a fetch outside the log is reported (_AUTO_OFFSET_RESET), never silently
+                # moved to the earliest or latest record: on_offset_gap decides
+                "auto.offset.reset": "error",
             },
         )
         self.dlt = kafka_io.producer(
@@ -244,6 +257,13 @@ class Updater:
             **{
                 "message.timeout.ms": max(wait_ms, 1000),
                 "compression.type": settings.dead_letter_compression,
+                # no idempotence: its producer id means nothing to a broker that restarted or
+                # a new cluster, and every dead letter then timed out (the replies' producer
+                # met the same); one request in flight keeps batch order across retries, which
+                # the read-back after a restart relies on, and a retried duplicate carries the
+                # same original.* headers to dedupe on
+                "enable.idempotence": False,
+                "max.in.flight.requests.per.connection": 1,
             },
         )
         self.deliveries = kafka_io.DeliveryTracker()
@@ -266,6 +286,8 @@ class Updater:
         self._rebuilt_at = time.monotonic()
         self._rebuilt_at_events = state.events_applied
         self.control = kafka_io.consumer(settings.kafka, f"{settings.group_id}-control")
+        self._probe: Any = None  # a consumer that verifies a log's end by fetching (lazily)
+        self._next_gap_check = time.monotonic() + settings.offset_check_seconds
         self._control_assigned = False
         self._next_control_check = 0.0
         self.registry.register(
@@ -316,6 +338,8 @@ class Updater:
         partitions = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
         for tp in partitions:
             stored = self.offsets.get((tp.topic, tp.partition))
+            if stored is not None:
+                stored = self._check_offset(tp.topic, tp.partition, stored, consumer)
             tp.offset = stored if stored is not None else OFFSET_BEGINNING
         log.info(
             "assigned %s",
@@ -328,6 +352,99 @@ class Updater:
         log.info("revoked %d partition(s)", len(partitions))
         self.assigned = []
         consumer.unassign()
+
+    # ---- stored offsets outside the log (consumers/offset_gap.py) ------------------------------
+
+    def _check_offset(self, topic: str, partition: int, stored: int, consumer: Any) -> int:
+        """The offset to resume `topic[partition]` at: `stored` if the log still has it, else
+        what `on_offset_gap` says (or OffsetGapError). Kafka's watermarks give the log's range;
+        an end below `stored` is confirmed by a fetch (the embedded broker's watermark lags)."""
+        tp = TopicPartition(topic, partition)
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+        except Exception as exc:  # broker busy or topic just recreated: checked again later
+            log.warning("cannot read the log range of %s[%d]: %s", topic, partition, exc)
+            self.metrics.errors.labels("broker").inc()
+            return stored
+        gap = offset_gap.classify(stored, low, high)
+        if gap is not None and gap.kind == "ahead_of_log":
+            end = offset_gap.verified_end(self._prober(), topic, partition, stored, low, high)
+            if end is None:
+                log.warning(
+                    "%s[%d]: the watermark puts the stored offset %d beyond the log's end %d, "
+                    "but the broker delivered no record to confirm it; checked again later",
+                    topic, partition, stored, high,
+                )  # fmt: skip
+                return stored
+            gap = offset_gap.classify(stored, low, end)
+        if gap is None:
+            return stored
+        return self._apply_gap_policy(topic, partition, gap)
+
+    def _apply_gap_policy(self, topic: str, partition: int, gap: offset_gap.OffsetGap) -> int:
+        policy = self.settings.on_offset_gap
+        log.error("%s", gap.describe(topic, partition))
+        self.metrics.offset_gaps.labels(gap.kind).inc()
+        if gap.lost:
+            self.metrics.events_lost.inc(gap.lost)
+        if policy == "fail":
+            raise OffsetGapError(
+                f"stopping (exit {EXIT_OFFSET_GAP}) at {topic}[{partition}]: the model store "
+                f"follows offset {gap.stored}, which the log no longer has "
+                f"(on_offset_gap=fail). To go on with this model, restart with "
+                f"--on-offset-gap resume-from-start (apply the log from offset {gap.low}) or "
+                f"resume-from-end (apply only events published from now on), or set "
+                f"STREAM_MF_ON_OFFSET_GAP; to start afresh, use a new state dir"
+            )
+        new = offset_gap.resume_offset(gap, policy)
+        log.warning(
+            "%s[%d]: resuming at offset %d instead of %d (on_offset_gap=%s)",
+            topic, partition, new, gap.stored, policy,
+        )  # fmt: skip
+        # deliberately moved, backwards too: the store says so at once (a restart resumes
+        # there) and the regression check in _next_offsets measures from here
+        key = (topic, partition)
+        self.store.write_offsets([(key, new)])
+        self.offsets[key] = new
+        return new
+
+    def _prober(self) -> Any:
+        if self._probe is None:
+            self._probe = kafka_io.consumer(
+                self.settings.kafka,
+                f"{self.settings.group_id}-probe",
+                on_error=self.metrics.errors.labels("broker").inc,
+                **{"auto.offset.reset": "error"},
+            )
+        return self._probe
+
+    def _watch_offsets(self) -> None:
+        """Every `offset_check_seconds`, assigned partitions whose watermark is below the stored
+        offset are checked (a broker restarted with its topics lost, a topic recreated): a
+        consumer fetching beyond the end would otherwise wait there forever, showing lag 0."""
+        now = time.monotonic()
+        if now < self._next_gap_check or not self.assigned:
+            return
+        self._next_gap_check = now + self.settings.offset_check_seconds
+        for tp in list(self.assigned):
+            stored = self.offsets.get((tp.topic, tp.partition))
+            if stored is None:
+                continue
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            except Exception:  # the topic is gone for now: checked again later
+                continue
+            if high < stored:
+                self._resume_at(tp.topic, tp.partition, stored)
+
+    def _resume_at(self, topic: str, partition: int, stored: int, always: bool = False) -> bool:
+        """Check a partition already assigned; seek the consumer if the policy moved it, or
+        `always` (librdkafka stops fetching a partition after reporting it out of range).
+        True when the policy moved it."""
+        new = self._check_offset(topic, partition, stored, self.consumer)
+        if new != stored or always:
+            self.consumer.seek(TopicPartition(topic, partition, new))
+        return new != stored
 
     def _assign_partitions(self) -> None:
         """Assign every partition directly (no group rebalances: a restart resumes at once).
@@ -387,6 +504,7 @@ class Updater:
                 if busy and s.pause_gc and not frozen_kernels:
                     gc_control.freeze_startup()  # the SGD kernels loaded by the first batch too
                     frozen_kernels = True
+                self._watch_offsets()
                 self._poll_control()
                 self._drive_rebuild()
                 self._refresh_lag()
@@ -403,6 +521,9 @@ class Updater:
         except OffsetRegressionError as exc:
             log.error("%s", exc)
             code = EXIT_OFFSETS
+        except OffsetGapError as exc:
+            log.error("%s", exc)
+            code = EXIT_OFFSET_GAP
         finally:
             self.close()
         return code
@@ -539,6 +660,15 @@ class Updater:
                 err = m.error()
                 if err is None:
                     out.append(m)
+                elif err.code() in offset_gap.OUT_OF_RANGE and m.topic() == self.topic:
+                    # the fetch position left the log (retention, a truncated or recreated
+                    # topic): Kafka said so; the policy decides
+                    p = m.partition()
+                    stored = self.offsets.get((m.topic(), p))
+                    at = m.offset() if stored is None else stored
+                    if at is not None and at >= 0 and self._resume_at(m.topic(), p, at, True):
+                        # read before the move, from the log the policy left: not applied
+                        out = [x for x in out if x.partition() != p]
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                     self.metrics.errors.labels("broker").inc()
@@ -945,7 +1075,7 @@ class Updater:
         self._lag = rows
 
     def close(self) -> None:
-        for c in (self.consumer, self.control):
+        for c in (self.consumer, self.control, *([self._probe] if self._probe else [])):
             try:
                 c.close()
             except Exception as exc:  # already closed or broker gone: nothing to lose here

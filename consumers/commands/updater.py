@@ -42,6 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="compression of dead letters (default none: any client reads them without a codec)",
     )
+    p.add_argument(
+        "--on-offset-gap",
+        choices=("fail", "resume-from-start", "resume-from-end"),
+        default=None,
+        help="when the store's next offset lies outside the partition's log (topic recreated, "
+        "broker data lost, retention): stop with exit code 6 (fail, the default), apply the "
+        "log from its start, or apply only events published from now on (env "
+        "STREAM_MF_ON_OFFSET_GAP)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -53,6 +62,7 @@ _FLAGS = (
     "max_future_seconds",
     "dead_letter_timeout_seconds",
     "dead_letter_compression",
+    "on_offset_gap",
 )
 
 

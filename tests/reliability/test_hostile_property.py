@@ -499,6 +499,9 @@ class _FakeMessage:
     def value(self) -> bytes | None:
         return self._value
 
+    def key(self) -> bytes | None:
+        return None  # no key: an error reply must still carry some request id
+
     def headers(self) -> list[tuple[str, bytes]]:
         return self._headers
 

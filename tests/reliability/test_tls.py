@@ -333,7 +333,9 @@ def test_rebuild_request_over_tls(tls_broker: TlsBroker, monkeypatch: pytest.Mon
     watcher = kafka_io.consumer(kafka, f"watch-{uuid.uuid4().hex[:8]}")
     try:
         watcher.assign([TopicPartition(topics.control, 0, 0)])
-        code = rebuild.run(argparse.Namespace(bootstrap_servers=tls_broker.bootstrap_servers))
+        code = rebuild.run(
+            argparse.Namespace(bootstrap_servers=tls_broker.bootstrap_servers, timeout=10.0)
+        )
         assert code == 0
         got = []
         end = time.monotonic() + 10

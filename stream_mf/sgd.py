@@ -200,6 +200,7 @@ def sgd_batch(
     lr_bias: float = 1.0,  # bias learning rate as a multiple of `lr`
     max_norm: float = 0.0,  # rows updated are scaled back to this norm (0: no cap)
     uniform_mix: float = 0.0,  # share of draws uniform over seen items, not from the cdf
+    bias_uniform: bool = False,  # biases learn only from uniformly drawn negatives
 ) -> None:
     """The trailing arguments default to the plain algorithm, so older callers are unchanged."""
     dim = U.shape[1]
@@ -207,6 +208,8 @@ def sgd_batch(
     grad_u = np.empty(dim, dtype=np.float32)
     gneg = np.empty(max(n_neg, 1), dtype=np.float64)
     xneg = np.empty(max(n_neg, 1), dtype=np.float64)
+    # 1.0 where a slot's bias gradient counts: every slot, or (bias_uniform) uniform draws only
+    bmask = np.ones(max(n_neg, 1), dtype=np.float64)
     lr_u = lr * lr_user
     lr_b = lr * lr_bias
     for e in range(users.shape[0]):
@@ -237,12 +240,15 @@ def sgd_batch(
         for j in range(n_neg):
             best = -1
             best_x = 0.0
+            best_uni = False
             for _c in range(n_candidates):
                 cand = -1
+                uni = False
                 if can_draw:
                     for _ in range(MAX_NEG_TRIES):
                         s, x = next_uniform(s)
-                        if x < uniform_mix:
+                        uni = x < uniform_mix
+                        if uni:
                             c = min(int(x / uniform_mix * ncdf), ncdf - 1)
                         else:
                             c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
@@ -259,8 +265,11 @@ def sgd_batch(
                 if best < 0 or xc > best_x:
                     best = cand
                     best_x = xc
+                    best_uni = uni
             neg_out[e, j] = best
             xneg[j] = best_x
+            if bias_uniform:
+                bmask[j] = 1.0 if best_uni else 0.0
 
         u_count[u] += 1
         if t > u_last[u]:
@@ -288,8 +297,10 @@ def sgd_batch(
                         x += np.float64(u_old[f]) * V[neg, f]
                     xneg[j] = x
             g_pos = 0.0
+            g_pos_b = 0.0  # the positive's bias gradient (bias_uniform: uniform slots only)
             if loss == LOSS_LOGISTIC:
                 g_pos = w * (sigmoid(x_pos) - 1.0)
+                g_pos_b = g_pos
                 for f in range(dim):
                     grad_u[f] = g_pos * V[i, f]
                 for j in range(n_neg):
@@ -309,6 +320,7 @@ def sgd_batch(
                         continue
                     g = w * (sigmoid(x_pos - xneg[j]) - 1.0)
                     g_pos += g
+                    g_pos_b += g * bmask[j]
                     gneg[j] = -g
                 for f in range(dim):
                     grad_u[f] = g_pos * V[i, f]
@@ -329,14 +341,14 @@ def sgd_batch(
                     v = V[neg, f] - lr * (g * u_old[f] + reg * V[neg, f])
                     V[neg, f] = v
                     sq += v * v
-                bias[neg] -= lr_b * (g + reg_bias * bias[neg])
+                bias[neg] -= lr_b * (g * bmask[j] + reg_bias * bias[neg])
                 _clip_norm(V, neg, sq, max_norm)
             sq = 0.0
             for f in range(dim):
                 v = V[i, f] - lr * (g_pos * u_old[f] + reg * V[i, f])
                 V[i, f] = v
                 sq += v * v
-            bias[i] -= lr_b * (g_pos + reg_bias * bias[i])
+            bias[i] -= lr_b * (g_pos_b + reg_bias * bias[i])
             _clip_norm(V, i, sq, max_norm)
             sq = 0.0
             for f in range(dim):

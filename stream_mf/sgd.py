@@ -10,10 +10,14 @@ Losses (per positive (u, i) with event weight w and sampled negatives j):
   logistic: -w log s(x_ui) - w * negative_weight * sum_j log s(-x_uj)      (x = u.v + b)
   bpr:      -w sum_j log s(x_ui - x_uj)
 
-The default is BPR with 8 uniformly drawn negatives, each the higher-scoring of 2 draws (adaptive,
-WARP-like), a user learning rate 2x the item one, biases at 0.2x, and every vector capped at norm 2.
-Prequential Recall@10 on MovieLens latest-small (every rating a positive; popularity 0.049): BPR
-with plain uniform negatives 0.058; adding the adaptive choice 0.067; the defaults 0.086; 16
+The default is BPR with 8 negatives (40% uniform, the rest by popularity**0.75), each the
+higher-scoring of 2 draws (adaptive, WARP-like), a user learning rate 2.5x the item one, no item
+biases (lr_bias 0) and every vector capped at norm 2. Biases learnt against popularity-drawn
+negatives fall for a niche's items and rise for lucky tail items, and swamp a niche user's
+affinity (docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which
+makes them popularity instead (no better for niches). Prequential Recall@10 on MovieLens
+latest-small (every rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058;
+adding the adaptive choice 0.067; the previous defaults (biases at 0.2x) 0.0866, today's 0.089; 16
 negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a user vector that jumpy loses a stable
 taste on planted data (tests/unit/test_sgd.py) and 3 draws cost ~30% of the speed. The norm cap is
 what allows the high user rate and many negatives (without it they diverge). Logistic loss scores

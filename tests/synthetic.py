@@ -120,7 +120,7 @@ def niche_stream(
     - `tail`: "flat" spreads background events uniformly over `tail_items`; "skewed" by a power
       law (`zipf`).
     - `interleaved`: niche events spread over the whole stream; otherwise each niche has a time
-      block of its own, followed by a block of background events only.
+      block of its own, between blocks of background events only.
     - `niche_popular`: background users also pick niche items (`niche_share` of their events),
       so niche items are the globally popular ones; otherwise `head_share` of background events
       go to `head_items` head items, each far more popular than any niche item.
@@ -171,9 +171,10 @@ def niche_stream(
     if interleaved:
         order = rng.permutation(users.size)
     else:
-        # block g holds a 1/n_niche share of the background, then niche g's events (the
-        # background first: a niche alone in an empty model is a cold start, not a niche)
-        bg_block = rng.integers(0, n_niche, n_bg)
+        # background and niches alternate in time: a 1/(n_niche + 1) share of the background,
+        # niche 0's events, another share, niche 1's, ..., a last share (the background first:
+        # a niche alone in an empty model is a cold start, not a niche)
+        bg_block = rng.integers(0, n_niche + 1, n_bg)
         block = np.concatenate([user_niche[nu_users], bg_block]) * 2 + is_niche
         order = np.lexsort((rng.random(users.size), block))
     users, items = users[order], items[order]

@@ -324,8 +324,11 @@ def sgd_batch(
                         continue
                     g = w * (sigmoid(x_pos - xneg[j]) - 1.0)
                     g_pos += g
-                    g_pos_b += g * bmask[j]
+                    if bias_uniform:
+                        g_pos_b += g * bmask[j]
                     gneg[j] = -g
+                if not bias_uniform:
+                    g_pos_b = g_pos
                 for f in range(dim):
                     grad_u[f] = g_pos * V[i, f]
                 for j in range(n_neg):
@@ -345,7 +348,8 @@ def sgd_batch(
                     v = V[neg, f] - lr * (g * u_old[f] + reg * V[neg, f])
                     V[neg, f] = v
                     sq += v * v
-                bias[neg] -= lr_b * (g * bmask[j] + reg_bias * bias[neg])
+                gb = g * bmask[j] if bias_uniform else g
+                bias[neg] -= lr_b * (gb + reg_bias * bias[neg])
                 _clip_norm(V, neg, sq, max_norm)
             sq = 0.0
             for f in range(dim):

@@ -273,8 +273,8 @@ def main() -> None:
     if args.compare:
         old = kernel_at(args.compare)
         kernel_pass(kernel_state(1_000, 1_000), small, 1_000, old)  # compile it
-        comparison = {"rev": args.compare,
-                      **compare_kernels(ev, n_users, n_items, old, 4 if args.quick else 6)}  # fmt: skip
+        rounds = 4 if args.quick else 6
+        comparison = {"rev": args.compare, **compare_kernels(ev, n_users, n_items, old, rounds)}
         print(
             f"kernel at {args.compare}: {fmt_rate(comparison['old_events_per_s'])} events/s, "
             f"today's: {fmt_rate(comparison['new_events_per_s'])} events/s "

@@ -148,7 +148,7 @@ def niche_stream(
         sel = user_niche[nu_users] == g
         nu_items[sel] = g * niche_items + rng.choice(niche_items, int(sel.sum()), p=within)
     # background events
-    n_bg = int(round(background_ratio * nu_users.size))
+    n_bg = round(background_ratio * nu_users.size)
     bg_users = n_nu + rng.integers(0, background_users, n_bg)
     if tail == "flat":
         tail_p = np.full(tail_items, 1.0 / tail_items)
@@ -182,9 +182,7 @@ def niche_stream(
     return NicheStream(users, items, times, user_niche, item_niche, name)
 
 
-def niche_hits(
-    top: dict[int, np.ndarray], stream: NicheStream
-) -> dict[int, float]:
+def niche_hits(top: dict[int, np.ndarray], stream: NicheStream) -> dict[int, float]:
     """Mean number of each niche's users' top-10 items that lie in their own niche.
 
     `top` maps a user index of the stream to the item indices (of the stream) recommended.
@@ -197,7 +195,9 @@ def niche_hits(
     return out
 
 
-def niche_top10(learner: object, stream: NicheStream, batch: int = 1000, k: int = 10) -> dict[int, float]:
+def niche_top10(
+    learner: object, stream: NicheStream, batch: int = 1000, k: int = 10
+) -> dict[int, float]:
     """Feed `stream` to a prequential learner (stream_mf.evaluate) in batches of `batch`, then
     score every niche user's top-k (items the user has excluded) with `niche_hits`."""
     from stream_mf.model import EventBatch
@@ -207,7 +207,9 @@ def niche_top10(learner: object, stream: NicheStream, batch: int = 1000, k: int 
     for lo in range(0, len(uids), batch):
         hi = min(lo + batch, len(uids))
         learner.learn(  # type: ignore[attr-defined]
-            EventBatch.build(uids[lo:hi], iids[lo:hi], w[lo:hi], stream.times[lo:hi], first_offset=lo)
+            EventBatch.build(
+                uids[lo:hi], iids[lo:hi], w[lo:hi], stream.times[lo:hi], first_offset=lo
+            )
         )
     seen: dict[int, set[int]] = {}
     nu = stream.niche_users

@@ -144,7 +144,7 @@ def test_anonymous_user_folded_in_from_a_niche_gets_that_niche() -> None:
     m.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(s.users.size), s.times))
     view = ItemView.from_state(m.state)
     for g in range(int(s.user_niche.max()) + 1):
-        given = np.flatnonzero(s.item_niche == g)[:: 8]  # 5 of its 40 items
+        given = np.flatnonzero(s.item_niche == g)[::8]  # 5 of its 40 items
         got = _anonymous(view, [f"i{i}" for i in given.tolist()])
         in_niche = sum(s.item_niche[int(i[1:])] == g for i in got)
         assert in_niche >= 8, (g, got)

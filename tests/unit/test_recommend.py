@@ -158,5 +158,6 @@ def test_anonymous_answers_on_movielens_differ_by_film() -> None:
     m.learn(EventBatch.build(ev.users, ev.items, np.ones(len(ev)), ev.times))
     view = ItemView.from_state(m.state)
     toy, matrix, lotr = (set(_anonymous(view, [f])) for f in ("1", "2571", "4993"))
-    assert len(toy & matrix) <= 4 and len(toy & lotr) <= 4 and len(matrix & lotr) <= 6
+    # with item biases in the ranking they shared 8-9 of 10; two blockbusters still share some
+    assert len(toy & matrix) <= 3 and len(toy & lotr) <= 3 and len(matrix & lotr) <= 7
     assert {"5952", "7153"} & lotr  # the other two Lord of the Rings films

@@ -1,26 +1,33 @@
 """Online SGD throughput: `OnlineModel.learn` and the bare `sgd_batch` kernel, events/s.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_sgd.py [--quick]
+    PYTHONPATH=. .venv/bin/python bench/bench_sgd.py [--quick] [--compare REV [--compare-only]]
 
 Runs the shared planted stream (1M events, 100k users, 50k items; k=64, 4 negatives) through
 `learn` in micro-batches of 1k/10k/100k, then the kernel alone on pre-resolved int arrays, so the
 gap between the two is the Python-side cost (string-id resolution, confidence map, np.unique).
 A plain-numpy reference (`sgd_reference.py`) runs on a 5k-event slice in the same process, from
 the same state as the kernel, so the speed-up is a ratio measured under the same noise. The kernel
-is single-threaded numba; compile time is excluded by a warm-up call.
+is single-threaded numba; compile time is excluded by a warm-up call. `--compare REV` also runs
+the kernel as it was at git revision REV against today's on the same stream, interleaved round by
+round, and reports the ratio (a figure from another day means nothing on this shared machine).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib.util
 import inspect
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import Col, bench_args, fmt_rate, print_table, synthetic_events, write_results
+from common import ROOT, Col, fmt_rate, print_table, synthetic_events, write_results
 
 from stream_mf.config import ModelConfig
 from stream_mf.model import EventBatch, OnlineModel
@@ -147,11 +154,43 @@ def timed(fn: Callable[..., object], *args: Any) -> float:
     return time.perf_counter() - t0
 
 
-def kernel_pass(a: dict[str, np.ndarray], ev: Resolved, batch: int) -> None:
+def kernel_pass(
+    a: dict[str, np.ndarray], ev: Resolved, batch: int, fn: Callable[..., None] = sgd_batch
+) -> None:
     neg = np.empty((batch, CONFIG.n_negatives), np.int32)
     logw = np.empty(batch, np.float64)
     for lo in range(0, len(ev), batch):
-        run_kernel(sgd_batch, a, ev, lo, min(lo + batch, len(ev)), neg, logw)
+        run_kernel(fn, a, ev, lo, min(lo + batch, len(ev)), neg, logw)
+
+
+def kernel_at(rev: str) -> Callable[..., None]:
+    """`sgd_batch` as it was at git revision `rev`, compiled from that source (a temp module)."""
+    src = subprocess.run(
+        ["git", "show", f"{rev}:stream_mf/sgd.py"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="sgd_at_")) / f"sgd_at_{rev.replace('/', '_')}.py"
+    path.write_bytes(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.sgd_batch  # type: ignore[no-any-return]
+
+
+def compare_kernels(
+    ev: Resolved, n_users: int, n_items: int, old: Callable[..., None], rounds: int
+) -> dict[str, Any]:
+    """The current kernel against `old`, on the whole stream in 10k batches, interleaved round
+    by round (old, new, new, old, ...) so load from other jobs lands on both alike."""
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(rounds):
+        order = (("old", old), ("new", sgd_batch))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            a = kernel_state(n_users, n_items)
+            times[name].append(timed(kernel_pass, a, ev, 10_000, fn))
+    best = {k: len(ev) / min(v) for k, v in times.items()}
+    return {"old_events_per_s": best["old"], "new_events_per_s": best["new"],
+            "new_over_old": best["new"] / best["old"], "runs_s": times}  # fmt: skip
 
 
 def learn_pass(events: EventBatch, batch: int) -> OnlineModel:
@@ -207,7 +246,17 @@ def reference_comparison(ev: Resolved, n_users: int, n_items: int) -> dict[str, 
 
 
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller run (under 30 s)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        default=None,
+        help="also time the kernel of git revision REV against today's, interleaved, same run",
+    )
+    ap.add_argument("--compare-only", action="store_true", help="only that comparison")
+    args = ap.parse_args()
     repeats = 1 if args.quick else 2
     t_start = time.perf_counter()
     s, events = synthetic_events(args.quick)
@@ -220,6 +269,28 @@ def main() -> None:
     small = ev.head(2_000)
     small.users, small.items = small.users % 1_000, small.items % 1_000
     kernel_pass(kernel_state(1_000, 1_000), small, 1_000)
+    comparison = None
+    if args.compare:
+        old = kernel_at(args.compare)
+        kernel_pass(kernel_state(1_000, 1_000), small, 1_000, old)  # compile it
+        rounds = 4 if args.quick else 6
+        comparison = {"rev": args.compare, **compare_kernels(ev, n_users, n_items, old, rounds)}
+        print(
+            f"kernel at {args.compare}: {fmt_rate(comparison['old_events_per_s'])} events/s, "
+            f"today's: {fmt_rate(comparison['new_events_per_s'])} events/s "
+            f"(new/old {comparison['new_over_old']:.3f}, best of "
+            f"{len(comparison['runs_s']['old'])} interleaved rounds)",
+            flush=True,
+        )
+        if args.compare_only:
+            write_results(
+                "bench_sgd_compare",
+                {"quick": args.quick, "config": CONFIG.model_dump(exclude={"event_types"}),
+                 "stream": {"events": n, "users": n_users, "items": n_items},
+                 "comparison": comparison},
+                args.out,
+            )  # fmt: skip
+            return
 
     # Rounds go over every batch size in turn (not all repeats of one size, then the next), so
     # a burst of load from other jobs lands on all sizes alike; each figure is its best round.
@@ -306,6 +377,7 @@ def main() -> None:
             "best_kernel_events_per_s": best_kernel,
             "best_learn_events_per_s": max(r["learn_events_per_s"] for r in rows),
             "meets_target": best_kernel >= TARGET_KERNEL,
+            "comparison": comparison,
             "wall_s": time.perf_counter() - t_start,
         },
         args.out,

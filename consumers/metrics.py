@@ -151,6 +151,11 @@ class UpdaterMetrics:
             ["decision"],
             registry=r,
         )
+        self.rebuild_unguarded = Counter(
+            "stream_mf_rebuild_unguarded_swaps_total",
+            "Rebuilds swapped in although the guard scored fewer than guard_min_events events",
+            registry=r,
+        )
         self.rebuild_drift = Gauge(
             "stream_mf_rebuild_drift",
             "Mean cosine between the online and the rebuilt vectors of the same users",

@@ -627,6 +627,8 @@ class Updater:
             # the guard judged a rebuild over these rows: do not start another at every restart
             self.store.clear_rebuild_unfinished()
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
+        if outcome.unguarded:
+            m.rebuild_unguarded.inc()
         m.rebuild_rows.inc(outcome.rows_resolved)
         m.rebuild_seconds.observe(time.monotonic() - self.rebuild.started)
         self._end_rebuild()

@@ -103,7 +103,7 @@ def answer(
             return reply("popular", *popular(view, req.k, excl, cand))
         vec = fold_in(view, touched, reg=fold_in_reg)
         exclude = np.concatenate([excl, touched])
-        return reply("anonymous", *recommend(view, vec, req.k, exclude, cand))
+        return reply("anonymous", *recommend(view, vec, req.k, exclude, cand, bias=False))
 
     rec = users.user(req.user_id or "")
     if req.kind == "because":

@@ -60,23 +60,31 @@ class ModelConfig(BaseModel):
     )
     n_steps: int = Field(default=1, ge=1, le=16, description="SGD steps per event")
     lr_user: float = Field(
-        default=2.0, gt=0, le=100, allow_inf_nan=False, description="user lr / learning_rate"
+        default=2.5, gt=0, le=100, allow_inf_nan=False, description="user lr / learning_rate"
     )
+    # 0 (no item biases): learnt against popularity-drawn negatives they fall for the items of a
+    # niche and rise for lucky tail items, and swamp a niche user's affinity (0.2 gave niche
+    # users 3.4-8.2 of 10 from their niche on the long-tail streams, docs/niche-ablation.md)
     lr_bias: float = Field(
-        default=0.2, ge=0, le=100, allow_inf_nan=False, description="bias lr / learning_rate"
+        default=0.0, ge=0, le=100, allow_inf_nan=False, description="bias lr / learning_rate"
     )
     max_norm: float = Field(
         default=2.0, ge=0, allow_inf_nan=False, description="cap on vector norms (0: none)"
     )
-    # 0.5: MovieLens Recall@10 as good as all-uniform (0.0862 vs 0.0855) while planted-taste
-    # streams keep their groups (193/200 users vs 166/200): popularity-drawn negatives stop the
-    # globally popular items of other groups from crowding every top-10
+    # 0.4 with lr_user 2.5 and no biases: MovieLens Recall@10 0.089 (0.0866 with biases), planted
+    # tastes 191/200 users in their group, niches 10/10 (docs/niche-ablation.md); popularity-drawn
+    # negatives stop the globally popular items of other groups from crowding every top-10
     uniform_mix: float = Field(
-        default=0.5,
+        default=0.4,
         ge=0,
         le=1,
         allow_inf_nan=False,
         description="share of negatives drawn uniformly; the rest follow popularity**exponent",
+    )
+    bias_uniform: bool = Field(
+        default=False,
+        description="item biases learn only from uniformly drawn negatives (popularity-drawn "
+        "ones would teach them anti-popularity)",
     )
     event_types: dict[str, EventTypeSpec] = Field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
 

@@ -159,6 +159,7 @@ class OnlineModel:
                 c.learning_rate, c.reg, c.reg_bias, c.n_negatives, c.negative_exponent,
                 c.negative_weight, c.decay_rate, c.loss_code, c.seed, c.sampler_refresh,
                 c.n_candidates, c.n_steps, c.lr_user, c.lr_bias, c.max_norm, c.uniform_mix,
+                c.bias_uniform,
             )  # fmt: skip
         keys = (users.astype(np.int64) << 32) | items.astype(np.int64)
         ukeys = np.empty(n, dtype=np.int64)

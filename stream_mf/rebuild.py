@@ -84,6 +84,12 @@ class RebuildConfig(BaseModel):
     guard_events: int = Field(
         default=1000, ge=0, description="incoming events the guard scores against both models"
     )
+    guard_min_events: int = Field(
+        default=200,
+        ge=0,
+        description="scored events the guard needs to judge; a rebuild swapped with fewer (at "
+        "guard_timeout_s, on a quiet stream) is logged and counted as unguarded",
+    )
     guard_per_batch: int = Field(default=128, ge=1)
     guard_timeout_s: float = Field(
         default=30.0, ge=0, description="swap on what was scored by then (low traffic)"
@@ -267,6 +273,7 @@ class Outcome:
     swap_rows: int = 0  # rows re-solved in the swap step
     deferred: int = 0  # rows re-solved after the swap (their change added to the live rows)
     swap_parts: dict[str, float] = field(default_factory=dict)  # where the swap step's time went
+    unguarded: bool = False  # swapped on fewer scored events than guard_min_events
 
 
 class _Touched:
@@ -663,6 +670,13 @@ class Rebuild:
         if not self._passes():
             return self._reject(state)
         drift = self._drift(state)
+        unguarded = self.scored < min(self.cfg.guard_min_events, self.cfg.guard_events)
+        if unguarded:
+            log.warning(
+                "rebuild generation %d swapped unguarded: the guard scored %d events in %.0f s, "
+                "fewer than guard_min_events (%d), so nothing showed the new model is not worse",
+                self.generation, self.scored, self.cfg.guard_timeout_s, self.cfg.guard_min_events,
+            )  # fmt: skip
         state.users.factors[:nu] = self.U
         state.items.factors[:ni] = self.V
         state.items.bias[:ni] = 0.0
@@ -673,6 +687,7 @@ class Rebuild:
             swapped=True, generation=self.generation, users=flip_u, items=flip_i, seconds=0.0,
             rows_resolved=0, drift=drift, hr_old=hr_old, hr_new=hr_new, scored=self.scored,
             swap_rows=int(now_u.size + now_i.size), deferred=deferred, swap_parts=parts,
+            unguarded=unguarded,
         )  # fmt: skip
         if deferred:
             # flip now, finish the rest on the new model (step 5 of the module docstring)

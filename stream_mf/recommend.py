@@ -90,10 +90,14 @@ def recommend(
     k: int,
     exclude: np.ndarray | None = None,
     candidates: np.ndarray | None = None,
+    bias: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items by V.u + b, excluding `exclude`, restricted to `candidates` when given."""
+    """Top-k items by V.u + b (V.u without `bias`), excluding `exclude`, restricted to
+    `candidates` when given."""
     u = user_vec.astype(np.float32)
-    scores = view.factors @ u + view.bias  # one streaming pass beats gathering candidate rows
+    scores = view.factors @ u  # one streaming pass beats gathering candidate rows
+    if bias:
+        scores += view.bias
     if candidates is not None:
         keep = np.zeros(scores.shape[0], dtype=np.bool_)
         keep[candidates] = True
@@ -163,7 +167,9 @@ def fold_in(
 
     Solves (V^T V + V_S^T (C_S - I) V_S + reg I) u = V_S^T C_S 1 with C = 1 + alpha * confidence
     (Hu, Koren, Volinsky 2008): every other item counts as a weak negative, so the vector points
-    at what these items share rather than at what is merely popular.
+    at what these items share rather than at what is merely popular. Rank with it by V.u alone
+    (`recommend(..., bias=False)`): the solve knows nothing of the online model's item biases,
+    which would otherwise give nearly the same list whatever the items.
     """
     dim = view.factors.shape[1]
     if items.size == 0:

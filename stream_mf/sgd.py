@@ -10,10 +10,14 @@ Losses (per positive (u, i) with event weight w and sampled negatives j):
   logistic: -w log s(x_ui) - w * negative_weight * sum_j log s(-x_uj)      (x = u.v + b)
   bpr:      -w sum_j log s(x_ui - x_uj)
 
-The default is BPR with 8 uniformly drawn negatives, each the higher-scoring of 2 draws (adaptive,
-WARP-like), a user learning rate 2x the item one, biases at 0.2x, and every vector capped at norm 2.
-Prequential Recall@10 on MovieLens latest-small (every rating a positive; popularity 0.049): BPR
-with plain uniform negatives 0.058; adding the adaptive choice 0.067; the defaults 0.086; 16
+The default is BPR with 8 negatives (40% uniform, the rest by popularity**0.75), each the
+higher-scoring of 2 draws (adaptive, WARP-like), a user learning rate 2.5x the item one, no item
+biases (lr_bias 0) and every vector capped at norm 2. Biases learnt against popularity-drawn
+negatives fall for a niche's items and rise for lucky tail items, and swamp a niche user's
+affinity (docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which
+makes them popularity instead (no better for niches). Prequential Recall@10 on MovieLens
+latest-small (every rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058;
+adding the adaptive choice 0.067; the previous defaults (biases at 0.2x) 0.0866, today's 0.089; 16
 negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a user vector that jumpy loses a stable
 taste on planted data (tests/unit/test_sgd.py) and 3 draws cost ~30% of the speed. The norm cap is
 what allows the high user rate and many negatives (without it they diverge). Logistic loss scores
@@ -200,6 +204,7 @@ def sgd_batch(
     lr_bias: float = 1.0,  # bias learning rate as a multiple of `lr`
     max_norm: float = 0.0,  # rows updated are scaled back to this norm (0: no cap)
     uniform_mix: float = 0.0,  # share of draws uniform over seen items, not from the cdf
+    bias_uniform: bool = False,  # biases learn only from uniformly drawn negatives
 ) -> None:
     """The trailing arguments default to the plain algorithm, so older callers are unchanged."""
     dim = U.shape[1]
@@ -207,6 +212,8 @@ def sgd_batch(
     grad_u = np.empty(dim, dtype=np.float32)
     gneg = np.empty(max(n_neg, 1), dtype=np.float64)
     xneg = np.empty(max(n_neg, 1), dtype=np.float64)
+    # 1.0 where a slot's bias gradient counts: every slot, or (bias_uniform) uniform draws only
+    bmask = np.ones(max(n_neg, 1), dtype=np.float64)
     lr_u = lr * lr_user
     lr_b = lr * lr_bias
     for e in range(users.shape[0]):
@@ -237,12 +244,15 @@ def sgd_batch(
         for j in range(n_neg):
             best = -1
             best_x = 0.0
+            best_uni = False
             for _c in range(n_candidates):
                 cand = -1
+                uni = False
                 if can_draw:
                     for _ in range(MAX_NEG_TRIES):
                         s, x = next_uniform(s)
-                        if x < uniform_mix:
+                        uni = x < uniform_mix
+                        if uni:
                             c = min(int(x / uniform_mix * ncdf), ncdf - 1)
                         else:
                             c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
@@ -259,8 +269,11 @@ def sgd_batch(
                 if best < 0 or xc > best_x:
                     best = cand
                     best_x = xc
+                    best_uni = uni
             neg_out[e, j] = best
             xneg[j] = best_x
+            if bias_uniform:
+                bmask[j] = 1.0 if best_uni else 0.0
 
         u_count[u] += 1
         if t > u_last[u]:
@@ -288,8 +301,10 @@ def sgd_batch(
                         x += np.float64(u_old[f]) * V[neg, f]
                     xneg[j] = x
             g_pos = 0.0
+            g_pos_b = 0.0  # the positive's bias gradient (bias_uniform: uniform slots only)
             if loss == LOSS_LOGISTIC:
                 g_pos = w * (sigmoid(x_pos) - 1.0)
+                g_pos_b = g_pos
                 for f in range(dim):
                     grad_u[f] = g_pos * V[i, f]
                 for j in range(n_neg):
@@ -309,7 +324,11 @@ def sgd_batch(
                         continue
                     g = w * (sigmoid(x_pos - xneg[j]) - 1.0)
                     g_pos += g
+                    if bias_uniform:
+                        g_pos_b += g * bmask[j]
                     gneg[j] = -g
+                if not bias_uniform:
+                    g_pos_b = g_pos
                 for f in range(dim):
                     grad_u[f] = g_pos * V[i, f]
                 for j in range(n_neg):
@@ -329,14 +348,15 @@ def sgd_batch(
                     v = V[neg, f] - lr * (g * u_old[f] + reg * V[neg, f])
                     V[neg, f] = v
                     sq += v * v
-                bias[neg] -= lr_b * (g + reg_bias * bias[neg])
+                gb = g * bmask[j] if bias_uniform else g
+                bias[neg] -= lr_b * (gb + reg_bias * bias[neg])
                 _clip_norm(V, neg, sq, max_norm)
             sq = 0.0
             for f in range(dim):
                 v = V[i, f] - lr * (g_pos * u_old[f] + reg * V[i, f])
                 V[i, f] = v
                 sq += v * v
-            bias[i] -= lr_b * (g_pos + reg_bias * bias[i])
+            bias[i] -= lr_b * (g_pos_b + reg_bias * bias[i])
             _clip_norm(V, i, sq, max_norm)
             sq = 0.0
             for f in range(dim):

@@ -101,6 +101,7 @@ def sgd_batch_reference(
     lr_bias: float = 1.0,
     max_norm: float = 0.0,
     uniform_mix: float = 0.0,
+    bias_uniform: bool = False,
 ) -> None:
     """Same signature and effects as `sgd_batch`."""
     for e in range(len(users)):
@@ -119,14 +120,16 @@ def sgd_batch_reference(
         ncdf = int(counters[CDF_LEN])
         u_old = U[u].astype(np.float64)
         x_negs = np.zeros(n_neg)
+        bmask = np.ones(n_neg)
         for j in range(n_neg):
-            best, best_x = -1, 0.0
+            best, best_x, best_uni = -1, 0.0, False
             for _ in range(n_candidates):
-                cand = -1
+                cand, uni = -1, False
                 if ncdf > 0 and cdf[0, ncdf - 1] > 0:
                     for _ in range(MAX_NEG_TRIES):
                         s, x = py_next_uniform(s)
-                        if x < uniform_mix:
+                        uni = x < uniform_mix
+                        if uni:
                             c = min(int(x / uniform_mix * ncdf), ncdf - 1)
                         else:
                             c = _draw(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
@@ -138,9 +141,11 @@ def sgd_batch_reference(
                 if cand >= 0:
                     xc = float(bias[cand]) + float(u_old @ V[cand])
                     if best < 0 or xc > best_x:
-                        best, best_x = cand, xc
+                        best, best_x, best_uni = cand, xc, uni
             neg_out[e, j] = best
             x_negs[j] = best_x
+            if bias_uniform:
+                bmask[j] = 1.0 if best_uni else 0.0
 
         u_count[u] += 1
         u_last[u] = max(u_last[u], t)
@@ -160,18 +165,20 @@ def sgd_batch_reference(
             if loss == LOSS_LOGISTIC:
                 g_pos = w * (_sigmoid(x_pos) - 1.0)
                 g_negs = [w * neg_weight * _sigmoid(x_negs[j]) for j, _ in negs]
+                g_pos_b = g_pos
             else:
                 g_negs = [-w * (_sigmoid(x_pos - x_negs[j]) - 1.0) for j, _ in negs]
                 g_pos = -sum(g_negs)
+                g_pos_b = -sum(g * bmask[j] for (j, _), g in zip(negs, g_negs, strict=True))
             grad_u = g_pos * V[i].astype(np.float64)
             for (_, neg), g in zip(negs, g_negs, strict=True):
                 grad_u += g * V[neg]
-            for (_, neg), g in zip(negs, g_negs, strict=True):
+            for (j, neg), g in zip(negs, g_negs, strict=True):
                 V[neg] -= lr * (g * u_old + reg * V[neg])
-                bias[neg] -= lr * lr_bias * (g + reg_bias * bias[neg])
+                bias[neg] -= lr * lr_bias * (g * bmask[j] + reg_bias * bias[neg])
                 _clip(V, neg, max_norm)
             V[i] -= lr * (g_pos * u_old + reg * V[i])
-            bias[i] -= lr * lr_bias * (g_pos + reg_bias * bias[i])
+            bias[i] -= lr * lr_bias * (g_pos_b + reg_bias * bias[i])
             _clip(V, i, max_norm)
             U[u] -= lr * lr_user * (grad_u + reg * u_old)
             _clip(U, u, max_norm)

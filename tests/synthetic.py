@@ -58,3 +58,190 @@ def planted_stream(
     items[~own] = rng.choice(n_items, size=int((~own).sum()), p=all_p)
     times = t0 + np.sort(rng.random(n_events)) * span_s
     return PlantedStream(users, items, times, user_group, item_group)
+
+
+@dataclass
+class NicheStream:
+    """A long-tail stream with a few niches inside it (see `niche_stream`)."""
+
+    users: np.ndarray  # int32 user index (niche users first, then background users)
+    items: np.ndarray  # int32 item index (niche items first, then head/tail items)
+    times: np.ndarray  # float64, sorted
+    user_niche: np.ndarray  # niche of each user, -1 for background users
+    item_niche: np.ndarray  # niche of each item, -1 for the rest
+    name: str = "niche"
+
+    def user_ids(self) -> list[str]:
+        return [f"u{u}" for u in self.users.tolist()]
+
+    def item_ids(self) -> list[str]:
+        return [f"i{i}" for i in self.items.tolist()]
+
+    @property
+    def niche_users(self) -> np.ndarray:
+        return np.flatnonzero(self.user_niche >= 0)
+
+
+#: The variants the model suite and the bench run: (tail, interleaved, niche items popular).
+NICHE_VARIANTS: dict[str, dict[str, object]] = {
+    f"{tail}-{'mixed' if mixed else 'apart'}-{'pop' if pop else 'unpop'}": {
+        "tail": tail,
+        "interleaved": mixed,
+        "niche_popular": pop,
+    }
+    for tail in ("flat", "skewed")
+    for mixed in (True, False)
+    for pop in (True, False)
+}
+
+
+def niche_stream(
+    niche_users: tuple[int, ...] = (200, 120, 60),
+    niche_items: int = 40,
+    history: int = 8,
+    background_ratio: float = 10.0,
+    background_users: int = 4000,
+    tail_items: int = 20_000,
+    tail: str = "flat",
+    interleaved: bool = True,
+    niche_popular: bool = True,
+    head_items: int = 100,
+    head_share: float = 0.3,
+    niche_share: float = 0.1,
+    zipf: float = 1.1,
+    seed: int = 0,
+    t0: float = 1_700_000_000.0,
+    span_s: float = 86400.0,
+    name: str = "niche",
+) -> NicheStream:
+    """Niche users whose whole history lies in their niche's `niche_items` items, inside
+    `background_ratio` times as many events from background users over a long tail.
+
+    - `tail`: "flat" spreads background events uniformly over `tail_items`; "skewed" by a power
+      law (`zipf`).
+    - `interleaved`: niche events spread over the whole stream; otherwise each niche has a time
+      block of its own, between blocks of background events only.
+    - `niche_popular`: background users also pick niche items (`niche_share` of their events),
+      so niche items are the globally popular ones; otherwise `head_share` of background events
+      go to `head_items` head items, each far more popular than any niche item.
+
+    Within a niche, items follow a power law too; a niche user draws `history` events from it
+    (repeats possible), so it leaves at least `niche_items - history` unseen niche items.
+    """
+    rng = np.random.default_rng(seed)
+    n_niche = len(niche_users)
+    n_nu = int(sum(niche_users))
+    user_niche = np.concatenate(
+        [np.full(n, g) for g, n in enumerate(niche_users)] + [np.full(background_users, -1)]
+    ).astype(np.int64)
+    n_ni = n_niche * niche_items
+    n_head = 0 if niche_popular else head_items
+    item_niche = np.concatenate(
+        [np.repeat(np.arange(n_niche), niche_items), np.full(n_head + tail_items, -1)]
+    ).astype(np.int64)
+    within = (rng.permutation(niche_items) + 1.0) ** -zipf
+    within /= within.sum()
+    # niche events: each niche user draws `history` events from its niche
+    nu_users = np.repeat(np.arange(n_nu), history)
+    nu_items = np.empty(nu_users.size, np.int64)
+    for g in range(n_niche):
+        sel = user_niche[nu_users] == g
+        nu_items[sel] = g * niche_items + rng.choice(niche_items, int(sel.sum()), p=within)
+    # background events
+    n_bg = round(background_ratio * nu_users.size)
+    bg_users = n_nu + rng.integers(0, background_users, n_bg)
+    if tail == "flat":
+        tail_p = np.full(tail_items, 1.0 / tail_items)
+    elif tail == "skewed":
+        tail_p = (rng.permutation(tail_items) + 1.0) ** -zipf
+        tail_p /= tail_p.sum()
+    else:
+        raise ValueError(f"tail must be 'flat' or 'skewed', not {tail!r}")
+    bg_items = n_ni + n_head + rng.choice(tail_items, n_bg, p=tail_p)
+    pick = rng.random(n_bg)
+    if niche_popular:
+        to_niche = pick < niche_share
+        bg_items[to_niche] = rng.integers(0, n_ni, int(to_niche.sum()))
+    else:
+        to_head = pick < head_share
+        bg_items[to_head] = n_ni + rng.integers(0, n_head, int(to_head.sum()))
+    users = np.concatenate([nu_users, bg_users]).astype(np.int32)
+    items = np.concatenate([nu_items, bg_items]).astype(np.int32)
+    is_niche = np.arange(users.size) < nu_users.size
+    if interleaved:
+        order = rng.permutation(users.size)
+    else:
+        # background and niches alternate in time: a 1/(n_niche + 1) share of the background,
+        # niche 0's events, another share, niche 1's, ..., a last share (the background first:
+        # a niche alone in an empty model is a cold start, not a niche)
+        bg_block = rng.integers(0, n_niche + 1, n_bg)
+        block = np.concatenate([user_niche[nu_users], bg_block]) * 2 + is_niche
+        order = np.lexsort((rng.random(users.size), block))
+    users, items = users[order], items[order]
+    times = t0 + np.sort(rng.random(users.size)) * span_s
+    return NicheStream(users, items, times, user_niche, item_niche, name)
+
+
+def niche_hits(top: dict[int, np.ndarray], stream: NicheStream) -> dict[int, float]:
+    """Mean number of each niche's users' top-10 items that lie in their own niche.
+
+    `top` maps a user index of the stream to the item indices (of the stream) recommended.
+    """
+    out: dict[int, float] = {}
+    for g in range(int(stream.user_niche.max()) + 1):
+        members = np.flatnonzero(stream.user_niche == g)
+        got = [int(np.sum(stream.item_niche[top[int(u)]] == g)) for u in members if int(u) in top]
+        out[g] = float(np.mean(got)) if got else 0.0
+    return out
+
+
+def niche_top10(
+    learner: object, stream: NicheStream, batch: int = 1000, k: int = 10
+) -> dict[int, float]:
+    """Feed `stream` to a prequential learner (stream_mf.evaluate) in batches of `batch`, then
+    score every niche user's top-k (items the user has excluded) with `niche_hits`."""
+    from stream_mf.model import EventBatch
+
+    uids, iids = stream.user_ids(), stream.item_ids()
+    w = np.ones(len(uids))
+    for lo in range(0, len(uids), batch):
+        hi = min(lo + batch, len(uids))
+        learner.learn(  # type: ignore[attr-defined]
+            EventBatch.build(
+                uids[lo:hi], iids[lo:hi], w[lo:hi], stream.times[lo:hi], first_offset=lo
+            )
+        )
+    seen: dict[int, set[int]] = {}
+    nu = stream.niche_users
+    mask = np.isin(stream.users, nu)
+    for u, i in zip(stream.users[mask].tolist(), stream.items[mask].tolist(), strict=True):
+        seen.setdefault(u, set()).add(i)
+    top: dict[int, np.ndarray] = {}
+    for u in nu.tolist():
+        lu = learner.user_index(f"u{u}")  # type: ignore[attr-defined]
+        if lu < 0:
+            continue
+        ex = np.array(sorted(learner.item_index(f"i{i}") for i in seen.get(u, ())), np.int64)  # type: ignore[attr-defined]
+        rec = learner.recommend(lu, k, ex)  # type: ignore[attr-defined]
+        top[u] = np.array([int(learner.model.state.items.ids[int(r)][1:]) for r in rec], np.int64)  # type: ignore[attr-defined]
+    return niche_hits(top, stream)
+
+
+def planted_in_group(learner: object, seed: int = 11) -> int:
+    """Users of 200 whose top-10 (seen items excluded) is mostly of their own group, on the
+    planted stream of the end-to-end test (tests/integration/test_services.py), in process."""
+    from stream_mf.model import EventBatch
+
+    s = planted_stream(40_000, 200, 1000, n_groups=5, in_group=0.9, seed=seed)
+    learner.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(40_000), s.times))  # type: ignore[attr-defined]
+    seen: dict[int, set[int]] = {}
+    for u, i in zip(s.users.tolist(), s.items.tolist(), strict=True):
+        seen.setdefault(u, set()).add(learner.item_index(f"i{i}"))  # type: ignore[attr-defined]
+    ids = learner.model.state.items.ids  # type: ignore[attr-defined]
+    good = 0
+    for u in range(200):
+        ex = np.array(sorted(seen[u]), np.int64)
+        rec = learner.recommend(learner.user_index(f"u{u}"), 10, ex)  # type: ignore[attr-defined]
+        groups = s.item_group[[int(ids[int(r)][1:]) for r in rec]]
+        good += int(np.mean(groups == s.user_group[u]) > 0.5)
+    return good

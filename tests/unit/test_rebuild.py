@@ -88,6 +88,7 @@ def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int)
     assert (outcome.deferred > 0) == (final_rows < 1000)
     assert outcome.rows_resolved > 0 and np.isfinite(outcome.drift)
     assert outcome.scored >= 300 and outcome.hr_new >= outcome.hr_old - 0.1
+    assert not outcome.unguarded
     st = model.state
     assert st.model_version == 1
     applied = st.events_applied
@@ -137,6 +138,18 @@ def test_guard_rejects_a_worse_model(tmp_path: Path) -> None:
         assert store.generation() == 0
         for cf in MODEL_CFS:
             assert {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly) == {b"\x00\x00\x00\x00"}, cf
+
+
+def test_a_swap_on_too_few_scored_events_says_it_was_unguarded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no time for the guard (a quiet stream): it scores nothing, swaps, and says so
+    cfg = RebuildConfig(iterations=2, guard_events=300, guard_min_events=100, guard_timeout_s=0)
+    with caplog.at_level("WARNING", logger="stream_mf.rebuild"):
+        _model, store, outcome = run_with_rebuild(tmp_path, cfg)
+    store.close()
+    assert outcome.swapped and outcome.scored < 100 and outcome.unguarded
+    assert any("swapped unguarded" in r.getMessage() for r in caplog.records)
 
 
 def test_unfinished_rebuild_is_discarded_on_open(tmp_path: Path) -> None:

@@ -36,9 +36,23 @@ def _arrays(m: OnlineModel) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("loss", ["logistic", "bpr"])
-def test_kernel_matches_numpy_reference(loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = ModelConfig(dim=16, n_negatives=4, loss=loss, sampler_refresh=300, half_life_s=7200.0)
+@pytest.mark.parametrize(
+    ("loss", "biases"),
+    [
+        ("logistic", {}),
+        ("bpr", {}),
+        # item biases learnt (they are off by default), from every negative or uniform ones only
+        ("logistic", {"lr_bias": 0.2, "bias_uniform": True}),
+        ("bpr", {"lr_bias": 0.2}),
+        ("bpr", {"lr_bias": 0.2, "bias_uniform": True}),
+    ],
+)
+def test_kernel_matches_numpy_reference(
+    loss: str, biases: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ModelConfig(
+        dim=16, n_negatives=4, loss=loss, sampler_refresh=300, half_life_s=7200.0, **biases
+    )
     batch = _batch(2500)
     fast = OnlineModel(cfg)
     fast.learn(batch)
@@ -50,10 +64,13 @@ def test_kernel_matches_numpy_reference(loss: str, monkeypatch: pytest.MonkeyPat
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # the models actually learned something (not a trivially equal no-op)
     assert np.abs(a["V"]).max() > 0.05
+    if biases:
+        assert np.abs(a["b"]).max() > 0.01
 
 
-def test_same_events_any_batching_bit_identical() -> None:
-    cfg = ModelConfig(dim=8, n_negatives=3, sampler_refresh=200)
+@pytest.mark.parametrize("biases", [{}, {"lr_bias": 0.2, "bias_uniform": True}])
+def test_same_events_any_batching_bit_identical(biases: dict[str, object]) -> None:
+    cfg = ModelConfig(dim=8, n_negatives=3, sampler_refresh=200, **biases)
     batch = _batch(3000, seed=7)
     whole = OnlineModel(cfg)
     whole.learn(batch)

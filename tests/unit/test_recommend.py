@@ -196,7 +196,9 @@ def test_anonymous_answers_on_movielens_differ_by_film() -> None:
     m = OnlineModel(ModelConfig())
     m.learn(EventBatch.build(ev.users, ev.items, np.ones(len(ev)), ev.times))
     view = ItemView.from_state(m.state)
-    toy, matrix, lotr = (set(_anonymous(view, [f])) for f in ("1", "2571", "4993"))
-    # with item biases in the ranking they shared 8-9 of 10; two blockbusters still share some
-    assert len(toy & matrix) <= 3 and len(toy & lotr) <= 3 and len(matrix & lotr) <= 7
-    assert {"5952", "7153"} & lotr  # the other two Lord of the Rings films
+    toy, matrix, lotr = (_anonymous(view, [f]) for f in ("1", "2571", "4993"))
+    # with item biases in the ranking all three shared 8-9 of 10; a family film shares little
+    # with the two blockbusters now, which share an audience (and several films) themselves
+    assert len(set(toy) & set(matrix)) <= 3 and len(set(toy) & set(lotr)) <= 3
+    assert len(set(matrix) & set(lotr)) <= 8 and matrix[:3] != lotr[:3]
+    assert set(lotr[:3]) >= {"5952", "7153"}  # the other two Lord of the Rings films lead

@@ -36,7 +36,7 @@ import rocksdict as rd
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta
-from stream_mf.sgd import CDF_LEN, N_COUNTERS
+from stream_mf.sgd import N_COUNTERS, Counter
 from stream_mf.state import EntityTable, ModelState, new_confidence_map
 
 FORMAT = b"1"
@@ -554,7 +554,7 @@ class StateStore:
         wb.put(b"n_items", _I64.pack(state.items.n), meta)
         wb.put(b"model_version", _I64.pack(state.model_version), meta)
         if everything or delta is None or delta.sampler_rebuilt:
-            n_cdf = int(state.counters[CDF_LEN])
+            n_cdf = int(state.counters[Counter.CDF_LEN])
             wb.put(b"cdf", np.ascontiguousarray(state.cdf[:, :n_cdf]).tobytes(), meta)
         for (topic, part), nxt in (offsets or {}).items():
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])

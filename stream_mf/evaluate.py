@@ -22,8 +22,8 @@ from stream_mf.config import EventTypeSpec, ModelConfig
 from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.rebuild import RebuildConfig
+from stream_mf.scoring import score_event, top_unseen
 from stream_mf.store import confidence_items
-from stream_mf.topk import top_k
 
 
 class PrequentialLearner(Protocol):
@@ -32,6 +32,8 @@ class PrequentialLearner(Protocol):
     def user_index(self, user_id: str) -> int: ...
 
     def item_index(self, item_id: str) -> int: ...
+
+    def scores(self, user: int) -> np.ndarray: ...
 
     def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray: ...
 
@@ -55,16 +57,21 @@ class _ModelLearner:
     def learn(self, batch: EventBatch) -> None:
         self.model.learn(batch)
 
+    def scores(self, user: int) -> np.ndarray:
+        """A fresh score per item for `user` (callers may overwrite it)."""
+        raise NotImplementedError
+
+    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+        return top_unseen(self.scores(user), exclude, k)
+
 
 class SGDLearner(_ModelLearner):
     name = "sgd"
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
         n = items.n
-        scores = items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+        return items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
 
 
 class PopularLearner(_ModelLearner):
@@ -75,11 +82,9 @@ class PopularLearner(_ModelLearner):
     def __init__(self, config: ModelConfig):
         super().__init__(config.model_copy(update={"dim": 1, "n_negatives": 0}))
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
-        scores = items.logpop[: items.n].copy()
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+        return items.logpop[: items.n].copy()
 
 
 def _fit_als(
@@ -189,11 +194,8 @@ class ALSLearner(_ModelLearner):
         a = self.gram + scale * M + self.rcfg.reg * np.eye(M.shape[0])
         return np.linalg.solve(a, s + scale * m).astype(np.float32)
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
-        scores = self.V @ self.user_vector(user)
-        exclude = exclude[exclude < scores.shape[0]]
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+    def scores(self, user: int) -> np.ndarray:
+        return self.V @ self.user_vector(user)
 
 
 class HybridLearner(SGDLearner):
@@ -315,7 +317,6 @@ def prequential(
     outcomes = np.full(len(events), -1, np.int8) if keep_outcomes else None
     seen: dict[int, set[int]] = {}
     seen_list: dict[int, list[int]] = {}
-    discounts = 1.0 / np.log2(np.arange(k) + 2.0)
     w_hits, w_ndcg, w_n = 0, 0.0, 0
     empty = np.empty(0, np.int64)
     start = time.perf_counter()
@@ -329,17 +330,16 @@ def prequential(
             if mine is None or item not in mine:
                 lst = seen_list.get(u)
                 exclude = np.asarray(lst, np.int64) if lst else empty
-                recs = learner.recommend(u, k, exclude)
-                hit = np.flatnonzero(recs == item) if item >= 0 else empty
+                scored = score_event(learner.scores(u), item, exclude, k)
                 res.evaluated += 1
                 w_n += 1
                 if outcomes is not None:
-                    outcomes[e] = 1 if hit.size else 0
-                if hit.size:
+                    outcomes[e] = 1 if scored.hit else 0
+                if scored.hit:
                     res.hits += 1
-                    res.ndcg_sum += discounts[hit[0]]
+                    res.ndcg_sum += scored.ndcg
                     w_hits += 1
-                    w_ndcg += discounts[hit[0]]
+                    w_ndcg += scored.ndcg
                 if w_n == window:
                     res.windows.append(
                         {"event": e + 1, "recall_at_k": w_hits / w_n, "ndcg_at_k": w_ndcg / w_n}

@@ -29,9 +29,9 @@ def test_sgd_beats_popularity_on_planted_tastes() -> None:
 class NaNLearner(SGDLearner):
     """A diverged model: every score is NaN. It must score zero, not look good."""
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         self.model.state.items.factors[:] = np.nan
-        return super().recommend(user, k, exclude)
+        return super().scores(user)
 
 
 def test_nan_scores_count_as_misses() -> None:

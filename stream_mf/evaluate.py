@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,6 +106,20 @@ def _fit_als(
     return U, V
 
 
+def refit_pieces(batch: EventBatch, seen: int, every: int) -> Iterator[tuple[EventBatch, bool]]:
+    """`batch` cut where a refit is due, after the first event ever and then every `every`
+    events, each piece with whether a refit follows it. Refits then land on the same events
+    however the stream was cut into batches (one event at a time, as `prequential` feeds it, or
+    in bulk), so a model's answers do not depend on the batching."""
+    lo, n = 0, len(batch)
+    while lo < n:
+        done = seen + lo
+        due = 1 if done == 0 else (done // every + 1) * every
+        hi = min(n, due - seen)
+        yield batch.slice(lo, hi), seen + hi == due
+        lo = hi
+
+
 def _grow(a: np.ndarray, n: int, dim: int, seed: int) -> np.ndarray:
     if a.shape[0] >= n:
         return a[:n]
@@ -137,6 +151,10 @@ class ALSLearner(_ModelLearner):
         self.seen_events = 0
 
     def learn(self, batch: EventBatch) -> None:
+        for piece, refit in refit_pieces(batch, self.seen_events, self.refit_every):
+            self._learn(piece, refit)
+
+    def _learn(self, batch: EventBatch, refit: bool) -> None:
         delta = self.model.learn(batch)
         n_items = self.V.shape[0]
         for key, val in zip(delta.pair_keys.tolist(), delta.pair_values.tolist(), strict=True):
@@ -148,7 +166,7 @@ class ALSLearner(_ModelLearner):
             if st is not None and i < n_items:
                 self._update(st, i, old, val)
         self.seen_events += len(batch)
-        if self.seen_events % self.refit_every == 0 or n_items == 0:
+        if refit:
             self.U, self.V = _fit_als(self.model, self.U, self.V, self.rcfg)
             v = self.V.astype(np.float64)
             self.gram = v.T @ v

@@ -16,11 +16,10 @@ import orjson
 from tqdm import tqdm
 
 from consumers import kafka_io
-from consumers.broker import EmbeddedBroker, create_topics, free_port
 from consumers.catalog import DEFAULT_CATALOG, load_titles
 from consumers.client import RecClient
-from consumers.commands.broker import product_topics
 from consumers.commands.recommend import format_response
+from consumers.local_broker import EmbeddedBroker, free_port, tansu_binary
 from consumers.processes import (
     ManagedProcess,
     histogram_quantile,
@@ -30,6 +29,7 @@ from consumers.processes import (
 )
 from consumers.publish import event_payloads, publish
 from consumers.settings import KafkaSettings, TopicSettings
+from consumers.topics import create_topics, product_topics
 from stream_mf.answer import StateUsers, answer
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import ColumnSpec, read_events
@@ -143,6 +143,7 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
 
 def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
     topics = TopicSettings()
+    binary = tansu_binary()  # before compiling: without the embedded extra, say so at once
     print(
         "compiling kernels… (numba; the first run compiles them, about half a minute on two "
         "cores; later runs load them from its cache)",
@@ -154,7 +155,7 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
     else:
         print(f"kernels loaded from numba's cache in {took:.1f}s")
     procs: list[ManagedProcess] = []
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(binary=binary) as broker:
         boot = broker.bootstrap_servers
         # one partition of interactions: a replay of history must reach the learner in time
         # order (the stream clock and its decay assume partitions advance together); two of

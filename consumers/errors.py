@@ -96,7 +96,7 @@ def describe_validation(exc: ValidationError, args: argparse.Namespace | None = 
 def one_line(exc: BaseException, args: argparse.Namespace | None = None) -> tuple[str, int] | None:
     """The line and exit code for a failure the user caused or can fix; None for a bug."""
     # imported here: the store pulls in numba-backed modules the CLI's help should not wait for
-    from consumers.broker import BrokerError
+    from consumers.local_broker import BrokerError
     from stream_mf.store import StoreError
 
     if isinstance(exc, UserError):

@@ -222,7 +222,7 @@ def consumer(
         "fetch.wait.max.ms": 10,
         # brokers that answer a fetch with far more than asked (Tansu returns ~20 MB) push
         # librdkafka over queued.min.messages, and the default 1 s backoff then caps a
-        # partition near 200k msgs/s; 10 ms lifts it to ~1M/s (measured, consumers/broker.py)
+        # partition near 200k msgs/s; 10 ms lifts it to ~1M/s (measured, consumers/local_broker.py)
         "fetch.queue.backoff.ms": 10,
         "fetch.min.bytes": 1,
         "max.partition.fetch.bytes": 8 * 1024 * 1024,

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from consumers.broker import create_topics, free_port, kafka_bootstrap
+from consumers.local_broker import free_port, kafka_bootstrap
 from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
 from consumers.settings import TopicSettings
+from consumers.topics import create_topics
 
 
 @pytest.fixture(scope="session")

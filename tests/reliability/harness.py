@@ -52,7 +52,7 @@ class StreamPublisher:
     """Publishes payloads at `rate` msgs/s from a thread until done or stopped.
 
     Delivery reports give the log's true end offsets (Tansu's ListOffsets is off by a batch,
-    consumers/broker.py) and how many valid events really reached the topic.
+    consumers/local_broker.py) and how many valid events really reached the topic.
     """
 
     def __init__(

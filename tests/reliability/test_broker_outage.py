@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from consumers.broker import EmbeddedBroker
+from consumers.local_broker import EmbeddedBroker
 from consumers.processes import metric_sum, scrape
 from stream_mf.config import ModelConfig
 from stream_mf.decode import decode_events

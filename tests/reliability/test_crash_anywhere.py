@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.broker import kafka_bootstrap
+from consumers.local_broker import kafka_bootstrap
 from consumers.processes import ManagedProcess, metric_sum, scrape
 from stream_mf.store import MODEL_CFS, StateStore
 from tests.integration.conftest import Cluster, make_topics

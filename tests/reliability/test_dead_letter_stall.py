@@ -18,7 +18,7 @@ import orjson
 import pytest
 from confluent_kafka import Message, Producer
 
-from consumers.broker import EmbeddedBroker
+from consumers.local_broker import EmbeddedBroker
 from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
 from consumers.updater import (
     STALL_REPORT_S,

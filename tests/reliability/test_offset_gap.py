@@ -20,11 +20,12 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from consumers import kafka_io
-from consumers.broker import EmbeddedBroker, create_topics
 from consumers.client import RecClient
+from consumers.local_broker import EmbeddedBroker
 from consumers.offset_gap import verified_end
 from consumers.processes import wait_until
 from consumers.settings import KafkaSettings, TopicSettings
+from consumers.topics import create_topics
 from consumers.updater import EXIT_OFFSET_GAP
 from stream_mf.store import StateStore
 from tests.integration.conftest import Cluster, make_topics

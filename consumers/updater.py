@@ -188,8 +188,8 @@ def _columns(
 ) -> tuple[list[bytes | None], np.ndarray, np.ndarray, np.ndarray]:
     """Payloads, partitions, offsets and Kafka timestamps (ms) in one pass over the messages."""
     values: list[bytes | None] = []
-    parts: list[int] = []
-    offs: list[int] = []
+    parts: list[int | None] = []  # None only on error events, which never get here
+    offs: list[int | None] = []
     stamps: list[int] = []
     va, pa, oa, sa = values.append, parts.append, offs.append, stamps.append
     for m in msgs:
@@ -410,11 +410,12 @@ class Updater:
 
     def _prober(self) -> Any:
         if self._probe is None:
+            conf: dict[str, Any] = {"auto.offset.reset": "error"}
             self._probe = kafka_io.consumer(
                 self.settings.kafka,
                 f"{self.settings.group_id}-probe",
                 on_error=self.metrics.errors.labels("broker").inc,
-                **{"auto.offset.reset": "error"},
+                **conf,
             )
         return self._probe
 
@@ -664,9 +665,14 @@ class Updater:
                     # the fetch position left the log (retention, a truncated or recreated
                     # topic): Kafka said so; the policy decides
                     p = m.partition()
-                    stored = self.offsets.get((m.topic(), p))
+                    stored = self.offsets.get((self.topic, p)) if p is not None else None
                     at = m.offset() if stored is None else stored
-                    if at is not None and at >= 0 and self._resume_at(m.topic(), p, at, True):
+                    if (
+                        p is not None
+                        and at is not None
+                        and at >= 0
+                        and self._resume_at(self.topic, p, at, True)
+                    ):
                         # read before the move, from the log the policy left: not applied
                         out = [x for x in out if x.partition() != p]
                 elif err.code() != KafkaError._PARTITION_EOF:
@@ -864,11 +870,11 @@ class Updater:
         if self._sent_before is None:
             self._sent_before = self._read_back_dead_letters(topic)
         if self._sent_before:
-            sent = self._sent_before
+            sent_before = self._sent_before
             keep = [
                 r
                 for r in rejects
-                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent
+                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent_before
             ]
             if len(keep) < len(rejects):
                 log.info(

@@ -107,8 +107,12 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
     sent = 0
     while time.monotonic() < end:
         for _ in range(20):
-            doc = {"user_id": f"live-{rng.integers(500)}", "item_id": str(rng.integers(1, 3000)),
-                   "event_type": "click", "timestamp": time.time()}  # fmt: skip
+            doc = {
+                "user_id": f"live-{rng.integers(500)}",
+                "item_id": str(rng.integers(1, 3000)),
+                "event_type": "click",
+                "timestamp": time.time(),
+            }
             producer.produce(topics.interactions, value=orjson.dumps(doc))
             sent += 1
         producer.poll(0)
@@ -121,8 +125,10 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
         if q is not None:
             p99s.append(q)
     if p99s:
-        print(f"\nlive phase: {sent} events stamped now at ~400/s; freshness p99 (event time to "
-              f"servable in a query process): {max(p99s):.2f} s")  # fmt: skip
+        print(
+            f"\nlive phase: {sent} events stamped now at ~400/s; freshness p99 (event time to "
+            f"servable in a query process): {max(p99s):.2f} s"
+        )
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -182,10 +188,10 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             )
             for q in ("query-1", "query-2"):
                 procs.append(
-                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work,
-                                   env=scratch)
-                    .start()
-                )  # fmt: skip
+                    ManagedProcess(
+                        q, ["query", *common, "--metrics-port", str(ports[q])], work, env=scratch
+                    ).start()
+                )
             print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")
             events = read_events(RATINGS, ColumnSpec()).sorted_by_time()
             payloads = event_payloads(events, "shift")
@@ -238,14 +244,21 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
                     print(format_response(resp, titles))
                     if resp.items:
                         why = client.ask(
-                            {"kind": "because", "user_id": user, "item_id": resp.items[0].item_id,
-                             "k": 3}
-                        )  # fmt: skip
+                            {
+                                "kind": "because",
+                                "user_id": user,
+                                "item_id": resp.items[0].item_id,
+                                "k": 3,
+                            }
+                        )
                         names = ", ".join(titles.get(i.item_id, i.item_id) for i in why.items)
                         print(f"     because you watched: {names}")
                 print()
-                print(format_response(client.ask({"kind": "similar_items", "item_id": "1"}), titles)
-                      .replace("similar_items", "similar to Toy Story (1995)"))  # fmt: skip
+                print(
+                    format_response(
+                        client.ask({"kind": "similar_items", "item_id": "1"}), titles
+                    ).replace("similar_items", "similar to Toy Story (1995)")
+                )
                 print()
                 print(format_response(client.ask({"user_id": "new-visitor", "k": 5}), titles))
             finally:
@@ -255,8 +268,10 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             for name, port in ports.items():
                 print(f"  {name:<8} http://127.0.0.1:{port}/metrics")
             if serve:
-                print(f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
-                      f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop.")  # fmt: skip
+                print(
+                    f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
+                    f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop."
+                )
                 stop = kafka_io.StopFlag().install()
                 while not stop and all(p.alive() for p in procs):
                     time.sleep(0.5)

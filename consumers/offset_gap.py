@@ -119,9 +119,14 @@ def _fetch(
 
 
 def verified_end(
-    probe: Consumer, topic: str, partition: int, stored: int, low: int, high: int,
+    probe: Consumer,
+    topic: str,
+    partition: int,
+    stored: int,
+    low: int,
+    high: int,
     wait: float = 2.0,
-) -> int | None:  # fmt: skip
+) -> int | None:
     """The log's end, confirmed by fetching, when the watermark says `stored` lies beyond it.
 
     A fetch of the record just before `stored` settles it: if the log has that record, the

@@ -373,8 +373,11 @@ class Updater:
                 log.warning(
                     "%s[%d]: the watermark puts the stored offset %d beyond the log's end %d, "
                     "but the broker delivered no record to confirm it; checked again later",
-                    topic, partition, stored, high,
-                )  # fmt: skip
+                    topic,
+                    partition,
+                    stored,
+                    high,
+                )
                 return stored
             gap = offset_gap.classify(stored, low, end)
         if gap is None:
@@ -399,8 +402,12 @@ class Updater:
         new = offset_gap.resume_offset(gap, policy)
         log.warning(
             "%s[%d]: resuming at offset %d instead of %d (on_offset_gap=%s)",
-            topic, partition, new, gap.stored, policy,
-        )  # fmt: skip
+            topic,
+            partition,
+            new,
+            gap.stored,
+            policy,
+        )
         # deliberately moved, backwards too: the store says so at once (a restart resumes
         # there) and the regression check in _next_offsets measures from here
         key = (topic, partition)
@@ -461,8 +468,9 @@ class Updater:
         try:
             meta = self.consumer.list_topics(self.topic, timeout=5.0)
         except Exception as exc:
-            kafka_io.THROTTLE.log(log, logging.WARNING, "cannot read metadata of %r: %s",
-                                  self.topic, exc)  # fmt: skip
+            kafka_io.THROTTLE.log(
+                log, logging.WARNING, "cannot read metadata of %r: %s", self.topic, exc
+            )
             self.metrics.errors.labels("broker").inc()
             return
         tmeta = meta.topics.get(self.topic)
@@ -595,8 +603,9 @@ class Updater:
             raise  # the store itself failed: stop like any other write failure
         except RuntimeError as exc:
             if self.rebuild.swap_outcome is not None:  # failed after the flip: the new model
-                log.error("%s; the new model is live, rows not yet re-solved keep what SGD "
-                          "learnt", exc)  # fmt: skip
+                log.error(
+                    "%s; the new model is live, rows not yet re-solved keep what SGD learnt", exc
+                )
                 m.rebuild_swaps.labels("swapped").inc()
                 m.rebuild_last_success.set(time.time())
             else:
@@ -755,9 +764,15 @@ class Updater:
         log.error(
             "a batch of %d message(s) from %s[%d]@%d to %s[%d]@%d failed (%s): reloading the "
             "model from the store and isolating the message that fails",
-            len(msgs), first.topic(), first.partition(), first.offset(), last.topic(),
-            last.partition(), last.offset(), _describe(exc),
-        )  # fmt: skip
+            len(msgs),
+            first.topic(),
+            first.partition(),
+            first.offset(),
+            last.topic(),
+            last.partition(),
+            last.offset(),
+            _describe(exc),
+        )
         log.debug("the batch failed with", exc_info=exc)
         self._reload()
         todo: deque[list[Message]] = deque([msgs])
@@ -783,8 +798,11 @@ class Updater:
         log.error(
             "internal error on %s[%d]@%d, dead-lettered with reason internal (a bug: please "
             "report it with that dead letter): %s",
-            m.topic(), m.partition(), m.offset(), text,
-        )  # fmt: skip
+            m.topic(),
+            m.partition(),
+            m.offset(),
+            text,
+        )
         log.debug("the message failed with", exc_info=exc)
         dec = DecodedEvents(rejects=[Reject(0, "internal", text)])
         parts = np.asarray([m.partition()], np.int32)
@@ -949,8 +967,9 @@ class Updater:
             log.warning(
                 "cannot read back the end of %r (%s): dead letters of a batch interrupted "
                 "before its commit may be sent again",
-                topic, exc,
-            )  # fmt: skip
+                topic,
+                exc,
+            )
         finally:
             c.close()
         return found
@@ -1011,9 +1030,14 @@ class Updater:
             log.warning(
                 "dead-lettered %s[%d]@%d (%s) truncated to %d of %d bytes: a dead letter must "
                 "fit the producer's message.max.bytes (%d)",
-                m.topic(), m.partition(), m.offset(), r.reason, len(value), len(raw),
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                r.reason,
+                len(value),
+                len(raw),
                 self._dlt_max,
-            )  # fmt: skip
+            )
         log.debug("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message)
 
     def _await_dead_letters(self, topic: str, failed_before: int) -> None:
@@ -1039,8 +1063,11 @@ class Updater:
                     "%d dead letter(s) to %r not acknowledged after %.0f s: is the broker "
                     "reachable? This batch waits (up to dead_letter_timeout_seconds=%g) and is "
                     "committed only after they are delivered",
-                    left, topic, now - start, s.dead_letter_timeout_seconds,
-                )  # fmt: skip
+                    left,
+                    topic,
+                    now - start,
+                    s.dead_letter_timeout_seconds,
+                )
                 self.metrics.errors.labels("broker").inc()
                 report_at = now + STALL_REPORT_S
             left = self.dlt.flush(min(1.0, deadline - now))

@@ -207,8 +207,9 @@ def read_events(path: str | Path, spec: ColumnSpec = ColumnSpec()) -> EventColum
             items.append(_id(i, use.item_col, where))
             times.append(ts)
             values.append(v)
-            types.append(_id(row.get(use.type_col), use.type_col, where) if use.type_col
-                         else use.event_type)  # fmt: skip
+            types.append(
+                _id(row.get(use.type_col), use.type_col, where) if use.type_col else use.event_type
+            )
     except UnicodeDecodeError as exc:  # decoded in chunks: find the line itself
         bad = _first_non_utf8_line(path)
         at = f"{path}:{bad}" if bad else str(path)

@@ -276,11 +276,9 @@ def _decode(
             accepted.append((p, got))
     out.rejects.sort(key=lambda r: r.position)
     if accepted:  # rare (ms or RFC 3339 times): merge into input order
-        rows = sorted(
-            [(p, (u, i, t, w, ts)) for p, u, i, t, w, ts in zip(
-                out.positions, out.users, out.items, out.types, out.weights, out.times, strict=True
-            )] + accepted
-        )  # fmt: skip
+        o = out
+        fast = zip(o.positions, o.users, o.items, o.types, o.weights, o.times, strict=True)
+        rows = sorted([(p, (u, i, t, w, ts)) for p, u, i, t, w, ts in fast] + accepted)
         out.positions = [p for p, _ in rows]
         out.users, out.items, out.types, out.weights, out.times = (
             list(col) for col in zip(*(r for _, r in rows), strict=True)

@@ -44,9 +44,19 @@ from stream_mf.state import EntityTable, ModelState, new_confidence_map
 FORMAT = b"1"
 BLOCK_ROWS = 16
 CFS = (
-    "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
-    "item_factors", "item_bias", "item_meta", "confidence", "offsets",
-)  # fmt: skip
+    "meta",
+    "user_ids",
+    "user_index",
+    "item_ids",
+    "item_index",
+    "user_factors",
+    "user_meta",
+    "item_factors",
+    "item_bias",
+    "item_meta",
+    "confidence",
+    "offsets",
+)
 BATCH_LOG_PREFIX = b"batchlog/"
 BATCH_LOG_SAMPLE = 256
 BATCH_LOG_KEEP = 1024

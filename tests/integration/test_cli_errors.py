@@ -198,13 +198,26 @@ def ran(work: Path, taken_port: int, services: Services, kafka: str) -> dict[str
 
 
 CASE_IDS = [
-    "evaluate-events-dir", "evaluate-model-empty", "evaluate-jsonl-array", "event-types-json",
-    "flag-range", "env-range", "publish-negative-rate", "broker-port-range",
-    "broker-partitions-0", "broker-port-in-use", "broker-no-embedded", "demo-no-embedded",
-    "state-dir-file", "state-dir-unwritable",
-    "query-state-dir-file", "store-locked", "publish-no-broker", "recommend-no-broker",
+    "evaluate-events-dir",
+    "evaluate-model-empty",
+    "evaluate-jsonl-array",
+    "event-types-json",
+    "flag-range",
+    "env-range",
+    "publish-negative-rate",
+    "broker-port-range",
+    "broker-partitions-0",
+    "broker-port-in-use",
+    "broker-no-embedded",
+    "demo-no-embedded",
+    "state-dir-file",
+    "state-dir-unwritable",
+    "query-state-dir-file",
+    "store-locked",
+    "publish-no-broker",
+    "recommend-no-broker",
     "recommend-no-query",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
@@ -246,8 +259,11 @@ def test_no_broker_is_named_once_while_retrying(services: Services, ran: object)
     """
     t0 = time.monotonic()
     for p in (services.updater, services.query):
-        wait_until(lambda p=p: "no Kafka broker answers" in p.log_tail(100_000), 30,
-                   what=f"{p.name}'s no-broker line")  # fmt: skip
+        wait_until(
+            lambda p=p: "no Kafka broker answers" in p.log_tail(100_000),
+            30,
+            what=f"{p.name}'s no-broker line",
+        )
     time.sleep(max(0.0, 4.0 - (time.monotonic() - t0)))  # a few more seconds of retrying
     for p in (services.updater, services.query):
         assert p.alive(), p.log_tail()
@@ -292,8 +308,15 @@ def test_a_broker_that_starts_later_is_picked_up(work: Path) -> None:
     """Still retrying means it: a broker started after the warning is announced and used."""
     port = free_port()
     env = {"STREAM_MF_NO_BROKER_WARNING_SECONDS": "1"}
-    argv = ["query", "--bootstrap-servers", f"127.0.0.1:{port}", "--metrics-port", "-1",
-            "--state-dir", str(work / "later-store")]  # fmt: skip
+    argv = [
+        "query",
+        "--bootstrap-servers",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        "-1",
+        "--state-dir",
+        str(work / "later-store"),
+    ]
     with ManagedProcess("query-later", argv, work, env) as q:
         wait_until(lambda: "no Kafka broker answers" in q.log_tail(100_000), 60, what="warning")
         with EmbeddedBroker(port):

@@ -33,10 +33,16 @@ def running(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
         c.start("updater", "updater")
         c.start("query", "query")
         events = [
-            orjson.dumps({"user_id": f"u{n % 7}", "item_id": f"i{n % 53}",
-                          "event_type": "view", "timestamp": time.time()})
+            orjson.dumps(
+                {
+                    "user_id": f"u{n % 7}",
+                    "item_id": f"i{n % 53}",
+                    "event_type": "view",
+                    "timestamp": time.time(),
+                }
+            )
             for n in range(200)
-        ]  # fmt: skip
+        ]
         poison = b'{"user_id": "u1", "item_id": "i1", "event_type": "teleport", "timestamp": 1}'
         producer = kafka_io.producer(KafkaSettings(bootstrap_servers=kafka))
         for value in [*events[:100], poison, *events[100:]]:
@@ -44,8 +50,9 @@ def running(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
         assert producer.flush(30) == 0
         c.wait_metric("updater", "stream_mf_events_applied_total", 200)
         c.wait_metric("updater", "stream_mf_events_dead_lettered_total", 1)
-        client = RecClient(KafkaSettings(bootstrap_servers=kafka), c.topics.requests,
-                           c.topics.responses)  # fmt: skip
+        client = RecClient(
+            KafkaSettings(bootstrap_servers=kafka), c.topics.requests, c.topics.responses
+        )
         try:  # the query service has followed the store once it answers from the model
             end = time.monotonic() + 60
             while True:

@@ -43,8 +43,9 @@ def test_rebuild_during_a_live_stream_loses_nothing(cluster: Cluster) -> None:
         if metric_sum(m, "stream_mf_rebuild_running") == 1:
             consumed_while_rebuilding.append(metric_sum(m, "stream_mf_events_consumed_total"))
 
-    sent = publish(producer, cluster.topics.interactions, payloads, rate=12_000,
-                   progress=False, on_chunk=watch)  # fmt: skip
+    sent = publish(
+        producer, cluster.topics.interactions, payloads, rate=12_000, progress=False, on_chunk=watch
+    )
     assert sent == len(payloads)
     cluster.wait_metric("updater", "stream_mf_events_applied_total", len(payloads), timeout=90)
     cluster.wait_metric("updater", "stream_mf_rebuild_swaps_total", 1, timeout=60)

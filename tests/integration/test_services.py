@@ -125,9 +125,14 @@ def test_exactly_once_under_sigkill_one_partition(cluster: Cluster) -> None:
     dec = decode_events([v for _, v in payloads], cfg.event_types)
     ref = OnlineModel(cfg)
     ref.learn(
-        EventBatch.build(dec.users, dec.items, dec.weights, dec.times,
-                         offsets=np.asarray(dec.positions, np.int64))
-    )  # fmt: skip
+        EventBatch.build(
+            dec.users,
+            dec.items,
+            dec.weights,
+            dec.times,
+            offsets=np.asarray(dec.positions, np.int64),
+        )
+    )
     assert len(dec.users) == 100_000
     with StateStore(cluster.state) as store:
         state = store.load()
@@ -170,29 +175,60 @@ def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path) -> No
 HOSTILE: list[tuple[str, bytes]] = [
     ("malformed_json", b'{"user_id": "u1", "item_id": '),
     ("missing_field", orjson.dumps({"user_id": "u1", "item_id": "i1"})),
-    ("invalid_field", orjson.dumps({"user_id": 7, "item_id": "i1", "event_type": "view",
-                                     "timestamp": 1.7e9})),
-    ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                     "timestamp": "soon"})),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": NaN}'),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": Infinity}'),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": 1.7e9, "value": 1e999}'),
-    ("invalid_field", orjson.dumps({"user_id": "x" * 10_000, "item_id": "i1",
-                                     "event_type": "view", "timestamp": 1.7e9})),
-    ("unknown_event_type", orjson.dumps({"user_id": "u1", "item_id": "i1",
-                                         "event_type": "teleport", "timestamp": 1.7e9})),
+    (
+        "invalid_field",
+        orjson.dumps({"user_id": 7, "item_id": "i1", "event_type": "view", "timestamp": 1.7e9}),
+    ),
+    (
+        "invalid_field",
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": "soon"}),
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": NaN}',
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": Infinity}',
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
+        b'"timestamp": 1.7e9, "value": 1e999}',
+    ),
+    (
+        "invalid_field",
+        orjson.dumps(
+            {"user_id": "x" * 10_000, "item_id": "i1", "event_type": "view", "timestamp": 1.7e9}
+        ),
+    ),
+    (
+        "unknown_event_type",
+        orjson.dumps(
+            {"user_id": "u1", "item_id": "i1", "event_type": "teleport", "timestamp": 1.7e9}
+        ),
+    ),
     ("empty", b""),
     ("malformed_json", bytes(range(256))),
     ("not_an_object", b"[1, 2, 3]"),
     ("too_large", b'{"pad": "' + b"x" * 100_000 + b'"}'),
-    ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                     "timestamp": 1.7e9, "extra": True})),
-    ("future_timestamp", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                        "timestamp": 4.1e9})),  # 2099: would stall learning
-]  # fmt: skip
+    (
+        "invalid_field",
+        orjson.dumps(
+            {
+                "user_id": "u1",
+                "item_id": "i1",
+                "event_type": "view",
+                "timestamp": 1.7e9,
+                "extra": True,
+            }
+        ),
+    ),
+    (
+        "future_timestamp",
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": 4.1e9}),
+    ),  # 2099: would stall learning
+]
 
 
 def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
@@ -209,8 +245,9 @@ def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
     for reason, raw in HOSTILE:  # every kind at least once
         expect_bad.append((len(mixed), reason))
         mixed.append((b"evil", raw))
-    producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka),
-                                 **{"message.max.bytes": 2_000_000})  # fmt: skip
+    producer = kafka_io.producer(
+        KafkaSettings(bootstrap_servers=cluster.kafka), **{"message.max.bytes": 2_000_000}
+    )
     for key, value in mixed:
         producer.produce(cluster.topics.interactions, value=value, key=key)
     assert producer.flush(30) == 0
@@ -221,8 +258,14 @@ def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
     assert cluster.metric("updater", "stream_mf_events_applied_total") == len(good)
     assert cluster.metric("updater", "stream_mf_events_dead_lettered_total") == len(expect_bad)
     assert updater.alive()
-    consumer = Consumer({"bootstrap.servers": cluster.kafka, "group.id": "dlt-check",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cluster.kafka,
+            "group.id": "dlt-check",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     consumer.assign([TopicPartition(cluster.topics.dead_letter, 0, 0)])
     seen: dict[int, tuple[str, bytes, dict[str, bytes]]] = {}
     end = time.monotonic() + 30
@@ -265,8 +308,12 @@ def test_two_query_processes_and_freshness(cluster: Cluster) -> None:
         assert min(counts) > 0, f"one query process answered nothing: {counts}"
         assert q1.alive() and q2.alive()
         # a brand-new user: personalized within 1 s of the updater applying its first event
-        doc = {"user_id": "fresh-user", "item_id": "i3", "event_type": "view",
-               "timestamp": time.time()}  # fmt: skip
+        doc = {
+            "user_id": "fresh-user",
+            "item_id": "i3",
+            "event_type": "view",
+            "timestamp": time.time(),
+        }
         send(cluster.kafka, cluster.topics.interactions, [(b"fresh-user", orjson.dumps(doc))])
         cluster.wait_metric("updater", "stream_mf_events_applied_total", 10_001, timeout=10)
         applied_at = time.monotonic()

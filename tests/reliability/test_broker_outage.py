@@ -83,8 +83,14 @@ class Outcome:
 
 def _read_log(bootstrap: str, topic: str, ends: dict[int, int]) -> list[bytes]:
     """Every message value in `topic` up to the given end offsets."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "outage-readback",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "outage-readback",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     c.assign([TopicPartition(topic, p, 0) for p in ends])
     out: list[bytes] = []
     pos = dict.fromkeys(ends, 0)

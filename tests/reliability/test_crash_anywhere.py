@@ -282,9 +282,18 @@ def test_sigkill_anywhere_loses_nothing_and_applies_nothing_twice(
             # a duplicate answers the same request; items may differ (the model moved on)
             assert len({(g.response.request_id, g.response.user_id) for g in got}) == 1, rid
         _report(
-            t_begin, storm_s, kills, phases, sent, replies, dups, short_missing, expired_seen,
-            n_valid, state.model_version,
-        )  # fmt: skip
+            t_begin,
+            storm_s,
+            kills,
+            phases,
+            sent,
+            replies,
+            dups,
+            short_missing,
+            expired_seen,
+            n_valid,
+            state.model_version,
+        )
     finally:
         with contextlib.suppress(Exception):
             load.close()

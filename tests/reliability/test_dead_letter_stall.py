@@ -40,8 +40,12 @@ def _updater(broker: EmbeddedBroker, work: Path, timeout_s: float) -> Updater:
     topics = make_topics(broker.bootstrap_servers)
     p = Producer({"bootstrap.servers": broker.bootstrap_servers})
     for j in range(GOOD):
-        doc = {"user_id": f"u{j % 7}", "item_id": f"i{j % 11}", "event_type": "view",
-               "timestamp": 1.7e9 + j}  # fmt: skip
+        doc = {
+            "user_id": f"u{j % 7}",
+            "item_id": f"i{j % 11}",
+            "event_type": "view",
+            "timestamp": 1.7e9 + j,
+        }
         p.produce(topics.interactions, orjson.dumps(doc))
         if j % 13 == 0:
             p.produce(topics.interactions, BAD[(j // 13) % len(BAD)])

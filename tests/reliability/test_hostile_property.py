@@ -169,9 +169,21 @@ def _dump(value: Any, ascii_only: bool) -> bytes:
 #: byte sequences that are not UTF-8: Latin-1 and cp1252 letters, stray continuation and lead
 #: bytes, a torn sequence, overlong forms, an encoded surrogate, past U+10FFFF, a BOM's half
 NOT_UTF8 = st.sampled_from(
-    [b"\xe9", b"\x80", b"\xbf", b"\xc3", b"\xe2\x82", b"\xc0\xaf", b"\xe0\x80\xaf",
-     b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xfe", b"\xff"]
-)  # fmt: skip
+    [
+        b"\xe9",
+        b"\x80",
+        b"\xbf",
+        b"\xc3",
+        b"\xe2\x82",
+        b"\xc0\xaf",
+        b"\xe0\x80\xaf",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xf8\x88\x80\x80\x80",
+        b"\xfe",
+        b"\xff",
+    ]
+)
 
 
 @st.composite
@@ -568,8 +580,11 @@ def _unsafe_uses(src: str, name: str) -> list[str]:
     for node in ast.walk(tree):
         where = f"{name}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import):
-            found += [f"{where} import {a.name}" for a in node.names
-                      if a.name.split(".")[0] in _BANNED_MODULES]  # fmt: skip
+            found += [
+                f"{where} import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in _BANNED_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
             _BANNED_MODULES
         ):
@@ -578,10 +593,15 @@ def _unsafe_uses(src: str, name: str) -> list[str]:
             f = node.func
             if isinstance(f, ast.Name) and f.id in _BANNED_CALLS:
                 found.append(f"{where} {f.id}(...)")
-            elif isinstance(f, ast.Name) and f.id == "__import__" and not (
-                node.args and isinstance(node.args[0], ast.Constant)
-                and node.args[0].value not in _BANNED_MODULES
-            ):  # fmt: skip
+            elif (
+                isinstance(f, ast.Name)
+                and f.id == "__import__"
+                and not (
+                    node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value not in _BANNED_MODULES
+                )
+            ):
                 found.append(f"{where} __import__ of a computed or banned module")
             elif isinstance(f, ast.Attribute):
                 owner = f.value.id if isinstance(f.value, ast.Name) else ""
@@ -589,9 +609,11 @@ def _unsafe_uses(src: str, name: str) -> list[str]:
                     found.append(f"{where} {owner}.{f.attr}(...)")
                 if owner in _BANNED_MODULES:
                     found.append(f"{where} {owner}.{f.attr}(...)")
-                if any(k.arg == "allow_pickle" and not (
-                    isinstance(k.value, ast.Constant) and k.value.value is False
-                ) for k in node.keywords):  # fmt: skip
+                if any(
+                    k.arg == "allow_pickle"
+                    and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                    for k in node.keywords
+                ):
                     found.append(f"{where} {owner}.{f.attr}(allow_pickle=...)")
         elif (
             isinstance(node, ast.Attribute)
@@ -730,8 +752,14 @@ def test_hostile_payloads_through_a_real_updater(cluster: Cluster) -> None:
     assert updater.alive(), updater.log_tail()
 
     # every bad message is on the dead-letter topic, byte for byte, once
-    consumer = Consumer({"bootstrap.servers": cluster.kafka, "group.id": "dlt-reliability",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cluster.kafka,
+            "group.id": "dlt-reliability",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     consumer.assign([TopicPartition(cluster.topics.dead_letter, 0, 0)])
     seen: dict[int, tuple[str, bytes]] = {}
     end = time.monotonic() + 30

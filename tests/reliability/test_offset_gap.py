@@ -67,9 +67,14 @@ def stored(state: Path) -> tuple[dict[tuple[str, int], int], int, list[str]]:
 def create(kafka: str, topics: TopicSettings) -> None:
     create_topics(
         kafka,
-        {topics.interactions: 1, topics.dead_letter: 1, topics.requests: 2,
-         topics.responses: 1, topics.control: 1},
-    )  # fmt: skip
+        {
+            topics.interactions: 1,
+            topics.dead_letter: 1,
+            topics.requests: 2,
+            topics.responses: 1,
+            topics.control: 1,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +163,10 @@ def test_resume_from_end_applies_only_events_published_after(
     log = c.procs[-1]
     wait_until(
         lambda: f"resuming at offset {fresh} instead of {OLD}" in log.log_tail(20_000),
-        60, 0.1, "the updater to resume at the log's end",
-    )  # fmt: skip
+        60,
+        0.1,
+        "the updater to resume at the log's end",
+    )
     assert c.metric("end", 'stream_mf_offset_gaps_total{kind="ahead_of_log"}') == 1
     late = [f"late{j}" for j in range(7)]
     publish(c.kafka, c.topics.interactions, late)

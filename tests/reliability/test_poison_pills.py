@@ -70,8 +70,14 @@ def _poison(rng: random.Random) -> list[bytes]:
 
 
 def _dead_letters(kafka: str, topic: str, want: int, timeout: float = 30) -> list[Message]:
-    c = Consumer({"bootstrap.servers": kafka, "group.id": f"dlt-{topic}",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka,
+            "group.id": f"dlt-{topic}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     c.assign([TopicPartition(topic, 0, 0)])
     got: list[Message] = []
     end = time.monotonic() + timeout
@@ -216,10 +222,15 @@ def _fingerprint(u: Updater) -> tuple[Any, ...]:
     st = u.model.state
     n, m = st.users.n, st.items.n
     return (
-        st.users.ids, st.items.ids, st.users.factors[:n].tobytes(),
-        st.items.factors[:m].tobytes(), st.items.bias[:m].tobytes(), st.counters.tobytes(),
-        float(st.clock[0]), sorted(st.confidence.items()),
-    )  # fmt: skip
+        st.users.ids,
+        st.items.ids,
+        st.users.factors[:n].tobytes(),
+        st.items.factors[:m].tobytes(),
+        st.items.bias[:m].tobytes(),
+        st.counters.tobytes(),
+        float(st.clock[0]),
+        sorted(st.confidence.items()),
+    )
 
 
 @pytest.mark.timeout(240)

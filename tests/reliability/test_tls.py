@@ -169,24 +169,35 @@ def test_wrong_ca_fails_with_a_certificate_error(
     port = free_port()
     updater = ManagedProcess(
         "updater-wrong-ca",
-        ["updater", "--bootstrap-servers", tls_broker.bootstrap_servers,
-         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(port)],
+        [
+            "updater",
+            "--bootstrap-servers",
+            tls_broker.bootstrap_servers,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(port),
+        ],
         tmp_path,
         env={**topic_env(topics), **tls_broker.env(pki.other_ca.cert)},
-    )  # fmt: skip
+    )
     try:
         updater.start()
         wait_until(
             lambda: CERT_ERROR in updater.log_tail(1_000_000) or not updater.alive(),
-            20, 0.2, "the updater to log a certificate-verification error",
-        )  # fmt: skip
+            20,
+            0.2,
+            "the updater to log a certificate-verification error",
+        )
         log_text = updater.log_tail(1_000_000)
         assert CERT_ERROR in log_text and HANDSHAKE_ERROR in log_text, log_text[-3000:]
         url = f"http://127.0.0.1:{port}/metrics"
         wait_until(
             lambda: metric_sum(scrape(url), 'stream_mf_errors_total{kind="broker"}') >= 1,
-            20, 0.2, "stream_mf_errors_total{kind=broker} to count the failure",
-        )  # fmt: skip
+            20,
+            0.2,
+            "stream_mf_errors_total{kind=broker} to count the failure",
+        )
         assert metric_sum(scrape(url), "stream_mf_events_consumed_total") == 0
     finally:
         updater.stop()
@@ -204,8 +215,15 @@ def test_secrets_are_masked_in_settings() -> None:
         ssl_key_password="k3y",  # type: ignore[arg-type]
     )
     outer = ProcessSettings(kafka=k)
-    for text in (repr(k), str(k), k.model_dump_json(), str(k.model_dump()), repr(outer),
-                 str(outer), outer.model_dump_json()):  # fmt: skip
+    for text in (
+        repr(k),
+        str(k),
+        k.model_dump_json(),
+        str(k.model_dump()),
+        repr(outer),
+        str(outer),
+        outer.model_dump_json(),
+    ):
         assert "s3cret" not in text and "k3y" not in text, text
     assert "alice" in k.model_dump_json() and "**********" in k.model_dump_json()
     conf = k.client_config()
@@ -219,8 +237,15 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
     metrics_port = free_port()
     updater = ManagedProcess(
         "updater",
-        ["updater", "--bootstrap-servers", f"127.0.0.1:{free_port()}",  # nothing listens there
-         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics_port)],
+        [
+            "updater",
+            "--bootstrap-servers",
+            f"127.0.0.1:{free_port()}",  # nothing listens there
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         tmp_path,
         env={
             "STREAM_MF_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
@@ -229,7 +254,7 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
             "STREAM_MF_KAFKA__SASL_PASSWORD": password,
             "STREAM_MF_KAFKA__SSL_KEY_PASSWORD": key_password,
         },
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         updater.start()
@@ -265,8 +290,12 @@ def test_secrets_passed_through_extra_are_masked() -> None:
 
 # -- D: SASL/SCRAM against a real broker ------------------------------------------------------
 
-SASL_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
-            "KAFKA_SASL_MECHANISM")  # fmt: skip
+SASL_ENV = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SASL_MECHANISM",
+)
 
 
 @pytest.mark.integration

@@ -52,10 +52,12 @@ def missing_tools() -> str | None:
     """Why the TLS tests cannot run here, or None when they can."""
     missing = [
         name
-        for name, found in (("stunnel4 (or stunnel)", stunnel_binary()),
-                            ("openssl", shutil.which("openssl")))
+        for name, found in (
+            ("stunnel4 (or stunnel)", stunnel_binary()),
+            ("openssl", shutil.which("openssl")),
+        )
         if not found
-    ]  # fmt: skip
+    ]
     if not missing:
         return None
     return (
@@ -117,8 +119,21 @@ def make_ca(directory: Path, name: str = "ca") -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
     cnf = _cnf(directory, name, f"stream-mf throwaway CA {name} {uuid.uuid4().hex[:8]}")
     out = CertFiles(directory / f"{name}.pem", directory / f"{name}.key")
-    _openssl("req", "-x509", "-config", str(cnf), "-extensions", "v3_ca", *_EC_KEY,
-             "-keyout", str(out.key), "-out", str(out.cert), "-days", "2")  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-config",
+        str(cnf),
+        "-extensions",
+        "v3_ca",
+        *_EC_KEY,
+        "-keyout",
+        str(out.key),
+        "-out",
+        str(out.cert),
+        "-days",
+        "2",
+    )
     return out
 
 
@@ -133,11 +148,29 @@ def make_server_cert(
     cnf = _cnf(directory, name, ip, ip)
     csr = directory / f"{name}.csr"
     out = CertFiles(directory / f"{name}.pem", directory / f"{name}.key")
-    _openssl("req", "-new", "-config", str(cnf), *_EC_KEY, "-keyout", str(out.key),
-             "-out", str(csr))  # fmt: skip
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key),
-             "-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", str(out.cert),
-             "-extfile", str(cnf), "-extensions", "v3_server")  # fmt: skip
+    _openssl(
+        "req", "-new", "-config", str(cnf), *_EC_KEY, "-keyout", str(out.key), "-out", str(csr)
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca.cert),
+        "-CAkey",
+        str(ca.key),
+        "-set_serial",
+        str(secrets.randbits(63)),
+        "-days",
+        "2",
+        "-out",
+        str(out.cert),
+        "-extfile",
+        str(cnf),
+        "-extensions",
+        "v3_server",
+    )
     return out
 
 
@@ -271,17 +304,28 @@ class TlsBroker:
         self.plain_port, self.tls_port = free_port(), free_port()
         while self.tls_port == self.plain_port:
             self.tls_port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}}  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+        }
         env["NO_COLOR"] = "1"
         self.tansu = _spawn(
-            [tansu_binary(), "broker",
-             "--cluster-id", self.cluster_id,
-             "--listener-url", f"tcp://{_HOST}:{self.plain_port}",
-             "--advertised-listener-url", f"tcp://{_HOST}:{self.tls_port}",
-             "--storage-engine", "memory://tansu/"],
-            self.tansu_log, env,
-        )  # fmt: skip
+            [
+                tansu_binary(),
+                "broker",
+                "--cluster-id",
+                self.cluster_id,
+                "--listener-url",
+                f"tcp://{_HOST}:{self.plain_port}",
+                "--advertised-listener-url",
+                f"tcp://{_HOST}:{self.tls_port}",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            self.tansu_log,
+            env,
+        )
         conf = self.work / "stunnel.conf"
         conf.write_text(
             "foreground = yes\n"
@@ -305,8 +349,10 @@ class TlsBroker:
         deadline = time.monotonic() + self.startup_timeout
         last: object = None
         while time.monotonic() < deadline:
-            for name, proc, path in (("tansu", self.tansu, self.tansu_log),
-                                     ("stunnel", self.stunnel, self.stunnel_log)):  # fmt: skip
+            for name, proc, path in (
+                ("tansu", self.tansu, self.tansu_log),
+                ("stunnel", self.stunnel, self.stunnel_log),
+            ):
                 if proc is None or proc.poll() is not None:
                     raise RuntimeError(f"{name} exited during startup:\n{_tail(path)}")
             tail = _tail(self.tansu_log)

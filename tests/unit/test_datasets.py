@@ -14,12 +14,22 @@ from consumers.cli import main
 from stream_mf.datasets import ColumnSpec, EventFileError, read_events
 
 EVENTS = [
-    {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000,
-     "value": None},
+    {
+        "user_id": "u1",
+        "item_id": "i1",
+        "event_type": "click",
+        "timestamp": 1_700_000_000,
+        "value": None,
+    },
     {"user_id": "u2", "item_id": "i1", "event_type": "view", "timestamp": "2023-11-14T22:13:21Z"},
-    {"user_id": "u1", "item_id": "i2", "event_type": "rating", "timestamp": 1_700_000_002_000,
-     "value": 4.5},
-]  # fmt: skip
+    {
+        "user_id": "u1",
+        "item_id": "i2",
+        "event_type": "rating",
+        "timestamp": 1_700_000_002_000,
+        "value": 4.5,
+    },
+]
 
 
 def jsonl(path: Path, rows: list[object], blank_after_first: bool = True) -> Path:
@@ -47,8 +57,15 @@ def test_movielens_columns_still_read_as_before(tmp_path: Path) -> None:
 
 
 def test_cli_evaluates_the_products_own_events_without_flags(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    rows = [{"user_id": f"u{n % 5}", "item_id": f"i{n % 13}", "event_type": "view",
-             "timestamp": 1_700_000_000 + n} for n in range(300)]  # fmt: skip
+    rows = [
+        {
+            "user_id": f"u{n % 5}",
+            "item_id": f"i{n % 13}",
+            "event_type": "view",
+            "timestamp": 1_700_000_000 + n,
+        }
+        for n in range(300)
+    ]
     f = jsonl(tmp_path / "events.jsonl", rows)
     assert main(["evaluate", "--events", str(f), "--no-progress", "--dim", "4"]) == 0
     captured = capsys.readouterr()

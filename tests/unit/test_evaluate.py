@@ -63,10 +63,31 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
             fh.write(json.dumps({"who": u, "what": i, "when": t}) + "\n")
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(
-        ["evaluate", "--events", str(f), "--user-col", "who", "--item-col", "what",
-         "--time-col", "when", "--value-col", "", "--event-type", "view", "--dim", "8",
-         "--json", str(out), "--plot", str(png), "--window", "500", "--no-progress"]
-    )  # fmt: skip
+        [
+            "evaluate",
+            "--events",
+            str(f),
+            "--user-col",
+            "who",
+            "--item-col",
+            "what",
+            "--time-col",
+            "when",
+            "--value-col",
+            "",
+            "--event-type",
+            "view",
+            "--dim",
+            "8",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--window",
+            "500",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     for key in ("recall_at_k", "ndcg_at_k", "k", "evaluated", "events_per_s", "windows"):

@@ -197,8 +197,14 @@ def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
     def block(b: int) -> bytes:
         return want[b * 16 : (b + 1) * 16].tobytes()
 
-    blocks = [(0, block(0)), (1, block(1)), (3, block(3)), (4, block(4)),
-              (5, want[80:87].tobytes()), (6, block(6))]  # fmt: skip
+    blocks = [
+        (0, block(0)),
+        (1, block(1)),
+        (3, block(3)),
+        (4, block(4)),
+        (5, want[80:87].tobytes()),
+        (6, block(6)),
+    ]
     out = np.zeros((n, dim), np.float32)
     _fill_rows(out, blocks)
     expect = want[:n].copy()

@@ -296,6 +296,23 @@ class DeliveryTracker:
             self.last_error = err
 
 
+def position(m: Message) -> tuple[int, int]:
+    """(partition, offset) of a message delivered or consumed without error. The client sets
+    both then, but types them optional (an error event has neither), so this checks once."""
+    p, o = m.partition(), m.offset()
+    if p is None or o is None:
+        raise ValueError(f"a message without a position (error: {m.error()})")
+    return p, o
+
+
+def payload(m: Message) -> bytes:
+    """A message's value, which must be there (a tombstone or error event has none)."""
+    v = m.value()
+    if not isinstance(v, bytes):
+        raise ValueError(f"a message without a payload (error: {m.error()})")
+    return v
+
+
 #: message headers as confluent-kafka types them, for producing and as consumed
 HeaderList = list[tuple[str, str | bytes | None]]
 Headers = HeaderList | dict[str, str | bytes | None]

@@ -688,6 +688,11 @@ def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:
     return cast(Iterator[tuple[bytes, bytes]], cf.items())
 
 
+def raw_keys(cf: rd.Rdict) -> Iterator[bytes]:
+    """A column family's keys (see `_raw_items`)."""
+    return cast(Iterator[bytes], cf.keys())
+
+
 def fill_confidence(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
     _fill(conf, keys, vals)
 

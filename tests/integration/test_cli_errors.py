@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,10 @@ def test_debug_shows_the_traceback() -> None:
     assert "Traceback" in r2.stderr
 
 
+def _says_no_broker(p: ManagedProcess) -> bool:
+    return "no Kafka broker answers" in p.log_tail(100_000)
+
+
 def _service_log(p: ManagedProcess) -> list[str]:
     return p.log_tail(1_000_000).strip().splitlines()
 
@@ -259,11 +264,7 @@ def test_no_broker_is_named_once_while_retrying(services: Services, ran: object)
     """
     t0 = time.monotonic()
     for p in (services.updater, services.query):
-        wait_until(
-            lambda p=p: "no Kafka broker answers" in p.log_tail(100_000),
-            30,
-            what=f"{p.name}'s no-broker line",
-        )
+        wait_until(partial(_says_no_broker, p), 30, what=f"{p.name}'s no-broker line")
     time.sleep(max(0.0, 4.0 - (time.monotonic() - t0)))  # a few more seconds of retrying
     for p in (services.updater, services.query):
         assert p.alive(), p.log_tail()

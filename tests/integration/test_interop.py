@@ -15,11 +15,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
-from conftest import Cluster, make_topics
 
 from consumers import kafka_io
 from consumers.client import RecClient
 from consumers.settings import KafkaSettings
+from tests.integration.conftest import Cluster, make_topics
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def test_aiokafka_without_codecs_reads_replies_and_dead_letters(running: Cluster
     def personal(got: list[Any]) -> list[Any]:
         return [r for r in got if orjson.loads(r.value)["strategy"] == "personalized"]
 
-    ok = personal(read_all(running.kafka, running.topics.responses, personal))
+    ok = personal(read_all(running.kafka, running.topics.responses, lambda g: bool(personal(g))))
     assert ok
     doc = orjson.loads(ok[-1].value)
     assert dict(ok[-1].headers)["correlation_id"].decode() == doc["request_id"]
@@ -116,7 +116,7 @@ def test_aiokafka_without_codecs_reads_replies_and_dead_letters(running: Cluster
 
 
 #: (raw request, Kafka key, extra headers, the request_id its error reply must carry)
-UNREADABLE: list[tuple[bytes, bytes | None, list[tuple[str, bytes]], str]] = [
+UNREADABLE: list[tuple[bytes, bytes | None, kafka_io.HeaderList, str]] = [
     (b'{"request_id": "latin-1", "user_id": "Jos\xe9"}', None, [], "latin-1"),  # not UTF-8
     (b'{"request_id": "cut", "kind": "recommend", "user_id": "u', None, [], "cut"),
     (b'{"request_id": "nan", "user_id": "u1", "k": NaN}', None, [], "nan"),
@@ -132,7 +132,7 @@ UNREADABLE: list[tuple[bytes, bytes | None, list[tuple[str, bytes]], str]] = [
 def test_error_replies_echo_whatever_request_id_could_be_read(running: Cluster) -> None:
     producer = kafka_io.producer(KafkaSettings(bootstrap_servers=running.kafka))
     for raw, key, headers, _ in UNREADABLE:
-        reply_to = [("reply_to", running.topics.responses.encode())]
+        reply_to: kafka_io.HeaderList = [("reply_to", running.topics.responses.encode())]
         producer.produce(running.topics.requests, value=raw, key=key, headers=reply_to + headers)
     assert producer.flush(10) == 0
 

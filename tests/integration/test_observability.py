@@ -24,14 +24,14 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from conftest import Cluster
-from synthetic import planted_stream
 
 from consumers import kafka_io
 from consumers.client import RecClient
 from consumers.local_broker import free_port
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
+from tests.integration.conftest import Cluster
+from tests.synthetic import planted_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

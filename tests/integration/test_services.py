@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from conftest import Cluster, make_topics
-from synthetic import planted_stream
 
 from consumers import kafka_io
 from consumers.client import RecClient
@@ -19,11 +19,13 @@ from stream_mf.config import ModelConfig
 from stream_mf.decode import decode_events
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.store import StateStore
+from tests.integration.conftest import Cluster, make_topics
+from tests.synthetic import PlantedStream, planted_stream
 
 pytestmark = pytest.mark.integration
 
 
-def payloads_of(s, first_t: float | None = None) -> list[tuple[bytes, bytes]]:  # type: ignore[no-untyped-def]
+def payloads_of(s: PlantedStream, first_t: float | None = None) -> list[tuple[bytes, bytes]]:
     out = []
     for u, i, t in zip(s.users.tolist(), s.items.tolist(), s.times.tolist(), strict=True):
         doc = {"user_id": f"u{u}", "item_id": f"i{i}", "event_type": "view", "timestamp": t}
@@ -146,7 +148,7 @@ def test_exactly_once_under_sigkill_one_partition(cluster: Cluster) -> None:
             assert np.array_equal(getattr(a, arr)[: a.n], getattr(b, arr)[: b.n]), (kind, arr)
 
 
-def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path: Path) -> None:
     c = Cluster(kafka, make_topics(kafka, partitions=3), tmp_path)
     try:
         s = planted_stream(60_000, 3000, 1000, seed=5)
@@ -245,9 +247,8 @@ def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
     for reason, raw in HOSTILE:  # every kind at least once
         expect_bad.append((len(mixed), reason))
         mixed.append((b"evil", raw))
-    producer = kafka_io.producer(
-        KafkaSettings(bootstrap_servers=cluster.kafka), **{"message.max.bytes": 2_000_000}
-    )
+    conf: dict[str, Any] = {"message.max.bytes": 2_000_000}
+    producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka), **conf)
     for key, value in mixed:
         producer.produce(cluster.topics.interactions, value=value, key=key)
     assert producer.flush(30) == 0

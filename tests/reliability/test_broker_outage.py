@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from consumers import kafka_io
 from consumers.local_broker import EmbeddedBroker
 from consumers.processes import metric_sum, scrape
 from stream_mf.config import ModelConfig
@@ -98,9 +99,12 @@ def _read_log(bootstrap: str, topic: str, ends: dict[int, int]) -> list[bytes]:
     try:
         while any(pos[p] < ends[p] for p in ends) and time.monotonic() < end:
             for m in c.consume(10_000, 0.2):
-                if m.error() is None and m.offset() < ends[m.partition()]:
+                if m.error() is not None:
+                    continue
+                p, o = kafka_io.position(m)
+                if o < ends[p]:
                     out.append(m.value() or b"")
-                    pos[m.partition()] = m.offset() + 1
+                    pos[p] = o + 1
     finally:
         c.close()
     return out

@@ -100,14 +100,15 @@ def events(first: int, n: int) -> list[tuple[bytes, bytes]]:
     """Valid, distinct events; users and items keep arriving so every batch adds new rows."""
     out = []
     for j in range(first, first + n):
+        user = f"u{j % 97}"
         doc = {
-            "user_id": f"u{j % 97}",
+            "user_id": user,
             "item_id": f"i{(j * 7) % 211}",
             "event_type": "click",
             "timestamp": T0 + j,
             "event_id": f"e{j}",
         }
-        out.append((doc["user_id"].encode(), orjson.dumps(doc)))  # type: ignore[union-attr]
+        out.append((user.encode(), orjson.dumps(doc)))
     return out
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
-from synthetic import planted_stream
 
 from consumers import kafka_io
 from consumers.client import RecClient
@@ -39,6 +38,7 @@ from tests.reliability.tls_proxy import (
     make_server_cert,
     missing_tools,
 )
+from tests.synthetic import planted_stream
 
 _MISSING = missing_tools()
 needs_tls = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -282,7 +282,7 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
 
 
 def test_secrets_passed_through_extra_are_masked() -> None:
-    k = KafkaSettings(extra={"sasl.oauthbearer.client.secret": "0auth-s3cret"})
+    k = KafkaSettings.model_validate({"extra": {"sasl.oauthbearer.client.secret": "0auth-s3cret"}})
     assert k.client_config()["sasl.oauthbearer.client.secret"] == "0auth-s3cret"
     for text in (repr(k), k.model_dump_json()):
         assert "0auth-s3cret" not in text, text
@@ -328,7 +328,9 @@ def test_sasl_scram_against_a_real_broker() -> None:
             consumer.assign([TopicPartition(topic, 0, 0)])
             end = time.monotonic() + 30
             while len(got) < 100 and time.monotonic() < end:
-                got += [m.value() for m in kafka_io.drain(consumer, 500, 0.5) if not m.error()]
+                got += [
+                    kafka_io.payload(m) for m in kafka_io.drain(consumer, 500, 0.5) if not m.error()
+                ]
         finally:
             consumer.close()
         assert got == [v for _, v in payloads]
@@ -364,10 +366,10 @@ def test_rebuild_request_over_tls(tls_broker: TlsBroker, monkeypatch: pytest.Mon
         watcher.assign([TopicPartition(topics.control, 0, 0)])
         code = rebuild.run(argparse.Namespace(bootstrap_servers=tls_broker.bootstrap_servers))
         assert code == 0
-        got = []
+        got: list[bytes] = []
         end = time.monotonic() + 10
         while not got and time.monotonic() < end:
-            got = [m.value() for m in kafka_io.drain(watcher, 10, 0.5) if not m.error()]
+            got = [kafka_io.payload(m) for m in kafka_io.drain(watcher, 10, 0.5) if not m.error()]
         assert got and orjson.loads(got[0]) == {"command": "rebuild"}
     finally:
         watcher.close()

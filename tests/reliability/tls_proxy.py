@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -226,7 +227,8 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def admin(kafka: KafkaSettings) -> AdminClient:
     """An AdminClient from the same settings as every product client (``client_config()``)."""
-    return AdminClient({**kafka.client_config(), "logger": log})
+    conf: dict[str, Any] = {**kafka.client_config(), "logger": log}
+    return AdminClient(conf)
 
 
 def create_topics(kafka: KafkaSettings, topics: Mapping[str, int], timeout: float = 15.0) -> None:

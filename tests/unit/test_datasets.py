@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from consumers.cli import main
 from stream_mf.datasets import ColumnSpec, EventFileError, read_events
 
-EVENTS = [
+EVENTS: list[dict[str, object]] = [
     {
         "user_id": "u1",
         "item_id": "i1",
@@ -32,7 +33,7 @@ EVENTS = [
 ]
 
 
-def jsonl(path: Path, rows: list[object], blank_after_first: bool = True) -> Path:
+def jsonl(path: Path, rows: Sequence[object], blank_after_first: bool = True) -> Path:
     lines = [json.dumps(r) for r in rows]
     if blank_after_first:
         lines.insert(1, "")  # a blank line: skipped, but counted in line numbers
@@ -56,7 +57,9 @@ def test_movielens_columns_still_read_as_before(tmp_path: Path) -> None:
     assert ev.values.tolist() == [2.5, 3.0] and ev.event_types == ["rating", "rating"]
 
 
-def test_cli_evaluates_the_products_own_events_without_flags(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_evaluates_the_products_own_events_without_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = [
         {
             "user_id": f"u{n % 5}",
@@ -82,10 +85,10 @@ def test_cli_evaluates_the_products_own_events_without_flags(tmp_path: Path, cap
 )
 def test_a_file_without_events_is_an_error(
     tmp_path: Path,
-    capsys,
+    capsys: pytest.CaptureFixture[str],
     name: str,
     content: str,
-    message: str,  # type: ignore[no-untyped-def]
+    message: str,
 ) -> None:
     f = tmp_path / name
     f.write_text(content)
@@ -163,7 +166,9 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model", ["", " , ", "popular,tarot"])
-def test_evaluate_refuses_an_empty_or_unknown_model_list(model: str, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_refuses_an_empty_or_unknown_model_list(
+    model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["evaluate", "--model", model, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "choose from" in err

@@ -207,12 +207,14 @@ def test_wrong_ca_fails_with_a_certificate_error(
 
 
 def test_secrets_are_masked_in_settings() -> None:
-    k = KafkaSettings(
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="alice",
-        sasl_password="s3cret",  # type: ignore[arg-type]
-        ssl_key_password="k3y",  # type: ignore[arg-type]
+    k = KafkaSettings.model_validate(
+        {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "alice",
+            "sasl_password": "s3cret",
+            "ssl_key_password": "k3y",
+        }
     )
     outer = ProcessSettings(kafka=k)
     for text in (
@@ -309,13 +311,15 @@ def test_sasl_scram_against_a_real_broker() -> None:
             "KAFKA_SECURITY_PROTOCOL, default SASL_SSL, and KAFKA_SSL_CA_LOCATION)"
         )
     ca = os.environ.get("KAFKA_SSL_CA_LOCATION")
-    kafka = KafkaSettings(
-        bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"],
-        security_protocol=os.environ.get("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),  # type: ignore[arg-type]
-        sasl_mechanism=os.environ["KAFKA_SASL_MECHANISM"],  # type: ignore[arg-type]
-        sasl_username=os.environ["KAFKA_SASL_USERNAME"],
-        sasl_password=os.environ["KAFKA_SASL_PASSWORD"],  # type: ignore[arg-type]
-        ssl_ca_location=Path(ca) if ca else None,
+    kafka = KafkaSettings.model_validate(
+        {
+            "bootstrap_servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
+            "security_protocol": os.environ.get("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            "sasl_mechanism": os.environ["KAFKA_SASL_MECHANISM"],
+            "sasl_username": os.environ["KAFKA_SASL_USERNAME"],
+            "sasl_password": os.environ["KAFKA_SASL_PASSWORD"],
+            "ssl_ca_location": Path(ca) if ca else None,
+        }
     )
     topic = f"stream-mf-sasl-{uuid.uuid4().hex[:8]}"
     create_topics(kafka, {topic: 1})

@@ -275,11 +275,13 @@ class TlsBroker:
 
     def settings(self, ca: Path | None = None, **more: object) -> KafkaSettings:
         """Client settings for the TLS listener, trusting ``ca`` (default: the right CA)."""
-        return KafkaSettings(
-            bootstrap_servers=self.bootstrap_servers,
-            security_protocol="SSL",
-            ssl_ca_location=ca or self.ca.cert,
-            **more,  # type: ignore[arg-type]
+        return KafkaSettings.model_validate(
+            {
+                "bootstrap_servers": self.bootstrap_servers,
+                "security_protocol": "SSL",
+                "ssl_ca_location": ca or self.ca.cert,
+                **more,
+            }
         )
 
     def env(self, ca: Path | None = None) -> dict[str, str]:

@@ -29,7 +29,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 import rocksdict as rd
@@ -64,6 +64,18 @@ _BE32 = struct.Struct(">I")
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
+
+
+class FactorRows(Protocol):
+    """What writing model blocks reads of a table: an EntityTable, or a rebuild's new factors
+    (with zero biases) staged as a future generation."""
+
+    @property
+    def factors(self) -> np.ndarray: ...
+    @property
+    def bias(self) -> np.ndarray: ...
+    @property
+    def n(self) -> int: ...
 
 
 class StoreError(RuntimeError):
@@ -554,7 +566,7 @@ class StateStore:
                 if extra is not None and extra.size:
                     rows = np.concatenate([rows.astype(np.int64), extra.astype(np.int64)])
             self._put_ids(wb, kind, table, lo, hi)
-            self._put_blocks(wb, kind, table, rows, gen)
+            self._put_blocks(wb, kind, table, rows, gen, meta=table)
         if everything or delta is None:
             keys, vals = confidence_items(state.confidence)
         else:
@@ -622,11 +634,13 @@ class StateStore:
         self,
         wb: rd.WriteBatch,
         kind: str,
-        table: EntityTable,
+        table: FactorRows,
         rows: np.ndarray,
         gen: int,
-        meta: bool = True,
+        meta: EntityTable | None,
     ) -> None:
+        """Factor (and bias) blocks of `rows` from `table`; their meta blocks too from `meta`
+        (the same table) unless it is None, as when staging a future generation."""
         if rows.size == 0:
             return
         h_f, h_m = self.h[f"{kind}_factors"], self.h[f"{kind}_meta"]
@@ -639,8 +653,8 @@ class StateStore:
             keys = _model_keys(gen, full)
             for k, v in zip(keys, _rows_bytes(table.factors, full), strict=True):
                 put(k, v, h_f)
-            if meta:
-                parts = (table.count, table.last, table.logpop)
+            if meta is not None:
+                parts = (meta.count, meta.last, meta.logpop)
                 raw = np.concatenate([_block_view(a, full) for a in parts], axis=1)
                 for k, v in zip(_be32_keys(full), _as_bytes(raw), strict=True):
                     put(k, v, h_m)
@@ -652,16 +666,16 @@ class StateStore:
             hi = min(lo + BLOCK_ROWS, n)
             key = _model_key(gen, b)
             put(key, table.factors[lo:hi].tobytes(), h_f)
-            if meta:
-                put(_BE32.pack(b), _meta_bytes(table, lo, hi), h_m)
+            if meta is not None:
+                put(_BE32.pack(b), _meta_bytes(meta, lo, hi), h_m)
             if h_b is not None:
                 put(key, table.bias[lo:hi].tobytes(), h_b)
 
-    def stage_model(self, kind: str, table: EntityTable, gen: int, blocks: np.ndarray) -> None:
+    def stage_model(self, kind: str, table: FactorRows, gen: int, blocks: np.ndarray) -> None:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
         wb = rd.WriteBatch(raw_mode=True)
         rows = blocks.astype(np.int64) * BLOCK_ROWS
-        self._put_blocks(wb, kind, table, rows, gen, meta=False)
+        self._put_blocks(wb, kind, table, rows, gen, meta=None)
         self._write(wb)
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:

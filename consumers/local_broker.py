@@ -55,6 +55,7 @@ __all__ = [
     "docker_available",
     "free_port",
     "kafka_bootstrap",
+    "tansu_binary",
 ]
 
 logger = logging.getLogger(__name__)

@@ -120,7 +120,7 @@ def test_produce_and_consume_10k_with_commits(broker: EmbeddedBroker) -> None:
         assert sorted(json.loads(kafka_io.payload(m))["i"] for m in msgs) == list(range(n))
         consumer.commit(asynchronous=False)
         assert _committed(consumer, topic, 3) == ends
-        # The high watermark from fetch responses is exact (ListOffsets is not, see local_broker.py).
+        # The high watermark from fetch responses is exact (ListOffsets is not: local_broker.py).
         for p, end in ends.items():
             assert consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1] == end
     finally:

@@ -8,7 +8,6 @@ processes configured through `STREAM_MF_KAFKA__*` environment variables.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import urllib.request
@@ -22,6 +21,7 @@ import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
 from consumers import kafka_io
+from consumers.cli import build_parser
 from consumers.client import RecClient
 from consumers.local_broker import free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
@@ -368,7 +368,11 @@ def test_rebuild_request_over_tls(tls_broker: TlsBroker, monkeypatch: pytest.Mon
     watcher = kafka_io.consumer(kafka, f"watch-{uuid.uuid4().hex[:8]}")
     try:
         watcher.assign([TopicPartition(topics.control, 0, 0)])
-        code = rebuild.run(argparse.Namespace(bootstrap_servers=tls_broker.bootstrap_servers))
+        # the flags as the user types them: the parser fills in every default (--timeout)
+        args = build_parser().parse_args(
+            ["rebuild", "--bootstrap-servers", tls_broker.bootstrap_servers]
+        )
+        code = rebuild.run(args)
         assert code == 0
         got: list[bytes] = []
         end = time.monotonic() + 10

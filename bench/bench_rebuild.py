@@ -89,10 +89,11 @@ def main() -> None:
             if rb.wants_scores:
                 nxt = batch.slice(done, done + step_batch)
                 rb.score(
-                    st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                    st,
+                    st.users.lookup(nxt.user_ids).astype(np.int64),
                     st.items.lookup(nxt.item_ids).astype(np.int64),
                     lambda u: store.user_items(u)[0].astype(np.int64),
-                )  # fmt: skip
+                )
             t_feed = time.perf_counter()
             rb.note(feed())
             batches_during += 1
@@ -102,9 +103,13 @@ def main() -> None:
             outcome = rb.step(st)
             if outcome is not None and outcome.swapped:
                 store.commit(
-                    st, BatchDelta.empty(st), None, generation=outcome.generation,
-                    extra_users=outcome.users, extra_items=outcome.items,
-                )  # fmt: skip
+                    st,
+                    BatchDelta.empty(st),
+                    None,
+                    generation=outcome.generation,
+                    extra_users=outcome.users,
+                    extra_items=outcome.items,
+                )
             steps.append(time.perf_counter() - t)
             if phase == "fit/guard/rounds" and (rb.swap_outcome is not None or outcome is not None):
                 phase = "swap"  # the flip step

@@ -35,7 +35,7 @@ class IdIndex(dict[str, int]):
     __slots__ = ("fresh",)
 
     def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+        super().__init__(*args)
         self.fresh: list[str] | None = None  # a list only while `resolve` runs
 
     def __missing__(self, key: str) -> int:

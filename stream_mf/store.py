@@ -27,11 +27,13 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import rocksdict as rd
+from numba.typed import Dict
 
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
@@ -42,9 +44,19 @@ from stream_mf.state import EntityTable, ModelState, new_confidence_map
 FORMAT = b"1"
 BLOCK_ROWS = 16
 CFS = (
-    "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
-    "item_factors", "item_bias", "item_meta", "confidence", "offsets",
-)  # fmt: skip
+    "meta",
+    "user_ids",
+    "user_index",
+    "item_ids",
+    "item_index",
+    "user_factors",
+    "user_meta",
+    "item_factors",
+    "item_bias",
+    "item_meta",
+    "confidence",
+    "offsets",
+)
 BATCH_LOG_PREFIX = b"batchlog/"
 BATCH_LOG_SAMPLE = 256
 BATCH_LOG_KEEP = 1024
@@ -52,6 +64,18 @@ _BE32 = struct.Struct(">I")
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
+
+
+class FactorRows(Protocol):
+    """What writing model blocks reads of a table: an EntityTable, or a rebuild's new factors
+    (with zero biases) staged as a future generation."""
+
+    @property
+    def factors(self) -> np.ndarray: ...
+    @property
+    def bias(self) -> np.ndarray: ...
+    @property
+    def n(self) -> int: ...
 
 
 class StoreError(RuntimeError):
@@ -341,7 +365,7 @@ class StateStore:
     def offsets(self) -> dict[tuple[str, int], int]:
         """Next offset to consume per (topic, partition), as of the last commit."""
         out: dict[tuple[str, int], int] = {}
-        for k, v in self.cf["offsets"].items():
+        for k, v in _raw_items(self.cf["offsets"]):
             topic, _, part = k.decode().rpartition("/")
             out[(topic, int(part))] = _I64.unpack(v)[0]
         return out
@@ -367,12 +391,12 @@ class StateStore:
     def _load_table(self, kind: str, config: ModelConfig) -> EntityTable:
         n = self._meta_int(f"n_{kind}s".encode())
         table = EntityTable(kind, config.dim, config.seed, config.init_scale, capacity=max(n, 1024))
-        ids = [v.decode() for v in self.cf[f"{kind}_index"].values()]
+        ids = [v.decode() for _, v in _raw_items(self.cf[f"{kind}_index"])]
         if len(ids) < n:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
         _fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
-        for k, v in self.cf[f"{kind}_meta"].items():
+        for k, v in _raw_items(self.cf[f"{kind}_meta"]):
             _read_meta_block(table, _BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
             _fill_rows(table.bias[:n], self._model_blocks("item_bias"))
@@ -410,7 +434,7 @@ class StateStore:
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
         ks: list[bytes] = []
         vs: list[bytes] = []
-        for k, v in self.cf["confidence"].items():
+        for k, v in _raw_items(self.cf["confidence"]):
             ks.append(k)
             vs.append(v)
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
@@ -469,7 +493,7 @@ class StateStore:
         _fill_rows(bias, self._model_blocks("item_bias", gen))
         # meta blocks are columns of count, last and logpop (8 bytes a row each): logpop is the
         # third third of each block
-        meta = ((_BE32.unpack(k)[0], v) for k, v in self.cf["item_meta"].items())
+        meta = ((_BE32.unpack(k)[0], v) for k, v in _raw_items(self.cf["item_meta"]))
         _fill_rows(logpop, meta, columns=3, column=2)
         return factors, bias, logpop
 
@@ -542,7 +566,7 @@ class StateStore:
                 if extra is not None and extra.size:
                     rows = np.concatenate([rows.astype(np.int64), extra.astype(np.int64)])
             self._put_ids(wb, kind, table, lo, hi)
-            self._put_blocks(wb, kind, table, rows, gen)
+            self._put_blocks(wb, kind, table, rows, gen, meta=table)
         if everything or delta is None:
             keys, vals = confidence_items(state.confidence)
         else:
@@ -610,11 +634,13 @@ class StateStore:
         self,
         wb: rd.WriteBatch,
         kind: str,
-        table: EntityTable,
+        table: FactorRows,
         rows: np.ndarray,
         gen: int,
-        meta: bool = True,
+        meta: EntityTable | None,
     ) -> None:
+        """Factor (and bias) blocks of `rows` from `table`; their meta blocks too from `meta`
+        (the same table) unless it is None, as when staging a future generation."""
         if rows.size == 0:
             return
         h_f, h_m = self.h[f"{kind}_factors"], self.h[f"{kind}_meta"]
@@ -627,8 +653,8 @@ class StateStore:
             keys = _model_keys(gen, full)
             for k, v in zip(keys, _rows_bytes(table.factors, full), strict=True):
                 put(k, v, h_f)
-            if meta:
-                parts = (table.count, table.last, table.logpop)
+            if meta is not None:
+                parts = (meta.count, meta.last, meta.logpop)
                 raw = np.concatenate([_block_view(a, full) for a in parts], axis=1)
                 for k, v in zip(_be32_keys(full), _as_bytes(raw), strict=True):
                     put(k, v, h_m)
@@ -640,16 +666,16 @@ class StateStore:
             hi = min(lo + BLOCK_ROWS, n)
             key = _model_key(gen, b)
             put(key, table.factors[lo:hi].tobytes(), h_f)
-            if meta:
-                put(_BE32.pack(b), _meta_bytes(table, lo, hi), h_m)
+            if meta is not None:
+                put(_BE32.pack(b), _meta_bytes(meta, lo, hi), h_m)
             if h_b is not None:
                 put(key, table.bias[lo:hi].tobytes(), h_b)
 
-    def stage_model(self, kind: str, table: EntityTable, gen: int, blocks: np.ndarray) -> None:
+    def stage_model(self, kind: str, table: FactorRows, gen: int, blocks: np.ndarray) -> None:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
         wb = rd.WriteBatch(raw_mode=True)
         rows = blocks.astype(np.int64) * BLOCK_ROWS
-        self._put_blocks(wb, kind, table, rows, gen, meta=False)
+        self._put_blocks(wb, kind, table, rows, gen, meta=None)
         self._write(wb)
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
@@ -670,14 +696,25 @@ class StateStore:
         self._write(wb)
 
 
-def fill_confidence(conf: object, keys: np.ndarray, vals: np.ndarray) -> None:
+def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:
+    """A column family's entries as the bytes they are: every one is opened in raw mode, which
+    rocksdict's stubs cannot tell (they type a key as any of the modes' key types)."""
+    return cast(Iterator[tuple[bytes, bytes]], cf.items())
+
+
+def raw_keys(cf: rd.Rdict) -> Iterator[bytes]:
+    """A column family's keys (see `_raw_items`)."""
+    return cast(Iterator[bytes], cf.keys())
+
+
+def fill_confidence(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
     _fill(conf, keys, vals)
 
 
-def confidence_items(conf: object, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def confidence_items(conf: Dict, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The confidence map's entries; `sort=False` leaves them in map order, for a caller that
     only pays for the copy now (a rebuild's snapshot on the loop thread) and sorts later."""
-    n = len(conf)  # type: ignore[arg-type]
+    n = len(conf)
     keys = np.empty(n, np.int64)
     vals = np.empty(n, np.float64)
     _dump(conf, keys, vals)
@@ -687,16 +724,19 @@ def confidence_items(conf: object, sort: bool = True) -> tuple[np.ndarray, np.nd
     return keys[order], vals[order]
 
 
-def _jit() -> tuple[object, object]:
+_MapKernel = Callable[[Dict, np.ndarray, np.ndarray], None]
+
+
+def _jit() -> tuple[_MapKernel, _MapKernel]:
     from numba import njit
 
     @njit(cache=True)
-    def fill(conf, keys, vals):  # type: ignore[no-untyped-def]
+    def fill(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
         for j in range(keys.shape[0]):
             conf[keys[j]] = vals[j]
 
     @njit(cache=True)
-    def dump(conf, keys, vals):  # type: ignore[no-untyped-def]
+    def dump(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
         j = 0
         for k, v in conf.items():
             keys[j] = k

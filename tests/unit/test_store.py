@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
@@ -19,6 +18,7 @@ from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.sgd import Counter
 from stream_mf.state import ModelState
 from stream_mf.store import ConfigMismatchError, StateStore, _fill_rows, confidence_items
+from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
 TOPIC = "interactions"
@@ -144,8 +144,10 @@ def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
         primary.drop_other_generations()  # the rebuild ends
         follower.store.catch_up()
         assert follower.users_for(old_view).user(uid) is None  # unknown, never mixed
-        assert follower.refresh() and follower.view.generation == 1
-        now = follower.users_for(follower.view).user(uid)
+        assert follower.refresh()
+        view = follower.view
+        assert view is not None and view.generation == 1
+        now = follower.users_for(view).user(uid)
         assert now is not None and np.array_equal(now.vector, -old_vec)
 
 
@@ -198,8 +200,14 @@ def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
     def block(b: int) -> bytes:
         return want[b * 16 : (b + 1) * 16].tobytes()
 
-    blocks = [(0, block(0)), (1, block(1)), (3, block(3)), (4, block(4)),
-              (5, want[80:87].tobytes()), (6, block(6))]  # fmt: skip
+    blocks = [
+        (0, block(0)),
+        (1, block(1)),
+        (3, block(3)),
+        (4, block(4)),
+        (5, want[80:87].tobytes()),
+        (6, block(6)),
+    ]
     out = np.zeros((n, dim), np.float32)
     _fill_rows(out, blocks)
     expect = want[:n].copy()
@@ -270,8 +278,8 @@ def test_commit_is_all_or_nothing_under_sigkill(tmp_path: Path) -> None:
             resumed_at = nxt
     assert kills >= 3
     # finish and compare with an uninterrupted run: bit-identical
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode()
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
     reference = OnlineModel(CFG)
     batch = stream(60000, seed=4)
     for lo in range(0, 60000, 5000):

@@ -129,8 +129,8 @@ def run_kernel(
     ut, it, st = a["users"], a["items"], a["stream"]
     values: dict[str, Any] = {
         **batch._asdict(),
-        "U": ut.factors, "V": it.factors, "bias": it.bias, "u_count": ut.count,
-        "u_last": ut.last, "u_logact": ut.logpop, "i_count": it.count, "i_last": it.last,
+        "U": ut.factors, "V": it.factors, "bias": it.bias, "u_count": ut.events,
+        "u_last": ut.last, "u_logact": ut.logpop, "i_count": it.events, "i_last": it.last,
         "i_logpop": it.logpop, "cdf": st.cdf, "counters": st.counters, "clock": st.clock,
         "n_items": it.n,
     }  # fmt: skip

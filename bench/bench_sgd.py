@@ -119,9 +119,15 @@ def run_kernel(
     """
     m = hi - lo
     batch = KernelBatch(
-        ev.users[lo:hi], ev.items[lo:hi], ev.weights[lo:hi], ev.times[lo:hi],
-        ev.partitions[lo:hi], ev.offsets[lo:hi], neg[:m], logw[:m],
-    )  # fmt: skip
+        ev.users[lo:hi],
+        ev.items[lo:hi],
+        ev.weights[lo:hi],
+        ev.times[lo:hi],
+        ev.partitions[lo:hi],
+        ev.offsets[lo:hi],
+        neg[:m],
+        logw[:m],
+    )
     names = kernel_params(fn)
     if names[0] == "batch":
         fn(batch, a["users"], a["items"], a["stream"], PARAMS)
@@ -129,11 +135,20 @@ def run_kernel(
     ut, it, st = a["users"], a["items"], a["stream"]
     values: dict[str, Any] = {
         **batch._asdict(),
-        "U": ut.factors, "V": it.factors, "bias": it.bias, "u_count": ut.events,
-        "u_last": ut.last, "u_logact": ut.logpop, "i_count": it.events, "i_last": it.last,
-        "i_logpop": it.logpop, "cdf": st.cdf, "counters": st.counters, "clock": st.clock,
+        "U": ut.factors,
+        "V": it.factors,
+        "bias": it.bias,
+        "u_count": ut.events,
+        "u_last": ut.last,
+        "u_logact": ut.logpop,
+        "i_count": it.events,
+        "i_last": it.last,
+        "i_logpop": it.logpop,
+        "cdf": st.cdf,
+        "counters": st.counters,
+        "clock": st.clock,
         "n_items": it.n,
-    }  # fmt: skip
+    }
     args = []
     for p in names:
         if p in values:

@@ -169,13 +169,21 @@ class OnlineModel:
         rebuilds = int(st.counters[Counter.REBUILDS])
         if n:
             sgd_batch(
-                KernelBatch(users, items, batch.weights, batch.times, batch.partitions,
-                            batch.offsets, neg, logw),
+                KernelBatch(
+                    users,
+                    items,
+                    batch.weights,
+                    batch.times,
+                    batch.partitions,
+                    batch.offsets,
+                    neg,
+                    logw,
+                ),
                 EntityArrays.of(st.users),
                 EntityArrays.of(st.items),
                 StreamArrays(st.cdf, st.counters, st.clock),
                 self.params,
-            )  # fmt: skip
+            )
         keys = (users.astype(np.int64) << 32) | items.astype(np.int64)
         ukeys = np.empty(n, dtype=np.int64)
         values = np.empty(n, dtype=np.float64)

@@ -92,14 +92,24 @@ class SgdParams(NamedTuple):
     @classmethod
     def from_config(cls, c: ModelConfig) -> SgdParams:
         return cls(
-            lr=float(c.learning_rate), reg=float(c.reg), reg_bias=float(c.reg_bias),
-            n_neg=int(c.n_negatives), neg_exponent=float(c.negative_exponent),
-            neg_weight=float(c.negative_weight), decay_rate=float(c.decay_rate),
-            loss=int(c.loss_code), seed=int(c.seed), refresh=int(c.sampler_refresh),
-            n_candidates=int(c.n_candidates), n_steps=int(c.n_steps),
-            lr_user=float(c.lr_user), lr_bias=float(c.lr_bias), max_norm=float(c.max_norm),
-            uniform_mix=float(c.uniform_mix), bias_uniform=bool(c.bias_uniform),
-        )  # fmt: skip
+            lr=float(c.learning_rate),
+            reg=float(c.reg),
+            reg_bias=float(c.reg_bias),
+            n_neg=int(c.n_negatives),
+            neg_exponent=float(c.negative_exponent),
+            neg_weight=float(c.negative_weight),
+            decay_rate=float(c.decay_rate),
+            loss=int(c.loss_code),
+            seed=int(c.seed),
+            refresh=int(c.sampler_refresh),
+            n_candidates=int(c.n_candidates),
+            n_steps=int(c.n_steps),
+            lr_user=float(c.lr_user),
+            lr_bias=float(c.lr_bias),
+            max_norm=float(c.max_norm),
+            uniform_mix=float(c.uniform_mix),
+            bias_uniform=bool(c.bias_uniform),
+        )
 
 
 class _Table(Protocol):
@@ -296,8 +306,25 @@ def _sgd_kernel(
     U, _u_bias, u_count, u_last, u_logact, _n_users = user_t
     V, bias, i_count, i_last, i_logpop, n_items = item_t
     cdf, counters, clock = stream
-    (lr, reg, reg_bias, n_neg, neg_exponent, neg_weight, decay_rate, loss, seed, refresh,
-     n_candidates, n_steps, lr_user, lr_bias, max_norm, uniform_mix, bias_uniform) = p  # fmt: skip
+    (
+        lr,
+        reg,
+        reg_bias,
+        n_neg,
+        neg_exponent,
+        neg_weight,
+        decay_rate,
+        loss,
+        seed,
+        refresh,
+        n_candidates,
+        n_steps,
+        lr_user,
+        lr_bias,
+        max_norm,
+        uniform_mix,
+        bias_uniform,
+    ) = p
     dim = U.shape[1]
     u_old = np.empty(dim, dtype=np.float32)
     grad_u = np.empty(dim, dtype=np.float32)

@@ -82,8 +82,12 @@ def sgd_batch_reference(
     users, items, base_w, times, partitions, offsets, neg_out, logw_out = batch
     U, u_count, u_last, u_logact = user_t.factors, user_t.events, user_t.last, user_t.logpop
     V, bias, i_count, i_last, i_logpop = (
-        item_t.factors, item_t.bias, item_t.events, item_t.last, item_t.logpop
-    )  # fmt: skip
+        item_t.factors,
+        item_t.bias,
+        item_t.events,
+        item_t.last,
+        item_t.logpop,
+    )
     cdf, counters, clock = stream
     lr, reg, reg_bias, n_neg = p.lr, p.reg, p.reg_bias, p.n_neg
     uniform_mix, bias_uniform, max_norm = p.uniform_mix, p.bias_uniform, p.max_norm

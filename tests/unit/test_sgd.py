@@ -123,17 +123,23 @@ def test_negatives_never_the_positive_and_follow_popularity() -> None:
     items = st.items.resolve(tail.item_ids)
     # the plain algorithm: one draw per slot, all from the popularity table, no norm cap
     plain = SgdParams.from_config(cfg)._replace(
-        n_candidates=1, n_steps=1, lr_user=1.0, lr_bias=1.0, max_norm=0.0, uniform_mix=0.0,
+        n_candidates=1,
+        n_steps=1,
+        lr_user=1.0,
+        lr_bias=1.0,
+        max_norm=0.0,
+        uniform_mix=0.0,
         bias_uniform=False,
-    )  # fmt: skip
+    )
     sgd_batch(
-        KernelBatch(users, items, tail.weights, tail.times, tail.partitions, tail.offsets, neg,
-                    logw),
+        KernelBatch(
+            users, items, tail.weights, tail.times, tail.partitions, tail.offsets, neg, logw
+        ),
         EntityArrays.of(st.users),
         EntityArrays.of(st.items),
         StreamArrays(st.cdf, st.counters, st.clock),
         plain,
-    )  # fmt: skip
+    )
     assert not (neg == items[:, None]).any()
     delta_items = neg.ravel()
     counts = np.bincount(delta_items[delta_items >= 0], minlength=st.items.n)

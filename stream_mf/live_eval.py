@@ -1,9 +1,10 @@
 """Live quality: score a sample of incoming events test-then-learn, as the stream arrives.
 
-The same measure as the offline prequential evaluation, on today's traffic: a sampled event is
-scored (is its item in the user's top-K, excluding what the user already has?) after every event
-before it and before itself is learned. The batch is learned in pieces around the sampled events,
-which changes nothing else: the learner gives bit-identical state however a batch is cut.
+The same measure as the offline prequential evaluation (the same scorer, `scoring.score_event`),
+on today's traffic: a sampled event is scored (is its item in the user's top-K, excluding what the
+user already has?) after every event before it and before itself is learned. The batch is learned
+in pieces around the sampled events, which changes nothing else: the learner gives bit-identical
+state however a batch is cut.
 
 A cap on the events scored per batch bounds the cost of large batches; each scored event then
 stands for `picked / kept` sampled events of its batch (its weight), so backlogs (large batches)

@@ -9,7 +9,8 @@ import pytest
 from consumers.cli import main
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import EventColumns
-from stream_mf.evaluate import PopularLearner, SGDLearner, prequential
+from stream_mf.evaluate import PopularLearner, SGDLearner, prequential, refit_pieces
+from stream_mf.model import EventBatch
 from tests.synthetic import planted_stream
 
 
@@ -103,3 +104,22 @@ def test_cli_names_a_missing_column(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["evaluate", "--events", str(f), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no column 'userId'" in err and "--user-col" in err
+
+
+def test_refit_pieces_cut_at_the_same_events_however_batched() -> None:
+    ev = columns(25)
+    batch = EventBatch.build(ev.users, ev.items, np.ones(25), ev.times)
+
+    def refit_points(sizes: list[int]) -> list[int]:
+        seen, points, lo = 0, [], 0
+        for size in sizes:
+            for piece, refit in refit_pieces(batch.slice(lo, lo + size), seen, 10):
+                seen += len(piece)
+                if refit:
+                    points.append(seen)
+            lo += size
+        return points
+
+    assert refit_points([25]) == [1, 10, 20]
+    assert refit_points([1] * 25) == [1, 10, 20]
+    assert refit_points([3, 9, 2, 11]) == [1, 10, 20]

@@ -163,3 +163,13 @@ def test_learns_planted_taste() -> None:
         groups = [s.item_group[int(st.items.ids[t][1:])] for t in top]
         hits += np.mean(np.asarray(groups) == s.user_group[u]) >= 0.7
     assert hits >= 0.9 * 300
+
+
+def test_counter_slots_keep_the_stored_layout() -> None:
+    """The counters are persisted as raw int64s: a slot may be appended, never renumbered."""
+    assert {c.name: c.value for c in Counter} == {
+        "EVENTS": 0,
+        "NEXT_REFRESH": 1,
+        "CDF_LEN": 2,
+        "REBUILDS": 3,
+    }

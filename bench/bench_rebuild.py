@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Col, print_table, synthetic_events, write_results
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig, warm_up_rebuild
+from stream_mf.rebuild import Rebuild, RebuildConfig, RebuildPhase, warm_up_rebuild
 from stream_mf.store import StateStore
 
 
 def _phase(rb: Rebuild) -> str:
-    if rb.swap_outcome is not None:
+    if rb.phase is RebuildPhase.AFTER_SWAP:
         return "after the swap"
     return "fit/guard/rounds"
 
@@ -66,7 +66,7 @@ def main() -> None:
             delta = model.learn(piece)
             done += len(piece)
             t = time.perf_counter()
-            store.commit(model.state, delta, {("interactions", 0): done})
+            store.commit_batch(model.state, delta, {("interactions", 0): done})
             commit_s.append(time.perf_counter() - t)
             return delta
 
@@ -76,7 +76,7 @@ def main() -> None:
         print(f"model: {st.users.n:,} users, {st.items.n:,} items, {len(st.confidence):,} pairs")
         t0 = time.perf_counter()
         start_pause = time.perf_counter()
-        rb = Rebuild(st, store, rcfg)
+        rb = Rebuild(st, rcfg, generation=store.generation() + 1, stage=store.stage)
         start_pause = time.perf_counter() - start_pause
         steps: list[float] = []
         phases: list[str] = []
@@ -99,12 +99,10 @@ def main() -> None:
             time.sleep(max(0.0, 0.2 - (time.perf_counter() - t_feed)))
             phase = _phase(rb)
             t = time.perf_counter()
-            outcome = rb.step(st)
-            if outcome is not None and outcome.swapped:
-                store.commit(
-                    st, BatchDelta.empty(st), None, generation=outcome.generation,
-                    extra_users=outcome.users, extra_items=outcome.items,
-                )  # fmt: skip
+            res = rb.step(st)
+            if res.write is not None:
+                store.apply(st, res.write)
+            outcome = res.outcome
             steps.append(time.perf_counter() - t)
             if phase == "fit/guard/rounds" and (rb.swap_outcome is not None or outcome is not None):
                 phase = "swap"  # the flip step
@@ -116,7 +114,7 @@ def main() -> None:
         store.drop_other_generations()
         cleanup = time.perf_counter() - t
         t = time.perf_counter()
-        store.commit(st, None, None, everything=True)
+        store.write_full_state(st)
         naive = time.perf_counter() - t
         store.close()
 

@@ -16,8 +16,7 @@ from synthetic import planted_stream
 from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
-from stream_mf.state import ModelState
-from stream_mf.state import confidence_items
+from stream_mf.state import ModelState, confidence_items
 from stream_mf.store import ConfigMismatchError, StateStore
 from stream_mf.store_layout import fill_rows
 

@@ -3,6 +3,8 @@
 #   docker run --rm stream-mf:0.1.0 --help
 # Every runtime dependency ships manylinux wheels, so no compiler is needed; the package is
 # installed into a venv in a build stage and only the venv is copied into the runtime image.
+# No extras: the embedded broker (`embedded`) is for local runs and tests; the image talks to
+# a real Kafka (docker-compose.yml).
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \

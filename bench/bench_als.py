@@ -139,8 +139,10 @@ def time_pair(
         pair = (ours, theirs) if r % 2 == 0 else (theirs, ours)
         for fn in pair:
             (t_ours if fn is ours else t_theirs).append(fn(ITERATIONS))
-    loss = {k: als_loss(Cu, np.ascontiguousarray(x), np.ascontiguousarray(y), REG)
-            for k, (x, y) in final.items()}  # fmt: skip
+    loss = {
+        k: als_loss(Cu, np.ascontiguousarray(x), np.ascontiguousarray(y), REG)
+        for k, (x, y) in final.items()
+    }
     return {
         "ours_s": min(t_ours),
         "implicit_s": min(t_theirs),

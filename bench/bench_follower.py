@@ -140,8 +140,10 @@ def main() -> None:
     rows = []
     try:
         for n_items, n_users in sizes:
-            print(f"{n_items} items: filling the store, then {rounds} commits + refreshes ...",
-                  flush=True)  # fmt: skip
+            print(
+                f"{n_items} items: filling the store, then {rounds} commits + refreshes ...",
+                flush=True,
+            )
             rows.append(run_size(n_items, n_users, batch, rounds, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,9 +25,9 @@ from typing import Any
 from bench_ingest import bootstrap_servers, payloads_of, prepublish
 from common import Col, fmt_rate, print_table, write_results
 
-from consumers.broker import create_topics
 from consumers.kafka_io import StopFlag
 from consumers.settings import KafkaSettings, MetricsSettings, TopicSettings, UpdaterSettings
+from consumers.topics import create_topics
 from consumers.updater import Updater
 from tests.synthetic import planted_stream
 

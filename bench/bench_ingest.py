@@ -44,10 +44,11 @@ from common import ROOT, TYPE_FREQ, Col, fmt_rate, print_table, write_results
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from consumers import kafka_io
-from consumers.broker import EmbeddedBroker, create_topics, free_port
+from consumers.local_broker import EmbeddedBroker, free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
+from consumers.topics import create_topics
 from tests.synthetic import PlantedStream, planted_stream
 
 TYPE_NAMES = ("view", "click", "add_to_cart", "purchase")

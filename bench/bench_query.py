@@ -50,7 +50,6 @@ from common import BLAS_THREAD_VARS, Col, print_table, write_results
 from confluent_kafka import OFFSET_END, TopicPartition
 
 from consumers import kafka_io
-from consumers.broker import create_topics, free_port
 from consumers.client import (
     FETCH_WAIT_MS,
     LINGER_MS,
@@ -58,10 +57,12 @@ from consumers.client import (
     reply_consumer,
     request_producer,
 )
+from consumers.local_broker import free_port
 from consumers.processes import ManagedProcess, metric_sum
 from consumers.publish import publish
 from consumers.query import REPLY_LINGER_MS, reply_producer, request_consumer
 from consumers.settings import KafkaSettings, QuerySettings
+from consumers.topics import create_topics
 from tests.synthetic import PlantedStream, planted_stream
 
 N_ITEMS = 50_000

@@ -10,7 +10,7 @@ itself when rows are left, the caller otherwise), with events arriving at `--rat
 micro-batches (users uniformly at random: the worst case for how many rows change during a
 catch-up round). The pause is the longest of those steps and the snapshot (target: under 100 ms
 for 100k users). For reference, the same run times a plain batch commit, and the naive
-alternative of writing every row at the swap (one `commit(everything=True)`).
+alternative of writing every row at the swap (one `write_full_state`).
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def main() -> None:
             if rb.wants_scores:
                 nxt = batch.slice(done, done + step_batch)
                 rb.score(
-                    st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                    st,
+                    st.users.lookup(nxt.user_ids).astype(np.int64),
                     st.items.lookup(nxt.item_ids).astype(np.int64),
                     lambda u: store.user_items(u)[0].astype(np.int64),
-                )  # fmt: skip
+                )
             t_feed = time.perf_counter()
             rb.note(feed())
             batches_during += 1

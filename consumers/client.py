@@ -24,20 +24,18 @@ LINGER_MS = 1.0
 
 def request_producer(kafka: KafkaSettings, linger_ms: float = LINGER_MS) -> Producer:
     """Producer for requests (RecClient and bench_query's load use the same settings)."""
-    return kafka_io.producer(kafka, **{"linger.ms": linger_ms, "socket.nagle.disable": True})
+    conf: dict[str, Any] = {"linger.ms": linger_ms, "socket.nagle.disable": True}
+    return kafka_io.producer(kafka, **conf)
 
 
 def reply_consumer(kafka: KafkaSettings, fetch_wait_ms: int = FETCH_WAIT_MS) -> Consumer:
     """Consumer for the reply topic, assigned by the caller (no group join)."""
-    return kafka_io.consumer(
-        kafka,
-        f"stream-mf-client-{uuid.uuid4().hex[:8]}",
-        **{
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": fetch_wait_ms,
-            "socket.nagle.disable": True,
-        },
-    )
+    conf: dict[str, Any] = {
+        "enable.auto.commit": False,
+        "fetch.wait.max.ms": fetch_wait_ms,
+        "socket.nagle.disable": True,
+    }
+    return kafka_io.consumer(kafka, f"stream-mf-client-{uuid.uuid4().hex[:8]}", **conf)
 
 
 class RecClient:
@@ -75,7 +73,7 @@ class RecClient:
         self._wait_assigned()
         rid = str(request.setdefault("request_id", uuid.uuid4().hex))
         request.setdefault("sent_at", time.time())
-        headers = [("reply_to", self.responses.encode())]
+        headers: kafka_io.HeaderList = [("reply_to", self.responses.encode())]
         if deadline_ms is not None:
             headers.append(("deadline_ms", str(deadline_ms).encode()))
         key = str(request.get("user_id") or "").encode()
@@ -93,8 +91,9 @@ class RecClient:
                 if m.error():
                     continue
                 cid = kafka_io.headers_dict(m.headers()).get("correlation_id", b"").decode()
-                if cid in self.pending and self.pending[cid] is None:
-                    self.pending[cid] = RecResponse.model_validate_json(m.value())
+                value = m.value()
+                if cid in self.pending and self.pending[cid] is None and value is not None:
+                    self.pending[cid] = RecResponse.model_validate_json(value)
         got = {k: v for k, v in self.pending.items() if v is not None}
         self.pending = {k: v for k, v in self.pending.items() if v is None}
         return got

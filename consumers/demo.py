@@ -16,11 +16,10 @@ import orjson
 from tqdm import tqdm
 
 from consumers import kafka_io
-from consumers.broker import EmbeddedBroker, create_topics, free_port
 from consumers.catalog import DEFAULT_CATALOG, load_titles
 from consumers.client import RecClient
-from consumers.commands.broker import product_topics
 from consumers.commands.recommend import format_response
+from consumers.local_broker import EmbeddedBroker, free_port, tansu_binary
 from consumers.processes import (
     ManagedProcess,
     histogram_quantile,
@@ -30,6 +29,7 @@ from consumers.processes import (
 )
 from consumers.publish import event_payloads, publish
 from consumers.settings import KafkaSettings, TopicSettings
+from consumers.topics import create_topics, product_topics
 from stream_mf.answer import StateUsers, answer
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import ColumnSpec, read_events
@@ -59,7 +59,7 @@ def _offline_recall() -> float | None:
 def _numba_dispatchers() -> list[Any]:
     from numba.core.registry import CPUDispatcher
 
-    out = []
+    out: list[Any] = []
     for name, module in list(sys.modules.items()):
         if name.startswith("stream_mf."):
             out.extend(v for v in vars(module).values() if isinstance(v, CPUDispatcher))
@@ -100,14 +100,19 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
     """Five seconds of live traffic stamped now: how fresh is what the query service serves?"""
     urls = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
     before = [scrape(u) for u in urls]
-    producer = kafka_io.producer(kafka, **{"linger.ms": 5})
+    conf: dict[str, Any] = {"linger.ms": 5}
+    producer = kafka_io.producer(kafka, **conf)
     rng = np.random.default_rng(0)
     end = time.monotonic() + 5.0
     sent = 0
     while time.monotonic() < end:
         for _ in range(20):
-            doc = {"user_id": f"live-{rng.integers(500)}", "item_id": str(rng.integers(1, 3000)),
-                   "event_type": "click", "timestamp": time.time()}  # fmt: skip
+            doc = {
+                "user_id": f"live-{rng.integers(500)}",
+                "item_id": str(rng.integers(1, 3000)),
+                "event_type": "click",
+                "timestamp": time.time(),
+            }
             producer.produce(topics.interactions, value=orjson.dumps(doc))
             sent += 1
         producer.poll(0)
@@ -120,8 +125,10 @@ def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, in
         if q is not None:
             p99s.append(q)
     if p99s:
-        print(f"\nlive phase: {sent} events stamped now at ~400/s; freshness p99 (event time to "
-              f"servable in a query process): {max(p99s):.2f} s")  # fmt: skip
+        print(
+            f"\nlive phase: {sent} events stamped now at ~400/s; freshness p99 (event time to "
+            f"servable in a query process): {max(p99s):.2f} s"
+        )
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -143,6 +150,7 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
 
 def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
     topics = TopicSettings()
+    binary = tansu_binary()  # before compiling: without the embedded extra, say so at once
     print(
         "compiling kernels… (numba; the first run compiles them, about half a minute on two "
         "cores; later runs load them from its cache)",
@@ -154,7 +162,7 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
     else:
         print(f"kernels loaded from numba's cache in {took:.1f}s")
     procs: list[ManagedProcess] = []
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(binary=binary) as broker:
         boot = broker.bootstrap_servers
         # one partition of interactions: a replay of history must reach the learner in time
         # order (the stream clock and its decay assume partitions advance together); two of
@@ -180,10 +188,10 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             )
             for q in ("query-1", "query-2"):
                 procs.append(
-                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work,
-                                   env=scratch)
-                    .start()
-                )  # fmt: skip
+                    ManagedProcess(
+                        q, ["query", *common, "--metrics-port", str(ports[q])], work, env=scratch
+                    ).start()
+                )
             print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")
             events = read_events(RATINGS, ColumnSpec()).sorted_by_time()
             payloads = event_payloads(events, "shift")
@@ -212,14 +220,11 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             applied = metric_sum(scrape(url), "stream_mf_events_applied_total")
             for q in ("query-1", "query-2"):  # answers below come from the whole replay
                 q_url = f"http://127.0.0.1:{ports[q]}/metrics"
-                wait_until(
-                    lambda u=q_url: (
-                        metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
-                    ),
-                    30,
-                    0.1,
-                    f"{q} to load the model",
-                )
+
+                def loaded(u: str = q_url) -> bool:
+                    return metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
+
+                wait_until(loaded, 30, 0.1, f"{q} to load the model")
             m = scrape(url)
             scored = metric_sum(m, "stream_mf_live_eval_events_total")
             if scored:
@@ -239,14 +244,21 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
                     print(format_response(resp, titles))
                     if resp.items:
                         why = client.ask(
-                            {"kind": "because", "user_id": user, "item_id": resp.items[0].item_id,
-                             "k": 3}
-                        )  # fmt: skip
+                            {
+                                "kind": "because",
+                                "user_id": user,
+                                "item_id": resp.items[0].item_id,
+                                "k": 3,
+                            }
+                        )
                         names = ", ".join(titles.get(i.item_id, i.item_id) for i in why.items)
                         print(f"     because you watched: {names}")
                 print()
-                print(format_response(client.ask({"kind": "similar_items", "item_id": "1"}), titles)
-                      .replace("similar_items", "similar to Toy Story (1995)"))  # fmt: skip
+                print(
+                    format_response(
+                        client.ask({"kind": "similar_items", "item_id": "1"}), titles
+                    ).replace("similar_items", "similar to Toy Story (1995)")
+                )
                 print()
                 print(format_response(client.ask({"user_id": "new-visitor", "k": 5}), titles))
             finally:
@@ -256,8 +268,10 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             for name, port in ports.items():
                 print(f"  {name:<8} http://127.0.0.1:{port}/metrics")
             if serve:
-                print(f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
-                      f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop.")  # fmt: skip
+                print(
+                    f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
+                    f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop."
+                )
                 stop = kafka_io.StopFlag().install()
                 while not stop and all(p.alive() for p in procs):
                     time.sleep(0.5)

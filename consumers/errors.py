@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from pydantic import ValidationError
 
 #: an unexpected exception (a bug): Python's own code for an uncaught exception
@@ -52,7 +52,7 @@ _TAIL = re.compile(r"[;:,]?\s*(log tail)?:?$")
 
 
 #: settings fields whose flag is named differently from the field path
-_FLAG_OF = {
+_FLAG_OF: dict[tuple[str, ...], str] = {
     ("kafka", "bootstrap_servers"): "bootstrap_servers",
     ("metrics", "port"): "metrics_port",
     ("metrics", "host"): "metrics_host",
@@ -96,7 +96,7 @@ def describe_validation(exc: ValidationError, args: argparse.Namespace | None = 
 def one_line(exc: BaseException, args: argparse.Namespace | None = None) -> tuple[str, int] | None:
     """The line and exit code for a failure the user caused or can fix; None for a bug."""
     # imported here: the store pulls in numba-backed modules the CLI's help should not wait for
-    from consumers.broker import BrokerError
+    from consumers.local_broker import BrokerError
     from stream_mf.store import StoreError
 
     if isinstance(exc, UserError):
@@ -107,7 +107,7 @@ def one_line(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
         return _first_line(str(exc)), EXIT_USAGE
     if isinstance(exc, KafkaException):
         err = exc.args[0] if exc.args else None
-        text = err.str() if hasattr(err, "str") else str(exc)
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
         return f"Kafka: {text}", EXIT_UNAVAILABLE
     if isinstance(exc, TimeoutError):
         return _first_line(str(exc)) or "timed out", EXIT_UNAVAILABLE

@@ -12,7 +12,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -133,7 +133,8 @@ def no_broker_message(kafka: KafkaSettings, after: float) -> str:
 
 
 def _probe(kafka: KafkaSettings) -> AdminClient:
-    return AdminClient({**kafka.client_config(), "logger": _Silent(), "error_cb": _ignore})
+    conf: dict[str, Any] = {**kafka.client_config(), "logger": _Silent(), "error_cb": _ignore}
+    return AdminClient(conf)
 
 
 def broker_answers(kafka: KafkaSettings, timeout: float, admin: AdminClient | None = None) -> bool:
@@ -222,7 +223,7 @@ def consumer(
         "fetch.wait.max.ms": 10,
         # brokers that answer a fetch with far more than asked (Tansu returns ~20 MB) push
         # librdkafka over queued.min.messages, and the default 1 s backoff then caps a
-        # partition near 200k msgs/s; 10 ms lifts it to ~1M/s (measured, consumers/broker.py)
+        # partition near 200k msgs/s; 10 ms lifts it to ~1M/s (measured: local_broker.py)
         "fetch.queue.backoff.ms": 10,
         "fetch.min.bytes": 1,
         "max.partition.fetch.bytes": 8 * 1024 * 1024,
@@ -295,11 +296,37 @@ class DeliveryTracker:
             self.last_error = err
 
 
-def headers_dict(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
-    return {k: v for k, v in (headers or []) if v is not None}
+def position(m: Message) -> tuple[int, int]:
+    """(partition, offset) of a message delivered or consumed without error. The client sets
+    both then, but types them optional (an error event has neither), so this checks once."""
+    p, o = m.partition(), m.offset()
+    if p is None or o is None:
+        raise ValueError(f"a message without a position (error: {m.error()})")
+    return p, o
 
 
-def str_headers(values: Mapping[str, str | int]) -> list[tuple[str, bytes]]:
+def payload(m: Message) -> bytes:
+    """A message's value, which must be there (a tombstone or error event has none)."""
+    v = m.value()
+    if not isinstance(v, bytes):
+        raise ValueError(f"a message without a payload (error: {m.error()})")
+    return v
+
+
+#: message headers as confluent-kafka types them, for producing and as consumed
+HeaderList = list[tuple[str, str | bytes | None]]
+Headers = HeaderList | dict[str, str | bytes | None]
+
+
+def headers_dict(headers: Headers | None) -> dict[str, bytes]:
+    """A consumed message's headers by name, valueless ones left out. librdkafka hands them
+    over as (name, bytes) pairs; the client library types them as anything a producer may
+    pass, so a str (never seen from a broker) is encoded rather than trusted."""
+    pairs = headers.items() if isinstance(headers, dict) else (headers or [])
+    return {k: v.encode() if isinstance(v, str) else v for k, v in pairs if v is not None}
+
+
+def str_headers(values: Mapping[str, object]) -> HeaderList:
     return [(k, str(v).encode()) for k, v in values.items()]
 
 

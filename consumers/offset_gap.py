@@ -102,9 +102,10 @@ def _fetch(
             got = probe.consume(10_000, min(0.1, idle_until - now))
             for m in got:
                 err = m.error()
+                at = m.offset()
                 if err is None:
-                    if m.partition() == partition and m.offset() >= offset:
-                        last = m.offset() if last is None else max(last, m.offset())
+                    if m.partition() == partition and at is not None and at >= offset:
+                        last = at if last is None else max(last, at)
                 elif err.code() in OUT_OF_RANGE:
                     return last, True
             if last is not None:
@@ -118,9 +119,14 @@ def _fetch(
 
 
 def verified_end(
-    probe: Consumer, topic: str, partition: int, stored: int, low: int, high: int,
+    probe: Consumer,
+    topic: str,
+    partition: int,
+    stored: int,
+    low: int,
+    high: int,
     wait: float = 2.0,
-) -> int | None:  # fmt: skip
+) -> int | None:
     """The log's end, confirmed by fetching, when the watermark says `stored` lies beyond it.
 
     A fetch of the record just before `stored` settles it: if the log has that record, the

@@ -315,8 +315,13 @@ class QueryService:
 
         def done(err: KafkaError | None, _reply: Message) -> None:
             if err is not None:
-                log.warning("reply to %s[%d]@%d not delivered: %s",
-                            m.topic(), m.partition(), m.offset(), err)  # fmt: skip
+                log.warning(
+                    "reply to %s[%d]@%d not delivered: %s",
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    err,
+                )
                 self.metrics.errors.labels("reply").inc()
 
         return done
@@ -327,8 +332,9 @@ class QueryService:
         try:
             self.consumer.store_offsets(message=m)
         except Exception as exc:
-            log.debug("offset of %s[%d]@%d not stored: %s", m.topic(), m.partition(),
-                      m.offset(), exc)  # fmt: skip
+            log.debug(
+                "offset of %s[%d]@%d not stored: %s", m.topic(), m.partition(), m.offset(), exc
+            )
 
     def _error(self, request_id: str, user_id: str | None, message: str) -> RecResponse:
         return RecResponse(

@@ -186,8 +186,8 @@ def _columns(
 ) -> tuple[list[bytes | None], np.ndarray, np.ndarray, np.ndarray]:
     """Payloads, partitions, offsets and Kafka timestamps (ms) in one pass over the messages."""
     values: list[bytes | None] = []
-    parts: list[int] = []
-    offs: list[int] = []
+    parts: list[int | None] = []  # None only on error events, which never get here
+    offs: list[int | None] = []
     stamps: list[int] = []
     va, pa, oa, sa = values.append, parts.append, offs.append, stamps.append
     for m in msgs:
@@ -389,8 +389,11 @@ class Updater:
                 log.warning(
                     "%s[%d]: the watermark puts the stored offset %d beyond the log's end %d, "
                     "but the broker delivered no record to confirm it; checked again later",
-                    topic, partition, stored, high,
-                )  # fmt: skip
+                    topic,
+                    partition,
+                    stored,
+                    high,
+                )
                 return stored
             gap = offset_gap.classify(stored, low, end)
         if gap is None:
@@ -415,8 +418,12 @@ class Updater:
         new = offset_gap.resume_offset(gap, policy)
         log.warning(
             "%s[%d]: resuming at offset %d instead of %d (on_offset_gap=%s)",
-            topic, partition, new, gap.stored, policy,
-        )  # fmt: skip
+            topic,
+            partition,
+            new,
+            gap.stored,
+            policy,
+        )
         # deliberately moved, backwards too: the store says so at once (a restart resumes
         # there) and the regression check in _next_offsets measures from here
         key = (topic, partition)
@@ -426,11 +433,12 @@ class Updater:
 
     def _prober(self) -> Any:
         if self._probe is None:
+            conf: dict[str, Any] = {"auto.offset.reset": "error"}
             self._probe = kafka_io.consumer(
                 self.settings.kafka,
                 f"{self.settings.group_id}-probe",
                 on_error=self.metrics.errors.labels("broker").inc,
-                **{"auto.offset.reset": "error"},
+                **conf,
             )
         return self._probe
 
@@ -476,8 +484,9 @@ class Updater:
         try:
             meta = self.consumer.list_topics(self.topic, timeout=5.0)
         except Exception as exc:
-            kafka_io.THROTTLE.log(log, logging.WARNING, "cannot read metadata of %r: %s",
-                                  self.topic, exc)  # fmt: skip
+            kafka_io.THROTTLE.log(
+                log, logging.WARNING, "cannot read metadata of %r: %s", self.topic, exc
+            )
             self.metrics.errors.labels("broker").inc()
             return
         tmeta = meta.topics.get(self.topic)
@@ -690,9 +699,14 @@ class Updater:
                     # the fetch position left the log (retention, a truncated or recreated
                     # topic): Kafka said so; the policy decides
                     p = m.partition()
-                    stored = self.offsets.get((m.topic(), p))
+                    stored = self.offsets.get((self.topic, p)) if p is not None else None
                     at = m.offset() if stored is None else stored
-                    if at is not None and at >= 0 and self._resume_at(m.topic(), p, at, True):
+                    if (
+                        p is not None
+                        and at is not None
+                        and at >= 0
+                        and self._resume_at(self.topic, p, at, True)
+                    ):
                         # read before the move, from the log the policy left: not applied
                         out = [x for x in out if x.partition() != p]
                 elif err.code() != KafkaError._PARTITION_EOF:
@@ -775,9 +789,15 @@ class Updater:
         log.error(
             "a batch of %d message(s) from %s[%d]@%d to %s[%d]@%d failed (%s): reloading the "
             "model from the store and isolating the message that fails",
-            len(msgs), first.topic(), first.partition(), first.offset(), last.topic(),
-            last.partition(), last.offset(), _describe(exc),
-        )  # fmt: skip
+            len(msgs),
+            first.topic(),
+            first.partition(),
+            first.offset(),
+            last.topic(),
+            last.partition(),
+            last.offset(),
+            _describe(exc),
+        )
         log.debug("the batch failed with", exc_info=exc)
         self._reload()
         todo: deque[list[Message]] = deque([msgs])
@@ -803,8 +823,11 @@ class Updater:
         log.error(
             "internal error on %s[%d]@%d, dead-lettered with reason internal (a bug: please "
             "report it with that dead letter): %s",
-            m.topic(), m.partition(), m.offset(), text,
-        )  # fmt: skip
+            m.topic(),
+            m.partition(),
+            m.offset(),
+            text,
+        )
         log.debug("the message failed with", exc_info=exc)
         dec = DecodedEvents(rejects=[Reject(0, "internal", text)])
         parts = np.asarray([m.partition()], np.int32)
@@ -888,11 +911,11 @@ class Updater:
         if self._sent_before is None:
             self._sent_before = self._read_back_dead_letters(topic)
         if self._sent_before:
-            sent = self._sent_before
+            sent_before = self._sent_before
             keep = [
                 r
                 for r in rejects
-                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent
+                if (msgs[r.position].partition(), msgs[r.position].offset()) not in sent_before
             ]
             if len(keep) < len(rejects):
                 log.info(
@@ -967,8 +990,9 @@ class Updater:
             log.warning(
                 "cannot read back the end of %r (%s): dead letters of a batch interrupted "
                 "before its commit may be sent again",
-                topic, exc,
-            )  # fmt: skip
+                topic,
+                exc,
+            )
         finally:
             c.close()
         return found
@@ -1029,9 +1053,14 @@ class Updater:
             log.warning(
                 "dead-lettered %s[%d]@%d (%s) truncated to %d of %d bytes: a dead letter must "
                 "fit the producer's message.max.bytes (%d)",
-                m.topic(), m.partition(), m.offset(), r.reason, len(value), len(raw),
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                r.reason,
+                len(value),
+                len(raw),
                 self._dlt_max,
-            )  # fmt: skip
+            )
         log.debug("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), r.message)
 
     def _await_dead_letters(self, topic: str, failed_before: int) -> None:
@@ -1057,8 +1086,11 @@ class Updater:
                     "%d dead letter(s) to %r not acknowledged after %.0f s: is the broker "
                     "reachable? This batch waits (up to dead_letter_timeout_seconds=%g) and is "
                     "committed only after they are delivered",
-                    left, topic, now - start, s.dead_letter_timeout_seconds,
-                )  # fmt: skip
+                    left,
+                    topic,
+                    now - start,
+                    s.dead_letter_timeout_seconds,
+                )
                 self.metrics.errors.labels("broker").inc()
                 report_at = now + STALL_REPORT_S
             left = self.dlt.flush(min(1.0, deadline - now))

@@ -238,9 +238,10 @@ def _check_factors(C: CSR, X: np.ndarray, Y: np.ndarray) -> None:
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _matvec(A: np.ndarray, v: np.ndarray, out: np.ndarray, sign: float) -> None:
+def _matvec(A: np.ndarray, v: np.ndarray, out: np.ndarray, sign: np.float32) -> None:
     """out = sign * A v for a symmetric A, four columns per pass so `out` is loaded and stored
-    a quarter as often (the k×k product is most of a CG step)."""
+    a quarter as often (the k×k product is most of a CG step); a float32 `sign` keeps the
+    products in float32."""
     k = v.shape[0]
     out[:] = 0.0
     g = 0

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -137,7 +137,7 @@ def _resolve(spec: ColumnSpec, row: dict[str, object]) -> ColumnSpec:
     lacks are read under the product's own names (a file of the product's events needs no
     flags)."""
     default = ColumnSpec()
-    names = {}
+    names: dict[str, Any] = {}  # ColumnSpec's column-name fields (str) by name, for `replace`
     for field, product in PRODUCT_COLUMNS.items():
         name = getattr(spec, field)
         if name == getattr(default, field) and name not in row and product in row:
@@ -158,9 +158,9 @@ def _value(raw: object, column: str, where: str) -> float:
     if raw is None or raw == "":
         return math.nan
     try:
-        if isinstance(raw, bool):
+        if isinstance(raw, bool) or not isinstance(raw, str | int | float):
             raise ValueError
-        v = float(raw)  # type: ignore[arg-type]
+        v = float(raw)
     except (TypeError, ValueError):
         raise EventFileError(f"{where}: {column} {raw!r} is not a number") from None
     if not math.isfinite(v):
@@ -207,8 +207,9 @@ def read_events(path: str | Path, spec: ColumnSpec = ColumnSpec()) -> EventColum
             items.append(_id(i, use.item_col, where))
             times.append(ts)
             values.append(v)
-            types.append(_id(row.get(use.type_col), use.type_col, where) if use.type_col
-                         else use.event_type)  # fmt: skip
+            types.append(
+                _id(row.get(use.type_col), use.type_col, where) if use.type_col else use.event_type
+            )
     except UnicodeDecodeError as exc:  # decoded in chunks: find the line itself
         bad = _first_non_utf8_line(path)
         at = f"{path}:{bad}" if bad else str(path)

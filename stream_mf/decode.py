@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 import numpy as np
@@ -89,6 +89,13 @@ class _Fast:
     rejects: list[Reject]
 
 
+_T = TypeVar("_T")
+
+
+def _take(col: list[_T], keep: list[int]) -> list[_T]:
+    return [col[j] for j in keep]
+
+
 def _fast(
     payloads: Sequence[bytes | None], types: Mapping[str, EventTypeSpec], max_bytes: int
 ) -> _Fast:
@@ -132,9 +139,8 @@ def _fast(
         bad = np.flatnonzero(~ok).tolist()
         slow = sorted(slow + [pos[j] for j in bad])
         keep = np.flatnonzero(ok).tolist()
-        pos, users, items, etypes, weights, times = (
-            [col[j] for j in keep] for col in (pos, users, items, etypes, weights, times)
-        )
+        pos, users, items = _take(pos, keep), _take(users, keep), _take(items, keep)
+        etypes, weights, times = _take(etypes, keep), _take(weights, keep), _take(times, keep)
     return _Fast(pos, users, items, etypes, weights, times, slow, rejects)
 
 
@@ -222,9 +228,15 @@ def _drop_future(out: DecodedEvents, latest: float | np.ndarray) -> None:
             )
         )
     keep = np.flatnonzero(~late).tolist()
-    out.positions, out.users, out.items, out.types, out.weights, out.times = (
-        [col[j] for j in keep]
-        for col in (out.positions, out.users, out.items, out.types, out.weights, out.times)
+    out.positions, out.users, out.items = (
+        _take(out.positions, keep),
+        _take(out.users, keep),
+        _take(out.items, keep),
+    )
+    out.types, out.weights, out.times = (
+        _take(out.types, keep),
+        _take(out.weights, keep),
+        _take(out.times, keep),
     )
     out.rejects.sort(key=lambda r: r.position)
 
@@ -255,18 +267,18 @@ def _decode(
         return out
     accepted: list[tuple[int, tuple[str, str, str, float, float]]] = []
     for p in f.slow:
-        got = _slow(payloads[p], p, types)  # type: ignore[arg-type]
+        raw = payloads[p]
+        assert raw is not None  # `_fast` rejects empty payloads; only others go the slow way
+        got = _slow(raw, p, types)
         if isinstance(got, Reject):
             out.rejects.append(got)
         else:
             accepted.append((p, got))
     out.rejects.sort(key=lambda r: r.position)
     if accepted:  # rare (ms or RFC 3339 times): merge into input order
-        rows = sorted(
-            [(p, (u, i, t, w, ts)) for p, u, i, t, w, ts in zip(
-                out.positions, out.users, out.items, out.types, out.weights, out.times, strict=True
-            )] + accepted
-        )  # fmt: skip
+        o = out
+        fast = zip(o.positions, o.users, o.items, o.types, o.weights, o.times, strict=True)
+        rows = sorted([(p, (u, i, t, w, ts)) for p, u, i, t, w, ts in fast] + accepted)
         out.positions = [p for p, _ in rows]
         out.users, out.items, out.types, out.weights, out.times = (
             list(col) for col in zip(*(r for _, r in rows), strict=True)

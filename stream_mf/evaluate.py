@@ -94,11 +94,26 @@ def _fit_als(
     V = _grow(V, ni, dim, st.config.seed + 1)
     keys, vals = confidence_items(st.confidence)
     by_user, by_item = confidence_matrix(
-        keys, vals, nu, ni, float(st.clock[0]), st.config.decay_rate, rcfg.alpha,
+        keys,
+        vals,
+        nu,
+        ni,
+        float(st.clock[0]),
+        st.config.decay_rate,
+        rcfg.alpha,
         rcfg.min_confidence,
-    )  # fmt: skip
-    als_fit(by_user, by_item, U, V, rcfg.reg, rcfg.iterations, rcfg.solver, rcfg.cg_steps,
-            compute_loss=False)  # fmt: skip
+    )
+    als_fit(
+        by_user,
+        by_item,
+        U,
+        V,
+        rcfg.reg,
+        rcfg.iterations,
+        rcfg.solver,
+        rcfg.cg_steps,
+        compute_loss=False,
+    )
     return U, V
 
 
@@ -117,8 +132,9 @@ class ALSLearner(_ModelLearner):
 
     name = "als"
 
-    def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
-                 refit_every: int = 1000):  # fmt: skip
+    def __init__(
+        self, config: ModelConfig, rebuild: RebuildConfig | None = None, refit_every: int = 1000
+    ):
         super().__init__(config.model_copy(update={"n_negatives": 0}))
         self.rcfg = rebuild or RebuildConfig()
         self.refit_every = refit_every
@@ -207,8 +223,9 @@ class HybridLearner(SGDLearner):
 
     name = "hybrid"
 
-    def __init__(self, config: ModelConfig, rebuild: RebuildConfig | None = None,
-                 refit_every: int = 1000):  # fmt: skip
+    def __init__(
+        self, config: ModelConfig, rebuild: RebuildConfig | None = None, refit_every: int = 1000
+    ):
         super().__init__(config)
         self.rcfg = (rebuild or RebuildConfig()).model_copy(
             update={"guard_timeout_s": math.inf, "swap_budget_s": math.inf}

@@ -24,6 +24,8 @@ from stream_mf.config import ModelConfig
 from stream_mf.recommend import ItemView
 from stream_mf.store import StateStore, StoreError
 
+__all__ = ["StoreFollower"]
+
 
 class StoreFollower:
     def __init__(self, path: str | os.PathLike[str], secondary_dir: str | None = None):
@@ -138,6 +140,3 @@ def _extend_index(index: dict[str, int], ids: list[str]) -> dict[str, int]:
     for j in range(len(index), len(ids)):
         out[ids[j]] = j
     return out
-
-
-__all__ = ["Path", "StoreFollower"]

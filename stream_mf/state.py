@@ -36,7 +36,7 @@ class IdIndex(dict[str, int]):
     __slots__ = ("fresh",)
 
     def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+        super().__init__(*args)
         self.fresh: list[str] | None = None  # a list only while `resolve` runs
 
     def __missing__(self, key: str) -> int:
@@ -198,13 +198,13 @@ def confidence_items(conf: Dict, sort: bool = True) -> tuple[np.ndarray, np.ndar
 
 
 @numba.njit(cache=True)
-def _fill(conf, keys, vals):  # type: ignore[no-untyped-def]
+def _fill(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
     for j in range(keys.shape[0]):
         conf[keys[j]] = vals[j]
 
 
 @numba.njit(cache=True)
-def _dump(conf, keys, vals):  # type: ignore[no-untyped-def]
+def _dump(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
     j = 0
     for k, v in conf.items():
         keys[j] = k

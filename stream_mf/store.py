@@ -58,7 +58,6 @@ from stream_mf.store_layout import (
     N_USERS,
     REBUILD_UNFINISHED,
     REBUILT_AT,
-    MetaTable,
     RowTable,
     as_bytes,
     batch_log_key,
@@ -285,7 +284,7 @@ class StateStore:
     def offsets(self) -> dict[tuple[str, int], int]:
         """Next offset to consume per (topic, partition), as of the last commit."""
         out: dict[tuple[str, int], int] = {}
-        for k, v in self.cf["offsets"].items():
+        for k, v in _raw_items(self.cf["offsets"]):
             topic, _, part = k.decode().rpartition("/")
             out[(topic, int(part))] = I64.unpack(v)[0]
         return out
@@ -311,12 +310,12 @@ class StateStore:
     def _load_table(self, kind: str, config: ModelConfig) -> EntityTable:
         n = self._meta_int(meta_key(f"n_{kind}s"))
         table = EntityTable(kind, config.dim, config.seed, config.init_scale, capacity=max(n, 1024))
-        ids = [v.decode() for v in self.cf[f"{kind}_index"].values()]
+        ids = [v.decode() for _, v in _raw_items(self.cf[f"{kind}_index"])]
         if len(ids) < n:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
         fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
-        for k, v in self.cf[f"{kind}_meta"].items():
+        for k, v in _raw_items(self.cf[f"{kind}_meta"]):
             read_meta_block(table, BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
             fill_rows(table.bias[:n], self._model_blocks("item_bias"))
@@ -354,7 +353,7 @@ class StateStore:
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
         ks: list[bytes] = []
         vs: list[bytes] = []
-        for k, v in self.cf["confidence"].items():
+        for k, v in _raw_items(self.cf["confidence"]):
             ks.append(k)
             vs.append(v)
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
@@ -413,7 +412,7 @@ class StateStore:
         fill_rows(bias, self._model_blocks("item_bias", gen))
         # meta blocks are columns of count, last and logpop (8 bytes a row each): logpop is the
         # third third of each block
-        meta = ((BE32.unpack(k)[0], v) for k, v in self.cf["item_meta"].items())
+        meta = ((BE32.unpack(k)[0], v) for k, v in _raw_items(self.cf["item_meta"]))
         fill_rows(logpop, meta, columns=3, column=2)
         return factors, bias, logpop
 
@@ -531,7 +530,7 @@ class StateStore:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
         wb = self._batch()
         rows = blocks.astype(np.int64) * BLOCK_ROWS
-        self._put_blocks(wb, kind, table, rows, gen, meta=False)
+        self._put_blocks(wb, kind, table, rows, gen, meta=None)
         self._write(wb)
 
     def write_offsets(self, offsets: Iterable[tuple[tuple[str, int], int]]) -> None:
@@ -567,8 +566,8 @@ class StateStore:
         self, wb: rd.WriteBatch, state: ModelState, users: np.ndarray, items: np.ndarray, gen: int
     ) -> None:
         """Rows a rebuild changed, with the counters (its commits carry no events)."""
-        self._put_blocks(wb, "user", state.users, users.astype(np.int64), gen)
-        self._put_blocks(wb, "item", state.items, items.astype(np.int64), gen)
+        self._put_blocks(wb, "user", state.users, users.astype(np.int64), gen, state.users)
+        self._put_blocks(wb, "item", state.items, items.astype(np.int64), gen, state.items)
         self._put_scalars(wb, state, cdf=False)
 
     def _put_rows(
@@ -581,7 +580,7 @@ class StateStore:
         gen: int,
     ) -> None:
         self._put_ids(wb, kind, table, *new)
-        self._put_blocks(wb, kind, table, rows, gen)
+        self._put_blocks(wb, kind, table, rows, gen, table)
 
     def _put_scalars(self, wb: rd.WriteBatch, state: ModelState, *, cdf: bool) -> None:
         meta = self.h["meta"]
@@ -651,8 +650,10 @@ class StateStore:
         table: RowTable,
         rows: np.ndarray,
         gen: int,
-        meta: bool = True,
+        meta: EntityTable | None,
     ) -> None:
+        """Factor (and bias) blocks of `rows` from `table`; their meta blocks too from `meta`
+        (the same table) unless it is None, as when staging a future generation."""
         if rows.size == 0:
             return
         h_f, h_m = self.h[f"{kind}_factors"], self.h[f"{kind}_meta"]
@@ -665,9 +666,8 @@ class StateStore:
             keys = model_keys(gen, full)
             for k, v in zip(keys, rows_bytes(table.factors, full), strict=True):
                 put(k, v, h_f)
-            if meta:
-                mt = cast(MetaTable, table)
-                parts = (mt.count, mt.last, mt.logpop)
+            if meta is not None:
+                parts = (meta.count, meta.last, meta.logpop)
                 raw = np.concatenate([block_view(a, full) for a in parts], axis=1)
                 for k, v in zip(be32_keys(full), as_bytes(raw), strict=True):
                     put(k, v, h_m)
@@ -679,8 +679,8 @@ class StateStore:
             hi = min(lo + BLOCK_ROWS, n)
             key = model_key(gen, b)
             put(key, table.factors[lo:hi].tobytes(), h_f)
-            if meta:
-                put(BE32.pack(b), meta_bytes(cast(MetaTable, table), lo, hi), h_m)
+            if meta is not None:
+                put(BE32.pack(b), meta_bytes(meta, lo, hi), h_m)
             if h_b is not None:
                 put(key, table.bias[lo:hi].tobytes(), h_b)
 
@@ -693,6 +693,17 @@ class StateStore:
             put(k, v, h)
 
 
+def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:
+    """A column family's entries as the bytes they are: every one is opened in raw mode, which
+    rocksdict's stubs cannot tell (they type a key as any of the modes' key types)."""
+    return cast(Iterator[tuple[bytes, bytes]], cf.items())
+
+
+def raw_keys(cf: rd.Rdict) -> Iterator[bytes]:
+    """A column family's keys (see `_raw_items`)."""
+    return cast(Iterator[bytes], cf.keys())
+
+
 __all__ = [
     "BLOCK_ROWS",
     "MODEL_CFS",
@@ -701,4 +712,5 @@ __all__ = [
     "StoreError",
     "confidence_items",
     "new_confidence_map",
+    "raw_keys",
 ]

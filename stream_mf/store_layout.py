@@ -108,17 +108,26 @@ COMMIT_SEQ = meta_key("commit_seq")
 
 
 class RowTable(Protocol):
-    """What block encoding reads of an entity table (EntityTable, or a rebuild's staged rows)."""
+    """What writing model blocks reads of a table: an EntityTable, or a rebuild's new factors
+    (with zero biases) staged as a future generation."""
 
-    factors: np.ndarray
-    bias: np.ndarray
-    n: int
+    @property
+    def factors(self) -> np.ndarray: ...
+    @property
+    def bias(self) -> np.ndarray: ...
+    @property
+    def n(self) -> int: ...
 
 
-class MetaTable(RowTable, Protocol):
-    count: np.ndarray
-    last: np.ndarray
-    logpop: np.ndarray
+class MetaTable(Protocol):
+    """What a meta block holds of an entity table's rows."""
+
+    @property
+    def count(self) -> np.ndarray: ...
+    @property
+    def last(self) -> np.ndarray: ...
+    @property
+    def logpop(self) -> np.ndarray: ...
 
 
 def offset_key(topic: str, partition: int) -> bytes:

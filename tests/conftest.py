@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from consumers.broker import EmbeddedBroker
+from consumers.local_broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,13 @@ import logging
 import socket
 import time
 
-from consumers.broker import EmbeddedBroker, create_topics
 from consumers.commands.common import port, positive_int
 from consumers.errors import UserError
 from consumers.kafka_io import StopFlag
-from consumers.settings import TopicSettings
+from consumers.local_broker import EmbeddedBroker
+from consumers.topics import create_topics, product_topics
 
 log = logging.getLogger(__name__)
-
-
-def product_topics(
-    partitions: int, topics: TopicSettings | None = None, interactions: int | None = None
-) -> dict[str, int]:
-    t = topics or TopicSettings()
-    return {
-        t.interactions: interactions or partitions,
-        t.dead_letter: 1,
-        t.requests: partitions,
-        t.responses: partitions,
-        t.control: 1,
-    }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -153,12 +153,16 @@ def run(args: argparse.Namespace) -> int:
             r.config["rebuild"] = {**rebuild.model_dump(), "refit_every": args.refit_every}
         results.append(r.to_json())
     base = results[0]["recall_at_k"] if results else 0.0
-    print(f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"
-          f"{'evaluated':>11}{'events/s':>11}  {'vs ' + names[0]:>10}")  # fmt: skip
-    for r in results:
-        ratio = f"{r['recall_at_k'] / base:>9.2f}x" if base else f"{'-':>10}"
-        print(f"{r['model']:<10}{r['recall_at_k']:>11.4f}{r['ndcg_at_k']:>10.4f}"
-              f"{r['evaluated']:>11,}{r['events_per_s']:>11,.0f}  {ratio}")  # fmt: skip
+    print(
+        f"{'model':<10}{'Recall@' + str(args.k):>11}{'NDCG@' + str(args.k):>10}"
+        f"{'evaluated':>11}{'events/s':>11}  {'vs ' + names[0]:>10}"
+    )
+    for row in results:
+        ratio = f"{row['recall_at_k'] / base:>9.2f}x" if base else f"{'-':>10}"
+        print(
+            f"{row['model']:<10}{row['recall_at_k']:>11.4f}{row['ndcg_at_k']:>10.4f}"
+            f"{row['evaluated']:>11,}{row['events_per_s']:>11,.0f}  {ratio}"
+        )
     out = results[0] if len(results) == 1 else {**results[-1], "models": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

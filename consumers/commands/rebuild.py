@@ -7,10 +7,10 @@ import argparse
 import orjson
 
 from consumers import kafka_io
-from consumers.broker import create_topics
 from consumers.commands.common import add_process_flags, build_settings, positive_float
 from consumers.errors import UserError
 from consumers.settings import ClientSettings
+from consumers.topics import create_topics
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from consumers.broker import create_topics, free_port, kafka_bootstrap
+from consumers.local_broker import free_port, kafka_bootstrap
 from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
 from consumers.settings import TopicSettings
+from consumers.topics import create_topics
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +36,9 @@ def make_topics(
     )
     create_topics(
         kafka,
-        {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1,
-         t.control: 1},
+        {t.interactions: partitions, t.dead_letter: 1, t.requests: 2, t.responses: 1, t.control: 1},
         client_config=client_config,
-    )  # fmt: skip
+    )
     return t
 
 
@@ -67,8 +67,16 @@ class Cluster:
     ) -> ManagedProcess:
         port = free_port()
         self.ports[name] = port
-        argv = [kind, "--bootstrap-servers", self.kafka, "--state-dir", str(self.state),
-                "--metrics-port", str(port), *extra]  # fmt: skip
+        argv = [
+            kind,
+            "--bootstrap-servers",
+            self.kafka,
+            "--state-dir",
+            str(self.state),
+            "--metrics-port",
+            str(port),
+            *extra,
+        ]
         # a group per test and kind, so no test waits out another's departed members
         group = {"STREAM_MF_GROUP_ID": f"{kind}-{self.topics.interactions}"}
         env = {**topic_env(self.topics), **group, **(env or {})}

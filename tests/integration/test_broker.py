@@ -21,13 +21,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers import kafka_io
-from consumers.broker import (
+from consumers.local_broker import (
     BrokerError,
     EmbeddedBroker,
-    create_topics,
     kafka_bootstrap,
 )
 from consumers.settings import KafkaSettings
+from consumers.topics import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -85,7 +85,7 @@ def _produce(producer: Producer, topic: str, items: list[tuple[bytes, bytes]]) -
         if err is not None:
             errors.append(err)
             return
-        p, o = msg.partition(), msg.offset()
+        p, o = kafka_io.position(msg)
         ends[p] = max(ends.get(p, 0), o + 1)
 
     for key, value in items:
@@ -117,10 +117,10 @@ def test_produce_and_consume_10k_with_commits(broker: EmbeddedBroker) -> None:
     try:
         consumer.subscribe([topic])
         msgs = _consume(consumer, n, 20)
-        assert sorted(json.loads(m.value())["i"] for m in msgs) == list(range(n))
+        assert sorted(json.loads(kafka_io.payload(m))["i"] for m in msgs) == list(range(n))
         consumer.commit(asynchronous=False)
         assert _committed(consumer, topic, 3) == ends
-        # The high watermark from fetch responses is exact (ListOffsets is not, see broker.py).
+        # The high watermark from fetch responses is exact (ListOffsets is not: local_broker.py).
         for p, end in ends.items():
             assert consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1] == end
     finally:
@@ -147,8 +147,9 @@ def test_key_partitioning_keeps_per_key_order(broker: EmbeddedBroker) -> None:
     partitions: dict[bytes, set[int]] = defaultdict(set)
     seqs: dict[bytes, list[int]] = defaultdict(list)
     for m in msgs:
-        partitions[m.key()].add(m.partition())
-        seqs[m.key()].append(json.loads(m.value())["seq"])
+        key = m.key() or b""
+        partitions[key].add(kafka_io.position(m)[0])
+        seqs[key].append(json.loads(kafka_io.payload(m))["seq"])
     assert all(len(p) == 1 for p in partitions.values()), "a key spread over partitions"
     assert len({next(iter(p)) for p in partitions.values()}) > 1, "all keys on one partition"
     assert all(s == list(range(per_key)) for s in seqs.values()), "per-key order broken"
@@ -157,7 +158,7 @@ def test_key_partitioning_keeps_per_key_order(broker: EmbeddedBroker) -> None:
 def test_headers_round_trip(broker: EmbeddedBroker) -> None:
     topic = _name("headers")
     create_topics(broker.bootstrap_servers, {topic: 1})
-    headers = [
+    headers: kafka_io.HeaderList = [
         ("error.reason", b"schema"),
         ("original.offset", b"42"),
         ("binary", bytes(range(256))),
@@ -194,7 +195,8 @@ def test_second_consumer_resumes_from_committed_offsets(broker: EmbeddedBroker) 
         # Commit only what was processed, not what the client happens to have fetched.
         next_offsets: dict[int, int] = {}
         for m in done:
-            next_offsets[m.partition()] = max(next_offsets.get(m.partition(), 0), m.offset() + 1)
+            p, o = kafka_io.position(m)
+            next_offsets[p] = max(next_offsets.get(p, 0), o + 1)
         first.commit(
             offsets=[TopicPartition(topic, p, o) for p, o in next_offsets.items()],
             asynchronous=False,
@@ -210,11 +212,12 @@ def test_second_consumer_resumes_from_committed_offsets(broker: EmbeddedBroker) 
         assert second.poll(1.0) is None, "more messages than expected"
     finally:
         second.close()
-    seen = Counter(int(m.value()) for m in [*done, *rest])
+    seen = Counter(int(kafka_io.payload(m)) for m in [*done, *rest])
     assert set(seen) == set(range(400)) and max(seen.values()) == 1
     starts: dict[int, int] = {}
     for m in rest:
-        starts[m.partition()] = min(starts.get(m.partition(), m.offset()), m.offset())
+        p, o = kafka_io.position(m)
+        starts[p] = min(starts.get(p, o), o)
     for p, o in starts.items():
         assert o == next_offsets.get(p, 0), f"partition {p} resumed at {o}"
 

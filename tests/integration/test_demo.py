@@ -22,12 +22,15 @@ def test_sigterm_mid_demo_stops_everything_and_leaves_no_files(tmp_path: Path) -
     try:
         demo.start()
         # interrupt it once the replay is sent, while the updater learns it
-        wait_until(lambda: "replayed" in demo.log_tail(100_000), 240, 0.2,
-                   "the demo to replay MovieLens")  # fmt: skip
+        wait_until(
+            lambda: "replayed" in demo.log_tail(100_000), 240, 0.2, "the demo to replay MovieLens"
+        )
         out = demo.log_tail(100_000)
         assert out.index("compiling kernels") < out.index("state and logs in")
         assert re.search(r"(compiled \d+ kernels|kernels loaded from numba's cache) in", out)
-        broker_pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+        pid = re.search(r"\(pid (\d+)\)", out)
+        assert pid, "the demo names its broker's pid"
+        broker_pid = int(pid.group(1))
         assert any(scratch.iterdir()), "the demo's files are not under TMPDIR"
         code = demo.stop(grace=30.0)
     finally:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Cluster
-from test_services import send
 
 from consumers.catalog import DEFAULT_CATALOG
 from consumers.processes import scrape
@@ -14,6 +12,8 @@ from stream_mf.config import ModelConfig
 from stream_mf.datasets import ColumnSpec, EventColumns, read_events
 from stream_mf.evaluate import PrequentialResult, SGDLearner, prequential
 from stream_mf.live_eval import sampled
+from tests.integration.conftest import Cluster
+from tests.integration.test_services import send
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

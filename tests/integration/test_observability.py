@@ -24,14 +24,14 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from conftest import Cluster
-from synthetic import planted_stream
 
 from consumers import kafka_io
-from consumers.broker import free_port
 from consumers.client import RecClient
+from consumers.local_broker import free_port
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
+from tests.integration.conftest import Cluster
+from tests.synthetic import planted_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -192,11 +192,16 @@ def payloads(n: int, bad_per_reason: int) -> tuple[list[tuple[bytes, bytes]], in
     s = planted_stream(n, 200, 300, n_groups=5, seed=3, t0=now - 600, span_s=590)
     kinds = ("view", "click", "add_to_cart", "purchase")
     good = [
-        (f"u{u}".encode(), orjson.dumps({"user_id": f"u{u}", "item_id": f"i{i}",
-                                         "event_type": kinds[j % 4], "timestamp": t}))
-        for j, (u, i, t) in enumerate(zip(s.users.tolist(), s.items.tolist(), s.times.tolist(),
-                                          strict=True))
-    ]  # fmt: skip
+        (
+            f"u{u}".encode(),
+            orjson.dumps(
+                {"user_id": f"u{u}", "item_id": f"i{i}", "event_type": kinds[j % 4], "timestamp": t}
+            ),
+        )
+        for j, (u, i, t) in enumerate(
+            zip(s.users.tolist(), s.items.tolist(), s.times.tolist(), strict=True)
+        )
+    ]
     bad_values = [
         b"",
         b"{not json",
@@ -238,17 +243,24 @@ def test_every_dashboard_and_alert_expression_returns_data(
         binary,
         tmp_path,
         {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
             "rule_files": [str(ALERTS_YML)],
             "scrape_configs": [
-                {"job_name": "stream-mf-updater",
-                 "static_configs": [{"targets": [f"127.0.0.1:{cluster.ports['updater']}"]}]},
-                {"job_name": "stream-mf-query",
-                 "static_configs": [{"targets": [f"127.0.0.1:{cluster.ports['query-1']}"]}]},
+                {
+                    "job_name": "stream-mf-updater",
+                    "static_configs": [{"targets": [f"127.0.0.1:{cluster.ports['updater']}"]}],
+                },
+                {
+                    "job_name": "stream-mf-query",
+                    "static_configs": [{"targets": [f"127.0.0.1:{cluster.ports['query-1']}"]}],
+                },
             ],
         },
-    )  # fmt: skip
+    )
     try:
         prom.start()
         # both processes serve /metrics (the query process follows the store from here on, so

@@ -7,15 +7,15 @@ import time
 import numpy as np
 import orjson
 import pytest
-from conftest import Cluster
-from synthetic import planted_stream
-from test_services import client_for, payloads_of, send, wait_for_model
 
 from consumers import kafka_io
 from consumers.processes import metric_sum, scrape
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
-from stream_mf.store import MODEL_CFS, StateStore
+from stream_mf.store import MODEL_CFS, StateStore, raw_keys
+from tests.integration.conftest import Cluster
+from tests.integration.test_services import client_for, payloads_of, send, wait_for_model
+from tests.synthetic import planted_stream
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,9 @@ def test_rebuild_during_a_live_stream_loses_nothing(cluster: Cluster) -> None:
         if metric_sum(m, "stream_mf_rebuild_running") == 1:
             consumed_while_rebuilding.append(metric_sum(m, "stream_mf_events_consumed_total"))
 
-    sent = publish(producer, cluster.topics.interactions, payloads, rate=12_000,
-                   progress=False, on_chunk=watch)  # fmt: skip
+    sent = publish(
+        producer, cluster.topics.interactions, payloads, rate=12_000, progress=False, on_chunk=watch
+    )
     assert sent == len(payloads)
     cluster.wait_metric("updater", "stream_mf_events_applied_total", len(payloads), timeout=90)
     cluster.wait_metric("updater", "stream_mf_rebuild_swaps_total", 1, timeout=60)
@@ -112,7 +113,7 @@ def test_sigkill_during_rebuilds_leaves_a_model_that_loads_and_serves(cluster: C
             gen = store.generation()
             # one generation only, complete: every user and item has its factor row
             for cf in MODEL_CFS:
-                gens = {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict)
+                gens = {k[:4] for k in raw_keys(store.cf[cf])}
                 assert gens <= {gen.to_bytes(4, "big")}, (cf, gens, gen)
             assert np.all(np.isfinite(state.users.factors[: state.users.n]))
             assert state.events_applied == int(state.items.count[: state.items.n].sum())

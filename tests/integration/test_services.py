@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from conftest import Cluster, make_topics
-from synthetic import planted_stream
 
 from consumers import kafka_io
 from consumers.client import RecClient
@@ -19,11 +19,13 @@ from stream_mf.config import ModelConfig
 from stream_mf.decode import decode_events
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.store import StateStore
+from tests.integration.conftest import Cluster, make_topics
+from tests.synthetic import PlantedStream, planted_stream
 
 pytestmark = pytest.mark.integration
 
 
-def payloads_of(s, first_t: float | None = None) -> list[tuple[bytes, bytes]]:  # type: ignore[no-untyped-def]
+def payloads_of(s: PlantedStream, first_t: float | None = None) -> list[tuple[bytes, bytes]]:
     out = []
     for u, i, t in zip(s.users.tolist(), s.items.tolist(), s.times.tolist(), strict=True):
         doc = {"user_id": f"u{u}", "item_id": f"i{i}", "event_type": "view", "timestamp": t}
@@ -125,9 +127,14 @@ def test_exactly_once_under_sigkill_one_partition(cluster: Cluster) -> None:
     dec = decode_events([v for _, v in payloads], cfg.event_types)
     ref = OnlineModel(cfg)
     ref.learn(
-        EventBatch.build(dec.users, dec.items, dec.weights, dec.times,
-                         offsets=np.asarray(dec.positions, np.int64))
-    )  # fmt: skip
+        EventBatch.build(
+            dec.users,
+            dec.items,
+            dec.weights,
+            dec.times,
+            offsets=np.asarray(dec.positions, np.int64),
+        )
+    )
     assert len(dec.users) == 100_000
     with StateStore(cluster.state) as store:
         state = store.load()
@@ -141,7 +148,7 @@ def test_exactly_once_under_sigkill_one_partition(cluster: Cluster) -> None:
             assert np.array_equal(getattr(a, arr)[: a.n], getattr(b, arr)[: b.n]), (kind, arr)
 
 
-def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path: Path) -> None:
     c = Cluster(kafka, make_topics(kafka, partitions=3), tmp_path)
     try:
         s = planted_stream(60_000, 3000, 1000, seed=5)
@@ -170,29 +177,60 @@ def test_exactly_once_under_sigkill_three_partitions(kafka: str, tmp_path) -> No
 HOSTILE: list[tuple[str, bytes]] = [
     ("malformed_json", b'{"user_id": "u1", "item_id": '),
     ("missing_field", orjson.dumps({"user_id": "u1", "item_id": "i1"})),
-    ("invalid_field", orjson.dumps({"user_id": 7, "item_id": "i1", "event_type": "view",
-                                     "timestamp": 1.7e9})),
-    ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                     "timestamp": "soon"})),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": NaN}'),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": Infinity}'),
-    ("malformed_json", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
-                       b'"timestamp": 1.7e9, "value": 1e999}'),
-    ("invalid_field", orjson.dumps({"user_id": "x" * 10_000, "item_id": "i1",
-                                     "event_type": "view", "timestamp": 1.7e9})),
-    ("unknown_event_type", orjson.dumps({"user_id": "u1", "item_id": "i1",
-                                         "event_type": "teleport", "timestamp": 1.7e9})),
+    (
+        "invalid_field",
+        orjson.dumps({"user_id": 7, "item_id": "i1", "event_type": "view", "timestamp": 1.7e9}),
+    ),
+    (
+        "invalid_field",
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": "soon"}),
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": NaN}',
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": Infinity}',
+    ),
+    (
+        "malformed_json",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", '
+        b'"timestamp": 1.7e9, "value": 1e999}',
+    ),
+    (
+        "invalid_field",
+        orjson.dumps(
+            {"user_id": "x" * 10_000, "item_id": "i1", "event_type": "view", "timestamp": 1.7e9}
+        ),
+    ),
+    (
+        "unknown_event_type",
+        orjson.dumps(
+            {"user_id": "u1", "item_id": "i1", "event_type": "teleport", "timestamp": 1.7e9}
+        ),
+    ),
     ("empty", b""),
     ("malformed_json", bytes(range(256))),
     ("not_an_object", b"[1, 2, 3]"),
     ("too_large", b'{"pad": "' + b"x" * 100_000 + b'"}'),
-    ("invalid_field", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                     "timestamp": 1.7e9, "extra": True})),
-    ("future_timestamp", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view",
-                                        "timestamp": 4.1e9})),  # 2099: would stall learning
-]  # fmt: skip
+    (
+        "invalid_field",
+        orjson.dumps(
+            {
+                "user_id": "u1",
+                "item_id": "i1",
+                "event_type": "view",
+                "timestamp": 1.7e9,
+                "extra": True,
+            }
+        ),
+    ),
+    (
+        "future_timestamp",
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": 4.1e9}),
+    ),  # 2099: would stall learning
+]
 
 
 def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
@@ -209,8 +247,8 @@ def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
     for reason, raw in HOSTILE:  # every kind at least once
         expect_bad.append((len(mixed), reason))
         mixed.append((b"evil", raw))
-    producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka),
-                                 **{"message.max.bytes": 2_000_000})  # fmt: skip
+    conf: dict[str, Any] = {"message.max.bytes": 2_000_000}
+    producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka), **conf)
     for key, value in mixed:
         producer.produce(cluster.topics.interactions, value=value, key=key)
     assert producer.flush(30) == 0
@@ -221,8 +259,14 @@ def test_hostile_input_goes_to_dead_letters(cluster: Cluster) -> None:
     assert cluster.metric("updater", "stream_mf_events_applied_total") == len(good)
     assert cluster.metric("updater", "stream_mf_events_dead_lettered_total") == len(expect_bad)
     assert updater.alive()
-    consumer = Consumer({"bootstrap.servers": cluster.kafka, "group.id": "dlt-check",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cluster.kafka,
+            "group.id": "dlt-check",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     consumer.assign([TopicPartition(cluster.topics.dead_letter, 0, 0)])
     seen: dict[int, tuple[str, bytes, dict[str, bytes]]] = {}
     end = time.monotonic() + 30
@@ -265,8 +309,12 @@ def test_two_query_processes_and_freshness(cluster: Cluster) -> None:
         assert min(counts) > 0, f"one query process answered nothing: {counts}"
         assert q1.alive() and q2.alive()
         # a brand-new user: personalized within 1 s of the updater applying its first event
-        doc = {"user_id": "fresh-user", "item_id": "i3", "event_type": "view",
-               "timestamp": time.time()}  # fmt: skip
+        doc = {
+            "user_id": "fresh-user",
+            "item_id": "i3",
+            "event_type": "view",
+            "timestamp": time.time(),
+        }
         send(cluster.kafka, cluster.topics.interactions, [(b"fresh-user", orjson.dumps(doc))])
         cluster.wait_metric("updater", "stream_mf_events_applied_total", 10_001, timeout=10)
         applied_at = time.monotonic()

@@ -52,7 +52,7 @@ class StreamPublisher:
     """Publishes payloads at `rate` msgs/s from a thread until done or stopped.
 
     Delivery reports give the log's true end offsets (Tansu's ListOffsets is off by a batch,
-    consumers/broker.py) and how many valid events really reached the topic.
+    consumers/local_broker.py) and how many valid events really reached the topic.
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class StreamPublisher:
                 self.failed.append(str(err))
                 return
             self.delivered += 1
-            p, o = msg.partition(), msg.offset()
+            p, o = kafka_io.position(msg)
             if o + 1 > self.end_offsets.get(p, 0):
                 self.end_offsets[p] = o + 1
             if self.valid[j]:
@@ -179,7 +179,8 @@ class RequestLoad:
 
     def __post_init__(self) -> None:
         ks = KafkaSettings(bootstrap_servers=self.kafka)
-        self.producer = kafka_io.producer(ks, **{"linger.ms": self.linger_ms})
+        conf: dict[str, Any] = {"linger.ms": self.linger_ms}
+        self.producer = kafka_io.producer(ks, **conf)
         self.consumer: Consumer = kafka_io.consumer(
             ks, f"reliability-client-{uuid.uuid4().hex[:8]}"
         )
@@ -203,7 +204,7 @@ class RequestLoad:
         rid = str(doc.setdefault("request_id", uuid.uuid4().hex))
         now = time.time()
         doc.setdefault("sent_at", now)
-        headers = [("reply_to", self.topics.responses.encode())]
+        headers: kafka_io.HeaderList = [("reply_to", self.topics.responses.encode())]
         if budget_ms is not None:
             headers.append(("deadline_ms", str(budget_ms).encode()))
         with self._lock:

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from consumers.broker import EmbeddedBroker
+from consumers import kafka_io
+from consumers.local_broker import EmbeddedBroker
 from consumers.processes import metric_sum, scrape
 from stream_mf.config import ModelConfig
 from stream_mf.decode import decode_events
@@ -83,8 +84,14 @@ class Outcome:
 
 def _read_log(bootstrap: str, topic: str, ends: dict[int, int]) -> list[bytes]:
     """Every message value in `topic` up to the given end offsets."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "outage-readback",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "outage-readback",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     c.assign([TopicPartition(topic, p, 0) for p in ends])
     out: list[bytes] = []
     pos = dict.fromkeys(ends, 0)
@@ -92,9 +99,12 @@ def _read_log(bootstrap: str, topic: str, ends: dict[int, int]) -> list[bytes]:
     try:
         while any(pos[p] < ends[p] for p in ends) and time.monotonic() < end:
             for m in c.consume(10_000, 0.2):
-                if m.error() is None and m.offset() < ends[m.partition()]:
+                if m.error() is not None:
+                    continue
+                p, o = kafka_io.position(m)
+                if o < ends[p]:
                     out.append(m.value() or b"")
-                    pos[m.partition()] = m.offset() + 1
+                    pos[p] = o + 1
     finally:
         c.close()
     return out

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.broker import kafka_bootstrap
+from consumers.local_broker import kafka_bootstrap
 from consumers.processes import ManagedProcess, metric_sum, scrape
-from stream_mf.store import MODEL_CFS, StateStore
+from stream_mf.store import MODEL_CFS, StateStore, raw_keys
 from tests.integration.conftest import Cluster, make_topics
 from tests.reliability.harness import (
     RequestLoad,
@@ -241,7 +241,7 @@ def test_sigkill_anywhere_loses_nothing_and_applies_nothing_twice(
             offsets = store.offsets()
             gen = store.generation()
             for cf in MODEL_CFS:
-                gens = {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict)
+                gens = {k[:4] for k in raw_keys(store.cf[cf])}
                 assert gens <= {gen.to_bytes(4, "big")}, (cf, gens, gen)
         n_valid = pub.delivered_valid
         assert offsets == ends, "stored next offsets differ from the log end offsets"
@@ -282,9 +282,18 @@ def test_sigkill_anywhere_loses_nothing_and_applies_nothing_twice(
             # a duplicate answers the same request; items may differ (the model moved on)
             assert len({(g.response.request_id, g.response.user_id) for g in got}) == 1, rid
         _report(
-            t_begin, storm_s, kills, phases, sent, replies, dups, short_missing, expired_seen,
-            n_valid, state.model_version,
-        )  # fmt: skip
+            t_begin,
+            storm_s,
+            kills,
+            phases,
+            sent,
+            replies,
+            dups,
+            short_missing,
+            expired_seen,
+            n_valid,
+            state.model_version,
+        )
     finally:
         with contextlib.suppress(Exception):
             load.close()

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from confluent_kafka import Message, Producer
 
-from consumers.broker import EmbeddedBroker
+from consumers.local_broker import EmbeddedBroker
 from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
 from consumers.updater import (
     STALL_REPORT_S,
@@ -40,8 +40,12 @@ def _updater(broker: EmbeddedBroker, work: Path, timeout_s: float) -> Updater:
     topics = make_topics(broker.bootstrap_servers)
     p = Producer({"bootstrap.servers": broker.bootstrap_servers})
     for j in range(GOOD):
-        doc = {"user_id": f"u{j % 7}", "item_id": f"i{j % 11}", "event_type": "view",
-               "timestamp": 1.7e9 + j}  # fmt: skip
+        doc = {
+            "user_id": f"u{j % 7}",
+            "item_id": f"i{j % 11}",
+            "event_type": "view",
+            "timestamp": 1.7e9 + j,
+        }
         p.produce(topics.interactions, orjson.dumps(doc))
         if j % 13 == 0:
             p.produce(topics.interactions, BAD[(j // 13) % len(BAD)])

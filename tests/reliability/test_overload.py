@@ -14,16 +14,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from consumers.broker import kafka_bootstrap
+from consumers.local_broker import kafka_bootstrap
 from consumers.processes import metric_sum, scrape
 from tests.integration.conftest import Cluster, make_topics
-from tests.reliability.harness import RequestLoad, StreamPublisher, event_payloads, rss_bytes
+from tests.reliability.harness import (
+    RequestLoad,
+    SentRequest,
+    StreamPublisher,
+    event_payloads,
+    rss_bytes,
+)
 from tests.synthetic import planted_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -39,6 +46,10 @@ RECOVERED_S = 0.2
 def own_kafka() -> Iterator[str]:
     with kafka_bootstrap() as bootstrap:
         yield bootstrap
+
+
+def _is_reply_to(rid: str, r: SentRequest) -> bool:
+    return r.rid == rid
 
 
 def _query_counts(c: Cluster) -> tuple[float, float]:
@@ -131,7 +142,7 @@ def test_overload_sheds_expired_requests_stays_bounded_and_recovers(
         for n in range(10):
             rid = load.send_one(make(n)[0], 5_000)
             load.producer.flush(1.0)
-            load.wait_answered(lambda r, rid=rid: r.rid == rid, 5)
+            load.wait_answered(partial(_is_reply_to, rid), 5)
             lat = load.latency(rid)
             after.append(float("inf") if lat is None else lat)
         time.sleep(0.3)

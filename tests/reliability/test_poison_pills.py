@@ -70,8 +70,14 @@ def _poison(rng: random.Random) -> list[bytes]:
 
 
 def _dead_letters(kafka: str, topic: str, want: int, timeout: float = 30) -> list[Message]:
-    c = Consumer({"bootstrap.servers": kafka, "group.id": f"dlt-{topic}",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka,
+            "group.id": f"dlt-{topic}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     c.assign([TopicPartition(topic, 0, 0)])
     got: list[Message] = []
     end = time.monotonic() + timeout
@@ -103,9 +109,8 @@ def test_poison_pills_through_a_real_updater(cluster: Cluster) -> None:
     reasons = Counter(r.reason for r in expect.rejects)
     assert reasons == {"malformed_json": 8, "too_large": 1, "empty": 1}, reasons
 
-    producer = kafka_io.producer(
-        KafkaSettings(bootstrap_servers=cluster.kafka), **{"message.max.bytes": 2 * BIG}
-    )
+    conf: dict[str, Any] = {"message.max.bytes": 2 * BIG}
+    producer = kafka_io.producer(KafkaSettings(bootstrap_servers=cluster.kafka), **conf)
     for key, value in mixed:
         producer.produce(cluster.topics.interactions, value=value, key=key)
     assert producer.flush(30) == 0
@@ -143,9 +148,9 @@ def test_poison_pills_through_a_real_updater(cluster: Cluster) -> None:
             assert r.reason == "too_large" and len(value) > BIG
             assert h["error.truncated"] == b"true"
             assert int(h["original.size"]) == len(value)
-            got = m.value() or b""
-            assert value.startswith(got) and len(got) + len(m.key() or b"") <= limit
-            assert len(got) > limit - 2 * len(key or b"") - 1024
+            prefix = m.value() or b""
+            assert value.startswith(prefix) and len(prefix) + len(m.key() or b"") <= limit
+            assert len(prefix) > limit - 2 * len(key or b"") - 1024
     for off in (0, 1):  # the issue's own example: the byte is named
         h, _ = by_offset[expect.rejects[off].position]
         assert b"not valid UTF-8 at byte 15 (0xe9" in h["error.message"], h["error.message"]
@@ -216,10 +221,15 @@ def _fingerprint(u: Updater) -> tuple[Any, ...]:
     st = u.model.state
     n, m = st.users.n, st.items.n
     return (
-        st.users.ids, st.items.ids, st.users.factors[:n].tobytes(),
-        st.items.factors[:m].tobytes(), st.items.bias[:m].tobytes(), st.counters.tobytes(),
-        float(st.clock[0]), sorted(st.confidence.items()),
-    )  # fmt: skip
+        st.users.ids,
+        st.items.ids,
+        st.users.factors[:n].tobytes(),
+        st.items.factors[:m].tobytes(),
+        st.items.bias[:m].tobytes(),
+        st.counters.tobytes(),
+        float(st.clock[0]),
+        sorted(st.confidence.items()),
+    )
 
 
 @pytest.mark.timeout(240)
@@ -324,8 +334,8 @@ def test_dead_letters_fit_the_producers_configured_message_max_bytes(
     s = _settings(kafka, topics, tmp_path / "state", 100)
     s = s.model_copy(
         update={
-            "kafka": KafkaSettings(
-                bootstrap_servers=kafka, extra={"message.max.bytes": str(max_bytes)}
+            "kafka": KafkaSettings.model_validate(
+                {"bootstrap_servers": kafka, "extra": {"message.max.bytes": str(max_bytes)}}
             )
         }
     )
@@ -378,15 +388,15 @@ def test_a_restart_after_a_kill_between_ack_and_commit_resends_no_dead_letter(
             u._assign_partitions()
             msgs += u._collect(u._stop)
         u.process(msgs[:10])  # committed, with the dead letter of offset 5
-        commit = u.store.commit
+        commit = u.store.commit_batch
 
         def killed(*args: Any, **kwargs: Any) -> None:
             raise _Killed
 
-        monkeypatch.setattr(u.store, "commit", killed)
+        monkeypatch.setattr(u.store, "commit_batch", killed)
         with pytest.raises(_Killed):
             u.process(msgs[10:20])  # dead letters 12 and 17 acknowledged, then the kill
-        monkeypatch.setattr(u.store, "commit", commit)
+        monkeypatch.setattr(u.store, "commit_batch", commit)
     finally:
         u.close()
     assert len(_dead_letters(kafka, topics.dead_letter, 3)) == 3

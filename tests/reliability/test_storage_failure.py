@@ -100,9 +100,15 @@ def events(first: int, n: int) -> list[tuple[bytes, bytes]]:
     """Valid, distinct events; users and items keep arriving so every batch adds new rows."""
     out = []
     for j in range(first, first + n):
-        doc = {"user_id": f"u{j % 97}", "item_id": f"i{(j * 7) % 211}", "event_type": "click",
-               "timestamp": T0 + j, "event_id": f"e{j}"}  # fmt: skip
-        out.append((doc["user_id"].encode(), orjson.dumps(doc)))  # type: ignore[union-attr]
+        user = f"u{j % 97}"
+        doc = {
+            "user_id": user,
+            "item_id": f"i{(j * 7) % 211}",
+            "event_type": "click",
+            "timestamp": T0 + j,
+            "event_id": f"e{j}",
+        }
+        out.append((user.encode(), orjson.dumps(doc)))
     return out
 
 
@@ -162,9 +168,14 @@ def reference_state(payloads: list[bytes]) -> OnlineModel:
     dec = decode_events(payloads, cfg.event_types)
     ref = OnlineModel(cfg)
     ref.learn(
-        EventBatch.build(dec.users, dec.items, dec.weights, dec.times,
-                         offsets=np.asarray(dec.positions, np.int64))
-    )  # fmt: skip
+        EventBatch.build(
+            dec.users,
+            dec.items,
+            dec.weights,
+            dec.times,
+            offsets=np.asarray(dec.positions, np.int64),
+        )
+    )
     return ref
 
 

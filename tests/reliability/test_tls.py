@@ -8,7 +8,6 @@ processes configured through `STREAM_MF_KAFKA__*` environment variables.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import urllib.request
@@ -20,11 +19,11 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
-from synthetic import planted_stream
 
 from consumers import kafka_io
-from consumers.broker import free_port
+from consumers.cli import build_parser
 from consumers.client import RecClient
+from consumers.local_broker import free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
 from consumers.publish import publish
 from consumers.settings import KafkaSettings, ProcessSettings, TopicSettings
@@ -39,6 +38,7 @@ from tests.reliability.tls_proxy import (
     make_server_cert,
     missing_tools,
 )
+from tests.synthetic import planted_stream
 
 _MISSING = missing_tools()
 needs_tls = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -169,24 +169,35 @@ def test_wrong_ca_fails_with_a_certificate_error(
     port = free_port()
     updater = ManagedProcess(
         "updater-wrong-ca",
-        ["updater", "--bootstrap-servers", tls_broker.bootstrap_servers,
-         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(port)],
+        [
+            "updater",
+            "--bootstrap-servers",
+            tls_broker.bootstrap_servers,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(port),
+        ],
         tmp_path,
         env={**topic_env(topics), **tls_broker.env(pki.other_ca.cert)},
-    )  # fmt: skip
+    )
     try:
         updater.start()
         wait_until(
             lambda: CERT_ERROR in updater.log_tail(1_000_000) or not updater.alive(),
-            20, 0.2, "the updater to log a certificate-verification error",
-        )  # fmt: skip
+            20,
+            0.2,
+            "the updater to log a certificate-verification error",
+        )
         log_text = updater.log_tail(1_000_000)
         assert CERT_ERROR in log_text and HANDSHAKE_ERROR in log_text, log_text[-3000:]
         url = f"http://127.0.0.1:{port}/metrics"
         wait_until(
             lambda: metric_sum(scrape(url), 'stream_mf_errors_total{kind="broker"}') >= 1,
-            20, 0.2, "stream_mf_errors_total{kind=broker} to count the failure",
-        )  # fmt: skip
+            20,
+            0.2,
+            "stream_mf_errors_total{kind=broker} to count the failure",
+        )
         assert metric_sum(scrape(url), "stream_mf_events_consumed_total") == 0
     finally:
         updater.stop()
@@ -196,16 +207,25 @@ def test_wrong_ca_fails_with_a_certificate_error(
 
 
 def test_secrets_are_masked_in_settings() -> None:
-    k = KafkaSettings(
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="alice",
-        sasl_password="s3cret",  # type: ignore[arg-type]
-        ssl_key_password="k3y",  # type: ignore[arg-type]
+    k = KafkaSettings.model_validate(
+        {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "alice",
+            "sasl_password": "s3cret",
+            "ssl_key_password": "k3y",
+        }
     )
     outer = ProcessSettings(kafka=k)
-    for text in (repr(k), str(k), k.model_dump_json(), str(k.model_dump()), repr(outer),
-                 str(outer), outer.model_dump_json()):  # fmt: skip
+    for text in (
+        repr(k),
+        str(k),
+        k.model_dump_json(),
+        str(k.model_dump()),
+        repr(outer),
+        str(outer),
+        outer.model_dump_json(),
+    ):
         assert "s3cret" not in text and "k3y" not in text, text
     assert "alice" in k.model_dump_json() and "**********" in k.model_dump_json()
     conf = k.client_config()
@@ -219,8 +239,15 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
     metrics_port = free_port()
     updater = ManagedProcess(
         "updater",
-        ["updater", "--bootstrap-servers", f"127.0.0.1:{free_port()}",  # nothing listens there
-         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics_port)],
+        [
+            "updater",
+            "--bootstrap-servers",
+            f"127.0.0.1:{free_port()}",  # nothing listens there
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         tmp_path,
         env={
             "STREAM_MF_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
@@ -229,7 +256,7 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
             "STREAM_MF_KAFKA__SASL_PASSWORD": password,
             "STREAM_MF_KAFKA__SSL_KEY_PASSWORD": key_password,
         },
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         updater.start()
@@ -257,7 +284,7 @@ def test_secrets_stay_out_of_the_startup_log_and_metrics(tmp_path: Path) -> None
 
 
 def test_secrets_passed_through_extra_are_masked() -> None:
-    k = KafkaSettings(extra={"sasl.oauthbearer.client.secret": "0auth-s3cret"})
+    k = KafkaSettings.model_validate({"extra": {"sasl.oauthbearer.client.secret": "0auth-s3cret"}})
     assert k.client_config()["sasl.oauthbearer.client.secret"] == "0auth-s3cret"
     for text in (repr(k), k.model_dump_json()):
         assert "0auth-s3cret" not in text, text
@@ -265,8 +292,12 @@ def test_secrets_passed_through_extra_are_masked() -> None:
 
 # -- D: SASL/SCRAM against a real broker ------------------------------------------------------
 
-SASL_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
-            "KAFKA_SASL_MECHANISM")  # fmt: skip
+SASL_ENV = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SASL_MECHANISM",
+)
 
 
 @pytest.mark.integration
@@ -280,13 +311,15 @@ def test_sasl_scram_against_a_real_broker() -> None:
             "KAFKA_SECURITY_PROTOCOL, default SASL_SSL, and KAFKA_SSL_CA_LOCATION)"
         )
     ca = os.environ.get("KAFKA_SSL_CA_LOCATION")
-    kafka = KafkaSettings(
-        bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"],
-        security_protocol=os.environ.get("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),  # type: ignore[arg-type]
-        sasl_mechanism=os.environ["KAFKA_SASL_MECHANISM"],  # type: ignore[arg-type]
-        sasl_username=os.environ["KAFKA_SASL_USERNAME"],
-        sasl_password=os.environ["KAFKA_SASL_PASSWORD"],  # type: ignore[arg-type]
-        ssl_ca_location=Path(ca) if ca else None,
+    kafka = KafkaSettings.model_validate(
+        {
+            "bootstrap_servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
+            "security_protocol": os.environ.get("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            "sasl_mechanism": os.environ["KAFKA_SASL_MECHANISM"],
+            "sasl_username": os.environ["KAFKA_SASL_USERNAME"],
+            "sasl_password": os.environ["KAFKA_SASL_PASSWORD"],
+            "ssl_ca_location": Path(ca) if ca else None,
+        }
     )
     topic = f"stream-mf-sasl-{uuid.uuid4().hex[:8]}"
     create_topics(kafka, {topic: 1})
@@ -299,7 +332,9 @@ def test_sasl_scram_against_a_real_broker() -> None:
             consumer.assign([TopicPartition(topic, 0, 0)])
             end = time.monotonic() + 30
             while len(got) < 100 and time.monotonic() < end:
-                got += [m.value() for m in kafka_io.drain(consumer, 500, 0.5) if not m.error()]
+                got += [
+                    kafka_io.payload(m) for m in kafka_io.drain(consumer, 500, 0.5) if not m.error()
+                ]
         finally:
             consumer.close()
         assert got == [v for _, v in payloads]
@@ -333,14 +368,16 @@ def test_rebuild_request_over_tls(tls_broker: TlsBroker, monkeypatch: pytest.Mon
     watcher = kafka_io.consumer(kafka, f"watch-{uuid.uuid4().hex[:8]}")
     try:
         watcher.assign([TopicPartition(topics.control, 0, 0)])
-        code = rebuild.run(
-            argparse.Namespace(bootstrap_servers=tls_broker.bootstrap_servers, timeout=10.0)
+        # the flags as the user types them: the parser fills in every default (--timeout)
+        args = build_parser().parse_args(
+            ["rebuild", "--bootstrap-servers", tls_broker.bootstrap_servers]
         )
+        code = rebuild.run(args)
         assert code == 0
-        got = []
+        got: list[bytes] = []
         end = time.monotonic() + 10
         while not got and time.monotonic() < end:
-            got = [m.value() for m in kafka_io.drain(watcher, 10, 0.5) if not m.error()]
+            got = [kafka_io.payload(m) for m in kafka_io.drain(watcher, 10, 0.5) if not m.error()]
         assert got and orjson.loads(got[0]) == {"command": "rebuild"}
     finally:
         watcher.close()

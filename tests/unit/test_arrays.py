@@ -11,7 +11,7 @@ from stream_mf.arrays import unique_rows, unique_sorted
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("size", [0, 1, 7, 10_000])
 def test_unique_sorted_equals_numpy(dtype: type, size: int) -> None:
-    a = np.random.default_rng(size).integers(0, 1 << 20, size).astype(dtype)
+    a: np.ndarray = np.random.default_rng(size).integers(0, 1 << 20, size).astype(dtype)
     got = unique_sorted(a)
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, np.unique(a))

@@ -32,7 +32,9 @@ def test_environment_chooses_a_codec_and_refuses_others(monkeypatch: pytest.Monk
         (["updater", "--dead-letter-compression", "snappy"], "dead_letter_compression"),
     ],
 )
-def test_flags_take_a_codec_and_refuse_others(argv: list[str], dest: str, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_flags_take_a_codec_and_refuse_others(
+    argv: list[str], dest: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert getattr(build_parser().parse_args(argv), dest) == argv[-1]
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv[:-1], "brotli"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,26 @@ import pytest
 from consumers.cli import main
 from stream_mf.datasets import ColumnSpec, EventFileError, read_events
 
-EVENTS = [
-    {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000,
-     "value": None},
+EVENTS: list[dict[str, object]] = [
+    {
+        "user_id": "u1",
+        "item_id": "i1",
+        "event_type": "click",
+        "timestamp": 1_700_000_000,
+        "value": None,
+    },
     {"user_id": "u2", "item_id": "i1", "event_type": "view", "timestamp": "2023-11-14T22:13:21Z"},
-    {"user_id": "u1", "item_id": "i2", "event_type": "rating", "timestamp": 1_700_000_002_000,
-     "value": 4.5},
-]  # fmt: skip
+    {
+        "user_id": "u1",
+        "item_id": "i2",
+        "event_type": "rating",
+        "timestamp": 1_700_000_002_000,
+        "value": 4.5,
+    },
+]
 
 
-def jsonl(path: Path, rows: list[object], blank_after_first: bool = True) -> Path:
+def jsonl(path: Path, rows: Sequence[object], blank_after_first: bool = True) -> Path:
     lines = [json.dumps(r) for r in rows]
     if blank_after_first:
         lines.insert(1, "")  # a blank line: skipped, but counted in line numbers
@@ -46,9 +57,18 @@ def test_movielens_columns_still_read_as_before(tmp_path: Path) -> None:
     assert ev.values.tolist() == [2.5, 3.0] and ev.event_types == ["rating", "rating"]
 
 
-def test_cli_evaluates_the_products_own_events_without_flags(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    rows = [{"user_id": f"u{n % 5}", "item_id": f"i{n % 13}", "event_type": "view",
-             "timestamp": 1_700_000_000 + n} for n in range(300)]  # fmt: skip
+def test_cli_evaluates_the_products_own_events_without_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {
+            "user_id": f"u{n % 5}",
+            "item_id": f"i{n % 13}",
+            "event_type": "view",
+            "timestamp": 1_700_000_000 + n,
+        }
+        for n in range(300)
+    ]
     f = jsonl(tmp_path / "events.jsonl", rows)
     assert main(["evaluate", "--events", str(f), "--no-progress", "--dim", "4"]) == 0
     captured = capsys.readouterr()
@@ -65,10 +85,10 @@ def test_cli_evaluates_the_products_own_events_without_flags(tmp_path: Path, cap
 )
 def test_a_file_without_events_is_an_error(
     tmp_path: Path,
-    capsys,
+    capsys: pytest.CaptureFixture[str],
     name: str,
     content: str,
-    message: str,  # type: ignore[no-untyped-def]
+    message: str,
 ) -> None:
     f = tmp_path / name
     f.write_text(content)
@@ -146,7 +166,9 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model", ["", " , ", "popular,tarot"])
-def test_evaluate_refuses_an_empty_or_unknown_model_list(model: str, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_refuses_an_empty_or_unknown_model_list(
+    model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["evaluate", "--model", model, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "choose from" in err

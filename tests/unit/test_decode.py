@@ -33,12 +33,13 @@ def test_columns_follow_input_order_across_fast_and_model_paths() -> None:
     assert dec.users == ["a", "b", "c", "d", "f"]
     assert dec.times == [1.7e9, 1_700_000_000.5, 1_700_000_000.0, 5.0, 1.7e9]
     assert [(r.position, r.reason) for r in dec.rejects] == [
-        (2, "malformed_json"), (4, "empty"), (6, "invalid_field")
-    ]  # fmt: skip
+        (2, "malformed_json"),
+        (4, "empty"),
+        (6, "invalid_field"),
+    ]
     assert "not a boolean" in dec.rejects[2].message
-    assert [fast_path(p, TYPES) is not None for p in payloads if p] == [
-        True, False, False, False, True, False, False
-    ]  # fmt: skip
+    fast = [fast_path(p, TYPES) is not None for p in payloads if p]
+    assert fast == [True, False, False, False, True, False, False]
 
 
 def test_duplicate_keys_take_the_last_value_on_both_paths() -> None:
@@ -82,9 +83,11 @@ def test_events_from_the_future_are_rejected_with_their_reason() -> None:
     assert dec.positions == [0, 4, 6]
     assert dec.users == ["a", "d", "f"] and dec.times == [1.7e9, latest, 1_700_000_000.5]
     assert [(r.position, r.reason) for r in dec.rejects] == [
-        (1, "future_timestamp"), (2, "malformed_json"), (3, "future_timestamp"),
+        (1, "future_timestamp"),
+        (2, "malformed_json"),
+        (3, "future_timestamp"),
         (5, "future_timestamp"),
-    ]  # fmt: skip
+    ]
     msg = dec.rejects[0].message
     assert "4100000000.0 s (2099-12-03" in msg and "--max-future-seconds" in msg
     assert decode_events(payloads, TYPES).positions == [0, 1, 3, 4, 5, 6]  # no bound
@@ -95,9 +98,7 @@ def test_the_future_bound_can_differ_per_payload() -> None:
     bounds = np.array([1.8e9, 1.69e9, 0.0, 1.65e9])  # one per payload, rejects included
     dec = decode_events(payloads, TYPES, latest=bounds)
     assert dec.users == ["a", "c"]
-    assert [(r.position, r.reason) for r in dec.rejects] == [
-        (1, "future_timestamp"), (2, "empty")
-    ]  # fmt: skip
+    assert [(r.position, r.reason) for r in dec.rejects] == [(1, "future_timestamp"), (2, "empty")]
 
 
 _LATIN1 = b'{"user_id":"Jos\xe9","item_id":"i","event_type":"view","timestamp":1}'
@@ -137,8 +138,14 @@ def test_deep_nesting_nan_and_huge_numbers_are_rejected_without_raising() -> Non
     dec = decode_events(payloads, TYPES, max_bytes=1 << 20)
     assert dec.positions == []
     assert [r.reason for r in dec.rejects] == [
-        "malformed_json", "malformed_json", "invalid_field", "malformed_json",
-        "malformed_json", "malformed_json", "malformed_json", "malformed_json",
         "malformed_json",
-    ]  # fmt: skip
+        "malformed_json",
+        "invalid_field",
+        "malformed_json",
+        "malformed_json",
+        "malformed_json",
+        "malformed_json",
+        "malformed_json",
+        "malformed_json",
+    ]
     assert "depth" in dec.rejects[0].message

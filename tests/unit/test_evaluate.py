@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from synthetic import planted_stream
+import pytest
 
 from consumers.cli import main
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import EventColumns
 from stream_mf.evaluate import PopularLearner, SGDLearner, prequential
+from tests.synthetic import planted_stream
 
 
 def columns(n: int, seed: int = 0, n_users: int = 150, n_items: int = 120) -> EventColumns:
@@ -63,10 +64,31 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
             fh.write(json.dumps({"who": u, "what": i, "when": t}) + "\n")
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(
-        ["evaluate", "--events", str(f), "--user-col", "who", "--item-col", "what",
-         "--time-col", "when", "--value-col", "", "--event-type", "view", "--dim", "8",
-         "--json", str(out), "--plot", str(png), "--window", "500", "--no-progress"]
-    )  # fmt: skip
+        [
+            "evaluate",
+            "--events",
+            str(f),
+            "--user-col",
+            "who",
+            "--item-col",
+            "what",
+            "--time-col",
+            "when",
+            "--value-col",
+            "",
+            "--event-type",
+            "view",
+            "--dim",
+            "8",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--window",
+            "500",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     for key in ("recall_at_k", "ndcg_at_k", "k", "evaluated", "events_per_s", "windows"):
@@ -75,7 +97,7 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_names_a_missing_column(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_names_a_missing_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "e.csv"
     f.write_text("user,item,ts\nu1,i1,1\n")
     assert main(["evaluate", "--events", str(f), "--no-progress"]) == 2

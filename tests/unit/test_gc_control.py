@@ -48,7 +48,7 @@ def test_a_cycle_made_during_a_pause_is_collected_after_it() -> None:
         a.other, b.other = b, a
         ref = weakref.ref(a)
         del a, b
-        junk = [[] for _ in range(10_000)]  # would trigger collections if enabled
+        junk: list[list[int]] = [[] for _ in range(10_000)]  # would trigger collections if enabled
         assert ref() is not None and len(junk) == 10_000
     gc.collect()
     assert ref() is None

@@ -7,6 +7,8 @@ case (events removed before they were applied) is decided here, not provoked on 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -68,8 +70,9 @@ def test_the_policy_is_a_setting_and_a_flag_with_fail_by_default(
     assert UpdaterSettings().on_offset_gap == "fail"
     monkeypatch.setenv("STREAM_MF_ON_OFFSET_GAP", "resume-from-end")
     assert UpdaterSettings().on_offset_gap == "resume-from-end"
+    not_a_policy: Any = "skip"  # outside the Literal on purpose: the settings must refuse it
     with pytest.raises(ValidationError):
-        UpdaterSettings(on_offset_gap="skip")
+        UpdaterSettings(on_offset_gap=not_a_policy)
     args = build_parser().parse_args(["updater", "--on-offset-gap", "resume-from-start"])
     assert args.on_offset_gap == "resume-from-start"
     with pytest.raises(SystemExit):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
@@ -24,8 +23,9 @@ from stream_mf.rebuild import (
 )
 from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.state import ModelState, confidence_items
-from stream_mf.store import MODEL_CFS, StateStore
+from stream_mf.store import MODEL_CFS, StateStore, raw_keys
 from stream_mf.writes import AfterSwapStep, DropGenerations, Flip
+from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=16)
 TOPIC = "interactions"
@@ -65,7 +65,7 @@ def step(rb: Rebuild, state: ModelState, store: StateStore) -> RebuildStep:
     return res
 
 
-def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, object]:
+def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, Outcome]:
     """The updater's loop in miniature: batches keep coming while a rebuild runs."""
     feed = _Feed(tmp, seed=0, n=60_000)
     store, model, learn = feed.store, feed.model, feed.learn
@@ -117,7 +117,7 @@ def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int)
         assert store.offsets() == {(TOPIC, 0): applied}
         # only the current generation's rows are left
         for cf in MODEL_CFS:
-            gens = {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly)
+            gens = {k[:4] for k in raw_keys(store.cf[cf])}
             assert gens == {b"\x00\x00\x00\x01"}, cf
         loaded = store.load()
     for kind in ("users", "items"):
@@ -156,7 +156,7 @@ def test_guard_rejects_a_worse_model(tmp_path: Path) -> None:
     with store:
         assert store.generation() == 0
         for cf in MODEL_CFS:
-            assert {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly) == {b"\x00\x00\x00\x00"}, cf
+            assert {k[:4] for k in raw_keys(store.cf[cf])} == {b"\x00\x00\x00\x00"}, cf
 
 
 def test_a_swap_on_too_few_scored_events_says_it_was_unguarded(
@@ -178,12 +178,12 @@ def test_unfinished_rebuild_is_discarded_on_open(tmp_path: Path) -> None:
         store.commit_batch(model.state, model.learn(batch), {(TOPIC, 0): 5000})
         rb = start(model.state, store, RebuildConfig(iterations=2))
         rb.wait()  # fitted and staged under generation 1, never flipped: a crash here
-        before = {cf: sorted(store.cf[cf].keys()) for cf in MODEL_CFS}
+        before = {cf: sorted(raw_keys(store.cf[cf])) for cf in MODEL_CFS}
         assert any(k[:4] == b"\x00\x00\x00\x01" for k in before["user_factors"])
     with StateStore(tmp_path / "db") as store:
         assert store.generation() == 0
         for cf in MODEL_CFS:
-            assert {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly) == {b"\x00\x00\x00\x00"}, cf
+            assert {k[:4] for k in raw_keys(store.cf[cf])} == {b"\x00\x00\x00\x00"}, cf
         loaded = store.load()
     np.testing.assert_array_equal(
         loaded.users.factors[: loaded.users.n], model.state.users.factors[: model.state.users.n]
@@ -288,6 +288,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     # after_rows rows a step, each step but the last committing its own
     assert commits == (flip.deferred - 1) // rcfg.after_rows
     assert store.rebuild_unfinished() == 1
+    assert res.write is not None
     store.apply(st, res.write)  # the last one clears the mark
     assert rb.phase is RebuildPhase.DONE
     assert store.rebuild_unfinished() is None
@@ -367,8 +368,8 @@ class _Driver:
             store.apply(st, DropGenerations(older=False))
             swapped = res.outcome.swapped
             self.rebuild = None
-            below = store.generation() if swapped else None
-            self.schedule.ended(st.events_applied, self.now, below, unfinished=False)
+            replaced: int | None = store.generation() if swapped else None
+            self.schedule.ended(st.events_applied, self.now, replaced, unfinished=False)
 
     def rebuild_now(self) -> None:
         self.schedule.request()
@@ -389,7 +390,7 @@ def test_the_replaced_model_stays_readable_for_a_while(tmp_path: Path) -> None:
     store = feed.store
 
     def generations() -> set[int]:
-        return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in store.cf[cf].keys()}  # noqa: SIM118
+        return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in raw_keys(store.cf[cf])}
 
     try:
         d.rebuild_now()

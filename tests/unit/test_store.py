@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.state import ModelState, confidence_items
-from stream_mf.store import ConfigMismatchError, StateStore
+from stream_mf.store import ConfigMismatchError, StateStore, raw_keys
 from stream_mf.store_layout import fill_rows
+from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
 TOPIC = "interactions"
@@ -144,8 +144,10 @@ def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
         primary.drop_other_generations()  # the rebuild ends
         follower.store.catch_up()
         assert follower.users_for(old_view).user(uid) is None  # unknown, never mixed
-        assert follower.refresh() and follower.view.generation == 1
-        now = follower.users_for(follower.view).user(uid)
+        assert follower.refresh()
+        view = follower.view
+        assert view is not None and view.generation == 1
+        now = follower.users_for(view).user(uid)
         assert now is not None and np.array_equal(now.vector, -old_vec)
 
 
@@ -198,8 +200,14 @@ def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
     def block(b: int) -> bytes:
         return want[b * 16 : (b + 1) * 16].tobytes()
 
-    blocks = [(0, block(0)), (1, block(1)), (3, block(3)), (4, block(4)),
-              (5, want[80:87].tobytes()), (6, block(6))]  # fmt: skip
+    blocks = [
+        (0, block(0)),
+        (1, block(1)),
+        (3, block(3)),
+        (4, block(4)),
+        (5, want[80:87].tobytes()),
+        (6, block(6)),
+    ]
     out = np.zeros((n, dim), np.float32)
     fill_rows(out, blocks)
     expect = want[:n].copy()
@@ -270,8 +278,8 @@ def test_commit_is_all_or_nothing_under_sigkill(tmp_path: Path) -> None:
             resumed_at = nxt
     assert kills >= 3
     # finish and compare with an uninterrupted run: bit-identical
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode()
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
     reference = OnlineModel(CFG)
     batch = stream(60000, seed=4)
     for lo in range(0, 60000, 5000):
@@ -305,7 +313,7 @@ def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
         m.state.model_version += 1
         rows = np.arange(m.state.users.n)
         store.flip(m.state, 1, rows, np.arange(m.state.items.n), unfinished=True)
-        written = {k for k in store.cf["meta"].keys()}  # noqa: SIM118 (Rdict iterates oddly)
+        written = set(raw_keys(store.cf["meta"]))
         store.after_swap_step(m.state, rows[:3], rows[:0], last=True)
         assert store.rebuild_unfinished() is None and store.generation() == 1
     names = {k.decode() for k in written if not k.startswith(BATCH_LOG_PREFIX)}

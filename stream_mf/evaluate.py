@@ -217,9 +217,11 @@ class HybridLearner(SGDLearner):
     """Online SGD with the updater's own rebuild (`stream_mf.rebuild.Rebuild`: fit, guard,
     catch-up, swap, after-swap) driven synchronously: due `refit_every` events after the last
     one ended (`RebuildScheduler`), its background work run inline, its guard scoring the events
-    that come next. Evaluation has no wall clock, so the guard ends on `guard_events` (never on
-    `guard_timeout_s`) and the swap solves up to `final_rows` (never cut by `swap_budget_s`):
-    results repeat. Nothing is persisted: the rebuild's writes are what a store would commit."""
+    that come next. Evaluation has no wall clock, so the guard's timeout is counted in events
+    (`refit_every` of them; it scores only users known when the rebuild started, and on
+    MovieLens most events after that are new users') and the swap solves up to `final_rows`
+    (never cut by `swap_budget_s`): results repeat. Nothing is persisted: the rebuild's writes
+    are what a store would commit."""
 
     name = "hybrid"
 
@@ -228,7 +230,7 @@ class HybridLearner(SGDLearner):
     ):
         super().__init__(config)
         self.rcfg = (rebuild or RebuildConfig()).model_copy(
-            update={"guard_timeout_s": math.inf, "swap_budget_s": math.inf}
+            update={"guard_timeout_s": float(refit_every), "swap_budget_s": math.inf}
         )
         self.schedule = RebuildScheduler(
             every_events=refit_every, every_seconds=None, events_at_last=0, time_at_last=0.0
@@ -255,7 +257,13 @@ class HybridLearner(SGDLearner):
         elif self.schedule.due(st.events_applied, st.users.n, st.items.n, 0.0):
             self.schedule.started()
             self.generation += 1
-            self.rebuild = Rebuild(st, self.rcfg, generation=self.generation, inline=True)
+            self.rebuild = Rebuild(
+                st, self.rcfg, generation=self.generation, inline=True, clock=self._events
+            )
+
+    def _events(self) -> float:
+        """The rebuild's clock here: events learnt (results must not depend on the machine)."""
+        return float(self.model.state.events_applied)
 
     def _seen(self, user: int) -> np.ndarray:
         return np.fromiter(self._items_of.get(user, ()), np.int64)

@@ -429,7 +429,8 @@ class Rebuild:
     """One rebuild in flight. Drive it from the updater's loop: `note` every batch's delta,
     `step` between batches (after the batch's commit) and commit the `write` it returns, until
     it returns an `Outcome`. `inline=True` runs the background work in the caller (evaluation:
-    the same steps, synchronously, so that results repeat); `stage=None` stages nothing."""
+    the same steps, synchronously, so that results repeat); `stage=None` stages nothing;
+    `clock` is what the guard's timeout is measured on (evaluation counts events)."""
 
     def __init__(
         self,
@@ -439,8 +440,10 @@ class Rebuild:
         generation: int,
         stage: Stage | None = None,
         inline: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.now = clock  # what `guard_timeout_s` is measured on
         self.phase = RebuildPhase.IDLE
         self.generation = generation
         self.stage_sink = stage
@@ -589,7 +592,7 @@ class Rebuild:
 
     @runs_in(RebuildPhase.FITTING)
     def _fitted(self) -> None:
-        self.fitted_at = time.monotonic()
+        self.fitted_at = self.now()
         self._to(RebuildPhase.GUARDING)
 
     @runs_in(RebuildPhase.GUARDING)
@@ -597,7 +600,7 @@ class Rebuild:
         """Wait for the guard's events (or its timeout), then reject or go on to catch up."""
         assert self.fitted_at is not None
         if self.scored < self.cfg.guard_events and (
-            time.monotonic() - self.fitted_at < self.cfg.guard_timeout_s
+            self.now() - self.fitted_at < self.cfg.guard_timeout_s
         ):
             return RebuildStep(self.phase)
         if not self._passes():

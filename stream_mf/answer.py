@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from numba import njit
 
-from stream_mf.messages import RecRequest, RecResponse, ScoredItem
+from stream_mf.messages import RecRequest, RecResponse, ScoredItem, Strategy
 from stream_mf.recommend import ItemView, because, fold_in, popular, recommend, similar_items
 from stream_mf.state import ModelState
 
@@ -31,7 +31,7 @@ class UserSource(Protocol):
 
 
 @njit(cache=True)
-def _items_of(conf, user):  # type: ignore[no-untyped-def]
+def _items_of(conf, user):
     out = []
     for key in conf:
         if (key >> 32) == user:
@@ -74,21 +74,27 @@ def answer(
     fold_in_reg: float = 0.1,
 ) -> RecResponse:
     """Serve one request. Unknown or too-new users get the decayed-popularity list."""
-    base = {
-        "request_id": req.request_id,
-        "user_id": req.user_id,
-        "model_version": view.model_version,
-    }
     excl = view.indices(req.exclude_items)
     cand = view.indices(req.candidates) if req.candidates is not None else None
 
-    def reply(strategy: str, idx: np.ndarray, scores: np.ndarray) -> RecResponse:
+    def reply(strategy: Strategy, idx: np.ndarray, scores: np.ndarray) -> RecResponse:
         return RecResponse(
-            **base, items=_scored(view, idx, scores), strategy=strategy, generated_at=time.time()
+            request_id=req.request_id,
+            user_id=req.user_id,
+            model_version=view.model_version,
+            items=_scored(view, idx, scores),
+            strategy=strategy,
+            generated_at=time.time(),
         )
 
     def fail(message: str) -> RecResponse:
-        return RecResponse(**base, error=message, generated_at=time.time())
+        return RecResponse(
+            request_id=req.request_id,
+            user_id=req.user_id,
+            model_version=view.model_version,
+            error=message,
+            generated_at=time.time(),
+        )
 
     if req.kind == "popular":
         return reply("popular", *popular(view, req.k, excl, cand))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -82,13 +83,19 @@ class NicheStream:
         return np.flatnonzero(self.user_niche >= 0)
 
 
+class NicheVariant(TypedDict):
+    """What tells the niche streams apart (the keyword arguments of `niche_stream`)."""
+
+    tail: str
+    interleaved: bool
+    niche_popular: bool
+
+
 #: The variants the model suite and the bench run: (tail, interleaved, niche items popular).
-NICHE_VARIANTS: dict[str, dict[str, object]] = {
-    f"{tail}-{'mixed' if mixed else 'apart'}-{'pop' if pop else 'unpop'}": {
-        "tail": tail,
-        "interleaved": mixed,
-        "niche_popular": pop,
-    }
+NICHE_VARIANTS: dict[str, NicheVariant] = {
+    f"{tail}-{'mixed' if mixed else 'apart'}-{'pop' if pop else 'unpop'}": NicheVariant(
+        tail=tail, interleaved=mixed, niche_popular=pop
+    )
     for tail in ("flat", "skewed")
     for mixed in (True, False)
     for pop in (True, False)

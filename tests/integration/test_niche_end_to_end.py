@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Cluster
-from synthetic import NICHE_VARIANTS, NicheStream, niche_hits, niche_stream
-from test_services import client_for, payloads_of, send, wait_for_model
 
 from consumers.processes import scrape
+from tests.integration.conftest import Cluster
+from tests.integration.test_services import client_for, payloads_of, send, wait_for_model
+from tests.synthetic import NICHE_VARIANTS, NicheStream, niche_hits, niche_stream
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def niche_answers(cluster: Cluster, s: NicheStream) -> dict[int, float]:
 
 
 def test_niche_users_get_their_niche_end_to_end(cluster: Cluster) -> None:
-    s = niche_stream(**NICHE_VARIANTS[VARIANT])  # type: ignore[arg-type]
+    s = niche_stream(**NICHE_VARIANTS[VARIANT])
     cluster.start("updater", "updater")
     cluster.start("query", "query-1")
     send(cluster.kafka, cluster.topics.interactions, payloads_of(s))
@@ -52,7 +52,7 @@ def test_niche_users_get_their_niche_end_to_end(cluster: Cluster) -> None:
 
 def test_niche_users_keep_their_niche_after_a_rebuild_swap(cluster: Cluster) -> None:
     """A rebuild swapped in mid-stream (the rest learnt online on top of it) loses no niche."""
-    s = niche_stream(**NICHE_VARIANTS[VARIANT])  # type: ignore[arg-type]
+    s = niche_stream(**NICHE_VARIANTS[VARIANT])
     env = {"STREAM_MF_REBUILD__EVERY_EVENTS": "20000", "STREAM_MF_REBUILD__GUARD_TIMEOUT_S": "5"}
     cluster.start("updater", "updater", env=env)
     cluster.start("query", "query-1")

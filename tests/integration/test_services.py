@@ -20,12 +20,14 @@ from stream_mf.decode import decode_events
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.store import StateStore
 from tests.integration.conftest import Cluster, make_topics
-from tests.synthetic import PlantedStream, planted_stream
+from tests.synthetic import NicheStream, PlantedStream, planted_stream
 
 pytestmark = pytest.mark.integration
 
 
-def payloads_of(s: PlantedStream, first_t: float | None = None) -> list[tuple[bytes, bytes]]:
+def payloads_of(
+    s: PlantedStream | NicheStream, first_t: float | None = None
+) -> list[tuple[bytes, bytes]]:
     out = []
     for u, i, t in zip(s.users.tolist(), s.items.tolist(), s.times.tolist(), strict=True):
         doc = {"user_id": f"u{u}", "item_id": f"i{i}", "event_type": "view", "timestamp": t}

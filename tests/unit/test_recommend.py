@@ -1,15 +1,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from synthetic import NICHE_VARIANTS, niche_stream, planted_stream
 
 from stream_mf.answer import StateUsers, answer
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import read_events
-from stream_mf.messages import RecRequest
+from stream_mf.messages import RecRequest, RequestKind
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.recommend import (
     ItemView,
@@ -20,6 +20,7 @@ from stream_mf.recommend import (
     recommend_batch,
     similar_items,
 )
+from tests.synthetic import NICHE_VARIANTS, niche_stream, planted_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,12 @@ def trained() -> OnlineModel:
     m = OnlineModel(ModelConfig(dim=16))
     m.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(30_000), s.times))
     return m
+
+
+def _seen(users: StateUsers, user_id: str) -> list[int]:
+    rec = users.user(user_id)
+    assert rec is not None, user_id
+    return [int(i) for i in rec.seen.tolist()]
 
 
 def test_recommend_is_top_scores_minus_exclusions(trained: OnlineModel) -> None:
@@ -105,7 +112,7 @@ def test_answer_strategies(trained: OnlineModel) -> None:
     users = StateUsers(trained.state)
     r = answer(RecRequest(request_id="a", user_id="u3", k=5), view, users)
     assert r.strategy == "personalized" and len(r.items) == 5 and r.error is None
-    seen = set(view.ids[i] for i in users.user("u3").seen.tolist())
+    seen = set(view.ids[i] for i in _seen(users, "u3"))
     assert seen and not seen & {it.item_id for it in r.items}
     unknown = answer(RecRequest(request_id="b", user_id="nobody", k=5), view, users)
     assert unknown.strategy == "popular" and len(unknown.items) == 5
@@ -134,19 +141,20 @@ def test_answer_strategies(trained: OnlineModel) -> None:
 @pytest.mark.parametrize(
     "kind", ["recommend", "similar_items", "recommend_anonymous", "because", "popular"]
 )
-def test_every_kind_ranks_only_its_candidates(trained: OnlineModel, kind: str) -> None:
+def test_every_kind_ranks_only_its_candidates(trained: OnlineModel, kind: RequestKind) -> None:
     """`candidates` restricts every kind's ranking: the answer is the unrestricted ranking with
     everything else left out (never silently ignored)."""
     view = ItemView.from_state(trained.state)
     users = StateUsers(trained.state)
-    seen = [view.ids[i] for i in users.user("u3").seen.tolist()]
-    fields = {
+    seen = [view.ids[i] for i in _seen(users, "u3")]
+    by_kind: dict[str, dict[str, Any]] = {
         "recommend": {"user_id": "u3"},
         "similar_items": {"item_id": "i9"},
         "recommend_anonymous": {"items": ["i1", "i4"]},
         "because": {"user_id": "u3", "item_id": "i9"},
         "popular": {},
-    }[kind]
+    }
+    fields = by_kind[kind]
     pool = seen if kind == "because" else list(view.ids)
     candidates = [*pool[::3], "not-an-item"]  # an unknown id is simply never returned
     full = answer(RecRequest(request_id="all", kind=kind, k=1000, **fields), view, users)
@@ -164,7 +172,13 @@ def test_every_kind_ranks_only_its_candidates(trained: OnlineModel, kind: str) -
 def test_because_honours_exclude_items(trained: OnlineModel) -> None:
     view = ItemView.from_state(trained.state)
     users = StateUsers(trained.state)
-    req = {"request_id": "w", "kind": "because", "user_id": "u3", "item_id": "i9", "k": 3}
+    req: dict[str, Any] = {
+        "request_id": "w",
+        "kind": "because",
+        "user_id": "u3",
+        "item_id": "i9",
+        "k": 3,
+    }
     top = answer(RecRequest(**req), view, users).items[0].item_id
     again = answer(RecRequest(**req, exclude_items=[top]), view, users)
     assert top not in {it.item_id for it in again.items} and len(again.items) == 3
@@ -178,7 +192,7 @@ def _anonymous(view: ItemView, items: list[str], k: int = 10) -> list[str]:
 
 
 def test_anonymous_user_folded_in_from_a_niche_gets_that_niche() -> None:
-    s = niche_stream(**NICHE_VARIANTS["skewed-mixed-pop"])  # type: ignore[arg-type]
+    s = niche_stream(**NICHE_VARIANTS["skewed-mixed-pop"])
     m = OnlineModel(ModelConfig())
     m.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(s.users.size), s.times))
     view = ItemView.from_state(m.state)

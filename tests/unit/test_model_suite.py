@@ -13,7 +13,6 @@ from functools import cache
 
 import numpy as np
 import pytest
-from synthetic import NICHE_VARIANTS, NicheStream, niche_hits, niche_stream, niche_top10
 
 from stream_mf.answer import StateUsers, answer
 from stream_mf.config import ModelConfig
@@ -21,6 +20,7 @@ from stream_mf.evaluate import make_learner
 from stream_mf.messages import RecRequest
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.recommend import ItemView
+from tests.synthetic import NICHE_VARIANTS, NicheStream, niche_hits, niche_stream, niche_top10
 
 MIN_IN_NICHE = 8.0
 #: `als` and `hybrid` refit twice over a stream of 33k events (each niche's events are in a refit)
@@ -33,7 +33,7 @@ HYBRID_REFIT_EVERY = 5_000
 
 @cache
 def stream(variant: str) -> NicheStream:
-    return niche_stream(**NICHE_VARIANTS[variant], name=variant)  # type: ignore[arg-type]
+    return niche_stream(**NICHE_VARIANTS[variant], name=variant)
 
 
 def default_model_hits(s: NicheStream) -> dict[int, float]:

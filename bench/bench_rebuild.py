@@ -5,8 +5,8 @@
 The updater's loop in miniature, in one process: learn + commit micro-batches of the planted
 synthetic stream (100k users, 50k items), start a rebuild after the first half, keep feeding
 batches while it fits, guards, catches up, swaps and finishes the rows left after the swap, and
-time every `step()` call on the loop thread (the flip commit included: the swap step makes it
-itself when rows are left, the caller otherwise), with events arriving at `--rate` in 0.2 s
+time every `step()` call on the loop thread with the commit it returns (the flip, each
+after-swap step), with events arriving at `--rate` in 0.2 s
 micro-batches (users uniformly at random: the worst case for how many rows change during a
 catch-up round). The pause is the longest of those steps and the snapshot (target: under 100 ms
 for 100k users). For reference, the same run times a plain batch commit, and the naive

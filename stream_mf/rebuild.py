@@ -920,6 +920,7 @@ class Rebuild:
         a = self.after
         assert a is not None and self.swap_outcome is not None
         if not self.finite:  # a non-finite solve: keep what SGD has; the rows stay consistent
+            self._to(RebuildPhase.FAILED)
             raise RuntimeError("a row re-solved after the swap is not finite")
         nu_ = a.users.size
         lo, hi = a.done, min(a.done + self.cfg.after_rows, nu_ + a.items.size)

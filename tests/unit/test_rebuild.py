@@ -552,3 +552,23 @@ def test_inline_run_to_completion_swaps_without_a_store() -> None:
     assert isinstance(res.outcome, Outcome) and res.outcome.swapped
     assert isinstance(res.write, Flip) and res.write.generation == 1
     assert rb.phase is RebuildPhase.DONE and model.state.model_version == 1
+
+
+def test_a_non_finite_row_after_the_swap_fails_the_rebuild_after_its_flip() -> None:
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    batch = stream(8000, seed=6)
+    model.learn(batch.slice(0, 4000))
+    cfg = RebuildConfig(iterations=2, guard_events=0, max_rounds=1, final_rows=5)
+    rb = Rebuild(model.state, cfg, generation=1, inline=True)
+    writes = []
+    for lo in range(4000, 8000, 1000):
+        rb.note(model.learn(batch.slice(lo, lo + 1000)))
+        writes.append(rb.step(model.state).write)
+        if rb.phase is RebuildPhase.AFTER_SWAP:
+            break
+    assert rb.phase is RebuildPhase.AFTER_SWAP and isinstance(writes[-1], Flip)
+    assert writes[-1].unfinished and rb.swap_outcome is not None
+    rb.finite = False  # as a non-finite re-solve after the swap leaves it
+    with pytest.raises(RuntimeError, match="not finite"):
+        rb.step(model.state)
+    assert rb.phase is RebuildPhase.FAILED

@@ -63,7 +63,7 @@ def run_size(n_items: int, n_users: int, batch: int, rounds: int, work: Path) ->
         nonlocal done
         delta = model.learn(b)
         done += len(b)
-        store.commit(model.state, delta, {(TOPIC, 0): done}, event_times=b.times)
+        store.commit_batch(model.state, delta, {(TOPIC, 0): done}, event_times=b.times)
 
     every = [f"i{j}" for j in range(n_items)]
     users = [f"u{j % n_users}" for j in range(n_items)]

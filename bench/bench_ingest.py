@@ -416,7 +416,7 @@ def _process_line_kinds() -> dict[int, str]:
 _RULES: tuple[tuple[str, Any], ...] = (
     ("live_eval", lambda f, p: p.endswith("stream_mf/live_eval.py")),
     ("decode", lambda f, p: p.endswith(("stream_mf/decode.py", "stream_mf/events.py"))),
-    ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit")),
+    ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit_batch")),
     (
         "learn",
         lambda f, p: p.endswith(

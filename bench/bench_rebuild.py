@@ -5,12 +5,12 @@
 The updater's loop in miniature, in one process: learn + commit micro-batches of the planted
 synthetic stream (100k users, 50k items), start a rebuild after the first half, keep feeding
 batches while it fits, guards, catches up, swaps and finishes the rows left after the swap, and
-time every `step()` call on the loop thread (the flip commit included: the swap step makes it
-itself when rows are left, the caller otherwise), with events arriving at `--rate` in 0.2 s
+time every `step()` call on the loop thread with the commit it returns (the flip, each
+after-swap step), with events arriving at `--rate` in 0.2 s
 micro-batches (users uniformly at random: the worst case for how many rows change during a
 catch-up round). The pause is the longest of those steps and the snapshot (target: under 100 ms
 for 100k users). For reference, the same run times a plain batch commit, and the naive
-alternative of writing every row at the swap (one `commit(everything=True)`).
+alternative of writing every row at the swap (one `write_full_state`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Col, print_table, synthetic_events, write_results
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig, warm_up_rebuild
+from stream_mf.rebuild import Rebuild, RebuildConfig, RebuildPhase, warm_up_rebuild
 from stream_mf.store import StateStore
 
 
 def _phase(rb: Rebuild) -> str:
-    if rb.swap_outcome is not None:
+    if rb.phase is RebuildPhase.AFTER_SWAP:
         return "after the swap"
     return "fit/guard/rounds"
 
@@ -66,7 +66,7 @@ def main() -> None:
             delta = model.learn(piece)
             done += len(piece)
             t = time.perf_counter()
-            store.commit(model.state, delta, {("interactions", 0): done})
+            store.commit_batch(model.state, delta, {("interactions", 0): done})
             commit_s.append(time.perf_counter() - t)
             return delta
 
@@ -76,7 +76,7 @@ def main() -> None:
         print(f"model: {st.users.n:,} users, {st.items.n:,} items, {len(st.confidence):,} pairs")
         t0 = time.perf_counter()
         start_pause = time.perf_counter()
-        rb = Rebuild(st, store, rcfg)
+        rb = Rebuild(st, rcfg, generation=store.generation() + 1, stage=store.stage)
         start_pause = time.perf_counter() - start_pause
         steps: list[float] = []
         phases: list[str] = []
@@ -100,16 +100,10 @@ def main() -> None:
             time.sleep(max(0.0, 0.2 - (time.perf_counter() - t_feed)))
             phase = _phase(rb)
             t = time.perf_counter()
-            outcome = rb.step(st)
-            if outcome is not None and outcome.swapped:
-                store.commit(
-                    st,
-                    BatchDelta.empty(st),
-                    None,
-                    generation=outcome.generation,
-                    extra_users=outcome.users,
-                    extra_items=outcome.items,
-                )
+            res = rb.step(st)
+            if res.write is not None:
+                store.apply(st, res.write)
+            outcome = res.outcome
             steps.append(time.perf_counter() - t)
             if phase == "fit/guard/rounds" and (rb.swap_outcome is not None or outcome is not None):
                 phase = "swap"  # the flip step
@@ -121,7 +115,7 @@ def main() -> None:
         store.drop_other_generations()
         cleanup = time.perf_counter() - t
         t = time.perf_counter()
-        store.commit(st, None, None, everything=True)
+        store.write_full_state(st)
         naive = time.perf_counter() - t
         store.close()
 

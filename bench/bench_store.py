@@ -63,7 +63,7 @@ def batched_run(events: EventBatch, batch: int, root: Path) -> dict[str, Any]:
                 with learn_sw:
                     delta = model.learn(events.slice(lo, hi))
                 with commit_sw:
-                    store.commit(model.state, delta, {(TOPIC, 0): hi})
+                    store.commit_batch(model.state, delta, {(TOPIC, 0): hi})
                 blocks += np.unique(delta.users // BLOCK_ROWS).size
                 blocks += np.unique(delta.items // BLOCK_ROWS).size
                 pairs += delta.pair_keys.size

@@ -78,7 +78,7 @@ def prepare_kernels(work: Path) -> tuple[float, int]:
     users, items = ["u1", "u2", "u1", "u3"], ["i1", "i2", "i2", "i3"]
     model.learn(EventBatch.build(users, items, np.ones(4), np.arange(4.0) + 1.7e9))
     with StateStore(work / "kernels") as store:
-        store.commit(model.state, None, {("warm-up", 0): 4}, everything=True)
+        store.write_full_state(model.state, {("warm-up", 0): 4})
         model = OnlineModel(store.stored_config() or ModelConfig(), store.load())
     view = ItemView.from_state(model.state)
     known = StateUsers(model.state)

@@ -60,8 +60,11 @@ from consumers.settings import UpdaterSettings
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
-from stream_mf.rebuild import Rebuild, warm_up_rebuild
+from stream_mf.rebuild import Rebuild, RebuildStep, warm_up_rebuild
+from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
+from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
+from stream_mf.writes import CommitBatch, DropGenerations, Flip, Write, WriteOffsets
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +75,6 @@ EXIT_OFFSETS = 5
 EXIT_OFFSET_GAP = 6
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
-# a swapped-out model's rows stay this long after a rebuild (another rebuild may start
-# meanwhile): query processes answer requests from the view they hold (users pinned to its
-# generation) until their next refresh, which can take seconds on a large catalogue
-# (bench/bench_follower.py); a restart of the updater drops them at once
-OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period
 STOP_GRACE_S = 10.0
@@ -233,6 +231,14 @@ class Updater:
         )
         self.topic = settings.topics.interactions
         self.assigned: list[TopicPartition] = []
+        self._open_clients()
+        self._init_rebuilds(state)
+        self._init_gauges()
+        self._warn_if_clock_ahead(state)
+
+    def _open_clients(self) -> None:
+        """The interactions consumer, the dead-letter producer and the control consumer."""
+        settings = self.settings
         wait_ms = int(settings.dead_letter_timeout_seconds * 1000)
         self.consumer = kafka_io.consumer(
             settings.kafka,
@@ -279,30 +285,27 @@ class Updater:
         self.metrics_port: int | None = None
         self._stop = kafka_io.StopFlag()
         self._next_metadata = 0.0
-        self.rebuild: Rebuild | None = None
-        # (when, generation): drop the models under that generation then (a swap's old one)
-        self._drops: list[tuple[float, int]] = []
-        self._rebuild_requested = False
-        self._rebuilt_at = time.monotonic()
-        self._rebuilt_at_events = state.events_applied
         self.control = kafka_io.consumer(settings.kafka, f"{settings.group_id}-control")
         self._probe: Any = None  # a consumer that verifies a log's end by fetching (lazily)
         self._next_gap_check = time.monotonic() + settings.offset_check_seconds
         self._control_assigned = False
         self._next_control_check = 0.0
-        self.registry.register(
-            CallbackGauges(
-                {"stream_mf_store_size_bytes": ("Bytes of the model store on disk", self._size)}
-            )
+
+    def _init_rebuilds(self, state: ModelState) -> None:
+        """The schedule; a rebuild at once if the last one stopped in its after-swap phase."""
+        cfg = self.settings.rebuild
+        self.rebuild: Rebuild | None = None
+        self.schedule = RebuildScheduler(
+            every_events=cfg.every_events,
+            every_seconds=cfg.every_seconds,
+            events_at_last=state.events_applied,
+            time_at_last=time.monotonic(),
+            grace_s=OLD_GENERATION_GRACE_S,
         )
-        self._size_cache = (0.0, 0)
-        self._lag: list[tuple[int, int | None, int]] = []
         warm_up_rebuild()  # compile (or load) the rebuild's kernels now, not inside a swap
-        self.registry.register(LagCollector(lambda: self._lag))
         rebuilt = self.store.rebuilt_at()
         # no rebuild yet: count the overdue alert from this start, not from 1970
         self.metrics.rebuild_last_success.set(rebuilt if rebuilt else time.time())
-        self._publish_gauges()
         unfinished = self.store.rebuild_unfinished()
         if unfinished is not None:
             # the rows left over at that swap keep the last round's solution (one consistent
@@ -312,9 +315,22 @@ class Updater:
                 "re-solved (the updater died in its after-swap phase): starting a new rebuild",
                 unfinished,
             )
-            self._rebuild_requested = True
+            self.schedule.request()
+
+    def _init_gauges(self) -> None:
+        self.registry.register(
+            CallbackGauges(
+                {"stream_mf_store_size_bytes": ("Bytes of the model store on disk", self._size)}
+            )
+        )
+        self._size_cache = (0.0, 0)
+        self._lag: list[tuple[int, int | None, int]] = []
+        self.registry.register(LagCollector(lambda: self._lag))
+        self._publish_gauges()
+
+    def _warn_if_clock_ahead(self, state: ModelState) -> None:
         ahead = float(state.clock[0]) - time.time()
-        if ahead > settings.max_future_seconds:
+        if ahead > self.settings.max_future_seconds:
             log.warning(
                 "the model's stream clock is %.0f s ahead of this host's clock: an event from the "
                 "future reached it (before future_timestamp existed, or with a larger "
@@ -411,7 +427,7 @@ class Updater:
         # deliberately moved, backwards too: the store says so at once (a restart resumes
         # there) and the regression check in _next_offsets measures from here
         key = (topic, partition)
-        self.store.write_offsets([(key, new)])
+        self._commit(WriteOffsets({key: new}))
         self.offsets[key] = new
         return new
 
@@ -566,76 +582,68 @@ class Updater:
                 cmd = None
             if cmd == "rebuild":
                 log.info("rebuild requested on %s", self.settings.topics.control)
-                self._rebuild_requested = True
+                self.schedule.request()
             else:
                 log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
 
-    def _rebuild_due(self) -> bool:
-        cfg = self.settings.rebuild
-        st = self.model.state
-        if st.users.n == 0 or st.items.n == 0:
-            return False
-        if self._rebuild_requested:
-            return True
-        if cfg.every_events and st.events_applied - self._rebuilt_at_events >= cfg.every_events:
-            return True
-        return bool(cfg.every_seconds and time.monotonic() - self._rebuilt_at >= cfg.every_seconds)
+    def _commit(self, write: Write) -> None:
+        """Every store commit of this process, in the order the loop makes them: one place for
+        the commit order (docs/architecture.md) and for whatever must follow a commit."""
+        self.store.apply(self.model.state, write)
 
     def _drive_rebuild(self) -> None:
         """Start a rebuild when due; otherwise advance the one in flight (see stream_mf.rebuild)."""
-        m = self.metrics
-        state = self.model.state
         now = time.monotonic()
-        while self._drops and self._drops[0][0] <= now:
+        for below in self.schedule.drops_due(now):
             # only generations under the one that replaced them: never the current, nor the
             # one a rebuild in flight is staging
-            self.store.drop_other_generations(staged=False, below=self._drops.pop(0)[1])
+            self._commit(DropGenerations(staged=False, below=below))
         if self.rebuild is None:
-            if self._rebuild_due():
-                self._rebuild_requested = False
-                self.rebuild = Rebuild(state, self.store, self.settings.rebuild)
-                m.rebuild_running.set(1)
+            st = self.model.state
+            if self.schedule.due(st.events_applied, st.users.n, st.items.n, now):
+                self._start_rebuild()
             return
         t0 = time.perf_counter()
         try:
-            outcome = self.rebuild.step(state)
+            res = self.rebuild.step(self.model.state)
         except StoreError:
             raise  # the store itself failed: stop like any other write failure
         except RuntimeError as exc:
-            if self.rebuild.swap_outcome is not None:  # failed after the flip: the new model
-                log.error(
-                    "%s; the new model is live, rows not yet re-solved keep what SGD learnt", exc
-                )
-                m.rebuild_swaps.labels("swapped").inc()
-                m.rebuild_last_success.set(time.time())
-            else:
-                log.error("%s; keeping the current model", exc)
-                m.rebuild_swaps.labels("failed").inc()
-            self._end_rebuild()
+            self._rebuild_failed(exc)
             return
-        m.rebuild_step.observe(time.perf_counter() - t0)
-        if outcome is None:
-            return
-        if outcome.swapped:
-            t_commit = time.perf_counter()
-            self.store.commit(
-                state,
-                BatchDelta.empty(state),
-                None,
-                generation=outcome.generation,
-                extra_users=outcome.users,
-                extra_items=outcome.items,
-            )
+        if res.write is not None:
+            self._commit_rebuild_write(res, t0)
+        self.metrics.rebuild_step.observe(time.perf_counter() - t0)
+        if res.outcome is not None:
+            self._rebuild_over(res, t0)
+
+    def _start_rebuild(self) -> None:
+        self.schedule.started()
+        self.rebuild = Rebuild(
+            self.model.state,
+            self.settings.rebuild,
+            generation=self.store.generation() + 1,
+            stage=self.store.stage,
+        )
+        self.metrics.rebuild_running.set(1)
+
+    def _commit_rebuild_write(self, res: RebuildStep, t0: float) -> None:
+        """The rebuild's flip or after-swap rows; the swap's pause is its step and the flip."""
+        assert res.write is not None and self.rebuild is not None
+        self._commit(res.write)
+        swapped = self.rebuild.swap_outcome
+        if isinstance(res.write, Flip) and swapped is not None:
+            m = self.metrics
             m.rebuild_last_success.set(time.time())
-            m.rebuild_drift.set(outcome.drift)
-            # the pause is the swap step; this commit is the flip unless the swap step made it
-            # itself and finished rows after it (then this commit writes the last of those)
-            flip = 0.0 if outcome.deferred else time.perf_counter() - t_commit
-            m.rebuild_pause.observe(outcome.seconds + flip)
-        else:
+            m.rebuild_drift.set(swapped.drift)
             m.rebuild_pause.observe(time.perf_counter() - t0)
-            # the guard judged a rebuild over these rows: do not start another at every restart
-            self.store.clear_rebuild_unfinished()
+
+    def _rebuild_over(self, res: RebuildStep, t0: float) -> None:
+        m = self.metrics
+        outcome = res.outcome
+        assert outcome is not None and self.rebuild is not None
+        if not outcome.swapped:
+            m.rebuild_pause.observe(time.perf_counter() - t0)
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
         if outcome.unguarded:
             m.rebuild_unguarded.inc()
@@ -644,15 +652,30 @@ class Updater:
         self._end_rebuild()
         self._publish_gauges()
 
-    def _end_rebuild(self) -> None:
+    def _rebuild_failed(self, exc: RuntimeError) -> None:
+        m = self.metrics
+        assert self.rebuild is not None
+        if self.rebuild.swap_outcome is not None:  # failed after the flip: the new model
+            log.error("%s; the new model is live, rows not yet re-solved keep what SGD learnt", exc)
+            m.rebuild_swaps.labels("swapped").inc()
+            m.rebuild_last_success.set(time.time())
+        else:
+            log.error("%s; keeping the current model", exc)
+            m.rebuild_swaps.labels("failed").inc()
+        self._end_rebuild()
+
+    def _end_rebuild(self, *, unfinished: bool = False) -> None:
+        """`unfinished`: the store still marks a swap's after-swap rows (rebuild again)."""
         swapped = self.rebuild is not None and self.rebuild.swap_outcome is not None
         # a staged model nobody reads goes now; a replaced one after readers have moved on
-        self.store.drop_other_generations(older=False)
-        if swapped:
-            self._drops.append((time.monotonic() + OLD_GENERATION_GRACE_S, self.store.generation()))
+        self._commit(DropGenerations(older=False))
         self.rebuild = None
-        self._rebuilt_at = time.monotonic()
-        self._rebuilt_at_events = self.model.state.events_applied
+        self.schedule.ended(
+            self.model.state.events_applied,
+            time.monotonic(),
+            replaced_below=self.store.generation() if swapped else None,
+            unfinished=unfinished,
+        )
         self.metrics.rebuild_running.set(0)
         log.info("rebuild done")
 
@@ -740,7 +763,7 @@ class Updater:
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
-        self.store.commit(self.model.state, att.delta, nxt, event_times=batch.times)
+        self._commit(CommitBatch(att.delta, nxt, batch.times))
         t2 = time.perf_counter()
         self.offsets.update(nxt)
         self.consumer.commit(
@@ -821,9 +844,7 @@ class Updater:
             log.warning("giving up the rebuild in flight: the model is reloaded from the store")
             if self.rebuild.swap_outcome is None:
                 self.metrics.rebuild_swaps.labels("failed").inc()
-            self._end_rebuild()
-            if self.store.rebuild_unfinished() is not None:
-                self._rebuild_requested = True
+            self._end_rebuild(unfinished=self.store.rebuild_unfinished() is not None)
         state = self.store.load(self.settings.model)
         self.model = OnlineModel(state.config, state)
         self._publish_gauges()

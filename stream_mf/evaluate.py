@@ -21,9 +21,10 @@ from stream_mf.als import als_fit, confidence_matrix
 from stream_mf.config import EventTypeSpec, ModelConfig
 from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, OnlineModel
-from stream_mf.rebuild import RebuildConfig
+from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
+from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.scoring import score_event, top_unseen
-from stream_mf.store import confidence_items
+from stream_mf.state import confidence_items
 
 
 class PrequentialLearner(Protocol):
@@ -233,8 +234,14 @@ class ALSLearner(_ModelLearner):
 
 
 class HybridLearner(SGDLearner):
-    """Online SGD, with a full ALS rebuild swapped in every `refit_every` events (the updater's
-    periodic rebuild, done synchronously here)."""
+    """Online SGD with the updater's own rebuild (`stream_mf.rebuild.Rebuild`: fit, guard,
+    catch-up, swap, after-swap) driven synchronously: due `refit_every` events after the last
+    one ended (`RebuildScheduler`), its background work run inline, its guard scoring the events
+    that come next. Evaluation has no wall clock, so the guard's timeout is counted in events
+    (`refit_every` of them; it scores only users known when the rebuild started, and on
+    MovieLens most events after that are new users') and the swap solves up to `final_rows`
+    (never cut by `swap_budget_s`): results repeat. Nothing is persisted: the rebuild's writes
+    are what a store would commit."""
 
     name = "hybrid"
 
@@ -242,23 +249,58 @@ class HybridLearner(SGDLearner):
         self, config: ModelConfig, rebuild: RebuildConfig | None = None, refit_every: int = 1000
     ):
         super().__init__(config)
-        self.rcfg = rebuild or RebuildConfig()
-        self.refit_every = refit_every
-        self.seen_events = 0
+        self.rcfg = (rebuild or RebuildConfig()).model_copy(
+            update={"guard_timeout_s": float(refit_every), "swap_budget_s": math.inf}
+        )
+        self.schedule = RebuildScheduler(
+            every_events=refit_every, every_seconds=None, events_at_last=0, time_at_last=0.0
+        )
+        self.rebuild: Rebuild | None = None
+        self.generation = 0
+        self.outcomes: list[Outcome] = []
+        self.failed = 0
+        self._items_of: dict[int, set[int]] = {}  # what the guard excludes, as the store has it
 
     def learn(self, batch: EventBatch) -> None:
-        self.model.learn(batch)
-        self.seen_events += len(batch)
-        if self.seen_events % self.refit_every == 0:
-            st = self.model.state
-            nu, ni = st.users.n, st.items.n
-            U, V = _fit_als(
-                self.model, st.users.factors[:nu].copy(), st.items.factors[:ni].copy(), self.rcfg
+        st = self.model.state
+        rb = self.rebuild
+        if rb is not None and rb.wants_scores:
+            users = st.users.lookup(batch.user_ids).astype(np.int64)
+            items = st.items.lookup(batch.item_ids).astype(np.int64)
+            rb.score(st, users, items, self._seen)
+        delta = self.model.learn(batch)
+        for key in delta.pair_keys.tolist():
+            self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
+        if rb is not None:
+            rb.note(delta)
+            self._step(rb)
+        elif self.schedule.due(st.events_applied, st.users.n, st.items.n, 0.0):
+            self.schedule.started()
+            self.generation += 1
+            self.rebuild = Rebuild(
+                st, self.rcfg, generation=self.generation, inline=True, clock=self._events
             )
-            st.users.factors[:nu] = U
-            st.items.factors[:ni] = V
-            st.items.bias[:ni] = 0.0
-            st.model_version += 1
+
+    def _events(self) -> float:
+        """The rebuild's clock here: events learnt (results must not depend on the machine)."""
+        return float(self.model.state.events_applied)
+
+    def _seen(self, user: int) -> np.ndarray:
+        return np.fromiter(self._items_of.get(user, ()), np.int64)
+
+    def _step(self, rb: Rebuild) -> None:
+        st = self.model.state
+        try:
+            outcome = rb.step(st).outcome
+        except RuntimeError:
+            self.failed += 1
+            outcome = None
+        if outcome is None and not rb.phase.over:
+            return
+        if outcome is not None:
+            self.outcomes.append(outcome)
+        self.rebuild = None
+        self.schedule.ended(st.events_applied, 0.0, replaced_below=None, unfinished=False)
 
 
 LEARNERS: dict[str, Callable[..., PrequentialLearner]] = {

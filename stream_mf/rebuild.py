@@ -1,7 +1,14 @@
 """Full implicit-ALS rebuilds that reconcile online drift while the stream goes on.
 
 A rebuild runs in the updater's process, in a background thread (the numba kernels release the
-GIL), in steps the updater's loop drives between batches (`step`), each short:
+GIL), in steps the updater's loop drives between batches (`step`), each short. Its phase is a
+`RebuildPhase` (the numbers below: fitting, guarding, catching_up, swapping, after_swap; then
+done, rejected or failed), each step declares the phase it runs in (`runs_in`) and moves on
+explicitly (`TRANSITIONS`). A rebuild never writes the live model itself: a step returns the
+commit to make (`stream_mf.writes`: the flip, an after-swap step, clearing the unfinished mark)
+and its driver's loop makes it; only staging (invisible rows of the next generation) is written
+from the background, through the `stage` sink it is given. When one is due is
+`stream_mf.rebuild_scheduler`'s business.
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
@@ -15,8 +22,9 @@ GIL), in steps the updater's loop drives between batches (`step`), each short:
    against the new factors from their full decayed rows, and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
    new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
-   factors into the live arrays and flip the generation (`model_version` + 1) in one WriteBatch
-   with those rows and every new id's (new ids not solved yet get their initial vector).
+   factors into the live arrays; the step returns the flip of the generation (`model_version`
+   + 1), one WriteBatch with those rows and every new id's (new ids not solved yet get their
+   initial vector).
 5. **after the swap**, only if rows were left over (the stream touched rows faster than the
    rounds re-solved them): they are re-solved in the background against the new factors, from
    their rows as of the swap, and the change is added to the live rows (so what SGD learned on
@@ -30,19 +38,21 @@ snapshot reaches the factors of its user and item through a re-solve of their fu
 a crash between the flip and the last step of 5 leaves the rows not applied yet at their
 previous round's solution (new ids at their initial vector): still one consistent model, with
 those rows' newest events in the confidence map but not in their factors. The flip commit marks
-the generation unfinished (`StateStore.rebuild_unfinished`) and the commit of the outcome clears
-the mark, so a restarted writer knows to rebuild at once.
+the generation unfinished (`StateStore.rebuild_unfinished`) and the last after-swap step's commit
+clears the mark, so a restarted writer knows to rebuild at once.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numba
 import numpy as np
@@ -53,8 +63,9 @@ from stream_mf.arrays import unique_sorted
 from stream_mf.model import BatchDelta
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.scoring import score_event
-from stream_mf.state import ModelState, new_confidence_map
-from stream_mf.store import BLOCK_ROWS, StateStore, confidence_items
+from stream_mf.state import ModelState, confidence_items, new_confidence_map
+from stream_mf.store_layout import BLOCK_ROWS
+from stream_mf.writes import AfterSwapStep, ClearUnfinished, Flip, Write
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +351,105 @@ class _After:
     done: int = 0  # rows applied so far (users first)
 
 
+class RebuildPhase(enum.Enum):
+    """Where a rebuild is (module docstring): each step of `Rebuild` runs in one phase and moves
+    to the next explicitly."""
+
+    IDLE = "idle"
+    FITTING = "fitting"  # 1, in the background
+    GUARDING = "guarding"  # 2, scoring incoming events
+    CATCHING_UP = "catching_up"  # 3, rounds in the background
+    SWAPPING = "swapping"  # 4, on the loop thread
+    AFTER_SWAP = "after_swap"  # 5, rows left over at the swap
+    DONE = "done"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+    @property
+    def over(self) -> bool:
+        return self in (RebuildPhase.DONE, RebuildPhase.REJECTED, RebuildPhase.FAILED)
+
+
+P = RebuildPhase
+#: the transitions a rebuild may make; anything else is a bug and raises
+TRANSITIONS: dict[RebuildPhase, frozenset[RebuildPhase]] = {
+    P.IDLE: frozenset({P.FITTING}),
+    P.FITTING: frozenset({P.GUARDING, P.FAILED}),
+    P.GUARDING: frozenset({P.CATCHING_UP, P.REJECTED, P.FAILED}),
+    P.CATCHING_UP: frozenset({P.SWAPPING, P.FAILED}),
+    P.SWAPPING: frozenset({P.AFTER_SWAP, P.DONE, P.REJECTED, P.FAILED}),
+    P.AFTER_SWAP: frozenset({P.DONE, P.FAILED}),
+    P.DONE: frozenset(),
+    P.REJECTED: frozenset(),
+    P.FAILED: frozenset(),
+}
+
+
+class RebuildPhaseError(RuntimeError):
+    """A step called in a phase it does not run in, or a transition not in TRANSITIONS."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def runs_in(*phases: RebuildPhase) -> Callable[[_F], _F]:
+    """Declare the phases a step of `Rebuild` runs in; calling it in any other raises."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def checked(self: Rebuild, *args: Any, **kwargs: Any) -> Any:
+            if self.phase not in phases:
+                raise RebuildPhaseError(
+                    f"{fn.__name__} runs in {', '.join(p.value for p in phases)}, "
+                    f"not {self.phase.value}"
+                )
+            return fn(self, *args, **kwargs)
+
+        checked.phases = phases  # type: ignore[attr-defined]
+        return cast(_F, checked)
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class RebuildStep:
+    """What one `Rebuild.step` asks of its driver: a commit to make (`write`, by the driver's
+    loop, before anything else happens), and the `outcome` once the rebuild is over."""
+
+    phase: RebuildPhase
+    write: Write | None = None
+    outcome: Outcome | None = None
+
+
+#: a stage sink: (kind, rows, generation, blocks) -> None; `StateStore.stage` in the updater
+Stage = Callable[[str, "_Rows", int, np.ndarray], None]
+
+
 class Rebuild:
     """One rebuild in flight. Drive it from the updater's loop: `note` every batch's delta,
-    `step` between batches (after the batch's commit) until it returns an `Outcome`."""
+    `step` between batches (after the batch's commit) and commit the `write` it returns, until
+    it returns an `Outcome`. `inline=True` runs the background work in the caller (evaluation:
+    the same steps, synchronously, so that results repeat); `stage=None` stages nothing;
+    `clock` is what the guard's timeout is measured on (evaluation counts events)."""
 
-    def __init__(self, state: ModelState, store: StateStore, cfg: RebuildConfig):
-        self.cfg, self.store = cfg, store
+    def __init__(
+        self,
+        state: ModelState,
+        cfg: RebuildConfig,
+        *,
+        generation: int,
+        stage: Stage | None = None,
+        inline: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.now = clock  # what `guard_timeout_s` is measured on
+        self.phase = RebuildPhase.IDLE
+        self.generation = generation
+        self.stage_sink = stage
+        self.inline = inline
+        self.thread: threading.Thread | None = None
         self.started = time.monotonic()
-        self.generation = store.generation() + 1
         self.decay_rate = state.config.decay_rate
         self.touched = _Touched()
         self.rounds = 0
@@ -361,21 +463,11 @@ class Rebuild:
         self.hits_new = 0
         self.after: _After | None = None
         self.swap_outcome: Outcome | None = None
-        keys, vals = confidence_items(state.confidence, sort=False)  # sorted in the background
-        self.pairs = _Pairs(keys, vals)
-        nu, ni = state.users.n, state.items.n
-        # the warm start is copied in the background: the loop thread may move or update the
-        # live arrays meanwhile, which only changes where the fit starts from
-        live = (state.users.factors, state.items.factors)
         self._u = self._v = _Growing(np.empty((0, state.config.dim), np.float32))
         self.gram_u = np.zeros((state.config.dim,) * 2)  # YᵀY of U and V, kept current
         self.gram_v = np.zeros((state.config.dim,) * 2)
         self.clock = float(state.clock[0])
-        self.thread = threading.Thread(
-            target=self._guarded, args=(self._fit, keys, vals, nu, ni, live), daemon=True
-        )
-        self.thread.start()
-        log.info("rebuild started: %d users, %d items, %d entries", nu, ni, keys.size)
+        self._start_fit(state)
 
     @property
     def U(self) -> np.ndarray:  # noqa: N802 (the usual name)
@@ -384,6 +476,35 @@ class Rebuild:
     @property
     def V(self) -> np.ndarray:  # noqa: N802
         return self._v.a
+
+    # ---- phases --------------------------------------------------------------------------------
+
+    def _to(self, phase: RebuildPhase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RebuildPhaseError(f"no transition from {self.phase.value} to {phase.value}")
+        log.debug("rebuild generation %d: %s -> %s", self.generation, self.phase.value, phase.value)
+        self.phase = phase
+
+    @property
+    def busy(self) -> bool:
+        """Background work in flight: `step` waits for it."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the background work in flight is done (tests, evaluation)."""
+        if self.thread is not None:
+            self.thread.join()
+
+    def _background(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.inline:  # a Ctrl-C stays a Ctrl-C here
+            self.thread = None
+            try:
+                fn(*args)
+            except Exception as exc:
+                self.error = exc
+            return
+        self.thread = threading.Thread(target=self._guarded, args=(fn, *args), daemon=True)
+        self.thread.start()
 
     # ---- loop-thread API --------------------------------------------------------------------
 
@@ -396,13 +517,9 @@ class Rebuild:
     @property
     def wants_scores(self) -> bool:
         """True while the guard is collecting: call `score` before learning each batch."""
-        return (
-            self.fitted_at is not None
-            and not self.thread.is_alive()
-            and self.rounds == 0
-            and self.scored < self.cfg.guard_events
-        )
+        return self.phase is RebuildPhase.GUARDING and self.scored < self.cfg.guard_events
 
+    @runs_in(RebuildPhase.GUARDING)
     def score(
         self,
         state: ModelState,
@@ -428,23 +545,70 @@ class Rebuild:
             self.hits_new += int(score_event(new, i, mine, k).hit)
             self.scored += 1
 
-    def step(self, state: ModelState) -> Outcome | None:
-        """Advance if the background work is done; an `Outcome` when the rebuild is over."""
-        if self.thread.is_alive():
-            return None
+    def step(self, state: ModelState) -> RebuildStep:
+        """Advance as far as the work done allows. Raises RuntimeError if background work
+        failed (the rebuild is then FAILED; `swap_outcome` says whether it had swapped)."""
+        if self.busy:
+            return RebuildStep(self.phase)
         if self.error is not None:
+            self._to(RebuildPhase.FAILED)
             raise RuntimeError(f"rebuild failed: {self.error}") from self.error
-        if self.after is not None:
+        if self.phase is RebuildPhase.FITTING:
+            self._fitted()
+        if self.phase is RebuildPhase.GUARDING:
+            verdict = self._judge(state)
+            if verdict is not None:
+                return verdict
+        if self.phase is RebuildPhase.CATCHING_UP:
+            return self._catch_up(state)
+        if self.phase is RebuildPhase.AFTER_SWAP:
             return self._apply_after(state)
-        if self.fitted_at is None:
-            self.fitted_at = time.monotonic()
-        if self.rounds == 0:
-            if self.scored < self.cfg.guard_events and (
-                time.monotonic() - self.fitted_at < self.cfg.guard_timeout_s
-            ):
-                return None
-            if not self._passes():
-                return self._reject(state)
+        raise RebuildPhaseError(f"nothing to step in {self.phase.value}")
+
+    def run_to_completion(self, state: ModelState) -> RebuildStep:
+        """Step with no new events until the rebuild is over (its writes are left out: for a
+        driver with no store, or a test)."""
+        while True:
+            self.wait()
+            res = self.step(state)
+            if res.outcome is not None:
+                return res
+
+    # ---- the steps -----------------------------------------------------------------------------
+
+    @runs_in(RebuildPhase.IDLE)
+    def _start_fit(self, state: ModelState) -> None:
+        keys, vals = confidence_items(state.confidence, sort=False)  # sorted in the background
+        self.pairs = _Pairs(keys, vals)
+        nu, ni = state.users.n, state.items.n
+        # the warm start is copied in the background: the loop thread may move or update the
+        # live arrays meanwhile, which only changes where the fit starts from
+        live = (state.users.factors, state.items.factors)
+        log.info("rebuild started: %d users, %d items, %d entries", nu, ni, keys.size)
+        self._to(RebuildPhase.FITTING)
+        self._background(self._fit, keys, vals, nu, ni, live)
+
+    @runs_in(RebuildPhase.FITTING)
+    def _fitted(self) -> None:
+        self.fitted_at = self.now()
+        self._to(RebuildPhase.GUARDING)
+
+    @runs_in(RebuildPhase.GUARDING)
+    def _judge(self, state: ModelState) -> RebuildStep | None:
+        """Wait for the guard's events (or its timeout), then reject or go on to catch up."""
+        assert self.fitted_at is not None
+        if self.scored < self.cfg.guard_events and (
+            self.now() - self.fitted_at < self.cfg.guard_timeout_s
+        ):
+            return RebuildStep(self.phase)
+        if not self._passes():
+            return self._reject(state)
+        self._to(RebuildPhase.CATCHING_UP)
+        return None
+
+    @runs_in(RebuildPhase.CATCHING_UP)
+    def _catch_up(self, state: ModelState) -> RebuildStep:
+        """Another background round while it shrinks what is left, else the swap."""
         users, items = self.touched.take()
         remaining = users.size + items.size
         shrinking = self.last_round_rows is None or remaining < 0.9 * self.last_round_rows
@@ -452,12 +616,13 @@ class Rebuild:
             not self.rounds or (remaining > self.cfg.final_rows and shrinking)
         ):
             self._start_round(state, users, items, remaining)
-            return None
+            return RebuildStep(self.phase)
+        self._to(RebuildPhase.SWAPPING)
         return self._swap(state, users, items)
 
     # ---- background work --------------------------------------------------------------------
 
-    def _guarded(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
         except BaseException as exc:  # reported on the loop thread by step()
@@ -509,10 +674,7 @@ class Rebuild:
         batches = self.pairs.take()
         self.rounds += 1
         self.last_round_rows = remaining
-        self.thread = threading.Thread(
-            target=self._guarded, args=(self._round, batches, users, items), daemon=True
-        )
-        self.thread.start()
+        self._background(self._round, batches, users, items)
 
     def _round(
         self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
@@ -568,13 +730,14 @@ class Rebuild:
         self.finite = self.finite and bool(
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
+        if self.stage_sink is None:
+            return
         for kind, rows, arr in (("user", users, self.U), ("item", items, self.V)):
             blocks = unique_sorted(np.asarray(rows, np.int64) // BLOCK_ROWS)
             view = _Rows(arr)
-            for lo in range(0, blocks.size, self.cfg.stage_blocks):
-                self.store.stage_model(
-                    kind, view, self.generation, blocks[lo : lo + self.cfg.stage_blocks]
-                )
+            step = self.cfg.stage_blocks
+            for lo in range(0, blocks.size, step):
+                self.stage_sink(kind, view, self.generation, blocks[lo : lo + step])
 
     # ---- the swap (loop thread) ----------------------------------------------------------------
 
@@ -592,82 +755,113 @@ class Rebuild:
         sample = np.arange(0, nu, max(1, nu // 10_000))
         return _mean_cosine(state.users.factors[sample], self.U[sample])
 
-    def _reject(self, state: ModelState) -> Outcome:
+    def _reject(self, state: ModelState) -> RebuildStep:
         hr_old, hr_new = self._hit_rates()
         log.info(
             "rebuild rejected: generation %d, HR@10 on %d new events: old %.3f new %.3f, "
             "finite %s", self.generation, self.scored, hr_old, hr_new, self.finite,
         )  # fmt: skip
         none = np.empty(0, np.int64)
-        return Outcome(
+        self._to(RebuildPhase.REJECTED)
+        out = Outcome(
             swapped=False, generation=self.generation, users=none, items=none, seconds=0.0,
             rows_resolved=self.rows_resolved, drift=self._drift(state), hr_old=hr_old,
             hr_new=hr_new, scored=self.scored,
         )  # fmt: skip
+        # the guard judged a rebuild over the rows a mark was kept for: no rebuild at every restart
+        return RebuildStep(self.phase, ClearUnfinished(), out)
 
-    def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> Outcome | None:
-        t0 = start = time.perf_counter()
-        parts: dict[str, float] = {}
-
-        def lap(name: str) -> None:
-            nonlocal t0
-            t = time.perf_counter()
-            parts[name] = (t - t0) * 1e3
-            t0 = t
-
-        nu0, ni0 = self._grow(state)
-        nu, ni = self._u.n, self._v.n
-        # ids registered since the last round have no vector of the new model: they start from
-        # their initial one (as when registered), model-neutral, whether solved here or after
-        cfg = state.config
-        init_rows(self._u.buf, nu0, nu, cfg.seed, USER_STREAM, cfg.init_scale)
-        init_rows(self._v.buf, ni0, ni, cfg.seed, ITEM_STREAM, cfg.init_scale)
-        new_u = np.arange(nu0, nu, dtype=np.int64)
-        new_i = np.arange(ni0, ni, dtype=np.int64)
+    @runs_in(RebuildPhase.SWAPPING)
+    def _swap(self, state: ModelState, users: np.ndarray, items: np.ndarray) -> RebuildStep:
+        """Step 4 of the module docstring, on the loop thread: the flip to commit, and the
+        outcome unless rows are left for after it."""
+        timer = _Laps()
+        nu0, ni0 = self._take_new_ids(state)
+        new_u = np.arange(nu0, self._u.n, dtype=np.int64)
+        new_i = np.arange(ni0, self._v.n, dtype=np.int64)
         all_u = np.concatenate([new_u, users[users < nu0]])  # new ids first
         all_i = np.concatenate([new_i, items[items < ni0]])
-        cap = self.cfg.final_rows
-        share_u = cap * all_u.size // max(1, all_u.size + all_i.size)
-        none = np.empty(0, np.int64)
-        cand_u, cand_i = all_u[:share_u], all_i[: cap - share_u]
-        chunks = [(c, none) for c in _chunks(cand_u, self.pairs.entries(cand_u, "user"))]
-        chunks += [(none, c) for c in _chunks(cand_i, self.pairs.entries(cand_i, "item"))]
         pend = _concat(self.pairs.take())  # in order, so the last value of a key wins
-        # a chunk selects pending pairs of its own rows only: narrow them to the candidates
-        # once here, not in every chunk (each pass over all of them cost ~6 ms of the budget)
-        sel = _in(pend[0] >> 32, np.sort(cand_u)) | _in(pend[0] & _LOW32, np.sort(cand_i))
-        pend_cand = (pend[0][sel], pend[1][sel])
-        done_u, done_i = [none], [none]
         with _one_thread():
-            self.gram_u += gramian(self.U[nu0:]) if nu > nu0 else 0.0
-            self.gram_v += gramian(self.V[ni0:]) if ni > ni0 else 0.0
-            lap("grow")
-            deadline = start + self.cfg.swap_budget_s
-            slowest = 0.0
-            for cu, ci in chunks:  # a chunk at a time, within the row and the time budget
-                t = time.perf_counter()
-                if t >= deadline:
-                    break
-                self._resolve(self.pairs.rows(cu, ci, [pend_cand]), cu, ci)
-                done_u.append(cu)
-                done_i.append(ci)
-                slowest = max(slowest, time.perf_counter() - t)
-            lap("solve")
-        now_u, now_i = np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i))
-        later_u, later_i = all_u[~_in(all_u, now_u)], all_i[~_in(all_i, now_i)]
-        later_u.sort()
-        later_i.sort()
-        # the flip writes what it solved and every new id (not staged)
-        flip_u = unique_sorted(np.concatenate([now_u, new_u]))
-        flip_i = unique_sorted(np.concatenate([now_i, new_i]))
-        hr_old, hr_new = self._hit_rates()
+            self.gram_u += gramian(self.U[nu0:]) if self._u.n > nu0 else 0.0
+            self.gram_v += gramian(self.V[ni0:]) if self._v.n > ni0 else 0.0
+            timer.lap("grow")
+            now_u, now_i, slowest = self._solve_within_budget(all_u, all_i, pend, timer.start)
+            timer.lap("solve")
+        later_u, later_i = _missing(all_u, now_u), _missing(all_i, now_i)
         # the background work checked every row it wrote; only the rows just re-solved remain
         self.finite = self.finite and bool(
             np.all(np.isfinite(self.U[now_u])) and np.all(np.isfinite(self.V[now_i]))
         )
         if not self._passes():
             return self._reject(state)
-        drift = self._drift(state)
+        out = self._swapped_outcome(state, now_u, now_i, later_u.size + later_i.size, timer)
+        self._copy_in(state)
+        timer.lap("copy")
+        out.seconds = timer.total()
+        timer.parts["slowest chunk"] = slowest * 1e3
+        self._log_swap(out, timer.parts)
+        # the flip writes what it solved and every new id (not staged)
+        flip = Flip(
+            self.generation,
+            unique_sorted(np.concatenate([now_u, new_u])),
+            unique_sorted(np.concatenate([now_i, new_i])),
+            unfinished=bool(out.deferred),
+        )
+        if out.deferred:  # flip now, finish the rest on the new model (step 5)
+            self._defer(later_u, later_i, pend)
+            return RebuildStep(self.phase, flip)
+        out.rows_resolved = self.rows_resolved
+        self._to(RebuildPhase.DONE)
+        return RebuildStep(self.phase, flip, out)
+
+    def _take_new_ids(self, state: ModelState) -> tuple[int, int]:
+        """Append the ids registered since the last round; the row counts before. They have no
+        vector of the new model: they start from their initial one (as when registered),
+        model-neutral, whether solved in the swap or after it."""
+        nu0, ni0 = self._grow(state)
+        cfg = state.config
+        init_rows(self._u.buf, nu0, self._u.n, cfg.seed, USER_STREAM, cfg.init_scale)
+        init_rows(self._v.buf, ni0, self._v.n, cfg.seed, ITEM_STREAM, cfg.init_scale)
+        return nu0, ni0
+
+    def _solve_within_budget(
+        self,
+        all_u: np.ndarray,
+        all_i: np.ndarray,
+        pend: tuple[np.ndarray, np.ndarray],
+        start: float,
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Re-solve candidates a chunk at a time, within `final_rows` and `swap_budget_s`;
+        the rows solved (sorted) and the slowest chunk's seconds."""
+        cap = self.cfg.final_rows
+        share_u = cap * all_u.size // max(1, all_u.size + all_i.size)
+        none = np.empty(0, np.int64)
+        cand_u, cand_i = all_u[:share_u], all_i[: cap - share_u]
+        chunks = [(c, none) for c in _chunks(cand_u, self.pairs.entries(cand_u, "user"))]
+        chunks += [(none, c) for c in _chunks(cand_i, self.pairs.entries(cand_i, "item"))]
+        # a chunk selects pending pairs of its own rows only: narrow them to the candidates
+        # once here, not in every chunk (each pass over all of them cost ~6 ms of the budget)
+        sel = _in(pend[0] >> 32, np.sort(cand_u)) | _in(pend[0] & _LOW32, np.sort(cand_i))
+        pend_cand = (pend[0][sel], pend[1][sel])
+        done_u, done_i = [none], [none]
+        deadline = start + self.cfg.swap_budget_s
+        slowest = 0.0
+        for cu, ci in chunks:
+            t = time.perf_counter()
+            if t >= deadline:
+                break
+            self._resolve(self.pairs.rows(cu, ci, [pend_cand]), cu, ci)
+            done_u.append(cu)
+            done_i.append(ci)
+            slowest = max(slowest, time.perf_counter() - t)
+        return np.sort(np.concatenate(done_u)), np.sort(np.concatenate(done_i)), slowest
+
+    def _swapped_outcome(
+        self, state: ModelState, now_u: np.ndarray, now_i: np.ndarray, deferred: int,
+        timer: _Laps,
+    ) -> Outcome:  # fmt: skip
+        hr_old, hr_new = self._hit_rates()
         unguarded = self.scored < min(self.cfg.guard_min_events, self.cfg.guard_events)
         if unguarded:
             log.warning(
@@ -675,43 +869,37 @@ class Rebuild:
                 "fewer than guard_min_events (%d), so nothing showed the new model is not worse",
                 self.generation, self.scored, self.cfg.guard_timeout_s, self.cfg.guard_min_events,
             )  # fmt: skip
+        none = np.empty(0, np.int64)
+        out = self.swap_outcome = Outcome(
+            swapped=True, generation=self.generation, users=none, items=none, seconds=0.0,
+            rows_resolved=0, drift=self._drift(state), hr_old=hr_old, hr_new=hr_new,
+            scored=self.scored, swap_rows=int(now_u.size + now_i.size), deferred=deferred,
+            swap_parts=timer.parts, unguarded=unguarded,
+        )  # fmt: skip
+        return out
+
+    def _copy_in(self, state: ModelState) -> None:
+        """The new model becomes the live one (in memory; the flip commit persists it)."""
+        nu, ni = self._u.n, self._v.n
         state.users.factors[:nu] = self.U
         state.items.factors[:ni] = self.V
         state.items.bias[:ni] = 0.0
         state.model_version += 1
-        lap("copy")
-        deferred = int(later_u.size + later_i.size)
-        out = self.swap_outcome = Outcome(
-            swapped=True, generation=self.generation, users=flip_u, items=flip_i, seconds=0.0,
-            rows_resolved=0, drift=drift, hr_old=hr_old, hr_new=hr_new, scored=self.scored,
-            swap_rows=int(now_u.size + now_i.size), deferred=deferred, swap_parts=parts,
-            unguarded=unguarded,
-        )  # fmt: skip
-        if deferred:
-            # flip now, finish the rest on the new model (step 5 of the module docstring)
-            self.store.commit(
-                state, BatchDelta.empty(state), None, generation=self.generation,
-                extra_users=flip_u, extra_items=flip_i, unfinished=True,
-            )  # fmt: skip
-            lap("flip commit")
-            self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])
-            self.thread = threading.Thread(
-                target=self._guarded, args=(self._after_round, [pend], later_u, later_i),
-                daemon=True,
-            )  # fmt: skip
-            self.thread.start()
-        out.seconds = sum(parts.values()) / 1e3
-        parts["slowest chunk"] = slowest * 1e3
+
+    def _defer(
+        self, later_u: np.ndarray, later_i: np.ndarray, pend: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        self._to(RebuildPhase.AFTER_SWAP)
+        self.after = _After(later_u, later_i, self.U[later_u], self.V[later_i])
+        self._background(self._after_round, [pend], later_u, later_i)
+
+    def _log_swap(self, out: Outcome, parts: dict[str, float]) -> None:
         log.info(
             "rebuild swapped: generation %d, HR@10 on %d new events: old %.3f new %.3f, drift "
             "%.3f, swap step %.0f ms (%s), %d rows re-solved in it, %d left for after the swap",
-            self.generation, self.scored, hr_old, hr_new, drift, out.seconds * 1e3,
-            ", ".join(f"{k} {v:.0f}" for k, v in parts.items()), out.swap_rows, deferred,
+            self.generation, out.scored, out.hr_old, out.hr_new, out.drift, out.seconds * 1e3,
+            ", ".join(f"{k} {v:.0f}" for k, v in parts.items()), out.swap_rows, out.deferred,
         )  # fmt: skip
-        if deferred:
-            return None
-        out.rows_resolved = self.rows_resolved
-        return out
 
     def _after_round(
         self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
@@ -723,12 +911,14 @@ class Rebuild:
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
 
-    def _apply_after(self, state: ModelState) -> Outcome | None:
-        """Add the next `after_rows` re-solved rows' change to the live rows; commit them here,
-        or, for the last ones, through the caller's commit of the returned `Outcome`."""
+    @runs_in(RebuildPhase.AFTER_SWAP)
+    def _apply_after(self, state: ModelState) -> RebuildStep:
+        """Add the next `after_rows` re-solved rows' change to the live rows, to commit; the
+        outcome with the last of them."""
         a = self.after
         assert a is not None and self.swap_outcome is not None
         if not self.finite:  # a non-finite solve: keep what SGD has; the rows stay consistent
+            self._to(RebuildPhase.FAILED)
             raise RuntimeError("a row re-solved after the swap is not finite")
         nu_ = a.users.size
         lo, hi = a.done, min(a.done + self.cfg.after_rows, nu_ + a.items.size)
@@ -738,13 +928,34 @@ class Rebuild:
         state.items.factors[items] += self.V[items] - a.base_i[ji]
         a.done = hi
         if hi < nu_ + a.items.size:
-            self.store.commit(
-                state, BatchDelta.empty(state), None, extra_users=users, extra_items=items
-            )
-            return None
+            return RebuildStep(self.phase, AfterSwapStep(users, items))
         out = self.swap_outcome
         out.users, out.items, out.rows_resolved = users, items, self.rows_resolved
-        return out
+        self._to(RebuildPhase.DONE)
+        return RebuildStep(self.phase, AfterSwapStep(users, items, last=True), out)
+
+
+class _Laps:
+    """Where a step's time goes, in ms per named part."""
+
+    def __init__(self) -> None:
+        self.start = self._t = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        t = time.perf_counter()
+        self.parts[name] = (t - self._t) * 1e3
+        self._t = t
+
+    def total(self) -> float:
+        return sum(self.parts.values()) / 1e3
+
+
+def _missing(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """`rows` not in `done` (sorted unique), sorted."""
+    out = rows[~_in(rows, done)]
+    out.sort()
+    return out
 
 
 class _Rows:

@@ -2,6 +2,7 @@
 
 RocksDB is the source of truth (`store.py`); these arrays are its hot copy. Capacity doubles as new
 ids arrive, so registering an id is amortised O(1) and kernels never see a reallocation mid-batch.
+The confidence map's bulk copies (numba kernels) live here with the map, not with persistence.
 """
 
 from __future__ import annotations
@@ -173,3 +174,39 @@ class ModelState:
             grown = np.zeros((3, self.items.capacity), dtype=np.float64)
             grown[:, : self.cdf.shape[1]] = self.cdf
             self.cdf = grown
+
+
+# ---- the confidence map's bulk copies (numba: a typed Dict is only iterable fast in there) ----
+
+
+def fill_confidence(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
+    """Insert (key, value) pairs into the map (a store load)."""
+    _fill(conf, keys, vals)
+
+
+def confidence_items(conf: Dict, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The confidence map's entries; `sort=False` leaves them in map order, for a caller that
+    only pays for the copy now (a rebuild's snapshot on the loop thread) and sorts later."""
+    n = len(conf)
+    keys = np.empty(n, np.int64)
+    vals = np.empty(n, np.float64)
+    _dump(conf, keys, vals)
+    if not sort:
+        return keys, vals
+    order = np.argsort(keys)
+    return keys[order], vals[order]
+
+
+@numba.njit(cache=True)
+def _fill(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
+    for j in range(keys.shape[0]):
+        conf[keys[j]] = vals[j]
+
+
+@numba.njit(cache=True)
+def _dump(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
+    j = 0
+    for k, v in conf.items():
+        keys[j] = k
+        vals[j] = v
+        j += 1  # noqa: SIM113 (numba)

@@ -1,25 +1,12 @@
-"""RocksDB persistence of the model state (rocksdict, raw bytes, one column family per kind).
+"""RocksDB access for the model store (rocksdict, raw bytes, one column family per kind).
 
-Layout (keys big-endian so that byte order is numeric order; values little-endian):
-  meta          b"config" JSON ModelConfig, b"counters" int64[4], b"clock" f64, b"n_users",
-                b"n_items", b"model_version" int64, b"cdf" f64[3, cdf_len], b"format", b"block_rows"
-  user_ids      utf-8 id -> int32 index          user_index  be32 index -> utf-8 id
-  item_ids      utf-8 id -> int32 index          item_index  be32 index -> utf-8 id
-  user_factors  be32 gen | be32 block -> f32[rows, dim]   (item_factors alike)
-  item_bias     be32 gen | be32 block -> f32[rows]
-  user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]  (item_meta alike)
-  confidence    be32 user | be32 item -> f64 log decayed confidence (anchored at t=0)
-  offsets       b"topic/partition" -> int64 next offset to consume
-
-Factors and biases are the *model* and live under a generation number (meta b"generation"): a
-rebuild stages a whole new model under the next generation in small steps while the stream goes
-on, then one commit writes the rows that changed meanwhile and flips the generation. Readers only
-ever see one generation; leftovers of an unfinished rebuild are deleted on open.
-
-Rows are stored in blocks of BLOCK_ROWS: a micro-batch touches thousands of rows and a put costs
-microseconds of Python, so writing dirty blocks instead of dirty rows cuts a commit's puts by an
-order of magnitude (bench/README.md). Everything a batch changed, and the offsets after it, go
-into one WriteBatch: RocksDB applies it whole or not at all, which is the exactly-once guarantee.
+The layout (keys, blocks, codecs, the registry of meta keys) is in `stream_mf/store_layout.py`.
+A writer changes the store only through the named commits below (`commit_batch`, `flip`,
+`after_swap_step`, `stage`, `clear_rebuild_unfinished`, `drop_other_generations`,
+`write_offsets`), each one WriteBatch: RocksDB applies it whole or not at all, which is the
+exactly-once guarantee. The updater's loop is their one caller, through `apply` (the values
+of `stream_mf/writes.py`); `write_full_state` is for tests, benchmarks and the demo's seed.
+Readers only ever see one generation; leftovers of an unfinished rebuild are deleted on open.
 """
 
 from __future__ import annotations
@@ -27,55 +14,74 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol, cast
+from typing import cast
 
 import numpy as np
 import rocksdict as rd
-from numba.typed import Dict
 
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta
 from stream_mf.sgd import N_COUNTERS, Counter
-from stream_mf.state import EntityTable, ModelState, new_confidence_map
-
-FORMAT = b"1"
-BLOCK_ROWS = 16
-CFS = (
-    "meta",
-    "user_ids",
-    "user_index",
-    "item_ids",
-    "item_index",
-    "user_factors",
-    "user_meta",
-    "item_factors",
-    "item_bias",
-    "item_meta",
-    "confidence",
-    "offsets",
+from stream_mf.state import (
+    EntityTable,
+    ModelState,
+    confidence_items,
+    fill_confidence,
+    new_confidence_map,
 )
-BATCH_LOG_PREFIX = b"batchlog/"
-BATCH_LOG_SAMPLE = 256
-BATCH_LOG_KEEP = 1024
-_BE32 = struct.Struct(">I")
-_I32 = struct.Struct("<i")
-_I64 = struct.Struct("<q")
-_F64 = struct.Struct("<d")
-
-
-class FactorRows(Protocol):
-    """What writing model blocks reads of a table: an EntityTable, or a rebuild's new factors
-    (with zero biases) staged as a future generation."""
-
-    @property
-    def factors(self) -> np.ndarray: ...
-    @property
-    def bias(self) -> np.ndarray: ...
-    @property
-    def n(self) -> int: ...
+from stream_mf.store_layout import (
+    BATCH_LOG_KEEP,
+    BATCH_LOG_PREFIX,
+    BATCH_LOG_SAMPLE,
+    BE32,
+    BLOCK_ROWS,
+    BLOCK_ROWS_KEY,
+    CDF,
+    CFS,
+    CLOCK,
+    COMMIT_SEQ,
+    CONFIG,
+    COUNTERS,
+    F64,
+    FORMAT,
+    FORMAT_KEY,
+    GEN_BLOCK,
+    GENERATION,
+    I32,
+    I64,
+    MODEL_CFS,
+    MODEL_VERSION,
+    N_ITEMS,
+    N_USERS,
+    REBUILD_UNFINISHED,
+    REBUILT_AT,
+    RowTable,
+    as_bytes,
+    batch_log_key,
+    be32_keys,
+    block_view,
+    fill_rows,
+    meta_bytes,
+    meta_key,
+    model_key,
+    model_keys,
+    offset_key,
+    pair_bytes,
+    read_meta_block,
+    rows_bytes,
+)
+from stream_mf.writes import (
+    AfterSwapStep,
+    ClearUnfinished,
+    CommitBatch,
+    DropGenerations,
+    Flip,
+    Write,
+    WriteOffsets,
+)
 
 
 class StoreError(RuntimeError):
@@ -126,93 +132,6 @@ def _open_error(path: Path, exc: Exception) -> str:
             "directory this user can write"
         )
     return f"cannot open the model store at {path}: {text}"
-
-
-def offset_key(topic: str, partition: int) -> bytes:
-    return f"{topic}/{partition}".encode()
-
-
-_GEN_BLOCK = struct.Struct(">II")
-MODEL_CFS = ("user_factors", "item_factors", "item_bias")
-
-
-def _fill_rows(
-    out: np.ndarray, blocks: Iterable[tuple[int, bytes]], columns: int = 1, column: int = 0
-) -> None:
-    """Copy blocked rows into `out` ([n] or [n, dim]): an unbroken run of full blocks from block
-    0, in order, in one join and one copy; any other block on its own. With `columns` > 1 each
-    block holds that many columns of its rows one after the other, and `column` is taken."""
-    n = out.shape[0]
-    tail = out.shape[1:]
-    width = int(np.prod(tail)) if tail else 1
-    full = BLOCK_ROWS * width * columns * out.dtype.itemsize
-    run: list[bytes] = []
-    rest: list[tuple[int, bytes]] = []
-    for blk, v in blocks:
-        if not rest and blk == len(run) and len(v) == full and (blk + 1) * BLOCK_ROWS <= n:
-            run.append(v)
-        else:
-            rest.append((blk, v))
-    if run:
-        flat = np.frombuffer(b"".join(run), out.dtype).reshape(len(run), columns, -1)
-        out[: len(run) * BLOCK_ROWS] = flat[:, column].reshape(-1, *tail)
-    for blk, v in rest:
-        lo = blk * BLOCK_ROWS
-        if lo >= n:
-            continue
-        rows = len(v) // (width * columns * out.dtype.itemsize)
-        part = np.frombuffer(v, out.dtype).reshape(columns, rows, *tail)[column][: n - lo]
-        out[lo : lo + part.shape[0]] = part
-
-
-def _model_key(gen: int, block: int) -> bytes:
-    return _GEN_BLOCK.pack(gen, block)
-
-
-def _batch_log_key(seq: int) -> bytes:
-    return BATCH_LOG_PREFIX + struct.pack(">Q", max(seq, 0))
-
-
-def _meta_bytes(table: EntityTable, lo: int, hi: int) -> bytes:
-    return (
-        table.count[lo:hi].tobytes() + table.last[lo:hi].tobytes() + table.logpop[lo:hi].tobytes()
-    )
-
-
-def _block_view(a: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """Whole blocks of `a` as one row of raw bytes each: shape (len(blocks), BLOCK_ROWS*row)."""
-    per = a[: (int(blocks[-1]) + 1) * BLOCK_ROWS].reshape(
-        -1, BLOCK_ROWS * int(np.prod(a.shape[1:]))
-    )
-    return per[blocks].view(np.uint8)
-
-
-def _as_bytes(raw: np.ndarray) -> list[bytes]:
-    """One `bytes` per row of a 2-D uint8 array, in one C call (a void view's tolist)."""
-    return np.ascontiguousarray(raw).view(f"V{raw.shape[1]}").ravel().tolist()
-
-
-def _rows_bytes(a: np.ndarray, blocks: np.ndarray) -> list[bytes]:
-    return _as_bytes(_block_view(a, blocks))
-
-
-def _model_keys(gen: int, blocks: np.ndarray) -> list[bytes]:
-    """`_model_key(gen, b)` for every block at once."""
-    k = np.empty((blocks.size, 2), ">u4")
-    k[:, 0] = gen
-    k[:, 1] = blocks
-    return k.view("V8").ravel().tolist()
-
-
-def _be32_keys(blocks: np.ndarray) -> list[bytes]:
-    return blocks.astype(">u4").view("V4").tolist()
-
-
-def _read_meta_block(table: EntityTable, lo: int, raw: bytes) -> None:
-    rows = len(raw) // 24
-    table.count[lo : lo + rows] = np.frombuffer(raw, np.int64, rows, 0)
-    table.last[lo : lo + rows] = np.frombuffer(raw, np.float64, rows, rows * 8)
-    table.logpop[lo : lo + rows] = np.frombuffer(raw, np.float64, rows, rows * 16)
 
 
 class StateStore:
@@ -293,41 +212,41 @@ class StateStore:
 
     def _meta_int(self, key: bytes, default: int = 0) -> int:
         raw = self._meta(key)
-        return default if raw is None else _I64.unpack(raw)[0]
+        return default if raw is None else I64.unpack(raw)[0]
 
     def rebuilt_at(self) -> float | None:
         """Wall-clock time of the last rebuild swapped in, if any."""
-        raw = self._meta(b"rebuilt_at")
-        return None if raw is None else _F64.unpack(raw)[0]
+        raw = self._meta(REBUILT_AT)
+        return None if raw is None else F64.unpack(raw)[0]
 
     def generation(self) -> int:
-        return self._meta_int(b"generation")
+        return self._meta_int(GENERATION)
 
     def clear_rebuild_unfinished(self) -> None:
         """Forget the mark (a later rebuild was judged, and rejected, by its guard)."""
-        if self._meta(b"rebuild_unfinished") is not None:
-            wb = rd.WriteBatch(raw_mode=True)
-            wb.delete(b"rebuild_unfinished", self.h["meta"])
+        if self._meta(REBUILD_UNFINISHED) is not None:
+            wb = self._batch()
+            wb.delete(REBUILD_UNFINISHED, self.h["meta"])
             self._write(wb)
 
     def rebuild_unfinished(self) -> int | None:
         """The generation whose rows left over at the swap were not all re-solved when the
         writer stopped (a crash in a rebuild's after-swap phase), if any: those rows keep the
         last round's solution until a rebuild re-solves them."""
-        raw = self._meta(b"rebuild_unfinished")
-        return None if raw is None else _I64.unpack(raw)[0]
+        raw = self._meta(REBUILD_UNFINISHED)
+        return None if raw is None else I64.unpack(raw)[0]
 
     def _model_blocks(self, cf: str, gen: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(block, value) of one generation of a model column family, in block order."""
         gen = self.generation() if gen is None else gen
-        prefix = _BE32.pack(gen)
+        prefix = BE32.pack(gen)
         it = self.cf[cf].iter()
         it.seek(prefix)
         while it.valid():
             k = it.key()
             if k[:4] != prefix:
                 break
-            yield _GEN_BLOCK.unpack(k)[1], it.value()
+            yield GEN_BLOCK.unpack(k)[1], it.value()
             it.next()
 
     def drop_other_generations(
@@ -338,28 +257,28 @@ class StateStore:
         `below` if given, and `staged` ones (an unfinished or rejected rebuild's)."""
         gen = self.generation()
         low = gen if below is None else min(below, gen)
-        wb = rd.WriteBatch(raw_mode=True)
+        wb = self._batch()
         for cf in MODEL_CFS:
             h = self.h[cf]
             if older and low > 0:
-                wb.delete_range(_BE32.pack(0), _BE32.pack(low), h)
+                wb.delete_range(BE32.pack(0), BE32.pack(low), h)
             if staged:
-                wb.delete_range(_BE32.pack(gen + 1), b"\xff" * 8, h)
+                wb.delete_range(BE32.pack(gen + 1), b"\xff" * 8, h)
         self._write(wb)
 
     @property
     def is_new(self) -> bool:
-        return self._meta(b"config") is None
+        return self._meta(CONFIG) is None
 
     def stored_config(self) -> ModelConfig | None:
-        raw = self._meta(b"config")
+        raw = self._meta(CONFIG)
         return None if raw is None else ModelConfig.model_validate_json(raw)
 
     def model_version(self) -> int:
-        return self._meta_int(b"model_version")
+        return self._meta_int(MODEL_VERSION)
 
     def events_applied(self) -> int:
-        raw = self._meta(b"counters")
+        raw = self._meta(COUNTERS)
         return 0 if raw is None else int(np.frombuffer(raw, np.int64)[0])
 
     def offsets(self) -> dict[tuple[str, int], int]:
@@ -367,7 +286,7 @@ class StateStore:
         out: dict[tuple[str, int], int] = {}
         for k, v in _raw_items(self.cf["offsets"]):
             topic, _, part = k.decode().rpartition("/")
-            out[(topic, int(part))] = _I64.unpack(v)[0]
+            out[(topic, int(part))] = I64.unpack(v)[0]
         return out
 
     # ---- load -------------------------------------------------------------------------------
@@ -389,17 +308,17 @@ class StateStore:
         return config
 
     def _load_table(self, kind: str, config: ModelConfig) -> EntityTable:
-        n = self._meta_int(f"n_{kind}s".encode())
+        n = self._meta_int(meta_key(f"n_{kind}s"))
         table = EntityTable(kind, config.dim, config.seed, config.init_scale, capacity=max(n, 1024))
         ids = [v.decode() for _, v in _raw_items(self.cf[f"{kind}_index"])]
         if len(ids) < n:
             raise StoreError(f"{self.path}: {kind} id map holds {len(ids)} ids, meta says {n}")
         table.add(ids[:n], init=False)
-        _fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
+        fill_rows(table.factors[:n], self._model_blocks(f"{kind}_factors"))
         for k, v in _raw_items(self.cf[f"{kind}_meta"]):
-            _read_meta_block(table, _BE32.unpack(k)[0] * BLOCK_ROWS, v)
+            read_meta_block(table, BE32.unpack(k)[0] * BLOCK_ROWS, v)
         if kind == "item":
-            _fill_rows(table.bias[:n], self._model_blocks("item_bias"))
+            fill_rows(table.bias[:n], self._model_blocks("item_bias"))
         return table
 
     def load(self, config: ModelConfig | None = None) -> ModelState:
@@ -407,7 +326,7 @@ class StateStore:
         config = self._check_config(config)
         if self.is_new:
             return ModelState.empty(config)
-        rows = self._meta_int(b"block_rows", BLOCK_ROWS)
+        rows = self._meta_int(BLOCK_ROWS_KEY, BLOCK_ROWS)
         if rows != BLOCK_ROWS:
             raise StoreError(
                 f"{self.path} stores rows in blocks of {rows}, this version in blocks of "
@@ -418,11 +337,11 @@ class StateStore:
         state = ModelState(
             config=config, users=users, items=items, cdf=np.zeros((3, items.capacity))
         )
-        raw = self._meta(b"counters")
+        raw = self._meta(COUNTERS)
         if raw is not None:
             state.counters[:] = np.frombuffer(raw, np.int64)[:N_COUNTERS]
-        state.clock[0] = _F64.unpack(self._meta(b"clock") or _F64.pack(0.0))[0]
-        cdf = self._meta(b"cdf")
+        state.clock[0] = F64.unpack(self._meta(CLOCK) or F64.pack(0.0))[0]
+        cdf = self._meta(CDF)
         if cdf is not None:
             arr = np.frombuffer(cdf, np.float64).reshape(3, -1)
             state.cdf[:, : arr.shape[1]] = arr
@@ -442,7 +361,7 @@ class StateStore:
 
     def user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """Items a user interacted with and their log-confidences (a prefix scan)."""
-        prefix = _BE32.pack(user)
+        prefix = BE32.pack(user)
         it = self.cf["confidence"].iter()
         it.seek(prefix)
         items: list[int] = []
@@ -451,19 +370,19 @@ class StateStore:
             k = it.key()
             if k[:4] != prefix:
                 break
-            items.append(_BE32.unpack(k[4:])[0])
-            vals.append(_F64.unpack(it.value())[0])
+            items.append(BE32.unpack(k[4:])[0])
+            vals.append(F64.unpack(it.value())[0])
             it.next()
         return np.asarray(items, np.int32), np.asarray(vals, np.float64)
 
     # ---- piecewise reads (query side) ----------------------------------------------------------
 
     def clock(self) -> float:
-        raw = self._meta(b"clock")
-        return 0.0 if raw is None else _F64.unpack(raw)[0]
+        raw = self._meta(CLOCK)
+        return 0.0 if raw is None else F64.unpack(raw)[0]
 
     def counts(self) -> tuple[int, int]:
-        return self._meta_int(b"n_users"), self._meta_int(b"n_items")
+        return self._meta_int(N_USERS), self._meta_int(N_ITEMS)
 
     def item_ids(self, known: list[str]) -> list[str]:
         """`known` extended with ids registered since (ids never change once given)."""
@@ -472,7 +391,7 @@ class StateStore:
             return known[:n_items]
         out = list(known)
         it = self.cf["item_index"].iter()
-        it.seek(_BE32.pack(len(known)))
+        it.seek(BE32.pack(len(known)))
         while it.valid() and len(out) < n_items:
             out.append(it.value().decode())
             it.next()
@@ -489,12 +408,12 @@ class StateStore:
         bias = np.zeros(n, np.float32)
         logpop = np.full(n, -np.inf)
         gen = self.generation() if generation is None else generation
-        _fill_rows(factors, self._model_blocks("item_factors", gen))
-        _fill_rows(bias, self._model_blocks("item_bias", gen))
+        fill_rows(factors, self._model_blocks("item_factors", gen))
+        fill_rows(bias, self._model_blocks("item_bias", gen))
         # meta blocks are columns of count, last and logpop (8 bytes a row each): logpop is the
         # third third of each block
-        meta = ((_BE32.unpack(k)[0], v) for k, v in _raw_items(self.cf["item_meta"]))
-        _fill_rows(logpop, meta, columns=3, column=2)
+        meta = ((BE32.unpack(k)[0], v) for k, v in _raw_items(self.cf["item_meta"]))
+        fill_rows(logpop, meta, columns=3, column=2)
         return factors, bias, logpop
 
     def user_row(
@@ -505,11 +424,11 @@ class StateStore:
         raw = self.cf["user_ids"].get(user_id.encode())
         if raw is None:
             return None
-        u = _I32.unpack(raw)[0]
+        u = I32.unpack(raw)[0]
         b, r = divmod(u, BLOCK_ROWS)
         gen = self.generation() if generation is None else generation
-        fb = self.cf["user_factors"].get(_model_key(gen, b))
-        mb = self.cf["user_meta"].get(_BE32.pack(b))
+        fb = self.cf["user_factors"].get(model_key(gen, b))
+        mb = self.cf["user_meta"].get(BE32.pack(b))
         # a user registered after `generation` was replaced has no row in it (its block there
         # is missing, or shorter than the user's row)
         if fb is None or mb is None or len(fb) < (r + 1) * dim * 4 or len(mb) < (r + 1) * 24:
@@ -518,73 +437,167 @@ class StateStore:
         count = int(np.frombuffer(mb, np.int64, 1, r * 8)[0])
         return u, vec, count
 
-    # ---- commit -----------------------------------------------------------------------------
+    # ---- the named commits (each one WriteBatch) -------------------------------------------
 
-    def commit(
+    def apply(self, state: ModelState, write: Write) -> None:
+        """Perform one named commit; the updater's loop calls this and nothing else writes."""
+        match write:
+            case CommitBatch(delta, offsets, event_times):
+                self.commit_batch(state, delta, offsets, event_times)
+            case Flip(generation, users, items, unfinished):
+                self.flip(state, generation, users, items, unfinished=unfinished)
+            case AfterSwapStep(users, items, last):
+                self.after_swap_step(state, users, items, last=last)
+            case ClearUnfinished():
+                self.clear_rebuild_unfinished()
+            case DropGenerations(older, staged, below):
+                self.drop_other_generations(older, staged, below)
+            case WriteOffsets(offsets):
+                self.write_offsets(offsets.items())
+            case _:
+                raise TypeError(f"not a store write: {write!r}")
+
+    def commit_batch(
         self,
         state: ModelState,
-        delta: BatchDelta | None,
+        delta: BatchDelta,
         offsets: Mapping[tuple[str, int], int] | None = None,
-        *,
-        everything: bool = False,
         event_times: np.ndarray | None = None,
-        generation: int | None = None,
-        extra_users: np.ndarray | None = None,
-        extra_items: np.ndarray | None = None,
-        unfinished: bool = False,
     ) -> None:
-        """Persist one batch: every changed row, the counters and the next offsets, atomically.
-
-        `everything=True` writes every row (first save, or after a rebuild replaced the model).
-        A commit that sets `generation` also records whether that rebuild still has rows to
-        re-solve after it (`unfinished`, the flip of a deferred swap) or is complete.
-        """
-        if self.secondary:
-            raise StoreError("a secondary (read-only) store cannot commit")
-        wb = rd.WriteBatch(raw_mode=True)
-        meta = self.h["meta"]
-        gen = self.generation() if generation is None else generation
-        if generation is not None:
-            wb.put(b"generation", _I64.pack(generation), meta)
-            wb.put(b"rebuilt_at", _F64.pack(time.time()), meta)
-            if unfinished:
-                wb.put(b"rebuild_unfinished", _I64.pack(generation), meta)
-            else:
-                wb.delete(b"rebuild_unfinished", meta)
-        if self.is_new or everything:
-            wb.put(b"format", FORMAT, meta)
-            wb.put(b"block_rows", _I64.pack(BLOCK_ROWS), meta)
-            wb.put(b"config", state.config.model_dump_json().encode(), meta)
-        for kind, table in (("user", state.users), ("item", state.items)):
-            if everything or delta is None:
-                lo, hi = 0, table.n
-                rows = np.arange(table.n, dtype=np.int64)
-            else:
-                lo, hi = delta.new_users if kind == "user" else delta.new_items
-                rows = delta.users if kind == "user" else delta.items
-                extra = extra_users if kind == "user" else extra_items
-                if extra is not None and extra.size:
-                    rows = np.concatenate([rows.astype(np.int64), extra.astype(np.int64)])
-            self._put_ids(wb, kind, table, lo, hi)
-            self._put_blocks(wb, kind, table, rows, gen, meta=table)
-        if everything or delta is None:
-            keys, vals = confidence_items(state.confidence)
-        else:
-            keys, vals = delta.pair_keys, delta.pair_values
-        self._put_pairs(wb, keys, vals)
-        wb.put(b"counters", state.counters.tobytes(), meta)
-        wb.put(b"clock", _F64.pack(float(state.clock[0])), meta)
-        wb.put(b"n_users", _I64.pack(state.users.n), meta)
-        wb.put(b"n_items", _I64.pack(state.items.n), meta)
-        wb.put(b"model_version", _I64.pack(state.model_version), meta)
-        if everything or delta is None or delta.sampler_rebuilt:
-            n_cdf = int(state.counters[Counter.CDF_LEN])
-            wb.put(b"cdf", np.ascontiguousarray(state.cdf[:, :n_cdf]).tobytes(), meta)
-        for (topic, part), nxt in (offsets or {}).items():
-            wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
+        """Persist one batch: every changed row, the counters and the next offsets, atomically."""
+        wb = self._batch()
+        gen = self.generation()
+        self._put_header(wb, state, force=False)
+        self._put_rows(wb, "user", state.users, delta.new_users, delta.users, gen)
+        self._put_rows(wb, "item", state.items, delta.new_items, delta.items, gen)
+        self._put_pairs(wb, delta.pair_keys, delta.pair_values)
+        self._put_scalars(wb, state, cdf=delta.sampler_rebuilt)
+        self._put_offsets(wb, offsets)
         if event_times is not None and event_times.size:
             self._put_batch_log(wb, event_times)
         self._write(wb)
+
+    def flip(
+        self,
+        state: ModelState,
+        generation: int,
+        users: np.ndarray,
+        items: np.ndarray,
+        *,
+        unfinished: bool = False,
+    ) -> None:
+        """A rebuild's swap: `users`' and `items`' rows (already staged rows need not be) under
+        `generation`, which readers then see; marks it unfinished while rows wait after it."""
+        wb = self._batch()
+        self._put_generation(wb, generation, unfinished=unfinished)
+        self._put_model_rows(wb, state, users, items, generation)
+        self._write(wb)
+
+    def after_swap_step(
+        self, state: ModelState, users: np.ndarray, items: np.ndarray, *, last: bool = False
+    ) -> None:
+        """Rows re-solved after a deferred swap; the last step clears the unfinished mark."""
+        wb = self._batch()
+        gen = self.generation()
+        if last:
+            self._put_generation(wb, gen, unfinished=False)
+        self._put_model_rows(wb, state, users, items, gen)
+        self._write(wb)
+
+    def write_full_state(
+        self,
+        state: ModelState,
+        offsets: Mapping[tuple[str, int], int] | None = None,
+        *,
+        generation: int | None = None,
+    ) -> None:
+        """Every row, pair and counter (a first save; tests, benchmarks, the demo's seed),
+        under `generation` (flipped to it) if given."""
+        wb = self._batch()
+        gen = self.generation() if generation is None else generation
+        if generation is not None:
+            self._put_generation(wb, generation, unfinished=False)
+        self._put_header(wb, state, force=True)
+        for kind, table in (("user", state.users), ("item", state.items)):
+            rows = np.arange(table.n, dtype=np.int64)
+            self._put_rows(wb, kind, table, (0, table.n), rows, gen)
+        self._put_pairs(wb, *confidence_items(state.confidence))
+        self._put_scalars(wb, state, cdf=True)
+        self._put_offsets(wb, offsets)
+        self._write(wb)
+
+    def stage(self, kind: str, table: RowTable, gen: int, blocks: np.ndarray) -> None:
+        """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
+        wb = self._batch()
+        rows = blocks.astype(np.int64) * BLOCK_ROWS
+        self._put_blocks(wb, kind, table, rows, gen, meta=None)
+        self._write(wb)
+
+    def write_offsets(self, offsets: Iterable[tuple[tuple[str, int], int]]) -> None:
+        wb = self._batch()
+        self._put_offsets(wb, dict(offsets))
+        self._write(wb)
+
+    # ---- what the commits are made of ----------------------------------------------------------
+
+    def _batch(self) -> rd.WriteBatch:
+        if self.secondary:
+            raise StoreError("a secondary (read-only) store cannot commit")
+        return rd.WriteBatch(raw_mode=True)
+
+    def _put_header(self, wb: rd.WriteBatch, state: ModelState, *, force: bool) -> None:
+        """Format, block size and config: written with the first commit of a store."""
+        if force or self.is_new:
+            meta = self.h["meta"]
+            wb.put(FORMAT_KEY, FORMAT, meta)
+            wb.put(BLOCK_ROWS_KEY, I64.pack(BLOCK_ROWS), meta)
+            wb.put(CONFIG, state.config.model_dump_json().encode(), meta)
+
+    def _put_generation(self, wb: rd.WriteBatch, generation: int, *, unfinished: bool) -> None:
+        meta = self.h["meta"]
+        wb.put(GENERATION, I64.pack(generation), meta)
+        wb.put(REBUILT_AT, F64.pack(time.time()), meta)
+        if unfinished:
+            wb.put(REBUILD_UNFINISHED, I64.pack(generation), meta)
+        else:
+            wb.delete(REBUILD_UNFINISHED, meta)
+
+    def _put_model_rows(
+        self, wb: rd.WriteBatch, state: ModelState, users: np.ndarray, items: np.ndarray, gen: int
+    ) -> None:
+        """Rows a rebuild changed, with the counters (its commits carry no events)."""
+        self._put_blocks(wb, "user", state.users, users.astype(np.int64), gen, state.users)
+        self._put_blocks(wb, "item", state.items, items.astype(np.int64), gen, state.items)
+        self._put_scalars(wb, state, cdf=False)
+
+    def _put_rows(
+        self,
+        wb: rd.WriteBatch,
+        kind: str,
+        table: EntityTable,
+        new: tuple[int, int],
+        rows: np.ndarray,
+        gen: int,
+    ) -> None:
+        self._put_ids(wb, kind, table, *new)
+        self._put_blocks(wb, kind, table, rows, gen, table)
+
+    def _put_scalars(self, wb: rd.WriteBatch, state: ModelState, *, cdf: bool) -> None:
+        meta = self.h["meta"]
+        wb.put(COUNTERS, state.counters.tobytes(), meta)
+        wb.put(CLOCK, F64.pack(float(state.clock[0])), meta)
+        wb.put(N_USERS, I64.pack(state.users.n), meta)
+        wb.put(N_ITEMS, I64.pack(state.items.n), meta)
+        wb.put(MODEL_VERSION, I64.pack(state.model_version), meta)
+        if cdf:
+            n_cdf = int(state.counters[Counter.CDF_LEN])
+            wb.put(CDF, np.ascontiguousarray(state.cdf[:, :n_cdf]).tobytes(), meta)
+
+    def _put_offsets(
+        self, wb: rd.WriteBatch, offsets: Mapping[tuple[str, int], int] | None
+    ) -> None:
+        for (topic, part), nxt in (offsets or {}).items():
+            wb.put(offset_key(topic, part), I64.pack(nxt), self.h["offsets"])
 
     def _write(self, wb: rd.WriteBatch) -> None:
         try:
@@ -594,47 +607,47 @@ class StateStore:
 
     def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
         """A sample of the batch's event times, so readers can tell how fresh what they serve is."""
-        seq = self._meta_int(b"commit_seq") + 1
+        seq = self._meta_int(COMMIT_SEQ) + 1
         sample = times
         if times.size > BATCH_LOG_SAMPLE:
             sample = times[np.linspace(0, times.size - 1, BATCH_LOG_SAMPLE).astype(np.int64)]
         meta = self.h["meta"]
-        wb.put(b"commit_seq", _I64.pack(seq), meta)
-        wb.put(_batch_log_key(seq), _I64.pack(times.size) + sample.astype("<f8").tobytes(), meta)
+        wb.put(COMMIT_SEQ, I64.pack(seq), meta)
+        wb.put(batch_log_key(seq), I64.pack(times.size) + sample.astype("<f8").tobytes(), meta)
         if seq % 256 == 0:
-            wb.delete_range(_batch_log_key(0), _batch_log_key(seq - BATCH_LOG_KEEP), meta)
+            wb.delete_range(batch_log_key(0), batch_log_key(seq - BATCH_LOG_KEEP), meta)
 
     def batch_log(self, after: int) -> tuple[int, list[tuple[int, np.ndarray]]]:
         """(last seq, [(events, sampled event times)]) of commits after `after`."""
         out: list[tuple[int, np.ndarray]] = []
         last = after
         it = self.cf["meta"].iter()
-        it.seek(_batch_log_key(after + 1))
+        it.seek(batch_log_key(after + 1))
         while it.valid():
             k = it.key()
             if not k.startswith(BATCH_LOG_PREFIX):
                 break
             last = struct.unpack(">Q", k[len(BATCH_LOG_PREFIX) :])[0]
             v = it.value()
-            out.append((_I64.unpack(v[:8])[0], np.frombuffer(v[8:], "<f8")))
+            out.append((I64.unpack(v[:8])[0], np.frombuffer(v[8:], "<f8")))
             it.next()
         return last, out
 
     def commit_seq(self) -> int:
-        return self._meta_int(b"commit_seq")
+        return self._meta_int(COMMIT_SEQ)
 
     def _put_ids(self, wb: rd.WriteBatch, kind: str, table: EntityTable, lo: int, hi: int) -> None:
         h_ids, h_index = self.h[f"{kind}_ids"], self.h[f"{kind}_index"]
         for k in range(lo, hi):
             key = table.ids[k].encode()
-            wb.put(key, _I32.pack(k), h_ids)
-            wb.put(_BE32.pack(k), key, h_index)
+            wb.put(key, I32.pack(k), h_ids)
+            wb.put(BE32.pack(k), key, h_index)
 
     def _put_blocks(
         self,
         wb: rd.WriteBatch,
         kind: str,
-        table: FactorRows,
+        table: RowTable,
         rows: np.ndarray,
         gen: int,
         meta: EntityTable | None,
@@ -650,50 +663,34 @@ class StateStore:
         full = blocks[(blocks + 1) * BLOCK_ROWS <= n]  # whole blocks: bytes in one C call each
         put = wb.put
         if full.size:
-            keys = _model_keys(gen, full)
-            for k, v in zip(keys, _rows_bytes(table.factors, full), strict=True):
+            keys = model_keys(gen, full)
+            for k, v in zip(keys, rows_bytes(table.factors, full), strict=True):
                 put(k, v, h_f)
             if meta is not None:
                 parts = (meta.count, meta.last, meta.logpop)
-                raw = np.concatenate([_block_view(a, full) for a in parts], axis=1)
-                for k, v in zip(_be32_keys(full), _as_bytes(raw), strict=True):
+                raw = np.concatenate([block_view(a, full) for a in parts], axis=1)
+                for k, v in zip(be32_keys(full), as_bytes(raw), strict=True):
                     put(k, v, h_m)
             if h_b is not None:
-                for k, v in zip(keys, _rows_bytes(table.bias, full), strict=True):
+                for k, v in zip(keys, rows_bytes(table.bias, full), strict=True):
                     put(k, v, h_b)
         for b in blocks[full.size :].tolist():  # the last, partial block
             lo = b * BLOCK_ROWS
             hi = min(lo + BLOCK_ROWS, n)
-            key = _model_key(gen, b)
+            key = model_key(gen, b)
             put(key, table.factors[lo:hi].tobytes(), h_f)
             if meta is not None:
-                put(_BE32.pack(b), _meta_bytes(meta, lo, hi), h_m)
+                put(BE32.pack(b), meta_bytes(meta, lo, hi), h_m)
             if h_b is not None:
                 put(key, table.bias[lo:hi].tobytes(), h_b)
-
-    def stage_model(self, kind: str, table: FactorRows, gen: int, blocks: np.ndarray) -> None:
-        """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""
-        wb = rd.WriteBatch(raw_mode=True)
-        rows = blocks.astype(np.int64) * BLOCK_ROWS
-        self._put_blocks(wb, kind, table, rows, gen, meta=None)
-        self._write(wb)
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
         if keys.size == 0:
             return
         h = self.h["confidence"]
         put = wb.put
-        # V8 views turn into 8-byte `bytes` in one C call (3x cheaper than slicing a buffer)
-        kb = keys.astype(">i8").view("V8").tolist()
-        vb = vals.astype("<f8").view("V8").tolist()
-        for k, v in zip(kb, vb, strict=True):
+        for k, v in zip(*pair_bytes(keys, vals), strict=True):
             put(k, v, h)
-
-    def write_offsets(self, offsets: Iterable[tuple[tuple[str, int], int]]) -> None:
-        wb = rd.WriteBatch(raw_mode=True)
-        for (topic, part), nxt in offsets:
-            wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
-        self._write(wb)
 
 
 def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:
@@ -707,44 +704,13 @@ def raw_keys(cf: rd.Rdict) -> Iterator[bytes]:
     return cast(Iterator[bytes], cf.keys())
 
 
-def fill_confidence(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
-    _fill(conf, keys, vals)
-
-
-def confidence_items(conf: Dict, sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The confidence map's entries; `sort=False` leaves them in map order, for a caller that
-    only pays for the copy now (a rebuild's snapshot on the loop thread) and sorts later."""
-    n = len(conf)
-    keys = np.empty(n, np.int64)
-    vals = np.empty(n, np.float64)
-    _dump(conf, keys, vals)
-    if not sort:
-        return keys, vals
-    order = np.argsort(keys)
-    return keys[order], vals[order]
-
-
-_MapKernel = Callable[[Dict, np.ndarray, np.ndarray], None]
-
-
-def _jit() -> tuple[_MapKernel, _MapKernel]:
-    from numba import njit
-
-    @njit(cache=True)
-    def fill(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
-        for j in range(keys.shape[0]):
-            conf[keys[j]] = vals[j]
-
-    @njit(cache=True)
-    def dump(conf: Dict, keys: np.ndarray, vals: np.ndarray) -> None:
-        j = 0
-        for k, v in conf.items():
-            keys[j] = k
-            vals[j] = v
-            j += 1  # noqa: SIM113 (numba)
-
-    return fill, dump
-
-
-_fill, _dump = _jit()
-__all__ = ["ConfigMismatchError", "StateStore", "StoreError", "new_confidence_map"]
+__all__ = [
+    "BLOCK_ROWS",
+    "MODEL_CFS",
+    "ConfigMismatchError",
+    "StateStore",
+    "StoreError",
+    "confidence_items",
+    "new_confidence_map",
+    "raw_keys",
+]

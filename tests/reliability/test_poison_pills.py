@@ -388,15 +388,15 @@ def test_a_restart_after_a_kill_between_ack_and_commit_resends_no_dead_letter(
             u._assign_partitions()
             msgs += u._collect(u._stop)
         u.process(msgs[:10])  # committed, with the dead letter of offset 5
-        commit = u.store.commit
+        commit = u.store.commit_batch
 
         def killed(*args: Any, **kwargs: Any) -> None:
             raise _Killed
 
-        monkeypatch.setattr(u.store, "commit", killed)
+        monkeypatch.setattr(u.store, "commit_batch", killed)
         with pytest.raises(_Killed):
             u.process(msgs[10:20])  # dead letters 12 and 17 acknowledged, then the kill
-        monkeypatch.setattr(u.store, "commit", commit)
+        monkeypatch.setattr(u.store, "commit_batch", commit)
     finally:
         u.close()
     assert len(_dead_letters(kafka, topics.dead_letter, 3)) == 3

@@ -123,3 +123,25 @@ def test_refit_pieces_cut_at_the_same_events_however_batched() -> None:
     assert refit_points([25]) == [1, 10, 20]
     assert refit_points([1] * 25) == [1, 10, 20]
     assert refit_points([3, 9, 2, 11]) == [1, 10, 20]
+
+
+def test_hybrid_drives_the_shipped_rebuild_and_repeats() -> None:
+    """`hybrid` is the updater's Rebuild (guard, catch-up, swap), run synchronously and counted
+    in events: two runs give the same outcomes, event for event."""
+    from stream_mf.evaluate import HybridLearner
+    from stream_mf.rebuild import RebuildConfig
+
+    ev = columns(12_000, n_users=200, n_items=300)
+    rcfg = RebuildConfig(iterations=3, guard_events=300, final_rows=50, after_rows=100)
+    runs = []
+    for _ in range(2):
+        learner = HybridLearner(ModelConfig(dim=16), rcfg, refit_every=3000)
+        res = prequential(ev, learner, progress=False, keep_outcomes=True)
+        runs.append((res, learner))
+    (a, la), (b, lb) = runs
+    assert a.outcomes is not None and b.outcomes is not None
+    np.testing.assert_array_equal(a.outcomes, b.outcomes)
+    assert len(la.outcomes) >= 2 and la.failed == 0
+    assert [o.swapped for o in la.outcomes] == [o.swapped for o in lb.outcomes]
+    assert all(o.scored >= 300 and not o.unguarded for o in la.outcomes)
+    assert la.model.state.model_version == sum(o.swapped for o in la.outcomes) >= 1

@@ -5,16 +5,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
-from consumers.settings import KafkaSettings, MetricsSettings, UpdaterSettings
-from consumers.updater import Updater
 from stream_mf.als_reference import dense_confidence, solve_rows_reference
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel
-from stream_mf.rebuild import Rebuild, RebuildConfig, _chunks, _compact, _Pairs
-from stream_mf.state import ModelState
-from stream_mf.store import MODEL_CFS, StateStore, confidence_items
+from stream_mf.rebuild import (
+    TRANSITIONS,
+    Outcome,
+    Rebuild,
+    RebuildConfig,
+    RebuildPhase,
+    RebuildPhaseError,
+    RebuildStep,
+    _chunks,
+    _compact,
+    _Pairs,
+)
+from stream_mf.rebuild_scheduler import RebuildScheduler
+from stream_mf.state import ModelState, confidence_items
+from stream_mf.store import MODEL_CFS, StateStore, raw_keys
+from stream_mf.writes import AfterSwapStep, DropGenerations, Flip
+from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=16)
 TOPIC = "interactions"
@@ -37,17 +48,30 @@ class _Feed:
     def learn(self, n: int) -> BatchDelta:
         delta = self.model.learn(self.batch.slice(self.done, self.done + n))
         self.done += n
-        self.store.commit(self.model.state, delta, {(TOPIC, 0): self.done})
+        self.store.commit_batch(self.model.state, delta, {(TOPIC, 0): self.done})
         return delta
 
 
-def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, object]:
+def start(state: ModelState, store: StateStore, cfg: RebuildConfig) -> Rebuild:
+    """A rebuild as the updater starts one: the next generation, staged in `store`."""
+    return Rebuild(state, cfg, generation=store.generation() + 1, stage=store.stage)
+
+
+def step(rb: Rebuild, state: ModelState, store: StateStore) -> RebuildStep:
+    """One step as the updater's loop makes it: the step, then the write it returns."""
+    res = rb.step(state)
+    if res.write is not None:
+        store.apply(state, res.write)
+    return res
+
+
+def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, StateStore, Outcome]:
     """The updater's loop in miniature: batches keep coming while a rebuild runs."""
     feed = _Feed(tmp, seed=0, n=60_000)
     store, model, learn = feed.store, feed.model, feed.learn
     for _ in range(20):
         learn(1000)
-    rb = Rebuild(model.state, store, rcfg)
+    rb = start(model.state, store, rcfg)
     outcome = None
     steps = 0
     while outcome is None:
@@ -61,15 +85,10 @@ def run_with_rebuild(tmp: Path, rcfg: RebuildConfig) -> tuple[OnlineModel, State
             )
         delta = learn(500)
         rb.note(delta)
-        outcome = rb.step(model.state)
+        outcome = step(rb, model.state, store).outcome
         steps += 1
         assert feed.done < 60_000, "rebuild never finished"
         time.sleep(0.01)
-    if outcome.swapped:
-        store.commit(
-            model.state, BatchDelta.empty(model.state), None, generation=outcome.generation,
-            extra_users=outcome.users, extra_items=outcome.items,
-        )  # fmt: skip
     store.drop_other_generations()
     learn(2000)  # and the stream goes on after the swap
     return model, store, outcome
@@ -98,7 +117,7 @@ def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int)
         assert store.offsets() == {(TOPIC, 0): applied}
         # only the current generation's rows are left
         for cf in MODEL_CFS:
-            gens = {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly)
+            gens = {k[:4] for k in raw_keys(store.cf[cf])}
             assert gens == {b"\x00\x00\x00\x01"}, cf
         loaded = store.load()
     for kind in ("users", "items"):
@@ -137,7 +156,7 @@ def test_guard_rejects_a_worse_model(tmp_path: Path) -> None:
     with store:
         assert store.generation() == 0
         for cf in MODEL_CFS:
-            assert {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly) == {b"\x00\x00\x00\x00"}, cf
+            assert {k[:4] for k in raw_keys(store.cf[cf])} == {b"\x00\x00\x00\x00"}, cf
 
 
 def test_a_swap_on_too_few_scored_events_says_it_was_unguarded(
@@ -156,15 +175,15 @@ def test_unfinished_rebuild_is_discarded_on_open(tmp_path: Path) -> None:
     batch = stream(5000)
     with StateStore(tmp_path / "db") as store:
         model = OnlineModel(CFG, store.load(CFG))
-        store.commit(model.state, model.learn(batch), {(TOPIC, 0): 5000})
-        rb = Rebuild(model.state, store, RebuildConfig(iterations=2))
-        rb.thread.join()  # fitted and staged under generation 1, never flipped: a crash here
-        before = {cf: sorted(store.cf[cf].keys()) for cf in MODEL_CFS}
+        store.commit_batch(model.state, model.learn(batch), {(TOPIC, 0): 5000})
+        rb = start(model.state, store, RebuildConfig(iterations=2))
+        rb.wait()  # fitted and staged under generation 1, never flipped: a crash here
+        before = {cf: sorted(raw_keys(store.cf[cf])) for cf in MODEL_CFS}
         assert any(k[:4] == b"\x00\x00\x00\x01" for k in before["user_factors"])
     with StateStore(tmp_path / "db") as store:
         assert store.generation() == 0
         for cf in MODEL_CFS:
-            assert {k[:4] for k in store.cf[cf].keys()}  # noqa: SIM118 (Rdict iterates oddly) == {b"\x00\x00\x00\x00"}, cf
+            assert {k[:4] for k in raw_keys(store.cf[cf])} == {b"\x00\x00\x00\x00"}, cf
         loaded = store.load()
     np.testing.assert_array_equal(
         loaded.users.factors[: loaded.users.n], model.state.users.factors[: model.state.users.n]
@@ -229,7 +248,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     feed = _Feed(tmp_path, seed=1)
     store, st, learn = feed.store, feed.model.state, feed.learn
     learn(1_500)  # early: new ids keep arriving during the rebuild
-    rb = Rebuild(st, store, rcfg)
+    rb = start(st, store, rcfg)
     n_before = st.users.n + st.items.n
     while rb.swap_outcome is None:  # batches keep coming until the flip
         if rb.wants_scores:
@@ -240,7 +259,7 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
                 lambda u: store.user_items(u)[0].astype(np.int64),
             )  # fmt: skip
         rb.note(learn(500))
-        assert rb.step(st) is None, "the swap should leave rows for after it"
+        assert step(rb, st, store).outcome is None, "the swap should leave rows for after it"
         assert feed.done < 30_000, "rebuild never swapped"
         time.sleep(0.01)
     flip = rb.swap_outcome
@@ -257,16 +276,21 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     outcome = None
     commits = 0
     while outcome is None:  # no batches now: the result must be the exact solve
-        rb.thread.join()
-        outcome = rb.step(st)
+        rb.wait()
+        res = rb.step(st)
+        assert isinstance(res.write, AfterSwapStep)  # each step has rows to commit
+        outcome = res.outcome
         commits += outcome is None
-        assert store.rebuild_unfinished() == 1  # the steps' own commits keep the mark
+        assert res.write.last == (outcome is not None)
+        if outcome is None:
+            store.apply(st, res.write)
+            assert store.rebuild_unfinished() == 1  # the steps' commits keep the mark
     # after_rows rows a step, each step but the last committing its own
     assert commits == (flip.deferred - 1) // rcfg.after_rows
-    store.commit(
-        st, BatchDelta.empty(st), None, generation=outcome.generation,
-        extra_users=outcome.users, extra_items=outcome.items,
-    )  # fmt: skip
+    assert store.rebuild_unfinished() == 1
+    assert res.write is not None
+    store.apply(st, res.write)  # the last one clears the mark
+    assert rb.phase is RebuildPhase.DONE
     assert store.rebuild_unfinished() is None
     D, P = dense_confidence(keys, vals, st.users.n, st.items.n, clock, CFG.decay_rate, rcfg.alpha)
     U = st.users.factors[: st.users.n]
@@ -294,13 +318,13 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     feed = _Feed(tmp_path, seed=2)
     store, st, learn = feed.store, feed.model.state, feed.learn
     learn(10_000)
-    rb = Rebuild(st, store, rcfg)
+    rb = start(st, store, rcfg)
     while rb.after is None or rb.after.done == 0:  # the flip, then one step of rows after it
         rb.note(learn(500))
-        assert rb.step(st) is None
+        assert step(rb, st, store).outcome is None
         assert feed.done < 30_000, "rebuild never swapped"
         time.sleep(0.01)
-    rb.thread.join()
+    rb.wait()
     store.close()  # the process dies here: nothing else reaches the disk
     with StateStore(tmp_path / "db") as again:
         assert again.generation() == 1
@@ -310,20 +334,51 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     for kind in ("users", "items"):
         a, b = getattr(st, kind), getattr(loaded, kind)
         np.testing.assert_array_equal(a.factors[: a.n], b.factors[: b.n])
-    # the restarted updater starts a new rebuild at once, to re-solve the rows left over
-    settings = UpdaterSettings(
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted here
-        metrics=MetricsSettings(port=-1),
-        state_dir=tmp_path / "db",
-        model=CFG,
-    )
-    updater = Updater(settings)
-    try:
-        assert updater._rebuild_due()
-        updater.store.clear_rebuild_unfinished()  # what a rejected rebuild does
-        assert updater.store.rebuild_unfinished() is None
-    finally:
-        updater.close()
+    # a restarted writer reads the mark and its schedule starts a new rebuild at once
+    with StateStore(tmp_path / "db") as again:
+        schedule = RebuildScheduler(None, None, loaded.events_applied, 0.0)
+        if again.rebuild_unfinished() is not None:
+            schedule.request()
+        assert schedule.due(loaded.events_applied, loaded.users.n, loaded.items.n, 0.0)
+        again.clear_rebuild_unfinished()  # what a rejected rebuild's write does
+        assert again.rebuild_unfinished() is None
+
+
+class _Driver:
+    """The updater's rebuild driving, with no Kafka: a schedule, a rebuild, its writes through
+    `store.apply`, and the drops of replaced generations, on a clock the test moves."""
+
+    def __init__(self, feed: _Feed, cfg: RebuildConfig) -> None:
+        self.feed, self.cfg, self.now = feed, cfg, 0.0
+        st = feed.model.state
+        self.schedule = RebuildScheduler(None, None, st.events_applied, self.now, grace_s=60.0)
+        self.rebuild: Rebuild | None = None
+
+    def drive(self) -> None:
+        store, st = self.feed.store, self.feed.model.state
+        for below in self.schedule.drops_due(self.now):
+            store.apply(st, DropGenerations(staged=False, below=below))
+        if self.rebuild is None:
+            if self.schedule.due(st.events_applied, st.users.n, st.items.n, self.now):
+                self.schedule.started()
+                self.rebuild = start(st, store, self.cfg)
+            return
+        res = step(self.rebuild, st, store)
+        if res.outcome is not None:
+            store.apply(st, DropGenerations(older=False))
+            swapped = res.outcome.swapped
+            self.rebuild = None
+            replaced: int | None = store.generation() if swapped else None
+            self.schedule.ended(st.events_applied, self.now, replaced, unfinished=False)
+
+    def rebuild_now(self) -> None:
+        self.schedule.request()
+        self.drive()
+        end = time.monotonic() + 300  # a hang guard: a cold numba cache compiles here
+        while self.rebuild is not None:
+            assert time.monotonic() < end, "the rebuild never ended"
+            self.rebuild.wait()
+            self.drive()
 
 
 def test_the_replaced_model_stays_readable_for_a_while(tmp_path: Path) -> None:
@@ -331,44 +386,189 @@ def test_the_replaced_model_stays_readable_for_a_while(tmp_path: Path) -> None:
     pinned to its generation) until their next refresh: its rows go later, not with the swap."""
     feed = _Feed(tmp_path, seed=3)
     feed.learn(5_000)
-    feed.store.close()
-    settings = UpdaterSettings(
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted here
-        metrics=MetricsSettings(port=-1),
-        state_dir=tmp_path / "db",
-        model=CFG,
-        rebuild=RebuildConfig(iterations=2, guard_events=0, guard_margin=1.0, max_rounds=1),
-    )
-    updater = Updater(settings)
+    d = _Driver(feed, RebuildConfig(iterations=2, guard_events=0, guard_margin=1.0, max_rounds=1))
+    store = feed.store
 
     def generations() -> set[int]:
-        store = updater.store
-        return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in store.cf[cf].keys()}  # noqa: SIM118
-
-    def rebuild() -> None:
-        updater._rebuild_requested = True
-        updater._drive_rebuild()
-        end = time.monotonic() + 300  # a hang guard: a cold numba cache compiles here
-        while updater.rebuild is not None:
-            assert time.monotonic() < end, "the rebuild never ended"
-            time.sleep(0.01)
-            updater._drive_rebuild()
+        return {int.from_bytes(k[:4], "big") for cf in MODEL_CFS for k in raw_keys(store.cf[cf])}
 
     try:
-        rebuild()
-        assert updater.store.generation() == 1
+        d.rebuild_now()
+        assert store.generation() == 1
         assert generations() == {0, 1}  # the old model is still there for readers
-        updater._drive_rebuild()
+        d.now = 59.0
+        d.drive()
         assert generations() == {0, 1}  # and stays through the grace period
-        rebuild()  # another rebuild right away (a `stream-mf rebuild` sent during the first)
-        assert updater.store.generation() == 2
+        d.rebuild_now()  # another rebuild right away (a `stream-mf rebuild` sent during the first)
+        assert store.generation() == 2
         assert generations() == {0, 1, 2}  # each replaced model keeps its own grace period
-        assert len(updater._drops) == 2
-        updater._drops[0] = (0.0, updater._drops[0][1])  # the first grace period is over
-        updater._drive_rebuild()
+        assert [gen for _when, gen in d.schedule.drops] == [1, 2]
+        d.now = 60.0  # the first grace period is over
+        d.drive()
         assert generations() == {1, 2}
-        updater._drops = [(0.0, gen) for _when, gen in updater._drops]  # and the second
-        updater._drive_rebuild()
+        d.now = 119.0  # and the second
+        d.drive()
         assert generations() == {2}
     finally:
-        updater.close()
+        store.close()
+
+
+# ---- the schedule, with no store and no Kafka ---------------------------------------------------
+
+
+def test_schedule_counts_events_and_seconds_since_the_last_rebuild_ended() -> None:
+    s = RebuildScheduler(every_events=1000, every_seconds=None, events_at_last=0, time_at_last=0.0)
+    assert not s.due(999, 10, 10, 1e9)
+    assert s.due(1000, 10, 10, 0.0)
+    s.started()
+    assert not s.due(5000, 10, 10, 0.0)  # never while one runs
+    s.ended(events_applied=1500, now=7.0, replaced_below=None, unfinished=False)
+    assert not s.due(2499, 10, 10, 7.0)
+    assert s.due(2500, 10, 10, 7.0)
+    t = RebuildScheduler(every_events=None, every_seconds=30.0, events_at_last=0, time_at_last=5.0)
+    assert not t.due(10**9, 10, 10, 34.9)
+    assert t.due(0, 10, 10, 35.0)
+
+
+def test_schedule_rebuilds_at_once_on_request_or_an_unfinished_mark() -> None:
+    s = RebuildScheduler(every_events=None, every_seconds=None, events_at_last=0, time_at_last=0)
+    assert not s.due(10**6, 10, 10, 1e9)  # no trigger configured
+    s.request()
+    assert not s.due(0, 0, 10, 0.0)  # nothing to fit on an empty model
+    assert s.due(0, 10, 10, 0.0)
+    s.started()
+    s.ended(0, 0.0, replaced_below=None, unfinished=False)
+    assert not s.due(0, 10, 10, 0.0)  # the request was served
+    s.started()
+    s.ended(0, 0.0, replaced_below=None, unfinished=True)  # the store still has the mark
+    assert s.due(0, 10, 10, 0.0)
+
+
+def test_schedule_drops_each_replaced_generation_after_its_own_grace() -> None:
+    s = RebuildScheduler(None, None, 0, 0.0, grace_s=60.0)
+    s.started()
+    s.ended(0, 10.0, replaced_below=1, unfinished=False)
+    s.started()
+    s.ended(0, 20.0, replaced_below=2, unfinished=False)
+    s.started()
+    s.ended(0, 25.0, replaced_below=None, unfinished=False)  # rejected: nothing replaced
+    assert s.drops_due(69.9) == []
+    assert s.drops_due(70.0) == [1]
+    assert s.drops_due(1e9) == [2]
+    assert s.drops_due(1e9) == []
+
+
+# ---- the phases --------------------------------------------------------------------------------
+
+
+def _steps_in_phases(feed: _Feed, cfg: RebuildConfig) -> list[RebuildPhase]:
+    """Every phase a rebuild is seen in by its driver, batches coming between steps."""
+    st, store = feed.model.state, feed.store
+    rb = start(st, store, cfg)
+    seen = [rb.phase]
+    res = RebuildStep(rb.phase)
+    while res.outcome is None:
+        if rb.wants_scores:
+            nxt = feed.batch.slice(feed.done, feed.done + 300)
+            rb.score(
+                st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                st.items.lookup(nxt.item_ids).astype(np.int64),
+                lambda u: store.user_items(u)[0].astype(np.int64),
+            )  # fmt: skip
+        rb.note(feed.learn(300))
+        rb.wait()
+        res = step(rb, st, store)
+        if res.phase is not seen[-1]:
+            seen.append(res.phase)
+        assert feed.done < 30_000, "the rebuild never ended"
+    return seen
+
+
+def test_phases_of_a_swap_with_rows_left_for_after_it(tmp_path: Path) -> None:
+    feed = _Feed(tmp_path, seed=4)
+    feed.learn(3_000)
+    cfg = RebuildConfig(
+        iterations=2, guard_events=200, guard_margin=1.0, max_rounds=1, final_rows=5,
+        after_rows=50, swap_budget_s=60.0,
+    )  # fmt: skip
+    P = RebuildPhase
+    assert _steps_in_phases(feed, cfg) == [
+        P.FITTING,
+        P.GUARDING,
+        P.CATCHING_UP,
+        P.AFTER_SWAP,
+        P.DONE,
+    ]
+    feed.store.close()
+
+
+def test_phases_of_a_rejected_rebuild(tmp_path: Path) -> None:
+    feed = _Feed(tmp_path, seed=5)
+    feed.learn(3_000)
+    cfg = RebuildConfig(iterations=2, min_confidence=1e9, guard_events=200, guard_margin=0.0)
+    P = RebuildPhase
+    assert _steps_in_phases(feed, cfg) == [P.FITTING, P.GUARDING, P.REJECTED]
+    feed.store.close()
+
+
+def test_a_failed_background_step_fails_the_rebuild() -> None:
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    model.learn(stream(2000))
+    rb = Rebuild(
+        model.state, RebuildConfig(iterations=1, guard_events=0), generation=1, inline=True
+    )
+    assert rb.phase is RebuildPhase.FITTING and rb.thread is None  # fitted inline
+    rb.error = ValueError("boom")  # as a background fit that raised leaves it
+    with pytest.raises(RuntimeError, match="boom"):
+        rb.step(model.state)
+    assert rb.phase is RebuildPhase.FAILED and rb.phase.over
+
+
+def test_steps_refuse_to_run_outside_their_phase() -> None:
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    model.learn(stream(2000))
+    rb = Rebuild(model.state, RebuildConfig(iterations=1), generation=1, inline=True)
+    empty = np.empty(0, np.int64)
+    with pytest.raises(RebuildPhaseError, match="runs in guarding, not fitting"):
+        rb.score(model.state, empty, empty, lambda u: empty)
+    with pytest.raises(RebuildPhaseError, match="runs in swapping"):
+        rb._swap(model.state, empty, empty)
+    with pytest.raises(RebuildPhaseError, match="no transition from fitting to done"):
+        rb._to(RebuildPhase.DONE)
+    # every phase but the ends has a way out, and FAILED is reachable from every working one
+    for phase, nxt in TRANSITIONS.items():
+        assert bool(nxt) != phase.over, phase
+        if not phase.over and phase is not RebuildPhase.IDLE:
+            assert RebuildPhase.FAILED in nxt, phase
+
+
+def test_inline_run_to_completion_swaps_without_a_store() -> None:
+    """What evaluation drives: the same steps, with no thread and nothing written."""
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    model.learn(stream(5000))
+    cfg = RebuildConfig(iterations=3, guard_events=0, guard_margin=1.0, max_rounds=1)
+    rb = Rebuild(model.state, cfg, generation=1, inline=True)
+    res = rb.run_to_completion(model.state)
+    assert isinstance(res.outcome, Outcome) and res.outcome.swapped
+    assert isinstance(res.write, Flip) and res.write.generation == 1
+    assert rb.phase is RebuildPhase.DONE and model.state.model_version == 1
+
+
+def test_a_non_finite_row_after_the_swap_fails_the_rebuild_after_its_flip() -> None:
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    batch = stream(8000, seed=6)
+    model.learn(batch.slice(0, 4000))
+    cfg = RebuildConfig(iterations=2, guard_events=0, max_rounds=1, final_rows=5)
+    rb = Rebuild(model.state, cfg, generation=1, inline=True)
+    writes = []
+    for lo in range(4000, 8000, 1000):
+        rb.note(model.learn(batch.slice(lo, lo + 1000)))
+        writes.append(rb.step(model.state).write)
+        if rb.phase is RebuildPhase.AFTER_SWAP:
+            break
+    assert rb.phase is RebuildPhase.AFTER_SWAP and isinstance(writes[-1], Flip)
+    assert writes[-1].unfinished and rb.swap_outcome is not None
+    rb.finite = False  # as a non-finite re-solve after the swap leaves it
+    with pytest.raises(RuntimeError, match="not finite"):
+        rb.step(model.state)
+    assert rb.phase is RebuildPhase.FAILED

@@ -16,8 +16,9 @@ from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.sgd import Counter
-from stream_mf.state import ModelState
-from stream_mf.store import ConfigMismatchError, StateStore, _fill_rows, confidence_items
+from stream_mf.state import ModelState, confidence_items
+from stream_mf.store import ConfigMismatchError, StateStore, raw_keys
+from stream_mf.store_layout import fill_rows
 from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
@@ -50,7 +51,7 @@ def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
         model = OnlineModel(CFG, store.load(CFG))
         for lo in range(0, 6000, 700):
             delta = model.learn(batch.slice(lo, lo + 700))
-            store.commit(model.state, delta, {(TOPIC, 0): min(lo + 700, 6000)})
+            store.commit_batch(model.state, delta, {(TOPIC, 0): min(lo + 700, 6000)})
     with StateStore(tmp_path / "db") as store:
         loaded = store.load()
         assert store.offsets() == {(TOPIC, 0): 6000}
@@ -67,7 +68,7 @@ def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
 def test_reopening_with_another_dim_is_refused(tmp_path: Path) -> None:
     with StateStore(tmp_path / "db") as store:
         m = OnlineModel(CFG, store.load(CFG))
-        store.commit(m.state, m.learn(stream(100)))
+        store.commit_batch(m.state, m.learn(stream(100)))
     with StateStore(tmp_path / "db") as store, pytest.raises(ConfigMismatchError, match="dim"):
         store.load(CFG.model_copy(update={"dim": 16}))
 
@@ -76,7 +77,7 @@ def test_user_items_prefix_scan(tmp_path: Path) -> None:
     batch = stream(2000)
     with StateStore(tmp_path / "db") as store:
         m = OnlineModel(CFG, store.load(CFG))
-        store.commit(m.state, m.learn(batch))
+        store.commit_batch(m.state, m.learn(batch))
         u = m.state.users.index["u7"]
         items, vals = store.user_items(u)
     expect = sorted(
@@ -93,10 +94,10 @@ def test_secondary_follows_primary(tmp_path: Path) -> None:
     batch = stream(3000)
     with StateStore(tmp_path / "db") as primary:
         m = OnlineModel(CFG, primary.load(CFG))
-        primary.commit(m.state, m.learn(batch.slice(0, 1000)), {(TOPIC, 0): 1000})
+        primary.commit_batch(m.state, m.learn(batch.slice(0, 1000)), {(TOPIC, 0): 1000})
         follower = StateStore(tmp_path / "db", secondary=tmp_path / "sec")
         assert follower.events_applied() == 1000
-        primary.commit(m.state, m.learn(batch.slice(1000, 3000)), {(TOPIC, 0): 3000})
+        primary.commit_batch(m.state, m.learn(batch.slice(1000, 3000)), {(TOPIC, 0): 3000})
         assert follower.events_applied() == 1000
         follower.catch_up()
         assert follower.events_applied() == 3000
@@ -111,7 +112,7 @@ def _follower_of(
     """A primary that learnt `first`, and a follower serving its view (generation 0)."""
     with StateStore(tmp_path / "db") as primary:
         m = OnlineModel(CFG, primary.load(CFG))
-        primary.commit(m.state, m.learn(first), {(TOPIC, 0): len(first)})
+        primary.commit_batch(m.state, m.learn(first), {(TOPIC, 0): len(first)})
         follower = StoreFollower(tmp_path / "db", secondary_dir=str(tmp_path / "sec"))
         try:
             assert follower.refresh() and follower.view is not None
@@ -123,7 +124,7 @@ def _follower_of(
 def _swap(primary: StateStore, m: OnlineModel) -> None:
     """What a rebuild's flip writes: the model's rows under the next generation."""
     m.state.model_version += 1
-    primary.commit(m.state, None, None, generation=primary.generation() + 1, everything=True)
+    primary.write_full_state(m.state, generation=primary.generation() + 1)
 
 
 def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_a_user_registered_after_a_swap_is_unknown_to_the_older_view(tmp_path: P
         _swap(primary, m)
         later = ["a21", "b0"] + [f"c{j}" for j in range(20)]  # a21: row 5 of block 1
         batch = EventBatch.build(later, ["i1"] * 22, np.ones(22), 1.8e9 + np.arange(22.0))
-        primary.commit(m.state, m.learn(batch), {(TOPIC, 0): 43})
+        primary.commit_batch(m.state, m.learn(batch), {(TOPIC, 0): 43})
         follower.store.catch_up()
         pinned = follower.users_for(old_view)
         for uid in ("a21", "c19"):  # in the short block 1, and in block 2 (absent)
@@ -178,7 +179,7 @@ def test_item_arrays_match_the_model(tmp_path: Path, n_read: str) -> None:
     batch = stream(3000)
     with StateStore(tmp_path / "db") as primary:
         m = OnlineModel(CFG, primary.load(CFG))
-        primary.commit(m.state, m.learn(batch), {(TOPIC, 0): 3000})
+        primary.commit_batch(m.state, m.learn(batch), {(TOPIC, 0): 3000})
         items = m.state.items
         assert items.n % 16, "the test needs a short last block"
         n = {"all": items.n, "fewer": items.n - 21, "more": items.n + 5}[n_read]
@@ -209,7 +210,7 @@ def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
         (6, block(6)),
     ]
     out = np.zeros((n, dim), np.float32)
-    _fill_rows(out, blocks)
+    fill_rows(out, blocks)
     expect = want[:n].copy()
     expect[32:48] = 0.0  # block 2 is missing
     assert np.array_equal(out, expect)
@@ -217,7 +218,7 @@ def test_fill_rows_handles_gaps_short_and_long_blocks() -> None:
     cols = rng.standard_normal((3, 3 * 16))
     meta = [(b, cols[:, b * 16 : (b + 1) * 16].tobytes()) for b in range(3)]
     lp = np.full(40, -np.inf)
-    _fill_rows(lp, meta, columns=3, column=2)
+    fill_rows(lp, meta, columns=3, column=2)
     assert np.array_equal(lp, cols[2, :40])
 
 
@@ -235,7 +236,7 @@ WRITER = textwrap.dedent(
     print("ready", flush=True)
     while done < 60000:
         hi = min(done + 101, 60000)
-        store.commit(model.state, model.learn(batch.slice(done, hi)), {{(TOPIC, 0): hi}})
+        store.commit_batch(model.state, model.learn(batch.slice(done, hi)), {{(TOPIC, 0): hi}})
         done = hi
         print(done, flush=True)
     print("done", flush=True)
@@ -286,3 +287,36 @@ def test_commit_is_all_or_nothing_under_sigkill(tmp_path: Path) -> None:
         reference.learn(batch.slice(lo, lo + 5000))
     with StateStore(db) as store:
         assert_same_state(reference.state, store.load())
+
+
+def test_the_layout_docstring_lists_every_meta_key_the_registry_has() -> None:
+    """One registry of meta keys; the layout the docs show is checked against it."""
+    import stream_mf.store_layout as layout
+
+    doc = layout.__doc__ or ""
+    section = doc.split("Meta keys")[1].split("\n\n")[0].splitlines()[1:]
+    listed = {line.split()[0]: " ".join(line.split()[1:]) for line in section if line.strip()}
+    want = {k.key.decode(): k.value for k in layout.META.values()}
+    assert listed == want
+
+
+def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
+    """A store after batches, a flip, an unfinished mark and its clearing holds only meta keys
+    the registry lists (and no registered key is a typo nothing writes)."""
+    from stream_mf.store_layout import BATCH_LOG_PREFIX, META
+
+    batch = stream(2000)
+    with StateStore(tmp_path / "db") as store:
+        m = OnlineModel(CFG, store.load(CFG))
+        store.commit_batch(
+            m.state, m.learn(batch.slice(0, 1000)), {(TOPIC, 0): 1000}, batch.times[:1000]
+        )
+        m.state.model_version += 1
+        rows = np.arange(m.state.users.n)
+        store.flip(m.state, 1, rows, np.arange(m.state.items.n), unfinished=True)
+        written = set(raw_keys(store.cf["meta"]))
+        store.after_swap_step(m.state, rows[:3], rows[:0], last=True)
+        assert store.rebuild_unfinished() is None and store.generation() == 1
+    names = {k.decode() for k in written if not k.startswith(BATCH_LOG_PREFIX)}
+    assert names == {n for n in META if not n.startswith(BATCH_LOG_PREFIX.decode())}
+    assert any(k.startswith(BATCH_LOG_PREFIX) for k in written)

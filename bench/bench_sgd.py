@@ -31,7 +31,7 @@ from common import ROOT, Col, fmt_rate, print_table, synthetic_events, write_res
 
 from stream_mf.config import ModelConfig
 from stream_mf.model import EventBatch, OnlineModel
-from stream_mf.sgd import sgd_batch
+from stream_mf.sgd import EntityArrays, KernelBatch, SgdParams, StreamArrays, sgd_batch
 from stream_mf.sgd_reference import sgd_batch_reference
 from stream_mf.state import EntityTable, ModelState
 
@@ -60,38 +60,31 @@ class Resolved:
         return Resolved(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
 
 
-#: The kernel's state arguments, in its signature order.
-ARRAYS = "U V bias u_count u_last u_logact i_count i_last i_logpop cdf counters clock".split()  # noqa: SIM905
+PARAMS = SgdParams.from_config(CONFIG)
 
 
-def kernel_state(n_users: int, n_items: int) -> dict[str, np.ndarray]:
-    """Fresh arrays with every user `u<k>`/item `i<k>` registered at index k (seeded init)."""
+def kernel_state(n_users: int, n_items: int) -> dict[str, Any]:
+    """Fresh records with every user `u<k>`/item `i<k>` registered at index k (seeded init)."""
     st = ModelState.empty(CONFIG, capacity=max(n_users, n_items))
     st.users.add([f"u{k}" for k in range(n_users)])
     st.items.add([f"i{k}" for k in range(n_items)])
     st.sync_capacity()
     return {
-        "U": st.users.factors,
-        "V": st.items.factors,
-        "bias": st.items.bias,
-        "u_count": st.users.count,
-        "u_last": st.users.last,
-        "u_logact": st.users.logpop,
-        "i_count": st.items.count,
-        "i_last": st.items.last,
-        "i_logpop": st.items.logpop,
-        "cdf": st.cdf,
-        "counters": st.counters,
-        "clock": st.clock,
-        "n_items": np.int64(n_items),
+        "users": EntityArrays.of(st.users),
+        "items": EntityArrays.of(st.items),
+        "stream": StreamArrays(st.cdf, st.counters, st.clock),
     }
 
 
-def copy_state(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v.copy() for k, v in a.items()}
+def copy_state(a: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy: every array of every record."""
+    return {
+        k: type(r)(*(x.copy() if isinstance(x, np.ndarray) else x for x in r)) for k, r in a.items()
+    }
 
 
-#: Kernel parameters whose names differ from the ModelConfig field that feeds them.
+#: Parameters of the positional kernel (before the records) whose names differ from the
+#: ModelConfig field that feeds them; `--compare` against such a revision still works.
 CONFIG_ARGS = {
     "lr": "learning_rate",
     "n_neg": "n_negatives",
@@ -110,7 +103,7 @@ def kernel_params(fn: Callable[..., None]) -> list[str]:
 
 def run_kernel(
     fn: Callable[..., None],
-    a: dict[str, np.ndarray],
+    a: dict[str, Any],
     ev: Resolved,
     lo: int,
     hi: int,
@@ -119,25 +112,45 @@ def run_kernel(
 ) -> None:
     """One `sgd_batch`-shaped call on events [lo, hi) (fn is the kernel or its reference).
 
-    Arguments are matched to the kernel's signature by name, hyper-parameters taken from
-    CONFIG (as `OnlineModel.learn` does), so options added to sgd.py are passed here too; a
-    trailing parameter CONFIG has no field for keeps the kernel's own default.
+    Today's kernel takes records, built as `OnlineModel.learn` builds them (hyper-parameters
+    from CONFIG). A kernel from before the records (`--compare` against an older revision)
+    takes ~38 positional arguments: those are matched to its signature by name, and a trailing
+    parameter CONFIG has no field for keeps the kernel's own default.
     """
     m = hi - lo
+    batch = KernelBatch(
+        ev.users[lo:hi],
+        ev.items[lo:hi],
+        ev.weights[lo:hi],
+        ev.times[lo:hi],
+        ev.partitions[lo:hi],
+        ev.offsets[lo:hi],
+        neg[:m],
+        logw[:m],
+    )
+    names = kernel_params(fn)
+    if names[0] == "batch":
+        fn(batch, a["users"], a["items"], a["stream"], PARAMS)
+        return
+    ut, it, st = a["users"], a["items"], a["stream"]
     values: dict[str, Any] = {
-        "users": ev.users[lo:hi],
-        "items": ev.items[lo:hi],
-        "base_w": ev.weights[lo:hi],
-        "times": ev.times[lo:hi],
-        "partitions": ev.partitions[lo:hi],
-        "offsets": ev.offsets[lo:hi],
-        **{k: a[k] for k in ARRAYS},
-        "n_items": int(a["n_items"]),
-        "neg_out": neg[:m],
-        "logw_out": logw[:m],
+        **batch._asdict(),
+        "U": ut.factors,
+        "V": it.factors,
+        "bias": it.bias,
+        "u_count": ut.events,
+        "u_last": ut.last,
+        "u_logact": ut.logpop,
+        "i_count": it.events,
+        "i_last": it.last,
+        "i_logpop": it.logpop,
+        "cdf": st.cdf,
+        "counters": st.counters,
+        "clock": st.clock,
+        "n_items": it.n,
     }
     args = []
-    for p in kernel_params(fn):
+    for p in names:
         if p in values:
             args.append(values[p])
         elif hasattr(CONFIG, CONFIG_ARGS.get(p, p)):
@@ -155,7 +168,7 @@ def timed(fn: Callable[..., object], *args: Any) -> float:
 
 
 def kernel_pass(
-    a: dict[str, np.ndarray], ev: Resolved, batch: int, fn: Callable[..., None] = sgd_batch
+    a: dict[str, Any], ev: Resolved, batch: int, fn: Callable[..., None] = sgd_batch
 ) -> None:
     neg = np.empty((batch, CONFIG.n_negatives), np.int32)
     logw = np.empty(batch, np.float64)
@@ -233,8 +246,8 @@ def reference_comparison(ev: Resolved, n_users: int, n_items: int) -> dict[str, 
     k, r = out["kernel"], out["reference"]
     agree = {
         "negatives_identical": float(np.mean(k["neg"] == r["neg"])),
-        "max_abs_diff_U": float(np.abs(k["a"]["U"] - r["a"]["U"]).max()),
-        "max_abs_diff_V": float(np.abs(k["a"]["V"] - r["a"]["V"]).max()),
+        "max_abs_diff_U": float(np.abs(k["a"]["users"].factors - r["a"]["users"].factors).max()),
+        "max_abs_diff_V": float(np.abs(k["a"]["items"].factors - r["a"]["items"].factors).max()),
     }
     return {
         "slice": [lo, hi],

@@ -97,7 +97,7 @@ def prepare_kernels(work: Path) -> tuple[float, int]:
 
 
 def _live_phase(kafka: KafkaSettings, topics: TopicSettings, ports: dict[str, int]) -> None:
-    """Five seconds of live traffic stamped now: how fresh is what the query service serves?"""
+    """Step 7: five seconds of live traffic stamped now: how fresh is what queries serve?"""
     urls = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
     before = [scrape(u) for u in urls]
     conf: dict[str, Any] = {"linger.ms": 5}
@@ -149,8 +149,43 @@ def run_demo(serve: bool = False, users: tuple[str, ...] = ("1", "414", "599")) 
 
 
 def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
+    """The demo's steps in order; the processes are stopped whatever step fails."""
     topics = TopicSettings()
     binary = tansu_binary()  # before compiling: without the embedded extra, say so at once
+    _compile_kernels(work)
+    procs: list[ManagedProcess] = []
+    with EmbeddedBroker(binary=binary) as broker:
+        boot = broker.bootstrap_servers
+        # one partition of interactions: a replay of history must reach the learner in time
+        # order (the stream clock and its decay assume partitions advance together); two of
+        # rec-requests, one per query process
+        create_topics(boot, product_topics(2, topics, interactions=1))
+        ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
+        try:
+            _start_processes(procs, work, boot, ports)
+            print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")
+            kafka = KafkaSettings(bootstrap_servers=boot)
+            sent, t0 = _replay(kafka, topics)
+            print(f"replayed {sent:,} MovieLens ratings in {time.monotonic() - t0:.1f}s")
+            _wait_until_learned(ports, sent, t0)
+            _print_live_quality(ports)
+            _print_answers(kafka, topics, users)
+            _live_phase(kafka, topics, ports)
+            print("\nmetrics:")
+            for name, port in ports.items():
+                print(f"  {name:<8} http://127.0.0.1:{port}/metrics")
+            if serve:
+                _serve(boot, procs)
+        except Exception:
+            _report_early_exits(procs)
+            raise
+        finally:
+            _shutdown(procs)
+    return 0
+
+
+def _compile_kernels(work: Path) -> None:
+    """Step 1: compile or load the numba kernels, saying which and how long it took."""
     print(
         "compiling kernels… (numba; the first run compiles them, about half a minute on two "
         "cores; later runs load them from its cache)",
@@ -161,126 +196,138 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
         print(f"compiled {compiled} kernels in {took:.1f}s (cached for the next run)")
     else:
         print(f"kernels loaded from numba's cache in {took:.1f}s")
-    procs: list[ManagedProcess] = []
-    with EmbeddedBroker(binary=binary) as broker:
-        boot = broker.bootstrap_servers
-        # one partition of interactions: a replay of history must reach the learner in time
-        # order (the stream clock and its decay assume partitions advance together); two of
-        # rec-requests, one per query process
-        create_topics(boot, product_topics(2, topics, interactions=1))
-        ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
-        common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
-        # their temporary files too (a query process's RocksDB secondary instance)
-        scratch = {"TMPDIR": str(work)}
-        try:
-            procs.append(
-                ManagedProcess(
-                    "updater",
-                    ["updater", *common, "--metrics-port", str(ports["updater"])],
-                    work,
-                    # score 5% of the replay test-then-learn, to compare with the offline figure
-                    env={
-                        "STREAM_MF_LIVE_EVAL_RATE": "0.05",
-                        "STREAM_MF_LIVE_EVAL_MAX_PER_BATCH": "1000",
-                        **scratch,
-                    },
-                ).start()
+
+
+def _start_processes(
+    procs: list[ManagedProcess], work: Path, boot: str, ports: dict[str, int]
+) -> None:
+    """Step 2: the updater and two query processes, each added to `procs` as soon as it runs
+    (so a failure starting the next still stops the ones before it)."""
+    common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
+    # their temporary files too (a query process's RocksDB secondary instance)
+    scratch = {"TMPDIR": str(work)}
+    procs.append(
+        ManagedProcess(
+            "updater",
+            ["updater", *common, "--metrics-port", str(ports["updater"])],
+            work,
+            # score 5% of the replay test-then-learn, to compare with the offline figure
+            env={
+                "STREAM_MF_LIVE_EVAL_RATE": "0.05",
+                "STREAM_MF_LIVE_EVAL_MAX_PER_BATCH": "1000",
+                **scratch,
+            },
+        ).start()
+    )
+    for q in ("query-1", "query-2"):
+        procs.append(
+            ManagedProcess(
+                q, ["query", *common, "--metrics-port", str(ports[q])], work, env=scratch
+            ).start()
+        )
+
+
+def _replay(kafka: KafkaSettings, topics: TopicSettings) -> tuple[int, float]:
+    """Step 3: publish the MovieLens ratings in time order. Returns how many were sent and when
+    (monotonic clock) publishing began, after the file was read."""
+    events = read_events(RATINGS, ColumnSpec()).sorted_by_time()
+    payloads = event_payloads(events, "shift")
+    t0 = time.monotonic()
+    producer = kafka_io.ordered_producer(kafka)
+    try:
+        return publish(producer, topics.interactions, payloads), t0
+    finally:
+        kafka_io.close_producer(producer)
+
+
+def _wait_until_learned(ports: dict[str, int], sent: int, t0: float) -> None:
+    """Step 4: wait for the updater to apply the replay (progress bar), then for each query
+    process to load the model it wrote, so the answers below come from the whole replay."""
+    url = f"http://127.0.0.1:{ports['updater']}/metrics"
+    bar = tqdm(total=sent, unit="ev", desc="learned")
+
+    def caught_up() -> bool:
+        m = scrape(url)  # written to the store: applied or dead-lettered, not just read
+        done = metric_sum(m, "stream_mf_events_applied_total") + metric_sum(
+            m, "stream_mf_events_dead_lettered_total"
+        )
+        bar.update(int(done) - bar.n)
+        return done >= sent
+
+    wait_until(caught_up, 90, 0.2, "the updater to apply the replay")
+    bar.close()
+    print(f"updater applied everything {time.monotonic() - t0:.1f}s after the replay began")
+    applied = metric_sum(scrape(url), "stream_mf_events_applied_total")
+    for q in ("query-1", "query-2"):
+        q_url = f"http://127.0.0.1:{ports[q]}/metrics"
+
+        def loaded(u: str = q_url) -> bool:
+            return metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
+
+        wait_until(loaded, 30, 0.1, f"{q} to load the model")
+
+
+def _print_live_quality(ports: dict[str, int]) -> None:
+    """Step 5: the updater's live HR@10 over the replay, beside the offline figure."""
+    m = scrape(f"http://127.0.0.1:{ports['updater']}/metrics")
+    scored = metric_sum(m, "stream_mf_live_eval_events_total")
+    if scored:
+        hr = metric_sum(m, "stream_mf_live_eval_hits_total") / scored
+        offline = _offline_recall()
+        ref = f" (offline prequential, same model: {offline:.4f})" if offline else ""
+        print(
+            f"live HR@10 on {int(scored):,} sampled events (weighted), test-then-learn: "
+            f"{hr:.4f}{ref}"
+        )
+
+
+def _print_answers(kafka: KafkaSettings, topics: TopicSettings, users: tuple[str, ...]) -> None:
+    """Step 6: ask the query service as a client would, and print the answers with titles."""
+    titles = load_titles()
+    client = RecClient(kafka, topics.requests, topics.responses)
+    try:
+        for user in users:
+            resp = client.ask({"user_id": user, "k": 10})
+            print()
+            print(format_response(resp, titles))
+            if resp.items:
+                why = client.ask(
+                    {"kind": "because", "user_id": user, "item_id": resp.items[0].item_id, "k": 3}
+                )
+                names = ", ".join(titles.get(i.item_id, i.item_id) for i in why.items)
+                print(f"     because you watched: {names}")
+        print()
+        print(
+            format_response(client.ask({"kind": "similar_items", "item_id": "1"}), titles).replace(
+                "similar_items", "similar to Toy Story (1995)"
             )
-            for q in ("query-1", "query-2"):
-                procs.append(
-                    ManagedProcess(
-                        q, ["query", *common, "--metrics-port", str(ports[q])], work, env=scratch
-                    ).start()
-                )
-            print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")
-            events = read_events(RATINGS, ColumnSpec()).sorted_by_time()
-            payloads = event_payloads(events, "shift")
-            kafka = KafkaSettings(bootstrap_servers=boot)
-            t0 = time.monotonic()
-            producer = kafka_io.ordered_producer(kafka)
-            try:
-                sent = publish(producer, topics.interactions, payloads)
-            finally:
-                kafka_io.close_producer(producer)
-            print(f"replayed {sent:,} MovieLens ratings in {time.monotonic() - t0:.1f}s")
-            url = f"http://127.0.0.1:{ports['updater']}/metrics"
-            bar = tqdm(total=sent, unit="ev", desc="learned")
+        )
+        print()
+        print(format_response(client.ask({"user_id": "new-visitor", "k": 5}), titles))
+    finally:
+        client.close()
 
-            def caught_up() -> bool:
-                m = scrape(url)  # written to the store: applied or dead-lettered, not just read
-                done = metric_sum(m, "stream_mf_events_applied_total") + metric_sum(
-                    m, "stream_mf_events_dead_lettered_total"
-                )
-                bar.update(int(done) - bar.n)
-                return done >= sent
 
-            wait_until(caught_up, 90, 0.2, "the updater to apply the replay")
-            bar.close()
-            print(f"updater applied everything {time.monotonic() - t0:.1f}s after the replay began")
-            applied = metric_sum(scrape(url), "stream_mf_events_applied_total")
-            for q in ("query-1", "query-2"):  # answers below come from the whole replay
-                q_url = f"http://127.0.0.1:{ports[q]}/metrics"
+def _report_early_exits(procs: list[ManagedProcess]) -> None:
+    """On a failure: the log tail of any process that died, the likeliest cause."""
+    for p in procs:
+        if not p.alive():
+            print(f"--- {p.name} exited early; log tail:\n{p.log_tail()}", file=sys.stderr)
 
-                def loaded(u: str = q_url) -> bool:
-                    return metric_sum(scrape(u), "stream_mf_model_events_applied") >= applied
 
-                wait_until(loaded, 30, 0.1, f"{q} to load the model")
-            m = scrape(url)
-            scored = metric_sum(m, "stream_mf_live_eval_events_total")
-            if scored:
-                hr = metric_sum(m, "stream_mf_live_eval_hits_total") / scored
-                offline = _offline_recall()
-                ref = f" (offline prequential, same model: {offline:.4f})" if offline else ""
-                print(
-                    f"live HR@10 on {int(scored):,} sampled events (weighted), test-then-learn: "
-                    f"{hr:.4f}{ref}"
-                )
-            titles = load_titles()
-            client = RecClient(kafka, topics.requests, topics.responses)
-            try:
-                for user in users:
-                    resp = client.ask({"user_id": user, "k": 10})
-                    print()
-                    print(format_response(resp, titles))
-                    if resp.items:
-                        why = client.ask(
-                            {
-                                "kind": "because",
-                                "user_id": user,
-                                "item_id": resp.items[0].item_id,
-                                "k": 3,
-                            }
-                        )
-                        names = ", ".join(titles.get(i.item_id, i.item_id) for i in why.items)
-                        print(f"     because you watched: {names}")
-                print()
-                print(
-                    format_response(
-                        client.ask({"kind": "similar_items", "item_id": "1"}), titles
-                    ).replace("similar_items", "similar to Toy Story (1995)")
-                )
-                print()
-                print(format_response(client.ask({"user_id": "new-visitor", "k": 5}), titles))
-            finally:
-                client.close()
-            _live_phase(kafka, topics, ports)
-            print("\nmetrics:")
-            for name, port in ports.items():
-                print(f"  {name:<8} http://127.0.0.1:{port}/metrics")
-            if serve:
-                print(
-                    f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
-                    f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop."
-                )
-                stop = kafka_io.StopFlag().install()
-                while not stop and all(p.alive() for p in procs):
-                    time.sleep(0.5)
-        except Exception:
-            for p in procs:
-                if not p.alive():
-                    print(f"--- {p.name} exited early; log tail:\n{p.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            codes = {p.name: p.stop() for p in procs}
-            print(f"stopped: {codes}")
-    return 0
+def _shutdown(procs: list[ManagedProcess]) -> None:
+    """Last step, whatever happened: stop every process by PID (the broker stops after this,
+    when its context exits) and print their exit codes."""
+    codes = {p.name: p.stop() for p in procs}
+    print(f"stopped: {codes}")
+
+
+def _serve(boot: str, procs: list[ManagedProcess]) -> None:
+    """Step 8 (with --serve): keep everything up until Ctrl-C or a process exits."""
+    print(
+        f"\nserving; try: stream-mf recommend 414 --bootstrap-servers {boot} "
+        f"--catalog {DEFAULT_CATALOG}\nCtrl-C to stop."
+    )
+    stop = kafka_io.StopFlag().install()
+    while not stop and all(p.alive() for p in procs):
+        time.sleep(0.5)

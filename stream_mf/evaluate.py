@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,8 +23,8 @@ from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
 from stream_mf.rebuild_scheduler import RebuildScheduler
+from stream_mf.scoring import score_event, top_unseen
 from stream_mf.state import confidence_items
-from stream_mf.topk import top_k
 
 
 class PrequentialLearner(Protocol):
@@ -33,6 +33,8 @@ class PrequentialLearner(Protocol):
     def user_index(self, user_id: str) -> int: ...
 
     def item_index(self, item_id: str) -> int: ...
+
+    def scores(self, user: int) -> np.ndarray: ...
 
     def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray: ...
 
@@ -56,16 +58,21 @@ class _ModelLearner:
     def learn(self, batch: EventBatch) -> None:
         self.model.learn(batch)
 
+    def scores(self, user: int) -> np.ndarray:
+        """A fresh score per item for `user` (callers may overwrite it)."""
+        raise NotImplementedError
+
+    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+        return top_unseen(self.scores(user), exclude, k)
+
 
 class SGDLearner(_ModelLearner):
     name = "sgd"
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
         n = items.n
-        scores = items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+        return items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
 
 
 class PopularLearner(_ModelLearner):
@@ -76,11 +83,9 @@ class PopularLearner(_ModelLearner):
     def __init__(self, config: ModelConfig):
         super().__init__(config.model_copy(update={"dim": 1, "n_negatives": 0}))
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
-        scores = items.logpop[: items.n].copy()
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+        return items.logpop[: items.n].copy()
 
 
 def _fit_als(
@@ -117,6 +122,20 @@ def _fit_als(
     return U, V
 
 
+def refit_pieces(batch: EventBatch, seen: int, every: int) -> Iterator[tuple[EventBatch, bool]]:
+    """`batch` cut where a refit is due, after the first event ever and then every `every`
+    events, each piece with whether a refit follows it. Refits then land on the same events
+    however the stream was cut into batches (one event at a time, as `prequential` feeds it, or
+    in bulk), so a model's answers do not depend on the batching."""
+    lo, n = 0, len(batch)
+    while lo < n:
+        done = seen + lo
+        due = 1 if done == 0 else (done // every + 1) * every
+        hi = min(n, due - seen)
+        yield batch.slice(lo, hi), seen + hi == due
+        lo = hi
+
+
 def _grow(a: np.ndarray, n: int, dim: int, seed: int) -> np.ndarray:
     if a.shape[0] >= n:
         return a[:n]
@@ -149,6 +168,10 @@ class ALSLearner(_ModelLearner):
         self.seen_events = 0
 
     def learn(self, batch: EventBatch) -> None:
+        for piece, refit in refit_pieces(batch, self.seen_events, self.refit_every):
+            self._learn(piece, refit)
+
+    def _learn(self, batch: EventBatch, refit: bool) -> None:
         delta = self.model.learn(batch)
         n_items = self.V.shape[0]
         for key, val in zip(delta.pair_keys.tolist(), delta.pair_values.tolist(), strict=True):
@@ -160,7 +183,7 @@ class ALSLearner(_ModelLearner):
             if st is not None and i < n_items:
                 self._update(st, i, old, val)
         self.seen_events += len(batch)
-        if self.seen_events % self.refit_every == 0 or n_items == 0:
+        if refit:
             self.U, self.V = _fit_als(self.model, self.U, self.V, self.rcfg)
             v = self.V.astype(np.float64)
             self.gram = v.T @ v
@@ -206,11 +229,8 @@ class ALSLearner(_ModelLearner):
         a = self.gram + scale * M + self.rcfg.reg * np.eye(M.shape[0])
         return np.linalg.solve(a, s + scale * m).astype(np.float32)
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
-        scores = self.V @ self.user_vector(user)
-        exclude = exclude[exclude < scores.shape[0]]
-        scores[exclude] = -np.inf
-        return top_k(scores, k)[0]
+    def scores(self, user: int) -> np.ndarray:
+        return self.V @ self.user_vector(user)
 
 
 class HybridLearner(SGDLearner):
@@ -374,7 +394,6 @@ def prequential(
     outcomes = np.full(len(events), -1, np.int8) if keep_outcomes else None
     seen: dict[int, set[int]] = {}
     seen_list: dict[int, list[int]] = {}
-    discounts = 1.0 / np.log2(np.arange(k) + 2.0)
     w_hits, w_ndcg, w_n = 0, 0.0, 0
     empty = np.empty(0, np.int64)
     start = time.perf_counter()
@@ -388,17 +407,16 @@ def prequential(
             if mine is None or item not in mine:
                 lst = seen_list.get(u)
                 exclude = np.asarray(lst, np.int64) if lst else empty
-                recs = learner.recommend(u, k, exclude)
-                hit = np.flatnonzero(recs == item) if item >= 0 else empty
+                scored = score_event(learner.scores(u), item, exclude, k)
                 res.evaluated += 1
                 w_n += 1
                 if outcomes is not None:
-                    outcomes[e] = 1 if hit.size else 0
-                if hit.size:
+                    outcomes[e] = 1 if scored.hit else 0
+                if scored.hit:
                     res.hits += 1
-                    res.ndcg_sum += discounts[hit[0]]
+                    res.ndcg_sum += scored.ndcg
                     w_hits += 1
-                    w_ndcg += discounts[hit[0]]
+                    w_ndcg += scored.ndcg
                 if w_n == window:
                     res.windows.append(
                         {"event": e + 1, "recall_at_k": w_hits / w_n, "ndcg_at_k": w_ndcg / w_n}

@@ -1,9 +1,10 @@
 """Live quality: score a sample of incoming events test-then-learn, as the stream arrives.
 
-The same measure as the offline prequential evaluation, on today's traffic: a sampled event is
-scored (is its item in the user's top-K, excluding what the user already has?) after every event
-before it and before itself is learned. The batch is learned in pieces around the sampled events,
-which changes nothing else: the learner gives bit-identical state however a batch is cut.
+The same measure as the offline prequential evaluation (the same scorer, `scoring.score_event`),
+on today's traffic: a sampled event is scored (is its item in the user's top-K, excluding what the
+user already has?) after every event before it and before itself is learned. The batch is learned
+in pieces around the sampled events, which changes nothing else: the learner gives bit-identical
+state however a batch is cut.
 
 A cap on the events scored per batch bounds the cost of large batches; each scored event then
 stands for `picked / kept` sampled events of its batch (its weight), so backlogs (large batches)
@@ -20,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 
 from stream_mf.model import EventBatch
+from stream_mf.scoring import score_event
 from stream_mf.state import ModelState
-from stream_mf.topk import top_k
 
 
 def sampled(partitions: np.ndarray, offsets: np.ndarray, rate: float) -> np.ndarray:
@@ -41,7 +42,6 @@ class LiveEvaluator:
         self.rate = rate
         self.k = k
         self.max_per_batch = max_per_batch
-        self.discounts = 1.0 / np.log2(np.arange(k) + 2.0)
         self.recent: deque[tuple[float, float, float]] = deque(maxlen=window)
         self.scored = 0.0  # weighted (see the module docstring), like hits and ndcg
         self.hits = 0.0
@@ -83,11 +83,7 @@ class LiveEvaluator:
         items = state.items
         n = items.n
         scores = items.factors[:n] @ state.users.factors[u] + items.bias[:n]
-        scores[mine[mine < n]] = -np.inf
-        recs = top_k(scores, self.k)[0]
-        where = np.flatnonzero(recs == item) if item >= 0 else np.empty(0, np.int64)
-        hit = bool(where.size)
-        gain = float(self.discounts[where[0]]) if hit else 0.0
+        hit, gain = score_event(scores, item, mine, self.k)
         w = self.weight
         self.scored += w
         self.hits += w * hit

@@ -14,7 +14,16 @@ from numba import njit
 
 from stream_mf.arrays import unique_rows, unique_sorted
 from stream_mf.config import ModelConfig
-from stream_mf.sgd import NEG_INF, REBUILDS, logaddexp, sgd_batch
+from stream_mf.sgd import (
+    NEG_INF,
+    Counter,
+    EntityArrays,
+    KernelBatch,
+    SgdParams,
+    StreamArrays,
+    logaddexp,
+    sgd_batch,
+)
 from stream_mf.state import ModelState
 
 
@@ -138,6 +147,15 @@ class OnlineModel:
     def __init__(self, config: ModelConfig | None = None, state: ModelState | None = None):
         self.config = config or (state.config if state else ModelConfig())
         self.state = state or ModelState.empty(self.config)
+        self._params = SgdParams.from_config(self.config)
+        self._params_of = self.config
+
+    @property
+    def params(self) -> SgdParams:
+        """The kernel's hyper-parameters, rebuilt only if `config` was replaced."""
+        if self._params_of is not self.config:
+            self._params, self._params_of = SgdParams.from_config(self.config), self.config
+        return self._params
 
     def learn(self, batch: EventBatch) -> BatchDelta:
         st, c = self.state, self.config
@@ -148,19 +166,24 @@ class OnlineModel:
         st.sync_capacity()
         neg = np.empty((n, c.n_negatives), dtype=np.int32)
         logw = np.empty(n, dtype=np.float64)
-        rebuilds = int(st.counters[REBUILDS])
+        rebuilds = int(st.counters[Counter.REBUILDS])
         if n:
             sgd_batch(
-                users, items, batch.weights, batch.times, batch.partitions, batch.offsets,
-                st.users.factors, st.items.factors, st.items.bias,
-                st.users.count, st.users.last, st.users.logpop,
-                st.items.count, st.items.last, st.items.logpop,
-                st.cdf, st.counters, st.clock, st.items.n, neg, logw,
-                c.learning_rate, c.reg, c.reg_bias, c.n_negatives, c.negative_exponent,
-                c.negative_weight, c.decay_rate, c.loss_code, c.seed, c.sampler_refresh,
-                c.n_candidates, c.n_steps, c.lr_user, c.lr_bias, c.max_norm, c.uniform_mix,
-                c.bias_uniform,
-            )  # fmt: skip
+                KernelBatch(
+                    users,
+                    items,
+                    batch.weights,
+                    batch.times,
+                    batch.partitions,
+                    batch.offsets,
+                    neg,
+                    logw,
+                ),
+                EntityArrays.of(st.users),
+                EntityArrays.of(st.items),
+                StreamArrays(st.cdf, st.counters, st.clock),
+                self.params,
+            )
         keys = (users.astype(np.int64) << 32) | items.astype(np.int64)
         ukeys = np.empty(n, dtype=np.int64)
         values = np.empty(n, dtype=np.float64)
@@ -175,7 +198,7 @@ class OnlineModel:
             new_items=(i0, st.items.n),
             pair_keys=ukeys[:m],
             pair_values=values[:m],
-            sampler_rebuilt=int(st.counters[REBUILDS]) != rebuilds,
+            sampler_rebuilt=int(st.counters[Counter.REBUILDS]) != rebuilds,
             events=n,
         )
 

@@ -62,9 +62,9 @@ from stream_mf.als import CSR, als_fit, confidence_matrix, gramian, solve_rows
 from stream_mf.arrays import unique_sorted
 from stream_mf.model import BatchDelta
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
+from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items, new_confidence_map
 from stream_mf.store_layout import BLOCK_ROWS
-from stream_mf.topk import top_k
 from stream_mf.writes import AfterSwapStep, ClearUnfinished, Flip, Write
 
 log = logging.getLogger(__name__)
@@ -541,10 +541,8 @@ class Rebuild:
                 continue
             old = live_v @ state.users.factors[u] + live_b
             new = self.V @ self.U[u]
-            old[mine] = -np.inf
-            new[mine] = -np.inf
-            self.hits_old += int(np.any(top_k(old, k)[0] == i))
-            self.hits_new += int(np.any(top_k(new, k)[0] == i))
+            self.hits_old += int(score_event(old, i, mine, k).hit)
+            self.hits_new += int(score_event(new, i, mine, k).hit)
             self.scored += 1
 
     def step(self, state: ModelState) -> RebuildStep:

@@ -29,18 +29,29 @@ binary search), which pays for the second draw.
 from __future__ import annotations
 
 import math
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 from numba import njit
 
 from stream_mf.rng import next_uniform, stream_seed
 
-# counters[] slots (int64), persisted with the model
-EVENTS = 0  # events applied so far
-NEXT_REFRESH = 1  # event count at which the sampler is rebuilt next
-CDF_LEN = 2  # items covered by the sampler's cumulative table
-REBUILDS = 3  # how many times the sampler was rebuilt (persist the table when this changes)
-N_COUNTERS = 4
+if TYPE_CHECKING:
+    from stream_mf.config import ModelConfig
+
+
+class Counter(IntEnum):
+    """Slots of the int64 `StreamArrays.counters` array (persisted with the model as raw bytes,
+    so a slot's index is part of the store's format: append, never renumber)."""
+
+    EVENTS = 0  # events applied so far
+    NEXT_REFRESH = 1  # event count at which the sampler is rebuilt next
+    CDF_LEN = 2  # items covered by the sampler's cumulative table
+    REBUILDS = 3  # how many times the sampler was rebuilt (persist the table when this changes)
+
+
+N_COUNTERS = len(Counter)
 
 LOSS_LOGISTIC = 0
 LOSS_BPR = 1
@@ -48,6 +59,106 @@ MAX_NEG_TRIES = 8
 NEG_INF = -np.inf
 #: fastmath without the no-NaN/no-inf assumptions: a diverging model must show as NaN, not UB.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+# ---- the kernel's records --------------------------------------------------------------------
+# NamedTuples: numba takes them as heterogeneous tuples (attribute access is resolved at compile
+# time, so a field costs what a positional argument did), they cache with `cache=True`, and the
+# numpy twin reads the same fields. Every field has one fixed type (the `of`/`from_config`
+# builders cast), so a call never compiles a second specialisation.
+
+
+class SgdParams(NamedTuple):
+    """Hyper-parameters, scalars only (built from a `ModelConfig` by `from_config`)."""
+
+    lr: float
+    reg: float
+    reg_bias: float
+    n_neg: int
+    neg_exponent: float
+    neg_weight: float
+    decay_rate: float
+    loss: int  # LOSS_LOGISTIC or LOSS_BPR
+    seed: int
+    refresh: int  # events between sampler rebuilds, once past the doubling start
+    n_candidates: int  # draws per negative slot; the highest-scoring one is used
+    n_steps: int  # SGD steps per event
+    lr_user: float  # user learning rate as a multiple of `lr`
+    lr_bias: float  # bias learning rate as a multiple of `lr`
+    max_norm: float  # rows updated are scaled back to this norm (0: no cap)
+    uniform_mix: float  # share of draws uniform over seen items, not from the cdf
+    bias_uniform: bool  # biases learn only from uniformly drawn negatives
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> SgdParams:
+        return cls(
+            lr=float(c.learning_rate),
+            reg=float(c.reg),
+            reg_bias=float(c.reg_bias),
+            n_neg=int(c.n_negatives),
+            neg_exponent=float(c.negative_exponent),
+            neg_weight=float(c.negative_weight),
+            decay_rate=float(c.decay_rate),
+            loss=int(c.loss_code),
+            seed=int(c.seed),
+            refresh=int(c.sampler_refresh),
+            n_candidates=int(c.n_candidates),
+            n_steps=int(c.n_steps),
+            lr_user=float(c.lr_user),
+            lr_bias=float(c.lr_bias),
+            max_norm=float(c.max_norm),
+            uniform_mix=float(c.uniform_mix),
+            bias_uniform=bool(c.bias_uniform),
+        )
+
+
+class _Table(Protocol):
+    """What `EntityArrays.of` reads (an `EntityTable`; sgd.py cannot import state.py)."""
+
+    factors: np.ndarray
+    bias: np.ndarray
+    count: np.ndarray
+    last: np.ndarray
+    logpop: np.ndarray
+
+    @property
+    def n(self) -> int: ...
+
+
+class EntityArrays(NamedTuple):
+    """One entity table's rows (users or items), sized to its capacity; `n` rows are in use."""
+
+    factors: np.ndarray  # float32[capacity, dim]
+    bias: np.ndarray  # float32[capacity] (the kernel learns item biases only)
+    events: np.ndarray  # int64[capacity] events seen (`EntityTable.count`; `count` is tuple's)
+    last: np.ndarray  # float64[capacity] newest event time
+    logpop: np.ndarray  # float64[capacity] log decayed activity, anchored at t=0
+    n: int
+
+    @classmethod
+    def of(cls, t: _Table) -> EntityArrays:
+        return cls(t.factors, t.bias, t.count, t.last, t.logpop, int(t.n))
+
+
+class StreamArrays(NamedTuple):
+    """What the whole stream builds up besides the tables."""
+
+    cdf: np.ndarray  # float64[3, item capacity]: cumulative weights, alias prob, alias index
+    counters: np.ndarray  # int64[N_COUNTERS], indexed by `Counter`
+    clock: np.ndarray  # float64[1] newest event time seen
+
+
+class KernelBatch(NamedTuple):
+    """A micro-batch as dense indices, and the per-event results the kernel writes back."""
+
+    users: np.ndarray  # int32[n]
+    items: np.ndarray  # int32[n]
+    base_w: np.ndarray  # float64[n] type weight (x value)
+    times: np.ndarray  # float64[n] epoch seconds
+    partitions: np.ndarray  # int32[n]
+    offsets: np.ndarray  # int64[n]
+    neg_out: np.ndarray  # int32[n, n_neg] out: negatives drawn (-1 where none was)
+    logw_out: np.ndarray  # float64[n] out: log(base_w) + t * decay_rate
 
 
 @njit(cache=True, inline="always")
@@ -165,48 +276,55 @@ def _clip_norm(A: np.ndarray, r: int, sq: float, max_norm: float) -> None:
             A[r, f] *= k
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def sgd_batch(
-    users: np.ndarray,  # int32[n]
-    items: np.ndarray,  # int32[n]
-    base_w: np.ndarray,  # float64[n] type weight (x value)
-    times: np.ndarray,  # float64[n] epoch seconds
-    partitions: np.ndarray,  # int32[n]
-    offsets: np.ndarray,  # int64[n]
-    U: np.ndarray,  # float32[users, dim]
-    V: np.ndarray,  # float32[items, dim]
-    bias: np.ndarray,  # float32[items]
-    u_count: np.ndarray,  # int64
-    u_last: np.ndarray,  # float64
-    u_logact: np.ndarray,  # float64, log of decayed activity anchored at t=0
-    i_count: np.ndarray,
-    i_last: np.ndarray,
-    i_logpop: np.ndarray,
-    cdf: np.ndarray,  # float64[3, items capacity]: cumulative weights, alias prob, alias index
-    counters: np.ndarray,  # int64[N_COUNTERS]
-    clock: np.ndarray,  # float64[1] newest event time seen
-    n_items: int,
-    neg_out: np.ndarray,  # int32[n, n_neg]  (-1 where no negative was drawn)
-    logw_out: np.ndarray,  # float64[n] log(base_w) + t * decay_rate
-    lr: float,
-    reg: float,
-    reg_bias: float,
-    n_neg: int,
-    neg_exponent: float,
-    neg_weight: float,
-    decay_rate: float,
-    loss: int,
-    seed: int,
-    refresh: int,
-    n_candidates: int = 1,  # draws per negative slot; the highest-scoring one is used
-    n_steps: int = 1,  # SGD steps per event
-    lr_user: float = 1.0,  # user learning rate as a multiple of `lr`
-    lr_bias: float = 1.0,  # bias learning rate as a multiple of `lr`
-    max_norm: float = 0.0,  # rows updated are scaled back to this norm (0: no cap)
-    uniform_mix: float = 0.0,  # share of draws uniform over seen items, not from the cdf
-    bias_uniform: bool = False,  # biases learn only from uniformly drawn negatives
+    batch: KernelBatch,
+    user_t: EntityArrays,
+    item_t: EntityArrays,
+    stream: StreamArrays,
+    p: SgdParams,
 ) -> None:
-    """The trailing arguments default to the plain algorithm, so older callers are unchanged."""
+    """Apply `batch` in order: sampler schedule, negatives, counters, then `p.n_steps` steps.
+
+    The records reach the compiled kernel as plain tuples: numba's dispatcher fingerprints a
+    plain tuple in C, but a NamedTuple with its class and field names, on every call (8 us a
+    call against 2 us for the old positional arguments; 4 us this way, what a one-event batch
+    notices)."""
+    _sgd_kernel(tuple(batch), tuple(user_t), tuple(item_t), tuple(stream), tuple(p))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
+def _sgd_kernel(
+    batch: tuple[Any, ...],
+    user_t: tuple[Any, ...],
+    item_t: tuple[Any, ...],
+    stream: tuple[Any, ...],
+    p: tuple[Any, ...],
+) -> None:
+    """`sgd_batch` on its records as plain tuples, unpacked in their fields' order (a field
+    moved in a record and not here fails numba's typing or the twin test)."""
+    users, items, base_w, times, partitions, offsets, neg_out, logw_out = batch
+    U, _u_bias, u_count, u_last, u_logact, _n_users = user_t
+    V, bias, i_count, i_last, i_logpop, n_items = item_t
+    cdf, counters, clock = stream
+    (
+        lr,
+        reg,
+        reg_bias,
+        n_neg,
+        neg_exponent,
+        neg_weight,
+        decay_rate,
+        loss,
+        seed,
+        refresh,
+        n_candidates,
+        n_steps,
+        lr_user,
+        lr_bias,
+        max_norm,
+        uniform_mix,
+        bias_uniform,
+    ) = p
     dim = U.shape[1]
     u_old = np.empty(dim, dtype=np.float32)
     grad_u = np.empty(dim, dtype=np.float32)
@@ -218,11 +336,11 @@ def sgd_batch(
     lr_b = lr * lr_bias
     for e in range(users.shape[0]):
         # sampler schedule: rebuilt after 1, 2, 4, ... events, then every `refresh`
-        done = counters[EVENTS]
-        if done >= counters[NEXT_REFRESH]:
-            counters[CDF_LEN] = rebuild_cdf(cdf, i_logpop, n_items, neg_exponent)
-            counters[REBUILDS] += 1
-            counters[NEXT_REFRESH] = done + min(max(done, 1), refresh)
+        done = counters[Counter.EVENTS]
+        if done >= counters[Counter.NEXT_REFRESH]:
+            counters[Counter.CDF_LEN] = rebuild_cdf(cdf, i_logpop, n_items, neg_exponent)
+            counters[Counter.REBUILDS] += 1
+            counters[Counter.NEXT_REFRESH] = done + min(max(done, 1), refresh)
 
         u = users[e]
         i = items[e]
@@ -239,7 +357,7 @@ def sgd_batch(
         for f in range(dim):
             u_old[f] = U[u, f]
         s = stream_seed(seed, partitions[e], offsets[e])
-        ncdf = counters[CDF_LEN]
+        ncdf = counters[Counter.CDF_LEN]
         can_draw = ncdf > 0 and cdf[0, ncdf - 1] > 0.0
         for j in range(n_neg):
             best = -1
@@ -283,7 +401,7 @@ def sgd_batch(
         if t > i_last[i]:
             i_last[i] = t
         i_logpop[i] = logaddexp(i_logpop[i], lw)
-        counters[EVENTS] += 1
+        counters[Counter.EVENTS] += 1
 
         for step in range(n_steps):
             # scores use the vectors as they were before this step

@@ -7,7 +7,15 @@ import math
 import numpy as np
 
 from stream_mf.rng import py_next_uniform, py_stream_seed
-from stream_mf.sgd import CDF_LEN, EVENTS, LOSS_LOGISTIC, MAX_NEG_TRIES, NEXT_REFRESH, REBUILDS
+from stream_mf.sgd import (
+    LOSS_LOGISTIC,
+    MAX_NEG_TRIES,
+    Counter,
+    EntityArrays,
+    KernelBatch,
+    SgdParams,
+    StreamArrays,
+)
 
 
 def _sigmoid(x: float) -> float:
@@ -64,66 +72,45 @@ def _clip(A: np.ndarray, r: int, max_norm: float) -> None:
 
 
 def sgd_batch_reference(
-    users: np.ndarray,
-    items: np.ndarray,
-    base_w: np.ndarray,
-    times: np.ndarray,
-    partitions: np.ndarray,
-    offsets: np.ndarray,
-    U: np.ndarray,
-    V: np.ndarray,
-    bias: np.ndarray,
-    u_count: np.ndarray,
-    u_last: np.ndarray,
-    u_logact: np.ndarray,
-    i_count: np.ndarray,
-    i_last: np.ndarray,
-    i_logpop: np.ndarray,
-    cdf: np.ndarray,
-    counters: np.ndarray,
-    clock: np.ndarray,
-    n_items: int,
-    neg_out: np.ndarray,
-    logw_out: np.ndarray,
-    lr: float,
-    reg: float,
-    reg_bias: float,
-    n_neg: int,
-    neg_exponent: float,
-    neg_weight: float,
-    decay_rate: float,
-    loss: int,
-    seed: int,
-    refresh: int,
-    n_candidates: int = 1,
-    n_steps: int = 1,
-    lr_user: float = 1.0,
-    lr_bias: float = 1.0,
-    max_norm: float = 0.0,
-    uniform_mix: float = 0.0,
-    bias_uniform: bool = False,
+    batch: KernelBatch,
+    user_t: EntityArrays,
+    item_t: EntityArrays,
+    stream: StreamArrays,
+    p: SgdParams,
 ) -> None:
-    """Same signature and effects as `sgd_batch`."""
+    """Same records and effects as `sgd_batch`."""
+    users, items, base_w, times, partitions, offsets, neg_out, logw_out = batch
+    U, u_count, u_last, u_logact = user_t.factors, user_t.events, user_t.last, user_t.logpop
+    V, bias, i_count, i_last, i_logpop = (
+        item_t.factors,
+        item_t.bias,
+        item_t.events,
+        item_t.last,
+        item_t.logpop,
+    )
+    cdf, counters, clock = stream
+    lr, reg, reg_bias, n_neg = p.lr, p.reg, p.reg_bias, p.n_neg
+    uniform_mix, bias_uniform, max_norm = p.uniform_mix, p.bias_uniform, p.max_norm
     for e in range(len(users)):
-        done = int(counters[EVENTS])
-        if done >= counters[NEXT_REFRESH]:
-            counters[CDF_LEN] = _rebuild_cdf(cdf, i_logpop, n_items, neg_exponent)
-            counters[REBUILDS] += 1
-            counters[NEXT_REFRESH] = done + min(max(done, 1), refresh)
+        done = int(counters[Counter.EVENTS])
+        if done >= counters[Counter.NEXT_REFRESH]:
+            counters[Counter.CDF_LEN] = _rebuild_cdf(cdf, i_logpop, item_t.n, p.neg_exponent)
+            counters[Counter.REBUILDS] += 1
+            counters[Counter.NEXT_REFRESH] = done + min(max(done, 1), p.refresh)
         u, i, t = int(users[e]), int(items[e]), float(times[e])
         clock[0] = max(clock[0], t)
-        w = base_w[e] * math.exp(-(clock[0] - t) * decay_rate)
-        lw = math.log(base_w[e]) + t * decay_rate
+        w = base_w[e] * math.exp(-(clock[0] - t) * p.decay_rate)
+        lw = math.log(base_w[e]) + t * p.decay_rate
         logw_out[e] = lw
 
-        s = py_stream_seed(seed, int(partitions[e]), int(offsets[e]))
-        ncdf = int(counters[CDF_LEN])
+        s = py_stream_seed(p.seed, int(partitions[e]), int(offsets[e]))
+        ncdf = int(counters[Counter.CDF_LEN])
         u_old = U[u].astype(np.float64)
         x_negs = np.zeros(n_neg)
         bmask = np.ones(n_neg)
         for j in range(n_neg):
             best, best_x, best_uni = -1, 0.0, False
-            for _ in range(n_candidates):
+            for _ in range(p.n_candidates):
                 cand, uni = -1, False
                 if ncdf > 0 and cdf[0, ncdf - 1] > 0:
                     for _ in range(MAX_NEG_TRIES):
@@ -153,18 +140,18 @@ def sgd_batch_reference(
         i_count[i] += 1
         i_last[i] = max(i_last[i], t)
         i_logpop[i] = np.logaddexp(i_logpop[i], lw)
-        counters[EVENTS] += 1
+        counters[Counter.EVENTS] += 1
 
         negs = [(j, int(n)) for j, n in enumerate(neg_out[e]) if n >= 0]
-        for step in range(n_steps):
+        for step in range(p.n_steps):
             u_old = U[u].astype(np.float64)
             x_pos = float(bias[i]) + float(u_old @ V[i])
             if step > 0:
                 for j, neg in negs:
                     x_negs[j] = float(bias[neg]) + float(u_old @ V[neg])
-            if loss == LOSS_LOGISTIC:
+            if p.loss == LOSS_LOGISTIC:
                 g_pos = w * (_sigmoid(x_pos) - 1.0)
-                g_negs = [w * neg_weight * _sigmoid(x_negs[j]) for j, _ in negs]
+                g_negs = [w * p.neg_weight * _sigmoid(x_negs[j]) for j, _ in negs]
                 g_pos_b = g_pos
             else:
                 g_negs = [-w * (_sigmoid(x_pos - x_negs[j]) - 1.0) for j, _ in negs]
@@ -175,10 +162,10 @@ def sgd_batch_reference(
                 grad_u += g * V[neg]
             for (j, neg), g in zip(negs, g_negs, strict=True):
                 V[neg] -= lr * (g * u_old + reg * V[neg])
-                bias[neg] -= lr * lr_bias * (g * bmask[j] + reg_bias * bias[neg])
+                bias[neg] -= lr * p.lr_bias * (g * bmask[j] + reg_bias * bias[neg])
                 _clip(V, neg, max_norm)
             V[i] -= lr * (g_pos * u_old + reg * V[i])
-            bias[i] -= lr * lr_bias * (g_pos_b + reg_bias * bias[i])
+            bias[i] -= lr * p.lr_bias * (g_pos_b + reg_bias * bias[i])
             _clip(V, i, max_norm)
-            U[u] -= lr * lr_user * (grad_u + reg * u_old)
+            U[u] -= lr * p.lr_user * (grad_u + reg * u_old)
             _clip(U, u, max_norm)

@@ -17,7 +17,7 @@ from numba.typed import Dict
 
 from stream_mf.config import ModelConfig
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
-from stream_mf.sgd import N_COUNTERS
+from stream_mf.sgd import N_COUNTERS, Counter
 
 NEVER = -np.inf  # last-seen / log-popularity of an entity with no events yet
 
@@ -166,7 +166,7 @@ class ModelState:
 
     @property
     def events_applied(self) -> int:
-        return int(self.counters[0])
+        return int(self.counters[Counter.EVENTS])
 
     def sync_capacity(self) -> None:
         """The sampler table must cover every registered item before a kernel runs."""

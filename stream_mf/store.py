@@ -24,7 +24,7 @@ import rocksdict as rd
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.model import BatchDelta
-from stream_mf.sgd import CDF_LEN, N_COUNTERS
+from stream_mf.sgd import N_COUNTERS, Counter
 from stream_mf.state import (
     EntityTable,
     ModelState,
@@ -590,7 +590,7 @@ class StateStore:
         wb.put(N_ITEMS, I64.pack(state.items.n), meta)
         wb.put(MODEL_VERSION, I64.pack(state.model_version), meta)
         if cdf:
-            n_cdf = int(state.counters[CDF_LEN])
+            n_cdf = int(state.counters[Counter.CDF_LEN])
             wb.put(CDF, np.ascontiguousarray(state.cdf[:, :n_cdf]).tobytes(), meta)
 
     def _put_offsets(

@@ -9,7 +9,8 @@ import pytest
 from consumers.cli import main
 from stream_mf.config import ModelConfig
 from stream_mf.datasets import EventColumns
-from stream_mf.evaluate import PopularLearner, SGDLearner, prequential
+from stream_mf.evaluate import PopularLearner, SGDLearner, prequential, refit_pieces
+from stream_mf.model import EventBatch
 from tests.synthetic import planted_stream
 
 
@@ -30,9 +31,9 @@ def test_sgd_beats_popularity_on_planted_tastes() -> None:
 class NaNLearner(SGDLearner):
     """A diverged model: every score is NaN. It must score zero, not look good."""
 
-    def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
+    def scores(self, user: int) -> np.ndarray:
         self.model.state.items.factors[:] = np.nan
-        return super().recommend(user, k, exclude)
+        return super().scores(user)
 
 
 def test_nan_scores_count_as_misses() -> None:
@@ -103,6 +104,25 @@ def test_cli_names_a_missing_column(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["evaluate", "--events", str(f), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no column 'userId'" in err and "--user-col" in err
+
+
+def test_refit_pieces_cut_at_the_same_events_however_batched() -> None:
+    ev = columns(25)
+    batch = EventBatch.build(ev.users, ev.items, np.ones(25), ev.times)
+
+    def refit_points(sizes: list[int]) -> list[int]:
+        seen, points, lo = 0, [], 0
+        for size in sizes:
+            for piece, refit in refit_pieces(batch.slice(lo, lo + size), seen, 10):
+                seen += len(piece)
+                if refit:
+                    points.append(seen)
+            lo += size
+        return points
+
+    assert refit_points([25]) == [1, 10, 20]
+    assert refit_points([1] * 25) == [1, 10, 20]
+    assert refit_points([3, 9, 2, 11]) == [1, 10, 20]
 
 
 def test_hybrid_drives_the_shipped_rebuild_and_repeats() -> None:

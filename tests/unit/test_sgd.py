@@ -7,7 +7,14 @@ from synthetic import planted_stream
 import stream_mf.model as model_mod
 from stream_mf.config import ModelConfig
 from stream_mf.model import EventBatch, OnlineModel
-from stream_mf.sgd import sgd_batch
+from stream_mf.sgd import (
+    Counter,
+    EntityArrays,
+    KernelBatch,
+    SgdParams,
+    StreamArrays,
+    sgd_batch,
+)
 from stream_mf.sgd_reference import sgd_batch_reference
 
 
@@ -30,7 +37,7 @@ def _arrays(m: OnlineModel) -> dict[str, np.ndarray]:
         "u_logact": st.users.logpop[:nu],
         "i_logpop": st.items.logpop[:ni],
         "i_count": st.items.count[:ni],
-        "cdf": st.cdf[:, : st.counters[2]],
+        "cdf": st.cdf[:, : st.counters[Counter.CDF_LEN]],
         "counters": st.counters,
         "clock": st.clock,
     }
@@ -114,15 +121,25 @@ def test_negatives_never_the_positive_and_follow_popularity() -> None:
     tail = batch.slice(3000, 4000)
     users = st.users.resolve(tail.user_ids)
     items = st.items.resolve(tail.item_ids)
-    c = cfg
+    # the plain algorithm: one draw per slot, all from the popularity table, no norm cap
+    plain = SgdParams.from_config(cfg)._replace(
+        n_candidates=1,
+        n_steps=1,
+        lr_user=1.0,
+        lr_bias=1.0,
+        max_norm=0.0,
+        uniform_mix=0.0,
+        bias_uniform=False,
+    )
     sgd_batch(
-        users, items, tail.weights, tail.times, tail.partitions, tail.offsets,
-        st.users.factors, st.items.factors, st.items.bias, st.users.count, st.users.last,
-        st.users.logpop, st.items.count, st.items.last, st.items.logpop, st.cdf, st.counters,
-        st.clock, st.items.n, neg, logw, c.learning_rate, c.reg, c.reg_bias, c.n_negatives,
-        c.negative_exponent, c.negative_weight, c.decay_rate, c.loss_code, c.seed,
-        c.sampler_refresh,
-    )  # fmt: skip
+        KernelBatch(
+            users, items, tail.weights, tail.times, tail.partitions, tail.offsets, neg, logw
+        ),
+        EntityArrays.of(st.users),
+        EntityArrays.of(st.items),
+        StreamArrays(st.cdf, st.counters, st.clock),
+        plain,
+    )
     assert not (neg == items[:, None]).any()
     delta_items = neg.ravel()
     counts = np.bincount(delta_items[delta_items >= 0], minlength=st.items.n)
@@ -146,3 +163,13 @@ def test_learns_planted_taste() -> None:
         groups = [s.item_group[int(st.items.ids[t][1:])] for t in top]
         hits += np.mean(np.asarray(groups) == s.user_group[u]) >= 0.7
     assert hits >= 0.9 * 300
+
+
+def test_counter_slots_keep_the_stored_layout() -> None:
+    """The counters are persisted as raw int64s: a slot may be appended, never renumbered."""
+    assert {c.name: c.value for c in Counter} == {
+        "EVENTS": 0,
+        "NEXT_REFRESH": 1,
+        "CDF_LEN": 2,
+        "REBUILDS": 3,
+    }

@@ -15,6 +15,7 @@ import pytest
 from stream_mf.config import ModelConfig
 from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.sgd import Counter
 from stream_mf.state import ModelState, confidence_items
 from stream_mf.store import ConfigMismatchError, StateStore, raw_keys
 from stream_mf.store_layout import fill_rows
@@ -37,7 +38,7 @@ def assert_same_state(a: ModelState, b: ModelState) -> None:
             assert np.array_equal(getattr(ta, arr)[: ta.n], getattr(tb, arr)[: tb.n]), (kind, arr)
     assert np.array_equal(a.counters, b.counters)
     assert np.array_equal(a.clock, b.clock)
-    n = int(a.counters[2])
+    n = int(a.counters[Counter.CDF_LEN])
     assert np.array_equal(a.cdf[:, :n], b.cdf[:, :n])
     ka, va = confidence_items(a.confidence)
     kb, vb = confidence_items(b.confidence)

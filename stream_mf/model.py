@@ -104,7 +104,7 @@ class BatchDelta:
 
 
 @njit(cache=True, nogil=True)
-def accumulate_confidence(conf, keys, order, logw, ukeys, values) -> int:  # type: ignore[no-untyped-def]
+def accumulate_confidence(conf, keys, order, logw, ukeys, values) -> int:
     """Fold each event's log-weight into its pair, visiting `keys` in `order` (a stable sort,
     so each pair adds its events in event order, as one at a time would); writes the distinct
     keys and their new values and returns how many. One map read and write per pair."""
@@ -130,7 +130,7 @@ def accumulate_confidence(conf, keys, order, logw, ukeys, values) -> int:  # typ
 
 
 @njit(cache=True, nogil=True)
-def lookup_confidence(conf, keys, out) -> None:  # type: ignore[no-untyped-def]
+def lookup_confidence(conf, keys, out) -> None:
     for j in range(keys.shape[0]):
         out[j] = conf.get(keys[j], NEG_INF)
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 import stream_mf.model as model_mod
 from stream_mf.config import ModelConfig
@@ -16,6 +15,7 @@ from stream_mf.sgd import (
     sgd_batch,
 )
 from stream_mf.sgd_reference import sgd_batch_reference
+from tests.synthetic import planted_stream
 
 
 def _batch(n: int, seed: int = 1, n_users: int = 120, n_items: int = 90) -> EventBatch:
@@ -57,8 +57,9 @@ def _arrays(m: OnlineModel) -> dict[str, np.ndarray]:
 def test_kernel_matches_numpy_reference(
     loss: str, biases: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = ModelConfig(
-        dim=16, n_negatives=4, loss=loss, sampler_refresh=300, half_life_s=7200.0, **biases
+    cfg = ModelConfig.model_validate(
+        {"dim": 16, "n_negatives": 4, "loss": loss, "sampler_refresh": 300, "half_life_s": 7200.0}
+        | biases
     )
     batch = _batch(2500)
     fast = OnlineModel(cfg)
@@ -77,7 +78,7 @@ def test_kernel_matches_numpy_reference(
 
 @pytest.mark.parametrize("biases", [{}, {"lr_bias": 0.2, "bias_uniform": True}])
 def test_same_events_any_batching_bit_identical(biases: dict[str, object]) -> None:
-    cfg = ModelConfig(dim=8, n_negatives=3, sampler_refresh=200, **biases)
+    cfg = ModelConfig.model_validate({"dim": 8, "n_negatives": 3, "sampler_refresh": 200} | biases)
     batch = _batch(3000, seed=7)
     whole = OnlineModel(cfg)
     whole.learn(batch)
@@ -113,7 +114,6 @@ def test_negatives_never_the_positive_and_follow_popularity() -> None:
     m = OnlineModel(cfg)
     batch = _batch(4000, n_items=50)
     m.learn(batch.slice(0, 3000))
-    delta_items = []
     # draw negatives for the tail and check the positive is never among them
     st = m.state
     neg = np.empty((1000, 8), np.int32)

@@ -13,8 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stream_mf.config import ModelConfig
-from stream_mf.rebuild import RebuildConfig
+from stream_mf.config import ModelConfig, RebuildConfig
 
 #: librdkafka's `compression.type` values. Replies and dead letters default to none: they are
 #: small and latency-bound, and kafkajs (the most used Node client) reads LZ4, Snappy or Zstd

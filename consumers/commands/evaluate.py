@@ -10,9 +10,9 @@ from pathlib import Path
 from consumers.commands.common import nonempty_path, positive_int
 from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
+from stream_mf.config import RebuildConfig
 from stream_mf.datasets import ColumnSpec, EventColumns, EventFileError, read_events
 from stream_mf.evaluate import LEARNERS, make_learner, prequential
-from stream_mf.rebuild import RebuildConfig
 
 DEFAULT_EVENTS = Path(__file__).resolve().parents[2] / "data/movielens-latest-small/ratings.csv.gz"
 

@@ -105,8 +105,13 @@ def model_row(name: str, variant: str) -> dict[str, Any]:
         base, _, cfg = name.partition(":")
         config = ModelConfig(**(OLD_DEFAULTS if cfg == "old" else {}))
         hits = niche_top10(make_learner(base, config, refit_every=10_000), s)
-    return {"model": name, "variant": variant, "niches": hits, "min": min(hits.values()),
-            "seconds": time.perf_counter() - t}  # fmt: skip
+    return {
+        "model": name,
+        "variant": variant,
+        "niches": hits,
+        "min": min(hits.values()),
+        "seconds": time.perf_counter() - t,
+    }
 
 
 def ablation_row(label: str, params: dict[str, Any], movielens: bool) -> dict[str, Any]:
@@ -118,8 +123,13 @@ def ablation_row(label: str, params: dict[str, Any], movielens: bool) -> dict[st
     niche = {}
     for v, kw in NICHE_VARIANTS.items():
         niche[v] = min(niche_top10(make_learner("sgd", cfg), niche_stream(**kw)).values())  # type: ignore[arg-type]
-    row = {"setting": label, "params": params, "niche": niche, "niche_min": min(niche.values()),
-           "planted": planted_in_group(make_learner("sgd", cfg))}  # fmt: skip
+    row = {
+        "setting": label,
+        "params": params,
+        "niche": niche,
+        "niche_min": min(niche.values()),
+        "planted": planted_in_group(make_learner("sgd", cfg)),
+    }
     if movielens:
         ev = read_events(MOVIELENS).sorted_by_time()
         row["movielens_recall_at_10"] = prequential(
@@ -173,15 +183,18 @@ def main() -> None:
         print_table(
             "single-factor ablation of the online model (from the old defaults)",
             [{**r, **r["niche"]} for r in abl],
-            [Col("setting", "setting"), *(Col(v, v, ".1f") for v in variants),
-             Col("planted", "planted /200"), Col("movielens_recall_at_10", "ML R@10", ".4f")],
-        )  # fmt: skip
+            [
+                Col("setting", "setting"),
+                *(Col(v, v, ".1f") for v in variants),
+                Col("planted", "planted /200"),
+                Col("movielens_recall_at_10", "ML R@10", ".4f"),
+            ],
+        )
     write_results(
         "bench_niche",
-        {"quick": a.quick, "variants": variants, "models": rows, "cells": cells,
-         "ablation": abl},
+        {"quick": a.quick, "variants": variants, "models": rows, "cells": cells, "ablation": abl},
         a.out,
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

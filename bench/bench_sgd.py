@@ -202,8 +202,12 @@ def compare_kernels(
             a = kernel_state(n_users, n_items)
             times[name].append(timed(kernel_pass, a, ev, 10_000, fn))
     best = {k: len(ev) / min(v) for k, v in times.items()}
-    return {"old_events_per_s": best["old"], "new_events_per_s": best["new"],
-            "new_over_old": best["new"] / best["old"], "runs_s": times}  # fmt: skip
+    return {
+        "old_events_per_s": best["old"],
+        "new_events_per_s": best["new"],
+        "new_over_old": best["new"] / best["old"],
+        "runs_s": times,
+    }
 
 
 def learn_pass(events: EventBatch, batch: int) -> OnlineModel:
@@ -298,11 +302,14 @@ def main() -> None:
         if args.compare_only:
             write_results(
                 "bench_sgd_compare",
-                {"quick": args.quick, "config": CONFIG.model_dump(exclude={"event_types"}),
-                 "stream": {"events": n, "users": n_users, "items": n_items},
-                 "comparison": comparison},
+                {
+                    "quick": args.quick,
+                    "config": CONFIG.model_dump(exclude={"event_types"}),
+                    "stream": {"events": n, "users": n_users, "items": n_items},
+                    "comparison": comparison,
+                },
                 args.out,
-            )  # fmt: skip
+            )
             return
 
     # Rounds go over every batch size in turn (not all repeats of one size, then the next), so

@@ -97,10 +97,15 @@ class BatchDelta:
         """No change: for commits that only carry offsets or a rebuild's rows."""
         none = np.empty(0, np.int32)
         return cls(
-            users=none, items=none, new_users=(state.users.n, state.users.n),
-            new_items=(state.items.n, state.items.n), pair_keys=np.empty(0, np.int64),
-            pair_values=np.empty(0), sampler_rebuilt=False, events=0,
-        )  # fmt: skip
+            users=none,
+            items=none,
+            new_users=(state.users.n, state.users.n),
+            new_items=(state.items.n, state.items.n),
+            pair_keys=np.empty(0, np.int64),
+            pair_values=np.empty(0),
+            sampler_rebuilt=False,
+            events=0,
+        )
 
 
 @njit(cache=True, nogil=True)

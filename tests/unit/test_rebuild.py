@@ -99,9 +99,15 @@ def test_rebuild_swaps_while_the_stream_goes_on(tmp_path: Path, final_rows: int)
     # 100: most rows touched during the last round are left for after the swap, while batches
     # keep coming (their change is added to rows SGD keeps learning)
     cfg = RebuildConfig(
-        iterations=5, alpha=5.0, guard_events=300, guard_margin=0.1, final_rows=final_rows,
-        max_rounds=2, swap_budget_s=60.0, after_rows=100,
-    )  # fmt: skip
+        iterations=5,
+        alpha=5.0,
+        guard_events=300,
+        guard_margin=0.1,
+        final_rows=final_rows,
+        max_rounds=2,
+        swap_budget_s=60.0,
+        after_rows=100,
+    )
     model, store, outcome = run_with_rebuild(tmp_path, cfg)
     assert outcome.swapped and outcome.generation == 1
     assert (outcome.deferred > 0) == (final_rows < 1000)
@@ -242,9 +248,16 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     full decayed rows against the new factors, as a dense solve does, and a crash at any point
     after the flip reloads exactly the new generation's rows in memory."""
     rcfg = RebuildConfig(
-        iterations=3, alpha=5.0, solver="cholesky", guard_events=100, guard_margin=1.0,
-        final_rows=final_rows, max_rounds=1, swap_budget_s=budget_s, after_rows=200,
-    )  # fmt: skip
+        iterations=3,
+        alpha=5.0,
+        solver="cholesky",
+        guard_events=100,
+        guard_margin=1.0,
+        final_rows=final_rows,
+        max_rounds=1,
+        swap_budget_s=budget_s,
+        after_rows=200,
+    )
     feed = _Feed(tmp_path, seed=1)
     store, st, learn = feed.store, feed.model.state, feed.learn
     learn(1_500)  # early: new ids keep arriving during the rebuild
@@ -254,10 +267,11 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
         if rb.wants_scores:
             nxt = feed.batch.slice(feed.done, feed.done + 500)
             rb.score(
-                st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                st,
+                st.users.lookup(nxt.user_ids).astype(np.int64),
                 st.items.lookup(nxt.item_ids).astype(np.int64),
                 lambda u: store.user_items(u)[0].astype(np.int64),
-            )  # fmt: skip
+            )
         rb.note(learn(500))
         assert step(rb, st, store).outcome is None, "the swap should leave rows for after it"
         assert feed.done < 30_000, "rebuild never swapped"
@@ -312,9 +326,15 @@ def test_crash_after_the_flip_reloads_the_new_model(tmp_path: Path) -> None:
     """Killed between the flip and the last row applied after it: the new generation, exactly
     as committed, never a mix."""
     rcfg = RebuildConfig(
-        iterations=3, alpha=5.0, guard_events=0, guard_margin=1.0, final_rows=20, max_rounds=1,
-        swap_budget_s=60.0, after_rows=20,
-    )  # fmt: skip
+        iterations=3,
+        alpha=5.0,
+        guard_events=0,
+        guard_margin=1.0,
+        final_rows=20,
+        max_rounds=1,
+        swap_budget_s=60.0,
+        after_rows=20,
+    )
     feed = _Feed(tmp_path, seed=2)
     store, st, learn = feed.store, feed.model.state, feed.learn
     learn(10_000)
@@ -471,10 +491,11 @@ def _steps_in_phases(feed: _Feed, cfg: RebuildConfig) -> list[RebuildPhase]:
         if rb.wants_scores:
             nxt = feed.batch.slice(feed.done, feed.done + 300)
             rb.score(
-                st, st.users.lookup(nxt.user_ids).astype(np.int64),
+                st,
+                st.users.lookup(nxt.user_ids).astype(np.int64),
                 st.items.lookup(nxt.item_ids).astype(np.int64),
                 lambda u: store.user_items(u)[0].astype(np.int64),
-            )  # fmt: skip
+            )
         rb.note(feed.learn(300))
         rb.wait()
         res = step(rb, st, store)
@@ -488,9 +509,14 @@ def test_phases_of_a_swap_with_rows_left_for_after_it(tmp_path: Path) -> None:
     feed = _Feed(tmp_path, seed=4)
     feed.learn(3_000)
     cfg = RebuildConfig(
-        iterations=2, guard_events=200, guard_margin=1.0, max_rounds=1, final_rows=5,
-        after_rows=50, swap_budget_s=60.0,
-    )  # fmt: skip
+        iterations=2,
+        guard_events=200,
+        guard_margin=1.0,
+        max_rounds=1,
+        final_rows=5,
+        after_rows=50,
+        swap_budget_s=60.0,
+    )
     P = RebuildPhase
     assert _steps_in_phases(feed, cfg) == [
         P.FITTING,

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,22 @@ _BE32 = struct.Struct(">I")
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
+
+
+@dataclass
+class CommitInfo:
+    """What one durable commit wrote, for whoever follows the store (the model log)."""
+
+    state: ModelState
+    seq: int  # commits so far, this one included (meta b"commits")
+    users: np.ndarray  # rows written (changed, new or re-solved), int64
+    items: np.ndarray
+    pair_keys: np.ndarray  # (user << 32 | item) pairs written
+    everything: bool  # every row was written (first save)
+    generation: int | None  # set when this commit flipped the model generation
+    offsets: Mapping[tuple[str, int], int]
+    event_times: np.ndarray | None
+    events: int
 
 
 class StoreError(RuntimeError):
@@ -240,6 +257,8 @@ class StateStore:
         self.h = {name: self.db.get_column_family_handle(name) for name in CFS}
         self.write_opt = rd.WriteOptions()
         self.write_opt.sync = sync
+        # called after each durable commit (the updater publishes the model log from it)
+        self.on_commit: Callable[[CommitInfo], None] | None = None
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
 
@@ -520,6 +539,7 @@ class StateStore:
         wb = rd.WriteBatch(raw_mode=True)
         meta = self.h["meta"]
         gen = self.generation() if generation is None else generation
+        written: dict[str, np.ndarray] = {}
         if generation is not None:
             wb.put(b"generation", _I64.pack(generation), meta)
             wb.put(b"rebuilt_at", _F64.pack(time.time()), meta)
@@ -543,6 +563,8 @@ class StateStore:
                     rows = np.concatenate([rows.astype(np.int64), extra.astype(np.int64)])
             self._put_ids(wb, kind, table, lo, hi)
             self._put_blocks(wb, kind, table, rows, gen)
+            new = np.arange(lo, hi, dtype=np.int64)
+            written[kind] = np.concatenate([rows.astype(np.int64), new]) if new.size else rows
         if everything or delta is None:
             keys, vals = confidence_items(state.confidence)
         else:
@@ -560,7 +582,22 @@ class StateStore:
             wb.put(offset_key(topic, part), _I64.pack(nxt), self.h["offsets"])
         if event_times is not None and event_times.size:
             self._put_batch_log(wb, event_times)
+        seq = self.commits() + 1
+        wb.put(b"commits", _I64.pack(seq), meta)
         self._write(wb)
+        if self.on_commit is not None:
+            self.on_commit(
+                CommitInfo(
+                    state=state, seq=seq, users=written["user"], items=written["item"],
+                    pair_keys=keys, everything=everything or delta is None,
+                    generation=generation, offsets=dict(offsets or {}), event_times=event_times,
+                    events=0 if delta is None else delta.events,
+                )
+            )  # fmt: skip
+
+    def commits(self) -> int:
+        """Durable commits so far (a model log marker carries the count it stands for)."""
+        return self._meta_int(b"commits")
 
     def _write(self, wb: rd.WriteBatch) -> None:
         try:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import get_args
 
-from consumers.commands.common import add_process_flags, build_settings, state_dir_usable
+from consumers.commands.common import add_process_flags, build_settings
 from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.query import QueryService
 from consumers.settings import Compression, QuerySettings
@@ -15,16 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("query", help="serve rec-requests from the model store (read-only)")
-    add_process_flags(p)
-    p.add_argument("--refresh-seconds", type=float, default=None)
-    p.add_argument(
-        "--max-refresh-share",
-        type=float,
-        default=None,
-        help="most of the time following the store may take, competing with requests "
-        "(default 0.25; 1 = off)",
+    p = sub.add_parser(
+        "query", help="serve rec-requests from the model log (needs only the broker)"
     )
+    add_process_flags(p, state=False)
     p.add_argument(
         "--reply-compression",
         choices=get_args(Compression),
@@ -38,11 +32,8 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(
         QuerySettings,
         args,
-        refresh_seconds=args.refresh_seconds,
-        max_refresh_share=args.max_refresh_share,
         reply_compression=args.reply_compression,
     )
-    state_dir_usable(settings.state_dir)
     log.info("query settings: %s", settings.model_dump_json())
     # one line if no broker answers in time; the process keeps retrying
     watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()

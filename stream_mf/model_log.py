@@ -1,0 +1,535 @@
+"""The model log: the serving model as Kafka records, and a reader that materialises it.
+
+The updater publishes, after each durable commit, every row the commit changed; query processes
+on any machine follow the topic and hold the model in memory (docs/architecture.md, "Model
+log"). This module is the format and the reader, with no Kafka in it: the producing and the
+consuming are `consumers/model_log.py`.
+
+Records (one partition, so order is the log's order). Keys are fixed per row, so a compacted
+topic keeps the latest value of each; values are whole rows or blocks, never increments, so a
+record applied twice is harmless:
+
+  b"u" be32 gen be32 row    a user row of generation `gen`: id, every per-row array of the
+                            model (factors, bias, count, last, logpop) and the items the user
+                            has seen (exclusions and `because`)
+  b"i" be32 gen be32 block  ITEM_BLOCK item rows of `gen` (ids and the same arrays)
+  b"C"                      the model config (JSON), first record of every snapshot
+  b"B"                      a snapshot begins (JSON {"seq", "gen"})
+  b"M"                      a commit marker (JSON, `Marker`): the rows before it, since the
+                            previous marker, are one commit; a reader applies them at the marker
+  a row key with no value   a tombstone: the row's generation was replaced
+
+A snapshot is B, C, then every row of the live generation, then a marker with `snapshot` true.
+Every marker names the offset of the latest complete snapshot's B record (`snap`): a reader
+reads the last marker, seeks there, and never reads anything older.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_mf.answer import UserRecord
+from stream_mf.config import ModelConfig
+from stream_mf.recommend import ItemView
+from stream_mf.state import NEVER, EntityTable, ModelState
+
+FORMAT = 1
+ITEM_BLOCK = 16
+MARKER_KEY = b"M"
+BEGIN_KEY = b"B"
+CONFIG_KEY = b"C"
+MAX_TIMES = 32  # event times a marker samples, for the readers' freshness histogram
+_ROW_KEY = struct.Struct(">cII")
+_USER_HEAD = struct.Struct("<BHI")  # format, dim, seen count
+_ITEM_HEAD = struct.Struct("<BHH")  # format, dim, rows
+_ROW_ARRAYS = (("bias", "<f4"), ("count", "<i8"), ("last", "<f8"), ("logpop", "<f8"))
+
+
+class LogFormatError(ValueError):
+    """A record this version cannot read: skipped, logged and counted, never applied."""
+
+
+class MixedGenerationError(AssertionError):
+    """A request would score user rows of one generation against item rows of another."""
+
+
+# ---- encoding (updater side) ----------------------------------------------------------------
+
+
+def user_key(gen: int, row: int) -> bytes:
+    return _ROW_KEY.pack(b"u", gen, row)
+
+
+def item_key(gen: int, block: int) -> bytes:
+    return _ROW_KEY.pack(b"i", gen, block)
+
+
+def encode_user(table: EntityTable, row: int, seen: np.ndarray) -> bytes:
+    """One user row, whole: a reader needs nothing else to serve that user."""
+    s = np.ascontiguousarray(seen, "<i4")
+    parts = [_USER_HEAD.pack(FORMAT, table.dim, s.size), table.factors[row].astype("<f4").tobytes()]
+    parts += [getattr(table, name)[row : row + 1].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
+    parts += [s.tobytes(), table.ids[row].encode()]
+    return b"".join(parts)
+
+
+def encode_item_block(table: EntityTable, block: int) -> bytes:
+    """ITEM_BLOCK item rows (fewer in the last block), whole."""
+    lo = block * ITEM_BLOCK
+    hi = min(lo + ITEM_BLOCK, table.n)
+    ids = [table.ids[j].encode() for j in range(lo, hi)]
+    parts = [
+        _ITEM_HEAD.pack(FORMAT, table.dim, hi - lo),
+        table.factors[lo:hi].astype("<f4").tobytes(),
+    ]
+    parts += [getattr(table, name)[lo:hi].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
+    parts += [np.asarray([len(i) for i in ids], "<u4").tobytes(), *ids]
+    return b"".join(parts)
+
+
+@dataclass
+class Marker:
+    """The end of one commit: what the model is as of it."""
+
+    seq: int  # the store's commit count (every durable commit adds one)
+    gen: int
+    version: int
+    events: int
+    clock: float
+    n_users: int
+    n_items: int
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> next offset
+    snapshot: bool = False  # this marker closes a snapshot
+    snap: int | None = None  # offset of the latest complete snapshot's BEGIN record
+    pending_items: int = 0  # item rows changed in the store but not yet in the log (coalesced)
+    count: int = 0  # events in this commit
+    times: list[float] = field(default_factory=list)  # a sample of their event times
+    at: float = 0.0  # wall time the marker was produced
+
+    def encode(self) -> bytes:
+        return orjson.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Marker:
+        try:
+            doc = orjson.loads(raw)
+            return cls(**doc)
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise LogFormatError(f"bad commit marker: {exc}") from exc
+
+
+class SeenIndex:
+    """Each user's seen items, sorted, on the updater side: a user row in the log carries the
+    whole list (a full value, never an increment), and the store's prefix scan per user would
+    cost a RocksDB seek for every user of every batch."""
+
+    def __init__(self, pair_keys: np.ndarray) -> None:
+        self.rows: dict[int, np.ndarray] = {}
+        self.add(np.sort(pair_keys))
+
+    def add(self, pair_keys: np.ndarray) -> None:
+        """Fold a commit's pairs in (sorted unique keys group by user)."""
+        if pair_keys.size == 0:
+            return
+        keys = np.sort(pair_keys) if np.any(np.diff(pair_keys) < 0) else pair_keys
+        users = keys >> 32
+        items = (keys & 0xFFFFFFFF).astype(np.int32)
+        cuts = np.flatnonzero(np.diff(users)) + 1
+        starts = np.concatenate([[0], cuts]).tolist()
+        ends = [*cuts.tolist(), keys.size]
+        rows = self.rows
+        for u, lo, hi in zip(users[starts].tolist(), starts, ends, strict=True):
+            got = items[lo:hi]
+            have = rows.get(u)
+            if have is None:
+                rows[u] = got.copy()
+            elif got.size == 1:
+                g = got[0]
+                pos = int(np.searchsorted(have, g))
+                if pos == have.size or have[pos] != g:
+                    rows[u] = np.insert(have, pos, g)
+            else:
+                rows[u] = np.union1d(have, got).astype(np.int32)
+
+    def of(self, user: int) -> np.ndarray:
+        got = self.rows.get(user)
+        return got if got is not None else _NONE
+
+
+_NONE = np.empty(0, np.int32)
+
+
+def sample_times(times: np.ndarray) -> list[float]:
+    if times.size > MAX_TIMES:
+        times = times[np.linspace(0, times.size - 1, MAX_TIMES).astype(np.int64)]
+    return [float(t) for t in times]
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    kind: str  # user, item, config, begin, marker, tombstone
+    gen: int = 0
+    index: int = 0  # user row or item block
+    value: Any = None  # decoded payload
+
+
+@dataclass
+class UserRow:
+    id: str
+    factors: np.ndarray
+    arrays: dict[str, Any]
+    seen: np.ndarray
+
+
+@dataclass
+class ItemRows:
+    ids: list[str]
+    factors: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+
+def decode(key: bytes | None, value: bytes | None) -> Record:
+    """One record; LogFormatError if it cannot be read (the caller skips and counts it)."""
+    if not key:
+        raise LogFormatError("record without a key")
+    if key == MARKER_KEY:
+        return Record("marker", value=Marker.decode(value or b""))
+    if key == CONFIG_KEY:
+        try:
+            return Record("config", value=ModelConfig.model_validate_json(value or b""))
+        except ValueError as exc:
+            raise LogFormatError(f"bad config record: {exc}") from exc
+    if key == BEGIN_KEY:
+        try:
+            doc = orjson.loads(value or b"")
+            return Record("begin", gen=int(doc["gen"]), value=doc)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise LogFormatError(f"bad snapshot begin record: {exc}") from exc
+    if len(key) != _ROW_KEY.size or key[:1] not in (b"u", b"i"):
+        raise LogFormatError(f"unknown record key {key[:16]!r}")
+    kind, gen, index = _ROW_KEY.unpack(key)
+    name = "user" if kind == b"u" else "item"
+    if value is None:
+        return Record("tombstone", gen, index, name)
+    try:
+        payload = _user(value) if name == "user" else _items(value)
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise LogFormatError(f"bad {name} record {gen}/{index}: {exc}") from exc
+    return Record(name, gen, index, payload)
+
+
+def _arrays(raw: bytes, at: int, rows: int) -> tuple[dict[str, np.ndarray], int]:
+    out: dict[str, np.ndarray] = {}
+    for name, dt in _ROW_ARRAYS:
+        a = np.frombuffer(raw, dt, rows, at)
+        out[name] = a
+        at += a.nbytes
+    return out, at
+
+
+def _user(raw: bytes) -> UserRow:
+    fmt, dim, n_seen = _USER_HEAD.unpack_from(raw)
+    if fmt != FORMAT:
+        raise ValueError(f"format {fmt}, this version reads {FORMAT}")
+    at = _USER_HEAD.size
+    factors = np.frombuffer(raw, "<f4", dim, at)
+    arrays, at = _arrays(raw, at + factors.nbytes, 1)
+    seen = np.frombuffer(raw, "<i4", n_seen, at)
+    uid = raw[at + seen.nbytes :].decode()
+    return UserRow(uid, factors, arrays, seen.astype(np.int64))
+
+
+def _items(raw: bytes) -> ItemRows:
+    fmt, dim, rows = _ITEM_HEAD.unpack_from(raw)
+    if fmt != FORMAT:
+        raise ValueError(f"format {fmt}, this version reads {FORMAT}")
+    at = _ITEM_HEAD.size
+    factors = np.frombuffer(raw, "<f4", rows * dim, at).reshape(rows, dim)
+    arrays, at = _arrays(raw, at + factors.nbytes, rows)
+    lens = np.frombuffer(raw, "<u4", rows, at)
+    at += lens.nbytes
+    ids = []
+    for n in lens.tolist():
+        ids.append(raw[at : at + n].decode())
+        at += n
+    if at != len(raw):
+        raise ValueError("trailing bytes")
+    return ItemRows(ids, factors, arrays)
+
+
+# ---- the reader (query side) -----------------------------------------------------------------
+
+
+class ServingModel:
+    """One generation of the model as a reader holds it: the same arrays as the updater's
+    `EntityTable`s, plus each user's seen items and the generation every row came from (the
+    no-mixing check reads it)."""
+
+    def __init__(self, config: ModelConfig, gen: int) -> None:
+        self.config, self.gen = config, gen
+        c = config
+        self.users = EntityTable("user", c.dim, c.seed, c.init_scale, 16)
+        self.items = EntityTable("item", c.dim, c.seed, c.init_scale, 16)
+        self.user_gen = np.full(16, -1, np.int64)
+        self.item_gen = np.full(16, -1, np.int64)
+        self.seen: list[np.ndarray] = []
+        self.marker: Marker | None = None
+        self.items_changed = True
+
+    @staticmethod
+    def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
+        if n > table.n:
+            table.reserve(n)
+            table.ids.extend([""] * (n - table.n))
+        if gens.size < table.capacity:
+            g = np.full(table.capacity, -1, np.int64)
+            g[: gens.size] = gens
+            gens = g
+        return gens
+
+    def set_user(self, gen: int, row: int, u: UserRow) -> None:
+        t = self.users
+        self.user_gen = self._grow(t, self.user_gen, row + 1)
+        if len(self.seen) < t.n:
+            self.seen.extend([np.empty(0, np.int64)] * (t.n - len(self.seen)))
+        t.factors[row] = u.factors
+        for name, a in u.arrays.items():
+            getattr(t, name)[row] = a[0]
+        self.seen[row] = u.seen
+        if t.ids[row] != u.id:
+            t.ids[row] = u.id
+            t.index[u.id] = row
+        self.user_gen[row] = gen
+
+    def set_items(self, gen: int, block: int, r: ItemRows) -> None:
+        t = self.items
+        lo = block * ITEM_BLOCK
+        hi = lo + len(r.ids)
+        self.item_gen = self._grow(t, self.item_gen, hi)
+        t.factors[lo:hi] = r.factors
+        for name, a in r.arrays.items():
+            getattr(t, name)[lo:hi] = a
+        for j, iid in enumerate(r.ids, lo):
+            if t.ids[j] != iid:
+                t.ids[j] = iid
+                t.index[iid] = j
+        self.item_gen[lo:hi] = gen
+        self.items_changed = True
+
+    def complete(self, marker: Marker) -> bool:
+        """Every row the marker counts is here, of the marker's generation."""
+        return (
+            marker.gen == self.gen
+            and self.users.n >= marker.n_users
+            and self.items.n >= marker.n_items
+            and bool(np.all(self.user_gen[: marker.n_users] == self.gen))
+            and bool(np.all(self.item_gen[: marker.n_items] == self.gen))
+        )
+
+    def nbytes(self) -> int:
+        t = (self.users, self.items)
+        arrays = sum(getattr(x, n).nbytes for x in t for n in ("factors", "bias", "count", "last",
+                                                                "logpop"))  # fmt: skip
+        return arrays + sum(s.nbytes for s in self.seen)
+
+
+class PinnedUsers:
+    """Users of one `ServingModel`, checked against the generation of the view they are scored
+    with: the assertion inside the reader that no request mixes generations."""
+
+    def __init__(self, model: ServingModel, generation: int) -> None:
+        self.model, self.generation = model, generation
+
+    def user(self, user_id: str) -> UserRecord | None:
+        m = self.model
+        u = m.users.index.get(user_id)
+        if u is None or u >= m.users.n:
+            return None
+        gen = int(m.user_gen[u])
+        if gen < 0:
+            return None
+        if gen != self.generation:
+            raise MixedGenerationError(
+                f"user row {u} is of generation {gen}, the item view of {self.generation}"
+            )
+        t = m.users
+        return UserRecord(index=u, vector=t.factors[u].copy(), events=int(t.count[u]),
+                          seen=m.seen[u])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one request reads: an item view and the users of the same generation."""
+
+    view: ItemView
+    users: PinnedUsers
+    marker: Marker
+
+
+class ModelReader:
+    """Materialises the log in memory. `feed` every record in log order; `served` is what
+    requests read, rebuilt by `publish` after a run of records (so a fetch of many commits
+    costs one view). A commit's records are held until its marker and then applied together;
+    a snapshot is built on the side and replaces the served model at its marker, so a request
+    never sees half a commit nor two generations."""
+
+    def __init__(self) -> None:
+        self.live: ServingModel | None = None
+        self.building: ServingModel | None = None
+        self.config: ModelConfig | None = None
+        self.pending: list[Record] = []
+        self.early: list[Record] = []  # a snapshot's rows before its config record
+        self.served: Served | None = None
+        self.applied: list[Marker] = []  # markers applied since the last `take_applied`
+        self.skipped = 0  # records of a generation they cannot belong to (never applied)
+        self.dirty = False
+        self.last_marker: Marker | None = None
+
+    # ---- records ------------------------------------------------------------------------
+
+    def feed(self, rec: Record) -> None:
+        if rec.kind == "tombstone":
+            return  # a replaced generation's row: the reader already moved past it
+        if rec.kind == "config":
+            self.config = rec.value
+            if self.building is None or self.building.config != rec.value:
+                gen = self.building.gen if self.building is not None else 0
+                self.building = ServingModel(rec.value, gen)
+            for r in self.early:
+                self._build(r)
+            self.early.clear()
+            return
+        if rec.kind == "begin":
+            # a snapshot: build it on the side (the live model keeps serving meanwhile)
+            self.pending.clear()
+            self.building = ServingModel(self.config, rec.gen) if self.config is not None else None
+            return
+        if rec.kind == "marker":
+            self._marker(rec.value)
+            return
+        if self.live is None or self.building is not None:
+            self._build(rec)
+        else:
+            self.pending.append(rec)
+
+    def _build(self, rec: Record) -> None:
+        b = self.building
+        if b is None:
+            if self.config is None:
+                self.early.append(rec)
+                return
+            b = self.building = ServingModel(self.config, rec.gen)
+        if rec.gen > b.gen:  # the log moved to a newer generation: its rows replace these
+            b = self.building = ServingModel(b.config, rec.gen)
+        if rec.gen < b.gen:
+            return
+        _set(b, rec)
+
+    def _marker(self, m: Marker) -> None:
+        self.last_marker = m
+        b = self.building
+        if b is not None:
+            if not b.complete(m):  # a compacted stretch, or a snapshot still under way
+                return
+            b.marker = m
+            self.live, self.building = b, None
+            self.pending.clear()
+            self._done(m)
+            return
+        live = self.live
+        if live is None:
+            return
+        if m.gen != live.gen:
+            # a generation changes only through a snapshot: rows of another one outside a
+            # snapshot are never applied to this model
+            self.skipped += len(self.pending)
+            self.pending.clear()
+            return
+        for rec in self.pending:
+            if rec.gen != live.gen:
+                self.skipped += 1
+                continue
+            _set(live, rec)
+        self.pending.clear()
+        live.marker = m
+        self._done(m)
+
+    def _done(self, m: Marker) -> None:
+        self.applied.append(m)
+        self.dirty = True
+
+    def take_applied(self) -> list[Marker]:
+        out, self.applied = self.applied, []
+        return out
+
+    # ---- what requests read ---------------------------------------------------------------
+
+    def publish(self) -> bool:
+        """Rebuild what requests read after records were fed; True if it changed."""
+        if not self.dirty or self.live is None or self.live.marker is None:
+            return False
+        m, live = self.live.marker, self.live
+        prev = self.served
+        n = min(live.items.n, m.n_items)
+        if n and not np.all(live.item_gen[:n] == live.gen):
+            raise MixedGenerationError(f"item rows of another generation than {live.gen}")
+        if prev is not None and prev.users.model is live and not live.items_changed:
+            view = dataclasses.replace(prev.view, clock=m.clock, model_version=m.version)
+        else:
+            state = ModelState(
+                config=live.config, users=live.users, items=_first(live.items, n),
+                cdf=np.zeros((3, 0)), clock=np.array([m.clock]), confidence=None,
+                model_version=m.version,
+            )  # fmt: skip
+            view = dataclasses.replace(ItemView.from_state(state, copy=True), generation=live.gen)
+            live.items_changed = False
+        self.served = Served(view, PinnedUsers(live, live.gen), m)
+        self.dirty = False
+        return True
+
+
+class _First:
+    """The first `n` rows of a table (an item row whose marker is not applied yet stays out)."""
+
+    def __init__(self, table: EntityTable, n: int) -> None:
+        self.n = n
+        self.factors, self.bias, self.logpop = table.factors, table.bias, table.logpop
+        self.count, self.last = table.count, table.last
+        self.ids = table.ids[:n]
+        self.index = table.index
+
+
+def _first(table: EntityTable, n: int) -> Any:
+    return table if table.n == n else _First(table, n)
+
+
+def _set(model: ServingModel, rec: Record) -> None:
+    if rec.kind == "user":
+        model.set_user(rec.gen, rec.index, rec.value)
+    elif rec.kind == "item":
+        model.set_items(rec.gen, rec.index, rec.value)
+
+
+def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelReader:
+    """A reader fed every (key, value) in order (tests and tools); unreadable ones skipped."""
+    reader = ModelReader()
+    for k, v in records:
+        try:
+            reader.feed(decode(k, v))
+        except LogFormatError:
+            reader.skipped += 1
+    reader.publish()
+    return reader
+
+
+__all__ = ["NEVER", "ItemView", "Marker", "ModelReader", "Served", "decode"]

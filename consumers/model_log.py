@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: one partition: a reader applies records in the order they were written
 PARTITION = 0
+#: a snapshot the broker did not take is tried again this often (the loop waits this long for
+#: its first record's acknowledgement)
+SNAPSHOT_RETRY_S = 5.0
 #: the broker keeps the latest record of each key
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
 
@@ -65,7 +68,7 @@ def ensure_topic(kafka: KafkaSettings, topic: str) -> None:
             kafka.bootstrap_servers, {topic: 1}, config=TOPIC_CONFIG,
             client_config=kafka.client_config(),
         )  # fmt: skip
-    except (KafkaException, ValueError) as exc:
+    except Exception as exc:  # no broker yet, no rights: the topic may exist anyway
         log.warning("cannot create the model topic %r (%s): create it compacted, 1 partition",
                     topic, exc)  # fmt: skip
 
@@ -160,7 +163,7 @@ class ModelLogPublisher:
         self.dirty = np.zeros(1024, np.bool_)
         self.n_published_items = 0
         self.next_items = 0.0
-        self._begin_offset: list[int] = []
+        self.retry_at = 0.0
         self.last_state: ModelState | None = None
 
     # ---- start ----------------------------------------------------------------------------
@@ -168,13 +171,16 @@ class ModelLogPublisher:
     def start(self, state: ModelState) -> None:
         """Read the log's last marker: a snapshot now unless it stands for the store's last
         commit with nothing pending (a kill between a commit and its acknowledgement)."""
-        ensure_topic(self.settings.kafka, self.topic)
         keys, _ = confidence_items(state.confidence)
         self.seen = SeenIndex(keys)
         self.last_state = state
+        ensure_topic(self.settings.kafka, self.topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
             marker, _end = find_last_marker(c, self.topic)
+        except Exception as exc:  # the broker is away: a snapshot once it is back
+            log.warning("cannot read the model log's end (%s): a snapshot follows", exc)
+            marker = None
         finally:
             c.close()
         if (
@@ -193,7 +199,7 @@ class ModelLogPublisher:
             why = "empty" if marker is None else f"at commit {marker.seq}"
             log.info("the model log is %s, the store at commit %d: publishing a snapshot",
                      why, self.seq)  # fmt: skip
-            self.snapshot(state)
+            self.tick(state)
 
     # ---- after each commit ----------------------------------------------------------------
 
@@ -247,6 +253,9 @@ class ModelLogPublisher:
             if self.seq == 0:
                 return
             if self.need_snapshot or self.failed:
+                if time.monotonic() < self.retry_at:
+                    return
+                self.retry_at = time.monotonic() + SNAPSHOT_RETRY_S
                 self.snapshot(state)
             elif self.dirty.any() and time.monotonic() >= self.next_items:
                 self._flush_items(state)
@@ -349,7 +358,7 @@ class ModelLogPublisher:
 
         before = self.bytes_since
         self._produce(BEGIN_KEY, f'{{"seq": {self.seq}, "gen": {self.gen}}}'.encode(), begun)
-        self.producer.flush(10.0)
+        self.producer.flush(SNAPSHOT_RETRY_S)
         if not got:
             self.need_snapshot = True
             raise RuntimeError("the broker did not acknowledge the snapshot's first record")

@@ -7,6 +7,7 @@ import logging
 from typing import get_args
 
 from consumers.commands.common import add_process_flags, build_settings
+from consumers.errors import UserError
 from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.query import QueryService
 from consumers.settings import Compression, QuerySettings
@@ -19,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "query", help="serve rec-requests from the model log (needs only the broker)"
     )
     add_process_flags(p, state=False)
+    p.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)  # gone: says so
     p.add_argument(
         "--reply-compression",
         choices=get_args(Compression),
@@ -29,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.state_dir is not None:
+        raise UserError(
+            "--state-dir is gone: a query process follows the model log on Kafka (topic "
+            "'model', STREAM_MF_TOPICS__MODEL) and needs only --bootstrap-servers; drop the flag"
+        )
     settings = build_settings(
         QuerySettings,
         args,

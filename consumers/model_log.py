@@ -97,6 +97,8 @@ def find_last_marker(
         quiet_until = time.monotonic() + settle
         deadline = time.monotonic() + 30.0
         try:
+            # up to the watermark read at the start (a log being written to has no end to
+            # wait for), or until nothing more comes (a watermark that lags the log)
             while time.monotonic() < min(quiet_until, deadline):
                 got = c.consume(1000, 0.05)
                 for m in got:
@@ -110,8 +112,8 @@ def find_last_marker(
                             continue
                 if got:
                     quiet_until = time.monotonic() + settle
-                if end - 1 <= start and not got and end <= start:
-                    break
+                    if end >= hi:
+                        break
         finally:
             c.unassign()
         if found is not None or start <= lo:
@@ -467,6 +469,7 @@ class ModelFollower:
             marker, end = find_last_marker(self.consumer, self.topic)
             if marker is not None and marker.snap is not None:
                 self.target, self.snap = end, marker.snap
+                self.waiting = ""
                 return marker.snap
             why = "holds no snapshot yet" if end == 0 or marker is None else "has no snapshot"
             if why != self.waiting:
@@ -556,3 +559,35 @@ class ModelFollower:
             self.consumer.close()
         except Exception as exc:
             log.debug("model log consumer close: %s", exc)
+
+
+def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[ModelReader, int]:
+    """A fresh reader materialised from the log as it is now (tests, benches, tools): from the
+    snapshot the last marker names to the end. Returns it and the first offset it read."""
+    c = kafka_io.consumer(kafka, f"read-model-{uuid.uuid4().hex[:8]}")
+    reader = ModelReader()
+    try:
+        marker, end = find_last_marker(c, topic)
+        if marker is None or marker.snap is None:
+            return reader, -1
+        first = -1
+        c.assign([TopicPartition(topic, PARTITION, marker.snap)])
+        quiet_until = time.monotonic() + settle
+        pos = marker.snap
+        while pos < end or time.monotonic() < quiet_until:
+            got = c.consume(5000, 0.1)
+            for m in got:
+                if m.error() is not None:
+                    continue
+                first = m.offset() if first < 0 else first
+                pos = m.offset() + 1
+                try:
+                    reader.feed(decode(m.key(), m.value()))
+                except LogFormatError:
+                    reader.skipped += 1
+            if got:
+                quiet_until = time.monotonic() + settle
+        reader.publish()
+        return reader, first
+    finally:
+        c.close()

@@ -202,12 +202,11 @@ class QueryService:
         return 0
 
     def _holding(self) -> bool:
-        """While a model is being read (a snapshot, then its tail) requests wait, within their
-        deadline, rather than get an error; at most HOLD_S, then they are answered."""
+        """Until the model is read (found, then its snapshot and tail) requests wait, within
+        their deadline, rather than get an error; at most HOLD_S from start, then they are
+        answered with an error saying why (no model in the log yet, or not caught up)."""
         f = self.follower
-        if f.ready.is_set() or time.monotonic() - f.started > HOLD_S:
-            return False
-        return f.reader.live is not None or f.reader.building is not None
+        return not f.ready.is_set() and time.monotonic() - f.started < HOLD_S
 
     def handle(self, m: Message) -> None:
         t_recv = time.time()

@@ -30,20 +30,21 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from stream_mf.model_log import (
-    BEGIN_KEY,
-    CONFIG_KEY,
     ITEM_BLOCK,
     MARKER_KEY,
     LogFormatError,
     Marker,
     ModelReader,
     SeenIndex,
+    begin_record,
     decode,
-    encode_item_block,
-    encode_user,
+    item_blocks,
     item_key,
+    item_records,
     sample_times,
+    snapshot_records,
     user_key,
+    user_records,
 )
 from stream_mf.state import ModelState
 from stream_mf.store import CommitInfo, StateStore, confidence_items
@@ -232,8 +233,9 @@ class ModelLogPublisher:
         if info.everything or self.need_snapshot:
             self.snapshot(state, info)
             return
-        for u in np.unique(info.users).tolist():
-            self._produce(user_key(self.gen, u), encode_user(state.users, u, self.seen.of(u)))
+        rows = np.unique(info.users).tolist()
+        for k, v in user_records(state.users, self.gen, self.seen, rows):
+            self._produce(k, v)
         self._mark_items(info.items)
         if time.monotonic() >= self.next_items:
             self._flush_items(state)
@@ -314,8 +316,8 @@ class ModelLogPublisher:
             blocks = list(range(first, (n + ITEM_BLOCK - 1) // ITEM_BLOCK))
         else:
             blocks = np.unique(np.flatnonzero(self.dirty[:n]) // ITEM_BLOCK).tolist()
-        for b in blocks:
-            self._produce(item_key(self.gen, b), encode_item_block(state.items, b))
+        for k, v in item_records(state.items, self.gen, blocks):
+            self._produce(k, v)
         self.dirty[lo:] = False
         self.n_published_items = n
         if not new_only:
@@ -359,17 +361,14 @@ class ModelLogPublisher:
                 self._delivered(err, msg)
 
         before = self.bytes_since
-        self._produce(BEGIN_KEY, f'{{"seq": {self.seq}, "gen": {self.gen}}}'.encode(), begun)
+        self._produce(*begin_record(self.seq, self.gen), begun)
         self.producer.flush(SNAPSHOT_RETRY_S)
         if not got:
             self.need_snapshot = True
             raise RuntimeError("the broker did not acknowledge the snapshot's first record")
-        self._produce(CONFIG_KEY, state.config.model_dump_json().encode())
+        for k, v in snapshot_records(state, self.gen, self.seen):
+            self._produce(k, v)
         users = state.users
-        for u in range(users.n):
-            self._produce(user_key(self.gen, u), encode_user(users, u, self.seen.of(u)))
-        for b in range((state.items.n + ITEM_BLOCK - 1) // ITEM_BLOCK):
-            self._produce(item_key(self.gen, b), encode_item_block(state.items, b))
         self.dirty[:] = False
         self.n_published_items = state.items.n
         self.next_items = time.monotonic() + self.settings.model_log_item_seconds
@@ -380,7 +379,7 @@ class ModelLogPublisher:
             # built the new one from this snapshot and ignore tombstones)
             for u in range(users.n):
                 self._produce(user_key(self.gen - 1, u), None)
-            for b in range((state.items.n + ITEM_BLOCK - 1) // ITEM_BLOCK):
+            for b in item_blocks(state.items.n):
                 self._produce(item_key(self.gen - 1, b), None)
             self._marker(state, None)
         self.snapshot_bytes = self.bytes_since - before

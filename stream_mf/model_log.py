@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,36 @@ def encode_item_block(table: EntityTable, block: int) -> bytes:
     parts += [getattr(table, name)[lo:hi].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
     parts += [np.asarray([len(i) for i in ids], "<u4").tobytes(), *ids]
     return b"".join(parts)
+
+
+def user_records(
+    table: EntityTable, gen: int, seen: SeenIndex, rows: Iterable[int]
+) -> Iterator[tuple[bytes, bytes]]:
+    for u in rows:
+        yield user_key(gen, u), encode_user(table, u, seen.of(u))
+
+
+def item_records(
+    table: EntityTable, gen: int, blocks: Iterable[int]
+) -> Iterator[tuple[bytes, bytes]]:
+    for b in blocks:
+        yield item_key(gen, b), encode_item_block(table, b)
+
+
+def item_blocks(n: int) -> range:
+    return range((n + ITEM_BLOCK - 1) // ITEM_BLOCK)
+
+
+def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[tuple[bytes, bytes]]:
+    """A snapshot's body (after its BEGIN record, before its marker): the config, then every
+    row of the model."""
+    yield CONFIG_KEY, state.config.model_dump_json().encode()
+    yield from user_records(state.users, gen, seen, range(state.users.n))
+    yield from item_records(state.items, gen, item_blocks(state.items.n))
+
+
+def begin_record(seq: int, gen: int) -> tuple[bytes, bytes]:
+    return BEGIN_KEY, orjson.dumps({"seq": seq, "gen": gen})
 
 
 @dataclass

@@ -535,9 +535,11 @@ class ModelFollower:
             self.catch_up_seconds = time.monotonic() - self.started
             self.ready.set()
             served = self.reader.served
-            log.info("model caught up in %.2f s: commit %d, generation %d, %d users, %d items",
+            log.info("model caught up in %.2f s: commit %d, generation %d, %d users, %d items; "
+                     "read from offset %s (the latest snapshot, at %s) to %d",
                      self.catch_up_seconds, served.marker.seq, served.marker.gen,
-                     served.marker.n_users, served.marker.n_items)  # fmt: skip
+                     served.marker.n_users, served.marker.n_items, self.first_offset, self.snap,
+                     self.position)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.model_log_catch_up.set(self.catch_up_seconds)
 

@@ -3,7 +3,6 @@ as the updater builds them, read back as a query process reads them."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from synthetic import planted_stream
@@ -17,8 +16,8 @@ from stream_mf.model_log import (
     LogFormatError,
     Marker,
     MixedGenerationError,
-    PinnedUsers,
     ModelReader,
+    PinnedUsers,
     SeenIndex,
     begin_record,
     decode,

@@ -162,7 +162,7 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
         create_topics(boot, product_topics(2, topics, interactions=1))
         ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
         common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
-        # their temporary files too (a query process's RocksDB secondary instance)
+        # their temporary files too
         scratch = {"TMPDIR": str(work)}
         try:
             procs.append(
@@ -180,8 +180,9 @@ def _run(work: Path, serve: bool, users: tuple[str, ...]) -> int:
             )
             for q in ("query-1", "query-2"):
                 procs.append(
-                    ManagedProcess(q, ["query", *common, "--metrics-port", str(ports[q])], work,
-                                   env=scratch)
+                    # the broker only: a query process follows the model log
+                    ManagedProcess(q, ["query", "--bootstrap-servers", boot, "--metrics-port",
+                                       str(ports[q])], work, env=scratch)
                     .start()
                 )  # fmt: skip
             print(f"broker {boot} (pid {broker.pid}); state and logs in {work} (removed at exit)")

@@ -240,9 +240,11 @@ class QueryService:
             request_id = reply_id(raw, m.key(), headers)
             resp = self._error(request_id, user_id, f"invalid request: {exc}")
         if req is not None:
-            served = self.follower.served
+            f = self.follower
+            served = f.served if f is not None else None
             if served is None:
-                resp = self._error(req.request_id, req.user_id, self.follower.status())
+                why = f.status() if f is not None else "no model yet: start the updater"
+                resp = self._error(req.request_id, req.user_id, why)
             else:
                 try:
                     resp = answer(req, served.view, served.users,
@@ -301,7 +303,7 @@ class QueryService:
         )
 
     def _version(self) -> int:
-        served = self.follower.reader.served
+        served = self.follower.reader.served if self.follower is not None else None
         return served.marker.version if served is not None else 0
 
     def close(self) -> None:

@@ -167,31 +167,51 @@ class ModelLogPublisher:
         self.n_published_items = 0
         self.next_items = 0.0
         self.retry_at = 0.0
+        self._lookup: threading.Thread | None = None
+        self._found: Marker | None = None
+        self._started = False
+        self._missed = False  # a commit came before the look-up ended
         self.last_state: ModelState | None = None
 
     # ---- start ----------------------------------------------------------------------------
 
     def start(self, state: ModelState) -> None:
-        """Read the log's last marker: a snapshot now unless it stands for the store's last
-        commit with nothing pending (a kill between a commit and its acknowledgement)."""
+        """Look at the log's last marker on a thread of its own (the loop must not wait for a
+        broker that is not there yet); `tick` acts on it: a snapshot unless the marker stands
+        for the store's last commit with nothing pending (a kill between a commit and its
+        acknowledgement leaves it behind)."""
         keys, _ = confidence_items(state.confidence)
         self.seen = SeenIndex(keys)
         self.last_state = state
+        self._lookup = threading.Thread(target=self._look, name="model-log-end", daemon=True)
+        self._lookup.start()
+
+    def _look(self) -> None:
         ensure_topic(self.settings.kafka, self.topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
-            marker, _end = find_last_marker(c, self.topic)
+            self._found = find_last_marker(c, self.topic)[0]
         except Exception as exc:  # the broker is away: a snapshot once it is back
             log.warning("cannot read the model log's end (%s): a snapshot follows", exc)
-            marker = None
+            self._found = None
         finally:
             c.close()
+
+    def _looked(self) -> bool:
+        """Act on the look-up once it is done (loop thread); True from then on."""
+        if self._started:
+            return True
+        if self._lookup is None or self._lookup.is_alive():
+            return False
+        self._started = True
+        marker = self._found
         if (
             marker is not None
             and marker.seq == self.seq
             and marker.gen == self.gen
             and marker.pending_items == 0
             and marker.snap is not None
+            and not self._missed
         ):
             self.need_snapshot = False
             self.snap_offset = marker.snap
@@ -202,7 +222,8 @@ class ModelLogPublisher:
             why = "empty" if marker is None else f"at commit {marker.seq}"
             log.info("the model log is %s, the store at commit %d: publishing a snapshot",
                      why, self.seq)  # fmt: skip
-            self.tick(state)
+            self.need_snapshot = True
+        return True
 
     # ---- after each commit ----------------------------------------------------------------
 
@@ -220,6 +241,18 @@ class ModelLogPublisher:
         state = info.state
         self.last_state = state
         self.seq = info.seq
+        if not self._looked():
+            # the log's end is not known yet: this commit goes out with the snapshot that the
+            # look-up's outcome will call for
+            self._missed = True
+            self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
+            if info.generation is not None:
+                self.gen = info.generation
+            if self.seen is not None and not info.everything:
+                self.seen.add(info.pair_keys)
+            else:
+                self.seen = SeenIndex(confidence_items(state.confidence)[0])
+            return
         self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
         if self.seen is None or info.everything:
             keys, _ = confidence_items(state.confidence)
@@ -254,7 +287,7 @@ class ModelLogPublisher:
         self.producer.poll(0)
         self.last_state = state
         try:
-            if self.seq == 0:
+            if not self._looked() or self.seq == 0:
                 return
             if self.need_snapshot or self.failed:
                 if time.monotonic() < self.retry_at:
@@ -339,6 +372,12 @@ class ModelLogPublisher:
 
         def acked(err: KafkaError | None, msg: Message) -> None:
             self._delivered(err, msg)
+            if err is None and self.snap_offset is not None and msg.offset() < self.snap_offset:
+                # the log restarted below its own snapshot (a topic recreated, a broker that
+                # lost its data): it no longer holds the model
+                log.warning("the model log is shorter than its last snapshot's offset (%d < %d): "
+                            "publishing a snapshot", msg.offset(), self.snap_offset)  # fmt: skip
+                self.need_snapshot = True
             if err is None and self.metrics is not None:
                 self.metrics.model_log_publish_lag.observe(time.time() - committed_at)
 
@@ -360,6 +399,8 @@ class ModelLogPublisher:
             else:
                 self._delivered(err, msg)
 
+        if self.snapshot_at:  # not the first: the topic may have gone (a broker that forgot it)
+            ensure_topic(self.settings.kafka, self.topic)
         before = self.bytes_since
         self._produce(*begin_record(self.seq, self.gen), begun)
         self.producer.flush(SNAPSHOT_RETRY_S)
@@ -394,7 +435,8 @@ class ModelLogPublisher:
                  time.perf_counter() - t0)  # fmt: skip
 
     def close(self) -> None:
-        if self.last_state is not None and self.dirty.any() and self.seq:
+        ok = self._started and not self.need_snapshot and not self.failed
+        if ok and self.last_state is not None and self.dirty.any() and self.seq:
             try:
                 self._flush_items(self.last_state)
                 self._marker(self.last_state, None)

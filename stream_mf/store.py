@@ -2,8 +2,8 @@
 
 Layout (keys big-endian so that byte order is numeric order; values little-endian):
   meta          b"config" JSON ModelConfig, b"counters" int64[4], b"clock" f64, b"n_users",
-                b"n_items", b"model_version" int64, b"cdf" f64[3, cdf_len], b"format", b"block_rows",
-                b"commits" int64 (durable commits so far: the model log's markers name it)
+                b"n_items", b"model_version" int64, b"cdf" f64[3, cdf_len], b"format",
+                b"block_rows", b"commits" int64 (durable commits so far: model log markers name it)
   user_ids      utf-8 id -> int32 index          user_index  be32 index -> utf-8 id
   item_ids      utf-8 id -> int32 index          item_index  be32 index -> utf-8 id
   user_factors  be32 gen | be32 block -> f32[rows, dim]   (item_factors alike)

@@ -94,11 +94,35 @@ def encode_item_block(table: EntityTable, block: int) -> bytes:
     return b"".join(parts)
 
 
+_META = np.dtype([(name, dt) for name, dt in _ROW_ARRAYS])  # packed: the wire layout
+
+
 def user_records(
     table: EntityTable, gen: int, seen: SeenIndex, rows: Iterable[int]
 ) -> Iterator[tuple[bytes, bytes]]:
-    for u in rows:
-        yield user_key(gen, u), encode_user(table, u, seen.of(u))
+    """`encode_user` of many rows, with the arrays turned into bytes in a few C calls (a
+    commit at 20k events/s carries thousands of user rows)."""
+    idx = np.fromiter(rows, np.int64)
+    if idx.size == 0:
+        return
+    dim = table.dim
+    fb = np.ascontiguousarray(table.factors[idx], "<f4").view(f"V{dim * 4}").ravel().tolist()
+    meta = np.empty(idx.size, _META)
+    for name, _dt in _ROW_ARRAYS:
+        meta[name] = getattr(table, name)[idx]
+    mb = meta.view(f"V{_META.itemsize}").tolist()
+    keys = np.empty((idx.size, 3), ">u4")
+    keys[:, 0] = 0
+    keys[:, 1] = gen
+    keys[:, 2] = idx
+    kb = keys.view("V12").ravel().tolist()
+    head, ids, of = _USER_HEAD.pack, table.ids, seen.of
+    for j, u in enumerate(idx.tolist()):
+        s = of(u)
+        yield (
+            b"u" + kb[j][4:],
+            b"".join((head(FORMAT, dim, s.size), fb[j], mb[j], s.tobytes(), ids[u].encode())),
+        )
 
 
 def item_records(

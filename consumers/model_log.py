@@ -171,6 +171,9 @@ class ModelLogPublisher:
         self._found: Marker | None = None
         self._started = False
         self._missed = False  # a commit came before the look-up ended
+        # event times of commits not marked on their own yet (they go out with the next marker)
+        self._times: list[np.ndarray] = []
+        self._count = 0
         self.last_state: ModelState | None = None
 
     # ---- start ----------------------------------------------------------------------------
@@ -241,6 +244,11 @@ class ModelLogPublisher:
         state = info.state
         self.last_state = state
         self.seq = info.seq
+        if info.event_times is not None and info.event_times.size:
+            self._times.append(info.event_times)
+            self._count += int(info.events)
+            if len(self._times) > 64:  # many commits unmarked (no broker): a sample is enough
+                self._times = [np.asarray(sample_times(np.concatenate(self._times)))]
         if not self._looked():
             # the log's end is not known yet: this commit goes out with the snapshot that the
             # look-up's outcome will call for
@@ -357,7 +365,9 @@ class ModelLogPublisher:
             self.next_items = time.monotonic() + self.settings.model_log_item_seconds
 
     def _marker(self, state: ModelState, info: CommitInfo | None, snapshot: bool = False) -> None:
-        times = info.event_times if info is not None else None
+        times = np.concatenate(self._times) if self._times else None
+        count = self._count
+        self._times, self._count = [], 0
         committed_at = time.time()
         m = Marker(
             seq=self.seq, gen=self.gen, version=state.model_version,
@@ -365,7 +375,7 @@ class ModelLogPublisher:
             n_items=min(state.items.n, self.n_published_items), offsets=dict(self.offsets),
             snapshot=snapshot, snap=self.snap_offset,
             pending_items=int(self.dirty[: state.items.n].sum()),
-            count=0 if info is None else int(info.events),
+            count=count,
             times=sample_times(times) if times is not None and times.size else [],
             at=committed_at,
         )  # fmt: skip
@@ -469,6 +479,7 @@ class ModelFollower:
         self.target = 0  # the log's end when the follower started: ready once read past it
         self.position = 0
         self.started = time.monotonic()
+        self.started_at = time.time()  # commits published since count towards freshness
         self.idle_since: float | None = None
         self.catch_up_seconds: float | None = None
         self.skipped = 0

@@ -132,8 +132,8 @@ class QueryService:
         """On the follower thread, after a run of commits became servable."""
         now = time.time()
         m = self.metrics
-        for marker in markers if self.follower.ready.is_set() else ():  # not catch-up's
-            if marker.times and marker.count:
+        for marker in markers:  # commits published since this process started
+            if marker.times and marker.count and marker.at >= self.follower.started_at:
                 observe_many(m.freshness, now - np.asarray(marker.times),
                              marker.count / len(marker.times))  # fmt: skip
         m.refresh_seconds.observe(took)

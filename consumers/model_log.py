@@ -566,14 +566,12 @@ class ModelFollower:
                 self.first_offset = m.offset()
             self.position = m.offset() + 1
             try:
-                rec = decode(m.key(), m.value())
-            except LogFormatError as exc:
+                reader.feed(decode(m.key(), m.value()))
+            except LogFormatError as exc:  # unreadable, or not of this model's shape
                 self.skipped += 1
                 log.warning("skipping model log record at offset %d: %s", m.offset(), exc)
                 if self.metrics is not None:
                     self.metrics.model_log_skipped.inc()
-                continue
-            reader.feed(rec)
         changed = reader.publish()
         took = time.perf_counter() - t0
         applied = reader.take_applied()

@@ -239,10 +239,13 @@ class Record:
 
 @dataclass
 class UserRow:
+    """A user record checked but not unpacked: rows are unpacked many at a time
+    (`ServingModel.set_users`), a few C calls for a commit's or a snapshot's worth."""
+
+    raw: bytes
+    dim: int
+    n_seen: int
     id: str
-    factors: np.ndarray
-    arrays: dict[str, Any]
-    seen: np.ndarray
 
 
 @dataclass
@@ -291,16 +294,29 @@ def _arrays(raw: bytes, at: int, rows: int) -> tuple[dict[str, np.ndarray], int]
     return out, at
 
 
+_USER_FIXED = _USER_HEAD.size
+
+
 def _user(raw: bytes) -> UserRow:
     fmt, dim, n_seen = _USER_HEAD.unpack_from(raw)
     if fmt != FORMAT:
         raise ValueError(f"format {fmt}, this version reads {FORMAT}")
-    at = _USER_HEAD.size
-    factors = np.frombuffer(raw, "<f4", dim, at)
-    arrays, at = _arrays(raw, at + factors.nbytes, 1)
-    seen = np.frombuffer(raw, "<i4", n_seen, at)
-    uid = raw[at + seen.nbytes :].decode()
-    return UserRow(uid, factors, arrays, seen.copy())  # int32: half the memory of int64
+    at = _USER_FIXED + dim * 4 + _META.itemsize + 4 * n_seen
+    if len(raw) < at:
+        raise ValueError(f"{len(raw)} bytes, a row of dim {dim} with {n_seen} seen needs {at}")
+    return UserRow(raw, dim, n_seen, raw[at:].decode())
+
+
+def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Factors [n, dim], the per-row arrays (a structured array) and the seen items (int32:
+    half the memory of int64) of many user rows."""
+    fb, mb = dim * 4, _META.itemsize
+    f_at, m_at = _USER_FIXED, _USER_FIXED + fb
+    factors = np.frombuffer(b"".join([r.raw[f_at:m_at] for r in rows]), "<f4").reshape(-1, dim)
+    meta = np.frombuffer(b"".join([r.raw[m_at : m_at + mb] for r in rows]), _META)
+    s_at = m_at + mb
+    seen = [np.frombuffer(r.raw, "<i4", r.n_seen, s_at).copy() for r in rows]
+    return factors, meta, seen
 
 
 def _items(raw: bytes) -> ItemRows:
@@ -351,19 +367,33 @@ class ServingModel:
             gens = g
         return gens
 
-    def set_user(self, gen: int, row: int, u: UserRow) -> None:
+    def set_users(self, gen: int, rows: list[int], users: list[UserRow]) -> None:
+        """Many user rows at once (the last of a row wins)."""
+        if not rows:
+            return
+        last = dict(zip(rows, range(len(rows)), strict=True))  # row -> its last record
+        if len(last) < len(rows):
+            rows, users = list(last), [users[j] for j in last.values()]
+        bad = [j for j, u in enumerate(users) if u.dim != self.config.dim]
+        if bad:
+            raise LogFormatError(f"user rows of dim {users[bad[0]].dim}, the model's is "
+                                 f"{self.config.dim}")  # fmt: skip
         t = self.users
-        self.user_gen = self._grow(t, self.user_gen, row + 1)
+        idx = np.asarray(rows, np.int64)
+        self.user_gen = self._grow(t, self.user_gen, int(idx.max()) + 1)
         if len(self.seen) < t.n:
-            self.seen.extend([np.empty(0, np.int64)] * (t.n - len(self.seen)))
-        t.factors[row] = u.factors
-        for name, a in u.arrays.items():
-            getattr(t, name)[row] = a[0]
-        self.seen[row] = u.seen
-        if t.ids[row] != u.id:
-            t.ids[row] = u.id
-            t.index[u.id] = row
-        self.user_gen[row] = gen
+            self.seen.extend([_NONE] * (t.n - len(self.seen)))
+        factors, meta, seen = unpack_users(users, self.config.dim)
+        t.factors[idx] = factors
+        for name, _dt in _ROW_ARRAYS:
+            getattr(t, name)[idx] = meta[name]
+        ids, index, all_seen = t.ids, t.index, self.seen
+        for row, u, s in zip(rows, users, seen, strict=True):
+            all_seen[row] = s
+            if ids[row] != u.id:
+                ids[row] = u.id
+                index[u.id] = row
+        self.user_gen[idx] = gen
 
     def set_items(self, gen: int, block: int, r: ItemRows) -> None:
         t = self.items
@@ -443,6 +473,7 @@ class ModelReader:
         self.config: ModelConfig | None = None
         self.pending: list[Record] = []
         self.early: list[Record] = []  # a snapshot's rows before its config record
+        self._ubuf: list[Record] = []  # user rows for the model being built, unpacked together
         self.served: Served | None = None
         self.applied: list[Marker] = []  # markers applied since the last `take_applied`
         self.skipped = 0  # records of a generation they cannot belong to (never applied)
@@ -456,6 +487,7 @@ class ModelReader:
             return  # a replaced generation's row: the reader already moved past it
         if rec.kind == "config":
             self.config = rec.value
+            self._ubuf.clear()
             if self.building is None or self.building.config != rec.value:
                 gen = self.building.gen if self.building is not None else 0
                 self.building = ServingModel(rec.value, gen)
@@ -466,6 +498,7 @@ class ModelReader:
         if rec.kind == "begin":
             # a snapshot: build it on the side (the live model keeps serving meanwhile)
             self.pending.clear()
+            self._ubuf.clear()
             self.building = ServingModel(self.config, rec.gen) if self.config is not None else None
             return
         if rec.kind == "marker":
@@ -484,15 +517,27 @@ class ModelReader:
                 return
             b = self.building = ServingModel(self.config, rec.gen)
         if rec.gen > b.gen:  # the log moved to a newer generation: its rows replace these
+            self._ubuf.clear()
             b = self.building = ServingModel(b.config, rec.gen)
         if rec.gen < b.gen:
             return
-        _set(b, rec)
+        if rec.kind == "user":
+            self._ubuf.append(rec)
+            if len(self._ubuf) >= 4096:
+                self._flush_users(b)
+        else:
+            _set(b, rec)
+
+    def _flush_users(self, model: ServingModel) -> None:
+        buf, self._ubuf = self._ubuf, []
+        ok = [r for r in buf if r.gen == model.gen]
+        model.set_users(model.gen, [r.index for r in ok], [r.value for r in ok])
 
     def _marker(self, m: Marker) -> None:
         self.last_marker = m
         b = self.building
         if b is not None:
+            self._flush_users(b)
             if not b.complete(m):  # a compacted stretch, or a snapshot still under way
                 return
             b.marker = m
@@ -509,11 +554,15 @@ class ModelReader:
             self.skipped += len(self.pending)
             self.pending.clear()
             return
+        users: list[Record] = []
         for rec in self.pending:
             if rec.gen != live.gen:
                 self.skipped += 1
-                continue
-            _set(live, rec)
+            elif rec.kind == "user":
+                users.append(rec)
+            else:
+                _set(live, rec)
+        live.set_users(live.gen, [r.index for r in users], [r.value for r in users])
         self.pending.clear()
         live.marker = m
         self._done(m)
@@ -569,7 +618,7 @@ def _first(table: EntityTable, n: int) -> Any:
 
 def _set(model: ServingModel, rec: Record) -> None:
     if rec.kind == "user":
-        model.set_user(rec.gen, rec.index, rec.value)
+        model.set_users(rec.gen, [rec.index], [rec.value])
     elif rec.kind == "item":
         model.set_items(rec.gen, rec.index, rec.value)
 
@@ -580,7 +629,7 @@ def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelRe
     for k, v in records:
         try:
             reader.feed(decode(k, v))
-        except LogFormatError:
+        except LogFormatError:  # unreadable, or not of this model's shape
             reader.skipped += 1
     reader.publish()
     return reader

@@ -118,12 +118,15 @@ class Load:
         self.p.flush(30)
 
 
-def new_user_latency(kafka: str, topics: dict[str, str], seconds: float) -> list[float]:
-    """A brand-new user's first event to a personalized answer, one probe every 0.5 s."""
+def new_user_latency(
+    kafka: str, topics: dict[str, str], seconds: float, client: RecClient
+) -> tuple[list[float], int]:
+    """A brand-new user's first event to a personalized answer, one probe every 0.5 s; and how
+    many probes got none within 10 s."""
     ks = KafkaSettings(bootstrap_servers=kafka)
     p = kafka_io.producer(ks, **{"linger.ms": 0})
-    client = RecClient(ks, topics["requests"], topics["responses"])
     out: list[float] = []
+    missed = 0
     end = time.monotonic() + seconds
     try:
         while time.monotonic() < end:
@@ -132,6 +135,7 @@ def new_user_latency(kafka: str, topics: dict[str, str], seconds: float) -> list
             doc = {"user_id": uid, "item_id": "i1", "event_type": "view", "timestamp": t0}
             p.produce(topics["interactions"], key=uid.encode(), value=orjson.dumps(doc))
             p.flush(5)
+            got = False
             while time.time() - t0 < 10:
                 try:
                     r = client.ask({"user_id": uid, "k": 5}, timeout=5)
@@ -139,12 +143,14 @@ def new_user_latency(kafka: str, topics: dict[str, str], seconds: float) -> list
                     continue
                 if r.strategy == "personalized":
                     out.append(time.time() - t0)
+                    got = True
                     break
                 time.sleep(0.01)
+            missed += not got
             time.sleep(max(0.0, 0.5 - (time.time() - t0)))
     finally:
-        client.close()
-    return out
+        p.flush(5)
+    return out, missed
 
 
 def main() -> None:
@@ -300,12 +306,16 @@ def main() -> None:
             )
 
             # ---- 3. freshness at each rate ----
+            client = RecClient(
+                KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
+            )
+            client.ask({"user_id": "u1", "k": 5}, timeout=30)  # joined and warm
             for rate in rates:
                 before_q, before_u = scrape(q_url), scrape(up_url)
                 load = Load(kafka, topics["interactions"], rate, n_users, n_items)
                 load.t.start()
                 time.sleep(2.0)
-                lat = new_user_latency(kafka, topics, seconds)
+                lat, missed = new_user_latency(kafka, topics, seconds, client)
                 load.stop.set()
                 load.t.join(60)
                 time.sleep(2.0)
@@ -325,10 +335,12 @@ def main() -> None:
                     "new_p50": float(np.percentile(arr, 50)),
                     "new_p99": float(np.percentile(arr, 99)),
                     "probes": len(lat),
+                    "missed": missed,
                     "bytes_per_event": by / ev if ev else float("nan"),
                 }
                 rows.append(row)
                 print(row, flush=True)
+            client.close()
             if broker_pid is not None:
                 result["broker_rss_bytes"] = rss_of(broker_pid)
     finally:

@@ -30,7 +30,6 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from stream_mf.model_log import (
-    ITEM_BLOCK,
     MARKER_KEY,
     LogFormatError,
     Marker,
@@ -38,7 +37,6 @@ from stream_mf.model_log import (
     SeenIndex,
     begin_record,
     decode,
-    item_blocks,
     item_key,
     item_records,
     sample_times,
@@ -348,16 +346,12 @@ class ModelLogPublisher:
         self.dirty[items] = True
 
     def _flush_items(self, state: ModelState, new_only: bool = False) -> None:
-        """Item blocks with changed rows (or, `new_only`, the blocks of ids not yet in the
-        log): whole blocks at their committed values."""
+        """Item rows changed since the last flush (or, `new_only`, the rows of ids not yet in
+        the log), at their committed values."""
         n = state.items.n
-        first = self.n_published_items // ITEM_BLOCK if new_only else 0
-        lo = first * ITEM_BLOCK
-        if new_only:
-            blocks = list(range(first, (n + ITEM_BLOCK - 1) // ITEM_BLOCK))
-        else:
-            blocks = np.unique(np.flatnonzero(self.dirty[:n]) // ITEM_BLOCK).tolist()
-        for k, v in item_records(state.items, self.gen, blocks):
+        lo = self.n_published_items if new_only else 0
+        rows = range(lo, n) if new_only else np.flatnonzero(self.dirty[:n]).tolist()
+        for k, v in item_records(state.items, self.gen, rows):
             self._produce(k, v)
         self.dirty[lo:] = False
         self.n_published_items = n
@@ -430,8 +424,8 @@ class ModelLogPublisher:
             # built the new one from this snapshot and ignore tombstones)
             for u in range(users.n):
                 self._produce(user_key(self.gen - 1, u), None)
-            for b in item_blocks(state.items.n):
-                self._produce(item_key(self.gen - 1, b), None)
+            for i in range(state.items.n):
+                self._produce(item_key(self.gen - 1, i), None)
             self._marker(state, None)
         self.snapshot_bytes = self.bytes_since - before
         self.bytes_since = 0
@@ -456,6 +450,17 @@ class ModelLogPublisher:
         if left:
             log.warning("%d model log record(s) not delivered at stop: the next start "
                         "publishes a snapshot", left)  # fmt: skip
+
+
+def _trim() -> None:
+    """Return freed heap to the OS (glibc keeps it otherwise): after the catch-up the process
+    holds the model, not the bytes it was read from."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---- the query side -------------------------------------------------------------------------
@@ -491,7 +496,15 @@ class ModelFollower:
             settings.kafka,
             f"{settings.group_id}-model-{uuid.uuid4().hex[:8]}",
             on_error=(metrics.errors.labels("broker").inc if metrics is not None else None),
-            **{"fetch.wait.max.ms": 5, "enable.partition.eof": False},
+            # a snapshot is read as fast as it is applied: a small prefetch queue keeps the
+            # process lean (the shared default holds up to 256 MB of fetched records)
+            **{
+                "fetch.wait.max.ms": 5,
+                "enable.partition.eof": False,
+                "queued.max.messages.kbytes": 16 * 1024,
+                "max.partition.fetch.bytes": 4 << 20,
+                "fetch.max.bytes": 8 << 20,
+            },
         )
         self.thread = threading.Thread(target=self._run, name="model-log", daemon=True)
 
@@ -593,6 +606,7 @@ class ModelFollower:
                      self.position)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.model_log_catch_up.set(self.catch_up_seconds)
+            _trim()  # hand back what reading the snapshot used (a snapshot's bytes)
 
     def lag(self) -> int:
         try:

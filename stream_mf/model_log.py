@@ -12,7 +12,7 @@ record applied twice is harmless:
   b"u" be32 gen be32 row    a user row of generation `gen`: id, every per-row array of the
                             model (factors, bias, count, last, logpop) and the items the user
                             has seen (exclusions and `because`)
-  b"i" be32 gen be32 block  ITEM_BLOCK item rows of `gen` (ids and the same arrays)
+  b"i" be32 gen be32 row    an item row of `gen`, in the same layout (no seen items)
   b"C"                      the model config (JSON), first record of every snapshot
   b"B"                      a snapshot begins (JSON {"seq", "gen"})
   b"M"                      a commit marker (JSON, `Marker`): the rows before it, since the
@@ -41,7 +41,6 @@ from stream_mf.recommend import ItemView
 from stream_mf.state import NEVER, EntityTable, ModelState
 
 FORMAT = 1
-ITEM_BLOCK = 16
 MARKER_KEY = b"M"
 BEGIN_KEY = b"B"
 CONFIG_KEY = b"C"
@@ -67,8 +66,8 @@ def user_key(gen: int, row: int) -> bytes:
     return _ROW_KEY.pack(b"u", gen, row)
 
 
-def item_key(gen: int, block: int) -> bytes:
-    return _ROW_KEY.pack(b"i", gen, block)
+def item_key(gen: int, row: int) -> bytes:
+    return _ROW_KEY.pack(b"i", gen, row)
 
 
 def encode_user(table: EntityTable, row: int, seen: np.ndarray) -> bytes:
@@ -80,28 +79,19 @@ def encode_user(table: EntityTable, row: int, seen: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def encode_item_block(table: EntityTable, block: int) -> bytes:
-    """ITEM_BLOCK item rows (fewer in the last block), whole."""
-    lo = block * ITEM_BLOCK
-    hi = min(lo + ITEM_BLOCK, table.n)
-    ids = [table.ids[j].encode() for j in range(lo, hi)]
-    parts = [
-        _ITEM_HEAD.pack(FORMAT, table.dim, hi - lo),
-        table.factors[lo:hi].astype("<f4").tobytes(),
-    ]
-    parts += [getattr(table, name)[lo:hi].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
-    parts += [np.asarray([len(i) for i in ids], "<u4").tobytes(), *ids]
-    return b"".join(parts)
-
-
 _META = np.dtype([(name, dt) for name, dt in _ROW_ARRAYS])  # packed: the wire layout
 
 
 def user_records(
-    table: EntityTable, gen: int, seen: SeenIndex, rows: Iterable[int]
+    table: EntityTable,
+    gen: int,
+    seen: SeenIndex | None,
+    rows: Iterable[int],
+    kind: bytes = b"u",
 ) -> Iterator[tuple[bytes, bytes]]:
     """`encode_user` of many rows, with the arrays turned into bytes in a few C calls (a
-    commit at 20k events/s carries thousands of user rows)."""
+    commit at 20k events/s carries thousands of user rows). Item rows (`kind` b"i") have the
+    same layout, with no seen items."""
     idx = np.fromiter(rows, np.int64)
     if idx.size == 0:
         return
@@ -116,24 +106,22 @@ def user_records(
     keys[:, 1] = gen
     keys[:, 2] = idx
     kb = keys.view("V12").ravel().tolist()
-    head, ids, of = _USER_HEAD.pack, table.ids, seen.of
+    head, ids = _USER_HEAD.pack, table.ids
+    of = seen.of if seen is not None else (lambda _u: _NONE)
     for j, u in enumerate(idx.tolist()):
         s = of(u)
         yield (
-            b"u" + kb[j][4:],
+            kind + kb[j][4:],
             b"".join((head(FORMAT, dim, s.size), fb[j], mb[j], s.tobytes(), ids[u].encode())),
         )
 
 
 def item_records(
-    table: EntityTable, gen: int, blocks: Iterable[int]
+    table: EntityTable, gen: int, rows: Iterable[int]
 ) -> Iterator[tuple[bytes, bytes]]:
-    for b in blocks:
-        yield item_key(gen, b), encode_item_block(table, b)
-
-
-def item_blocks(n: int) -> range:
-    return range((n + ITEM_BLOCK - 1) // ITEM_BLOCK)
+    """Item rows, one record each: sampled negatives touch rows all over the catalogue, so a
+    record per row costs far fewer bytes than blocks of rows."""
+    return user_records(table, gen, None, rows, b"i")
 
 
 def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[tuple[bytes, bytes]]:
@@ -141,7 +129,7 @@ def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[t
     row of the model."""
     yield CONFIG_KEY, state.config.model_dump_json().encode()
     yield from user_records(state.users, gen, seen, range(state.users.n))
-    yield from item_records(state.items, gen, item_blocks(state.items.n))
+    yield from item_records(state.items, gen, range(state.items.n))
 
 
 def begin_record(seq: int, gen: int) -> tuple[bytes, bytes]:
@@ -248,13 +236,6 @@ class UserRow:
     id: str
 
 
-@dataclass
-class ItemRows:
-    ids: list[str]
-    factors: np.ndarray
-    arrays: dict[str, np.ndarray]
-
-
 def decode(key: bytes | None, value: bytes | None) -> Record:
     """One record; LogFormatError if it cannot be read (the caller skips and counts it)."""
     if not key:
@@ -279,19 +260,10 @@ def decode(key: bytes | None, value: bytes | None) -> Record:
     if value is None:
         return Record("tombstone", gen, index, name)
     try:
-        payload = _user(value) if name == "user" else _items(value)
+        payload = _user(value)
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise LogFormatError(f"bad {name} record {gen}/{index}: {exc}") from exc
     return Record(name, gen, index, payload)
-
-
-def _arrays(raw: bytes, at: int, rows: int) -> tuple[dict[str, np.ndarray], int]:
-    out: dict[str, np.ndarray] = {}
-    for name, dt in _ROW_ARRAYS:
-        a = np.frombuffer(raw, dt, rows, at)
-        out[name] = a
-        at += a.nbytes
-    return out, at
 
 
 _USER_FIXED = _USER_HEAD.size
@@ -317,24 +289,6 @@ def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray,
     s_at = m_at + mb
     seen = [np.frombuffer(r.raw, "<i4", r.n_seen, s_at).copy() for r in rows]
     return factors, meta, seen
-
-
-def _items(raw: bytes) -> ItemRows:
-    fmt, dim, rows = _ITEM_HEAD.unpack_from(raw)
-    if fmt != FORMAT:
-        raise ValueError(f"format {fmt}, this version reads {FORMAT}")
-    at = _ITEM_HEAD.size
-    factors = np.frombuffer(raw, "<f4", rows * dim, at).reshape(rows, dim)
-    arrays, at = _arrays(raw, at + factors.nbytes, rows)
-    lens = np.frombuffer(raw, "<u4", rows, at)
-    at += lens.nbytes
-    ids = []
-    for n in lens.tolist():
-        ids.append(raw[at : at + n].decode())
-        at += n
-    if at != len(raw):
-        raise ValueError("trailing bytes")
-    return ItemRows(ids, factors, arrays)
 
 
 # ---- the reader (query side) -----------------------------------------------------------------
@@ -367,8 +321,10 @@ class ServingModel:
             gens = g
         return gens
 
-    def set_users(self, gen: int, rows: list[int], users: list[UserRow]) -> None:
-        """Many user rows at once (the last of a row wins)."""
+    def set_users(
+        self, gen: int, rows: list[int], users: list[UserRow], kind: str = "user"
+    ) -> None:
+        """Many user (or item) rows at once (the last of a row wins)."""
         if not rows:
             return
         last = dict(zip(rows, range(len(rows)), strict=True))  # row -> its last record
@@ -378,37 +334,29 @@ class ServingModel:
         if bad:
             raise LogFormatError(f"user rows of dim {users[bad[0]].dim}, the model's is "
                                  f"{self.config.dim}")  # fmt: skip
-        t = self.users
+        user = kind == "user"
+        t = self.users if user else self.items
         idx = np.asarray(rows, np.int64)
-        self.user_gen = self._grow(t, self.user_gen, int(idx.max()) + 1)
-        if len(self.seen) < t.n:
-            self.seen.extend([_NONE] * (t.n - len(self.seen)))
+        gens = self._grow(t, self.user_gen if user else self.item_gen, int(idx.max()) + 1)
+        if user:
+            self.user_gen = gens
+            if len(self.seen) < t.n:
+                self.seen.extend([_NONE] * (t.n - len(self.seen)))
+        else:
+            self.item_gen = gens
+            self.items_changed = True
         factors, meta, seen = unpack_users(users, self.config.dim)
         t.factors[idx] = factors
         for name, _dt in _ROW_ARRAYS:
             getattr(t, name)[idx] = meta[name]
         ids, index, all_seen = t.ids, t.index, self.seen
         for row, u, s in zip(rows, users, seen, strict=True):
-            all_seen[row] = s
+            if user:
+                all_seen[row] = s
             if ids[row] != u.id:
                 ids[row] = u.id
                 index[u.id] = row
-        self.user_gen[idx] = gen
-
-    def set_items(self, gen: int, block: int, r: ItemRows) -> None:
-        t = self.items
-        lo = block * ITEM_BLOCK
-        hi = lo + len(r.ids)
-        self.item_gen = self._grow(t, self.item_gen, hi)
-        t.factors[lo:hi] = r.factors
-        for name, a in r.arrays.items():
-            getattr(t, name)[lo:hi] = a
-        for j, iid in enumerate(r.ids, lo):
-            if t.ids[j] != iid:
-                t.ids[j] = iid
-                t.index[iid] = j
-        self.item_gen[lo:hi] = gen
-        self.items_changed = True
+        gens[idx] = gen
 
     def complete(self, marker: Marker) -> bool:
         """Every row the marker counts is here, of the marker's generation."""
@@ -521,17 +469,13 @@ class ModelReader:
             b = self.building = ServingModel(b.config, rec.gen)
         if rec.gen < b.gen:
             return
-        if rec.kind == "user":
-            self._ubuf.append(rec)
-            if len(self._ubuf) >= 4096:
-                self._flush_users(b)
-        else:
-            _set(b, rec)
+        self._ubuf.append(rec)
+        if len(self._ubuf) >= 4096:
+            self._flush_users(b)
 
     def _flush_users(self, model: ServingModel) -> None:
         buf, self._ubuf = self._ubuf, []
-        ok = [r for r in buf if r.gen == model.gen]
-        model.set_users(model.gen, [r.index for r in ok], [r.value for r in ok])
+        _apply(model, [r for r in buf if r.gen == model.gen])
 
     def _marker(self, m: Marker) -> None:
         self.last_marker = m
@@ -554,15 +498,9 @@ class ModelReader:
             self.skipped += len(self.pending)
             self.pending.clear()
             return
-        users: list[Record] = []
-        for rec in self.pending:
-            if rec.gen != live.gen:
-                self.skipped += 1
-            elif rec.kind == "user":
-                users.append(rec)
-            else:
-                _set(live, rec)
-        live.set_users(live.gen, [r.index for r in users], [r.value for r in users])
+        ok = [r for r in self.pending if r.gen == live.gen]
+        self.skipped += len(self.pending) - len(ok)
+        _apply(live, ok)
         self.pending.clear()
         live.marker = m
         self._done(m)
@@ -616,11 +554,12 @@ def _first(table: EntityTable, n: int) -> Any:
     return table if table.n == n else _First(table, n)
 
 
-def _set(model: ServingModel, rec: Record) -> None:
-    if rec.kind == "user":
-        model.set_users(rec.gen, [rec.index], [rec.value])
-    elif rec.kind == "item":
-        model.set_items(rec.gen, rec.index, rec.value)
+def _apply(model: ServingModel, records: list[Record]) -> None:
+    """User and item rows of one generation, each kind in one go."""
+    for kind in ("user", "item"):
+        rows = [r for r in records if r.kind == kind]
+        if rows:
+            model.set_users(model.gen, [r.index for r in rows], [r.value for r in rows], kind)
 
 
 def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelReader:

@@ -61,10 +61,9 @@ def commit(
 ) -> list[tuple[bytes, bytes | None]]:
     """What the publisher sends for one commit whose item rows go out with it."""
     seen = SeenIndex(confidence_items(state.confidence)[0])
-    blocks = np.unique(items // 16).tolist()
     return [
         *user_records(state.users, gen, seen, np.unique(users).tolist()),
-        *item_records(state.items, gen, blocks),
+        *item_records(state.items, gen, np.unique(items).tolist()),
         (MARKER_KEY, marker(state, seq, gen)),
     ]
 

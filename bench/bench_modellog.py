@@ -345,7 +345,10 @@ def main() -> None:
                 result["broker_rss_bytes"] = rss_of(broker_pid)
     finally:
         children.stop_all()
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work dir kept: {work}")
     result["rates"] = rows
     print_table(
         f"model log: {n_users:,} users x {n_items:,} items, dim 64",

@@ -176,13 +176,16 @@ class UpdaterSettings(ProcessSettings):
         "rows and new ids go out with every commit)",
     )
     model_log_snapshot_ratio: float = Field(
-        default=1.0,
+        default=2.0,
         gt=0,
         description="publish a full snapshot once the model log records since the last one "
         "outweigh it this many times (a restarting reader reads at most about 1 + this)",
     )
     model_log_snapshot_min_seconds: float = Field(
-        default=30.0, ge=0, description="the least time between two periodic snapshots"
+        default=60.0,
+        ge=0,
+        description="the least time between two periodic snapshots (each holds up the updater "
+        "for about a second at 100k users x 50k items)",
     )
     model_log_compression: Compression = Field(
         default="none", description="compression of the model log (float rows barely compress)"

@@ -73,10 +73,9 @@ EXIT_OFFSETS = 5
 EXIT_OFFSET_GAP = 6
 # while dead letters wait for the broker, say so this often (log and errors_total{kind="broker"})
 STALL_REPORT_S = 5.0
-# a swapped-out model's rows stay this long after a rebuild (another rebuild may start
-# meanwhile): query processes answer requests from the view they hold (users pinned to its
-# generation) until their next refresh, which can take seconds on a large catalogue
-# (bench/bench_follower.py); a restart of the updater drops them at once
+# a swapped-out model's rows stay in the store this long after a rebuild (another rebuild may
+# start meanwhile); query processes never read them (the model log carries the new generation
+# as a snapshot); a restart of the updater drops them at once
 OLD_GENERATION_GRACE_S = 60.0
 # after a stop request a batch still waits this long for its dead letters (a slow broker), then
 # stops uncommitted; well inside a container's usual 30 s stop grace period

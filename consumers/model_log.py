@@ -406,7 +406,7 @@ class ModelLogPublisher:
         if self.snapshot_at:  # not the first: the topic may have gone (a broker that forgot it)
             ensure_topic(self.settings.kafka, self.topic)
         before = self.bytes_since
-        self._produce(*begin_record(self.seq, self.gen), begun)
+        self._produce(*begin_record(self.seq, self.gen, state.users.n, state.items.n), begun)
         self.producer.flush(SNAPSHOT_RETRY_S)
         if not got:
             self.need_snapshot = True

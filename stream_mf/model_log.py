@@ -132,8 +132,9 @@ def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[t
     yield from item_records(state.items, gen, range(state.items.n))
 
 
-def begin_record(seq: int, gen: int) -> tuple[bytes, bytes]:
-    return BEGIN_KEY, orjson.dumps({"seq": seq, "gen": gen})
+def begin_record(seq: int, gen: int, n_users: int = 0, n_items: int = 0) -> tuple[bytes, bytes]:
+    """A snapshot begins; the row counts let a reader size its arrays once."""
+    return BEGIN_KEY, orjson.dumps({"seq": seq, "gen": gen, "n_users": n_users, "n_items": n_items})
 
 
 @dataclass
@@ -279,15 +280,16 @@ def _user(raw: bytes) -> UserRow:
     return UserRow(raw, dim, n_seen, raw[at:].decode())
 
 
-def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Factors [n, dim], the per-row arrays (a structured array) and the seen items (int32:
-    half the memory of int64) of many user rows."""
+def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Factors [n, dim], the per-row arrays (a structured array) and the seen items (int32
+    bytes, read as an array per request: 100k small arrays cost ~11 MB of headers) of many user
+    rows."""
     fb, mb = dim * 4, _META.itemsize
     f_at, m_at = _USER_FIXED, _USER_FIXED + fb
     factors = np.frombuffer(b"".join([r.raw[f_at:m_at] for r in rows]), "<f4").reshape(-1, dim)
     meta = np.frombuffer(b"".join([r.raw[m_at : m_at + mb] for r in rows]), _META)
     s_at = m_at + mb
-    seen = [np.frombuffer(r.raw, "<i4", r.n_seen, s_at).copy() for r in rows]
+    seen = [r.raw[s_at : s_at + 4 * r.n_seen] for r in rows]  # bytes: a third of an array's
     return factors, meta, seen
 
 
@@ -306,14 +308,14 @@ class ServingModel:
         self.items = EntityTable("item", c.dim, c.seed, c.init_scale, 16)
         self.user_gen = np.full(16, -1, np.int64)
         self.item_gen = np.full(16, -1, np.int64)
-        self.seen: list[np.ndarray] = []
+        self.seen: list[bytes] = []  # int32 items each
         self.marker: Marker | None = None
         self.items_changed = True
 
     @staticmethod
     def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
         if n > table.n:
-            table.reserve(n)
+            _reserve(table, n)
             table.ids.extend([""] * (n - table.n))
         if gens.size < table.capacity:
             g = np.full(table.capacity, -1, np.int64)
@@ -341,7 +343,7 @@ class ServingModel:
         if user:
             self.user_gen = gens
             if len(self.seen) < t.n:
-                self.seen.extend([_NONE] * (t.n - len(self.seen)))
+                self.seen.extend([b""] * (t.n - len(self.seen)))
         else:
             self.item_gen = gens
             self.items_changed = True
@@ -372,7 +374,21 @@ class ServingModel:
         t = (self.users, self.items)
         arrays = sum(getattr(x, n).nbytes for x in t for n in ("factors", "bias", "count", "last",
                                                                 "logpop"))  # fmt: skip
-        return arrays + sum(s.nbytes for s in self.seen)
+        return arrays + sum(len(s) for s in self.seen)
+
+
+def _reserve(table: EntityTable, n: int) -> None:
+    """Room for `n` rows, growing by a quarter (`EntityTable.reserve` doubles: a replica would
+    hold up to twice its model)."""
+    if n <= table.capacity:
+        return
+    cap = max(n, table.capacity + table.capacity // 4)
+    for name, fill in (("factors", 0.0), ("bias", 0.0), ("count", 0), ("last", NEVER),
+                       ("logpop", NEVER)):  # fmt: skip
+        a = getattr(table, name)
+        out = np.full((cap, *a.shape[1:]), fill, a.dtype)
+        out[: a.shape[0]] = a
+        setattr(table, name, out)
 
 
 class PinnedUsers:
@@ -396,7 +412,7 @@ class PinnedUsers:
             )
         t = m.users
         return UserRecord(index=u, vector=t.factors[u].copy(), events=int(t.count[u]),
-                          seen=m.seen[u])  # fmt: skip
+                          seen=np.frombuffer(m.seen[u], "<i4"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -422,6 +438,7 @@ class ModelReader:
         self.pending: list[Record] = []
         self.early: list[Record] = []  # a snapshot's rows before its config record
         self._ubuf: list[Record] = []  # user rows for the model being built, unpacked together
+        self._begin = (0, 0, 0)  # generation and row counts of the snapshot under way
         self.served: Served | None = None
         self.applied: list[Marker] = []  # markers applied since the last `take_applied`
         self.skipped = 0  # records of a generation they cannot belong to (never applied)
@@ -438,7 +455,7 @@ class ModelReader:
             self._ubuf.clear()
             if self.building is None or self.building.config != rec.value:
                 gen = self.building.gen if self.building is not None else 0
-                self.building = ServingModel(rec.value, gen)
+                self.building = self._sized(ServingModel(rec.value, max(gen, self._begin[0])))
             for r in self.early:
                 self._build(r)
             self.early.clear()
@@ -447,7 +464,11 @@ class ModelReader:
             # a snapshot: build it on the side (the live model keeps serving meanwhile)
             self.pending.clear()
             self._ubuf.clear()
-            self.building = ServingModel(self.config, rec.gen) if self.config is not None else None
+            doc = rec.value
+            self._begin = (rec.gen, int(doc.get("n_users", 0)), int(doc.get("n_items", 0)))
+            self.building = (
+                self._sized(ServingModel(self.config, rec.gen)) if self.config is not None else None
+            )
             return
         if rec.kind == "marker":
             self._marker(rec.value)
@@ -456,6 +477,14 @@ class ModelReader:
             self._build(rec)
         else:
             self.pending.append(rec)
+
+    def _sized(self, model: ServingModel) -> ServingModel:
+        """Arrays of the size the snapshot under way announced (its rows arrive in order)."""
+        gen, nu, ni = self._begin
+        if model.gen == gen:
+            _reserve(model.users, nu)
+            _reserve(model.items, ni)
+        return model
 
     def _build(self, rec: Record) -> None:
         b = self.building

@@ -396,7 +396,7 @@ def log_model_mismatches(kafka: str, topic: str, state_dir: Path, sec_dir: Path)
         if not np.all(gens[:n] == gen):
             out.append(f"{kind} rows of another generation than {gen}")
     for u in range(min(live.users.n, state.users.n)):
-        if not np.array_equal(live.seen[u], seen[u]):
+        if not np.array_equal(np.frombuffer(live.seen[u], "<i4"), seen[u]):
             out.append(f"user {u}: seen items differ")
             break
     return out

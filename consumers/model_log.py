@@ -54,6 +54,8 @@ PARTITION = 0
 #: a snapshot the broker did not take is tried again this often (the loop waits this long for
 #: its first record's acknowledgement)
 SNAPSHOT_RETRY_S = 5.0
+#: the longest wait for the first records of a stretch of the log known to hold some
+FIRST_FETCH_S = 10.0
 #: the broker keeps the latest record of each key
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
 
@@ -84,6 +86,7 @@ def find_last_marker(
         if meta is None or meta.error is not None or not meta.partitions:
             return None, 0
         lo, hi = c.get_watermark_offsets(TopicPartition(topic, PARTITION), 5.0, cached=False)
+        lo, hi = max(lo, 0), max(hi, 0)  # an unknown watermark reads as -1001
     except KafkaException as exc:
         log.debug("no watermarks for %r: %s", topic, exc)
         return None, 0
@@ -93,7 +96,9 @@ def find_last_marker(
         start = max(lo, start - window)
         found: Marker | None = None
         c.assign([TopicPartition(topic, PARTITION, start)])
-        quiet_until = time.monotonic() + settle
+        # records are known to be there: the first fetch may take seconds on a loaded broker
+        # (a short wait here read a full log as empty)
+        quiet_until = time.monotonic() + (FIRST_FETCH_S if hi > start else settle)
         deadline = time.monotonic() + 30.0
         try:
             # up to the watermark read at the start (a log being written to has no end to
@@ -638,9 +643,10 @@ def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[M
             return reader, -1
         first = -1
         c.assign([TopicPartition(topic, PARTITION, marker.snap)])
-        quiet_until = time.monotonic() + settle
+        quiet_until = time.monotonic() + FIRST_FETCH_S
+        deadline = time.monotonic() + 300.0
         pos = marker.snap
-        while pos < end or time.monotonic() < quiet_until:
+        while (pos < end or time.monotonic() < quiet_until) and time.monotonic() < deadline:
             got = c.consume(5000, 0.1)
             for m in got:
                 if m.error() is not None:

@@ -510,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "STREAM_MF_TOPICS__DEAD_LETTER": f"bench-q-interactions-{tag}.DLT",
                 "STREAM_MF_TOPICS__REQUESTS": f"bench-q-requests-{tag}",
                 "STREAM_MF_TOPICS__RESPONSES": f"bench-q-responses-{tag}",
+                "STREAM_MF_TOPICS__MODEL": f"bench-q-model-{tag}",
                 "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
             }
             if args.service_fetch_wait_ms is not None:
@@ -556,8 +557,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "query",
                 "--bootstrap-servers",
                 bootstrap,
-                "--state-dir",
-                str(state),
                 "--metrics-port",
                 str(port),
             ]

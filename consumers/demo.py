@@ -204,7 +204,7 @@ def _start_processes(
     """Step 2: the updater and two query processes, each added to `procs` as soon as it runs
     (so a failure starting the next still stops the ones before it)."""
     common = ["--bootstrap-servers", boot, "--state-dir", str(work / "state")]
-    # their temporary files too (a query process's RocksDB secondary instance)
+    # their temporary files too
     scratch = {"TMPDIR": str(work)}
     procs.append(
         ManagedProcess(
@@ -220,9 +220,12 @@ def _start_processes(
         ).start()
     )
     for q in ("query-1", "query-2"):
-        procs.append(
+        procs.append(  # the broker only: a query process follows the model log
             ManagedProcess(
-                q, ["query", *common, "--metrics-port", str(ports[q])], work, env=scratch
+                q,
+                ["query", "--bootstrap-servers", boot, "--metrics-port", str(ports[q])],
+                work,
+                env=scratch,
             ).start()
         )
 

@@ -178,10 +178,32 @@ class UpdaterMetrics:
             "When the last batch was committed",
             registry=r,
         )
+        self.model_log_bytes = Counter(
+            "stream_mf_model_log_bytes_total",
+            "Bytes (keys and values) published to the model log",
+            registry=r,
+        )
+        self.model_log_records = Counter(
+            "stream_mf_model_log_records_total", "Records published to the model log", registry=r
+        )
+        self.model_log_publish_lag = Histogram(
+            "stream_mf_model_log_publish_lag_seconds",
+            "From a commit's marker being produced to the broker acknowledging it",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_log_snapshot_bytes = Gauge(
+            "stream_mf_model_log_snapshot_bytes", "Size of the last model log snapshot", registry=r
+        )
+        self.model_log_snapshot_time = Gauge(
+            "stream_mf_model_log_snapshot_timestamp_seconds",
+            "When the last model log snapshot was published",
+            registry=r,
+        )
         # every label a series can have exists from the start, so rate() sees the first one
         for reason in REASONS:
             self.dead_lettered.labels(reason)
-        for kind in ("broker", "store", "dead_letter"):
+        for kind in ("broker", "store", "dead_letter", "model_log"):
             self.errors.labels(kind)
         for etype in event_types:
             self.applied.labels(etype)
@@ -236,17 +258,37 @@ class QueryMetrics:
         )
         self.refresh_seconds = Histogram(
             "stream_mf_model_refresh_seconds",
-            "Time to load a newer model snapshot",
+            "Time to apply a run of model log records and serve the result",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_log_lag = Gauge(
+            "stream_mf_model_log_lag_records",
+            "Model log records not yet read by this process (high watermark minus position)",
+            registry=r,
+        )
+        self.model_log_commit = Gauge(
+            "stream_mf_model_log_applied_commit",
+            "The store commit (sequence) of the model this process serves",
+            registry=r,
+        )
+        self.model_log_catch_up = Gauge(
+            "stream_mf_model_log_catch_up_seconds",
+            "From start to serving: reading the latest snapshot and the log after it",
+            registry=r,
+        )
+        self.model_log_skipped = Counter(
+            "stream_mf_model_log_skipped_total",
+            "Model log records that could not be read (skipped, never applied)",
             registry=r,
         )
         self.errors = Counter(
             "stream_mf_errors_total",
-            "Errors by kind (broker, store, reply)",
+            "Errors by kind (broker, model_log, reply, mixed_generation)",
             ["kind"],
             registry=r,
         )
-        for kind in ("broker", "store", "reply"):
+        for kind in ("broker", "model_log", "reply", "mixed_generation"):
             self.errors.labels(kind)
         # every label a series can have exists from the start, so rate() sees the first one
         for kind in (*get_args(RequestKind), "invalid"):

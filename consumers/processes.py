@@ -32,8 +32,10 @@ class ManagedProcess:
         env: dict | None = None,
         *,
         script: Path | None = None,
+        cwd: Path | None = None,
     ):
         self.name = name
+        self.cwd = cwd
         head = [str(script)] if script is not None else ["-m", "consumers.cli"]
         self.argv = [sys.executable, *head, *argv]
         self.log_path = Path(log_dir) / f"{name}.log"
@@ -51,6 +53,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
+            cwd=self.cwd,
         )
         log.close()
         return self

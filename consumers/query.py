@@ -1,25 +1,22 @@
 """The query service: answers `rec-requests` on each request's `reply_to` topic.
 
-It never writes the model. It follows the updater's RocksDB through a secondary instance
-(`StoreFollower`), refreshed on a thread of its own: with the updater committing, a refresh
-replays the WAL and reloads every item row (0.2 s at 50k items, 1 s at 200k:
-bench/bench_follower.py), and on the request thread it held up every request behind it. Each
-request takes the current view once and reads users pinned to its model generation, so it never
-mixes two models (user rows may be a few batches newer than the item view). Refreshes run every
-`refresh_seconds`, but take at most `max_refresh_share` of the time: an event the updater has
-committed is served within about max(`refresh_seconds`, 4 refreshes) plus one refresh (0.2 s on
-a small catalogue, ~1 s at 50k items under continuous commits, 4-5 s at 200k). Several processes
+It never writes the model and needs no state dir: it follows the model log on Kafka
+(`consumers/model_log.py`) on a thread of its own, holding the model in memory and applying
+each commit as it arrives, so it can run on any machine that reaches the broker. Until it has
+caught up with the log it answers with an error reply saying so. Each request takes the served
+model once (an item view and the users of the same generation), so it never mixes two models
+(user rows may be a commit newer than the item view, never a generation). Several processes
 share the requests as one consumer group.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from prometheus_client import CollectorRegistry
@@ -29,12 +26,12 @@ from threadpoolctl import threadpool_limits
 from consumers import kafka_io
 from consumers.gc_control import freeze_startup
 from consumers.metrics import QueryMetrics, observe_many, serve_metrics
+from consumers.model_log import ModelFollower
 from consumers.settings import QuerySettings
 from stream_mf.answer import answer
 from stream_mf.events import describe_error
-from stream_mf.follower import StoreFollower
 from stream_mf.messages import RecRequest, RecResponse, request_id_in
-from stream_mf.store import StoreError
+from stream_mf.model_log import Marker, MixedGenerationError
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +111,9 @@ def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None 
     )
 
 
-def next_refresh(planned: float, now: float, took: float, max_share: float) -> float:
-    """When to refresh next: as planned (every `refresh_seconds`), but not before
-    `took * (1 - max_share) / max_share` seconds have passed since the last one ended.
-
-    A refresh replays the writer's WAL and reloads every item row (bench/bench_follower.py:
-    ~0.2 s at 50k items, ~1 s at 200k while the updater commits continuously) and competes with
-    requests for the interpreter; at a fixed 0.2 s period a large catalogue would keep the
-    follower thread busy all the time and halve request throughput. Bounding its share trades
-    freshness for throughput, visibly (the freshness histogram)."""
-    if max_share >= 1.0:
-        return planned
-    return max(planned, now + took * (1.0 - max_share) / max_share)
+#: longest a starting process holds requests while it reads the model (they wait in the topic;
+#: the deadline of each still applies when it is handled)
+HOLD_S = 30.0
 
 
 class QueryService:
@@ -133,67 +121,37 @@ class QueryService:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = QueryMetrics(self.registry)
-        self.follower: StoreFollower | None = None
+        self.follower = ModelFollower(settings, self.metrics, self._applied)
         broker_error = self.metrics.errors.labels("broker").inc
         self.consumer = request_consumer(settings, on_error=broker_error)
         self.producer = reply_producer(settings, on_error=broker_error)
         self.metrics_port: int | None = None
         self._warm = False
-        self._waiting_for = ""  # the last "waiting for the model store" reason logged
-        self._stopping = threading.Event()
-        self._follower_thread: threading.Thread | None = None
 
-    def _follow_loop(self, first_took: float) -> None:
-        """Refresh every `refresh_seconds`, but never more than `max_refresh_share` of the time
-        (a refresh competes with requests for the interpreter); after unexpected failures, back
-        off up to 30 s."""
-        s = self.settings
-        failures = 0
-        next_at = next_refresh(0.0, time.monotonic(), first_took, s.max_refresh_share)
-        while not self._stopping.wait(max(0.0, next_at - time.monotonic())):
-            planned = time.monotonic() + s.refresh_seconds
-            try:
-                took = self._follow()
-                failures = 0
-            except Exception as exc:  # keep serving the view we have; never let the thread die
-                failures += 1
-                log.warning("could not refresh the model (%d in a row): %s", failures, exc)
-                self.metrics.errors.labels("store").inc()
-                planned = time.monotonic() + min(30.0, s.refresh_seconds * 2**failures)
-                took = 0.0
-            next_at = next_refresh(planned, time.monotonic(), took, s.max_refresh_share)
-
-    def _follow(self) -> float:
-        """One refresh (on the follower thread); returns the seconds it took."""
-        if self.follower is None:
-            try:
-                self.follower = StoreFollower(self.settings.state_dir)
-            except StoreError as exc:
-                # every refresh_seconds until the updater creates it: say it once, not 5 a second
-                level = logging.DEBUG if str(exc) == self._waiting_for else logging.INFO
-                log.log(level, "waiting for the model store: %s", exc)
-                self._waiting_for = str(exc)
-                return 0.0
-        t0 = time.perf_counter()
-        changed = self.follower.refresh()  # a failure: the caller logs, counts and backs off
-        took = time.perf_counter() - t0
-        if changed:
-            now = time.time()
-            for count, times in self.follower.new_commits():
-                if times.size:
-                    observe_many(self.metrics.freshness, now - times, count / times.size)
-            self.metrics.refresh_seconds.observe(took)
-            self.metrics.model_version.set(self.follower.model_version)
-            self.metrics.model_events.set(self.follower.events_applied)
-        return took
+    def _applied(self, markers: list[Marker], took: float) -> None:
+        """On the follower thread, after a run of commits became servable."""
+        now = time.time()
+        m = self.metrics
+        for marker in markers:  # commits published since this process started
+            if marker.times and marker.count and marker.at >= self.follower.started_at:
+                observe_many(m.freshness, now - np.asarray(marker.times),
+                             marker.count / len(marker.times))  # fmt: skip
+        m.refresh_seconds.observe(took)
+        if markers:
+            last = markers[-1]
+            m.model_version.set(last.version)
+            m.model_events.set(last.events)
+            m.model_log_commit.set(last.seq)
+        m.model_log_lag.set(self.follower.lag())
 
     def _warm_up(self) -> None:
         """Before the first real request: load the numba kernels' caches and touch BLAS and the
         item arrays, then move start-up objects out of the collector's way (`gc.freeze`), so
         neither first requests nor later full collections pay for them."""
         self._warm = True
-        assert self.follower is not None and self.follower.view is not None
-        view = self.follower.view
+        served = self.follower.served
+        assert served is not None
+        view = served.view
         t0 = time.perf_counter()
         try:
             reqs = [RecRequest(request_id="warm-up", kind="popular")]
@@ -204,7 +162,7 @@ class QueryService:
                     RecRequest(request_id="warm-up", kind="recommend_anonymous", items=[first]),
                     RecRequest(request_id="warm-up", kind="recommend", user_id="warm-up"),
                 ]
-            users = self.follower.users_for(view)
+            users = served.users
             for req in reqs:
                 resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
                 resp.model_dump_json()
@@ -222,22 +180,14 @@ class QueryService:
         # one BLAS thread per process: a request's product is small, and several query
         # processes on shared cores lose more to thread contention than they gain
         limits = threadpool_limits(s.blas_threads)
-        # the first refresh before the first request (a backlog would get "no model yet"),
-        # then the thread
-        try:
-            took = self._follow()
-        except Exception as exc:
-            log.warning("first refresh failed, the follower thread retries: %s", exc)
-            self.metrics.errors.labels("store").inc()
-            took = 0.0
-        self._follower_thread = threading.Thread(
-            target=self._follow_loop, args=(took,), name="follow-store", daemon=True
-        )
-        self._follower_thread.start()
+        self.follower.start()
         try:
             while not stop:
-                if not self._warm and self.follower is not None and self.follower.view is not None:
+                if not self._warm and self.follower.served is not None:
                     self._warm_up()
+                if self._holding():
+                    time.sleep(0.02)
+                    continue
                 for m in kafka_io.drain(self.consumer, 500, 0.05):
                     err = m.error()
                     if err is None:
@@ -250,6 +200,13 @@ class QueryService:
             limits.restore_original_limits()
             self.close()
         return 0
+
+    def _holding(self) -> bool:
+        """Until the model is read (found, then its snapshot and tail) requests wait, within
+        their deadline, rather than get an error; at most HOLD_S from start, then they are
+        answered with an error saying why (no model in the log yet, or not caught up)."""
+        f = self.follower
+        return not f.ready.is_set() and time.monotonic() - f.started < HOLD_S
 
     def handle(self, m: Message) -> None:
         t_recv = time.time()
@@ -283,13 +240,19 @@ class QueryService:
             request_id = reply_id(raw, m.key(), headers)
             resp = self._error(request_id, user_id, f"invalid request: {exc}")
         if req is not None:
-            view = self.follower.view if self.follower else None
-            if view is None:
-                resp = self._error(req.request_id, req.user_id, "no model yet: start the updater")
+            f = self.follower
+            served = f.served if f is not None else None
+            if served is None:
+                why = f.status() if f is not None else "no model yet: start the updater"
+                resp = self._error(req.request_id, req.user_id, why)
             else:
-                assert self.follower is not None
-                users = self.follower.users_for(view)
-                resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
+                try:
+                    resp = answer(req, served.view, served.users,
+                                  min_user_events=self.settings.min_user_events)  # fmt: skip
+                except MixedGenerationError as exc:  # a bug: say so, never answer from a mix
+                    log.error("refusing to answer %s: %s", req.request_id, exc)
+                    self.metrics.errors.labels("mixed_generation").inc()
+                    resp = self._error(req.request_id, req.user_id, f"internal error: {exc}")
         if resp.error:
             self.metrics.invalid.inc()
         self.metrics.requests.labels(kind, resp.strategy).inc()
@@ -342,11 +305,14 @@ class QueryService:
             user_id=user_id,
             error=message,
             generated_at=time.time(),
-            model_version=max(0, self.follower.model_version) if self.follower else 0,
+            model_version=self._version(),
         )
 
+    def _version(self) -> int:
+        served = self.follower.reader.served if self.follower is not None else None
+        return served.marker.version if served is not None else 0
+
     def close(self) -> None:
-        self._stopping.set()  # no refresh starts from here on
         # replies first (a request's offset is stored once its reply is produced; flushing
         # delivers them before closing the consumer commits those offsets)
         self.producer.flush(5.0)
@@ -354,10 +320,4 @@ class QueryService:
             self.consumer.close()
         except Exception as exc:
             log.debug("consumer close: %s", exc)
-        thread = self._follower_thread
-        if thread is not None and thread.is_alive():
-            thread.join(60.0)  # one refresh at most
-        if thread is not None and thread.is_alive():
-            log.error("the store follower did not stop within 60 s; leaving its store open")
-        elif self.follower is not None:
-            self.follower.close()
+        self.follower.close()

@@ -75,6 +75,7 @@ class TopicSettings(BaseModel):
     control: str = "stream-mf-control"
     requests: str = "rec-requests"
     responses: str = "rec-responses"
+    model: str = "model"
 
 
 class MetricsSettings(BaseModel):
@@ -166,6 +167,28 @@ class UpdaterSettings(ProcessSettings):
     live_eval_max_per_batch: int = Field(
         default=32, ge=0, description="bounds live scoring's cost on large batches"
     )
+    model_log_item_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="item rows (which sampled negatives touch by the thousand) go to the model "
+        "log at most this often: the bound on how stale an item row in the log may be (user "
+        "rows and new ids go out with every commit)",
+    )
+    model_log_snapshot_ratio: float = Field(
+        default=2.0,
+        gt=0,
+        description="publish a full snapshot once the model log records since the last one "
+        "outweigh it this many times (a restarting reader reads at most about 1 + this)",
+    )
+    model_log_snapshot_min_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="the least time between two periodic snapshots (each holds up the updater "
+        "for about a second at 100k users x 50k items)",
+    )
+    model_log_compression: Compression = Field(
+        default="none", description="compression of the model log (float rows barely compress)"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     rebuild: RebuildConfig = Field(
         default_factory=lambda: RebuildConfig(every_seconds=3600.0),
@@ -174,20 +197,9 @@ class UpdaterSettings(ProcessSettings):
 
 
 class QuerySettings(ProcessSettings):
-    """A query process: reads the model, never writes it."""
+    """A query process: follows the model log (no state dir), never writes the model."""
 
-    state_dir: Path = Path("state")
     group_id: str = "stream-mf-query"
-    refresh_seconds: float = Field(default=0.2, gt=0, description="how often to follow the store")
-    max_refresh_share: float = Field(
-        default=0.25,
-        gt=0,
-        le=1,
-        description="most of the time that following the store (on its own thread, competing "
-        "with requests for the interpreter) may take: after a refresh of T s the next waits at "
-        "least T*(1-share)/share (a large catalogue refreshes less often rather than slowing "
-        "requests); 1 = every refresh_seconds regardless",
-    )
     min_user_events: int = Field(default=1, ge=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=256)
     default_deadline_ms: int | None = Field(

@@ -56,6 +56,7 @@ from consumers.metrics import (
     observe_many,
     serve_metrics,
 )
+from consumers.model_log import ModelLogPublisher
 from consumers.settings import UpdaterSettings
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.live_eval import LiveEvaluator
@@ -273,6 +274,11 @@ class Updater:
             },
         )
         self.deliveries = kafka_io.DeliveryTracker()
+        # the model log: published after each durable commit (the store calls it back)
+        self.publisher = ModelLogPublisher(
+            settings, self.store, self.metrics.errors.labels("broker").inc, self.metrics
+        )
+        self.store.on_commit = self.publisher.committed
         # what the dead-letter producer accepts (a user may raise it through kafka.extra), and
         # the most of an event's bytes one dead letter carries
         self._dlt_max = int(
@@ -511,6 +517,7 @@ class Updater:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
         busy = frozen_kernels = False
         try:
+            self.publisher.start(self.model.state)
             if s.use_consumer_group:
                 self.consumer.subscribe(
                     [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
@@ -532,6 +539,7 @@ class Updater:
                 self._watch_offsets()
                 self._poll_control()
                 self._drive_rebuild()
+                self.publisher.tick(self.model.state)
                 self._refresh_lag()
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
@@ -1137,6 +1145,7 @@ class Updater:
             except Exception as exc:  # already closed or broker gone: nothing to lose here
                 log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
+        self.publisher.close()
         try:
             self.store.close()
         except Exception as exc:  # after a failed write RocksDB reports it again on close

@@ -7,6 +7,8 @@ A writer changes the store only through the named commits below (`commit_batch`,
 exactly-once guarantee. The updater's loop is their one caller, through `apply` (the values
 of `stream_mf/writes.py`); `write_full_state` is for tests, benchmarks and the demo's seed.
 Readers only ever see one generation; leftovers of an unfinished rebuild are deleted on open.
+After each durable commit that changes the model, `on_commit` (the model log's publisher,
+consumers/model_log.py) is told what it wrote (`CommitInfo`); `commits` counts them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -43,6 +46,7 @@ from stream_mf.store_layout import (
     CFS,
     CLOCK,
     COMMIT_SEQ,
+    COMMITS,
     CONFIG,
     COUNTERS,
     F64,
@@ -82,6 +86,29 @@ from stream_mf.writes import (
     Write,
     WriteOffsets,
 )
+
+
+@dataclass
+class CommitInfo:
+    """What one durable commit wrote, for whoever follows the store (the model log)."""
+
+    state: ModelState
+    seq: int  # commits so far, this one included (meta b"commits")
+    users: np.ndarray  # rows written (changed, new or re-solved), int64
+    items: np.ndarray
+    pair_keys: np.ndarray  # (user << 32 | item) pairs written
+    everything: bool  # every row was written (first save)
+    generation: int | None  # set when this commit flipped the model generation
+    offsets: Mapping[tuple[str, int], int]
+    event_times: np.ndarray | None
+    events: int
+
+
+def _with_new(rows: np.ndarray, new: tuple[int, int]) -> np.ndarray:
+    """Changed rows and the new ones [lo, hi): every row a batch commit writes."""
+    lo, hi = new
+    fresh = np.arange(lo, hi, dtype=np.int64)
+    return np.concatenate([rows.astype(np.int64), fresh]) if fresh.size else rows
 
 
 class StoreError(RuntimeError):
@@ -138,7 +165,7 @@ class StateStore:
     """A model's on-disk home. Open read-write from one process (the updater) only.
 
     `secondary=PATH` opens a read-only follower (RocksDB secondary instance) that sees the
-    writer's commits after `catch_up()`; query processes use that.
+    writer's commits after `catch_up()` (tests and tools; query processes follow the model log).
     """
 
     def __init__(
@@ -183,6 +210,8 @@ class StateStore:
         self.h = {name: self.db.get_column_family_handle(name) for name in CFS}
         self.write_opt = rd.WriteOptions()
         self.write_opt.sync = sync
+        # called after each durable commit (the updater publishes the model log from it)
+        self.on_commit: Callable[[CommitInfo], None] | None = None
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
 
@@ -475,7 +504,55 @@ class StateStore:
         self._put_offsets(wb, offsets)
         if event_times is not None and event_times.size:
             self._put_batch_log(wb, event_times)
+        self._finish(
+            wb,
+            state,
+            users=_with_new(delta.users, delta.new_users),
+            items=_with_new(delta.items, delta.new_items),
+            pair_keys=delta.pair_keys,
+            offsets=offsets,
+            event_times=event_times,
+            events=delta.events,
+        )
+
+    def commits(self) -> int:
+        """Durable commits so far (a model log marker carries the count it stands for)."""
+        return self._meta_int(COMMITS)
+
+    def _finish(
+        self,
+        wb: rd.WriteBatch,
+        state: ModelState,
+        *,
+        users: np.ndarray,
+        items: np.ndarray,
+        pair_keys: np.ndarray | None = None,
+        everything: bool = False,
+        generation: int | None = None,
+        offsets: Mapping[tuple[str, int], int] | None = None,
+        event_times: np.ndarray | None = None,
+        events: int = 0,
+    ) -> None:
+        """Count the commit, write it, then tell the follower (the model log) what it wrote:
+        only after the write is durable, so the log never runs ahead of the store."""
+        seq = self.commits() + 1
+        wb.put(COMMITS, I64.pack(seq), self.h["meta"])
         self._write(wb)
+        if self.on_commit is not None:
+            self.on_commit(
+                CommitInfo(
+                    state=state,
+                    seq=seq,
+                    users=users.astype(np.int64, copy=False),
+                    items=items.astype(np.int64, copy=False),
+                    pair_keys=np.empty(0, np.int64) if pair_keys is None else pair_keys,
+                    everything=everything,
+                    generation=generation,
+                    offsets=dict(offsets or {}),
+                    event_times=event_times,
+                    events=events,
+                )
+            )
 
     def flip(
         self,
@@ -491,7 +568,7 @@ class StateStore:
         wb = self._batch()
         self._put_generation(wb, generation, unfinished=unfinished)
         self._put_model_rows(wb, state, users, items, generation)
-        self._write(wb)
+        self._finish(wb, state, users=users, items=items, generation=generation)
 
     def after_swap_step(
         self, state: ModelState, users: np.ndarray, items: np.ndarray, *, last: bool = False
@@ -502,7 +579,7 @@ class StateStore:
         if last:
             self._put_generation(wb, gen, unfinished=False)
         self._put_model_rows(wb, state, users, items, gen)
-        self._write(wb)
+        self._finish(wb, state, users=users, items=items)
 
     def write_full_state(
         self,
@@ -521,10 +598,20 @@ class StateStore:
         for kind, table in (("user", state.users), ("item", state.items)):
             rows = np.arange(table.n, dtype=np.int64)
             self._put_rows(wb, kind, table, (0, table.n), rows, gen)
-        self._put_pairs(wb, *confidence_items(state.confidence))
+        keys, vals = confidence_items(state.confidence)
+        self._put_pairs(wb, keys, vals)
         self._put_scalars(wb, state, cdf=True)
         self._put_offsets(wb, offsets)
-        self._write(wb)
+        self._finish(
+            wb,
+            state,
+            users=np.arange(state.users.n, dtype=np.int64),
+            items=np.arange(state.items.n, dtype=np.int64),
+            pair_keys=keys,
+            everything=True,
+            generation=generation,
+            offsets=offsets,
+        )
 
     def stage(self, kind: str, table: RowTable, gen: int, blocks: np.ndarray) -> None:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""

@@ -26,6 +26,7 @@ Meta keys (tests/unit/test_store.py checks this list against META):
   rebuilt_at          f64 wall-clock time of the last swap
   rebuild_unfinished  int64 generation whose after-swap rows were not all applied
   commit_seq          int64 sequence number of the last batch log entry
+  commits             int64 durable commits so far (model log markers name it)
   batchlog/<seq>      int64 events | f64[<=256] sampled event times (seq: be64)
 
 Factors and biases are the *model* and live under a generation number: a rebuild stages a whole
@@ -88,6 +89,7 @@ META = _registry(
     MetaKey(b"rebuilt_at", "f64 wall-clock time of the last swap"),
     MetaKey(b"rebuild_unfinished", "int64 generation whose after-swap rows were not all applied"),
     MetaKey(b"commit_seq", "int64 sequence number of the last batch log entry"),
+    MetaKey(b"commits", "int64 durable commits so far (model log markers name it)"),
     MetaKey(
         BATCH_LOG_PREFIX + b"<seq>", "int64 events | f64[<=256] sampled event times (seq: be64)"
     ),
@@ -104,7 +106,7 @@ N_USERS, N_ITEMS = meta_key("n_users"), meta_key("n_items")
 MODEL_VERSION, GENERATION, CDF = meta_key("model_version"), meta_key("generation"), meta_key("cdf")
 FORMAT_KEY, BLOCK_ROWS_KEY = meta_key("format"), meta_key("block_rows")
 REBUILT_AT, REBUILD_UNFINISHED = meta_key("rebuilt_at"), meta_key("rebuild_unfinished")
-COMMIT_SEQ = meta_key("commit_seq")
+COMMIT_SEQ, COMMITS = meta_key("commit_seq"), meta_key("commits")
 
 
 class RowTable(Protocol):

@@ -6,7 +6,8 @@ import argparse
 import logging
 from typing import get_args
 
-from consumers.commands.common import add_process_flags, build_settings, state_dir_usable
+from consumers.commands.common import add_process_flags, build_settings
+from consumers.errors import UserError
 from consumers.kafka_io import BrokerWatch, StopFlag
 from consumers.query import QueryService
 from consumers.settings import Compression, QuerySettings
@@ -15,16 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("query", help="serve rec-requests from the model store (read-only)")
-    add_process_flags(p)
-    p.add_argument("--refresh-seconds", type=float, default=None)
-    p.add_argument(
-        "--max-refresh-share",
-        type=float,
-        default=None,
-        help="most of the time following the store may take, competing with requests "
-        "(default 0.25; 1 = off)",
+    p = sub.add_parser(
+        "query", help="serve rec-requests from the model log (needs only the broker)"
     )
+    add_process_flags(p, state=False)
+    p.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)  # gone: says so
     p.add_argument(
         "--reply-compression",
         choices=get_args(Compression),
@@ -35,14 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.state_dir is not None:
+        raise UserError(
+            "--state-dir is gone: a query process follows the model log on Kafka (topic "
+            "'model', STREAM_MF_TOPICS__MODEL) and needs only --bootstrap-servers; drop the flag"
+        )
     settings = build_settings(
         QuerySettings,
         args,
-        refresh_seconds=args.refresh_seconds,
-        max_refresh_share=args.max_refresh_share,
         reply_compression=args.reply_compression,
     )
-    state_dir_usable(settings.state_dir)
     log.info("query settings: %s", settings.model_dump_json())
     # one line if no broker answers in time; the process keeps retrying
     watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()

@@ -33,6 +33,7 @@ def make_topics(
         requests=f"rec-requests-{s}",
         responses=f"rec-responses-{s}",
         control=f"stream-mf-control-{s}",
+        model=f"model-{s}",
     )
     create_topics(
         kafka,
@@ -49,6 +50,7 @@ def topic_env(t: TopicSettings) -> dict[str, str]:
         "STREAM_MF_TOPICS__REQUESTS": t.requests,
         "STREAM_MF_TOPICS__RESPONSES": t.responses,
         "STREAM_MF_TOPICS__CONTROL": t.control,
+        "STREAM_MF_TOPICS__MODEL": t.model,
         "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
     }
 
@@ -67,12 +69,14 @@ class Cluster:
     ) -> ManagedProcess:
         port = free_port()
         self.ports[name] = port
+        # a query process gets the broker only: its own empty working dir, no state dir (it
+        # follows the model log)
+        state = [] if kind == "query" else ["--state-dir", str(self.state)]
         argv = [
             kind,
             "--bootstrap-servers",
             self.kafka,
-            "--state-dir",
-            str(self.state),
+            *state,
             "--metrics-port",
             str(port),
             *extra,
@@ -80,7 +84,12 @@ class Cluster:
         # a group per test and kind, so no test waits out another's departed members
         group = {"STREAM_MF_GROUP_ID": f"{kind}-{self.topics.interactions}"}
         env = {**topic_env(self.topics), **group, **(env or {})}
-        p = ManagedProcess(name, argv, self.work, env=env)
+        cwd = None
+        if kind == "query":
+            cwd = self.work / f"{name}-cwd"
+            cwd.mkdir(parents=True, exist_ok=True)
+            env.pop("STREAM_MF_STATE_DIR", None)
+        p = ManagedProcess(name, argv, self.work, env=env, cwd=cwd)
         self.procs.append(p.start())
         return p
 

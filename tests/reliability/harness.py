@@ -354,3 +354,50 @@ def log_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def log_model_mismatches(kafka: str, topic: str, state_dir: Path, sec_dir: Path) -> list[str]:
+    """A fresh reader materialised from the model log against the store's live generation,
+    bit for bit: ids, factors, item biases, counts, last-seen times, popularity and each user's
+    seen items. Returns what differs (empty: equal)."""
+    import numpy as np
+
+    from consumers.model_log import read_model
+    from consumers.settings import KafkaSettings
+    from stream_mf.store import StateStore
+
+    reader, _first = read_model(KafkaSettings(bootstrap_servers=kafka), topic)
+    with StateStore(state_dir, secondary=sec_dir) as st:
+        st.catch_up()
+        state = st.load()
+        gen = st.generation()
+        seen = [st.user_items(u)[0] for u in range(state.users.n)]
+    live = reader.live
+    if live is None or reader.building is not None:
+        return ["the log holds no complete model"]
+    out: list[str] = []
+    if live.gen != gen:
+        out.append(f"generation {live.gen} in the log, {gen} in the store")
+    if live.marker is not None and live.marker.version != state.model_version:
+        out.append(f"model_version {live.marker.version} vs {state.model_version}")
+    for kind, a, b in (("user", live.users, state.users), ("item", live.items, state.items)):
+        n = b.n
+        if a.n != n:
+            out.append(f"{kind}s: {a.n} in the log, {n} in the store")
+            continue
+        if list(a.ids[:n]) != list(b.ids[:n]):
+            out.append(f"{kind} ids differ")
+        names = ["factors", "count", "last", "logpop"] + (["bias"] if kind == "item" else [])
+        for name in names:
+            x, y = getattr(a, name)[:n], getattr(b, name)[:n]
+            if x.tobytes() != y.tobytes():
+                rows = np.flatnonzero(np.any((x != y).reshape(n, -1), axis=1))
+                out.append(f"{kind} {name}: {rows.size} rows differ, e.g. {rows[:5].tolist()}")
+        gens = live.user_gen if kind == "user" else live.item_gen
+        if not np.all(gens[:n] == gen):
+            out.append(f"{kind} rows of another generation than {gen}")
+    for u in range(min(live.users.n, state.users.n)):
+        if not np.array_equal(np.frombuffer(live.seen[u], "<i4"), seen[u]):
+            out.append(f"user {u}: seen items differ")
+            break
+    return out

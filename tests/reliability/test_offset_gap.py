@@ -249,6 +249,8 @@ def test_the_query_service_answers_after_its_broker_restarted(
     shutil.copytree(template, c.state)
     settings = KafkaSettings(bootstrap_servers=broker.kafka)
     try:
+        # publishes the model log (the broker lost it with its topics), then idles
+        c.start("updater", "u", "--on-offset-gap", "resume-from-end")
         c.start("query", "q")
         c.wait_metric("q", "stream_mf_requests_invalid_total", 0)
         client = RecClient(settings, topics.requests, topics.responses)

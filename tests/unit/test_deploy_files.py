@@ -205,19 +205,16 @@ def test_named_volumes_for_kafka_data_and_model_state(compose: dict[str, Any]) -
     assert svcs["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
 
     state_dir = svcs["updater"]["environment"]["STREAM_MF_STATE_DIR"]
-    state_volumes = set()
-    for name in APP_SERVICES:
-        env = svcs[name]["environment"]
-        assert env["STREAM_MF_STATE_DIR"] == state_dir
-        mounts = volume_sources(svcs[name])
-        target = next((t for t in mounts if state_dir == t or state_dir.startswith(t + "/")), None)
-        assert target is not None, f"{name}: {state_dir} is not on a volume"
-        source, read_only = mounts[target]
-        assert source in named, f"{name}: state must be on a named volume, not {source!r}"
-        # a RocksDB secondary opens the primary's files itself; the replicas share the volume
-        assert not read_only or name in QUERY_SERVICES
-        state_volumes.add(source)
-    assert len(state_volumes) == 1, "the updater and the query replicas share one store"
+    mounts = volume_sources(svcs["updater"])
+    target = next((t for t in mounts if state_dir == t or state_dir.startswith(t + "/")), None)
+    assert target is not None, f"updater: {state_dir} is not on a volume"
+    source, read_only = mounts[target]
+    assert source in named and not read_only, f"the store must be on a named volume: {source!r}"
+    # query replicas follow the model log: no state dir, no volume, nothing shared with the
+    # updater but Kafka
+    for name in QUERY_SERVICES:
+        assert "STREAM_MF_STATE_DIR" not in svcs[name]["environment"], name
+        assert not svcs[name].get("volumes"), f"{name} needs no volume"
 
 
 def test_app_services_environment(compose: dict[str, Any]) -> None:
@@ -240,8 +237,10 @@ def test_topic_init_creates_every_topic(compose: dict[str, Any]) -> None:
     script = " ".join(svc.get("command", [])) + " " + " ".join(svc.get("entrypoint", []))
     assert "kafka-topics.sh" in script and "--create" in script and "--if-not-exists" in script
     t = TopicSettings()
-    for topic in (t.interactions, t.dead_letter, t.requests, t.responses):
+    for topic in (t.interactions, t.dead_letter, t.requests, t.responses, t.model):
         assert re.search(rf"(?<![\w.-]){re.escape(topic)}(?![\w-])", script), topic
+    # the model log: one partition, compacted
+    assert re.search(r"--topic model --partitions 1 .*cleanup\.policy=compact", script), script
     assert re.fullmatch(r"\$\{PARTITIONS:-\d+\}", str(svc["environment"]["PARTITIONS"]))
     assert svc.get("restart", "no") == "no"
 

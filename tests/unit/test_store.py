@@ -1,19 +1,16 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stream_mf.config import ModelConfig
-from stream_mf.follower import StoreFollower
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.sgd import Counter
 from stream_mf.state import ModelState, confidence_items
@@ -103,73 +100,6 @@ def test_secondary_follows_primary(tmp_path: Path) -> None:
         assert follower.events_applied() == 3000
         assert_same_state(m.state, follower.load())
         follower.close()
-
-
-@contextlib.contextmanager
-def _follower_of(
-    tmp_path: Path, first: EventBatch
-) -> Iterator[tuple[StateStore, OnlineModel, StoreFollower]]:
-    """A primary that learnt `first`, and a follower serving its view (generation 0)."""
-    with StateStore(tmp_path / "db") as primary:
-        m = OnlineModel(CFG, primary.load(CFG))
-        primary.commit_batch(m.state, m.learn(first), {(TOPIC, 0): len(first)})
-        follower = StoreFollower(tmp_path / "db", secondary_dir=str(tmp_path / "sec"))
-        try:
-            assert follower.refresh() and follower.view is not None
-            yield primary, m, follower
-        finally:
-            follower.close()
-
-
-def _swap(primary: StateStore, m: OnlineModel) -> None:
-    """What a rebuild's flip writes: the model's rows under the next generation."""
-    m.state.model_version += 1
-    primary.write_full_state(m.state, generation=primary.generation() + 1)
-
-
-def test_a_view_reads_users_of_its_own_model_generation(tmp_path: Path) -> None:
-    """A refresh on another thread may catch up with a rebuild's swap while a request holds the
-    older view: that request must not score a new-model user vector against old item factors."""
-    with _follower_of(tmp_path, stream(2000)) as (primary, m, follower):
-        old_view = follower.view
-        assert old_view is not None
-        uid = m.state.users.ids[0]
-        old_vec = m.state.users.factors[0].copy()
-        m.state.users.factors[: m.state.users.n] *= -1.0  # the rebuild's other user vectors
-        _swap(primary, m)
-        follower.store.catch_up()  # the follower thread got there; the view did not yet
-        pinned = follower.users_for(old_view).user(uid)
-        assert pinned is not None and np.array_equal(pinned.vector, old_vec)
-        latest = follower.user(uid)
-        assert latest is not None and np.array_equal(latest.vector, -old_vec)
-        primary.drop_other_generations()  # the rebuild ends
-        follower.store.catch_up()
-        assert follower.users_for(old_view).user(uid) is None  # unknown, never mixed
-        assert follower.refresh()
-        view = follower.view
-        assert view is not None and view.generation == 1
-        now = follower.users_for(view).user(uid)
-        assert now is not None and np.array_equal(now.vector, -old_vec)
-
-
-def test_a_user_registered_after_a_swap_is_unknown_to_the_older_view(tmp_path: Path) -> None:
-    """Its row exists only in the new generation: in the old one its block is missing or ends
-    before it (21 users: the second block holds 5 rows), and reading it must not raise."""
-    ids = [f"a{j}" for j in range(21)]
-    first = EventBatch.build(ids, ["i0"] * 21, np.ones(21), 1.7e9 + np.arange(21.0))
-    with _follower_of(tmp_path, first) as (primary, m, follower):
-        old_view = follower.view
-        assert old_view is not None
-        _swap(primary, m)
-        later = ["a21", "b0"] + [f"c{j}" for j in range(20)]  # a21: row 5 of block 1
-        batch = EventBatch.build(later, ["i1"] * 22, np.ones(22), 1.8e9 + np.arange(22.0))
-        primary.commit_batch(m.state, m.learn(batch), {(TOPIC, 0): 43})
-        follower.store.catch_up()
-        pinned = follower.users_for(old_view)
-        for uid in ("a21", "c19"):  # in the short block 1, and in block 2 (absent)
-            assert pinned.user(uid) is None
-            assert follower.user(uid) is not None  # the current generation has it
-        assert pinned.user("a3") is not None
 
 
 @pytest.mark.parametrize("n_read", ["all", "fewer", "more"])

@@ -1,0 +1,372 @@
+"""The model log end to end: freshness, reader restart, replica memory, bytes per event.
+
+One embedded broker (or KAFKA_BOOTSTRAP_SERVERS), the real updater and query processes:
+
+1. A model of N_USERS users x N_ITEMS items (dim 64, 4 negatives) is built by replaying events
+   through the updater, which publishes it to the model log.
+2. Reader start: a query process is started (only --bootstrap-servers) and timed until it
+   serves (`stream_mf_model_log_catch_up_seconds`: find the latest snapshot, read it and its
+   tail); then SIGKILLed and restarted while the updater keeps going, and timed again. Its
+   resident memory (after a warm-up) is compared with the model it holds (the arrays of every
+   row plus seen items).
+3. Freshness at each rate: live events (stamped with the wall clock) at RATE events/s on the
+   same model for SECONDS; meanwhile a brand-new user sends one event every 0.5 s and the time
+   until a `recommend` for that user comes back personalized is measured (polled every 10 ms).
+   The query process's `stream_mf_freshness_seconds` histogram over the window gives p50/p99
+   (bucket upper bounds), and the updater's `stream_mf_model_log_bytes_total` over the events it
+   applied gives bytes per event.
+4. The embedded broker's resident memory at the end (it keeps every record: Tansu's memory
+   storage applies neither retention nor compaction).
+
+Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from bench_ingest import Children
+from common import Col, bench_args, print_table, write_results
+
+from consumers import kafka_io
+from consumers.client import RecClient
+from consumers.local_broker import BOOTSTRAP_ENV, EmbeddedBroker, free_port
+from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
+from consumers.settings import KafkaSettings
+from consumers.topics import create_topics
+
+MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[tuple[str, int | None]]:
+    if os.environ.get(BOOTSTRAP_ENV):
+        yield os.environ[BOOTSTRAP_ENV], None
+        return
+    with EmbeddedBroker() as b:
+        yield b.bootstrap_servers, b.pid
+
+
+def quantile(metrics: dict[str, float], before: dict[str, float], name: str, q: float) -> float:
+    rows = []
+    for key, v in metrics.items():
+        if key.startswith(f"{name}_bucket"):
+            le = key.split('le="')[1].rstrip('"}')
+            rows.append((float(le), v - before.get(key, 0.0)))
+    rows.sort()
+    total = rows[-1][1] if rows else 0.0
+    if total <= 0:
+        return float("nan")
+    return next(le for le, c in rows if c >= q * total)
+
+
+class Load:
+    """Live events at `rate`/s from a thread: known users and items, wall-clock timestamps."""
+
+    def __init__(self, kafka: str, topic: str, rate: float, n_users: int, n_items: int):
+        self.p = kafka_io.producer(KafkaSettings(bootstrap_servers=kafka), **{"linger.ms": 5})
+        self.topic, self.rate, self.nu, self.ni = topic, rate, n_users, n_items
+        self.sent = 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        rng = np.random.default_rng(1)
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            due = int((time.monotonic() - t0) * self.rate) - self.sent
+            if due > 0:
+                now = time.time()
+                us = rng.integers(self.nu, size=due).tolist()
+                its = rng.zipf(1.3, size=due) % self.ni
+                for u, i in zip(us, its.tolist(), strict=True):
+                    doc = {
+                        "user_id": f"u{u}",
+                        "item_id": f"i{i}",
+                        "event_type": "view",
+                        "timestamp": now,
+                    }
+                    while True:
+                        try:
+                            self.p.produce(
+                                self.topic, key=f"u{u}".encode(), value=orjson.dumps(doc)
+                            )
+                            break
+                        except BufferError:
+                            self.p.poll(0.01)
+                self.sent += due
+            self.p.poll(0)
+            time.sleep(0.005)
+        self.p.flush(30)
+
+
+def new_user_latency(
+    kafka: str, topics: dict[str, str], seconds: float, client: RecClient
+) -> tuple[list[float], int]:
+    """A brand-new user's first event to a personalized answer, one probe every 0.5 s; and how
+    many probes got none within 10 s."""
+    ks = KafkaSettings(bootstrap_servers=kafka)
+    p = kafka_io.producer(ks, **{"linger.ms": 0})
+    out: list[float] = []
+    missed = 0
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            uid = f"probe-{uuid.uuid4().hex[:8]}"
+            t0 = time.time()
+            doc = {"user_id": uid, "item_id": "i1", "event_type": "view", "timestamp": t0}
+            p.produce(topics["interactions"], key=uid.encode(), value=orjson.dumps(doc))
+            p.flush(5)
+            got = False
+            while time.time() - t0 < 10:
+                try:
+                    r = client.ask({"user_id": uid, "k": 5}, timeout=5)
+                except TimeoutError:
+                    continue
+                if r.strategy == "personalized":
+                    out.append(time.time() - t0)
+                    got = True
+                    break
+                time.sleep(0.01)
+            missed += not got
+            time.sleep(max(0.0, 0.5 - (time.time() - t0)))
+    finally:
+        p.flush(5)
+    return out, missed
+
+
+def main() -> None:
+    args = bench_args(__doc__.splitlines()[0])
+    n_users, n_items = (20_000, 10_000) if args.quick else (100_000, 50_000)
+    rates = [1000, 20_000]
+    seconds = 8.0 if args.quick else 20.0
+    work = Path(tempfile.mkdtemp(prefix="bench-modellog-"))
+    children = Children()
+    tag = uuid.uuid4().hex[:6]
+    topics = {k: f"bench-ml-{k}-{tag}" for k in ("interactions", "requests", "responses", "model")}
+    env = {f"STREAM_MF_TOPICS__{k.upper()}": v for k, v in topics.items()}
+    env["STREAM_MF_TOPICS__DEAD_LETTER"] = f"bench-ml-dlt-{tag}"
+    env["STREAM_MF_LIVE_EVAL_RATE"] = "0"
+    env["STREAM_MF_REBUILD__EVERY_SECONDS"] = "1000000"
+    result: dict[str, Any] = {"quick": args.quick, "users": n_users, "items": n_items}
+    rows: list[dict[str, Any]] = []
+    try:
+        with broker() as (kafka, broker_pid):
+            create_topics(
+                kafka,
+                {
+                    topics["interactions"]: 1,
+                    topics["requests"]: 1,
+                    topics["responses"]: 1,
+                    env["STREAM_MF_TOPICS__DEAD_LETTER"]: 1,
+                },
+            )
+            # ---- 1. the model ----
+            up_port = free_port()
+            children.start(
+                ManagedProcess(
+                    "updater",
+                    [
+                        "updater",
+                        "--bootstrap-servers",
+                        kafka,
+                        "--state-dir",
+                        str(work / "state"),
+                        "--metrics-port",
+                        str(up_port),
+                        *MODEL_FLAGS,
+                    ],
+                    work,
+                    env=env,
+                )
+            )
+            up_url = f"http://127.0.0.1:{up_port}/metrics"
+            rng = np.random.default_rng(0)
+            n_events = 3 * n_users
+            users = np.arange(n_events) % n_users
+            items = np.concatenate(
+                [np.arange(n_items), rng.zipf(1.3, n_events - n_items) % n_items]
+            )
+            prod = kafka_io.ordered_producer(KafkaSettings(bootstrap_servers=kafka))
+            t_ev = time.time() - 3600
+            for u, i in zip(users.tolist(), items.tolist(), strict=True):
+                doc = {
+                    "user_id": f"u{u}",
+                    "item_id": f"i{i}",
+                    "event_type": "view",
+                    "timestamp": t_ev,
+                }
+                while True:
+                    try:
+                        prod.produce(
+                            topics["interactions"], key=f"u{u}".encode(), value=orjson.dumps(doc)
+                        )
+                        break
+                    except BufferError:
+                        prod.poll(0.05)
+            prod.flush(120)
+            t0 = time.monotonic()
+            wait_until(
+                lambda: metric_sum(scrape(up_url), "stream_mf_events_applied_total") >= n_events,
+                600,
+                1.0,
+                "the model built",
+            )
+            time.sleep(3.0)  # item rows flushed
+            m = scrape(up_url)
+            result["build_seconds"] = time.monotonic() - t0
+            result["snapshot_bytes"] = m.get("stream_mf_model_log_snapshot_bytes", 0.0)
+            print(
+                f"model: {n_users:,} users x {n_items:,} items built in "
+                f"{result['build_seconds']:.0f} s; snapshot "
+                f"{result['snapshot_bytes'] / 1e6:.1f} MB",
+                flush=True,
+            )
+
+            # ---- 2. reader start and restart, memory ----
+            def start_query(name: str) -> tuple[ManagedProcess, str, float]:
+                port = free_port()
+                cwd = work / f"{name}-cwd"
+                cwd.mkdir(exist_ok=True)
+                t = time.monotonic()
+                q = children.start(
+                    ManagedProcess(
+                        name,
+                        ["query", "--bootstrap-servers", kafka, "--metrics-port", str(port)],
+                        work,
+                        env=env,
+                        cwd=cwd,
+                    )
+                )
+                url = f"http://127.0.0.1:{port}/metrics"
+
+                def ready() -> bool:
+                    try:
+                        return scrape(url).get("stream_mf_model_log_catch_up_seconds", 0.0) > 0
+                    except OSError:
+                        return False
+
+                wait_until(ready, 120, 0.05, f"{name} caught up")
+                return q, url, time.monotonic() - t
+
+            q, q_url, wall = start_query("query-1")
+            m = scrape(q_url)
+            result["start"] = {
+                "catch_up_s": m["stream_mf_model_log_catch_up_seconds"],
+                "wall_s": wall,
+            }
+            # restart: killed, the updater goes on (a little traffic), started again
+            q.kill()
+            children.procs.remove(q)
+            load = Load(kafka, topics["interactions"], 500, n_users, n_items)
+            load.t.start()
+            time.sleep(3.0)
+            q, q_url, wall = start_query("query-1")
+            load.stop.set()
+            load.t.join(30)
+            m = scrape(q_url)
+            result["restart"] = {
+                "catch_up_s": m["stream_mf_model_log_catch_up_seconds"],
+                "wall_s": wall,
+            }
+            time.sleep(2.0)
+            rss = rss_of(q.pid)
+            # what the replica holds: every row's arrays (factors, bias, count, last, logpop)
+            # and each user's seen items (int32)
+            per_row = 64 * 4 + 4 + 8 + 8 + 8
+            model_bytes = (n_users + n_items) * per_row + n_events * 4
+            result["memory"] = {
+                "rss_bytes": rss,
+                "model_bytes": model_bytes,
+                "ratio": rss / model_bytes,
+            }
+            print(
+                f"reader start {result['start']['catch_up_s']:.2f} s, restart "
+                f"{result['restart']['catch_up_s']:.2f} s; RSS {rss / 1e6:.0f} MB for a "
+                f"{model_bytes / 1e6:.0f} MB model",
+                flush=True,
+            )
+
+            # ---- 3. freshness at each rate ----
+            client = RecClient(
+                KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
+            )
+            client.ask({"user_id": "u1", "k": 5}, timeout=30)  # joined and warm
+            for rate in rates:
+                before_q, before_u = scrape(q_url), scrape(up_url)
+                load = Load(kafka, topics["interactions"], rate, n_users, n_items)
+                load.t.start()
+                time.sleep(2.0)
+                lat, missed = new_user_latency(kafka, topics, seconds, client)
+                load.stop.set()
+                load.t.join(60)
+                time.sleep(2.0)
+                after_q, after_u = scrape(q_url), scrape(up_url)
+                ev = metric_sum(after_u, "stream_mf_events_applied_total") - metric_sum(
+                    before_u, "stream_mf_events_applied_total"
+                )
+                by = metric_sum(after_u, "stream_mf_model_log_bytes_total") - metric_sum(
+                    before_u, "stream_mf_model_log_bytes_total"
+                )
+                arr = np.asarray(lat) if lat else np.asarray([np.nan])
+                row = {
+                    "rate": rate,
+                    "achieved": load.sent / (seconds + 2.0),
+                    "fresh_p50": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.5),
+                    "fresh_p99": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.99),
+                    "new_p50": float(np.percentile(arr, 50)),
+                    "new_p99": float(np.percentile(arr, 99)),
+                    "probes": len(lat),
+                    "missed": missed,
+                    "bytes_per_event": by / ev if ev else float("nan"),
+                }
+                rows.append(row)
+                print(row, flush=True)
+            client.close()
+            if broker_pid is not None:
+                result["broker_rss_bytes"] = rss_of(broker_pid)
+    finally:
+        children.stop_all()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work dir kept: {work}")
+    result["rates"] = rows
+    print_table(
+        f"model log: {n_users:,} users x {n_items:,} items, dim 64",
+        rows,
+        [
+            Col("rate", "events/s", ","),
+            Col("achieved", "achieved", ",.0f"),
+            Col("fresh_p50", "freshness p50 s (bucket)", ".2f"),
+            Col("fresh_p99", "freshness p99 s (bucket)", ".2f"),
+            Col("new_p50", "new user p50 s", ".3f"),
+            Col("new_p99", "new user p99 s", ".3f"),
+            Col("probes", "probes", "d"),
+            Col("bytes_per_event", "log bytes/event", ",.0f"),
+        ],
+    )
+    write_results("bench_modellog", result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,667 @@
+"""The model log on Kafka: the updater publishes it, query processes follow it.
+
+`ModelLogPublisher` (updater) is called after each durable commit of the store with what the
+commit wrote (`CommitInfo`) and publishes those rows and a commit marker
+(`stream_mf/model_log.py` has the format). User rows go out with every commit; item rows, which
+sampled negatives touch by the thousand, are coalesced and go out at most every
+`model_log_item_seconds` (the staleness bound of item rows in the log). A full snapshot goes out
+at the first commit, at every rebuild swap, when the records since the last snapshot outweigh
+it, and on start when the log may lack what the store has (a kill between a commit and the
+log's acknowledgement): the log's last marker names the store commit it stands for, and anything
+but the store's own count, or rows still pending, means a snapshot.
+
+`ModelFollower` (query) finds the last marker, seeks to the snapshot it names and materialises
+the model in memory from there (`ModelReader`), applying commits as they arrive. It is ready
+once it has read what the log held when it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from consumers import kafka_io
+from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
+from consumers.topics import create_topics
+from stream_mf.model_log import (
+    MARKER_KEY,
+    LogFormatError,
+    Marker,
+    ModelReader,
+    SeenIndex,
+    begin_record,
+    decode,
+    item_key,
+    item_records,
+    sample_times,
+    snapshot_records,
+    user_key,
+    user_records,
+)
+from stream_mf.state import ModelState, confidence_items
+from stream_mf.store import CommitInfo, StateStore
+
+log = logging.getLogger(__name__)
+
+#: one partition: a reader applies records in the order they were written
+PARTITION = 0
+#: a snapshot the broker did not take is tried again this often (the loop waits this long for
+#: its first record's acknowledgement)
+SNAPSHOT_RETRY_S = 5.0
+#: the longest wait for the first records of a stretch of the log known to hold some
+FIRST_FETCH_S = 10.0
+#: the broker keeps the latest record of each key
+TOPIC_CONFIG = {"cleanup.policy": "compact"}
+
+
+def ensure_topic(kafka: KafkaSettings, topic: str) -> None:
+    """Create the model topic (one partition, compacted) if it is missing."""
+    try:
+        create_topics(
+            kafka.bootstrap_servers,
+            {topic: 1},
+            config=TOPIC_CONFIG,
+            client_config=kafka.client_config(),
+        )
+    except Exception as exc:  # no broker yet, no rights: the topic may exist anyway
+        log.warning(
+            "cannot create the model topic %r (%s): create it compacted, 1 partition", topic, exc
+        )
+
+
+def find_last_marker(
+    c: Any, topic: str, window: int = 64, settle: float = 0.3
+) -> tuple[Marker | None, int]:
+    """(the log's last commit marker, the offset after the last record read) from the end of
+    the log backwards, a growing window at a time. The embedded broker's watermark can lag the
+    log, so the end is found by fetching until nothing more comes."""
+    try:
+        # fresh metadata first: librdkafka answers "unknown partition" from its cache
+        meta = c.list_topics(topic, timeout=5.0).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return None, 0
+        lo, hi = c.get_watermark_offsets(TopicPartition(topic, PARTITION), 5.0, cached=False)
+        lo, hi = max(lo, 0), max(hi, 0)  # an unknown watermark reads as -1001
+    except KafkaException as exc:
+        log.debug("no watermarks for %r: %s", topic, exc)
+        return None, 0
+    end = hi
+    start = hi
+    while True:
+        start = max(lo, start - window)
+        found: Marker | None = None
+        c.assign([TopicPartition(topic, PARTITION, start)])
+        # records are known to be there: the first fetch may take seconds on a loaded broker
+        # (a short wait here read a full log as empty)
+        quiet_until = time.monotonic() + (FIRST_FETCH_S if hi > start else settle)
+        deadline = time.monotonic() + 30.0
+        try:
+            # up to the watermark read at the start (a log being written to has no end to
+            # wait for), or until nothing more comes (a watermark that lags the log)
+            while time.monotonic() < min(quiet_until, deadline):
+                got = c.consume(1000, 0.05)
+                for m in got:
+                    if m.error() is not None:
+                        continue
+                    end = max(end, m.offset() + 1)
+                    if m.key() == MARKER_KEY:
+                        try:
+                            found = Marker.decode(m.value() or b"")
+                        except LogFormatError:
+                            continue
+                if got:
+                    quiet_until = time.monotonic() + settle
+                    if end >= hi:
+                        break
+        finally:
+            c.unassign()
+        if found is not None or start <= lo:
+            return found, end
+        window *= 8
+
+
+# ---- the updater's side ---------------------------------------------------------------------
+
+
+class ModelLogPublisher:
+    """Publishes the model log after each durable commit (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: UpdaterSettings,
+        store: StateStore,
+        on_error: Callable[[], None] | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topics.model
+        self.store = store
+        self.metrics = metrics
+        self.producer = kafka_io.producer(
+            settings.kafka,
+            on_error=on_error,
+            **{
+                # order is the format: one request in flight keeps it across retries; no
+                # idempotence, whose producer id a restarted broker does not know (the dead-
+                # letter producer met that); a record delivered twice is harmless here
+                "enable.idempotence": False,
+                "max.in.flight.requests.per.connection": 1,
+                "linger.ms": 2,
+                "compression.type": settings.model_log_compression,
+                "queue.buffering.max.messages": 2_000_000,
+            },
+        )
+        self.seen: SeenIndex | None = None
+        self.gen = store.generation()
+        self.offsets: dict[str, int] = {f"{t}/{p}": o for (t, p), o in store.offsets().items()}
+        self.seq = store.commits()
+        self.need_snapshot = True
+        self.snap_offset: int | None = None
+        self.snapshot_bytes = 0
+        self.snapshot_at = 0.0
+        self.bytes_since = 0
+        self.failed = 0
+        self.dirty = np.zeros(1024, np.bool_)
+        self.n_published_items = 0
+        self.next_items = 0.0
+        self.retry_at = 0.0
+        self._lookup: threading.Thread | None = None
+        self._found: Marker | None = None
+        self._started = False
+        self._missed = False  # a commit came before the look-up ended
+        # event times of commits not marked on their own yet (they go out with the next marker)
+        self._times: list[np.ndarray] = []
+        self._count = 0
+        self.last_state: ModelState | None = None
+
+    # ---- start ----------------------------------------------------------------------------
+
+    def start(self, state: ModelState) -> None:
+        """Look at the log's last marker on a thread of its own (the loop must not wait for a
+        broker that is not there yet); `tick` acts on it: a snapshot unless the marker stands
+        for the store's last commit with nothing pending (a kill between a commit and its
+        acknowledgement leaves it behind)."""
+        keys, _ = confidence_items(state.confidence)
+        self.seen = SeenIndex(keys)
+        self.last_state = state
+        self._lookup = threading.Thread(target=self._look, name="model-log-end", daemon=True)
+        self._lookup.start()
+
+    def _look(self) -> None:
+        ensure_topic(self.settings.kafka, self.topic)
+        c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
+        try:
+            self._found = find_last_marker(c, self.topic)[0]
+        except Exception as exc:  # the broker is away: a snapshot once it is back
+            log.warning("cannot read the model log's end (%s): a snapshot follows", exc)
+            self._found = None
+        finally:
+            c.close()
+
+    def _looked(self) -> bool:
+        """Act on the look-up once it is done (loop thread); True from then on."""
+        if self._started:
+            return True
+        if self._lookup is None or self._lookup.is_alive():
+            return False
+        self._started = True
+        marker = self._found
+        if (
+            marker is not None
+            and marker.seq == self.seq
+            and marker.gen == self.gen
+            and marker.pending_items == 0
+            and marker.snap is not None
+            and not self._missed
+        ):
+            self.need_snapshot = False
+            self.snap_offset = marker.snap
+            self.snapshot_at = time.time()
+            self.n_published_items = marker.n_items
+            log.info("the model log is up to date with the store (commit %d)", self.seq)
+        elif self.seq > 0:
+            why = "empty" if marker is None else f"at commit {marker.seq}"
+            log.info("the model log is %s, the store at commit %d: publishing a snapshot",
+                     why, self.seq)  # fmt: skip
+            self.need_snapshot = True
+        return True
+
+    # ---- after each commit ----------------------------------------------------------------
+
+    def committed(self, info: CommitInfo) -> None:
+        """The store hook: never raises (the commit is durable; the log catches up)."""
+        try:
+            self._committed(info)
+        except (KafkaException, BufferError, RuntimeError) as exc:
+            log.warning("could not publish commit %d to the model log (%s): a snapshot follows",
+                        info.seq, exc)  # fmt: skip
+            self.need_snapshot = True
+            self._count_error()
+
+    def _committed(self, info: CommitInfo) -> None:
+        state = info.state
+        self.last_state = state
+        self.seq = info.seq
+        if info.event_times is not None and info.event_times.size:
+            self._times.append(info.event_times)
+            self._count += int(info.events)
+            if len(self._times) > 64:  # many commits unmarked (no broker): a sample is enough
+                self._times = [np.asarray(sample_times(np.concatenate(self._times)))]
+        if not self._looked():
+            # the log's end is not known yet: this commit goes out with the snapshot that the
+            # look-up's outcome will call for
+            self._missed = True
+            self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
+            if info.generation is not None:
+                self.gen = info.generation
+            if self.seen is not None and not info.everything:
+                self.seen.add(info.pair_keys)
+            else:
+                self.seen = SeenIndex(confidence_items(state.confidence)[0])
+            return
+        self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
+        if self.seen is None or info.everything:
+            keys, _ = confidence_items(state.confidence)
+            self.seen = SeenIndex(keys)
+        else:
+            self.seen.add(info.pair_keys)
+        if info.generation is not None:
+            self.gen = info.generation
+            self.snapshot(state, info, replaced=True)
+            return
+        if info.everything or self.need_snapshot:
+            self.snapshot(state, info)
+            return
+        rows = np.unique(info.users).tolist()
+        for k, v in user_records(state.users, self.gen, self.seen, rows):
+            self._produce(k, v)
+        self._mark_items(info.items)
+        if time.monotonic() >= self.next_items:
+            self._flush_items(state)
+        elif state.items.n > self.n_published_items:
+            self._flush_items(state, new_only=True)  # new ids go out at once
+        self._marker(state, info)
+        if (
+            self.snapshot_bytes
+            and self.bytes_since > self.settings.model_log_snapshot_ratio * self.snapshot_bytes
+            and time.time() - self.snapshot_at >= self.settings.model_log_snapshot_min_seconds
+        ):
+            self.need_snapshot = True
+
+    def tick(self, state: ModelState) -> None:
+        """Between batches: deliveries, coalesced item rows when due, a snapshot when due."""
+        self.producer.poll(0)
+        self.last_state = state
+        try:
+            if not self._looked() or self.seq == 0:
+                return
+            if self.need_snapshot or self.failed:
+                if time.monotonic() < self.retry_at:
+                    return
+                self.retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+                self.snapshot(state)
+            elif self.dirty.any() and time.monotonic() >= self.next_items:
+                self._flush_items(state)
+                self._marker(state, None)
+        except (KafkaException, BufferError, RuntimeError) as exc:
+            log.warning("could not publish to the model log (%s): retrying", exc)
+            self.need_snapshot = True
+            self._count_error()
+
+    # ---- records --------------------------------------------------------------------------
+
+    def _count_error(self) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels("model_log").inc()
+
+    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self.failed += 1
+            log.warning("a model log record was not delivered: %s", err)
+
+    def _produce(
+        self, key: bytes, value: bytes | None, cb: Callable[..., None] | None = None
+    ) -> None:
+        size = len(key) + (len(value) if value else 0)
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, key=key,
+                                      on_delivery=cb or self._delivered)  # fmt: skip
+                break
+            except BufferError:  # the local queue is full (a snapshot): let deliveries drain
+                self.producer.poll(0.05)
+        self.bytes_since += size
+        if self.metrics is not None:
+            self.metrics.model_log_bytes.inc(size)
+            self.metrics.model_log_records.inc()
+
+    def _mark_items(self, items: np.ndarray) -> None:
+        if items.size == 0:
+            return
+        need = int(items.max()) + 1
+        if need > self.dirty.size:
+            grown = np.zeros(max(need, self.dirty.size * 2), np.bool_)
+            grown[: self.dirty.size] = self.dirty
+            self.dirty = grown
+        self.dirty[items] = True
+
+    def _flush_items(self, state: ModelState, new_only: bool = False) -> None:
+        """Item rows changed since the last flush (or, `new_only`, the rows of ids not yet in
+        the log), at their committed values."""
+        n = state.items.n
+        lo = self.n_published_items if new_only else 0
+        rows = range(lo, n) if new_only else np.flatnonzero(self.dirty[:n]).tolist()
+        for k, v in item_records(state.items, self.gen, rows):
+            self._produce(k, v)
+        self.dirty[lo:] = False
+        self.n_published_items = n
+        if not new_only:
+            self.next_items = time.monotonic() + self.settings.model_log_item_seconds
+
+    def _marker(self, state: ModelState, info: CommitInfo | None, snapshot: bool = False) -> None:
+        times = np.concatenate(self._times) if self._times else None
+        count = self._count
+        self._times, self._count = [], 0
+        committed_at = time.time()
+        m = Marker(
+            seq=self.seq, gen=self.gen, version=state.model_version,
+            events=state.events_applied, clock=float(state.clock[0]), n_users=state.users.n,
+            n_items=min(state.items.n, self.n_published_items), offsets=dict(self.offsets),
+            snapshot=snapshot, snap=self.snap_offset,
+            pending_items=int(self.dirty[: state.items.n].sum()),
+            count=count,
+            times=sample_times(times) if times is not None and times.size else [],
+            at=committed_at,
+        )  # fmt: skip
+
+        def acked(err: KafkaError | None, msg: Message) -> None:
+            self._delivered(err, msg)
+            if err is None and self.snap_offset is not None and msg.offset() < self.snap_offset:
+                # the log restarted below its own snapshot (a topic recreated, a broker that
+                # lost its data): it no longer holds the model
+                log.warning("the model log is shorter than its last snapshot's offset (%d < %d): "
+                            "publishing a snapshot", msg.offset(), self.snap_offset)  # fmt: skip
+                self.need_snapshot = True
+            if err is None and self.metrics is not None:
+                self.metrics.model_log_publish_lag.observe(time.time() - committed_at)
+
+        self._produce(MARKER_KEY, m.encode(), acked)
+
+    def snapshot(
+        self, state: ModelState, info: CommitInfo | None = None, replaced: bool = False
+    ) -> None:
+        """Every row of the live generation, between a BEGIN record and a snapshot marker."""
+        t0 = time.perf_counter()
+        if self.seen is None:
+            self.seen = SeenIndex(confidence_items(state.confidence)[0])
+        self.failed = 0
+        got: list[int] = []
+
+        def begun(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                got.append(msg.offset())
+            else:
+                self._delivered(err, msg)
+
+        if self.snapshot_at:  # not the first: the topic may have gone (a broker that forgot it)
+            ensure_topic(self.settings.kafka, self.topic)
+        before = self.bytes_since
+        self._produce(*begin_record(self.seq, self.gen, state.users.n, state.items.n), begun)
+        self.producer.flush(SNAPSHOT_RETRY_S)
+        if not got:
+            self.need_snapshot = True
+            raise RuntimeError("the broker did not acknowledge the snapshot's first record")
+        for k, v in snapshot_records(state, self.gen, self.seen):
+            self._produce(k, v)
+        users = state.users
+        self.dirty[:] = False
+        self.n_published_items = state.items.n
+        self.next_items = time.monotonic() + self.settings.model_log_item_seconds
+        self.snap_offset = got[0]
+        self._marker(state, info, snapshot=True)
+        if replaced and self.gen > 0:
+            # the replaced generation's rows: tombstones, so compaction drops them (readers
+            # built the new one from this snapshot and ignore tombstones)
+            for u in range(users.n):
+                self._produce(user_key(self.gen - 1, u), None)
+            for i in range(state.items.n):
+                self._produce(item_key(self.gen - 1, i), None)
+            self._marker(state, None)
+        self.snapshot_bytes = self.bytes_since - before
+        self.bytes_since = 0
+        self.snapshot_at = time.time()
+        self.need_snapshot = False
+        if self.metrics is not None:
+            self.metrics.model_log_snapshot_bytes.set(self.snapshot_bytes)
+            self.metrics.model_log_snapshot_time.set(self.snapshot_at)
+        log.info("model log snapshot: generation %d, %d users, %d items, %.1f MB in %.2f s",
+                 self.gen, users.n, state.items.n, self.snapshot_bytes / 1e6,
+                 time.perf_counter() - t0)  # fmt: skip
+
+    def close(self) -> None:
+        ok = self._started and not self.need_snapshot and not self.failed
+        if ok and self.last_state is not None and self.dirty.any() and self.seq:
+            try:
+                self._flush_items(self.last_state)
+                self._marker(self.last_state, None)
+            except (KafkaException, BufferError) as exc:
+                log.warning("could not flush the model log's item rows: %s", exc)
+        left = kafka_io.close_producer(self.producer, 10.0)
+        if left:
+            log.warning("%d model log record(s) not delivered at stop: the next start "
+                        "publishes a snapshot", left)  # fmt: skip
+
+
+def _trim() -> None:
+    """Return freed heap to the OS (glibc keeps it otherwise): after the catch-up the process
+    holds the model, not the bytes it was read from."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- the query side -------------------------------------------------------------------------
+
+
+class ModelFollower:
+    """Follows the model log on a thread of its own and keeps `reader.served` current."""
+
+    def __init__(
+        self,
+        settings: QuerySettings,
+        metrics: Any = None,
+        on_applied: Callable[[list[Marker], float], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topics.model
+        self.metrics = metrics
+        self.on_applied = on_applied
+        self.reader = ModelReader()
+        self.ready = threading.Event()
+        self.target = 0  # the log's end when the follower started: ready once read past it
+        self.position = 0
+        self.started = time.monotonic()
+        self.started_at = time.time()  # commits published since count towards freshness
+        self.idle_since: float | None = None
+        self.catch_up_seconds: float | None = None
+        self.skipped = 0
+        self.first_offset: int | None = None  # the first offset read (tests: never below snap)
+        self.snap: int | None = None
+        self.waiting = ""
+        self._stop = threading.Event()
+        self.consumer = kafka_io.consumer(
+            settings.kafka,
+            f"{settings.group_id}-model-{uuid.uuid4().hex[:8]}",
+            on_error=(metrics.errors.labels("broker").inc if metrics is not None else None),
+            # a snapshot is read as fast as it is applied: a small prefetch queue keeps the
+            # process lean (the shared default holds up to 256 MB of fetched records)
+            **{
+                "fetch.wait.max.ms": 5,
+                "enable.partition.eof": False,
+                "queued.max.messages.kbytes": 16 * 1024,
+                "max.partition.fetch.bytes": 4 << 20,
+                "fetch.max.bytes": 8 << 20,
+            },
+        )
+        self.thread = threading.Thread(target=self._run, name="model-log", daemon=True)
+
+    @property
+    def served(self) -> Any:
+        return self.reader.served if self.ready.is_set() else None
+
+    def start(self) -> ModelFollower:
+        self.thread.start()
+        return self
+
+    def status(self) -> str:
+        """Why no model is served yet, for the error reply."""
+        if self.reader.live is None:
+            return (
+                f"no model yet: the model log {self.topic!r} holds no snapshot; start the "
+                "updater (it publishes the model)"
+            )
+        return (
+            f"the model is not caught up yet (read to offset {self.position} of "
+            f"{self.target}): retry shortly"
+        )
+
+    def _locate(self) -> int:
+        """The offset to start at: the latest snapshot the last marker names."""
+        while not self._stop.is_set():
+            marker, end = find_last_marker(self.consumer, self.topic)
+            if marker is not None and marker.snap is not None:
+                self.target, self.snap = end, marker.snap
+                self.waiting = ""
+                return marker.snap
+            why = "holds no snapshot yet" if end == 0 or marker is None else "has no snapshot"
+            if why != self.waiting:
+                log.info("waiting for the model log %r: it %s; start the updater (it "
+                         "publishes the model)", self.topic, why)  # fmt: skip
+                self.waiting = why
+            self._stop.wait(0.5)
+        return 0
+
+    def _run(self) -> None:
+        try:
+            start = self._locate()
+            if self._stop.is_set():
+                return
+            self.consumer.assign([TopicPartition(self.topic, PARTITION, start)])
+            self.position = start
+            while not self._stop.is_set():
+                msgs = kafka_io.drain(self.consumer, 5000, 0.1)
+                if msgs:
+                    self.idle_since = None
+                    self._apply(msgs)
+                elif not self.ready.is_set() and self.reader.served is not None:
+                    # nothing more to read for a while: the watermark overstated the end
+                    now = time.monotonic()
+                    self.idle_since = self.idle_since or now
+                    self._check_ready(force=now - self.idle_since > 2.0)
+        except Exception as exc:  # never let the thread die silently: say why and stop serving
+            log.exception("the model log follower stopped: %s", exc)
+            if self.metrics is not None:
+                self.metrics.errors.labels("model_log").inc()
+
+    def _apply(self, msgs: list[Message]) -> None:
+        t0 = time.perf_counter()
+        reader = self.reader
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("model log consumer error: %s", err)
+                continue
+            if self.first_offset is None:
+                self.first_offset = m.offset()
+            self.position = m.offset() + 1
+            try:
+                reader.feed(decode(m.key(), m.value()))
+            except LogFormatError as exc:  # unreadable, or not of this model's shape
+                self.skipped += 1
+                log.warning("skipping model log record at offset %d: %s", m.offset(), exc)
+                if self.metrics is not None:
+                    self.metrics.model_log_skipped.inc()
+        changed = reader.publish()
+        took = time.perf_counter() - t0
+        applied = reader.take_applied()
+        if changed and self.on_applied is not None:
+            self.on_applied(applied, took)
+        self._check_ready()
+
+    def _check_ready(self, force: bool = False) -> None:
+        if self.ready.is_set() or self.reader.served is None:
+            return
+        if self.position >= self.target or force:
+            self.catch_up_seconds = time.monotonic() - self.started
+            self.ready.set()
+            served = self.reader.served
+            log.info("model caught up in %.2f s: commit %d, generation %d, %d users, %d items; "
+                     "read from offset %s (the latest snapshot, at %s) to %d",
+                     self.catch_up_seconds, served.marker.seq, served.marker.gen,
+                     served.marker.n_users, served.marker.n_items, self.first_offset, self.snap,
+                     self.position)  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.model_log_catch_up.set(self.catch_up_seconds)
+            _trim()  # hand back what reading the snapshot used (a snapshot's bytes)
+
+    def lag(self) -> int:
+        try:
+            _lo, hi = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, PARTITION), cached=True
+            )
+        except Exception:
+            return 0
+        return max(0, hi - self.position)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(10.0)
+        try:
+            self.consumer.close()
+        except Exception as exc:
+            log.debug("model log consumer close: %s", exc)
+
+
+def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[ModelReader, int]:
+    """A fresh reader materialised from the log as it is now (tests, benches, tools): from the
+    snapshot the last marker names to the end. Returns it and the first offset it read."""
+    c = kafka_io.consumer(kafka, f"read-model-{uuid.uuid4().hex[:8]}")
+    reader = ModelReader()
+    try:
+        marker, end = find_last_marker(c, topic)
+        if marker is None or marker.snap is None:
+            return reader, -1
+        first = -1
+        c.assign([TopicPartition(topic, PARTITION, marker.snap)])
+        quiet_until = time.monotonic() + FIRST_FETCH_S
+        deadline = time.monotonic() + 300.0
+        pos = marker.snap
+        while (pos < end or time.monotonic() < quiet_until) and time.monotonic() < deadline:
+            got = c.consume(5000, 0.1)
+            for m in got:
+                if m.error() is not None:
+                    continue
+                first = m.offset() if first < 0 else first
+                pos = m.offset() + 1
+                try:
+                    reader.feed(decode(m.key(), m.value()))
+                except LogFormatError:
+                    reader.skipped += 1
+            if got:
+                quiet_until = time.monotonic() + settle
+        reader.publish()
+        return reader, first
+    finally:
+        c.close()

@@ -1,0 +1,606 @@
+"""The model log: the serving model as Kafka records, and a reader that materialises it.
+
+The updater publishes, after each durable commit, every row the commit changed; query processes
+on any machine follow the topic and hold the model in memory (docs/architecture.md, "Model
+log"). This module is the format and the reader, with no Kafka in it: the producing and the
+consuming are `consumers/model_log.py`.
+
+Records (one partition, so order is the log's order). Keys are fixed per row, so a compacted
+topic keeps the latest value of each; values are whole rows or blocks, never increments, so a
+record applied twice is harmless:
+
+  b"u" be32 gen be32 row    a user row of generation `gen`: id, every per-row array of the
+                            model (factors, bias, count, last, logpop) and the items the user
+                            has seen (exclusions and `because`)
+  b"i" be32 gen be32 row    an item row of `gen`, in the same layout (no seen items)
+  b"C"                      the model config (JSON), first record of every snapshot
+  b"B"                      a snapshot begins (JSON {"seq", "gen"})
+  b"M"                      a commit marker (JSON, `Marker`): the rows before it, since the
+                            previous marker, are one commit; a reader applies them at the marker
+  a row key with no value   a tombstone: the row's generation was replaced
+
+A snapshot is B, C, then every row of the live generation, then a marker with `snapshot` true.
+Every marker names the offset of the latest complete snapshot's B record (`snap`): a reader
+reads the last marker, seeks there, and never reads anything older.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_mf.answer import UserRecord
+from stream_mf.config import ModelConfig
+from stream_mf.recommend import ItemView
+from stream_mf.state import NEVER, EntityTable, ModelState
+
+FORMAT = 1
+MARKER_KEY = b"M"
+BEGIN_KEY = b"B"
+CONFIG_KEY = b"C"
+MAX_TIMES = 32  # event times a marker samples, for the readers' freshness histogram
+_ROW_KEY = struct.Struct(">cII")
+_USER_HEAD = struct.Struct("<BHI")  # format, dim, seen count
+_ITEM_HEAD = struct.Struct("<BHH")  # format, dim, rows
+_ROW_ARRAYS = (("bias", "<f4"), ("count", "<i8"), ("last", "<f8"), ("logpop", "<f8"))
+
+
+class LogFormatError(ValueError):
+    """A record this version cannot read: skipped, logged and counted, never applied."""
+
+
+class MixedGenerationError(AssertionError):
+    """A request would score user rows of one generation against item rows of another."""
+
+
+# ---- encoding (updater side) ----------------------------------------------------------------
+
+
+def user_key(gen: int, row: int) -> bytes:
+    return _ROW_KEY.pack(b"u", gen, row)
+
+
+def item_key(gen: int, row: int) -> bytes:
+    return _ROW_KEY.pack(b"i", gen, row)
+
+
+def encode_user(table: EntityTable, row: int, seen: np.ndarray) -> bytes:
+    """One user row, whole: a reader needs nothing else to serve that user."""
+    s = np.ascontiguousarray(seen, "<i4")
+    parts = [_USER_HEAD.pack(FORMAT, table.dim, s.size), table.factors[row].astype("<f4").tobytes()]
+    parts += [getattr(table, name)[row : row + 1].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
+    parts += [s.tobytes(), table.ids[row].encode()]
+    return b"".join(parts)
+
+
+_META = np.dtype([(name, dt) for name, dt in _ROW_ARRAYS])  # packed: the wire layout
+
+
+def user_records(
+    table: EntityTable,
+    gen: int,
+    seen: SeenIndex | None,
+    rows: Iterable[int],
+    kind: bytes = b"u",
+) -> Iterator[tuple[bytes, bytes]]:
+    """`encode_user` of many rows, with the arrays turned into bytes in a few C calls (a
+    commit at 20k events/s carries thousands of user rows). Item rows (`kind` b"i") have the
+    same layout, with no seen items."""
+    idx = np.fromiter(rows, np.int64)
+    if idx.size == 0:
+        return
+    dim = table.dim
+    fb = np.ascontiguousarray(table.factors[idx], "<f4").view(f"V{dim * 4}").ravel().tolist()
+    meta = np.empty(idx.size, _META)
+    for name, _dt in _ROW_ARRAYS:
+        meta[name] = getattr(table, name)[idx]
+    mb = meta.view(f"V{_META.itemsize}").tolist()
+    keys = np.empty((idx.size, 3), ">u4")
+    keys[:, 0] = 0
+    keys[:, 1] = gen
+    keys[:, 2] = idx
+    kb = keys.view("V12").ravel().tolist()
+    head, ids = _USER_HEAD.pack, table.ids
+    of = seen.of if seen is not None else (lambda _u: _NONE)
+    for j, u in enumerate(idx.tolist()):
+        s = of(u)
+        yield (
+            kind + kb[j][4:],
+            b"".join((head(FORMAT, dim, s.size), fb[j], mb[j], s.tobytes(), ids[u].encode())),
+        )
+
+
+def item_records(
+    table: EntityTable, gen: int, rows: Iterable[int]
+) -> Iterator[tuple[bytes, bytes]]:
+    """Item rows, one record each: sampled negatives touch rows all over the catalogue, so a
+    record per row costs far fewer bytes than blocks of rows."""
+    return user_records(table, gen, None, rows, b"i")
+
+
+def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[tuple[bytes, bytes]]:
+    """A snapshot's body (after its BEGIN record, before its marker): the config, then every
+    row of the model."""
+    yield CONFIG_KEY, state.config.model_dump_json().encode()
+    yield from user_records(state.users, gen, seen, range(state.users.n))
+    yield from item_records(state.items, gen, range(state.items.n))
+
+
+def begin_record(seq: int, gen: int, n_users: int = 0, n_items: int = 0) -> tuple[bytes, bytes]:
+    """A snapshot begins; the row counts let a reader size its arrays once."""
+    return BEGIN_KEY, orjson.dumps({"seq": seq, "gen": gen, "n_users": n_users, "n_items": n_items})
+
+
+@dataclass
+class Marker:
+    """The end of one commit: what the model is as of it."""
+
+    seq: int  # the store's commit count (every durable commit adds one)
+    gen: int
+    version: int
+    events: int
+    clock: float
+    n_users: int
+    n_items: int
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> next offset
+    snapshot: bool = False  # this marker closes a snapshot
+    snap: int | None = None  # offset of the latest complete snapshot's BEGIN record
+    pending_items: int = 0  # item rows changed in the store but not yet in the log (coalesced)
+    count: int = 0  # events in this commit
+    times: list[float] = field(default_factory=list)  # a sample of their event times
+    at: float = 0.0  # wall time the marker was produced
+
+    def encode(self) -> bytes:
+        return orjson.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Marker:
+        try:
+            doc = orjson.loads(raw)
+            return cls(**doc)
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise LogFormatError(f"bad commit marker: {exc}") from exc
+
+
+class SeenIndex:
+    """Each user's seen items, sorted, on the updater side: a user row in the log carries the
+    whole list (a full value, never an increment), and the store's prefix scan per user would
+    cost a RocksDB seek for every user of every batch."""
+
+    def __init__(self, pair_keys: np.ndarray) -> None:
+        self.rows: dict[int, np.ndarray] = {}
+        self.add(np.sort(pair_keys))
+
+    def add(self, pair_keys: np.ndarray) -> None:
+        """Fold a commit's pairs in (sorted unique keys group by user)."""
+        if pair_keys.size == 0:
+            return
+        keys = np.sort(pair_keys) if np.any(np.diff(pair_keys) < 0) else pair_keys
+        users = keys >> 32
+        items = (keys & 0xFFFFFFFF).astype(np.int32)
+        cuts = np.flatnonzero(np.diff(users)) + 1
+        starts = np.concatenate([[0], cuts]).tolist()
+        ends = [*cuts.tolist(), keys.size]
+        rows = self.rows
+        for u, lo, hi in zip(users[starts].tolist(), starts, ends, strict=True):
+            got = items[lo:hi]
+            have = rows.get(u)
+            if have is None:
+                rows[u] = got.copy()
+            elif got.size == 1:
+                g = got[0]
+                pos = int(np.searchsorted(have, g))
+                if pos == have.size or have[pos] != g:
+                    rows[u] = np.insert(have, pos, g)
+            else:
+                rows[u] = np.union1d(have, got).astype(np.int32)
+
+    def of(self, user: int) -> np.ndarray:
+        got = self.rows.get(user)
+        return got if got is not None else _NONE
+
+
+_NONE = np.empty(0, np.int32)
+
+
+def sample_times(times: np.ndarray) -> list[float]:
+    if times.size > MAX_TIMES:
+        times = times[np.linspace(0, times.size - 1, MAX_TIMES).astype(np.int64)]
+    return [float(t) for t in times]
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    kind: str  # user, item, config, begin, marker, tombstone
+    gen: int = 0
+    index: int = 0  # user row or item block
+    value: Any = None  # decoded payload
+
+
+@dataclass
+class UserRow:
+    """A user record checked but not unpacked: rows are unpacked many at a time
+    (`ServingModel.set_users`), a few C calls for a commit's or a snapshot's worth."""
+
+    raw: bytes
+    dim: int
+    n_seen: int
+    id: str
+
+
+def decode(key: bytes | None, value: bytes | None) -> Record:
+    """One record; LogFormatError if it cannot be read (the caller skips and counts it)."""
+    if not key:
+        raise LogFormatError("record without a key")
+    if key == MARKER_KEY:
+        return Record("marker", value=Marker.decode(value or b""))
+    if key == CONFIG_KEY:
+        try:
+            return Record("config", value=ModelConfig.model_validate_json(value or b""))
+        except ValueError as exc:
+            raise LogFormatError(f"bad config record: {exc}") from exc
+    if key == BEGIN_KEY:
+        try:
+            doc = orjson.loads(value or b"")
+            return Record("begin", gen=int(doc["gen"]), value=doc)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise LogFormatError(f"bad snapshot begin record: {exc}") from exc
+    if len(key) != _ROW_KEY.size or key[:1] not in (b"u", b"i"):
+        raise LogFormatError(f"unknown record key {key[:16]!r}")
+    kind, gen, index = _ROW_KEY.unpack(key)
+    name = "user" if kind == b"u" else "item"
+    if value is None:
+        return Record("tombstone", gen, index, name)
+    try:
+        payload = _user(value)
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise LogFormatError(f"bad {name} record {gen}/{index}: {exc}") from exc
+    return Record(name, gen, index, payload)
+
+
+_USER_FIXED = _USER_HEAD.size
+
+
+def _user(raw: bytes) -> UserRow:
+    fmt, dim, n_seen = _USER_HEAD.unpack_from(raw)
+    if fmt != FORMAT:
+        raise ValueError(f"format {fmt}, this version reads {FORMAT}")
+    at = _USER_FIXED + dim * 4 + _META.itemsize + 4 * n_seen
+    if len(raw) < at:
+        raise ValueError(f"{len(raw)} bytes, a row of dim {dim} with {n_seen} seen needs {at}")
+    return UserRow(raw, dim, n_seen, raw[at:].decode())
+
+
+def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Factors [n, dim], the per-row arrays (a structured array) and the seen items (int32
+    bytes, read as an array per request: 100k small arrays cost ~11 MB of headers) of many user
+    rows."""
+    fb, mb = dim * 4, _META.itemsize
+    f_at, m_at = _USER_FIXED, _USER_FIXED + fb
+    factors = np.frombuffer(b"".join([r.raw[f_at:m_at] for r in rows]), "<f4").reshape(-1, dim)
+    meta = np.frombuffer(b"".join([r.raw[m_at : m_at + mb] for r in rows]), _META)
+    s_at = m_at + mb
+    seen = [r.raw[s_at : s_at + 4 * r.n_seen] for r in rows]  # bytes: a third of an array's
+    return factors, meta, seen
+
+
+# ---- the reader (query side) -----------------------------------------------------------------
+
+
+class ServingModel:
+    """One generation of the model as a reader holds it: the same arrays as the updater's
+    `EntityTable`s, plus each user's seen items and the generation every row came from (the
+    no-mixing check reads it)."""
+
+    def __init__(self, config: ModelConfig, gen: int) -> None:
+        self.config, self.gen = config, gen
+        c = config
+        self.users = EntityTable("user", c.dim, c.seed, c.init_scale, 16)
+        self.items = EntityTable("item", c.dim, c.seed, c.init_scale, 16)
+        self.user_gen = np.full(16, -1, np.int64)
+        self.item_gen = np.full(16, -1, np.int64)
+        self.seen: list[bytes] = []  # int32 items each
+        self.marker: Marker | None = None
+        self.items_changed = True
+
+    @staticmethod
+    def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
+        if n > table.n:
+            _reserve(table, n)
+            table.ids.extend([""] * (n - table.n))
+        if gens.size < table.capacity:
+            g = np.full(table.capacity, -1, np.int64)
+            g[: gens.size] = gens
+            gens = g
+        return gens
+
+    def set_users(
+        self, gen: int, rows: list[int], users: list[UserRow], kind: str = "user"
+    ) -> None:
+        """Many user (or item) rows at once (the last of a row wins)."""
+        if not rows:
+            return
+        last = dict(zip(rows, range(len(rows)), strict=True))  # row -> its last record
+        if len(last) < len(rows):
+            rows, users = list(last), [users[j] for j in last.values()]
+        bad = [j for j, u in enumerate(users) if u.dim != self.config.dim]
+        if bad:
+            raise LogFormatError(f"user rows of dim {users[bad[0]].dim}, the model's is "
+                                 f"{self.config.dim}")  # fmt: skip
+        user = kind == "user"
+        t = self.users if user else self.items
+        idx = np.asarray(rows, np.int64)
+        gens = self._grow(t, self.user_gen if user else self.item_gen, int(idx.max()) + 1)
+        if user:
+            self.user_gen = gens
+            if len(self.seen) < t.n:
+                self.seen.extend([b""] * (t.n - len(self.seen)))
+        else:
+            self.item_gen = gens
+            self.items_changed = True
+        factors, meta, seen = unpack_users(users, self.config.dim)
+        t.factors[idx] = factors
+        for name, _dt in _ROW_ARRAYS:
+            getattr(t, name)[idx] = meta[name]
+        ids, index, all_seen = t.ids, t.index, self.seen
+        for row, u, s in zip(rows, users, seen, strict=True):
+            if user:
+                all_seen[row] = s
+            if ids[row] != u.id:
+                ids[row] = u.id
+                index[u.id] = row
+        gens[idx] = gen
+
+    def complete(self, marker: Marker) -> bool:
+        """Every row the marker counts is here, of the marker's generation."""
+        return (
+            marker.gen == self.gen
+            and self.users.n >= marker.n_users
+            and self.items.n >= marker.n_items
+            and bool(np.all(self.user_gen[: marker.n_users] == self.gen))
+            and bool(np.all(self.item_gen[: marker.n_items] == self.gen))
+        )
+
+    def nbytes(self) -> int:
+        t = (self.users, self.items)
+        arrays = sum(getattr(x, n).nbytes for x in t for n in ("factors", "bias", "count", "last",
+                                                                "logpop"))  # fmt: skip
+        return arrays + sum(len(s) for s in self.seen)
+
+
+def _reserve(table: EntityTable, n: int) -> None:
+    """Room for `n` rows, growing by a quarter (`EntityTable.reserve` doubles: a replica would
+    hold up to twice its model)."""
+    if n <= table.capacity:
+        return
+    cap = max(n, table.capacity + table.capacity // 4)
+    for name, fill in (("factors", 0.0), ("bias", 0.0), ("count", 0), ("last", NEVER),
+                       ("logpop", NEVER)):  # fmt: skip
+        a = getattr(table, name)
+        out = np.full((cap, *a.shape[1:]), fill, a.dtype)
+        out[: a.shape[0]] = a
+        setattr(table, name, out)
+
+
+class PinnedUsers:
+    """Users of one `ServingModel`, checked against the generation of the view they are scored
+    with: the assertion inside the reader that no request mixes generations."""
+
+    def __init__(self, model: ServingModel, generation: int) -> None:
+        self.model, self.generation = model, generation
+
+    def user(self, user_id: str) -> UserRecord | None:
+        m = self.model
+        u = m.users.index.get(user_id)
+        if u is None or u >= m.users.n:
+            return None
+        gen = int(m.user_gen[u])
+        if gen < 0:
+            return None
+        if gen != self.generation:
+            raise MixedGenerationError(
+                f"user row {u} is of generation {gen}, the item view of {self.generation}"
+            )
+        t = m.users
+        return UserRecord(index=u, vector=t.factors[u].copy(), events=int(t.count[u]),
+                          seen=np.frombuffer(m.seen[u], "<i4"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one request reads: an item view and the users of the same generation."""
+
+    view: ItemView
+    users: PinnedUsers
+    marker: Marker
+
+
+class ModelReader:
+    """Materialises the log in memory. `feed` every record in log order; `served` is what
+    requests read, rebuilt by `publish` after a run of records (so a fetch of many commits
+    costs one view). A commit's records are held until its marker and then applied together;
+    a snapshot is built on the side and replaces the served model at its marker, so a request
+    never sees half a commit nor two generations."""
+
+    def __init__(self) -> None:
+        self.live: ServingModel | None = None
+        self.building: ServingModel | None = None
+        self.config: ModelConfig | None = None
+        self.pending: list[Record] = []
+        self.early: list[Record] = []  # a snapshot's rows before its config record
+        self._ubuf: list[Record] = []  # user rows for the model being built, unpacked together
+        self._begin = (0, 0, 0)  # generation and row counts of the snapshot under way
+        self.served: Served | None = None
+        self.applied: list[Marker] = []  # markers applied since the last `take_applied`
+        self.skipped = 0  # records of a generation they cannot belong to (never applied)
+        self.dirty = False
+        self.last_marker: Marker | None = None
+
+    # ---- records ------------------------------------------------------------------------
+
+    def feed(self, rec: Record) -> None:
+        if rec.kind == "tombstone":
+            return  # a replaced generation's row: the reader already moved past it
+        if rec.kind == "config":
+            self.config = rec.value
+            self._ubuf.clear()
+            if self.building is None or self.building.config != rec.value:
+                gen = self.building.gen if self.building is not None else 0
+                self.building = self._sized(ServingModel(rec.value, max(gen, self._begin[0])))
+            for r in self.early:
+                self._build(r)
+            self.early.clear()
+            return
+        if rec.kind == "begin":
+            # a snapshot: build it on the side (the live model keeps serving meanwhile)
+            self.pending.clear()
+            self._ubuf.clear()
+            doc = rec.value
+            self._begin = (rec.gen, int(doc.get("n_users", 0)), int(doc.get("n_items", 0)))
+            self.building = (
+                self._sized(ServingModel(self.config, rec.gen)) if self.config is not None else None
+            )
+            return
+        if rec.kind == "marker":
+            self._marker(rec.value)
+            return
+        if self.live is None or self.building is not None:
+            self._build(rec)
+        else:
+            self.pending.append(rec)
+
+    def _sized(self, model: ServingModel) -> ServingModel:
+        """Arrays of the size the snapshot under way announced (its rows arrive in order)."""
+        gen, nu, ni = self._begin
+        if model.gen == gen:
+            _reserve(model.users, nu)
+            _reserve(model.items, ni)
+        return model
+
+    def _build(self, rec: Record) -> None:
+        b = self.building
+        if b is None:
+            if self.config is None:
+                self.early.append(rec)
+                return
+            b = self.building = ServingModel(self.config, rec.gen)
+        if rec.gen > b.gen:  # the log moved to a newer generation: its rows replace these
+            self._ubuf.clear()
+            b = self.building = ServingModel(b.config, rec.gen)
+        if rec.gen < b.gen:
+            return
+        self._ubuf.append(rec)
+        if len(self._ubuf) >= 4096:
+            self._flush_users(b)
+
+    def _flush_users(self, model: ServingModel) -> None:
+        buf, self._ubuf = self._ubuf, []
+        _apply(model, [r for r in buf if r.gen == model.gen])
+
+    def _marker(self, m: Marker) -> None:
+        self.last_marker = m
+        b = self.building
+        if b is not None:
+            self._flush_users(b)
+            if not b.complete(m):  # a compacted stretch, or a snapshot still under way
+                return
+            b.marker = m
+            self.live, self.building = b, None
+            self.pending.clear()
+            self._done(m)
+            return
+        live = self.live
+        if live is None:
+            return
+        if m.gen != live.gen:
+            # a generation changes only through a snapshot: rows of another one outside a
+            # snapshot are never applied to this model
+            self.skipped += len(self.pending)
+            self.pending.clear()
+            return
+        ok = [r for r in self.pending if r.gen == live.gen]
+        self.skipped += len(self.pending) - len(ok)
+        _apply(live, ok)
+        self.pending.clear()
+        live.marker = m
+        self._done(m)
+
+    def _done(self, m: Marker) -> None:
+        self.applied.append(m)
+        self.dirty = True
+
+    def take_applied(self) -> list[Marker]:
+        out, self.applied = self.applied, []
+        return out
+
+    # ---- what requests read ---------------------------------------------------------------
+
+    def publish(self) -> bool:
+        """Rebuild what requests read after records were fed; True if it changed."""
+        if not self.dirty or self.live is None or self.live.marker is None:
+            return False
+        m, live = self.live.marker, self.live
+        prev = self.served
+        n = min(live.items.n, m.n_items)
+        if n and not np.all(live.item_gen[:n] == live.gen):
+            raise MixedGenerationError(f"item rows of another generation than {live.gen}")
+        if prev is not None and prev.users.model is live and not live.items_changed:
+            view = dataclasses.replace(prev.view, clock=m.clock, model_version=m.version)
+        else:
+            state = ModelState(
+                config=live.config, users=live.users, items=_first(live.items, n),
+                cdf=np.zeros((3, 0)), clock=np.array([m.clock]), confidence=None,
+                model_version=m.version,
+            )  # fmt: skip
+            view = dataclasses.replace(ItemView.from_state(state, copy=True), generation=live.gen)
+            live.items_changed = False
+        self.served = Served(view, PinnedUsers(live, live.gen), m)
+        self.dirty = False
+        return True
+
+
+class _First:
+    """The first `n` rows of a table (an item row whose marker is not applied yet stays out)."""
+
+    def __init__(self, table: EntityTable, n: int) -> None:
+        self.n = n
+        self.factors, self.bias, self.logpop = table.factors, table.bias, table.logpop
+        self.count, self.last = table.count, table.last
+        self.ids = table.ids[:n]
+        self.index = table.index
+
+
+def _first(table: EntityTable, n: int) -> Any:
+    return table if table.n == n else _First(table, n)
+
+
+def _apply(model: ServingModel, records: list[Record]) -> None:
+    """User and item rows of one generation, each kind in one go."""
+    for kind in ("user", "item"):
+        rows = [r for r in records if r.kind == kind]
+        if rows:
+            model.set_users(model.gen, [r.index for r in rows], [r.value for r in rows], kind)
+
+
+def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelReader:
+    """A reader fed every (key, value) in order (tests and tools); unreadable ones skipped."""
+    reader = ModelReader()
+    for k, v in records:
+        try:
+            reader.feed(decode(k, v))
+        except LogFormatError:  # unreadable, or not of this model's shape
+            reader.skipped += 1
+    reader.publish()
+    return reader
+
+
+__all__ = ["NEVER", "ItemView", "Marker", "ModelReader", "Served", "decode"]

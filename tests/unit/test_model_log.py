@@ -1,0 +1,198 @@
+"""The model log's format and reader (stream_mf/model_log.py): records built from a real model
+as the updater builds them, read back as a query process reads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import planted_stream
+
+from stream_mf.answer import StateUsers, answer
+from stream_mf.config import ModelConfig
+from stream_mf.messages import RecRequest
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.model_log import (
+    MARKER_KEY,
+    LogFormatError,
+    Marker,
+    MixedGenerationError,
+    ModelReader,
+    PinnedUsers,
+    SeenIndex,
+    begin_record,
+    decode,
+    item_records,
+    materialise,
+    snapshot_records,
+    user_key,
+    user_records,
+)
+from stream_mf.recommend import ItemView
+from stream_mf.state import ModelState
+from stream_mf.store import confidence_items
+
+CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
+
+
+def stream(n: int, seed: int = 1, first: int = 0) -> EventBatch:
+    s = planted_stream(n, 300, 200, seed=seed)
+    return EventBatch.build(s.user_ids(), s.item_ids(), np.ones(n), s.times + first)
+
+
+def marker(state: ModelState, seq: int, gen: int = 0, snapshot: bool = False) -> bytes:
+    return Marker(
+        seq=seq, gen=gen, version=state.model_version, events=state.events_applied,
+        clock=float(state.clock[0]), n_users=state.users.n, n_items=state.items.n,
+        snapshot=snapshot, snap=0,
+    ).encode()  # fmt: skip
+
+
+def snapshot(state: ModelState, seq: int = 1, gen: int = 0) -> list[tuple[bytes, bytes | None]]:
+    seen = SeenIndex(confidence_items(state.confidence)[0])
+    return [
+        begin_record(seq, gen),
+        *snapshot_records(state, gen, seen),
+        (MARKER_KEY, marker(state, seq, gen, True)),
+    ]
+
+
+def commit(
+    state: ModelState, users: np.ndarray, items: np.ndarray, seq: int, gen: int = 0
+) -> list[tuple[bytes, bytes | None]]:
+    """What the publisher sends for one commit whose item rows go out with it."""
+    seen = SeenIndex(confidence_items(state.confidence)[0])
+    return [
+        *user_records(state.users, gen, seen, np.unique(users).tolist()),
+        *item_records(state.items, gen, np.unique(items).tolist()),
+        (MARKER_KEY, marker(state, seq, gen)),
+    ]
+
+
+def assert_reader_equals(reader: ModelReader, state: ModelState) -> None:
+    live = reader.live
+    assert live is not None
+    for a, b in ((live.users, state.users), (live.items, state.items)):
+        assert a.n == b.n and list(a.ids) == list(b.ids)
+        for name in ("factors", "bias", "count", "last", "logpop"):
+            assert getattr(a, name)[: b.n].tobytes() == getattr(b, name)[: b.n].tobytes(), name
+    want = StateUsers(state)
+    for uid in state.users.ids[:50]:
+        got = reader.served.users.user(uid)
+        assert got is not None and np.array_equal(got.seen, want.user(uid).seen)
+
+
+def test_a_snapshot_then_commits_materialise_the_model_bit_for_bit() -> None:
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(3000))
+    records = snapshot(m.state)
+    for j in range(3):
+        d = m.learn(stream(500, seed=10 + j, first=10_000 * (j + 1)))
+        ext = np.arange(*d.new_users)
+        records += commit(m.state, np.concatenate([d.users, ext]), d.items, seq=2 + j)
+    reader = materialise(records)
+    assert reader.skipped == 0
+    assert_reader_equals(reader, m.state)
+    # and it answers exactly as the model itself does
+    view = ItemView.from_state(m.state)
+    for uid in m.state.users.ids[:20]:
+        req = RecRequest(request_id="r", user_id=uid, k=5)
+        a = answer(req, reader.served.view, reader.served.users)
+        b = answer(req, view, StateUsers(m.state))
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
+
+
+def test_a_commit_is_applied_whole_at_its_marker_or_not_at_all() -> None:
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    reader = materialise(snapshot(m.state))
+    before = reader.served
+    uid = m.state.users.ids[0]
+    old = before.users.user(uid).vector.copy()
+    d = m.learn(stream(300, seed=5, first=50_000))
+    rows = commit(m.state, d.users, d.items, seq=2)
+    for k, v in rows[:-1]:  # every row, no marker: a commit cut short by a crash
+        reader.feed(decode(k, v))
+    assert not reader.publish()
+    assert reader.served is before
+    assert np.array_equal(reader.served.users.user(uid).vector, old)
+    reader.feed(decode(*rows[-1]))
+    assert reader.publish()
+    assert_reader_equals(reader, m.state)
+
+
+def test_a_request_never_mixes_generations_through_a_swap() -> None:
+    """A request holding the served model of generation 0 keeps user rows of generation 0
+    while a rebuild's snapshot (generation 1) is read and swapped in; rows of another
+    generation outside a snapshot are never applied; and the check inside the reader fires
+    if a user row of another generation ever reached a view."""
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    reader = materialise(snapshot(m.state))
+    old = reader.served
+    uid = m.state.users.ids[3]
+    old_vec = old.users.user(uid).vector.copy()
+    m.state.users.factors[: m.state.users.n] *= -1.0  # the rebuilt model
+    m.state.model_version += 1
+    for k, v in snapshot(m.state, seq=2, gen=1):
+        reader.feed(decode(k, v))
+        assert reader.served is old  # nothing of generation 1 shows before its marker
+        assert np.array_equal(old.users.user(uid).vector, old_vec)
+    assert reader.publish()
+    new = reader.served
+    assert new.view.generation == 1 and new.users.generation == 1
+    assert np.array_equal(new.users.user(uid).vector, -old_vec)
+    assert np.array_equal(old.users.user(uid).vector, old_vec)  # still pinned, still gen 0
+    # a stray generation-0 row after the swap is skipped, never applied
+    seen = SeenIndex(confidence_items(m.state.confidence)[0])
+    stray = list(user_records(m.state.users, 0, seen, [3]))
+    for k, v in [*stray, (MARKER_KEY, marker(m.state, 3, gen=1))]:
+        reader.feed(decode(k, v))
+    reader.publish()
+    assert reader.skipped == 1
+    assert np.array_equal(reader.served.users.user(uid).vector, -old_vec)
+    # the assertion itself: a view of generation 0 with these (generation-1) users refuses
+    mixed = PinnedUsers(new.users.model, generation=0)
+    with pytest.raises(MixedGenerationError):
+        mixed.user(uid)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        (None, b"x"),
+        (b"zzz", b"x"),
+        (MARKER_KEY, b"{not json"),
+        (MARKER_KEY, b'{"seq": 1}'),
+        (user_key(0, 1), b"\x01\x00"),
+        (user_key(0, 1), b"\x09" + bytes(40)),
+        (b"C", b"{}x"),
+    ],
+)
+def test_a_record_that_does_not_parse_is_refused(key: bytes | None, value: bytes) -> None:
+    with pytest.raises(LogFormatError):
+        decode(key, value)
+
+
+def test_unreadable_records_are_skipped_and_counted_never_applied() -> None:
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(1000))
+    records = snapshot(m.state)
+    records.insert(5, (user_key(0, 0), b"garbage"))
+    records.insert(9, (b"??", b""))
+    reader = materialise(records)
+    assert reader.skipped == 2
+    assert_reader_equals(reader, m.state)
+
+
+def test_seen_index_follows_commits() -> None:
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(1000))
+    idx = SeenIndex(confidence_items(m.state.confidence)[0])
+    for j in range(3):
+        d = m.learn(stream(400, seed=20 + j, first=10_000 * (j + 1)))
+        idx.add(d.pair_keys)
+    keys, _ = confidence_items(m.state.confidence)
+    want = SeenIndex(keys)
+    assert want.rows.keys() == idx.rows.keys()
+    for u, items in want.rows.items():
+        assert np.array_equal(idx.of(u), items)

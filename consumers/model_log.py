@@ -383,7 +383,11 @@ class ModelLogPublisher:
 
         def acked(err: KafkaError | None, msg: Message) -> None:
             self._delivered(err, msg)
-            if err is None and self.snap_offset is not None and msg.offset() < self.snap_offset:
+            if (
+                err is None
+                and self.snap_offset is not None
+                and kafka_io.position(msg)[1] < self.snap_offset
+            ):
                 # the log restarted below its own snapshot (a topic recreated, a broker that
                 # lost its data): it no longer holds the model
                 log.warning("the model log is shorter than its last snapshot's offset (%d < %d): "
@@ -406,7 +410,7 @@ class ModelLogPublisher:
 
         def begun(err: KafkaError | None, msg: Message) -> None:
             if err is None:
-                got.append(msg.offset())
+                got.append(kafka_io.position(msg)[1])
             else:
                 self._delivered(err, msg)
 
@@ -582,9 +586,10 @@ class ModelFollower:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("model log consumer error: %s", err)
                 continue
+            offset = kafka_io.position(m)[1]
             if self.first_offset is None:
-                self.first_offset = m.offset()
-            self.position = m.offset() + 1
+                self.first_offset = offset
+            self.position = offset + 1
             try:
                 reader.feed(decode(m.key(), m.value()))
             except LogFormatError as exc:  # unreadable, or not of this model's shape
@@ -653,8 +658,9 @@ def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[M
             for m in got:
                 if m.error() is not None:
                     continue
-                first = m.offset() if first < 0 else first
-                pos = m.offset() + 1
+                offset = kafka_io.position(m)[1]
+                first = offset if first < 0 else first
+                pos = offset + 1
                 try:
                     reader.feed(decode(m.key(), m.value()))
                 except LogFormatError:

@@ -12,15 +12,15 @@ import numpy as np
 import orjson
 import pytest
 from confluent_kafka import TopicPartition
-from conftest import Cluster
-from test_rebuild_service import request_rebuild
-from test_services import client_for, wait_for_model
 
 from consumers import kafka_io
 from consumers.model_log import read_model
 from consumers.processes import metric_sum, scrape, wait_until
 from consumers.settings import KafkaSettings
 from stream_mf.model_log import BEGIN_KEY, MARKER_KEY, Marker
+from tests.integration.conftest import Cluster
+from tests.integration.test_rebuild_service import request_rebuild
+from tests.integration.test_services import client_for, wait_for_model
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ class LiveStream:
 
     def __init__(self, kafka: str, topic: str, rate: float, users: int = 2000, items: int = 800):
         self.producer = kafka_io.producer(
-            KafkaSettings(bootstrap_servers=kafka), **{"linger.ms": 5}
+            KafkaSettings(bootstrap_servers=kafka), None, **{"linger.ms": 5}
         )
         self.topic, self.rate = topic, rate
         self.users, self.items = users, items
@@ -158,7 +158,7 @@ def _snapshot_begins(kafka: str, topic: str) -> list[int]:
                 elif (
                     m.key() == MARKER_KEY
                     and open_at is not None
-                    and Marker.decode(m.value()).snapshot
+                    and Marker.decode(kafka_io.payload(m)).snapshot
                 ):
                     begins.append(open_at)
                     open_at = None

@@ -555,7 +555,7 @@ def _bare_query_service() -> tuple[QueryService, _FakeProducer, _FakeConsumer]:
     svc.settings = QuerySettings()
     svc.registry = CollectorRegistry()
     svc.metrics = QueryMetrics(svc.registry)
-    svc.follower = None
+    svc.follower = None  # type: ignore[assignment]  # no model: handle() answers with errors
     producer, consumer = _FakeProducer(), _FakeConsumer()
     svc.producer = producer  # type: ignore[assignment]
     svc.consumer = consumer  # type: ignore[assignment]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import planted_stream
 
 from stream_mf.answer import StateUsers, answer
 from stream_mf.config import ModelConfig
@@ -19,6 +18,7 @@ from stream_mf.model_log import (
     ModelReader,
     PinnedUsers,
     SeenIndex,
+    Served,
     begin_record,
     decode,
     item_records,
@@ -28,10 +28,18 @@ from stream_mf.model_log import (
     user_records,
 )
 from stream_mf.recommend import ItemView
-from stream_mf.state import ModelState
-from stream_mf.store import confidence_items
+from stream_mf.state import ModelState, confidence_items
+from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
+
+
+def _vec(served: Served | None, uid: str) -> np.ndarray:
+    """A served user's vector (the reader has served a model, and it knows the user)."""
+    assert served is not None
+    rec = served.users.user(uid)
+    assert rec is not None
+    return rec.vector
 
 
 def stream(n: int, seed: int = 1, first: int = 0) -> EventBatch:
@@ -76,9 +84,11 @@ def assert_reader_equals(reader: ModelReader, state: ModelState) -> None:
         for name in ("factors", "bias", "count", "last", "logpop"):
             assert getattr(a, name)[: b.n].tobytes() == getattr(b, name)[: b.n].tobytes(), name
     want = StateUsers(state)
+    served = reader.served
+    assert served is not None
     for uid in state.users.ids[:50]:
-        got = reader.served.users.user(uid)
-        assert got is not None and np.array_equal(got.seen, want.user(uid).seen)
+        got, expect = served.users.user(uid), want.user(uid)
+        assert got is not None and expect is not None and np.array_equal(got.seen, expect.seen)
 
 
 def test_a_snapshot_then_commits_materialise_the_model_bit_for_bit() -> None:
@@ -94,9 +104,11 @@ def test_a_snapshot_then_commits_materialise_the_model_bit_for_bit() -> None:
     assert_reader_equals(reader, m.state)
     # and it answers exactly as the model itself does
     view = ItemView.from_state(m.state)
+    served = reader.served
+    assert served is not None
     for uid in m.state.users.ids[:20]:
         req = RecRequest(request_id="r", user_id=uid, k=5)
-        a = answer(req, reader.served.view, reader.served.users)
+        a = answer(req, served.view, served.users)
         b = answer(req, view, StateUsers(m.state))
         assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
 
@@ -107,14 +119,14 @@ def test_a_commit_is_applied_whole_at_its_marker_or_not_at_all() -> None:
     reader = materialise(snapshot(m.state))
     before = reader.served
     uid = m.state.users.ids[0]
-    old = before.users.user(uid).vector.copy()
+    old = _vec(before, uid).copy()
     d = m.learn(stream(300, seed=5, first=50_000))
     rows = commit(m.state, d.users, d.items, seq=2)
     for k, v in rows[:-1]:  # every row, no marker: a commit cut short by a crash
         reader.feed(decode(k, v))
     assert not reader.publish()
     assert reader.served is before
-    assert np.array_equal(reader.served.users.user(uid).vector, old)
+    assert np.array_equal(_vec(reader.served, uid), old)
     reader.feed(decode(*rows[-1]))
     assert reader.publish()
     assert_reader_equals(reader, m.state)
@@ -130,18 +142,18 @@ def test_a_request_never_mixes_generations_through_a_swap() -> None:
     reader = materialise(snapshot(m.state))
     old = reader.served
     uid = m.state.users.ids[3]
-    old_vec = old.users.user(uid).vector.copy()
+    old_vec = _vec(old, uid).copy()
     m.state.users.factors[: m.state.users.n] *= -1.0  # the rebuilt model
     m.state.model_version += 1
     for k, v in snapshot(m.state, seq=2, gen=1):
         reader.feed(decode(k, v))
         assert reader.served is old  # nothing of generation 1 shows before its marker
-        assert np.array_equal(old.users.user(uid).vector, old_vec)
+        assert np.array_equal(_vec(old, uid), old_vec)
     assert reader.publish()
     new = reader.served
-    assert new.view.generation == 1 and new.users.generation == 1
-    assert np.array_equal(new.users.user(uid).vector, -old_vec)
-    assert np.array_equal(old.users.user(uid).vector, old_vec)  # still pinned, still gen 0
+    assert new is not None and new.view.generation == 1 and new.users.generation == 1
+    assert np.array_equal(_vec(new, uid), -old_vec)
+    assert np.array_equal(_vec(old, uid), old_vec)  # still pinned, still gen 0
     # a stray generation-0 row after the swap is skipped, never applied
     seen = SeenIndex(confidence_items(m.state.confidence)[0])
     stray = list(user_records(m.state.users, 0, seen, [3]))
@@ -149,7 +161,7 @@ def test_a_request_never_mixes_generations_through_a_swap() -> None:
         reader.feed(decode(k, v))
     reader.publish()
     assert reader.skipped == 1
-    assert np.array_equal(reader.served.users.user(uid).vector, -old_vec)
+    assert np.array_equal(_vec(reader.served, uid), -old_vec)
     # the assertion itself: a view of generation 0 with these (generation-1) users refuses
     mixed = PinnedUsers(new.users.model, generation=0)
     with pytest.raises(MixedGenerationError):

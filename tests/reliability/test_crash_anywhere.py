@@ -111,25 +111,35 @@ class UpdaterLife:
         self.started = time.monotonic()
         self.rng = rng
         self.kill_at: float | None = None
+        self.up_at: float | None = None  # first time its metrics answered
         if mode == "startup":
             self.kill_at = self.started + float(rng.uniform(0.1, 1.5))
         # "batch": killed while streaming with no rebuild in flight (rebuilds come every 1,500
         # events and take most of an updater's short life, so a random delay rarely hit this)
         self.after_batches = int(rng.integers(1, 6))
 
+    def waited_long(self, now: float) -> bool:
+        """No batch or rebuild came: 8 s after the updater was up (on a loaded machine a start
+        alone can take that long, so counting from the spawn would kill most lives in start-up),
+        and never later than 18 s after the spawn (a cycle must end within 20 s)."""
+        up = self.up_at if self.up_at is not None else float("inf")
+        return now - up > 8.0 or now - self.started > 18.0
+
     def due(self) -> bool:
         now = time.monotonic()
         if not self.proc.alive():
             raise AssertionError(f"the updater died on its own:\n{self.proc.log_tail()}")
         if self.kill_at is None:
+            running = _try_metric(self.c, "updater", "stream_mf_rebuild_running")
+            if running is not None and self.up_at is None:
+                self.up_at = now
             if self.mode == "batch":
                 batches = _try_metric(self.c, "updater", "stream_mf_batches_total") or 0
-                idle = _try_metric(self.c, "updater", "stream_mf_rebuild_running") == 0
-                if (batches >= self.after_batches and idle) or now - self.started > 8.0:
+                if (batches >= self.after_batches and running == 0) or self.waited_long(now):
                     self.kill_at = now
-            elif _try_metric(self.c, "updater", "stream_mf_rebuild_running") == 1:
+            elif running == 1:
                 self.kill_at = now + float(self.rng.uniform(0.0, 0.8))
-            elif now - self.started > 8.0:  # no rebuild came: kill it anyway
+            elif self.waited_long(now):  # no rebuild came: kill it anyway
                 self.kill_at = now
         return self.kill_at is not None and now >= self.kill_at
 

@@ -48,7 +48,8 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
-from consumers import gc_control, kafka_io, offset_gap
+from consumers import gc_control, kafka_io, offset_gap, restore
+from consumers.learner_snapshot import SnapshotWriter
 from consumers.metrics import (
     CallbackGauges,
     LagCollector,
@@ -59,6 +60,7 @@ from consumers.metrics import (
 from consumers.model_log import ModelLogPublisher
 from consumers.settings import UpdaterSettings
 from stream_mf.decode import DecodedEvents, Reject, decode_events
+from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, RebuildStep, warm_up_rebuild
@@ -222,7 +224,12 @@ class Updater:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = UpdaterMetrics(self.registry, settings.model.event_types)
+        restore.check_state_dir(settings.state_dir, settings.topics.learner)
         self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
+        # an empty state dir: the latest learner snapshot on Kafka, if there is one
+        self.restored = restore.restore_if_empty(settings, self.store)
+        if self.restored is not None:
+            self.metrics.restore_seconds.set(self.restored.seconds)
         state = self.store.load(settings.model)
         self.model = OnlineModel(state.config, state)
         self.offsets: dict[tuple[str, int], int] = self.store.offsets()
@@ -231,6 +238,7 @@ class Updater:
             rate=settings.live_eval_rate, max_per_batch=settings.live_eval_max_per_batch
         )
         self.topic = settings.topics.interactions
+        self._started = time.monotonic()
         self.assigned: list[TopicPartition] = []
         self._open_clients()
         self._init_rebuilds(state)
@@ -279,6 +287,15 @@ class Updater:
             settings, self.store, self.metrics.errors.labels("broker").inc, self.metrics
         )
         self.store.on_commit = self.publisher.committed
+        # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
+        self.snapshots = SnapshotWriter(settings, self.metrics)
+        if self.restored is not None:
+            self.snapshots.last = self.restored.end  # tombstoned once a newer one is complete
+            self.snapshots.last_commits = self.store.commits()
+            self.snapshots.last_at = self.restored.end.at
+        self._snapshot_requested = False
+        self._next_snapshot = time.monotonic() + settings.learner_snapshot_seconds
+        self._snapshot_events = self.store.events_applied()
         # what the dead-letter producer accepts (a user may raise it through kafka.extra), and
         # the most of an event's bytes one dead letter carries
         self._dlt_max = int(
@@ -540,7 +557,9 @@ class Updater:
                 self._poll_control()
                 self._drive_rebuild()
                 self.publisher.tick(self.model.state)
+                self._snapshot_if_due()
                 self._refresh_lag()
+            self._final_snapshot()  # a clean stop: every batch read was committed
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()
@@ -591,6 +610,9 @@ class Updater:
             if cmd == "rebuild":
                 log.info("rebuild requested on %s", self.settings.topics.control)
                 self.schedule.request()
+            elif cmd == "snapshot":
+                log.info("learner snapshot requested on %s", self.settings.topics.control)
+                self._snapshot_requested = True
             else:
                 log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
 
@@ -653,6 +675,8 @@ class Updater:
         if not outcome.swapped:
             m.rebuild_pause.observe(time.perf_counter() - t0)
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
+        if outcome.swapped:  # a restore never goes back to an older model version
+            self._snapshot_requested = True
         if outcome.unguarded:
             m.rebuild_unguarded.inc()
         m.rebuild_rows.inc(outcome.rows_resolved)
@@ -788,6 +812,8 @@ class Updater:
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())
         self._publish_gauges()
+        if self.restored is not None and not self.restored.done:
+            self._count_replayed(att.parts, att.offs)
 
     def _isolate(self, msgs: list[Message], exc: Exception) -> None:
         """Find the message a batch failed on by halving it (see the module docstring):
@@ -1138,6 +1164,65 @@ class Updater:
             rows.append((tp.partition, hi, self.offsets.get((tp.topic, tp.partition), 0)))
         self._lag = rows
 
+    # ---- learner snapshots (consumers/learner_snapshot.py) ------------------------------------
+
+    def _learner_snapshot(self) -> LearnerSnapshot:
+        """The state as of the last commit (between batches the model and the store agree)."""
+        st = self.store
+        return LearnerSnapshot(
+            self.model.state, st.offsets(), st.generation(), st.commits(), st.rebuilt_at(),
+            st.rebuild_unfinished(),
+        )  # fmt: skip
+
+    def _snapshot_if_due(self) -> None:
+        """Periodically, every N events if set, after a swap and on request; never while one is
+        being written, nor when nothing was committed since the last."""
+        w, s = self.snapshots, self.settings
+        now = time.monotonic()
+        events = self.model.state.events_applied
+        due = (
+            self._snapshot_requested
+            or now >= self._next_snapshot
+            or (
+                bool(s.learner_snapshot_events)
+                and events - self._snapshot_events >= (s.learner_snapshot_events or 0)
+            )
+        )
+        if not due or w.busy:
+            return
+        if self.store.commits() == w.last_commits or self.store.is_new:
+            self._snapshot_requested = False
+            self._next_snapshot = now + s.learner_snapshot_seconds
+            return
+        if w.submit(self._learner_snapshot()):
+            self._snapshot_requested = False
+            self._next_snapshot = now + s.learner_snapshot_seconds
+            self._snapshot_events = events
+
+    def _final_snapshot(self) -> None:
+        """At a clean stop: the state as of the last commit, if newer than the last snapshot."""
+        w = self.snapshots
+        if not w.wait(30.0) or self.store.is_new or self.store.commits() == w.last_commits:
+            return
+        w.submit(self._learner_snapshot())
+        if not w.wait(60.0):
+            log.warning("the learner snapshot at stop was not acknowledged within 60 s")
+
+    def _count_replayed(self, parts: np.ndarray, offs: np.ndarray) -> None:
+        """Messages below the log's end at restore time: the replay after a restore."""
+        r = self.restored
+        assert r is not None
+        n = 0
+        for (t, p), end in r.log_ends.items():
+            if t == self.topic:
+                n += int(np.count_nonzero((parts == p) & (offs < end)))
+        r.replayed += n
+        self.metrics.restore_replayed.inc(n)
+        if all(self.offsets.get(k, 0) >= end for k, end in r.log_ends.items()):
+            r.done = True
+            log.info("replay after the restore done: %d message(s) in %.1f s", r.replayed,
+                     time.monotonic() - self._started)  # fmt: skip
+
     def close(self) -> None:
         for c in (self.consumer, self.control, *([self._probe] if self._probe else [])):
             try:
@@ -1145,6 +1230,7 @@ class Updater:
             except Exception as exc:  # already closed or broker gone: nothing to lose here
                 log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
+        self.snapshots.close()
         self.publisher.close()
         try:
             self.store.close()

@@ -11,9 +11,9 @@ It is not the model log's serving snapshot: that one has no confidences, sampler
 and its item rows are coalesced (up to `model_log_item_seconds` behind the store). It is its
 own stream of records on its own topic (consumers/learner_snapshot.py):
 
-  b"B"                        a snapshot begins (JSON: id, chunks, bytes)
+  b"B"                        a snapshot begins (JSON: id, chunks, size)
   b"L" be64 id be32 index     one chunk of the encoded state (at most `chunk_bytes`)
-  b"E"                        the snapshot is complete (JSON `SnapshotEnd`: id, chunks, bytes,
+  b"E"                        the snapshot is complete (JSON `SnapshotEnd`: id, chunks, size,
                               sha256, the offset of its B record, source offsets, ...)
   a chunk key, no value       tombstone of a superseded snapshot's chunk
 
@@ -78,7 +78,7 @@ class SnapshotEnd:
 
     id: int
     chunks: int
-    bytes: int
+    size: int  # bytes of the encoded state
     sha256: str
     begin: int  # offset of the snapshot's B record: a reader reads on from there
     commits: int = 0
@@ -245,7 +245,7 @@ def chunk_records(
 
 
 def begin_record(snap_id: int, chunks: int, size: int) -> tuple[bytes, bytes]:
-    return BEGIN_KEY, orjson.dumps({"id": snap_id, "chunks": chunks, "bytes": size})
+    return BEGIN_KEY, orjson.dumps({"id": snap_id, "chunks": chunks, "size": size})
 
 
 def digest(raw: bytes) -> str:
@@ -281,7 +281,7 @@ class Assembler:
             raise SnapshotFormatError(f"learner snapshot {self.end.id}: chunks "
                                       f"{self.missing()[:5]} missing")  # fmt: skip
         raw = b"".join(self.parts[j] for j in range(self.end.chunks))
-        if len(raw) != self.end.bytes or digest(raw) != self.end.sha256:
+        if len(raw) != self.end.size or digest(raw) != self.end.sha256:
             raise SnapshotFormatError(f"learner snapshot {self.end.id}: bytes do not match its "
                                       "end record's digest")  # fmt: skip
         return raw

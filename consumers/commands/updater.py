@@ -70,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
     # flags go through the settings' validation (a model_copy update would skip it)
     base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
     settings = base.model_copy(update={"model": model_config_from(args, base.model)})
-    updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
-    log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
-    # one line if no broker answers in time; the process keeps retrying
+    # one line if no broker answers in time; the process keeps retrying (an empty state dir
+    # waits for one already: it looks for a learner snapshot to restore)
     watch = kafka_io.BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:
+        updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
+        log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
         return updater.run(StopFlag().install())
     finally:
         watch.stop()

@@ -44,7 +44,7 @@ def _snapshot(store: StateStore, model: OnlineModel) -> LearnerSnapshot:
 
 
 def _end(raw: bytes, chunk: int, snap_id: int = 7) -> SnapshotEnd:
-    return SnapshotEnd(id=snap_id, chunks=n_chunks(len(raw), chunk), bytes=len(raw),
+    return SnapshotEnd(id=snap_id, chunks=n_chunks(len(raw), chunk), size=len(raw),
                        sha256=digest(raw), begin=0)  # fmt: skip
 
 

@@ -52,6 +52,12 @@ ENV = {
 }
 ARGS = ("--max-batch-events", "500", "--max-batch-seconds", "0.05")
 RESTORED = "restored the learner snapshot of commit"
+#: what a reader serves: none of it may go back when the updater moves host
+WATCHED = (
+    "stream_mf_model_version",
+    "stream_mf_model_log_applied_commit",
+    "stream_mf_model_events_applied",
+)
 
 
 def _metric(c: Cluster, name: str, metric: str) -> float | None:
@@ -103,7 +109,6 @@ def _storm(
     seen = {"kills": 0, "deleted": 0}
     proc = c.start("updater", "updater", *ARGS, env=ENV)
     for k in range(kills):
-        started = time.monotonic()
         if k in delete_at:
             end = time.monotonic() + 30
             while not _metric(c, "updater", "stream_mf_learner_snapshot_bytes"):
@@ -125,7 +130,6 @@ def _storm(
         if k in delete_at:
             shutil.rmtree(c.state, ignore_errors=True)
             seen["deleted"] += 1
-        del started
         proc = c.start("updater", "updater", *ARGS, env=ENV)
     return proc, seen
 
@@ -243,8 +247,7 @@ def test_a_new_host_carries_on_and_readers_never_go_back(kafka: str, tmp_path: P
         while True:
             assert new.alive(), new.log_tail()
             assert query.alive(), query.log_tail()
-            got = tuple(_metric(c, "query", m) for m in ("stream_mf_model_version",
-                        "stream_mf_model_log_applied_commit", "stream_mf_model_events_applied"))  # fmt: skip
+            got = tuple(_metric(c, "query", m) for m in WATCHED)
             if None not in got:
                 versions.append(got)  # type: ignore[arg-type]
                 if got[2] == sum(valid):

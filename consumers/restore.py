@@ -66,14 +66,19 @@ class Restored:
     done: bool = False
 
 
-def restore_if_empty(settings: UpdaterSettings, store: StateStore) -> Restored | None:
-    """Restore the latest complete learner snapshot into a store with no commit yet."""
+def restore_if_empty(
+    settings: UpdaterSettings, store: StateStore, stop: kafka_io.StopFlag | None = None
+) -> Restored | None:
+    """Restore the latest complete learner snapshot into a store with no commit yet (waiting
+    for a broker first: "none there" must come from a broker, not from its absence)."""
     if not store.is_new or not settings.restore:
         return None
     topic = settings.topics.learner
     t0 = time.monotonic()
     waited = False
     while not kafka_io.broker_answers(settings.kafka, 5.0):
+        if stop:
+            return None
         if not waited:
             log.warning("the state dir %s is empty: waiting for a Kafka broker at %s to look for "
                         "a learner snapshot on %r", settings.state_dir,

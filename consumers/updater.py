@@ -226,10 +226,7 @@ class Updater:
         self.metrics = UpdaterMetrics(self.registry, settings.model.event_types)
         restore.check_state_dir(settings.state_dir, settings.topics.learner)
         self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
-        # an empty state dir: the latest learner snapshot on Kafka, if there is one
-        self.restored = restore.restore_if_empty(settings, self.store)
-        if self.restored is not None:
-            self.metrics.restore_seconds.set(self.restored.seconds)
+        self.restored: restore.Restored | None = None  # `run` restores an empty store
         state = self.store.load(settings.model)
         self.model = OnlineModel(state.config, state)
         self.offsets: dict[tuple[str, int], int] = self.store.offsets()
@@ -289,10 +286,6 @@ class Updater:
         self.store.on_commit = self.publisher.committed
         # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
         self.snapshots = SnapshotWriter(settings, self.metrics)
-        if self.restored is not None:
-            self.snapshots.last = self.restored.end  # tombstoned once a newer one is complete
-            self.snapshots.last_commits = self.store.commits()
-            self.snapshots.last_at = self.restored.end.at
         self._snapshot_requested = False
         self._next_snapshot = time.monotonic() + settings.learner_snapshot_seconds
         self._snapshot_events = self.store.events_applied()
@@ -534,6 +527,11 @@ class Updater:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
         busy = frozen_kernels = False
         try:
+            if self.store.is_new and s.restore:
+                # an empty state dir: the latest learner snapshot on Kafka, if there is one
+                self.restored = restore.restore_if_empty(s, self.store, stop)
+                if self.restored is not None:
+                    self._restored(self.restored)
             self.publisher.start(self.model.state)
             if s.use_consumer_group:
                 self.consumer.subscribe(
@@ -1173,6 +1171,23 @@ class Updater:
             self.model.state, st.offsets(), st.generation(), st.commits(), st.rebuilt_at(),
             st.rebuild_unfinished(),
         )  # fmt: skip
+
+    def _restored(self, r: restore.Restored) -> None:
+        """Carry on from the store a restore just wrote, as a start on it would have."""
+        state = self.store.load(self.settings.model)
+        self.model = OnlineModel(state.config, state)
+        self.offsets = self.store.offsets()
+        self.schedule.events_at_last = state.events_applied
+        if self.store.rebuild_unfinished() is not None:
+            self.schedule.request()
+        p = self.publisher  # it was made for the empty store
+        p.gen, p.seq = self.store.generation(), self.store.commits()
+        p.offsets = {f"{t}/{q}": o for (t, q), o in self.offsets.items()}
+        w = self.snapshots
+        w.last, w.last_commits, w.last_at = r.end, self.store.commits(), r.end.at
+        self._snapshot_events = state.events_applied
+        self.metrics.restore_seconds.set(r.seconds)
+        self._publish_gauges()
 
     def _snapshot_if_due(self) -> None:
         """Periodically, every N events if set, after a swap and on request; never while one is

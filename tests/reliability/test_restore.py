@@ -118,7 +118,7 @@ def _storm(
                 time.sleep(0.05)
             wait = float(rng.uniform(0.0, 1.0))
         else:
-            wait = float(rng.uniform(0.3, 5.0))  # start-up, restore, batches, snapshots
+            wait = float(rng.uniform(0.3, 3.5))  # start-up, restore, batches, snapshots
         until = time.monotonic() + wait
         while time.monotonic() < until:
             assert proc.alive(), f"the updater died on its own:\n{proc.log_tail()}"

@@ -93,8 +93,7 @@ def restore_if_empty(
     if want != have:
         raise StoreError(
             f"the latest learner snapshot on {topic!r} was built with {have} but the settings "
-            f"ask for {want}: use the stored values, or another learner topic "
-            "(STREAM_MF_TOPICS__LEARNER) to start a fresh model"
+            f"ask for {want}: use the stored values, or --no-restore to start a fresh model"
         )
     # the model log may hold commits made after the snapshot: count on from past them, so the
     # commit a reader sees applied never goes back (and the log gets a snapshot of this state)

@@ -351,7 +351,7 @@ class Updater:
                 "the model's stream clock is %.0f s ahead of this host's clock: an event from the "
                 "future reached it (before future_timestamp existed, or with a larger "
                 "max_future_seconds), so new events are decayed as if that old. Check this "
-                "host's clock; otherwise replay the topic into a fresh state dir",
+                "host's clock; otherwise replay the topic into a fresh state dir (--no-restore)",
                 ahead,
             )
 
@@ -429,7 +429,7 @@ class Updater:
                 f"(on_offset_gap=fail). To go on with this model, restart with "
                 f"--on-offset-gap resume-from-start (apply the log from offset {gap.low}) or "
                 f"resume-from-end (apply only events published from now on), or set "
-                f"STREAM_MF_ON_OFFSET_GAP; to start afresh, use a new state dir"
+                f"STREAM_MF_ON_OFFSET_GAP; to start afresh, use a new state dir with --no-restore"
             )
         new = offset_gap.resume_offset(gap, policy)
         log.warning(

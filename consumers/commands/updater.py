@@ -51,6 +51,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "log from its start, or apply only events published from now on (env "
         "STREAM_MF_ON_OFFSET_GAP)",
     )
+    p.add_argument(
+        "--no-restore",
+        dest="restore",
+        action="store_false",
+        default=None,
+        help="on an empty state dir start a fresh model instead of restoring the latest learner "
+        "snapshot from Kafka (env STREAM_MF_RESTORE=false)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -63,6 +71,7 @@ _FLAGS = (
     "dead_letter_timeout_seconds",
     "dead_letter_compression",
     "on_offset_gap",
+    "restore",
 )
 
 

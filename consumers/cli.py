@@ -23,6 +23,7 @@ COMMANDS = (
     "publish",
     "recommend",
     "rebuild",
+    "snapshot",
     "evaluate",
     "schema",
     "demo",

@@ -200,10 +200,38 @@ class UpdaterMetrics:
             "When the last model log snapshot was published",
             registry=r,
         )
+        self.learner_snapshot_bytes = Gauge(
+            "stream_mf_learner_snapshot_bytes",
+            "Size of the last complete learner snapshot (the state a lost disk is restored from)",
+            registry=r,
+        )
+        self.learner_snapshot_time = Gauge(
+            "stream_mf_learner_snapshot_timestamp_seconds",
+            "When the state in the last complete learner snapshot was taken (age: time() - this)",
+            registry=r,
+        )
+        self.learner_snapshot_seconds = Histogram(
+            "stream_mf_learner_snapshot_duration_seconds",
+            "From taking the state to the broker acknowledging the snapshot's end record",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.restore_seconds = Gauge(
+            "stream_mf_restore_duration_seconds",
+            "How long this process took to find, read and commit the learner snapshot it "
+            "started from (0: it did not restore)",
+            registry=r,
+        )
+        self.restore_replayed = Counter(
+            "stream_mf_restore_replayed_events",
+            "Messages of interactions replayed after a restore: from the snapshot's offsets to "
+            "the log's end when it was restored",
+            registry=r,
+        )
         # every label a series can have exists from the start, so rate() sees the first one
         for reason in REASONS:
             self.dead_lettered.labels(reason)
-        for kind in ("broker", "store", "dead_letter", "model_log"):
+        for kind in ("broker", "store", "dead_letter", "model_log", "learner_snapshot"):
             self.errors.labels(kind)
         for etype in event_types:
             self.applied.labels(etype)

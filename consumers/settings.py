@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_mf.config import ModelConfig, RebuildConfig
@@ -76,6 +76,17 @@ class TopicSettings(BaseModel):
     requests: str = "rec-requests"
     responses: str = "rec-responses"
     model: str = "model"
+    learner: str = Field(
+        default="",
+        description="learner snapshots (compacted, 1 partition); empty: `<interactions>.learner`, "
+        "so a snapshot is only ever found beside the stream its offsets belong to",
+    )
+
+    @model_validator(mode="after")
+    def _learner_beside_interactions(self) -> TopicSettings:
+        if not self.learner:
+            object.__setattr__(self, "learner", f"{self.interactions}.learner")
+        return self
 
 
 class MetricsSettings(BaseModel):
@@ -188,6 +199,30 @@ class UpdaterSettings(ProcessSettings):
     )
     model_log_compression: Compression = Field(
         default="none", description="compression of the model log (float rows barely compress)"
+    )
+    learner_snapshot_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="write a learner snapshot (the whole state and its input offsets, on the "
+        "learner topic) this often; also after every rebuild swap, on `stream-mf snapshot` and "
+        "at a clean stop. A lost disk replays at most this much of `interactions` (README)",
+    )
+    learner_snapshot_events: int | None = Field(
+        default=None, ge=1, description="also write one after this many events applied"
+    )
+    learner_snapshot_chunk_bytes: int = Field(
+        default=512 * 1024,
+        ge=1024,
+        le=900_000,
+        description="bytes per learner snapshot record (under the brokers' 1 MB message limit)",
+    )
+    learner_snapshot_compression: Compression = Field(
+        default="lz4", description="compression of learner snapshot records"
+    )
+    restore: bool = Field(
+        default=True,
+        description="on an empty or missing state dir, restore the latest complete learner "
+        "snapshot from Kafka and replay `interactions` from its offsets (off: start fresh)",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     rebuild: RebuildConfig = Field(

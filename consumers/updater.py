@@ -48,7 +48,8 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
-from consumers import gc_control, kafka_io, offset_gap
+from consumers import gc_control, kafka_io, offset_gap, restore
+from consumers.learner_snapshot import SnapshotWriter
 from consumers.metrics import (
     CallbackGauges,
     LagCollector,
@@ -59,6 +60,7 @@ from consumers.metrics import (
 from consumers.model_log import ModelLogPublisher
 from consumers.settings import UpdaterSettings
 from stream_mf.decode import DecodedEvents, Reject, decode_events
+from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, RebuildStep, warm_up_rebuild
@@ -222,7 +224,9 @@ class Updater:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = UpdaterMetrics(self.registry, settings.model.event_types)
+        restore.check_state_dir(settings.state_dir, settings.topics.learner)
         self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
+        self.restored: restore.Restored | None = None  # `run` restores an empty store
         state = self.store.load(settings.model)
         self.model = OnlineModel(state.config, state)
         self.offsets: dict[tuple[str, int], int] = self.store.offsets()
@@ -231,6 +235,7 @@ class Updater:
             rate=settings.live_eval_rate, max_per_batch=settings.live_eval_max_per_batch
         )
         self.topic = settings.topics.interactions
+        self._started = time.monotonic()
         self.assigned: list[TopicPartition] = []
         self._open_clients()
         self._init_rebuilds(state)
@@ -279,6 +284,11 @@ class Updater:
             settings, self.store, self.metrics.errors.labels("broker").inc, self.metrics
         )
         self.store.on_commit = self.publisher.committed
+        # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
+        self.snapshots = SnapshotWriter(settings, self.metrics)
+        self._snapshot_requested = False
+        self._next_snapshot = time.monotonic() + settings.learner_snapshot_seconds
+        self._snapshot_events = self.store.events_applied()
         # what the dead-letter producer accepts (a user may raise it through kafka.extra), and
         # the most of an event's bytes one dead letter carries
         self._dlt_max = int(
@@ -341,7 +351,7 @@ class Updater:
                 "the model's stream clock is %.0f s ahead of this host's clock: an event from the "
                 "future reached it (before future_timestamp existed, or with a larger "
                 "max_future_seconds), so new events are decayed as if that old. Check this "
-                "host's clock; otherwise replay the topic into a fresh state dir",
+                "host's clock; otherwise replay the topic into a fresh state dir (--no-restore)",
                 ahead,
             )
 
@@ -419,7 +429,7 @@ class Updater:
                 f"(on_offset_gap=fail). To go on with this model, restart with "
                 f"--on-offset-gap resume-from-start (apply the log from offset {gap.low}) or "
                 f"resume-from-end (apply only events published from now on), or set "
-                f"STREAM_MF_ON_OFFSET_GAP; to start afresh, use a new state dir"
+                f"STREAM_MF_ON_OFFSET_GAP; to start afresh, use a new state dir with --no-restore"
             )
         new = offset_gap.resume_offset(gap, policy)
         log.warning(
@@ -517,6 +527,11 @@ class Updater:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
         busy = frozen_kernels = False
         try:
+            if self.store.is_new and s.restore:
+                # an empty state dir: the latest learner snapshot on Kafka, if there is one
+                self.restored = restore.restore_if_empty(s, self.store, stop)
+                if self.restored is not None:
+                    self._restored(self.restored)
             self.publisher.start(self.model.state)
             if s.use_consumer_group:
                 self.consumer.subscribe(
@@ -540,7 +555,9 @@ class Updater:
                 self._poll_control()
                 self._drive_rebuild()
                 self.publisher.tick(self.model.state)
+                self._snapshot_if_due()
                 self._refresh_lag()
+            self._final_snapshot()  # a clean stop: every batch read was committed
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()
@@ -591,6 +608,9 @@ class Updater:
             if cmd == "rebuild":
                 log.info("rebuild requested on %s", self.settings.topics.control)
                 self.schedule.request()
+            elif cmd == "snapshot":
+                log.info("learner snapshot requested on %s", self.settings.topics.control)
+                self._snapshot_requested = True
             else:
                 log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
 
@@ -653,6 +673,8 @@ class Updater:
         if not outcome.swapped:
             m.rebuild_pause.observe(time.perf_counter() - t0)
         m.rebuild_swaps.labels("swapped" if outcome.swapped else "rejected").inc()
+        if outcome.swapped:  # a restore never goes back to an older model version
+            self._snapshot_requested = True
         if outcome.unguarded:
             m.rebuild_unguarded.inc()
         m.rebuild_rows.inc(outcome.rows_resolved)
@@ -788,6 +810,8 @@ class Updater:
             observe_many(m.event_age, time.time() - batch.times)
         m.last_commit.set(time.time())
         self._publish_gauges()
+        if self.restored is not None and not self.restored.done:
+            self._count_replayed(att.parts, att.offs)
 
     def _isolate(self, msgs: list[Message], exc: Exception) -> None:
         """Find the message a batch failed on by halving it (see the module docstring):
@@ -1138,6 +1162,82 @@ class Updater:
             rows.append((tp.partition, hi, self.offsets.get((tp.topic, tp.partition), 0)))
         self._lag = rows
 
+    # ---- learner snapshots (consumers/learner_snapshot.py) ------------------------------------
+
+    def _learner_snapshot(self) -> LearnerSnapshot:
+        """The state as of the last commit (between batches the model and the store agree)."""
+        st = self.store
+        return LearnerSnapshot(
+            self.model.state, st.offsets(), st.generation(), st.commits(), st.rebuilt_at(),
+            st.rebuild_unfinished(),
+        )  # fmt: skip
+
+    def _restored(self, r: restore.Restored) -> None:
+        """Carry on from the store a restore just wrote, as a start on it would have."""
+        state = self.store.load(self.settings.model)
+        self.model = OnlineModel(state.config, state)
+        self.offsets = self.store.offsets()
+        self.schedule.events_at_last = state.events_applied
+        if self.store.rebuild_unfinished() is not None:
+            self.schedule.request()
+        p = self.publisher  # it was made for the empty store
+        p.gen, p.seq = self.store.generation(), self.store.commits()
+        p.offsets = {f"{t}/{q}": o for (t, q), o in self.offsets.items()}
+        w = self.snapshots
+        w.last, w.last_commits, w.last_at = r.end, self.store.commits(), r.end.at
+        self._snapshot_events = state.events_applied
+        self.metrics.restore_seconds.set(r.seconds)
+        self._publish_gauges()
+
+    def _snapshot_if_due(self) -> None:
+        """Periodically, every N events if set, after a swap and on request; never while one is
+        being written, nor when nothing was committed since the last."""
+        w, s = self.snapshots, self.settings
+        now = time.monotonic()
+        events = self.model.state.events_applied
+        due = (
+            self._snapshot_requested
+            or now >= self._next_snapshot
+            or (
+                bool(s.learner_snapshot_events)
+                and events - self._snapshot_events >= (s.learner_snapshot_events or 0)
+            )
+        )
+        if not due or w.busy:
+            return
+        if self.store.commits() == w.last_commits or self.store.is_new:
+            self._snapshot_requested = False
+            self._next_snapshot = now + s.learner_snapshot_seconds
+            return
+        if w.submit(self._learner_snapshot()):
+            self._snapshot_requested = False
+            self._next_snapshot = now + s.learner_snapshot_seconds
+            self._snapshot_events = events
+
+    def _final_snapshot(self) -> None:
+        """At a clean stop: the state as of the last commit, if newer than the last snapshot."""
+        w = self.snapshots
+        if not w.wait(30.0) or self.store.is_new or self.store.commits() == w.last_commits:
+            return
+        w.submit(self._learner_snapshot())
+        if not w.wait(60.0):
+            log.warning("the learner snapshot at stop was not acknowledged within 60 s")
+
+    def _count_replayed(self, parts: np.ndarray, offs: np.ndarray) -> None:
+        """Messages below the log's end at restore time: the replay after a restore."""
+        r = self.restored
+        assert r is not None
+        n = 0
+        for (t, p), end in r.log_ends.items():
+            if t == self.topic:
+                n += int(np.count_nonzero((parts == p) & (offs < end)))
+        r.replayed += n
+        self.metrics.restore_replayed.inc(n)
+        if all(self.offsets.get(k, 0) >= end for k, end in r.log_ends.items()):
+            r.done = True
+            log.info("replay after the restore done: %d message(s) in %.1f s", r.replayed,
+                     time.monotonic() - self._started)  # fmt: skip
+
     def close(self) -> None:
         for c in (self.consumer, self.control, *([self._probe] if self._probe else [])):
             try:
@@ -1145,6 +1245,7 @@ class Updater:
             except Exception as exc:  # already closed or broker gone: nothing to lose here
                 log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
+        self.snapshots.close()
         self.publisher.close()
         try:
             self.store.close()

@@ -26,6 +26,7 @@ import rocksdict as rd
 
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
+from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.model import BatchDelta
 from stream_mf.sgd import N_COUNTERS, Counter
 from stream_mf.state import (
@@ -83,6 +84,7 @@ from stream_mf.writes import (
     CommitBatch,
     DropGenerations,
     Flip,
+    Restore,
     Write,
     WriteOffsets,
 )
@@ -483,6 +485,8 @@ class StateStore:
                 self.drop_other_generations(older, staged, below)
             case WriteOffsets(offsets):
                 self.write_offsets(offsets.items())
+            case Restore(snapshot):
+                self.restore(snapshot)
             case _:
                 raise TypeError(f"not a store write: {write!r}")
 
@@ -532,10 +536,12 @@ class StateStore:
         offsets: Mapping[tuple[str, int], int] | None = None,
         event_times: np.ndarray | None = None,
         events: int = 0,
+        seq: int | None = None,
     ) -> None:
         """Count the commit, write it, then tell the follower (the model log) what it wrote:
-        only after the write is durable, so the log never runs ahead of the store."""
-        seq = self.commits() + 1
+        only after the write is durable, so the log never runs ahead of the store. `seq`: the
+        count to set (a restore carries on from its snapshot's count)."""
+        seq = self.commits() + 1 if seq is None else seq
         wb.put(COMMITS, I64.pack(seq), self.h["meta"])
         self._write(wb)
         if self.on_commit is not None:
@@ -611,6 +617,40 @@ class StateStore:
             everything=True,
             generation=generation,
             offsets=offsets,
+        )
+
+    def restore(self, snap: LearnerSnapshot) -> None:
+        """A learner snapshot as a new store's first commit, one WriteBatch: a kill before it
+        leaves an empty store (restored again at the next start), after it the whole model."""
+        if not self.is_new:
+            raise StoreError(f"{self.path} already holds a model: a learner snapshot is restored "
+                             "only into an empty state dir")  # fmt: skip
+        state = snap.state
+        wb = self._batch()
+        meta = self.h["meta"]
+        gen = snap.generation
+        wb.put(GENERATION, I64.pack(gen), meta)
+        if snap.rebuilt_at is not None:
+            wb.put(REBUILT_AT, F64.pack(snap.rebuilt_at), meta)
+        if snap.rebuild_unfinished is not None:
+            wb.put(REBUILD_UNFINISHED, I64.pack(snap.rebuild_unfinished), meta)
+        self._put_header(wb, state, force=True)
+        for kind, table in (("user", state.users), ("item", state.items)):
+            rows = np.arange(table.n, dtype=np.int64)
+            self._put_rows(wb, kind, table, (0, table.n), rows, gen)
+        keys, vals = confidence_items(state.confidence)
+        self._put_pairs(wb, keys, vals)
+        self._put_scalars(wb, state, cdf=True)
+        self._put_offsets(wb, snap.offsets)
+        self._finish(
+            wb,
+            state,
+            users=np.arange(state.users.n, dtype=np.int64),
+            items=np.arange(state.items.n, dtype=np.int64),
+            pair_keys=keys,
+            everything=True,
+            offsets=snap.offsets,
+            seq=snap.commits,
         )
 
     def stage(self, kind: str, table: RowTable, gen: int, blocks: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.model import BatchDelta
 
 _NONE = np.empty(0, np.int64)
@@ -66,7 +67,17 @@ class WriteOffsets:
     offsets: Mapping[tuple[str, int], int]
 
 
-Write = CommitBatch | Flip | AfterSwapStep | ClearUnfinished | DropGenerations | WriteOffsets
+@dataclass(frozen=True)
+class Restore:
+    """A new store's first commit: a learner snapshot read from Kafka, whole (an updater on a
+    lost disk carries on from it and replays `interactions` from its offsets)."""
+
+    snapshot: LearnerSnapshot
+
+
+Write = (
+    CommitBatch | Flip | AfterSwapStep | ClearUnfinished | DropGenerations | WriteOffsets | Restore
+)
 
 __all__ = [
     "AfterSwapStep",
@@ -74,6 +85,7 @@ __all__ = [
     "CommitBatch",
     "DropGenerations",
     "Flip",
+    "Restore",
     "Write",
     "WriteOffsets",
 ]

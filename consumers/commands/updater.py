@@ -51,6 +51,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "log from its start, or apply only events published from now on (env "
         "STREAM_MF_ON_OFFSET_GAP)",
     )
+    p.add_argument(
+        "--no-restore",
+        dest="restore",
+        action="store_false",
+        default=None,
+        help="on an empty state dir start a fresh model instead of restoring the latest learner "
+        "snapshot from Kafka (env STREAM_MF_RESTORE=false)",
+    )
     add_model_flags(p)
     p.set_defaults(run=run)
 
@@ -63,6 +71,7 @@ _FLAGS = (
     "dead_letter_timeout_seconds",
     "dead_letter_compression",
     "on_offset_gap",
+    "restore",
 )
 
 
@@ -70,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     # flags go through the settings' validation (a model_copy update would skip it)
     base = build_settings(UpdaterSettings, args, **{k: getattr(args, k) for k in _FLAGS})
     settings = base.model_copy(update={"model": model_config_from(args, base.model)})
-    updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
-    log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
-    # one line if no broker answers in time; the process keeps retrying
+    # one line if no broker answers in time; the process keeps retrying (an empty state dir
+    # waits for one already: it looks for a learner snapshot to restore)
     watch = kafka_io.BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:
+        updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
+        log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
         return updater.run(StopFlag().install())
     finally:
         watch.stop()

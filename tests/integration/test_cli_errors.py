@@ -118,6 +118,15 @@ def services(work: Path) -> Iterator[Services]:
         s.updater_code, s.query_code = up.stop(), q.stop()
 
 
+def _partial(work: Path) -> Path:
+    """A state dir holding a data file but no store (a copy or restore cut short)."""
+    d = work / "partial-state"
+    if work.is_dir():  # not when the cases are only listed
+        d.mkdir(exist_ok=True)
+        (d / "000042.sst").write_bytes(b"\0" * 64)
+    return d
+
+
 def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dict[str, Case]:
     ev = ["evaluate", "--no-progress"]
     unwritable = _unwritable(work)
@@ -152,6 +161,10 @@ def _cases(work: Path, taken: int, held: Path, kafka_env: dict[str, str]) -> dic
         "state-dir-unwritable": Case(
             ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(unwritable)],
             [str(unwritable), "--state-dir", "can write"],
+        ),
+        "state-dir-partial": Case(
+            ["updater", "--bootstrap-servers", DEAD, "--state-dir", str(_partial(work))],
+            ["000042.sst", "no complete model store", "move it aside or delete it", "restores"],
         ),
         "query-state-dir-gone": Case(
             ["query", "--bootstrap-servers", DEAD, "--state-dir", str(work / "a-file")],
@@ -212,6 +225,7 @@ CASE_IDS = [
     "demo-no-embedded",
     "state-dir-file",
     "state-dir-unwritable",
+    "state-dir-partial",
     "query-state-dir-gone",
     "store-locked",
     "publish-no-broker",

@@ -137,6 +137,19 @@ def _probe(kafka: KafkaSettings) -> AdminClient:
     return AdminClient(conf)
 
 
+def telling_probe(kafka: KafkaSettings, on_error: Callable[[], None] | None = None) -> AdminClient:
+    """A probe for a process that waits for its broker before anything else: it logs why
+    nothing answers (a certificate the CA does not sign, a refused SASL login), throttled like
+    every client's, and counts it, since no other client is polled yet to do either. Its
+    callbacks run in `poll`."""
+    conf: dict[str, Any] = {
+        **kafka.client_config(),
+        "logger": CountingLogger(on_error),
+        "error_cb": error_handler(on_error),
+    }
+    return AdminClient(conf)
+
+
 def broker_answers(kafka: KafkaSettings, timeout: float, admin: AdminClient | None = None) -> bool:
     """True once a broker at the bootstrap address answers a metadata request."""
     admin = admin or _probe(kafka)

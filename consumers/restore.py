@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,10 @@ class Restored:
 
 
 def restore_if_empty(
-    settings: UpdaterSettings, store: StateStore, stop: kafka_io.StopFlag | None = None
+    settings: UpdaterSettings,
+    store: StateStore,
+    stop: kafka_io.StopFlag | None = None,
+    on_error: Callable[[], None] | None = None,
 ) -> Restored | None:
     """Restore the latest complete learner snapshot into a store with no commit yet (waiting
     for a broker first: "none there" must come from a broker, not from its absence)."""
@@ -76,7 +80,9 @@ def restore_if_empty(
     topic = settings.topics.learner
     t0 = time.monotonic()
     waited = False
-    while not kafka_io.broker_answers(settings.kafka, 5.0):
+    probe = kafka_io.telling_probe(settings.kafka, on_error)
+    while not kafka_io.broker_answers(settings.kafka, 5.0, probe):
+        probe.poll(0)  # serves its error and log callbacks: why nothing answers
         if stop:
             return None
         if not waited:

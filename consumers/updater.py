@@ -529,7 +529,9 @@ class Updater:
         try:
             if self.store.is_new and s.restore:
                 # an empty state dir: the latest learner snapshot on Kafka, if there is one
-                self.restored = restore.restore_if_empty(s, self.store, stop)
+                self.restored = restore.restore_if_empty(
+                    s, self.store, stop, self.metrics.errors.labels("broker").inc
+                )
                 if self.restored is not None:
                     self._restored(self.restored)
             self.publisher.start(self.model.state)

@@ -138,6 +138,11 @@ def _drain(c: Cluster, proc: ManagedProcess, pub: StreamPublisher) -> dict[tuple
     assert pub.finish(120.0) == 0, "events not acknowledged by the broker"
     assert not pub.failed, pub.failed[:3]
     ends = {(c.topics.interactions, p): o for p, o in pub.end_offsets.items()}
+    end = time.monotonic() + 60
+    while not (c.state / "CURRENT").exists():  # a restart after a deletion restores it first
+        assert proc.alive(), proc.log_tail()
+        assert time.monotonic() < end, "the updater created no store in 60 s"
+        time.sleep(0.1)
     with StateStore(c.state, secondary=c.work / f"sec-{time.monotonic_ns()}") as follower:
         end = time.monotonic() + 90
         while follower.offsets() != ends:

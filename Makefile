@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/stream-mf demo $(ARGS)
 
+# two workers, one test file each at a time (a file's broker fixture serves its tests): most
+# integration tests wait on processes and brokers, so the suite takes about half the wall time
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

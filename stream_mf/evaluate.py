@@ -25,7 +25,7 @@ from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, Kernel, OnlineModel
 from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
 from stream_mf.rebuild_scheduler import RebuildScheduler
-from stream_mf.scoring import ndcg_of, score_event, top_unseen
+from stream_mf.scoring import event_rank, ndcg_of, top_unseen
 from stream_mf.state import ModelState, confidence_items
 
 
@@ -605,7 +605,7 @@ def _per_event(
             if mine is None or item not in mine:
                 lst = seen_list.get(u)
                 exclude = np.asarray(lst, np.int64) if lst else empty
-                ranks[e] = score_event(learner.scores(u), item, exclude, k).rank
+                ranks[e] = event_rank(learner.scores(u), item, exclude, k)
         learner.learn(
             EventBatch.build(
                 [uid], [iid], weights[e : e + 1], events.times[e : e + 1], first_offset=e

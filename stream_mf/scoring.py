@@ -23,12 +23,6 @@ from stream_mf.topk import top_k
 class EventScore(NamedTuple):
     hit: bool  # the item is in the top-K
     ndcg: float  # 1 / log2(rank + 2) for a hit at 0-based `rank`, else 0
-    rank: int = -1  # 0-based rank of a hit, -1 for a miss
-
-
-def ndcg_of(rank: int) -> float:
-    """NDCG@K of one relevant item at 0-based `rank` in the top-K."""
-    return float(1.0 / np.log2(rank + 2.0))
 
 
 def top_unseen(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
@@ -40,18 +34,28 @@ def top_unseen(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
     return top_k(scores, k)[0]
 
 
+def ndcg_of(rank: int) -> float:
+    """NDCG@K of the one relevant item at 0-based `rank` of the top-K."""
+    return float(1.0 / np.log2(rank + 2.0))
+
+
+def event_rank(scores: np.ndarray, item: int, seen: np.ndarray, k: int = 10) -> int:
+    """`item`'s 0-based rank in the top-k of `scores` with `seen` excluded, -1 if not there
+    (overwrites `scores` at `seen`, as `top_unseen`)."""
+    recs = top_unseen(scores, seen, k)
+    if item < 0:
+        return -1
+    where = np.flatnonzero(recs == item)
+    return int(where[0]) if where.size else -1
+
+
 def score_event(scores: np.ndarray, item: int, seen: np.ndarray, k: int = 10) -> EventScore:
     """Rank `item` among `scores` (one per item, for one user) with `seen` excluded.
 
     >>> score_event(np.array([0.1, 0.9, 0.5, np.nan]), 2, np.array([1]), k=2)
-    EventScore(hit=True, ndcg=1.0, rank=0)
+    EventScore(hit=True, ndcg=1.0)
     >>> score_event(np.array([0.1, 0.9, 0.5, np.nan]), 3, np.array([1]), k=3).hit
     False
     """
-    recs = top_unseen(scores, seen, k)
-    if item < 0:
-        return EventScore(False, 0.0)
-    where = np.flatnonzero(recs == item)
-    if not where.size:
-        return EventScore(False, 0.0)
-    return EventScore(True, ndcg_of(int(where[0])), int(where[0]))
+    rank = event_rank(scores, item, seen, k)
+    return EventScore(False, 0.0) if rank < 0 else EventScore(True, ndcg_of(rank))

@@ -100,13 +100,12 @@ def _beats(x: float, j: int, st: float, t: int) -> int:
 def _rank_block(
     base: np.ndarray,
     shared: bool,
-    q: np.ndarray,
+    qlog: np.ndarray,
     users: np.ndarray,
     items: np.ndarray,
     n_users0: int,
     n_items0: int,
     log_item: np.ndarray,
-    log_row: np.ndarray,
     log_add: np.ndarray,
     log_ptr: np.ndarray,
     head: np.ndarray,
@@ -115,8 +114,7 @@ def _rank_block(
     n_nodes: int,
     slot_of: np.ndarray,
     ov_item: np.ndarray,
-    ov_row: np.ndarray,
-    ov_add: np.ndarray,
+    ov_log: np.ndarray,
     pscore: np.ndarray,
     k: int,
     out: np.ndarray,
@@ -124,10 +122,11 @@ def _rank_block(
     """Each event's 0-based rank if under `k`, MISS, or NOT_SCORED, into `out`.
 
     `base[e]` (`base[0]` if `shared`) holds every item's score against the block's starting
-    rows; rows changed by earlier events of the block are re-scored from the overlay (`ov_*`,
-    indexed by `slot_of`). Each user's items are a linked list (`head`, `nxt`, `node_item`),
-    extended here; returns the new node count. `slot_of` is left all -1."""
-    dim = q.shape[1]
+    rows; a row changed by earlier events of the block is re-scored from its latest log entry m
+    (`ov_log`, by `slot_of`): `qlog[e, m] + log_add[m]`, `qlog` being the block's user rows
+    times the logged item rows (none under `shared`: popularity is `log_add` alone). Each
+    user's items are a linked list (`head`, `nxt`, `node_item`), extended here; returns the new
+    node count. `slot_of` is left all -1."""
     n_slots = 0
     known_u, known_i = n_users0, n_items0
     for e in range(users.shape[0]):
@@ -146,13 +145,11 @@ def _rank_block(
         else:
             t = i if i < known_i else -1
             for s in range(n_slots):
-                if dim:
-                    acc = np.float32(0.0)
-                    for f in range(dim):
-                        acc += q[e, f] * ov_row[s, f]
-                    pscore[s] = np.float32(acc + np.float32(ov_add[s]))
+                m = ov_log[s]
+                if shared:
+                    pscore[s] = log_add[m]
                 else:
-                    pscore[s] = ov_add[s]
+                    pscore[s] = np.float32(qlog[e, m] + np.float32(log_add[m]))
             if t < 0:
                 out[e] = MISS
             else:
@@ -193,9 +190,7 @@ def _rank_block(
                 slot_of[j] = s
                 ov_item[s] = j
                 n_slots += 1
-            for f in range(dim):
-                ov_row[s, f] = log_row[m, f]
-            ov_add[s] = log_add[m]
+            ov_log[s] = m
         known_u = max(known_u, u + 1)
         known_i = max(known_i, i + 1)
     for s in range(n_slots):
@@ -291,21 +286,23 @@ class BlockScorer:
         self._grow(n)
         if self.popularity:
             base, shared = rec["base"][None, :], True
+            qlog = np.empty((1, 1), np.float32)
         else:
             v0, b0 = rec["base"]
             base = rec["q"] @ v0.T
+            qlog = rec["q"] @ rec["log_row"][: rec["log_ptr"][n]].T
             base += b0
             shared = False
+        m = rec["log_item"].shape[0]
         self.n_nodes = _rank_block(
             base,
             shared,
-            rec["q"],
+            qlog,
             rec["users"],
             rec["items"],
             start[0],
             start[1],
             rec["log_item"],
-            rec["log_row"],
             rec["log_add"],
             rec["log_ptr"],
             self.head,
@@ -313,10 +310,9 @@ class BlockScorer:
             self.node_item,
             self.n_nodes,
             self.slot_of,
-            np.empty(rec["log_item"].shape[0], np.int32),
-            np.empty((rec["log_item"].shape[0], self.dim), np.float32),
-            np.empty(rec["log_item"].shape[0], np.float64),
-            np.empty(rec["log_item"].shape[0], np.float64),
+            np.empty(m, np.int32),
+            np.empty(m, np.int64),
+            np.empty(m, np.float64),
             self.k,
             out,
         )

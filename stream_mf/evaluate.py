@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Protocol, cast
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from stream_mf.als import als_fit, confidence_matrix
@@ -637,20 +638,23 @@ def _blocks(
     scorer = BlockScorer(learner.model, popularity, k)
     users, items = np.asarray(events.users, dtype=object), np.asarray(events.items, dtype=object)
     lo, shown = 0, 0
-    while lo < n:
-        hi = min(n, lo + block)
-        batch = EventBatch.build(
-            users[lo:hi], items[lo:hi], weights[lo:hi], events.times[lo:hi], first_offset=lo
-        )
-        cut = learner.piece_length(batch)
-        if cut < hi - lo:
-            hi = lo + cut
-            batch = batch.slice(0, cut)
-        start = scorer.begin()
-        learner.learn(batch, scorer.kernel)
-        scorer.ranks(start, ranks[lo:hi])
-        lo = hi
-        if lo - shown >= _PROGRESS_EVERY or lo == n:
-            bar.update(lo - shown)
-            shown = lo
+    # one BLAS thread: a block's product is too small to split (on 2 busy cores, two threads
+    # made it 2-5x slower, bench/bench_evaluate.py)
+    with threadpool_limits(1, "blas"):
+        while lo < n:
+            hi = min(n, lo + block)
+            batch = EventBatch.build(
+                users[lo:hi], items[lo:hi], weights[lo:hi], events.times[lo:hi], first_offset=lo
+            )
+            cut = learner.piece_length(batch)
+            if cut < hi - lo:
+                hi = lo + cut
+                batch = batch.slice(0, cut)
+            start = scorer.begin()
+            learner.learn(batch, scorer.kernel)
+            scorer.ranks(start, ranks[lo:hi])
+            lo = hi
+            if lo - shown >= _PROGRESS_EVERY or lo == n:
+                bar.update(lo - shown)
+                shown = lo
     return ranks

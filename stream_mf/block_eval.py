@@ -241,6 +241,7 @@ class BlockScorer:
         """`sgd_batch`'s twin for `OnlineModel.learn`: the same learning, recorded."""
         n = batch.users.shape[0]
         n_items = item_t.n
+        base: Any
         if self.popularity:
             base = item_t.logpop[:n_items].copy()
         else:

@@ -82,7 +82,7 @@ class _ModelLearner:
 
 class SGDLearner(_ModelLearner):
     name = "sgd"
-    block_mode = "factors"
+    block_mode: str | None = "factors"
 
     def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
@@ -636,7 +636,7 @@ def _blocks(
     n = len(events)
     ranks = np.full(n, NOT_SCORED, np.int64)
     scorer = BlockScorer(learner.model, popularity, k)
-    users, items = np.asarray(events.users, dtype=object), np.asarray(events.items, dtype=object)
+    users, items = events.users, events.items
     lo, shown = 0, 0
     # one BLAS thread: a block's product is too small to split (on 2 busy cores, two threads
     # made it 2-5x slower, bench/bench_evaluate.py)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def shipped_learner(model: ModelConfig | None = None) -> tuple[PrequentialLearne
     rb = updater.rebuild
     when = [f"every {rb.every_events:,} events"] if rb.every_events else []
     if rb.every_seconds:
-        when.append(f"every {rb.every_seconds:g} s of stream time (the updater's clock)")
+        when.append(f"every {rb.every_seconds:g} s of stream time (the updater counts wall time)")
     learner = make_learner(
         "default",
         model or updater.model,
@@ -157,6 +158,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = model_names(args.model)
+    if not getattr(args, "verbose", 0):
+        # one line per rebuild (there may be thousands) would bury the table: a summary follows
+        logging.getLogger("stream_mf.rebuild").setLevel(logging.ERROR)
     config = model_config_from(args, UpdaterSettings().model)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
     events = load_events(args.events, column_spec(args))
@@ -178,6 +182,15 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             progress=not args.no_progress,
         )
+        outcomes = getattr(learner, "outcomes", None)
+        if isinstance(outcomes, list):
+            swapped = sum(o.swapped for o in outcomes)
+            unguarded = sum(o.swapped and o.unguarded for o in outcomes)
+            print(
+                f"{name}: {len(outcomes)} rebuilds, {swapped} swapped ({unguarded} unguarded), "
+                f"{getattr(learner, 'failed', 0)} failed",
+                file=sys.stderr,
+            )
         r.config = (
             config.model_dump(exclude={"event_types"})
             if name != "popular"

@@ -158,9 +158,18 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = model_names(args.model)
+    # one line per rebuild (there may be thousands) would bury the table: a summary follows
+    rebuild_log = logging.getLogger("stream_mf.rebuild")
+    level = rebuild_log.level
     if not getattr(args, "verbose", 0):
-        # one line per rebuild (there may be thousands) would bury the table: a summary follows
-        logging.getLogger("stream_mf.rebuild").setLevel(logging.ERROR)
+        rebuild_log.setLevel(logging.ERROR)
+    try:
+        return _run(args, names)
+    finally:
+        rebuild_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
     config = model_config_from(args, UpdaterSettings().model)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
     events = load_events(args.events, column_spec(args))

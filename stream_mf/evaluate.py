@@ -508,7 +508,7 @@ def base_weights(events: EventColumns, types: Mapping[str, EventTypeSpec]) -> np
 
 #: events per block of the block evaluator: the matrix product wants many rows; each event
 #: re-scores the rows the block's earlier events changed (~9 an event by default), so the
-#: correction grows with the block (bench/bench_evaluate.py)
+#: correction grows with the block (64 x 9.7k x 64 ran at the product's full speed on one core)
 BLOCK_EVENTS = 64
 #: progress bar steps, in events
 _PROGRESS_EVERY = 2000
@@ -638,8 +638,8 @@ def _blocks(
     scorer = BlockScorer(learner.model, popularity, k)
     users, items = events.users, events.items
     lo, shown = 0, 0
-    # one BLAS thread: a block's product is too small to split (on 2 busy cores, two threads
-    # made it 2-5x slower, bench/bench_evaluate.py)
+    # one BLAS thread: a block's product is too small to split (on 2 busy cores two threads
+    # made a 64 x 9.7k x 64 product 2-5x slower than one, measured by hand)
     with threadpool_limits(1, "blas"):
         while lo < n:
             hi = min(n, lo + block)

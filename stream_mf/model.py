@@ -6,7 +6,7 @@ persist (and nothing more): that keeps a RocksDB commit proportional to the batc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +25,9 @@ from stream_mf.sgd import (
     sgd_batch,
 )
 from stream_mf.state import ModelState
+
+#: what `OnlineModel.learn` runs on a batch's records: `sgd_batch` or a twin of it
+Kernel = Callable[[KernelBatch, EntityArrays, EntityArrays, StreamArrays, SgdParams], None]
 
 
 @dataclass
@@ -162,7 +165,9 @@ class OnlineModel:
             self._params, self._params_of = SgdParams.from_config(self.config), self.config
         return self._params
 
-    def learn(self, batch: EventBatch) -> BatchDelta:
+    def learn(self, batch: EventBatch, kernel: Kernel | None = None) -> BatchDelta:
+        """Fold `batch` in. `kernel` replaces `sgd_batch` (same records, same effects): the
+        fast evaluator's records each event's user row on the way (`stream_mf.evaluate`)."""
         st, c = self.state, self.config
         n = len(batch)
         u0, i0 = st.users.n, st.items.n
@@ -173,7 +178,7 @@ class OnlineModel:
         logw = np.empty(n, dtype=np.float64)
         rebuilds = int(st.counters[Counter.REBUILDS])
         if n:
-            sgd_batch(
+            (kernel or sgd_batch)(
                 KernelBatch(
                     users,
                     items,

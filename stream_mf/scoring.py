@@ -34,6 +34,21 @@ def top_unseen(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
     return top_k(scores, k)[0]
 
 
+def ndcg_of(rank: int) -> float:
+    """NDCG@K of the one relevant item at 0-based `rank` of the top-K."""
+    return float(1.0 / np.log2(rank + 2.0))
+
+
+def event_rank(scores: np.ndarray, item: int, seen: np.ndarray, k: int = 10) -> int:
+    """`item`'s 0-based rank in the top-k of `scores` with `seen` excluded, -1 if not there
+    (overwrites `scores` at `seen`, as `top_unseen`)."""
+    recs = top_unseen(scores, seen, k)
+    if item < 0:
+        return -1
+    where = np.flatnonzero(recs == item)
+    return int(where[0]) if where.size else -1
+
+
 def score_event(scores: np.ndarray, item: int, seen: np.ndarray, k: int = 10) -> EventScore:
     """Rank `item` among `scores` (one per item, for one user) with `seen` excluded.
 
@@ -42,10 +57,5 @@ def score_event(scores: np.ndarray, item: int, seen: np.ndarray, k: int = 10) ->
     >>> score_event(np.array([0.1, 0.9, 0.5, np.nan]), 3, np.array([1]), k=3).hit
     False
     """
-    recs = top_unseen(scores, seen, k)
-    if item < 0:
-        return EventScore(False, 0.0)
-    where = np.flatnonzero(recs == item)
-    if not where.size:
-        return EventScore(False, 0.0)
-    return EventScore(True, float(1.0 / np.log2(where[0] + 2.0)))
+    rank = event_rank(scores, item, seen, k)
+    return EventScore(False, 0.0) if rank < 0 else EventScore(True, ndcg_of(rank))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from consumers.commands.common import nonempty_path, positive_int
 from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
-from stream_mf.config import RebuildConfig
+from consumers.settings import QuerySettings, UpdaterSettings
+from stream_mf.config import ModelConfig, RebuildConfig
 from stream_mf.datasets import ColumnSpec, EventColumns, EventFileError, read_events
-from stream_mf.evaluate import LEARNERS, make_learner, prequential
+from stream_mf.evaluate import LEARNERS, PrequentialLearner, make_learner, prequential
 
 DEFAULT_EVENTS = Path(__file__).resolve().parents[2] / "data/movielens-latest-small/ratings.csv.gz"
 
@@ -52,8 +54,33 @@ def load_events(path: Path, spec: ColumnSpec, flag: str = "--events") -> EventCo
         raise UserError(str(exc)) from exc
 
 
-def model_names(text: str) -> list[str]:
-    """`--model`'s comma-separated learners, checked before any event is read."""
+def shipped_learner(model: ModelConfig | None = None) -> tuple[PrequentialLearner, str]:
+    """The model `stream-mf updater` learns and `stream-mf query` answers with, from the same
+    environment (`STREAM_MF_MODEL__*`, `STREAM_MF_REBUILD__*`, `STREAM_MF_MIN_USER_EVENTS`),
+    `model` (the model flags) over the updater's; and one line saying what it is."""
+    updater, query = UpdaterSettings(), QuerySettings()
+    rb = updater.rebuild
+    when = [f"every {rb.every_events:,} events"] if rb.every_events else []
+    if rb.every_seconds:
+        when.append(f"every {rb.every_seconds:g} s of stream time (the updater counts wall time)")
+    learner = make_learner(
+        "default",
+        model or updater.model,
+        rb,
+        min_user_events=query.min_user_events,
+    )
+    rebuilds = " or ".join(when) if when else "never (none scheduled)"
+    return learner, (
+        f"default: the updater's model, rebuilt {rebuilds}, answered as `stream-mf query` "
+        f"(min_user_events {query.min_user_events})"
+    )
+
+
+def model_names(text: str | None) -> list[str]:
+    """`--model`'s comma-separated learners, checked before any event is read (none: the
+    shipped model, `default`)."""
+    if text is None:
+        return ["default"]
     names = [m.strip() for m in text.split(",") if m.strip()]
     choices = ", ".join(LEARNERS)
     if not names:
@@ -100,8 +127,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model",
-        default="popular,sgd",
-        help=f"comma-separated, from: {', '.join(LEARNERS)} (default: popular,sgd)",
+        default=None,
+        help=f"comma-separated, from: {', '.join(LEARNERS)} (default: default, what "
+        "`stream-mf updater` and `stream-mf query` would do with the same environment and "
+        "model flags: the online model, the updater's rebuild schedule counted in events or "
+        "stream time, the query's answer)",
     )
     p.add_argument("-k", "--k", type=positive_int, default=10)
     p.add_argument(
@@ -113,7 +143,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the per-window curve")
     p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("als and hybrid")
+    g = p.add_argument_group("als and hybrid (default takes the updater's STREAM_MF_REBUILD__*)")
     d = RebuildConfig()
     g.add_argument(
         "--refit-every", type=int, default=1000, help="ALS refit / rebuild every N events"
@@ -128,7 +158,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = model_names(args.model)
-    config = model_config_from(args)
+    # one line per rebuild (there may be thousands) would bury the table: a summary follows
+    rebuild_log = logging.getLogger("stream_mf.rebuild")
+    level = rebuild_log.level
+    if not getattr(args, "verbose", 0):
+        rebuild_log.setLevel(logging.ERROR)
+    try:
+        return _run(args, names)
+    finally:
+        rebuild_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
+    config = model_config_from(args, UpdaterSettings().model)
     rebuild = RebuildConfig(alpha=args.als_alpha, reg=args.als_reg, iterations=args.als_iterations)
     events = load_events(args.events, column_spec(args))
     if args.limit:
@@ -136,14 +178,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(events):,} events from {args.events}", file=sys.stderr)
     results = []
     for name in names:
+        if name == "default":
+            learner, what = shipped_learner(config)
+            print(what, file=sys.stderr)
+        else:
+            learner = make_learner(name, config, rebuild, args.refit_every)
         r = prequential(
             events,
-            make_learner(name, config, rebuild, args.refit_every),
+            learner,
             k=args.k,
             types=config.event_types,
             window=args.window,
             progress=not args.no_progress,
         )
+        outcomes = getattr(learner, "outcomes", None)
+        if isinstance(outcomes, list):
+            swapped = sum(o.swapped for o in outcomes)
+            unguarded = sum(o.swapped and o.unguarded for o in outcomes)
+            print(
+                f"{name}: {len(outcomes)} rebuilds, {swapped} swapped ({unguarded} unguarded), "
+                f"{getattr(learner, 'failed', 0)} failed",
+                file=sys.stderr,
+            )
         r.config = (
             config.model_dump(exclude={"event_types"})
             if name != "popular"
@@ -151,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if name in ("als", "hybrid"):
             r.config["rebuild"] = {**rebuild.model_dump(), "refit_every": args.refit_every}
+        if name == "default":
+            r.config["rebuild"] = UpdaterSettings().rebuild.model_dump()
+            r.config["min_user_events"] = QuerySettings().min_user_events
         results.append(r.to_json())
     base = results[0]["recall_at_k"] if results else 0.0
     print(

@@ -87,6 +87,8 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
             str(png),
             "--window",
             "500",
+            "--model",
+            "popular,sgd",
             "--no-progress",
         ]
     )
@@ -96,6 +98,29 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
         assert key in res
     assert [m["model"] for m in res["models"]] == ["popular", "sgd"]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_evaluates_the_shipped_model_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --model: `default`, from the updater's environment (rebuilds every 1,500 events)."""
+    ev = columns(4000, seed=4)
+    f = tmp_path / "events.csv"
+    rows = zip(ev.users, ev.items, ev.times.tolist(), strict=True)
+    f.write_text("userId,movieId,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    monkeypatch.setenv("STREAM_MF_REBUILD__EVERY_EVENTS", "1500")
+    monkeypatch.setenv("STREAM_MF_REBUILD__ITERATIONS", "2")
+    monkeypatch.setenv("STREAM_MF_MODEL__DIM", "8")
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--events", str(f), "--value-col", "", "--no-progress", "--json", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    # as in the updater, a STREAM_MF_REBUILD__ variable replaces the hourly default schedule
+    assert "default: the updater's model, rebuilt every 1,500 events, answered" in err
+    assert "default: 2 rebuilds" in err
+    res = json.loads(out.read_text())
+    assert res["model"] == "default" and res["config"]["dim"] == 8
+    assert res["config"]["rebuild"]["every_events"] == 1500
 
 
 def test_cli_names_a_missing_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

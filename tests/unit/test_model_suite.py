@@ -77,13 +77,6 @@ CASES = [
             "smaller niches get none, whatever the model does",
         )
         if m == "popular"
-        else pytest.mark.xfail(
-            strict=True,
-            reason="the shipped rebuild (evaluate's hybrid now drives it): niche users whose "
-            "events all come after its last swap get 3-6 of 10, where SGD alone gets 9.5+ "
-            "(SGD from the swapped factors learns them slower); not solved yet",
-        )
-        if (m, v) == ("hybrid", "flat-apart-pop")
         else (),
     )
     for m in MODELS
@@ -166,14 +159,7 @@ def test_learns_planted_tastes(model: str) -> None:
 
 @pytest.mark.parametrize(
     "model",
-    suite_cases(
-        {
-            "hybrid": "HybridLearner drives the shipped Rebuild once per batch: the rebuild "
-            "starts at the first batch end past its due point, and its guard and swap advance "
-            "at batch ends, so where the stream is cut moves the swap (a fix would cut batches "
-            "at those points, as ALSLearner does with evaluate.refit_pieces)"
-        }
-    ),
+    suite_cases({}),
 )
 def test_same_answers_however_the_stream_is_cut(model: str) -> None:
     s = planted_stream(20_000, 300, 400, n_groups=4, seed=3)

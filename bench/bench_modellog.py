@@ -23,6 +23,7 @@ Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick]
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -42,7 +43,13 @@ from common import Col, bench_args, print_table, write_results
 from consumers import kafka_io
 from consumers.client import RecClient
 from consumers.local_broker import BOOTSTRAP_ENV, EmbeddedBroker, free_port
-from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
+from consumers.processes import (
+    ManagedProcess,
+    histogram_quantile,
+    metric_sum,
+    scrape,
+    wait_until,
+)
 from consumers.settings import KafkaSettings
 from consumers.topics import create_topics
 
@@ -155,7 +162,19 @@ def new_user_latency(
 
 
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        help="the demo's live traffic for this "
+        "many seconds instead (broker memory, log bytes per event)",
+    )
+    known, rest = pre.parse_known_args()
+    args = bench_args(__doc__.splitlines()[0], rest)
+    if known.soak:
+        soak(known.soak, args.out)
+        return
     n_users, n_items = (20_000, 10_000) if args.quick else (100_000, 50_000)
     rates = [1000, 20_000]
     seconds = 8.0 if args.quick else 20.0
@@ -366,6 +385,120 @@ def main() -> None:
         ],
     )
     write_results("bench_modellog", result, args.out)
+
+
+# ---- the demo's live traffic for minutes: the broker's memory and log bytes per event ----------
+
+
+def soak(seconds: float, out: Path | None) -> None:
+    """The demo (embedded broker, updater, two query processes, the MovieLens replay), then its
+    live phase's traffic (~400 events/s stamped now, users live-0..499 on items 1..3000) for
+    `seconds`, plus a `recommend` every 0.1 s; every 15 s the broker's resident memory and the
+    model log's bytes over the events applied since the live traffic began."""
+    from consumers.demo import _replay, _start_processes, _wait_until_learned, prepare_kernels
+    from consumers.settings import TopicSettings
+    from consumers.topics import product_topics
+
+    work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    topics = TopicSettings()
+    procs: list[ManagedProcess] = []
+    samples: list[dict[str, float]] = []
+    result: dict[str, Any] = {"seconds": seconds}
+    try:
+        prepare_kernels(work)
+        with EmbeddedBroker() as b:
+            boot = b.bootstrap_servers
+            create_topics(boot, product_topics(2, topics, interactions=1))
+            ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
+            _start_processes(procs, work, boot, ports)
+            kafka = KafkaSettings(bootstrap_servers=boot)
+            sent, t0 = _replay(kafka, topics)
+            _wait_until_learned(ports, sent, t0)
+            up = f"http://127.0.0.1:{ports['updater']}/metrics"
+            qs = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
+            base = scrape(up)
+            qbase = [scrape(u) for u in qs]
+            result["replayed"] = sent
+            result["broker_rss_after_replay"] = rss_of(b.pid)
+            producer = kafka_io.producer(kafka, **{"linger.ms": 5})
+            client = RecClient(kafka, topics.requests, topics.responses)
+            rng = np.random.default_rng(0)
+            start = time.monotonic()
+            next_sample = start
+            next_ask = start
+            live = 0
+            asked = 0
+            print(f"soak: {sent:,} replayed; live traffic for {seconds:.0f} s", flush=True)
+            while time.monotonic() - start < seconds:
+                for _ in range(20):
+                    doc = {
+                        "user_id": f"live-{rng.integers(500)}",
+                        "item_id": str(rng.integers(1, 3000)),
+                        "event_type": "click",
+                        "timestamp": time.time(),
+                    }
+                    producer.produce(topics.interactions, value=orjson.dumps(doc))
+                    live += 1
+                producer.poll(0)
+                now = time.monotonic()
+                if now >= next_ask:
+                    with contextlib.suppress(TimeoutError):
+                        client.ask({"user_id": f"live-{rng.integers(500)}", "k": 10}, timeout=2)
+                        asked += 1
+                    next_ask = now + 0.1
+                if now >= next_sample:
+                    m = scrape(up)
+                    ev = metric_sum(m, "stream_mf_events_applied_total") - metric_sum(
+                        base, "stream_mf_events_applied_total"
+                    )
+                    by = metric_sum(m, "stream_mf_model_log_bytes_total") - metric_sum(
+                        base, "stream_mf_model_log_bytes_total"
+                    )
+                    row = {
+                        "t": now - start,
+                        "events": ev,
+                        "log_bytes": by,
+                        "bytes_per_event": by / ev if ev else float("nan"),
+                        "broker_rss": rss_of(b.pid),
+                        "query_rss": max(rss_of(p.pid) for p in procs if "query" in p.name),
+                        "snapshot_bytes": m.get("stream_mf_model_log_snapshot_bytes", 0.0),
+                    }
+                    samples.append(row)
+                    print(
+                        f"  {row['t']:5.0f} s  events {ev:9,.0f}  log {by / 1e6:8.1f} MB  "
+                        f"{row['bytes_per_event']:6.0f} B/event  broker RSS "
+                        f"{row['broker_rss'] / 1e6:6.0f} MB",
+                        flush=True,
+                    )
+                    next_sample = now + 15.0
+                time.sleep(max(0.0, 0.05 - (time.monotonic() - now)))
+            kafka_io.close_producer(producer, 10)
+            time.sleep(2.0)
+            client.close()
+            fresh = [
+                histogram_quantile(qb, scrape(u), "stream_mf_freshness_seconds", 0.99)
+                for u, qb in zip(qs, qbase, strict=True)
+            ]
+            result.update(
+                live_events=live,
+                requests=asked,
+                freshness_p99=max((f for f in fresh if f is not None), default=None),
+                samples=samples,
+                broker_rss_end=rss_of(b.pid),
+            )
+    finally:
+        for p in procs:
+            p.stop()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    last = samples[-1] if samples else {}
+    rss0, rss1 = result.get("broker_rss_after_replay", 0), result.get("broker_rss_end", 0)
+    print(
+        f"soak over {seconds:.0f} s: broker RSS {rss0 / 1e6:.0f} MB after the replay -> "
+        f"{rss1 / 1e6:.0f} MB; model log {last.get('bytes_per_event', float('nan')):.0f} "
+        "bytes per live event"
+    )
+    write_results("bench_modellog_soak", result, out)
 
 
 if __name__ == "__main__":

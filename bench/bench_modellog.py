@@ -38,10 +38,12 @@ from typing import Any
 import numpy as np
 import orjson
 from bench_ingest import Children
+from bench_query import run_load, start_echo, wait_for_echo
 from common import Col, bench_args, print_table, write_results
+from confluent_kafka import OFFSET_END, TopicPartition
 
 from consumers import kafka_io
-from consumers.client import RecClient
+from consumers.client import FETCH_WAIT_MS, LINGER_MS, RecClient
 from consumers.local_broker import BOOTSTRAP_ENV, EmbeddedBroker, free_port
 from consumers.processes import (
     ManagedProcess,
@@ -52,6 +54,7 @@ from consumers.processes import (
 )
 from consumers.settings import KafkaSettings
 from consumers.topics import create_topics
+from stream_mf.model_log import MARKER_KEY, Marker
 
 MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
 
@@ -126,6 +129,61 @@ class Load:
         self.p.flush(30)
 
 
+class Tracer:
+    """Where a commit's time goes: a consumer of the model log (1 ms fetch wait) that notes,
+    for each commit marker, its events' times (the sample it carries), when the updater
+    produced it (`at`) and when it arrived here. Event to `at` is the updater's share (the
+    event's way to the updater, the batch's wait to fill, learning, the store commit, encoding);
+    `at` to arrival is the log's (linger, broker, fetch)."""
+
+    def __init__(self, kafka: str, topic: str):
+        self.c = kafka_io.consumer(
+            KafkaSettings(bootstrap_servers=kafka),
+            f"bench-tracer-{uuid.uuid4().hex[:6]}",
+            **{"fetch.wait.max.ms": 1, "auto.offset.reset": "latest"},
+        )
+        self.c.assign([TopicPartition(topic, 0, OFFSET_END)])
+        self.rows: list[tuple[float, float, float, float, int, bool]] = []
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for m in self.c.consume(1000, 0.05):
+                if m.error() is not None or m.key() != MARKER_KEY:
+                    continue
+                now = time.time()
+                mk = Marker.decode(m.value() or b"")
+                if mk.times and mk.count:
+                    t = np.asarray(mk.times)
+                    self.rows.append((float(t.min()), float(t.max()), mk.at, now, mk.count,
+                                      mk.snapshot))  # fmt: skip
+        self.c.close()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Quantiles (events weighted by their marker's count) of each leg, over markers
+        whose events fall in [t0, t1)."""
+        rows = [r for r in self.rows if t0 <= r[0] < t1]
+        if not rows:
+            return {}
+        a = np.asarray([r[:5] for r in rows])
+        w = a[:, 4]
+        # the oldest event of a commit waited longest: its legs are the commit's worst case
+        legs = {"updater": a[:, 2] - a[:, 0], "log": a[:, 3] - a[:, 2], "total": a[:, 3] - a[:, 0]}
+        out: dict[str, Any] = {"commits": len(rows), "events_per_commit": float(w.mean())}
+        for name, v in legs.items():
+            order = np.argsort(v)
+            cw = np.cumsum(w[order]) / w.sum()
+            out[f"{name}_p50_ms"] = float(v[order][np.searchsorted(cw, 0.5)] * 1e3)
+            out[f"{name}_p99_ms"] = float(
+                v[order][min(np.searchsorted(cw, 0.99), v.size - 1)] * 1e3
+            )
+        gaps = np.diff(a[:, 2])
+        out["max_gap_between_commits_ms"] = float(gaps.max() * 1e3) if gaps.size else 0.0
+        out["snapshots"] = sum(1 for r in self.rows if r[5] and t0 <= r[2] < t1)
+        return out
+
+
 def new_user_latency(
     kafka: str, topics: dict[str, str], seconds: float, client: RecClient
 ) -> tuple[list[float], int]:
@@ -170,18 +228,29 @@ def main() -> None:
         help="the demo's live traffic for this "
         "many seconds instead (broker memory, log bytes per event)",
     )
+    pre.add_argument("--rates", type=int, nargs="*", default=None, help="events/s (1000 20000)")
+    pre.add_argument("--seconds", type=float, default=0.0, help="new-user probes per rate")
+    pre.add_argument(
+        "--requests",
+        type=float,
+        default=100.0,
+        help="requests/s against the echo and the service per rate (0: none)",
+    )
     known, rest = pre.parse_known_args()
     args = bench_args(__doc__.splitlines()[0], rest)
     if known.soak:
         soak(known.soak, args.out)
         return
     n_users, n_items = (20_000, 10_000) if args.quick else (100_000, 50_000)
-    rates = [1000, 20_000]
-    seconds = 8.0 if args.quick else 20.0
+    rates = known.rates or [1000, 20_000]
+    seconds = known.seconds or (8.0 if args.quick else 20.0)
+    req_rate, req_seconds = known.requests, 6.0 if args.quick else 12.0
+    probe_users = np.arange(min(n_users, 5000))
     work = Path(tempfile.mkdtemp(prefix="bench-modellog-"))
     children = Children()
     tag = uuid.uuid4().hex[:6]
     topics = {k: f"bench-ml-{k}-{tag}" for k in ("interactions", "requests", "responses", "model")}
+    echo_req = f"bench-ml-echo-requests-{tag}"
     env = {f"STREAM_MF_TOPICS__{k.upper()}": v for k, v in topics.items()}
     env["STREAM_MF_TOPICS__DEAD_LETTER"] = f"bench-ml-dlt-{tag}"
     env["STREAM_MF_LIVE_EVAL_RATE"] = "0"
@@ -196,6 +265,7 @@ def main() -> None:
                     topics["interactions"]: 1,
                     topics["requests"]: 1,
                     topics["responses"]: 1,
+                    echo_req: 1,
                     env["STREAM_MF_TOPICS__DEAD_LETTER"]: 1,
                 },
             )
@@ -325,17 +395,39 @@ def main() -> None:
                 flush=True,
             )
 
-            # ---- 3. freshness at each rate ----
+            # ---- 3. freshness at each rate, requests against a bare echo ----
             client = RecClient(
                 KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
             )
             client.ask({"user_id": "u1", "k": 5}, timeout=30)  # joined and warm
+            echo = None
+            if req_rate:
+                echo_env = {
+                    **env,
+                    "STREAM_MF_TOPICS__REQUESTS": echo_req,
+                    "STREAM_MF_GROUP_ID": f"bench-ml-echo-{tag}",
+                }
+                echo = start_echo(children, work, kafka, echo_env)
+                wait_for_echo(kafka, echo_req, topics["responses"], echo, 60)
+            tracer = Tracer(kafka, topics["model"])
+            tracer.t.start()
             for rate in rates:
                 before_q, before_u = scrape(q_url), scrape(up_url)
                 load = Load(kafka, topics["interactions"], rate, n_users, n_items)
                 load.t.start()
                 time.sleep(2.0)
+                w0 = time.time()
                 lat, missed = new_user_latency(kafka, topics, seconds, client)
+                rtt: dict[str, Any] = {}
+                if req_rate:
+                    # the bare echo and the service in turn, each with the updater applying
+                    # `rate` events/s and the query process following its commits
+                    for target, req_topic in (("echo", echo_req), ("service", topics["requests"])):
+                        r = run_load(kafka, req_topic, topics["responses"], probe_users,
+                                     req_rate, 2.0, req_seconds, FETCH_WAIT_MS,
+                                     LINGER_MS)  # fmt: skip
+                        rtt[target] = {k: r[k] for k in ("total_ms", "answered", "lost", "errors")}
+                w1 = time.time()
                 load.stop.set()
                 load.t.join(60)
                 time.sleep(2.0)
@@ -347,19 +439,45 @@ def main() -> None:
                     before_u, "stream_mf_model_log_bytes_total"
                 )
                 arr = np.asarray(lat) if lat else np.asarray([np.nan])
+                sm = "stream_mf_"
+                fresh = f"{sm}freshness_seconds"
+
+                def hq(
+                    after: dict[str, float], before: dict[str, float], name: str, q: float
+                ) -> float:
+                    v = histogram_quantile(before, after, name, q)
+                    return float("nan") if v is None else v
+
                 row = {
                     "rate": rate,
-                    "achieved": load.sent / (seconds + 2.0),
-                    "fresh_p50": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.5),
-                    "fresh_p99": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.99),
+                    "achieved": load.sent / (w1 - w0 + 2.0),
+                    "fresh_p50": quantile(after_q, before_q, fresh, 0.5),
+                    "fresh_p99": quantile(after_q, before_q, fresh, 0.99),
+                    "fresh_p50_interp": hq(after_q, before_q, fresh, 0.5),
+                    "fresh_p99_interp": hq(after_q, before_q, fresh, 0.99),
                     "new_p50": float(np.percentile(arr, 50)),
                     "new_p99": float(np.percentile(arr, 99)),
                     "probes": len(lat),
                     "missed": missed,
                     "bytes_per_event": by / ev if ev else float("nan"),
-                }
+                    "rtt": rtt,
+                    "legs": tracer.window(w0 - 2.0, w1),
+                    # the processes' own histograms over the window (interpolated)
+                    "updater_apply_p99_s": hq(after_u, before_u, f"{sm}batch_apply_seconds", 0.99),
+                    "updater_write_p99_s": hq(after_u, before_u, f"{sm}batch_write_seconds", 0.99),
+                    "publish_lag_p99_s": hq(after_u, before_u, f"{sm}model_log_publish_lag_seconds",
+                                            0.99),
+                    "reader_apply_p99_s": hq(after_q, before_q, f"{sm}model_refresh_seconds", 0.99),
+                    "batch_events_p50": hq(after_u, before_u, f"{sm}batch_events", 0.5),
+                }  # fmt: skip
+                if rtt:
+                    e99, s99 = rtt["echo"]["total_ms"]["p99"], rtt["service"]["total_ms"]["p99"]
+                    row["rtt_echo_p99_ms"], row["rtt_service_p99_ms"] = e99, s99
+                    row["rtt_ratio_p99"] = s99 / e99 if e99 else float("nan")
                 rows.append(row)
-                print(row, flush=True)
+                print(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
+            tracer.stop.set()
+            tracer.t.join(5)
             client.close()
             if broker_pid is not None:
                 result["broker_rss_bytes"] = rss_of(broker_pid)

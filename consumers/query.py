@@ -164,7 +164,8 @@ class QueryService:
                 ]
             users = served.users
             for req in reqs:
-                resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
+                with served.lock:
+                    resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
                 resp.model_dump_json()
         except Exception as exc:  # warming is an optimisation: never fail start-up over it
             log.warning("warm-up failed (first requests will be slower): %s", exc)
@@ -247,8 +248,9 @@ class QueryService:
                 resp = self._error(req.request_id, req.user_id, why)
             else:
                 try:
-                    resp = answer(req, served.view, served.users,
-                                  min_user_events=self.settings.min_user_events)  # fmt: skip
+                    with served.lock:  # the reader writes commits into the same arrays
+                        resp = answer(req, served.view, served.users,
+                                      min_user_events=self.settings.min_user_events)  # fmt: skip
                 except MixedGenerationError as exc:  # a bug: say so, never answer from a mix
                     log.error("refusing to answer %s: %s", req.request_id, exc)
                     self.metrics.errors.labels("mixed_generation").inc()

@@ -119,6 +119,13 @@ class UpdaterSettings(ProcessSettings):
     max_batch_seconds: float = Field(
         default=0.1, gt=0, description="longest wait for a micro-batch to fill (a backlog fills it)"
     )
+    batch_linger_seconds: float = Field(
+        default=0.02,
+        ge=0,
+        description="once a micro-batch has its first event, wait at most this long for more "
+        "before committing it (a light stream is committed promptly; behind a backlog what is "
+        "already fetched is drained whatever this says, so batches still fill up)",
+    )
     pause_gc: bool = Field(
         default=True,
         description="freeze start-up objects and pause the cyclic GC while a micro-batch is read "

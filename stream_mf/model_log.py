@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,6 +312,11 @@ class ServingModel:
         self.seen: list[bytes] = []  # int32 items each
         self.marker: Marker | None = None
         self.items_changed = True
+        # the served view reads these arrays in place (no copy per commit): a request holds
+        # the lock while it reads them, the reader while it writes a commit into them, so a
+        # request sees a commit whole or not at all
+        self.lock = threading.Lock()
+        self.item_norms = np.zeros(16, np.float32)  # cosine similarity's row norms
 
     @staticmethod
     def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
@@ -349,6 +355,12 @@ class ServingModel:
             self.items_changed = True
         factors, meta, seen = unpack_users(users, self.config.dim)
         t.factors[idx] = factors
+        if not user:
+            if self.item_norms.size < t.capacity:
+                grown = np.zeros(t.capacity, np.float32)
+                grown[: self.item_norms.size] = self.item_norms
+                self.item_norms = grown
+            self.item_norms[idx] = np.linalg.norm(factors, axis=1)
         for name, _dt in _ROW_ARRAYS:
             getattr(t, name)[idx] = meta[name]
         ids, index, all_seen = t.ids, t.index, self.seen
@@ -417,11 +429,16 @@ class PinnedUsers:
 
 @dataclass(frozen=True)
 class Served:
-    """What one request reads: an item view and the users of the same generation."""
+    """What one request reads: an item view and the users of the same generation. A request
+    holds `lock` while it reads them (the reader writes commits into the same arrays)."""
 
     view: ItemView
     users: PinnedUsers
     marker: Marker
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self.users.model.lock
 
 
 class ModelReader:
@@ -444,12 +461,17 @@ class ModelReader:
         self.skipped = 0  # records of a generation they cannot belong to (never applied)
         self.dirty = False
         self.last_marker: Marker | None = None
+        self.tailing = False  # reading a snapshot of the live generation into the live model
 
     # ---- records ------------------------------------------------------------------------
 
     def feed(self, rec: Record) -> None:
         if rec.kind == "tombstone":
             return  # a replaced generation's row: the reader already moved past it
+        if rec.kind == "config" and self.tailing and self.live is not None:
+            if rec.value == self.live.config:
+                return  # a snapshot of the model served: its rows apply like a commit's
+            self.tailing = False  # another shape: built on the side after all
         if rec.kind == "config":
             self.config = rec.value
             self._ubuf.clear()
@@ -461,11 +483,21 @@ class ModelReader:
             self.early.clear()
             return
         if rec.kind == "begin":
-            # a snapshot: build it on the side (the live model keeps serving meanwhile)
-            self.pending.clear()
-            self._ubuf.clear()
             doc = rec.value
             self._begin = (rec.gen, int(doc.get("n_users", 0)), int(doc.get("n_items", 0)))
+            if self.live is not None and self.building is None and rec.gen == self.live.gen:
+                # a snapshot of the generation served (periodic): its rows are full rows of
+                # that generation, at least as new as the ones held, so they are applied to
+                # the live model with the commits around them; building a second model on
+                # the side would stop the served one for as long as the snapshot takes to
+                # read (seconds) and hold two models
+                self.tailing = True
+                return
+            # a snapshot of another generation (a rebuild's swap), or the first: built on the
+            # side (the live model keeps serving meanwhile)
+            self.tailing = False
+            self.pending.clear()
+            self._ubuf.clear()
             self.building = (
                 self._sized(ServingModel(self.config, rec.gen)) if self.config is not None else None
             )
@@ -529,9 +561,15 @@ class ModelReader:
             return
         ok = [r for r in self.pending if r.gen == live.gen]
         self.skipped += len(self.pending) - len(ok)
-        _apply(live, ok)
+        with live.lock:
+            _apply(live, ok)
+            live.marker = m
+            served = self.served
+            if live.items_changed and served is not None and served.users.model is live:
+                served.view._cache.pop("gram", None)  # of the item rows before this commit
         self.pending.clear()
-        live.marker = m
+        if m.snapshot:
+            self.tailing = False
         self._done(m)
 
     def _done(self, m: Marker) -> None:
@@ -553,15 +591,26 @@ class ModelReader:
         n = min(live.items.n, m.n_items)
         if n and not np.all(live.item_gen[:n] == live.gen):
             raise MixedGenerationError(f"item rows of another generation than {live.gen}")
-        if prev is not None and prev.users.model is live and not live.items_changed:
+        if (
+            prev is not None
+            and prev.users.model is live
+            and not live.items_changed
+            and prev.view.n == n
+        ):
             view = dataclasses.replace(prev.view, clock=m.clock, model_version=m.version)
         else:
+            # the live arrays themselves, not a copy (a replica holds one model): commits
+            # are written into them under the model's lock, which requests hold too; the
+            # norms are kept up to date row by row, and V^T V (fold-ins) is recomputed
+            # lazily for a view whose item rows changed
+            t = live.items
             state = ModelState(
-                config=live.config, users=live.users, items=_first(live.items, n),
+                config=live.config, users=live.users, items=_first(t, n),
                 cdf=np.zeros((3, 0)), clock=np.array([m.clock]), confidence=None,
                 model_version=m.version,
             )  # fmt: skip
-            view = dataclasses.replace(ItemView.from_state(state, copy=True), generation=live.gen)
+            view = dataclasses.replace(ItemView.from_state(state, copy=False), generation=live.gen)
+            view._cache["norms"] = live.item_norms[:n]
             live.items_changed = False
         self.served = Served(view, PinnedUsers(live, live.gen), m)
         self.dirty = False

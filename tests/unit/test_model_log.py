@@ -208,3 +208,42 @@ def test_seen_index_follows_commits() -> None:
     assert want.rows.keys() == idx.rows.keys()
     for u, items in want.rows.items():
         assert np.array_equal(idx.of(u), items)
+
+
+def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
+    """The updater sends a periodic snapshot a slice at a time with commits in between: a
+    reader already serving that generation applies it to the model it serves (no second model,
+    commits keep coming through), and a reader starting at its BEGIN has the whole model at its
+    marker; both equal the model bit for bit."""
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    tailing = materialise(snapshot(m.state))
+    live = tailing.live
+    st = m.state
+    seen = SeenIndex(confidence_items(st.confidence)[0])
+    half = st.users.n // 2
+    sliced: list[tuple[bytes, bytes | None]] = [
+        begin_record(2, 0, st.users.n, st.items.n),
+        next(snapshot_records(st, 0, seen)),  # the config
+        *user_records(st.users, 0, seen, range(half)),
+    ]
+    d = m.learn(stream(300, seed=7, first=60_000))
+    sliced += commit(m.state, np.concatenate([d.users, np.arange(*d.new_users)]), d.items, 2)
+    seen = SeenIndex(confidence_items(st.confidence)[0])
+    rest = [
+        *user_records(st.users, 0, seen, range(half, st.users.n)),
+        *item_records(st.items, 0, range(st.items.n)),
+        (MARKER_KEY, marker(st, 3, 0, True)),
+    ]
+    for k, v in sliced:
+        tailing.feed(decode(k, v))
+    assert tailing.publish() and tailing.live is live  # the commit came through, in place
+    uid = st.users.ids[int(d.users[0])]
+    assert np.array_equal(_vec(tailing.served, uid), st.users.factors[int(d.users[0])])
+    for k, v in rest:
+        tailing.feed(decode(k, v))
+    tailing.publish()
+    assert tailing.live is live and tailing.building is None
+    assert_reader_equals(tailing, st)
+    fresh = materialise(sliced + rest)
+    assert_reader_equals(fresh, st)

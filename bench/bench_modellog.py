@@ -144,6 +144,7 @@ class Tracer:
         )
         self.c.assign([TopicPartition(topic, 0, OFFSET_END)])
         self.rows: list[tuple[float, float, float, float, int, bool]] = []
+        self.snaps: list[float] = []
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
 
@@ -154,6 +155,8 @@ class Tracer:
                     continue
                 now = time.time()
                 mk = Marker.decode(m.value() or b"")
+                if mk.snapshot:
+                    self.snaps.append(mk.at)
                 if mk.times and mk.count:
                     t = np.asarray(mk.times)
                     self.rows.append((float(t.min()), float(t.max()), mk.at, now, mk.count,
@@ -180,7 +183,7 @@ class Tracer:
             )
         gaps = np.diff(a[:, 2])
         out["max_gap_between_commits_ms"] = float(gaps.max() * 1e3) if gaps.size else 0.0
-        out["snapshots"] = sum(1 for r in self.rows if r[5] and t0 <= r[2] < t1)
+        out["snapshots"] = sum(1 for at in self.snaps if t0 <= at < t1)
         return out
 
 

@@ -218,6 +218,33 @@ def future_bounds(stamps_ms: np.ndarray, max_future_s: float) -> np.ndarray:
     return ref + max_future_s
 
 
+#: a loop turn longer than this is logged with where its time went (every event of the turn
+#: waited for it: freshness)
+SLOW_TURN_S = 0.25
+
+
+class _Turn:
+    """Wall and CPU time of one loop turn by step, logged when the turn was slow: CPU far below
+    wall is waiting (the broker, the disk, or other processes on the cores), not work."""
+
+    def __init__(self) -> None:
+        self.t0 = self.at = time.perf_counter()
+        self.cpu0 = time.thread_time()
+        self.steps: list[tuple[str, float]] = []
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps.append((step, now - self.at))
+        self.at = now
+
+    def done(self, events: int) -> None:
+        wall = time.perf_counter() - self.t0
+        if wall > SLOW_TURN_S:
+            steps = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in self.steps)
+            log.info("slow loop turn: %.0f ms (cpu %.0f ms), %d events; ms by step: %s",
+                     wall * 1e3, (time.thread_time() - self.cpu0) * 1e3, events, steps)  # fmt: skip
+
+
 class Updater:
     def __init__(self, settings: UpdaterSettings, registry: CollectorRegistry | None = None):
         self.settings = settings
@@ -524,6 +551,7 @@ class Updater:
                     [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
                 )
             while not stop:
+                turn = _Turn()
                 if not s.use_consumer_group:
                     self._assign_partitions()
                 # behind a backlog, no collections inside a batch (its objects die by reference
@@ -531,17 +559,23 @@ class Updater:
                 pause = s.pause_gc and busy
                 with gc_control.paused() if pause else contextlib.nullcontext():
                     msgs = self._collect(stop)
+                    turn.mark("collect")
                     if msgs:
                         self.process(msgs)
+                turn.mark("batch")
                 busy = bool(msgs)
                 if busy and s.pause_gc and not frozen_kernels:
                     gc_control.freeze_startup()  # the SGD kernels loaded by the first batch too
                     frozen_kernels = True
                 self._watch_offsets()
                 self._poll_control()
+                turn.mark("checks")
                 self._drive_rebuild()
+                turn.mark("rebuild")
                 self.publisher.tick(self.model.state)
+                turn.mark("model_log")
                 self._refresh_lag()
+                turn.done(len(msgs))
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()

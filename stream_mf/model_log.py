@@ -29,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import orjson
@@ -294,6 +294,191 @@ def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray,
     return factors, meta, seen
 
 
+# ---- compact storage for a replica (no Python object per row) --------------------------------
+
+
+class CompactIds(Sequence[str]):
+    """Row -> id and id -> row without a Python str, list slot and dict entry per id (about
+    100 bytes each, and small objects that outlive the snapshot's records they were made
+    beside, which kept the freed records' memory from going back to the OS): the ids' bytes in
+    one buffer, each row's start and length, and a sorted array of their hashes (Python's
+    `hash`, stable within a process) with the row of each; ids added since the last sort are
+    found in a small dict. About 30 bytes an id."""
+
+    MERGE = 4096  # ids in the dict before they are sorted in
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._start = np.zeros(16, np.int64)
+        self._len = np.zeros(16, np.int32)
+        self._hash = np.zeros(16, np.int64)
+        self._n = 0
+        self._sorted_h = np.empty(0, np.int64)
+        self._sorted_rows = np.empty(0, np.int64)
+        self._recent: dict[str, int] = {}
+        self.lookup = _IdLookup(self)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, row: int) -> str: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[str]: ...
+    def __getitem__(self, row: int | slice) -> str | list[str]:
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(self._n))]
+        if row < 0:
+            row += self._n
+        if not 0 <= row < self._n:
+            raise IndexError(row)
+        at = int(self._start[row])
+        return self._blob[at : at + int(self._len[row])].decode()
+
+    def _raw(self, row: int) -> bytes:
+        at = int(self._start[row])
+        return bytes(self._blob[at : at + int(self._len[row])])
+
+    def extend_to(self, n: int) -> None:
+        """Rows up to `n` (new ones with an empty id until set)."""
+        if n > self._start.size:
+            cap = max(n, self._start.size + self._start.size // 4)
+            for name in ("_start", "_len", "_hash"):
+                a = getattr(self, name)
+                grown = np.zeros(cap, a.dtype)
+                grown[: a.size] = a
+                setattr(self, name, grown)
+        self._n = max(self._n, n)
+
+    def set_many(self, rows: list[int], ids: list[str]) -> None:
+        """Give rows their ids (a row's id never changes within a generation: rows whose id
+        is already this one are left alone)."""
+        new_rows, new_ids, raws = [], [], []
+        for row, i in zip(rows, ids, strict=True):
+            b = i.encode()
+            if int(self._len[row]) == len(b) and self._raw(row) == b:
+                continue
+            new_rows.append(row)
+            new_ids.append(i)
+            raws.append(b)
+        if not new_rows:
+            return
+        idx = np.asarray(new_rows, np.int64)
+        lens = np.fromiter(map(len, raws), np.int64, len(raws))
+        self._start[idx] = len(self._blob) + np.cumsum(lens) - lens
+        self._len[idx] = lens
+        self._hash[idx] = np.fromiter(map(hash, raws), np.int64, len(raws))
+        self._blob += b"".join(raws)
+        if len(self._recent) + len(new_rows) < self.MERGE:
+            self._recent.update(zip(new_ids, new_rows, strict=True))
+        else:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Sort every row's hash in (the dict empties)."""
+        h = self._hash[: self._n]
+        order = np.argsort(h, kind="stable")
+        self._sorted_h, self._sorted_rows = h[order], order
+        self._recent.clear()
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        row = self._recent.get(key)
+        if row is not None:
+            return row
+        b = key.encode()
+        h = hash(b)
+        sh = self._sorted_h
+        j = int(np.searchsorted(sh, h))
+        while j < sh.size and sh[j] == h:
+            row = int(self._sorted_rows[j])
+            if int(self._hash[row]) == h and self._raw(row) == b:
+                return row
+            j += 1
+        return default
+
+    def nbytes(self) -> int:
+        arrays = (self._start, self._len, self._hash, self._sorted_h, self._sorted_rows)
+        return len(self._blob) + sum(a.nbytes for a in arrays)
+
+
+class _IdLookup(Mapping[str, int]):
+    """id -> row of a `CompactIds` (what `ItemView.index` and the users' index are)."""
+
+    def __init__(self, ids: CompactIds) -> None:
+        self.ids = ids
+
+    def __getitem__(self, key: str) -> int:
+        row = self.ids.get(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.ids.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class SeenStore:
+    """Each user's seen items (int32) in one array instead of a bytes object per user: a user's
+    new list is appended and the old one left as garbage, compacted once garbage outweighs the
+    lists in use."""
+
+    def __init__(self) -> None:
+        self.items = np.zeros(1024, np.int32)
+        self.used = 0  # items[:used] written
+        self.start = np.zeros(16, np.int64)
+        self.count = np.zeros(16, np.int64)
+
+    def of(self, row: int) -> np.ndarray:
+        if row >= self.start.size:
+            return _NONE
+        at = int(self.start[row])
+        return self.items[at : at + int(self.count[row])].copy()
+
+    def set_many(self, rows: np.ndarray, lists: list[bytes]) -> None:
+        flat = np.frombuffer(b"".join(lists), "<i4")
+        counts = np.fromiter((len(x) // 4 for x in lists), np.int64, len(lists))
+        need = int(rows.max()) + 1 if rows.size else 0
+        if need > self.start.size:
+            cap = max(need, self.start.size + self.start.size // 4)
+            for name in ("start", "count"):
+                a = getattr(self, name)
+                grown = np.zeros(cap, np.int64)
+                grown[: a.size] = a
+                setattr(self, name, grown)
+        live = int(self.count.sum())
+        if self.used + flat.size > self.items.size and self.used > 2 * live:
+            self._compact()
+        if self.used + flat.size > self.items.size:
+            cap = max(self.used + flat.size, self.items.size + self.items.size // 4)
+            items = np.zeros(cap, np.int32)
+            items[: self.used] = self.items[: self.used]
+            self.items = items
+        self.items[self.used : self.used + flat.size] = flat
+        self.start[rows] = self.used + np.cumsum(counts) - counts
+        self.count[rows] = counts
+        self.used += flat.size
+
+    def _compact(self) -> None:
+        n = int(self.count.sum())
+        out = np.zeros(max(n, 1024), np.int32)
+        at = 0
+        for r in np.flatnonzero(self.count).tolist():
+            c, s = int(self.count[r]), int(self.start[r])
+            out[at : at + c] = self.items[s : s + c]
+            self.start[r] = at
+            at += c
+        self.items, self.used = out, at
+
+    def nbytes(self) -> int:
+        return int(self.count.sum()) * 4
+
+
 # ---- the reader (query side) -----------------------------------------------------------------
 
 
@@ -307,9 +492,12 @@ class ServingModel:
         c = config
         self.users = EntityTable("user", c.dim, c.seed, c.init_scale, 16)
         self.items = EntityTable("item", c.dim, c.seed, c.init_scale, 16)
+        for t in (self.users, self.items):  # compact ids: no Python object per row
+            ids = CompactIds()
+            t.ids, t.index = ids, ids.lookup  # type: ignore[assignment]
         self.user_gen = np.full(16, -1, np.int64)
         self.item_gen = np.full(16, -1, np.int64)
-        self.seen: list[bytes] = []  # int32 items each
+        self.seen = SeenStore()
         self.marker: Marker | None = None
         self.items_changed = True
         # the served view reads these arrays in place (no copy per commit): a request holds
@@ -322,7 +510,9 @@ class ServingModel:
     def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
         if n > table.n:
             _reserve(table, n)
-            table.ids.extend([""] * (n - table.n))
+            ids = table.ids
+            assert isinstance(ids, CompactIds)
+            ids.extend_to(n)
         if gens.size < table.capacity:
             g = np.full(table.capacity, -1, np.int64)
             g[: gens.size] = gens
@@ -348,8 +538,6 @@ class ServingModel:
         gens = self._grow(t, self.user_gen if user else self.item_gen, int(idx.max()) + 1)
         if user:
             self.user_gen = gens
-            if len(self.seen) < t.n:
-                self.seen.extend([b""] * (t.n - len(self.seen)))
         else:
             self.item_gen = gens
             self.items_changed = True
@@ -363,13 +551,11 @@ class ServingModel:
             self.item_norms[idx] = np.linalg.norm(factors, axis=1)
         for name, _dt in _ROW_ARRAYS:
             getattr(t, name)[idx] = meta[name]
-        ids, index, all_seen = t.ids, t.index, self.seen
-        for row, u, s in zip(rows, users, seen, strict=True):
-            if user:
-                all_seen[row] = s
-            if ids[row] != u.id:
-                ids[row] = u.id
-                index[u.id] = row
+        if user:
+            self.seen.set_many(idx, seen)
+        ids = t.ids
+        assert isinstance(ids, CompactIds)
+        ids.set_many(rows, [u.id for u in users])
         gens[idx] = gen
 
     def complete(self, marker: Marker) -> bool:
@@ -386,7 +572,7 @@ class ServingModel:
         t = (self.users, self.items)
         arrays = sum(getattr(x, n).nbytes for x in t for n in ("factors", "bias", "count", "last",
                                                                 "logpop"))  # fmt: skip
-        return arrays + sum(len(s) for s in self.seen)
+        return arrays + self.seen.nbytes()
 
 
 def _reserve(table: EntityTable, n: int) -> None:
@@ -424,7 +610,7 @@ class PinnedUsers:
             )
         t = m.users
         return UserRecord(index=u, vector=t.factors[u].copy(), events=int(t.count[u]),
-                          seen=np.frombuffer(m.seen[u], "<i4"))  # fmt: skip
+                          seen=m.seen.of(u))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -624,7 +810,7 @@ class _First:
         self.n = n
         self.factors, self.bias, self.logpop = table.factors, table.bias, table.logpop
         self.count, self.last = table.count, table.last
-        self.ids = table.ids[:n]
+        self.ids = table.ids  # rows from n on are never asked for (n is the view's size)
         self.index = table.index
 
 

@@ -247,3 +247,35 @@ def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
     assert_reader_equals(tailing, st)
     fresh = materialise(sliced + rest)
     assert_reader_equals(fresh, st)
+
+
+def test_compact_ids_and_seen_items_find_every_row() -> None:
+    """The replica's id map (a sorted hash array plus a dict of the latest) and seen-item
+    store (one array, compacted) against a plain dict and list."""
+    from stream_mf.model_log import CompactIds, SeenStore
+
+    ids = CompactIds()
+    want: dict[str, int] = {}
+    rng = np.random.default_rng(0)
+    for lo in (0, 10, 6000, 6003):  # small sets stay in the dict, a large one is sorted in
+        hi = lo + (5000 if lo == 10 else 3)
+        ids.extend_to(hi)
+        names = [f"id-{r}-é" for r in range(lo, hi)]
+        ids.set_many(list(range(lo, hi)), names)
+        want.update(zip(names, range(lo, hi), strict=True))
+    assert len(ids) == 6006 and ids[6005] == "id-6005-é" and ids[4] == ""
+    assert all(ids.get(k) == v for k, v in want.items())
+    assert ids.get("id-99999-é") is None and ids.lookup.get("nope", -1) == -1
+    ids.set_many([7], ["id-7-é"])  # the same id again: nothing changes
+    assert ids.get("id-7-é") == 7
+    seen = SeenStore()
+    lists = {
+        r: rng.integers(1000, size=int(rng.integers(0, 6))).astype(np.int32) for r in range(300)
+    }
+    for _ in range(3):  # each user's list replaced three times: garbage, then compacted
+        rows = np.arange(300)
+        seen.set_many(rows, [lists[r].tobytes() for r in range(300)])
+        lists = {r: np.append(v, r).astype(np.int32) for r, v in lists.items()}
+    for r in range(300):
+        assert np.array_equal(seen.of(r), lists[r][:-1])
+    assert seen.of(10_000).size == 0

@@ -272,7 +272,7 @@ def test_compact_ids_and_seen_items_find_every_row() -> None:
     lists = {
         r: rng.integers(1000, size=int(rng.integers(0, 6))).astype(np.int32) for r in range(300)
     }
-    for _ in range(3):  # each user's list replaced three times: garbage, then compacted
+    for _ in range(8):  # each list replaced again and again: garbage, then compacted
         rows = np.arange(300)
         seen.set_many(rows, [lists[r].tobytes() for r in range(300)])
         lists = {r: np.append(v, r).astype(np.int32) for r, v in lists.items()}

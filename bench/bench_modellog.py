@@ -67,6 +67,40 @@ def rss_of(pid: int) -> int:
     return 0
 
 
+def memory_of(pid: int) -> dict[str, int]:
+    """Resident bytes of a process: all, anonymous (heap, arrays) and file-backed (shared
+    libraries: numba's LLVM alone maps about 100 MB)."""
+    out = {"rss": 0, "anon": 0, "file": 0}
+    names = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key = names.get(line.split(":")[0] + ":")
+            if key:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def write_tiny_model(kafka: str, topic: str, n_users: int = 1000, n_items: int = 500) -> None:
+    """A model log holding one snapshot of a small model (the fixed overhead's reference)."""
+    from stream_mf.config import ModelConfig
+    from stream_mf.model_log import SeenIndex, begin_record, snapshot_records
+    from stream_mf.state import ModelState
+
+    cfg = ModelConfig(dim=64, n_negatives=4)
+    st = ModelState.empty(cfg, 16)
+    st.users.add([f"u{i}" for i in range(n_users)])
+    st.items.add([f"i{i}" for i in range(n_items)])
+    keys = (np.arange(n_users, dtype=np.int64) << 32) | (np.arange(n_users) % n_items)
+    create_topics(kafka, {topic: 1})
+    p = kafka_io.ordered_producer(KafkaSettings(bootstrap_servers=kafka))
+    mk = Marker(seq=1, gen=0, version=1, events=n_users, clock=0.0, n_users=n_users,
+                n_items=n_items, snapshot=True, snap=0)  # fmt: skip
+    for k, v in [begin_record(1, 0, n_users, n_items),
+                 *snapshot_records(st, 0, SeenIndex(keys)), (MARKER_KEY, mk.encode())]:  # fmt: skip
+        p.produce(topic, key=k, value=v)
+    p.flush(30)
+
+
 @contextlib.contextmanager
 def broker() -> Iterator[tuple[str, int | None]]:
     if os.environ.get(BOOTSTRAP_ENV):
@@ -381,20 +415,43 @@ def main() -> None:
                 "wall_s": wall,
             }
             time.sleep(2.0)
-            rss = rss_of(q.pid)
+            mem = memory_of(q.pid)
+            rss = mem["rss"]
             # what the replica holds: every row's arrays (factors, bias, count, last, logpop)
             # and each user's seen items (int32)
             per_row = 64 * 4 + 4 + 8 + 8 + 8
             model_bytes = (n_users + n_items) * per_row + n_events * 4
+            # the fixed overhead, in the same run: the same query process serving a model of
+            # 1,000 users x 500 items (its own model topic, written here)
+            tiny_topic = f"bench-ml-tiny-{tag}"
+            write_tiny_model(kafka, tiny_topic)
+            env_model = env["STREAM_MF_TOPICS__MODEL"]
+            env["STREAM_MF_TOPICS__MODEL"] = tiny_topic
+            try:
+                tq, _tq_url, _ = start_query("query-tiny")
+            finally:
+                env["STREAM_MF_TOPICS__MODEL"] = env_model
+            time.sleep(2.0)
+            fixed = memory_of(tq.pid)
+            children.stop(tq)
+            variable = rss - fixed["rss"]
             result["memory"] = {
                 "rss_bytes": rss,
+                "anon_bytes": mem["anon"],
+                "file_bytes": mem["file"],
+                "fixed_rss_bytes": fixed["rss"],
+                "fixed_anon_bytes": fixed["anon"],
+                "fixed_file_bytes": fixed["file"],
                 "model_bytes": model_bytes,
                 "ratio": rss / model_bytes,
+                "ratio_above_fixed": variable / model_bytes,
             }
             print(
                 f"reader start {result['start']['catch_up_s']:.2f} s, restart "
-                f"{result['restart']['catch_up_s']:.2f} s; RSS {rss / 1e6:.0f} MB for a "
-                f"{model_bytes / 1e6:.0f} MB model",
+                f"{result['restart']['catch_up_s']:.2f} s; RSS {rss / 1e6:.0f} MB (anon "
+                f"{mem['anon'] / 1e6:.0f}) for a {model_bytes / 1e6:.0f} MB model; a 1k-user "
+                f"model's process {fixed['rss'] / 1e6:.0f} MB (anon {fixed['anon'] / 1e6:.0f}): "
+                f"{variable / model_bytes:.2f}x the model above that",
                 flush=True,
             )
 

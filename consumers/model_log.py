@@ -42,6 +42,7 @@ from stream_mf.model_log import (
     item_key,
     item_records,
     sample_times,
+    slice_record,
     snapshot_records,
     user_key,
     user_records,
@@ -487,13 +488,14 @@ class ModelLogPublisher:
         while time.perf_counter() < end and (ch.user < ch.n_users or ch.item < ch.n_items):
             before = self.bytes_since
             if ch.user < ch.n_users:
-                hi = min(ch.user + SNAPSHOT_SLICE_ROWS, ch.n_users)
-                records = user_records(state.users, self.gen, self.seen, range(ch.user, hi))
-                ch.user = hi
+                lo = ch.user
+                hi = ch.user = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_users)
+                records = user_records(state.users, self.gen, self.seen, range(lo, hi))
             else:
-                hi = min(ch.item + SNAPSHOT_SLICE_ROWS, ch.n_items)
-                records = item_records(state.items, self.gen, range(ch.item, hi))
-                ch.item = hi
+                lo = ch.item
+                hi = ch.item = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
+                records = item_records(state.items, self.gen, range(lo, hi))
+            self._produce(*slice_record(hi - lo))  # readers serving this model skip the rows
             for k, v in records:
                 self._produce(k, v)
             ch.bytes += self.bytes_since - before
@@ -675,6 +677,8 @@ class ModelFollower:
             if self.first_offset is None:
                 self.first_offset = offset
             self.position = offset + 1
+            if reader.skips_next():  # a snapshot slice of rows the served model has
+                continue
             try:
                 reader.feed(decode(m.key(), m.value()))
             except LogFormatError as exc:  # unreadable, or not of this model's shape
@@ -746,6 +750,8 @@ def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[M
                 offset = kafka_io.position(m)[1]
                 first = offset if first < 0 else first
                 pos = offset + 1
+                if reader.skips_next():
+                    continue
                 try:
                     reader.feed(decode(m.key(), m.value()))
                 except LogFormatError:

@@ -17,9 +17,14 @@ record applied twice is harmless:
   b"B"                      a snapshot begins (JSON {"seq", "gen"})
   b"M"                      a commit marker (JSON, `Marker`): the rows before it, since the
                             previous marker, are one commit; a reader applies them at the marker
+  b"S"                      a slice of a periodic snapshot follows: the next `rows` records
+                            (JSON {"rows"}) are rows at their current values, between commits
   a row key with no value   a tombstone: the row's generation was replaced
 
 A snapshot is B, C, then every row of the live generation, then a marker with `snapshot` true.
+A periodic snapshot goes out in slices (S and its rows) with commits in between; a reader that
+already serves that generation skips the slices' rows undecoded (it has every row they hold:
+user rows go out with every commit, item rows with their coalesced flushes).
 Every marker names the offset of the latest complete snapshot's B record (`snap`): a reader
 reads the last marker, seeks there, and never reads anything older.
 """
@@ -44,6 +49,7 @@ from stream_mf.state import NEVER, EntityTable, ModelState
 FORMAT = 1
 MARKER_KEY = b"M"
 BEGIN_KEY = b"B"
+SLICE_KEY = b"S"
 CONFIG_KEY = b"C"
 MAX_TIMES = 32  # event times a marker samples, for the readers' freshness histogram
 _ROW_KEY = struct.Struct(">cII")
@@ -136,6 +142,11 @@ def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[t
 def begin_record(seq: int, gen: int, n_users: int = 0, n_items: int = 0) -> tuple[bytes, bytes]:
     """A snapshot begins; the row counts let a reader size its arrays once."""
     return BEGIN_KEY, orjson.dumps({"seq": seq, "gen": gen, "n_users": n_users, "n_items": n_items})
+
+
+def slice_record(rows: int) -> tuple[bytes, bytes]:
+    """A periodic snapshot's slice of `rows` row records follows."""
+    return SLICE_KEY, orjson.dumps({"rows": rows})
 
 
 @dataclass
@@ -249,6 +260,11 @@ def decode(key: bytes | None, value: bytes | None) -> Record:
             return Record("config", value=ModelConfig.model_validate_json(value or b""))
         except ValueError as exc:
             raise LogFormatError(f"bad config record: {exc}") from exc
+    if key == SLICE_KEY:
+        try:
+            return Record("slice", value=int(orjson.loads(value or b"")["rows"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise LogFormatError(f"bad snapshot slice record: {exc}") from exc
     if key == BEGIN_KEY:
         try:
             doc = orjson.loads(value or b"")
@@ -648,12 +664,27 @@ class ModelReader:
         self.dirty = False
         self.last_marker: Marker | None = None
         self.tailing = False  # reading a snapshot of the live generation into the live model
+        self._skip = 0  # rows of a slice of such a snapshot still to skip
 
     # ---- records ------------------------------------------------------------------------
+
+    def skips_next(self) -> bool:
+        """True (and counted down) while the rows of a snapshot slice of the served generation
+        go by: the caller need not even decode them."""
+        if self._skip <= 0:
+            return False
+        self._skip -= 1
+        return True
 
     def feed(self, rec: Record) -> None:
         if rec.kind == "tombstone":
             return  # a replaced generation's row: the reader already moved past it
+        if rec.kind == "slice":
+            # rows the served model already has (if it serves this generation); a model built
+            # from this snapshot's BEGIN needs them
+            if self.tailing and self.live is not None and self.building is None:
+                self._skip = rec.value
+            return
         if rec.kind == "config" and self.tailing and self.live is not None:
             if rec.value == self.live.config:
                 return  # a snapshot of the model served: its rows apply like a commit's
@@ -830,6 +861,8 @@ def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelRe
     """A reader fed every (key, value) in order (tests and tools); unreadable ones skipped."""
     reader = ModelReader()
     for k, v in records:
+        if reader.skips_next():
+            continue
         try:
             reader.feed(decode(k, v))
         except LogFormatError:  # unreadable, or not of this model's shape

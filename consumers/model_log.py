@@ -4,7 +4,9 @@
 commit wrote (`CommitInfo`) and publishes those rows and a commit marker
 (`stream_mf/model_log.py` has the format). User rows go out with every commit; item rows, which
 sampled negatives touch by the thousand, are coalesced and go out at most every
-`model_log_item_seconds` (the staleness bound of item rows in the log). A full snapshot goes out
+`model_log_item_seconds`, and a row whose change is small (under `model_log_item_threshold` of
+its factors, no event of its own) at the latest after `model_log_item_max_seconds` (the
+staleness bound of item rows in the log). A full snapshot goes out
 at the first commit, at every rebuild swap, when the records since the last snapshot outweigh
 it, and on start when the log may lack what the store has (a kill between a commit and the
 log's acknowledgement): the log's last marker names the store commit it stands for, and anything
@@ -171,6 +173,10 @@ class ModelLogPublisher:
         self.bytes_since = 0
         self.failed = 0
         self.dirty = np.zeros(1024, np.bool_)
+        # item rows as the log holds them: factors, event count, when sent (the threshold)
+        self.pub_f = np.zeros((0, settings.model.dim), np.float32)
+        self.pub_count = np.zeros(0, np.int64)
+        self.pub_at = np.zeros(0, np.float64)
         self.n_published_items = 0
         self.next_items = 0.0
         self.retry_at = 0.0
@@ -360,18 +366,62 @@ class ModelLogPublisher:
             self.dirty = grown
         self.dirty[items] = True
 
-    def _flush_items(self, state: ModelState, new_only: bool = False) -> None:
+    def _flush_items(self, state: ModelState, new_only: bool = False, force: bool = False) -> None:
         """Item rows changed since the last flush (or, `new_only`, the rows of ids not yet in
-        the log), at their committed values."""
-        n = state.items.n
+        the log), at their committed values. Unless `force`, a row whose only change is small
+        (sampled negatives nudge thousands of rows a second by a fraction of a percent) waits,
+        still marked, until its factors moved by `model_log_item_threshold` relative to what
+        the log holds, an event counted for it, or it has waited `model_log_item_max_seconds`:
+        the log's bytes per event and every replica's decoding are mostly such rows."""
+        items = state.items
+        n = items.n
         lo = self.n_published_items if new_only else 0
-        rows = range(lo, n) if new_only else np.flatnonzero(self.dirty[:n]).tolist()
-        for k, v in item_records(state.items, self.gen, rows):
+        if new_only:
+            idx = np.arange(lo, n)
+        else:
+            idx = np.flatnonzero(self.dirty[:n])
+            if not force and self.settings.model_log_item_threshold > 0 and idx.size:
+                idx = idx[self._significant(items, idx)]
+        for k, v in item_records(items, self.gen, idx.tolist()):
             self._produce(k, v)
-        self.dirty[lo:] = False
+        self._published(items, idx)
+        if new_only:
+            self.dirty[lo:] = False
+        else:
+            self.dirty[idx] = False
         self.n_published_items = n
         if not new_only:
             self.next_items = time.monotonic() + self.settings.model_log_item_seconds
+
+    def _significant(self, items: Any, idx: np.ndarray) -> np.ndarray:
+        """Which of these changed item rows are worth sending now (see `_flush_items`)."""
+        known = idx < self.pub_count.size
+        out = ~known  # never published here: always
+        k = idx[known]
+        if k.size:
+            f, was = items.factors[k], self.pub_f[k]
+            moved = np.linalg.norm(f - was, axis=1) > self.settings.model_log_item_threshold * (
+                np.maximum(np.linalg.norm(was, axis=1), 1e-6)
+            )
+            due = time.monotonic() - self.pub_at[k] >= self.settings.model_log_item_max_seconds
+            out[known] = moved | due | (items.count[k] != self.pub_count[k])
+        return out
+
+    def _published(self, items: Any, idx: np.ndarray) -> None:
+        """Note what the log now holds of these item rows (the threshold compares with it)."""
+        if idx.size == 0:
+            return
+        need = int(idx.max()) + 1
+        if need > self.pub_count.size:
+            cap = max(need, self.pub_count.size * 2)
+            f = np.zeros((cap, items.factors.shape[1]), np.float32)
+            f[: self.pub_f.shape[0]] = self.pub_f
+            c, at = np.zeros(cap, np.int64), np.zeros(cap, np.float64)
+            c[: self.pub_count.size], at[: self.pub_at.size] = self.pub_count, self.pub_at
+            self.pub_f, self.pub_count, self.pub_at = f, c, at
+        self.pub_f[idx] = items.factors[idx]
+        self.pub_count[idx] = items.count[idx]
+        self.pub_at[idx] = time.monotonic()
 
     def _marker(self, state: ModelState, info: CommitInfo | None, snapshot: bool = False) -> None:
         times = np.concatenate(self._times) if self._times else None
@@ -435,6 +485,7 @@ class ModelLogPublisher:
             self._produce(k, v)
         users = state.users
         self.dirty[:] = False
+        self._published(state.items, np.arange(state.items.n))
         self.n_published_items = state.items.n
         self.next_items = time.monotonic() + self.settings.model_log_item_seconds
         self.snap_offset = got[0]
@@ -523,7 +574,7 @@ class ModelLogPublisher:
         ok = self._started and not self.need_snapshot and not self.failed
         if ok and self.last_state is not None and self.dirty.any() and self.seq:
             try:
-                self._flush_items(self.last_state)
+                self._flush_items(self.last_state, force=True)
                 self._marker(self.last_state, None)
             except (KafkaException, BufferError) as exc:
                 log.warning("could not flush the model log's item rows: %s", exc)
@@ -536,7 +587,7 @@ class ModelLogPublisher:
 #: a periodic snapshot's slice: rows are encoded and handed to the producer for at most this
 #: long per loop turn (a turn then costs the freshness of its events at most this much more)
 SNAPSHOT_SLICE_S = 0.01
-SNAPSHOT_SLICE_ROWS = 1024
+SNAPSHOT_SLICE_ROWS = 256
 
 
 class _Chunked:

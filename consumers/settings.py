@@ -181,6 +181,19 @@ class UpdaterSettings(ProcessSettings):
         "log at most this often: the bound on how stale an item row in the log may be (user "
         "rows and new ids go out with every commit)",
     )
+    model_log_item_threshold: float = Field(
+        default=0.01,
+        ge=0,
+        description="an item row changed only a little (its factors by less than this, "
+        "relative, and no event counted for it: sampled negatives) waits for a later flush, up "
+        "to model_log_item_max_seconds; 0 sends every changed row at every flush",
+    )
+    model_log_item_max_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="the longest an item row's small changes wait before going to the model "
+        "log (the staleness bound of such rows; others go out within model_log_item_seconds)",
+    )
     model_log_snapshot_ratio: float = Field(
         default=2.0,
         gt=0,

@@ -494,6 +494,10 @@ class SeenStore:
     def nbytes(self) -> int:
         return int(self.count.sum()) * 4
 
+    def __getitem__(self, row: int) -> bytes:
+        """A user's seen items as int32 bytes (what each row held before: tools and tests)."""
+        return self.of(row).astype("<i4").tobytes()
+
 
 # ---- the reader (query side) -----------------------------------------------------------------
 

@@ -232,7 +232,7 @@ def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
     d = m.learn(stream(300, seed=7, first=60_000))
     sliced += commit(m.state, np.concatenate([d.users, np.arange(*d.new_users)]), d.items, 2)
     seen = SeenIndex(confidence_items(st.confidence)[0])
-    rest = [
+    rest: list[tuple[bytes, bytes | None]] = [
         slice_record(st.users.n - half),
         *user_records(st.users, 0, seen, range(half, st.users.n)),
         slice_record(st.items.n),

@@ -8,17 +8,29 @@ One embedded broker (or KAFKA_BOOTSTRAP_SERVERS), the real updater and query pro
    serves (`stream_mf_model_log_catch_up_seconds`: find the latest snapshot, read it and its
    tail); then SIGKILLed and restarted while the updater keeps going, and timed again. Its
    resident memory (after a warm-up) is compared with the model it holds (the arrays of every
-   row plus seen items).
-3. Freshness at each rate: live events (stamped with the wall clock) at RATE events/s on the
-   same model for SECONDS; meanwhile a brand-new user sends one event every 0.5 s and the time
-   until a `recommend` for that user comes back personalized is measured (polled every 10 ms).
-   The query process's `stream_mf_freshness_seconds` histogram over the window gives p50/p99
-   (bucket upper bounds), and the updater's `stream_mf_model_log_bytes_total` over the events it
-   applied gives bytes per event.
+   row plus seen items) above the fixed overhead, measured in the same run: the same query
+   process serving a 1,000 users x 500 items model written to a topic of its own.
+3. At each rate (1k and 20k events/s): live events (stamped with the wall clock) on the same
+   model; meanwhile a brand-new user sends one event every 0.5 s and the time until a
+   `recommend` for that user comes back personalized is measured (polled every 10 ms); then
+   100 requests/s (`bench_query.run_load`, 2 s warm-up excluded) to a bare echo (the service's
+   own consumer, producer and loop, no model: `bench_query.py --echo-child`) and to the query
+   service in turn, request-to-reply p99 of each. The query process's
+   `stream_mf_freshness_seconds` histogram over the window gives p50/p99 (bucket upper bounds
+   and interpolated), the updater's `stream_mf_model_log_bytes_total` over the events it
+   applied gives bytes per event, and a tracer (a consumer of the model log in this process)
+   splits each commit's time: its oldest event to the marker's production (`at`: the updater's
+   share: the event's way in, the batch's wait, learning, the store commit) and the marker to
+   its arrival here (the log's share, this process's own scheduling included).
 4. The embedded broker's resident memory at the end (it keeps every record: Tansu's memory
    storage applies neither retention nor compaction).
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick]
+`--soak SECONDS` runs the demo instead (broker, updater, two query processes, the MovieLens
+replay) and then its live traffic for that long, sampling the broker's memory and the log's
+bytes per event every 15 s (`bench/results/bench_modellog_soak*.json`).
+
+Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick] [--rates 1000 20000]
+     [--requests 100] [--soak 600]
 """
 
 from __future__ import annotations
@@ -562,9 +574,34 @@ def main() -> None:
             Col("new_p50", "new user p50 s", ".3f"),
             Col("new_p99", "new user p99 s", ".3f"),
             Col("probes", "probes", "d"),
+            Col("rtt_echo_p99_ms", "echo p99 ms", ".0f"),
+            Col("rtt_service_p99_ms", "service p99 ms", ".0f"),
+            Col("rtt_ratio_p99", "ratio", ".2f"),
             Col("bytes_per_event", "log bytes/event", ",.0f"),
         ],
     )
+    legs = [{"rate": r["rate"], **r.get("legs", {})} for r in rows]
+    print_table(
+        "where a commit's time goes (log tracer; events weighted, each commit's oldest event)",
+        legs,
+        [
+            Col("rate", "events/s", ","),
+            Col("events_per_commit", "events/commit", ",.0f"),
+            Col("updater_p50_ms", "event->marker p50 ms", ".0f"),
+            Col("updater_p99_ms", "p99", ".0f"),
+            Col("log_p50_ms", "marker->tracer p50 ms", ".0f"),
+            Col("log_p99_ms", "p99", ".0f"),
+            Col("max_gap_between_commits_ms", "longest gap ms", ".0f"),
+            Col("snapshots", "snapshots", "d"),
+        ],
+    )
+    mem = result.get("memory", {})
+    if mem:
+        print(
+            f"replica: RSS {mem['rss_bytes'] / 1e6:.0f} MB, a 1k-user model's process "
+            f"{mem['fixed_rss_bytes'] / 1e6:.0f} MB, model {mem['model_bytes'] / 1e6:.1f} MB: "
+            f"{mem['ratio_above_fixed']:.2f}x the model above the fixed overhead"
+        )
     write_results("bench_modellog", result, args.out)
 
 

@@ -108,8 +108,13 @@ def write_tiny_model(kafka: str, topic: str, n_users: int = 1000, n_items: int =
     mk = Marker(seq=1, gen=0, version=1, events=n_users, clock=0.0, n_users=n_users,
                 n_items=n_items, snapshot=True, snap=0)  # fmt: skip
     for k, v in [begin_record(1, 0, n_users, n_items), *snapshot_records(st, 0, SeenIndex(keys))]:
-        p.produce(topic, key=k, value=v)
-    p.flush(30)
+        while True:
+            try:
+                p.produce(topic, key=k, value=v)
+                break
+            except BufferError:
+                p.poll(0.05)
+    p.flush(60)
     # the marker in a batch of its own: Tansu's high watermark is that of the last batch's first
     # record (one batch of 1,503 records read as 1), and a reader looks back from it
     p.produce(topic, key=MARKER_KEY, value=mk.encode())
@@ -440,12 +445,16 @@ def main() -> None:
             # 1,000 users x 500 items (its own model topic, written here)
             tiny_topic = f"bench-ml-tiny-{tag}"
             write_tiny_model(kafka, tiny_topic)
-            env_model = env["STREAM_MF_TOPICS__MODEL"]
+            saved = dict(env)
+            # its own model, requests and group: the measured replica keeps its partition
             env["STREAM_MF_TOPICS__MODEL"] = tiny_topic
+            env["STREAM_MF_TOPICS__REQUESTS"] = f"{tiny_topic}-requests"
+            env["STREAM_MF_GROUP_ID"] = f"{tiny_topic}-group"
             try:
                 tq, _tq_url, _ = start_query("query-tiny")
             finally:
-                env["STREAM_MF_TOPICS__MODEL"] = env_model
+                env.clear()
+                env.update(saved)
             time.sleep(2.0)
             fixed = memory_of(tq.pid)
             children.stop(tq)
@@ -474,7 +483,12 @@ def main() -> None:
             client = RecClient(
                 KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
             )
-            client.ask({"user_id": "u1", "k": 5}, timeout=30)  # joined and warm
+            for _ in range(4):  # joined (after the killed member's session ran out) and warm
+                try:
+                    client.ask({"user_id": "u1", "k": 5}, timeout=30)
+                    break
+                except TimeoutError:
+                    continue
             echo = None
             if req_rate:
                 echo_env = {

@@ -183,7 +183,7 @@ class QueryService:
                 ]
             users = served.users
             for req in reqs:
-                with served.lock:
+                with served.reading():
                     resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
                 resp.model_dump_json()
         except Exception as exc:  # warming is an optimisation: never fail start-up over it
@@ -267,7 +267,7 @@ class QueryService:
                 resp = self._error(req.request_id, req.user_id, why)
             else:
                 try:
-                    with served.lock:  # the reader writes commits into the same arrays
+                    with served.reading():  # the reader writes commits into the same arrays
                         resp = answer(req, served.view, served.users,
                                       min_user_events=self.settings.min_user_events)  # fmt: skip
                 except MixedGenerationError as exc:  # a bug: say so, never answer from a mix

@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -524,6 +526,9 @@ class ServingModel:
         # the lock while it reads them, the reader while it writes a commit into them, so a
         # request sees a commit whole or not at all
         self.lock = threading.Lock()
+        # the reader is waiting for the lock: requests let it in first (threading.Lock hands
+        # over to no one in particular, and a backlog of requests could hold it off)
+        self.writer_waiting = False
         self.item_norms = np.zeros(16, np.float32)  # cosine similarity's row norms
 
     @staticmethod
@@ -645,6 +650,15 @@ class Served:
     @property
     def lock(self) -> threading.Lock:
         return self.users.model.lock
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the model for one request, after a commit the reader is waiting to write."""
+        model = self.users.model
+        while model.writer_waiting:
+            time.sleep(0.0002)
+        with model.lock:
+            yield
 
 
 class ModelReader:
@@ -782,7 +796,9 @@ class ModelReader:
             return
         ok = [r for r in self.pending if r.gen == live.gen]
         self.skipped += len(self.pending) - len(ok)
+        live.writer_waiting = True
         with live.lock:
+            live.writer_waiting = False
             _apply(live, ok)
             live.marker = m
             served = self.served

@@ -292,3 +292,32 @@ def test_compact_ids_and_seen_items_find_every_row() -> None:
     for r in range(300):
         assert np.array_equal(seen.of(r), lists[r][:-1])
     assert seen.of(10_000).size == 0
+
+
+def test_a_request_lets_a_waiting_commit_in_first() -> None:
+    """Requests hold the served model's lock while they read its arrays; one that finds the
+    reader waiting to write a commit waits for that commit instead of taking the lock again."""
+    import threading
+    import time
+
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(500))
+    reader = materialise(snapshot(m.state))
+    served = reader.served
+    assert served is not None and reader.live is not None
+    live = reader.live
+    order: list[str] = []
+    live.writer_waiting = True
+
+    def request() -> None:
+        with served.reading():
+            order.append("request")
+
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(0.05)
+    with live.lock:  # the commit
+        live.writer_waiting = False
+        order.append("commit")
+    t.join(5)
+    assert order == ["commit", "request"]

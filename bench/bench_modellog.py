@@ -8,21 +8,34 @@ One embedded broker (or KAFKA_BOOTSTRAP_SERVERS), the real updater and query pro
    serves (`stream_mf_model_log_catch_up_seconds`: find the latest snapshot, read it and its
    tail); then SIGKILLed and restarted while the updater keeps going, and timed again. Its
    resident memory (after a warm-up) is compared with the model it holds (the arrays of every
-   row plus seen items).
-3. Freshness at each rate: live events (stamped with the wall clock) at RATE events/s on the
-   same model for SECONDS; meanwhile a brand-new user sends one event every 0.5 s and the time
-   until a `recommend` for that user comes back personalized is measured (polled every 10 ms).
-   The query process's `stream_mf_freshness_seconds` histogram over the window gives p50/p99
-   (bucket upper bounds), and the updater's `stream_mf_model_log_bytes_total` over the events it
-   applied gives bytes per event.
+   row plus seen items) above the fixed overhead, measured in the same run: the same query
+   process serving a 1,000 users x 500 items model written to a topic of its own.
+3. At each rate (1k and 20k events/s): live events (stamped with the wall clock) on the same
+   model; meanwhile a brand-new user sends one event every 0.5 s and the time until a
+   `recommend` for that user comes back personalized is measured (polled every 10 ms); then
+   100 requests/s (`bench_query.run_load`, 2 s warm-up excluded) to a bare echo (the service's
+   own consumer, producer and loop, no model: `bench_query.py --echo-child`) and to the query
+   service in turn, request-to-reply p99 of each. The query process's
+   `stream_mf_freshness_seconds` histogram over the window gives p50/p99 (bucket upper bounds
+   and interpolated), the updater's `stream_mf_model_log_bytes_total` over the events it
+   applied gives bytes per event, and a tracer (a consumer of the model log in this process)
+   splits each commit's time: its oldest event to the marker's production (`at`: the updater's
+   share: the event's way in, the batch's wait, learning, the store commit) and the marker to
+   its arrival here (the log's share, this process's own scheduling included).
 4. The embedded broker's resident memory at the end (it keeps every record: Tansu's memory
    storage applies neither retention nor compaction).
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick]
+`--soak SECONDS` runs the demo instead (broker, updater, two query processes, the MovieLens
+replay) and then its live traffic for that long, sampling the broker's memory and the log's
+bytes per event every 15 s (`bench/results/bench_modellog_soak*.json`).
+
+Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick] [--rates 1000 20000]
+     [--requests 100] [--soak 600]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -37,14 +50,23 @@ from typing import Any
 import numpy as np
 import orjson
 from bench_ingest import Children
+from bench_query import run_load, start_echo, wait_for_echo
 from common import Col, bench_args, print_table, write_results
+from confluent_kafka import OFFSET_END, TopicPartition
 
 from consumers import kafka_io
-from consumers.client import RecClient
+from consumers.client import FETCH_WAIT_MS, LINGER_MS, RecClient
 from consumers.local_broker import BOOTSTRAP_ENV, EmbeddedBroker, free_port
-from consumers.processes import ManagedProcess, metric_sum, scrape, wait_until
+from consumers.processes import (
+    ManagedProcess,
+    histogram_quantile,
+    metric_sum,
+    scrape,
+    wait_until,
+)
 from consumers.settings import KafkaSettings
 from consumers.topics import create_topics
+from stream_mf.model_log import MARKER_KEY, Marker
 
 MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
 
@@ -55,6 +77,48 @@ def rss_of(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """Resident bytes of a process: all, anonymous (heap, arrays) and file-backed (shared
+    libraries: numba's LLVM alone maps about 100 MB)."""
+    out = {"rss": 0, "anon": 0, "file": 0}
+    names = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key = names.get(line.split(":")[0] + ":")
+            if key:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def write_tiny_model(kafka: str, topic: str, n_users: int = 1000, n_items: int = 500) -> None:
+    """A model log holding one snapshot of a small model (the fixed overhead's reference)."""
+    from stream_mf.config import ModelConfig
+    from stream_mf.model_log import SeenIndex, begin_record, snapshot_records
+    from stream_mf.state import ModelState
+
+    cfg = ModelConfig(dim=64, n_negatives=4)
+    st = ModelState.empty(cfg, 16)
+    st.users.add([f"u{i}" for i in range(n_users)])
+    st.items.add([f"i{i}" for i in range(n_items)])
+    keys = (np.arange(n_users, dtype=np.int64) << 32) | (np.arange(n_users) % n_items)
+    create_topics(kafka, {topic: 1})
+    p = kafka_io.ordered_producer(KafkaSettings(bootstrap_servers=kafka))
+    mk = Marker(seq=1, gen=0, version=1, events=n_users, clock=0.0, n_users=n_users,
+                n_items=n_items, snapshot=True, snap=0)  # fmt: skip
+    for k, v in [begin_record(1, 0, n_users, n_items), *snapshot_records(st, 0, SeenIndex(keys))]:
+        while True:
+            try:
+                p.produce(topic, key=k, value=v)
+                break
+            except BufferError:
+                p.poll(0.05)
+    p.flush(60)
+    # the marker in a batch of its own: Tansu's high watermark is that of the last batch's first
+    # record (one batch of 1,503 records read as 1), and a reader looks back from it
+    p.produce(topic, key=MARKER_KEY, value=mk.encode())
+    p.flush(30)
 
 
 @contextlib.contextmanager
@@ -119,6 +183,64 @@ class Load:
         self.p.flush(30)
 
 
+class Tracer:
+    """Where a commit's time goes: a consumer of the model log (1 ms fetch wait) that notes,
+    for each commit marker, its events' times (the sample it carries), when the updater
+    produced it (`at`) and when it arrived here. Event to `at` is the updater's share (the
+    event's way to the updater, the batch's wait to fill, learning, the store commit, encoding);
+    `at` to arrival is the log's (linger, broker, fetch)."""
+
+    def __init__(self, kafka: str, topic: str):
+        self.c = kafka_io.consumer(
+            KafkaSettings(bootstrap_servers=kafka),
+            f"bench-tracer-{uuid.uuid4().hex[:6]}",
+            **{"fetch.wait.max.ms": 1, "auto.offset.reset": "latest"},
+        )
+        self.c.assign([TopicPartition(topic, 0, OFFSET_END)])
+        self.rows: list[tuple[float, float, float, float, int, bool]] = []
+        self.snaps: list[float] = []
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for m in self.c.consume(1000, 0.05):
+                if m.error() is not None or m.key() != MARKER_KEY:
+                    continue
+                now = time.time()
+                mk = Marker.decode(m.value() or b"")
+                if mk.snapshot:
+                    self.snaps.append(mk.at)
+                if mk.times and mk.count:
+                    t = np.asarray(mk.times)
+                    self.rows.append((float(t.min()), float(t.max()), mk.at, now, mk.count,
+                                      mk.snapshot))  # fmt: skip
+        self.c.close()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Quantiles (events weighted by their marker's count) of each leg, over markers
+        whose events fall in [t0, t1)."""
+        rows = [r for r in self.rows if t0 <= r[0] < t1]
+        if not rows:
+            return {}
+        a = np.asarray([r[:5] for r in rows])
+        w = a[:, 4]
+        # the oldest event of a commit waited longest: its legs are the commit's worst case
+        legs = {"updater": a[:, 2] - a[:, 0], "log": a[:, 3] - a[:, 2], "total": a[:, 3] - a[:, 0]}
+        out: dict[str, Any] = {"commits": len(rows), "events_per_commit": float(w.mean())}
+        for name, v in legs.items():
+            order = np.argsort(v)
+            cw = np.cumsum(w[order]) / w.sum()
+            out[f"{name}_p50_ms"] = float(v[order][np.searchsorted(cw, 0.5)] * 1e3)
+            out[f"{name}_p99_ms"] = float(
+                v[order][min(np.searchsorted(cw, 0.99), v.size - 1)] * 1e3
+            )
+        gaps = np.diff(a[:, 2])
+        out["max_gap_between_commits_ms"] = float(gaps.max() * 1e3) if gaps.size else 0.0
+        out["snapshots"] = sum(1 for at in self.snaps if t0 <= at < t1)
+        return out
+
+
 def new_user_latency(
     kafka: str, topics: dict[str, str], seconds: float, client: RecClient
 ) -> tuple[list[float], int]:
@@ -155,14 +277,37 @@ def new_user_latency(
 
 
 def main() -> None:
-    args = bench_args(__doc__.splitlines()[0])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        help="the demo's live traffic for this "
+        "many seconds instead (broker memory, log bytes per event)",
+    )
+    pre.add_argument("--rates", type=int, nargs="*", default=None, help="events/s (1000 20000)")
+    pre.add_argument("--seconds", type=float, default=0.0, help="new-user probes per rate")
+    pre.add_argument(
+        "--requests",
+        type=float,
+        default=100.0,
+        help="requests/s against the echo and the service per rate (0: none)",
+    )
+    known, rest = pre.parse_known_args()
+    args = bench_args(__doc__.splitlines()[0], rest)
+    if known.soak:
+        soak(known.soak, args.out)
+        return
     n_users, n_items = (20_000, 10_000) if args.quick else (100_000, 50_000)
-    rates = [1000, 20_000]
-    seconds = 8.0 if args.quick else 20.0
+    rates = known.rates or [1000, 20_000]
+    seconds = known.seconds or (8.0 if args.quick else 20.0)
+    req_rate, req_seconds = known.requests, 6.0 if args.quick else 12.0
+    probe_users = np.arange(min(n_users, 5000))
     work = Path(tempfile.mkdtemp(prefix="bench-modellog-"))
     children = Children()
     tag = uuid.uuid4().hex[:6]
     topics = {k: f"bench-ml-{k}-{tag}" for k in ("interactions", "requests", "responses", "model")}
+    echo_req = f"bench-ml-echo-requests-{tag}"
     env = {f"STREAM_MF_TOPICS__{k.upper()}": v for k, v in topics.items()}
     env["STREAM_MF_TOPICS__DEAD_LETTER"] = f"bench-ml-dlt-{tag}"
     env["STREAM_MF_LIVE_EVAL_RATE"] = "0"
@@ -177,6 +322,7 @@ def main() -> None:
                     topics["interactions"]: 1,
                     topics["requests"]: 1,
                     topics["responses"]: 1,
+                    echo_req: 1,
                     env["STREAM_MF_TOPICS__DEAD_LETTER"]: 1,
                 },
             )
@@ -289,34 +435,88 @@ def main() -> None:
                 "wall_s": wall,
             }
             time.sleep(2.0)
-            rss = rss_of(q.pid)
+            mem = memory_of(q.pid)
+            rss = mem["rss"]
             # what the replica holds: every row's arrays (factors, bias, count, last, logpop)
             # and each user's seen items (int32)
             per_row = 64 * 4 + 4 + 8 + 8 + 8
             model_bytes = (n_users + n_items) * per_row + n_events * 4
+            # the fixed overhead, in the same run: the same query process serving a model of
+            # 1,000 users x 500 items (its own model topic, written here)
+            tiny_topic = f"bench-ml-tiny-{tag}"
+            write_tiny_model(kafka, tiny_topic)
+            saved = dict(env)
+            # its own model, requests and group: the measured replica keeps its partition
+            env["STREAM_MF_TOPICS__MODEL"] = tiny_topic
+            env["STREAM_MF_TOPICS__REQUESTS"] = f"{tiny_topic}-requests"
+            env["STREAM_MF_GROUP_ID"] = f"{tiny_topic}-group"
+            try:
+                tq, _tq_url, _ = start_query("query-tiny")
+            finally:
+                env.clear()
+                env.update(saved)
+            time.sleep(2.0)
+            fixed = memory_of(tq.pid)
+            children.stop(tq)
+            variable = rss - fixed["rss"]
             result["memory"] = {
                 "rss_bytes": rss,
+                "anon_bytes": mem["anon"],
+                "file_bytes": mem["file"],
+                "fixed_rss_bytes": fixed["rss"],
+                "fixed_anon_bytes": fixed["anon"],
+                "fixed_file_bytes": fixed["file"],
                 "model_bytes": model_bytes,
                 "ratio": rss / model_bytes,
+                "ratio_above_fixed": variable / model_bytes,
             }
             print(
                 f"reader start {result['start']['catch_up_s']:.2f} s, restart "
-                f"{result['restart']['catch_up_s']:.2f} s; RSS {rss / 1e6:.0f} MB for a "
-                f"{model_bytes / 1e6:.0f} MB model",
+                f"{result['restart']['catch_up_s']:.2f} s; RSS {rss / 1e6:.0f} MB (anon "
+                f"{mem['anon'] / 1e6:.0f}) for a {model_bytes / 1e6:.0f} MB model; a 1k-user "
+                f"model's process {fixed['rss'] / 1e6:.0f} MB (anon {fixed['anon'] / 1e6:.0f}): "
+                f"{variable / model_bytes:.2f}x the model above that",
                 flush=True,
             )
 
-            # ---- 3. freshness at each rate ----
+            # ---- 3. freshness at each rate, requests against a bare echo ----
             client = RecClient(
                 KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
             )
-            client.ask({"user_id": "u1", "k": 5}, timeout=30)  # joined and warm
+            for _ in range(4):  # joined (after the killed member's session ran out) and warm
+                try:
+                    client.ask({"user_id": "u1", "k": 5}, timeout=30)
+                    break
+                except TimeoutError:
+                    continue
+            echo = None
+            if req_rate:
+                echo_env = {
+                    **env,
+                    "STREAM_MF_TOPICS__REQUESTS": echo_req,
+                    "STREAM_MF_GROUP_ID": f"bench-ml-echo-{tag}",
+                }
+                echo = start_echo(children, work, kafka, echo_env)
+                wait_for_echo(kafka, echo_req, topics["responses"], echo, 60)
+            tracer = Tracer(kafka, topics["model"])
+            tracer.t.start()
             for rate in rates:
                 before_q, before_u = scrape(q_url), scrape(up_url)
                 load = Load(kafka, topics["interactions"], rate, n_users, n_items)
                 load.t.start()
                 time.sleep(2.0)
+                w0 = time.time()
                 lat, missed = new_user_latency(kafka, topics, seconds, client)
+                rtt: dict[str, Any] = {}
+                if req_rate:
+                    # the bare echo and the service in turn, each with the updater applying
+                    # `rate` events/s and the query process following its commits
+                    for target, req_topic in (("echo", echo_req), ("service", topics["requests"])):
+                        r = run_load(kafka, req_topic, topics["responses"], probe_users,
+                                     req_rate, 2.0, req_seconds, FETCH_WAIT_MS,
+                                     LINGER_MS)  # fmt: skip
+                        rtt[target] = {k: r[k] for k in ("total_ms", "answered", "lost", "errors")}
+                w1 = time.time()
                 load.stop.set()
                 load.t.join(60)
                 time.sleep(2.0)
@@ -328,19 +528,45 @@ def main() -> None:
                     before_u, "stream_mf_model_log_bytes_total"
                 )
                 arr = np.asarray(lat) if lat else np.asarray([np.nan])
+                sm = "stream_mf_"
+                fresh = f"{sm}freshness_seconds"
+
+                def hq(
+                    after: dict[str, float], before: dict[str, float], name: str, q: float
+                ) -> float:
+                    v = histogram_quantile(before, after, name, q)
+                    return float("nan") if v is None else v
+
                 row = {
                     "rate": rate,
-                    "achieved": load.sent / (seconds + 2.0),
-                    "fresh_p50": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.5),
-                    "fresh_p99": quantile(after_q, before_q, "stream_mf_freshness_seconds", 0.99),
+                    "achieved": load.sent / (w1 - w0 + 2.0),
+                    "fresh_p50": quantile(after_q, before_q, fresh, 0.5),
+                    "fresh_p99": quantile(after_q, before_q, fresh, 0.99),
+                    "fresh_p50_interp": hq(after_q, before_q, fresh, 0.5),
+                    "fresh_p99_interp": hq(after_q, before_q, fresh, 0.99),
                     "new_p50": float(np.percentile(arr, 50)),
                     "new_p99": float(np.percentile(arr, 99)),
                     "probes": len(lat),
                     "missed": missed,
                     "bytes_per_event": by / ev if ev else float("nan"),
-                }
+                    "rtt": rtt,
+                    "legs": tracer.window(w0 - 2.0, w1),
+                    # the processes' own histograms over the window (interpolated)
+                    "updater_apply_p99_s": hq(after_u, before_u, f"{sm}batch_apply_seconds", 0.99),
+                    "updater_write_p99_s": hq(after_u, before_u, f"{sm}batch_write_seconds", 0.99),
+                    "publish_lag_p99_s": hq(after_u, before_u, f"{sm}model_log_publish_lag_seconds",
+                                            0.99),
+                    "reader_apply_p99_s": hq(after_q, before_q, f"{sm}model_refresh_seconds", 0.99),
+                    "batch_events_p50": hq(after_u, before_u, f"{sm}batch_events", 0.5),
+                }  # fmt: skip
+                if rtt:
+                    e99, s99 = rtt["echo"]["total_ms"]["p99"], rtt["service"]["total_ms"]["p99"]
+                    row["rtt_echo_p99_ms"], row["rtt_service_p99_ms"] = e99, s99
+                    row["rtt_ratio_p99"] = s99 / e99 if e99 else float("nan")
                 rows.append(row)
-                print(row, flush=True)
+                print(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
+            tracer.stop.set()
+            tracer.t.join(5)
             client.close()
             if broker_pid is not None:
                 result["broker_rss_bytes"] = rss_of(broker_pid)
@@ -362,10 +588,149 @@ def main() -> None:
             Col("new_p50", "new user p50 s", ".3f"),
             Col("new_p99", "new user p99 s", ".3f"),
             Col("probes", "probes", "d"),
+            Col("rtt_echo_p99_ms", "echo p99 ms", ".0f"),
+            Col("rtt_service_p99_ms", "service p99 ms", ".0f"),
+            Col("rtt_ratio_p99", "ratio", ".2f"),
             Col("bytes_per_event", "log bytes/event", ",.0f"),
         ],
     )
+    legs = [{"rate": r["rate"], **r.get("legs", {})} for r in rows]
+    print_table(
+        "where a commit's time goes (log tracer; events weighted, each commit's oldest event)",
+        legs,
+        [
+            Col("rate", "events/s", ","),
+            Col("events_per_commit", "events/commit", ",.0f"),
+            Col("updater_p50_ms", "event->marker p50 ms", ".0f"),
+            Col("updater_p99_ms", "p99", ".0f"),
+            Col("log_p50_ms", "marker->tracer p50 ms", ".0f"),
+            Col("log_p99_ms", "p99", ".0f"),
+            Col("max_gap_between_commits_ms", "longest gap ms", ".0f"),
+            Col("snapshots", "snapshots", "d"),
+        ],
+    )
+    mem = result.get("memory", {})
+    if mem:
+        print(
+            f"replica: RSS {mem['rss_bytes'] / 1e6:.0f} MB, a 1k-user model's process "
+            f"{mem['fixed_rss_bytes'] / 1e6:.0f} MB, model {mem['model_bytes'] / 1e6:.1f} MB: "
+            f"{mem['ratio_above_fixed']:.2f}x the model above the fixed overhead"
+        )
     write_results("bench_modellog", result, args.out)
+
+
+# ---- the demo's live traffic for minutes: the broker's memory and log bytes per event ----------
+
+
+def soak(seconds: float, out: Path | None) -> None:
+    """The demo (embedded broker, updater, two query processes, the MovieLens replay), then its
+    live phase's traffic (~400 events/s stamped now, users live-0..499 on items 1..3000) for
+    `seconds`, plus a `recommend` every 0.1 s; every 15 s the broker's resident memory and the
+    model log's bytes over the events applied since the live traffic began."""
+    from consumers.demo import _replay, _start_processes, _wait_until_learned, prepare_kernels
+    from consumers.settings import TopicSettings
+    from consumers.topics import product_topics
+
+    work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    topics = TopicSettings()
+    procs: list[ManagedProcess] = []
+    samples: list[dict[str, float]] = []
+    result: dict[str, Any] = {"seconds": seconds}
+    try:
+        prepare_kernels(work)
+        with EmbeddedBroker() as b:
+            boot = b.bootstrap_servers
+            create_topics(boot, product_topics(2, topics, interactions=1))
+            ports = {name: free_port() for name in ("updater", "query-1", "query-2")}
+            _start_processes(procs, work, boot, ports)
+            kafka = KafkaSettings(bootstrap_servers=boot)
+            sent, t0 = _replay(kafka, topics)
+            _wait_until_learned(ports, sent, t0)
+            up = f"http://127.0.0.1:{ports['updater']}/metrics"
+            qs = [f"http://127.0.0.1:{ports[q]}/metrics" for q in ("query-1", "query-2")]
+            base = scrape(up)
+            qbase = [scrape(u) for u in qs]
+            result["replayed"] = sent
+            result["broker_rss_after_replay"] = rss_of(b.pid)
+            producer = kafka_io.producer(kafka, **{"linger.ms": 5})
+            client = RecClient(kafka, topics.requests, topics.responses)
+            rng = np.random.default_rng(0)
+            start = time.monotonic()
+            next_sample = start
+            next_ask = start
+            live = 0
+            asked = 0
+            print(f"soak: {sent:,} replayed; live traffic for {seconds:.0f} s", flush=True)
+            while time.monotonic() - start < seconds:
+                for _ in range(20):
+                    doc = {
+                        "user_id": f"live-{rng.integers(500)}",
+                        "item_id": str(rng.integers(1, 3000)),
+                        "event_type": "click",
+                        "timestamp": time.time(),
+                    }
+                    producer.produce(topics.interactions, value=orjson.dumps(doc))
+                    live += 1
+                producer.poll(0)
+                now = time.monotonic()
+                if now >= next_ask:
+                    with contextlib.suppress(TimeoutError):
+                        client.ask({"user_id": f"live-{rng.integers(500)}", "k": 10}, timeout=2)
+                        asked += 1
+                    next_ask = now + 0.1
+                if now >= next_sample:
+                    m = scrape(up)
+                    ev = metric_sum(m, "stream_mf_events_applied_total") - metric_sum(
+                        base, "stream_mf_events_applied_total"
+                    )
+                    by = metric_sum(m, "stream_mf_model_log_bytes_total") - metric_sum(
+                        base, "stream_mf_model_log_bytes_total"
+                    )
+                    row = {
+                        "t": now - start,
+                        "events": ev,
+                        "log_bytes": by,
+                        "bytes_per_event": by / ev if ev else float("nan"),
+                        "broker_rss": rss_of(b.pid),
+                        "query_rss": max(rss_of(p.pid) for p in procs if "query" in p.name),
+                        "snapshot_bytes": m.get("stream_mf_model_log_snapshot_bytes", 0.0),
+                    }
+                    samples.append(row)
+                    print(
+                        f"  {row['t']:5.0f} s  events {ev:9,.0f}  log {by / 1e6:8.1f} MB  "
+                        f"{row['bytes_per_event']:6.0f} B/event  broker RSS "
+                        f"{row['broker_rss'] / 1e6:6.0f} MB",
+                        flush=True,
+                    )
+                    next_sample = now + 15.0
+                time.sleep(max(0.0, 0.05 - (time.monotonic() - now)))
+            kafka_io.close_producer(producer, 10)
+            time.sleep(2.0)
+            client.close()
+            fresh = [
+                histogram_quantile(qb, scrape(u), "stream_mf_freshness_seconds", 0.99)
+                for u, qb in zip(qs, qbase, strict=True)
+            ]
+            result.update(
+                live_events=live,
+                requests=asked,
+                freshness_p99=max((f for f in fresh if f is not None), default=None),
+                samples=samples,
+                broker_rss_end=rss_of(b.pid),
+            )
+    finally:
+        for p in procs:
+            p.stop()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    last = samples[-1] if samples else {}
+    rss0, rss1 = result.get("broker_rss_after_replay", 0), result.get("broker_rss_end", 0)
+    print(
+        f"soak over {seconds:.0f} s: broker RSS {rss0 / 1e6:.0f} MB after the replay -> "
+        f"{rss1 / 1e6:.0f} MB; model log {last.get('bytes_per_event', float('nan')):.0f} "
+        "bytes per live event"
+    )
+    write_results("bench_modellog_soak", result, out)
 
 
 if __name__ == "__main__":

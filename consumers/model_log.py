@@ -4,7 +4,9 @@
 commit wrote (`CommitInfo`) and publishes those rows and a commit marker
 (`stream_mf/model_log.py` has the format). User rows go out with every commit; item rows, which
 sampled negatives touch by the thousand, are coalesced and go out at most every
-`model_log_item_seconds` (the staleness bound of item rows in the log). A full snapshot goes out
+`model_log_item_seconds`, and a row whose change is small (under `model_log_item_threshold` of
+its factors, no event of its own) at the latest after `model_log_item_max_seconds` (the
+staleness bound of item rows in the log). A full snapshot goes out
 at the first commit, at every rebuild swap, when the records since the last snapshot outweigh
 it, and on start when the log may lack what the store has (a kill between a commit and the
 log's acknowledgement): the log's last marker names the store commit it stands for, and anything
@@ -31,6 +33,7 @@ from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from consumers.topics import create_topics
 from stream_mf.model_log import (
+    CONFIG_KEY,
     MARKER_KEY,
     LogFormatError,
     Marker,
@@ -41,6 +44,7 @@ from stream_mf.model_log import (
     item_key,
     item_records,
     sample_times,
+    slice_record,
     snapshot_records,
     user_key,
     user_records,
@@ -118,7 +122,10 @@ def find_last_marker(
                             continue
                 if got:
                     quiet_until = time.monotonic() + settle
-                    if end >= hi:
+                    # past the watermark with a marker in hand; without one, read on until
+                    # nothing more comes: Tansu's watermark can stand at the first record of
+                    # the last batch (a snapshot produced in one batch read as 1 record)
+                    if end >= hi and found is not None:
                         break
         finally:
             c.unassign()
@@ -169,6 +176,10 @@ class ModelLogPublisher:
         self.bytes_since = 0
         self.failed = 0
         self.dirty = np.zeros(1024, np.bool_)
+        # item rows as the log holds them: factors, event count, when sent (the threshold)
+        self.pub_f = np.zeros((0, settings.model.dim), np.float32)
+        self.pub_count = np.zeros(0, np.int64)
+        self.pub_at = np.zeros(0, np.float64)
         self.n_published_items = 0
         self.next_items = 0.0
         self.retry_at = 0.0
@@ -180,6 +191,8 @@ class ModelLogPublisher:
         self._times: list[np.ndarray] = []
         self._count = 0
         self.last_state: ModelState | None = None
+        self.want_snapshot = False  # a periodic snapshot is due: sent a slice per loop turn
+        self.chunked: _Chunked | None = None  # the periodic snapshot under way
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -290,10 +303,11 @@ class ModelLogPublisher:
         self._marker(state, info)
         if (
             self.snapshot_bytes
+            and self.chunked is None
             and self.bytes_since > self.settings.model_log_snapshot_ratio * self.snapshot_bytes
             and time.time() - self.snapshot_at >= self.settings.model_log_snapshot_min_seconds
         ):
-            self.need_snapshot = True
+            self.want_snapshot = True
 
     def tick(self, state: ModelState) -> None:
         """Between batches: deliveries, coalesced item rows when due, a snapshot when due."""
@@ -307,9 +321,12 @@ class ModelLogPublisher:
                     return
                 self.retry_at = time.monotonic() + SNAPSHOT_RETRY_S
                 self.snapshot(state)
-            elif self.dirty.any() and time.monotonic() >= self.next_items:
+                return
+            if self.dirty.any() and time.monotonic() >= self.next_items:
                 self._flush_items(state)
                 self._marker(state, None)
+            if self.want_snapshot or self.chunked is not None:
+                self._snapshot_slice(state)
         except (KafkaException, BufferError, RuntimeError) as exc:
             log.warning("could not publish to the model log (%s): retrying", exc)
             self.need_snapshot = True
@@ -352,18 +369,62 @@ class ModelLogPublisher:
             self.dirty = grown
         self.dirty[items] = True
 
-    def _flush_items(self, state: ModelState, new_only: bool = False) -> None:
+    def _flush_items(self, state: ModelState, new_only: bool = False, force: bool = False) -> None:
         """Item rows changed since the last flush (or, `new_only`, the rows of ids not yet in
-        the log), at their committed values."""
-        n = state.items.n
+        the log), at their committed values. Unless `force`, a row whose only change is small
+        (sampled negatives nudge thousands of rows a second by a fraction of a percent) waits,
+        still marked, until its factors moved by `model_log_item_threshold` relative to what
+        the log holds, an event counted for it, or it has waited `model_log_item_max_seconds`:
+        the log's bytes per event and every replica's decoding are mostly such rows."""
+        items = state.items
+        n = items.n
         lo = self.n_published_items if new_only else 0
-        rows = range(lo, n) if new_only else np.flatnonzero(self.dirty[:n]).tolist()
-        for k, v in item_records(state.items, self.gen, rows):
+        if new_only:
+            idx = np.arange(lo, n)
+        else:
+            idx = np.flatnonzero(self.dirty[:n])
+            if not force and self.settings.model_log_item_threshold > 0 and idx.size:
+                idx = idx[self._significant(items, idx)]
+        for k, v in item_records(items, self.gen, idx.tolist()):
             self._produce(k, v)
-        self.dirty[lo:] = False
+        self._published(items, idx)
+        if new_only:
+            self.dirty[lo:] = False
+        else:
+            self.dirty[idx] = False
         self.n_published_items = n
         if not new_only:
             self.next_items = time.monotonic() + self.settings.model_log_item_seconds
+
+    def _significant(self, items: Any, idx: np.ndarray) -> np.ndarray:
+        """Which of these changed item rows are worth sending now (see `_flush_items`)."""
+        known = idx < self.pub_count.size
+        out = ~known  # never published here: always
+        k = idx[known]
+        if k.size:
+            f, was = items.factors[k], self.pub_f[k]
+            moved = np.linalg.norm(f - was, axis=1) > self.settings.model_log_item_threshold * (
+                np.maximum(np.linalg.norm(was, axis=1), 1e-6)
+            )
+            due = time.monotonic() - self.pub_at[k] >= self.settings.model_log_item_max_seconds
+            out[known] = moved | due | (items.count[k] != self.pub_count[k])
+        return out
+
+    def _published(self, items: Any, idx: np.ndarray) -> None:
+        """Note what the log now holds of these item rows (the threshold compares with it)."""
+        if idx.size == 0:
+            return
+        need = int(idx.max()) + 1
+        if need > self.pub_count.size:
+            cap = max(need, self.pub_count.size * 2)
+            f = np.zeros((cap, items.factors.shape[1]), np.float32)
+            f[: self.pub_f.shape[0]] = self.pub_f
+            c, at = np.zeros(cap, np.int64), np.zeros(cap, np.float64)
+            c[: self.pub_count.size], at[: self.pub_at.size] = self.pub_count, self.pub_at
+            self.pub_f, self.pub_count, self.pub_at = f, c, at
+        self.pub_f[idx] = items.factors[idx]
+        self.pub_count[idx] = items.count[idx]
+        self.pub_at[idx] = time.monotonic()
 
     def _marker(self, state: ModelState, info: CommitInfo | None, snapshot: bool = False) -> None:
         times = np.concatenate(self._times) if self._times else None
@@ -406,6 +467,7 @@ class ModelLogPublisher:
         if self.seen is None:
             self.seen = SeenIndex(confidence_items(state.confidence)[0])
         self.failed = 0
+        self.chunked, self.want_snapshot = None, False  # this one covers it
         got: list[int] = []
 
         def begun(err: KafkaError | None, msg: Message) -> None:
@@ -426,6 +488,7 @@ class ModelLogPublisher:
             self._produce(k, v)
         users = state.users
         self.dirty[:] = False
+        self._published(state.items, np.arange(state.items.n))
         self.n_published_items = state.items.n
         self.next_items = time.monotonic() + self.settings.model_log_item_seconds
         self.snap_offset = got[0]
@@ -449,11 +512,72 @@ class ModelLogPublisher:
                  self.gen, users.n, state.items.n, self.snapshot_bytes / 1e6,
                  time.perf_counter() - t0)  # fmt: skip
 
+    def _snapshot_slice(self, state: ModelState) -> None:
+        """The periodic snapshot, a slice per loop turn (between commits) instead of all at
+        once: at 100k users x 50k items a whole snapshot held the loop for about a second,
+        which every event of that second waited for (freshness p99). Each row goes out at its
+        current value; a row a later commit changes goes out again with that commit, after
+        its slice, so the last record of each row between the BEGIN and the snapshot marker is
+        its value at that marker, and a reader starting at the BEGIN has the whole model
+        there. Item rows stay marked dirty (their coalesced flushes go on as usual)."""
+        ch = self.chunked
+        if ch is None:
+            self.want_snapshot = False
+            got: list[int] = []
+
+            def begun(err: KafkaError | None, msg: Message) -> None:
+                if err is None:
+                    got.append(kafka_io.position(msg)[1])
+                else:
+                    self._delivered(err, msg)
+
+            n_users, n_items = state.users.n, min(state.items.n, self.n_published_items)
+            before = self.bytes_since
+            self._produce(*begin_record(self.seq, self.gen, n_users, n_items), begun)
+            self._produce(CONFIG_KEY, state.config.model_dump_json().encode())
+            ch = self.chunked = _Chunked(got, n_users, n_items, self.bytes_since - before)
+            return
+        assert self.seen is not None
+        end = time.perf_counter() + SNAPSHOT_SLICE_S
+        while time.perf_counter() < end and (ch.user < ch.n_users or ch.item < ch.n_items):
+            before = self.bytes_since
+            if ch.user < ch.n_users:
+                lo = ch.user
+                hi = ch.user = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_users)
+                records = user_records(state.users, self.gen, self.seen, range(lo, hi))
+            else:
+                lo = ch.item
+                hi = ch.item = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
+                records = item_records(state.items, self.gen, range(lo, hi))
+            self._produce(*slice_record(hi - lo))  # readers serving this model skip the rows
+            for k, v in records:
+                self._produce(k, v)
+            ch.bytes += self.bytes_since - before
+        if ch.user < ch.n_users or ch.item < ch.n_items:
+            return
+        if not ch.begun:
+            self.producer.flush(SNAPSHOT_RETRY_S)
+        self.chunked = None
+        if not ch.begun:  # the BEGIN record was not taken: the blocking path takes over
+            self.need_snapshot = True
+            raise RuntimeError("the broker did not acknowledge a snapshot's first record")
+        self.snap_offset = ch.begun[0]
+        self._marker(state, None, snapshot=True)
+        self.snapshot_bytes = ch.bytes
+        self.bytes_since = 0
+        self.snapshot_at = time.time()
+        if self.metrics is not None:
+            self.metrics.model_log_snapshot_bytes.set(self.snapshot_bytes)
+            self.metrics.model_log_snapshot_time.set(self.snapshot_at)
+        log.info("model log snapshot (in slices): generation %d, %d users, %d items, %.1f MB "
+                 "over %.2f s", self.gen, ch.n_users, ch.n_items, ch.bytes / 1e6,
+                 time.monotonic() - ch.started)  # fmt: skip
+
     def close(self) -> None:
         ok = self._started and not self.need_snapshot and not self.failed
         if ok and self.last_state is not None and self.dirty.any() and self.seq:
             try:
-                self._flush_items(self.last_state)
+                self._flush_items(self.last_state, force=True)
                 self._marker(self.last_state, None)
             except (KafkaException, BufferError) as exc:
                 log.warning("could not flush the model log's item rows: %s", exc)
@@ -461,6 +585,23 @@ class ModelLogPublisher:
         if left:
             log.warning("%d model log record(s) not delivered at stop: the next start "
                         "publishes a snapshot", left)  # fmt: skip
+
+
+#: a periodic snapshot's slice: rows are encoded and handed to the producer for at most this
+#: long per loop turn (a turn then costs the freshness of its events at most this much more)
+SNAPSHOT_SLICE_S = 0.01
+SNAPSHOT_SLICE_ROWS = 256
+
+
+class _Chunked:
+    """A periodic snapshot under way: rows below `n_users` / `n_items` as of its BEGIN, the
+    next of each to send, and the BEGIN record's offset once acknowledged."""
+
+    def __init__(self, begun: list[int], n_users: int, n_items: int, nbytes: int) -> None:
+        self.begun, self.n_users, self.n_items = begun, n_users, n_items
+        self.user = self.item = 0
+        self.bytes = nbytes
+        self.started = time.monotonic()
 
 
 def _trim() -> None:
@@ -590,6 +731,8 @@ class ModelFollower:
             if self.first_offset is None:
                 self.first_offset = offset
             self.position = offset + 1
+            if reader.skips_next():  # a snapshot slice of rows the served model has
+                continue
             try:
                 reader.feed(decode(m.key(), m.value()))
             except LogFormatError as exc:  # unreadable, or not of this model's shape
@@ -661,6 +804,8 @@ def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[M
                 offset = kafka_io.position(m)[1]
                 first = offset if first < 0 else first
                 pos = offset + 1
+                if reader.skips_next():
+                    continue
                 try:
                     reader.feed(decode(m.key(), m.value()))
                 except LogFormatError:

@@ -116,8 +116,27 @@ def reply_producer(settings: QuerySettings, on_error: Callable[[], None] | None 
 HOLD_S = 30.0
 
 
+#: glibc malloc arenas for a query process (M_ARENA_MAX): each thread that allocates may get
+#: one of its own (up to 8 per core), and what the model log's follower thread and
+#: librdkafka's threads freed after a catch-up stayed in theirs. Measured on a 100k x 50k log
+#: (a snapshot and a commit of every row): 216 MB anonymous memory with the default, 185 MB
+#: with 2 (a 1k-user model's process: 88 MB).
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
+    """Cap glibc's malloc arenas (before the process starts its threads); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 class QueryService:
     def __init__(self, settings: QuerySettings, registry: CollectorRegistry | None = None):
+        limit_malloc_arenas()  # before the follower's and librdkafka's threads
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = QueryMetrics(self.registry)
@@ -164,7 +183,8 @@ class QueryService:
                 ]
             users = served.users
             for req in reqs:
-                resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
+                with served.reading():
+                    resp = answer(req, view, users, min_user_events=self.settings.min_user_events)
                 resp.model_dump_json()
         except Exception as exc:  # warming is an optimisation: never fail start-up over it
             log.warning("warm-up failed (first requests will be slower): %s", exc)
@@ -247,8 +267,9 @@ class QueryService:
                 resp = self._error(req.request_id, req.user_id, why)
             else:
                 try:
-                    resp = answer(req, served.view, served.users,
-                                  min_user_events=self.settings.min_user_events)  # fmt: skip
+                    with served.reading():  # the reader writes commits into the same arrays
+                        resp = answer(req, served.view, served.users,
+                                      min_user_events=self.settings.min_user_events)  # fmt: skip
                 except MixedGenerationError as exc:  # a bug: say so, never answer from a mix
                     log.error("refusing to answer %s: %s", req.request_id, exc)
                     self.metrics.errors.labels("mixed_generation").inc()

@@ -130,6 +130,13 @@ class UpdaterSettings(ProcessSettings):
     max_batch_seconds: float = Field(
         default=0.1, gt=0, description="longest wait for a micro-batch to fill (a backlog fills it)"
     )
+    batch_linger_seconds: float = Field(
+        default=0.02,
+        ge=0,
+        description="once a micro-batch has its first event, wait at most this long for more "
+        "before committing it (a light stream is committed promptly; behind a backlog what is "
+        "already fetched is drained whatever this says, so batches still fill up)",
+    )
     pause_gc: bool = Field(
         default=True,
         description="freeze start-up objects and pause the cyclic GC while a micro-batch is read "
@@ -184,6 +191,19 @@ class UpdaterSettings(ProcessSettings):
         description="item rows (which sampled negatives touch by the thousand) go to the model "
         "log at most this often: the bound on how stale an item row in the log may be (user "
         "rows and new ids go out with every commit)",
+    )
+    model_log_item_threshold: float = Field(
+        default=0.01,
+        ge=0,
+        description="an item row changed only a little (its factors by less than this, "
+        "relative, and no event counted for it: sampled negatives) waits for a later flush, up "
+        "to model_log_item_max_seconds; 0 sends every changed row at every flush",
+    )
+    model_log_item_max_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="the longest an item row's small changes wait before going to the model "
+        "log (the staleness bound of such rows; others go out within model_log_item_seconds)",
     )
     model_log_snapshot_ratio: float = Field(
         default=2.0,

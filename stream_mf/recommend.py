@@ -58,6 +58,14 @@ class ItemView:
         return self._cache["unit"]
 
     @property
+    def norms(self) -> np.ndarray:
+        """Row norms (float32), computed once per snapshot: cosine similarity divides by them
+        instead of keeping a normalised copy of every factor (a replica's memory)."""
+        if "norms" not in self._cache:
+            self._cache["norms"] = np.linalg.norm(self.factors, axis=1)
+        return self._cache["norms"]
+
+    @property
     def gram(self) -> np.ndarray:
         """V^T V in float64, for fold-ins."""
         if "gram" not in self._cache:
@@ -149,8 +157,8 @@ def similar_items(
     candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine neighbours of `item`, itself excluded, among `candidates` when given."""
-    unit = view.unit
-    scores = unit @ unit[item]
+    f, norms = view.factors, view.norms
+    scores = (f @ f[item]) / np.maximum(norms * norms[item], 1e-12)
     scores[item] = -np.inf
     _mask(scores, exclude, candidates)
     return top_k(scores, k)
@@ -197,8 +205,8 @@ def because(
         user_items = user_items[~np.isin(user_items, exclude)]
     if user_items.size == 0:
         return np.empty(0, np.int64), np.empty(0, np.float64)
-    unit = view.unit
-    sims = unit[user_items] @ unit[item]
+    f, norms = view.factors, view.norms
+    sims = (f[user_items] @ f[item]) / np.maximum(norms[user_items] * norms[item], 1e-12)
     sims[user_items == item] = -np.inf
     idx, s = top_k(sims, k)
     return user_items[idx].astype(np.int64), s

@@ -23,6 +23,7 @@ from stream_mf.model_log import (
     decode,
     item_records,
     materialise,
+    slice_record,
     snapshot_records,
     user_key,
     user_records,
@@ -208,3 +209,115 @@ def test_seen_index_follows_commits() -> None:
     assert want.rows.keys() == idx.rows.keys()
     for u, items in want.rows.items():
         assert np.array_equal(idx.of(u), items)
+
+
+def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
+    """The updater sends a periodic snapshot a slice at a time with commits in between: a
+    reader already serving that generation keeps serving its model (no second model, commits
+    keep coming through) and skips the slices' rows, which it has; a reader starting at the
+    BEGIN has the whole model at its marker; both equal the model bit for bit."""
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    tailing = materialise(snapshot(m.state))
+    live = tailing.live
+    st = m.state
+    seen = SeenIndex(confidence_items(st.confidence)[0])
+    half = st.users.n // 2
+    sliced: list[tuple[bytes, bytes | None]] = [
+        begin_record(2, 0, st.users.n, st.items.n),
+        next(snapshot_records(st, 0, seen)),  # the config
+        slice_record(half),
+        *user_records(st.users, 0, seen, range(half)),
+    ]
+    d = m.learn(stream(300, seed=7, first=60_000))
+    sliced += commit(m.state, np.concatenate([d.users, np.arange(*d.new_users)]), d.items, 2)
+    seen = SeenIndex(confidence_items(st.confidence)[0])
+    rest: list[tuple[bytes, bytes | None]] = [
+        slice_record(st.users.n - half),
+        *user_records(st.users, 0, seen, range(half, st.users.n)),
+        slice_record(st.items.n),
+        *item_records(st.items, 0, range(st.items.n)),
+        (MARKER_KEY, marker(st, 3, 0, True)),
+    ]
+    skipped = 0
+
+    def feed(records: list[tuple[bytes, bytes | None]]) -> None:
+        nonlocal skipped
+        for k, v in records:
+            if tailing.skips_next():  # as the follower does: not even decoded
+                skipped += 1
+                continue
+            tailing.feed(decode(k, v))
+
+    feed(sliced)
+    assert tailing.publish() and tailing.live is live  # the commit came through, in place
+    uid = st.users.ids[int(d.users[0])]
+    assert np.array_equal(_vec(tailing.served, uid), st.users.factors[int(d.users[0])])
+    feed(rest)
+    tailing.publish()
+    assert tailing.live is live and tailing.building is None
+    assert skipped == st.users.n + st.items.n  # every slice row: the served model had them
+    assert_reader_equals(tailing, st)
+    fresh = materialise(sliced + rest)
+    assert_reader_equals(fresh, st)
+
+
+def test_compact_ids_and_seen_items_find_every_row() -> None:
+    """The replica's id map (a sorted hash array plus a dict of the latest) and seen-item
+    store (one array, compacted) against a plain dict and list."""
+    from stream_mf.model_log import CompactIds, SeenStore
+
+    ids = CompactIds()
+    want: dict[str, int] = {}
+    rng = np.random.default_rng(0)
+    for lo in (0, 10, 6000, 6003):  # small sets stay in the dict, a large one is sorted in
+        hi = lo + (5000 if lo == 10 else 3)
+        ids.extend_to(hi)
+        names = [f"id-{r}-é" for r in range(lo, hi)]
+        ids.set_many(list(range(lo, hi)), names)
+        want.update(zip(names, range(lo, hi), strict=True))
+    assert len(ids) == 6006 and ids[6005] == "id-6005-é" and ids[4] == ""
+    assert all(ids.get(k) == v for k, v in want.items())
+    assert ids.get("id-99999-é") is None and ids.lookup.get("nope", -1) == -1
+    ids.set_many([7], ["id-7-é"])  # the same id again: nothing changes
+    assert ids.get("id-7-é") == 7
+    seen = SeenStore()
+    lists = {
+        r: rng.integers(1000, size=int(rng.integers(0, 6))).astype(np.int32) for r in range(300)
+    }
+    for _ in range(8):  # each list replaced again and again: garbage, then compacted
+        rows = np.arange(300)
+        seen.set_many(rows, [lists[r].tobytes() for r in range(300)])
+        lists = {r: np.append(v, r).astype(np.int32) for r, v in lists.items()}
+    for r in range(300):
+        assert np.array_equal(seen.of(r), lists[r][:-1])
+    assert seen.of(10_000).size == 0
+
+
+def test_a_request_lets_a_waiting_commit_in_first() -> None:
+    """Requests hold the served model's lock while they read its arrays; one that finds the
+    reader waiting to write a commit waits for that commit instead of taking the lock again."""
+    import threading
+    import time
+
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(500))
+    reader = materialise(snapshot(m.state))
+    served = reader.served
+    assert served is not None and reader.live is not None
+    live = reader.live
+    order: list[str] = []
+    live.writer_waiting = True
+
+    def request() -> None:
+        with served.reading():
+            order.append("request")
+
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(0.05)
+    with live.lock:  # the commit
+        live.writer_waiting = False
+        order.append("commit")
+    t.join(5)
+    assert order == ["commit", "request"]

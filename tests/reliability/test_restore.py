@@ -36,7 +36,7 @@ from stream_mf.decode import decode_events
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.sgd import Counter
 from stream_mf.state import ModelState, confidence_items
-from stream_mf.store import StateStore
+from stream_mf.store import StateStore, StoreError
 from tests.integration.conftest import Cluster, make_topics, topic_env
 from tests.reliability.harness import StreamPublisher, event_payloads, log_since, log_size
 from tests.synthetic import planted_stream
@@ -134,16 +134,24 @@ def _storm(
     return proc, seen
 
 
+def _follow(c: Cluster, proc: ManagedProcess) -> StateStore:
+    """The updater's store as a secondary, once it is whole: the last start may still be
+    creating it (a start after a deletion restores first, then creates its column families)."""
+    end = time.monotonic() + 60
+    while True:
+        try:
+            return StateStore(c.state, secondary=c.work / f"sec-{time.monotonic_ns()}")
+        except StoreError as exc:
+            assert proc.alive(), proc.log_tail()
+            assert time.monotonic() < end, f"no whole store in 60 s: {exc}"
+            time.sleep(0.2)
+
+
 def _drain(c: Cluster, proc: ManagedProcess, pub: StreamPublisher) -> dict[tuple[str, int], int]:
     assert pub.finish(120.0) == 0, "events not acknowledged by the broker"
     assert not pub.failed, pub.failed[:3]
     ends = {(c.topics.interactions, p): o for p, o in pub.end_offsets.items()}
-    end = time.monotonic() + 60
-    while not (c.state / "CURRENT").exists():  # a restart after a deletion restores it first
-        assert proc.alive(), proc.log_tail()
-        assert time.monotonic() < end, "the updater created no store in 60 s"
-        time.sleep(0.1)
-    with StateStore(c.state, secondary=c.work / f"sec-{time.monotonic_ns()}") as follower:
+    with _follow(c, proc) as follower:
         end = time.monotonic() + 90
         while follower.offsets() != ends:
             assert proc.alive(), proc.log_tail()

@@ -86,6 +86,14 @@ class ModelConfig(BaseModel):
         description="item biases learn only from uniformly drawn negatives (popularity-drawn "
         "ones would teach them anti-popularity)",
     )
+    user_pull: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="after each event the user vector moves by this times the item's vector "
+        "(recency of the user's own last items; no extra state)",
+    )
     event_types: dict[str, EventTypeSpec] = Field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
 
     @field_validator("event_types")

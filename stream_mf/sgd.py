@@ -88,6 +88,7 @@ class SgdParams(NamedTuple):
     max_norm: float  # rows updated are scaled back to this norm (0: no cap)
     uniform_mix: float  # share of draws uniform over seen items, not from the cdf
     bias_uniform: bool  # biases learn only from uniformly drawn negatives
+    user_pull: float  # after the steps, the user vector moves by this times the item's vector
 
     @classmethod
     def from_config(cls, c: ModelConfig) -> SgdParams:
@@ -109,6 +110,7 @@ class SgdParams(NamedTuple):
             max_norm=float(c.max_norm),
             uniform_mix=float(c.uniform_mix),
             bias_uniform=bool(c.bias_uniform),
+            user_pull=float(c.user_pull),
         )
 
 
@@ -324,6 +326,7 @@ def _sgd_kernel(
         max_norm,
         uniform_mix,
         bias_uniform,
+        user_pull,
     ) = p
     dim = U.shape[1]
     u_old = np.empty(dim, dtype=np.float32)
@@ -479,6 +482,16 @@ def _sgd_kernel(
             sq = 0.0
             for f in range(dim):
                 v = U[u, f] - lr_u * (grad_u[f] + reg * u_old[f])
+                U[u, f] = v
+                sq += v * v
+            _clip_norm(U, u, sq, max_norm)
+
+        # recency: the user vector leans toward the item just learnt (after every step, so
+        # the steps' scores are the plain model's)
+        if user_pull > 0.0:
+            sq = 0.0
+            for f in range(dim):
+                v = U[u, f] + user_pull * V[i, f]
                 U[u, f] = v
                 sq += v * v
             _clip_norm(U, u, sq, max_norm)

@@ -38,7 +38,7 @@ REFIT_EVERY = 10_000
 #: (name, learner, ModelConfig overrides)
 MODELS: list[tuple[str, str, dict[str, Any]]] = [
     ("popular", "popular", {}),
-    ("sgd (previous defaults)", "sgd", {"user_pull": 0.0, "lr_user": 2.5}),
+    ("sgd (previous defaults)", "sgd", {"user_pull": 0.0, "half_life_s": 30 * 86400.0}),
     ("default", "sgd", {}),
     ("als", "als", {}),
     ("hybrid", "hybrid", {}),

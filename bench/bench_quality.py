@@ -32,11 +32,11 @@ from stream_mf.evaluate import make_learner, prequential
 
 MOVIELENS = ROOT / "data/movielens-latest-small/ratings.csv.gz"
 #: the defaults before this ablation (main at 4091993): no recency pull
-BEFORE: dict[str, Any] = {"user_pull": 0.0, "lr_user": 2.5}
+BEFORE: dict[str, Any] = {"user_pull": 0.0, "lr_user": 2.5, "half_life_s": 30 * 86400.0}
+HL180 = 180 * 86400.0
 #: (name, ModelConfig overrides on top of BEFORE, scoring/kernel extras, group)
 ROWS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("previous defaults", {}, {}, "baseline"),
-    ("AdaGrad per row, eps 1", {}, {"ada_eps": 1.0}, "alone"),
     ("AdaGrad per row, eps 10", {}, {"ada_eps": 10.0}, "alone"),
     ("AdaGrad per row, eps 100", {}, {"ada_eps": 100.0}, "alone"),
     (
@@ -48,29 +48,34 @@ ROWS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("16 negatives (2x the work)", {"n_negatives": 16}, {}, "alone"),
     ("6 negatives best-of-3 (same work)", {"n_negatives": 6, "n_candidates": 3}, {}, "alone"),
     ("2 SGD steps per event", {"n_steps": 2}, {}, "alone"),
-    ("recency: user_pull 0.5", {"user_pull": 0.5}, {}, "alone"),
-    ("recency: user_pull 1", {"user_pull": 1.0}, {}, "alone"),
+    ("recency in the kernel: user_pull 0.1", {"user_pull": 0.1}, {}, "alone"),
+    ("recency in the kernel: user_pull 0.3", {"user_pull": 0.3}, {}, "alone"),
+    ("recency in the kernel: user_pull 1", {"user_pull": 1.0}, {}, "alone"),
     ("recency at query: + last item's vector", {}, {"recency": 1.0, "recent": 1}, "alone"),
-    ("transitions at query, weight 1", {}, {"transition": 1.0}, "alone"),
     ("transitions at query, weight 2", {}, {"transition": 2.0}, "alone"),
-    ("lr_user 2", {"lr_user": 2.0}, {}, "alone"),
-    ("half-life 90 days", {"half_life_s": 90 * 86400.0}, {}, "alone"),
-    ("user_pull 1 + lr_user 2 (new defaults)", {"user_pull": 1.0, "lr_user": 2.0}, {}, "together"),
+    ("half-life 180 days (was 30)", {"half_life_s": HL180}, {}, "alone"),
+    (
+        "new defaults: half-life 180 d + user_pull 0.1",
+        {"half_life_s": HL180, "user_pull": 0.1},
+        {},
+        "together",
+    ),
+    ("half-life 180 d + user_pull 0.3", {"half_life_s": HL180, "user_pull": 0.3}, {}, "together"),
     (
         "new defaults + 6 negatives best-of-3",
-        {"user_pull": 1.0, "lr_user": 2.0, "n_negatives": 6, "n_candidates": 3},
+        {"half_life_s": HL180, "user_pull": 0.1, "n_negatives": 6, "n_candidates": 3},
         {},
         "together",
     ),
     (
         "new defaults + AdaGrad eps 100",
-        {"user_pull": 1.0, "lr_user": 2.0},
+        {"half_life_s": HL180, "user_pull": 0.1},
         {"ada_eps": 100.0},
         "together",
     ),
     (
         "new defaults + transitions at query 2",
-        {"user_pull": 1.0, "lr_user": 2.0},
+        {"half_life_s": HL180, "user_pull": 0.1},
         {"transition": 2.0},
         "together",
     ),

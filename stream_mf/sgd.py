@@ -12,18 +12,20 @@ Losses (per positive (u, i) with event weight w and sampled negatives j):
 
 The default is BPR with 8 negatives (40% uniform, the rest by popularity**0.75), each the
 higher-scoring of 2 draws (adaptive, WARP-like), a user learning rate 2.5x the item one, no item
-biases (lr_bias 0) and every vector capped at norm 2. Biases learnt against popularity-drawn
-negatives fall for a niche's items and rise for lucky tail items, and swamp a niche user's
-affinity (docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which
-makes them popularity instead (no better for niches). Prequential Recall@10 on MovieLens
-latest-small (every rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058;
-adding the adaptive choice 0.067; the previous defaults (biases at 0.2x) 0.0866, today's 0.089; 16
-negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a user vector that jumpy loses a stable
-taste on planted data (tests/unit/test_sgd.py) and 3 draws cost ~30% of the speed. The norm cap is
-what allows the high user rate and many negatives (without it they diverge). Logistic loss scores
-below BPR here: MovieLens rewards ranking a user's next item above others, which BPR optimises, and
-uniform negatives let the item bias learn popularity. Uniform draws index the table directly (no
-binary search), which pays for the second draw.
+biases (lr_bias 0), every vector capped at norm 2, and after its steps the user vector leans toward
+the item just learnt (`user_pull` 0.1: recency of the user's own last items, with no state beyond
+the vector; docs/quality-ablation.md). Biases learnt against popularity-drawn negatives fall for a
+niche's items and rise for lucky tail items, and swamp a niche user's affinity
+(docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which makes them
+popularity instead (no better for niches). Prequential Recall@10 on MovieLens latest-small (every
+rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058; adding the adaptive
+choice 0.067; the previous defaults (biases at 0.2x) 0.0866, then 0.089; today's (the pull and a
+180-day half-life) about 0.100; 16 negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a
+user vector that jumpy loses a stable taste on planted data (tests/unit/test_sgd.py) and 3 draws
+cost ~30% of the speed. The norm cap is what allows the high user rate and many negatives (without
+it they diverge). Logistic loss scores below BPR here: MovieLens rewards ranking a user's next item
+above others, which BPR optimises, and uniform negatives let the item bias learn popularity. Uniform
+draws index the table directly (no binary search), which pays for the second draw.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def test_recovery_reads_a_plain_series() -> None:
     out = np.array([1, 0] * 500 + [0] * 400 + [1, 0] * 300 + [-1] * 10, np.int8)
     before, low, back = recovery(out, 1000, window=100)
     assert before == 0.5 and low == 0.0
-    # the rolling rate is back to 0.45 once 89 of the last 100 scored events are alternating (45 hits)
+    # back to 0.45 once 89 of the last 100 scored events alternate (45 hits)
     assert back is not None and 400 + 89 <= back <= 400 + 100
     with pytest.raises(ValueError, match="scored events before the change"):
         recovery(out, 50, window=100)

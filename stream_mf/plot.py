@@ -43,7 +43,8 @@ def plot_recovery(
 ) -> Path:
     """Rolling hit rate of each model against events, with the change of tastes marked.
 
-    Each curve is {"model", "events": [...], "hit_rate": [...], "recovered": events or None}."""
+    Each curve is {"model", "events": [...], "hit_rate": [...], "recovered": events or None,
+    optionally "note": what to say instead of the events (e.g. "no drop")}."""
     try:
         import matplotlib
 
@@ -54,7 +55,8 @@ def plot_recovery(
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for c in curves:
         back = c.get("recovered")
-        label = f"{c['model']} ({'never' if back is None else f'{back:,}'} events)"
+        note = c.get("note") or ("never" if back is None else f"{back:,} events")
+        label = f"{c['model']} ({note})"
         ax.plot(c["events"], c["hit_rate"], label=label, lw=1.4)
     ax.axvline(change, color="k", ls="--", lw=1)
     ax.set_xlabel("events (time order)")

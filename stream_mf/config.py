@@ -117,8 +117,11 @@ class ModelConfig(BaseModel):
         return math.log(2.0) / self.half_life_s
 
     def structural(self) -> dict[str, object]:
-        """Settings a stored model cannot change without being rebuilt from scratch."""
-        return {"dim": self.dim, "seed": self.seed}
+        """Settings a stored model cannot change without being rebuilt from scratch. The
+        half-life is one: popularity and confidences are stored as log-sums anchored at t=0 at
+        its rate, so new events at another rate would be off by e^(t * difference) against them
+        (the default went from 30 to 180 days: a store built before must keep its value)."""
+        return {"dim": self.dim, "seed": self.seed, "half_life_s": self.half_life_s}
 
 
 class RebuildConfig(BaseModel):

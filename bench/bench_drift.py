@@ -92,7 +92,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10k events each side, one seed")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "drift-recovery.png")
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG (default docs/drift-recovery.png, none if --quick)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
@@ -135,6 +140,8 @@ def main() -> None:
         ],
     )
     s0 = stream(seeds[0], a.quick)
+    if a.plot is None and not a.quick:
+        a.plot = ROOT / "docs" / "drift-recovery.png"
     if a.plot:
         from stream_mf.plot import plot_recovery
 

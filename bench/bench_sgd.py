@@ -130,7 +130,7 @@ def run_kernel(
     )
     names = kernel_params(fn)
     if names[0] == "batch":
-        fn(batch, a["users"], a["items"], a["stream"], PARAMS)
+        fn(batch, a["users"], a["items"], a["stream"], OLD_PARAMS.get(fn, PARAMS))
         return
     ut, it, st = a["users"], a["items"], a["stream"]
     values: dict[str, Any] = {
@@ -176,6 +176,10 @@ def kernel_pass(
         run_kernel(fn, a, ev, lo, min(lo + batch, len(ev)), neg, logw)
 
 
+#: hyper-parameters of a kernel from another revision, as its own `SgdParams` builds them
+OLD_PARAMS: dict[Callable[..., None], Any] = {}
+
+
 def kernel_at(rev: str) -> Callable[..., None]:
     """`sgd_batch` as it was at git revision `rev`, compiled from that source (a temp module)."""
     src = subprocess.run(
@@ -187,6 +191,8 @@ def kernel_at(rev: str) -> Callable[..., None]:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    if hasattr(mod, "SgdParams"):  # records: the old kernel takes its own fields only
+        OLD_PARAMS[mod.sgd_batch] = mod.SgdParams.from_config(CONFIG)
     return mod.sgd_batch  # type: ignore[no-any-return]
 
 

@@ -36,3 +36,37 @@ def plot_windows(results: Sequence[dict[str, Any]], path: str | Path, title: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_recovery(
+    curves: Sequence[dict[str, Any]], change: int, path: str | Path, title: str = ""
+) -> Path:
+    """Rolling hit rate of each model against events, with the change of tastes marked.
+
+    Each curve is {"model", "events": [...], "hit_rate": [...], "recovered": events or None,
+    optionally "note": what to say instead of the events (e.g. "no drop")}."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("plotting needs matplotlib: pip install 'stream-mf[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for c in curves:
+        back = c.get("recovered")
+        note = c.get("note") or ("never" if back is None else f"{back:,} events")
+        label = f"{c['model']} ({note})"
+        ax.plot(c["events"], c["hit_rate"], label=label, lw=1.4)
+    ax.axvline(change, color="k", ls="--", lw=1)
+    ax.set_xlabel("events (time order)")
+    ax.set_ylabel("HR@10, rolling window of scored events")
+    ax.grid(alpha=0.3)
+    ax.legend(title="back to 90% of the rate before", fontsize=8)
+    ax.set_title(title or "Recovery after a change of tastes")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -12,18 +12,20 @@ Losses (per positive (u, i) with event weight w and sampled negatives j):
 
 The default is BPR with 8 negatives (40% uniform, the rest by popularity**0.75), each the
 higher-scoring of 2 draws (adaptive, WARP-like), a user learning rate 2.5x the item one, no item
-biases (lr_bias 0) and every vector capped at norm 2. Biases learnt against popularity-drawn
-negatives fall for a niche's items and rise for lucky tail items, and swamp a niche user's
-affinity (docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which
-makes them popularity instead (no better for niches). Prequential Recall@10 on MovieLens
-latest-small (every rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058;
-adding the adaptive choice 0.067; the previous defaults (biases at 0.2x) 0.0866, today's 0.089; 16
-negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a user vector that jumpy loses a stable
-taste on planted data (tests/unit/test_sgd.py) and 3 draws cost ~30% of the speed. The norm cap is
-what allows the high user rate and many negatives (without it they diverge). Logistic loss scores
-below BPR here: MovieLens rewards ranking a user's next item above others, which BPR optimises, and
-uniform negatives let the item bias learn popularity. Uniform draws index the table directly (no
-binary search), which pays for the second draw.
+biases (lr_bias 0), every vector capped at norm 2, and after its steps the user vector leans toward
+the item just learnt (`user_pull` 0.1: recency of the user's own last items, with no state beyond
+the vector; docs/quality-ablation.md). Biases learnt against popularity-drawn negatives fall for a
+niche's items and rise for lucky tail items, and swamp a niche user's affinity
+(docs/niche-ablation.md); `bias_uniform` learns them from uniform draws only, which makes them
+popularity instead (no better for niches). Prequential Recall@10 on MovieLens latest-small (every
+rating a positive; popularity 0.049): BPR with plain uniform negatives 0.058; adding the adaptive
+choice 0.067; the previous defaults (biases at 0.2x) 0.0866, then 0.089; today's (the pull and a
+180-day half-life) about 0.100; 16 negatives, 3 draws 0.102 (bench/results/tune_sgd.json), but a
+user vector that jumpy loses a stable taste on planted data (tests/unit/test_sgd.py) and 3 draws
+cost ~30% of the speed. The norm cap is what allows the high user rate and many negatives (without
+it they diverge). Logistic loss scores below BPR here: MovieLens rewards ranking a user's next item
+above others, which BPR optimises, and uniform negatives let the item bias learn popularity. Uniform
+draws index the table directly (no binary search), which pays for the second draw.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class SgdParams(NamedTuple):
     max_norm: float  # rows updated are scaled back to this norm (0: no cap)
     uniform_mix: float  # share of draws uniform over seen items, not from the cdf
     bias_uniform: bool  # biases learn only from uniformly drawn negatives
+    user_pull: float  # after the steps, the user vector moves by this times the item's vector
 
     @classmethod
     def from_config(cls, c: ModelConfig) -> SgdParams:
@@ -109,6 +112,7 @@ class SgdParams(NamedTuple):
             max_norm=float(c.max_norm),
             uniform_mix=float(c.uniform_mix),
             bias_uniform=bool(c.bias_uniform),
+            user_pull=float(c.user_pull),
         )
 
 
@@ -324,6 +328,7 @@ def _sgd_kernel(
         max_norm,
         uniform_mix,
         bias_uniform,
+        user_pull,
     ) = p
     dim = U.shape[1]
     u_old = np.empty(dim, dtype=np.float32)
@@ -479,6 +484,16 @@ def _sgd_kernel(
             sq = 0.0
             for f in range(dim):
                 v = U[u, f] - lr_u * (grad_u[f] + reg * u_old[f])
+                U[u, f] = v
+                sq += v * v
+            _clip_norm(U, u, sq, max_norm)
+
+        # recency: the user vector leans toward the item just learnt (after every step, so
+        # the steps' scores are the plain model's)
+        if user_pull > 0.0:
+            sq = 0.0
+            for f in range(dim):
+                v = U[u, f] + user_pull * V[i, f]
                 U[u, f] = v
                 sq += v * v
             _clip_norm(U, u, sq, max_norm)

@@ -169,3 +169,6 @@ def sgd_batch_reference(
             _clip(V, i, max_norm)
             U[u] -= lr * p.lr_user * (grad_u + reg * u_old)
             _clip(U, u, max_norm)
+        if p.user_pull > 0:
+            U[u] += p.user_pull * V[i]
+            _clip(U, u, max_norm)

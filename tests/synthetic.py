@@ -252,3 +252,94 @@ def planted_in_group(learner: object, seed: int = 11) -> int:
         groups = s.item_group[[int(ids[int(r)][1:]) for r in rec]]
         good += int(np.mean(groups == s.user_group[u]) > 0.5)
     return good
+
+
+@dataclass
+class DriftStream:
+    """A planted stream whose users change taste at event `change` (see `drift_stream`)."""
+
+    users: np.ndarray  # int32 user index
+    items: np.ndarray  # int32 item index
+    times: np.ndarray  # float64, sorted
+    group_before: np.ndarray  # each user's group before the change
+    group_after: np.ndarray  # and after it
+    item_group: np.ndarray
+    change: int  # index of the first event drawn from the new tastes
+
+    def user_ids(self) -> list[str]:
+        return [f"u{u}" for u in self.users.tolist()]
+
+    def item_ids(self) -> list[str]:
+        return [f"i{i}" for i in self.items.tolist()]
+
+
+def drift_stream(
+    before: int = 30_000,
+    after: int = 30_000,
+    n_users: int = 300,
+    n_items: int = 2000,
+    n_groups: int = 5,
+    in_group: float = 0.9,
+    zipf: float = 1.1,
+    drifting: float = 1.0,
+    seed: int = 0,
+    t0: float = 1_700_000_000.0,
+    span_s: float = 2 * 86400.0,
+) -> DriftStream:
+    """Planted tastes (as `planted_stream`) that change mid-stream: after `before` events a
+    `drifting` share of the users moves to another group (group + 1, + 2, ... at random, never
+    its own) and draws `after` more events from it. Groups keep about the same number of users,
+    so global popularity hardly moves: what must change is each user's vector, which is where an
+    online model should beat a periodic refit. Items are many enough (`n_items / n_groups` per
+    group, a power law within) that a user has unseen items of both groups on either side."""
+    rng = np.random.default_rng(seed)
+    g0 = rng.integers(0, n_groups, n_users)
+    moves = rng.random(n_users) < drifting
+    g1 = np.where(moves, (g0 + rng.integers(1, n_groups, n_users)) % n_groups, g0)
+    item_group = np.arange(n_items) % n_groups
+    rank = np.empty(n_items)
+    for g in range(n_groups):
+        members = np.flatnonzero(item_group == g)
+        rank[members] = rng.permutation(len(members)) + 1
+    pop = rank**-zipf
+    by_group = [np.flatnonzero(item_group == g) for g in range(n_groups)]
+    probs = [pop[m] / pop[m].sum() for m in by_group]
+    all_p = pop / pop.sum()
+    n = before + after
+    users = rng.integers(0, n_users, n).astype(np.int32)
+    group = np.where(np.arange(n) < before, g0[users], g1[users])
+    own = rng.random(n) < in_group
+    items = np.empty(n, dtype=np.int32)
+    for g in range(n_groups):
+        sel = own & (group == g)
+        items[sel] = rng.choice(by_group[g], size=int(sel.sum()), p=probs[g])
+    items[~own] = rng.choice(n_items, size=int((~own).sum()), p=all_p)
+    times = t0 + np.sort(rng.random(n)) * span_s
+    return DriftStream(users, items, times, g0, g1, item_group, before)
+
+
+def recovery(
+    outcomes: np.ndarray, change: int, window: int = 1000, share: float = 0.9
+) -> tuple[float, float, int | None]:
+    """(hit rate before the change, lowest rolling hit rate after it, events after the change
+    until the rolling hit rate is back to `share` of the one before; None if it never is).
+
+    `outcomes` is per event: -1 not scored, 0 miss, 1 hit (`prequential(keep_outcomes=True)`).
+    The rate before is over the last `window` scored events before the change; after, the rate
+    at an event is over the `window` scored events ending there (the first full window ends
+    `window` scored events after the change, so a recovery is never counted below that)."""
+    idx = np.flatnonzero(outcomes >= 0)
+    hit = (outcomes[idx] == 1).astype(np.float64)
+    pre = idx < change
+    if pre.sum() < window:
+        raise ValueError(f"only {int(pre.sum())} scored events before the change; need {window}")
+    rate_before = float(hit[pre][-window:].mean())
+    post_idx, post_hit = idx[~pre], hit[~pre]
+    if post_hit.size < window:
+        return rate_before, float("nan"), None
+    csum = np.concatenate([[0.0], np.cumsum(post_hit)])
+    rolling = (csum[window:] - csum[:-window]) / window  # window ending at scored event j+window-1
+    ends = post_idx[window - 1 :]
+    ok = np.flatnonzero(rolling >= share * rate_before)
+    back = None if ok.size == 0 else int(ends[ok[0]] - change + 1)
+    return rate_before, float(rolling.min()), back

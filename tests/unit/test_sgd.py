@@ -52,6 +52,9 @@ def _arrays(m: OnlineModel) -> dict[str, np.ndarray]:
         ("logistic", {"lr_bias": 0.2, "bias_uniform": True}),
         ("bpr", {"lr_bias": 0.2}),
         ("bpr", {"lr_bias": 0.2, "bias_uniform": True}),
+        # the recency pull toward each event's item (on by default), off and stronger
+        ("bpr", {"user_pull": 0.0}),
+        ("logistic", {"user_pull": 1.5}),
     ],
 )
 def test_kernel_matches_numpy_reference(
@@ -72,7 +75,7 @@ def test_kernel_matches_numpy_reference(
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # the models actually learned something (not a trivially equal no-op)
     assert np.abs(a["V"]).max() > 0.05
-    if biases:
+    if "lr_bias" in biases:
         assert np.abs(a["b"]).max() > 0.01
 
 
@@ -130,6 +133,7 @@ def test_negatives_never_the_positive_and_follow_popularity() -> None:
         max_norm=0.0,
         uniform_mix=0.0,
         bias_uniform=False,
+        user_pull=0.0,
     )
     sgd_batch(
         KernelBatch(

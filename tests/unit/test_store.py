@@ -70,6 +70,22 @@ def test_reopening_with_another_dim_is_refused(tmp_path: Path) -> None:
         store.load(CFG.model_copy(update={"dim": 16}))
 
 
+def test_reopening_with_another_half_life_is_refused(tmp_path: Path) -> None:
+    """Popularity and confidences are anchored at the half-life's rate: changing it (the default
+    did, 30 -> 180 days) would weigh old and new events by e^(t * difference)."""
+    old = CFG.model_copy(update={"half_life_s": 30 * 86400.0})
+    with StateStore(tmp_path / "db") as store:
+        m = OnlineModel(old, store.load(old))
+        store.commit_batch(m.state, m.learn(stream(100)))
+    with (
+        StateStore(tmp_path / "db") as store,
+        pytest.raises(ConfigMismatchError, match="half_life"),
+    ):
+        store.load(CFG.model_copy(update={"half_life_s": 180 * 86400.0}))
+    with StateStore(tmp_path / "db") as store:
+        assert store.load(old).config.half_life_s == 30 * 86400.0
+
+
 def test_user_items_prefix_scan(tmp_path: Path) -> None:
     batch = stream(2000)
     with StateStore(tmp_path / "db") as store:

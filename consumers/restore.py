@@ -27,6 +27,7 @@ from consumers import kafka_io
 from consumers.learner_snapshot import find_latest
 from consumers.model_log import find_last_marker
 from consumers.settings import UpdaterSettings
+from stream_mf.config import keep_structural
 from stream_mf.learner_snapshot import SnapshotEnd
 from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import Restore
@@ -95,7 +96,8 @@ def restore_if_empty(
         log.info("no learner snapshot to restore (%s): starting a fresh model in %s", why,
                  settings.state_dir)  # fmt: skip
         return None
-    want, have = settings.model.structural(), snap.state.config.structural()
+    want = keep_structural(snap.state.config, settings.model).structural()
+    have = snap.state.config.structural()
     if want != have:
         raise StoreError(
             f"the latest learner snapshot on {topic!r} was built with {have} but the settings "

@@ -175,3 +175,12 @@ class RebuildConfig(BaseModel):
         "rows (the rest is finished after the swap): keeps the pause short on a loaded machine",
     )
     stage_blocks: int = Field(default=256, ge=1, description="blocks per staging WriteBatch")
+
+
+def keep_structural(built: ModelConfig, asked: ModelConfig) -> ModelConfig:
+    """`asked`, with the structural settings it leaves at their defaults taken from the model
+    as `built`: a default that changes between releases (the half-life went from 30 to 180
+    days) must not lock an existing store out of an upgrade, while a value given on purpose
+    that differs is still refused by the caller."""
+    kept = {k: v for k, v in built.structural().items() if k not in asked.model_fields_set}
+    return asked.model_copy(update=kept) if kept else asked

@@ -25,7 +25,7 @@ import numpy as np
 import rocksdict as rd
 
 from stream_mf.arrays import unique_sorted
-from stream_mf.config import ModelConfig
+from stream_mf.config import ModelConfig, keep_structural
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.model import BatchDelta
 from stream_mf.sgd import N_COUNTERS, Counter
@@ -330,6 +330,7 @@ class StateStore:
             return config
         if config is None:
             return stored
+        config = keep_structural(stored, config)
         if stored.structural() != config.structural():
             raise ConfigMismatchError(
                 f"the store at {self.path} was built with {stored.structural()} but the settings "

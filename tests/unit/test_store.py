@@ -266,3 +266,15 @@ def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
     names = {k.decode() for k in written if not k.startswith(BATCH_LOG_PREFIX)}
     assert names == {n for n in META if not n.startswith(BATCH_LOG_PREFIX.decode())}
     assert any(k.startswith(BATCH_LOG_PREFIX) for k in written)
+
+
+def test_a_default_left_alone_takes_the_stored_value(tmp_path: Path) -> None:
+    """An upgrade that changes a structural default (the half-life did) opens the stores built
+    before it: a setting not given on purpose takes the store's value."""
+    old = ModelConfig(dim=CFG.dim, half_life_s=30 * 86400.0)
+    with StateStore(tmp_path / "db") as store:
+        m = OnlineModel(old, store.load(old))
+        store.commit_batch(m.state, m.learn(stream(100)))
+    upgraded = ModelConfig(dim=CFG.dim)  # today's default half-life, not given on purpose
+    with StateStore(tmp_path / "db") as store:
+        assert store.load(upgraded).config.half_life_s == 30 * 86400.0

@@ -77,13 +77,6 @@ CASES = [
             "smaller niches get none, whatever the model does",
         )
         if m == "popular"
-        else pytest.mark.xfail(
-            strict=True,
-            reason="the shipped rebuild (evaluate's hybrid now drives it): niche users whose "
-            "events all come after its last swap get 3-6 of 10, where SGD alone gets 9.5+ "
-            "(SGD from the swapped factors learns them slower); not solved yet",
-        )
-        if (m, v) == ("hybrid", "flat-apart-pop")
         else (),
     )
     for m in MODELS

@@ -12,14 +12,16 @@ from the background, through the `stage` sink it is given. When one is due is
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
-   then stage the new factors in the store under the next generation (invisible to readers).
+   rescale it to U*s, V/s (the same scores) so that its rows fit SGD's max-norm ball; then stage
+   the new factors in the store under the next generation (invisible to readers).
 2. **guard**: the next incoming events are scored test-then-learn against both the live model
    and the new one (before either has learned them), until `guard_events` are scored or
    `guard_timeout_s` passes; the rebuild is dropped if the new model's HR@10 is lower by more
    than `guard_margin`.
 3. **catch up** (in the background, repeated while it shrinks what is left): rows whose data
    changed since the previous round (users and items with new events, new ids) are re-solved
-   against the new factors from their full decayed rows, and their blocks re-staged.
+   against the new factors from their full decayed rows, alternating users and items
+   `catchup_sweeps` times, and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
    new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
    factors into the live arrays; the step returns the flip of the generation (`model_version`

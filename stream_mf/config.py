@@ -138,6 +138,13 @@ class RebuildConfig(BaseModel):
     cg_steps: int = Field(default=3, ge=1)
     min_confidence: float = Field(default=0.0, ge=0)
     max_rounds: int = Field(default=10, ge=1, description="catch-up rounds before the swap")
+    catchup_sweeps: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="alternations (users, then items) over the rows a catch-up round re-solves: "
+        "a taste that formed after the snapshot needs several (docs/niche-ablation.md)",
+    )
     final_rows: int = Field(
         default=1000,
         ge=1,

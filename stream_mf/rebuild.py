@@ -12,14 +12,16 @@ from the background, through the `stage` sink it is given. When one is due is
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
-   then stage the new factors in the store under the next generation (invisible to readers).
+   rescale it to U*s, V/s (the same scores) so that its rows fit SGD's max-norm ball; then stage
+   the new factors in the store under the next generation (invisible to readers).
 2. **guard**: the next incoming events are scored test-then-learn against both the live model
    and the new one (before either has learned them), until `guard_events` are scored or
    `guard_timeout_s` passes; the rebuild is dropped if the new model's HR@10 is lower by more
    than `guard_margin`.
 3. **catch up** (in the background, repeated while it shrinks what is left): rows whose data
    changed since the previous round (users and items with new events, new ids) are re-solved
-   against the new factors from their full decayed rows, and their blocks re-staged.
+   against the new factors from their full decayed rows, alternating users and items
+   `catchup_sweeps` times, and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
    new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
    factors into the live arrays; the step returns the flip of the generation (`model_version`
@@ -47,6 +49,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -414,6 +417,11 @@ class Rebuild:
         self.gram_u = np.zeros((state.config.dim,) * 2)  # YᵀY of U and V, kept current
         self.gram_v = np.zeros((state.config.dim,) * 2)
         self.clock = float(state.clock[0])
+        # the fit's factors are rescaled (U*s, V/s) to fit in SGD's max-norm ball (`_fit_scale`);
+        # later solves then use the regularisations that keep them the same ALS solution
+        self.max_norm = state.config.max_norm
+        self.scale = 1.0
+        self.reg_u = self.reg_v = cfg.reg
         self._start_fit(state)
 
     @property
@@ -597,9 +605,41 @@ class Rebuild:
             progress=progress, compute_loss=False,
         )  # fmt: skip
         del by_user, by_item
+        self._fit_scale()
         self.pairs.merge([])
         self._stage(np.arange(nu), np.arange(ni))
         log.info("rebuild: fit and staged in %.1fs", time.perf_counter() - t0)
+
+    def _fit_scale(self) -> None:
+        """Rescale the fit to U*s, V/s: every dot product (so every ranking) is kept, and the
+        longest rows fit in SGD's max-norm ball, as close to s = 1 as that allows.
+
+        Why: implicit ALS gives popular items long vectors and users short ones (a niche's items
+        up to 3.1-3.3 on the niche streams, users under 1). SGD clips a row to `max_norm` the
+        first time it touches it, so within a few hundred events after the swap the popular
+        items shrank, and a niche's users lost 1.2 of their 10 (docs/niche-ablation.md). The
+        later solves use reg/s^2 for users and reg*s^2 for items: the same ALS solution, in
+        these coordinates.
+        """
+        cap = self.max_norm
+        if cap <= 0.0 or self.U.shape[0] == 0 or self.V.shape[0] == 0:
+            return
+        nu = float(np.sqrt(np.max(np.einsum("ij,ij->i", self.U, self.U))))
+        nv = float(np.sqrt(np.max(np.einsum("ij,ij->i", self.V, self.V))))
+        if not (np.isfinite(nu) and np.isfinite(nv)) or nu <= 0.0 or nv <= 0.0:
+            return  # the guard rejects a non-finite fit; a zero one has nothing to scale
+        lo, hi = nv / cap, cap / nu  # s in [lo, hi]: both sides fit
+        s = min(max(1.0, lo), hi) if lo <= hi else math.sqrt(nv / nu)
+        if s == 1.0:
+            return
+        self._u.buf[: self._u.n] *= np.float32(s)
+        self._v.buf[: self._v.n] *= np.float32(1.0 / s)
+        self.scale = s
+        self.reg_u, self.reg_v = self.cfg.reg / s**2, self.cfg.reg * s**2
+        log.info(
+            "rebuild: factors scaled by %.3f (users) and %.3f (items) to fit max_norm %.2f "
+            "(longest rows %.2f and %.2f)", s, 1.0 / s, cap, nu, nv,
+        )  # fmt: skip
 
     def _grow(self, state: ModelState) -> tuple[int, int]:
         """Append the ids registered since (from their online vectors), on the loop thread;
@@ -627,7 +667,13 @@ class Rebuild:
         self, batches: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray, items: np.ndarray
     ) -> None:
         self.pairs.merge(batches)
-        self._resolve(self.pairs.rows(users, items, []), users, items, fresh_grams=True)
+        self._resolve(
+            self.pairs.rows(users, items, []),
+            users,
+            items,
+            fresh_grams=True,
+            sweeps=self.cfg.catchup_sweeps,
+        )
         self._stage(users, items)
 
     def _resolve(
@@ -636,8 +682,11 @@ class Rebuild:
         users: np.ndarray,
         items: np.ndarray,
         fresh_grams: bool = False,
+        sweeps: int = 1,
     ) -> None:
-        """Users against V, then items against the updated U, from the full rows in `pairs`.
+        """Users against V, then items against the updated U, from the full rows in `pairs`;
+        `sweeps` times over (a taste that formed after the snapshot needs several alternations
+        to show in the factors: one left a niche's users 6 of 10, docs/niche-ablation.md).
 
         The Gramians are kept current by rank updates over the rows solved (`fresh_grams`
         recomputes them first, in the background): a full YᵀY costs more than the few rows a
@@ -653,15 +702,20 @@ class Rebuild:
         u_of, i_of = keys >> 32, keys & _LOW32
         if fresh_grams:
             self.gram_u, self.gram_v = gramian(self.U), gramian(self.V)
-        if users.size:
-            self.gram_u += self._solve_side(users, self.U, self.V, u_of, i_of, data, self.gram_v)
-        if items.size:
-            self.gram_v += self._solve_side(items, self.V, self.U, i_of, u_of, data, self.gram_u)
+        for _ in range(sweeps):
+            if users.size:
+                self.gram_u += self._solve_side(
+                    users, self.U, self.V, u_of, i_of, data, self.gram_v, self.reg_u
+                )
+            if items.size:
+                self.gram_v += self._solve_side(
+                    items, self.V, self.U, i_of, u_of, data, self.gram_u, self.reg_v
+                )
         self.rows_resolved += int(users.size + items.size)
 
     def _solve_side(
         self, rows: np.ndarray, X_all: np.ndarray, Y: np.ndarray, row_of: np.ndarray,
-        col_of: np.ndarray, data: np.ndarray, gram_y: np.ndarray,
+        col_of: np.ndarray, data: np.ndarray, gram_y: np.ndarray, reg: float,
     ) -> np.ndarray:  # fmt: skip
         """Re-solve `rows` of `X_all` in place; returns the change of its Gramian."""
         c = self.cfg
@@ -669,7 +723,7 @@ class Rebuild:
         before = gramian(X)
         C = _compact(rows, row_of, col_of, data, Y.shape[0])
         steps = max(c.cg_steps, 6)  # new rows start far from their solution
-        solve_rows(C, X, Y, c.reg, None, c.solver, steps, gram_y)
+        solve_rows(C, X, Y, reg, None, c.solver, steps, gram_y)
         X_all[rows] = X
         return gramian(X) - before
 

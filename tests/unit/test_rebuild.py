@@ -308,9 +308,9 @@ def test_rows_left_at_the_swap_are_solved_exactly_after_it(
     assert store.rebuild_unfinished() is None
     D, P = dense_confidence(keys, vals, st.users.n, st.items.n, clock, CFG.decay_rate, rcfg.alpha)
     U = st.users.factors[: st.users.n]
-    want_u = solve_rows_reference(D, P, V_at_flip, rcfg.reg, after.users)
+    want_u = solve_rows_reference(D, P, V_at_flip, rb.reg_u, after.users)
     np.testing.assert_allclose(U[after.users], want_u, rtol=1e-3, atol=1e-4)
-    want_i = solve_rows_reference(D.T, P.T, U.copy(), rcfg.reg, after.items)
+    want_i = solve_rows_reference(D.T, P.T, U.copy(), rb.reg_v, after.items)
     np.testing.assert_allclose(st.items.factors[after.items], want_i, rtol=1e-3, atol=1e-4)
     store.drop_other_generations()
     store.close()
@@ -598,3 +598,41 @@ def test_a_non_finite_row_after_the_swap_fails_the_rebuild_after_its_flip() -> N
     with pytest.raises(RuntimeError, match="not finite"):
         rb.step(model.state)
     assert rb.phase is RebuildPhase.FAILED
+
+
+def test_the_fit_is_scaled_into_the_max_norm_ball_with_its_dot_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ALS gives popular items rows longer than SGD's max-norm, which SGD would clip on first
+    touch: the fit becomes U*s, V/s (every score kept), and later re-solves with reg/s^2 (users)
+    and reg*s^2 (items) give the same ALS solution in those coordinates."""
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    model.learn(stream(5000))
+    st = model.state
+    cfg = RebuildConfig(iterations=4, alpha=5.0, guard_events=0, max_rounds=1)
+    scaled = Rebuild(st, cfg, generation=1, inline=True)
+    monkeypatch.setattr(Rebuild, "_fit_scale", lambda self: None)
+    plain = Rebuild(st, cfg, generation=1, inline=True)
+    s = scaled.scale
+    longest = np.linalg.norm(plain.V, axis=1).max()
+    assert longest > CFG.max_norm and s == pytest.approx(longest / CFG.max_norm, rel=1e-5)
+    for a in (scaled.U, scaled.V):
+        assert np.linalg.norm(a, axis=1).max() <= CFG.max_norm * (1 + 1e-5)
+    np.testing.assert_allclose(scaled.U @ scaled.V.T, plain.U @ plain.V.T, rtol=1e-4, atol=1e-5)
+    keys, vals = confidence_items(st.confidence)
+    D, P = dense_confidence(keys, vals, st.users.n, st.items.n, float(st.clock[0]),
+                            CFG.decay_rate, cfg.alpha)  # fmt: skip
+    rows = np.arange(0, st.users.n, 7)
+    np.testing.assert_allclose(
+        solve_rows_reference(D, P, scaled.V.astype(np.float64), scaled.reg_u, rows),
+        s * solve_rows_reference(D, P, plain.V.astype(np.float64), cfg.reg, rows),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    cols = np.arange(0, st.items.n, 5)
+    np.testing.assert_allclose(
+        solve_rows_reference(D.T, P.T, scaled.U.astype(np.float64), scaled.reg_v, cols),
+        solve_rows_reference(D.T, P.T, plain.U.astype(np.float64), cfg.reg, cols) / s,
+        rtol=1e-4,
+        atol=1e-5,
+    )

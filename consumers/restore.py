@@ -34,9 +34,10 @@ from stream_mf.writes import Restore
 
 log = logging.getLogger(__name__)
 
-#: what RocksDB writes while it creates a store, before CURRENT: a kill in between leaves these,
-#: and RocksDB creates the store again over them
-_CREATION = ("LOCK", "IDENTITY", "LOG", "MANIFEST-", "OPTIONS-", ".log", ".dbtmp", "lost+found")
+#: what RocksDB (and rocksdict: its config file) writes while it creates a store, before
+#: CURRENT: a kill in between leaves these, and the store is created again over them
+_CREATION = ("LOCK", "IDENTITY", "LOG", "MANIFEST-", "OPTIONS-", ".log", ".dbtmp", "lost+found",
+             "rocksdict-config.json")  # fmt: skip
 
 
 def check_state_dir(path: Path, learner_topic: str) -> None:

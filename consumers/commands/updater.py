@@ -82,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
     # one line if no broker answers in time; the process keeps retrying (an empty state dir
     # waits for one already: it looks for a learner snapshot to restore)
     watch = kafka_io.BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
+    # a stop request during start-up (opening the store, a restore) ends it cleanly as well
+    stop = StopFlag().install()
     try:
         updater = Updater(settings)  # a store that cannot be opened: one line (StoreError)
         log.info("updater settings: %s", settings.model_dump_json(exclude={"model"}))
-        return updater.run(StopFlag().install())
+        return updater.run(stop)
     finally:
         watch.stop()

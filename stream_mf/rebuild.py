@@ -687,7 +687,7 @@ class Rebuild:
         and SGD on the swapped model then lost it (10 -> 5.7 of 10, docs/niche-ablation.md).
         All the round's rows, not only the new ones: the touched rows the niche's users did
         not rate are what it must rise above (the new rows alone reached 7.3)."""
-        new_u, new_i = users[users >= self.fit_rows[0]], items[items >= self.fit_rows[1]]
+        new_u, new_i = self._unanchored(pairs[0], users, items)
         for _ in range(self.cfg.new_row_sweeps):
             if new_u.size + new_i.size == 0:
                 return
@@ -697,6 +697,26 @@ class Rebuild:
             moved = float(np.linalg.norm(after - before))
             if moved <= 1e-3 * max(float(np.linalg.norm(after)), 1e-12):
                 return
+
+    def _unanchored(
+        self, keys: np.ndarray, users: np.ndarray, items: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """New users (of `users`) with most of their items new, and the new items they have:
+        a taste nothing fitted anchors. New users of old items (a catalogue's usual arrivals)
+        are placed by the fitted items in the usual sweeps."""
+        nu_fit, ni_fit = self.fit_rows
+        u_of, i_of = keys >> 32, keys & _LOW32
+        new_user = u_of >= nu_fit
+        u_new, i_new = u_of[new_user], i_of[new_user] >= ni_fit
+        n = int(u_new.max()) + 1 if u_new.size else 0
+        share = np.bincount(u_new, i_new, minlength=n) / np.maximum(
+            np.bincount(u_new, minlength=n), 1
+        )
+        cand = np.flatnonzero(share > 0.5)
+        cand = cand[_in(cand, users)]
+        link = _in(u_of, cand) & (i_of >= ni_fit)
+        new_i = unique_sorted(i_of[link])
+        return cand.astype(np.int64), new_i[_in(new_i, items)]
 
     def _resolve(
         self,

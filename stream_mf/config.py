@@ -146,12 +146,12 @@ class RebuildConfig(BaseModel):
         "a taste that formed after the snapshot needs several (docs/niche-ablation.md)",
     )
     new_row_sweeps: int = Field(
-        default=17,
+        default=27,
         ge=0,
         le=100,
         description="further alternations over a catch-up round's rows when some were "
         "registered after the snapshot (no fitted vector), until those stop moving: a niche "
-        "of new users and items lost after 3 (docs/niche-ablation.md)",
+        "of new users and items was lost after 3 (docs/niche-ablation.md)",
     )
     final_rows: int = Field(
         default=1000,

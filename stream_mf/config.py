@@ -149,9 +149,9 @@ class RebuildConfig(BaseModel):
         default=27,
         ge=0,
         le=100,
-        description="further alternations over a catch-up round's rows when some were "
-        "registered after the snapshot (no fitted vector), until those stop moving: a niche "
-        "of new users and items was lost after 3 (docs/niche-ablation.md)",
+        description="further alternations over a catch-up round's rows while users registered "
+        "after the snapshot, mostly of new items, still move: a niche of new users and new "
+        "items was lost after 3 (docs/niche-ablation.md)",
     )
     final_rows: int = Field(
         default=1000,

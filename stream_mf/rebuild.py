@@ -21,7 +21,8 @@ from the background, through the `stage` sink it is given. When one is due is
 3. **catch up** (in the background, repeated while it shrinks what is left): rows whose data
    changed since the previous round (users and items with new events, new ids) are re-solved
    against the new factors from their full decayed rows, alternating users and items
-   `catchup_sweeps` times, and their blocks re-staged.
+   `catchup_sweeps` times (up to `new_row_sweeps` more while new users of mostly new items,
+   a taste the fit never saw, still move), and their blocks re-staged.
 4. **swap**, on the loop thread between batches: re-solve the rows touched since the last round,
    new ids first, at most `final_rows` of them and for at most `swap_budget_s`; copy the new
    factors into the live arrays; the step returns the flip of the generation (`model_version`
@@ -677,8 +678,9 @@ class Rebuild:
     def _settle_new(
         self, pairs: tuple[np.ndarray, np.ndarray], users: np.ndarray, items: np.ndarray
     ) -> None:
-        """If the round has rows registered after the snapshot, alternate over all its rows
-        again until those stop moving or `new_row_sweeps` more are spent (background).
+        """If the round has users registered after the snapshot whose items are mostly new too
+        (`_unanchored`), alternate over all its rows again until those users and their new
+        items stop moving or `new_row_sweeps` more are spent (background).
 
         Why: a row the fit knew starts a round at its fitted vector; a row registered since
         starts at its online one, in SGD's coordinates. When a taste's users and items are all
@@ -686,7 +688,9 @@ class Rebuild:
         sweeps a 60-user niche's items scored 0.32 for its users, its best other item 0.33,
         and SGD on the swapped model then lost it (10 -> 5.7 of 10, docs/niche-ablation.md).
         All the round's rows, not only the new ones: the touched rows the niche's users did
-        not rate are what it must rise above (the new rows alone reached 7.3)."""
+        not rate are what it must rise above (the new rows alone reached 7.3). Only such
+        rounds: on MovieLens 2 rounds of 44 rebuilds qualify, where sweeping every round with
+        a new id went 0.1052 -> 0.1044 Recall@10."""
         new_u, new_i = self._unanchored(pairs[0], users, items)
         for _ in range(self.cfg.new_row_sweeps):
             if new_u.size + new_i.size == 0:

@@ -145,6 +145,14 @@ class RebuildConfig(BaseModel):
         description="alternations (users, then items) over the rows a catch-up round re-solves: "
         "a taste that formed after the snapshot needs several (docs/niche-ablation.md)",
     )
+    new_row_sweeps: int = Field(
+        default=27,
+        ge=0,
+        le=100,
+        description="further alternations over a catch-up round's rows while users registered "
+        "after the snapshot, mostly of new items, still move: a niche of new users and new "
+        "items was lost after 3 (docs/niche-ablation.md)",
+    )
     final_rows: int = Field(
         default=1000,
         ge=1,

@@ -636,3 +636,29 @@ def test_the_fit_is_scaled_into_the_max_norm_ball_with_its_dot_products(
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_only_new_users_of_mostly_new_items_get_extra_sweeps() -> None:
+    """The extra sweeps of a catch-up round (`new_row_sweeps`) are for a taste the fit never
+    saw: users registered after the snapshot with most of their items new, and those items.
+    New users of old items (the usual arrivals) and old users of new items do not trigger them
+    (sweeping every round with a new id cost MovieLens Recall@10, docs/niche-ablation.md)."""
+
+    def key(u: int, i: int) -> int:
+        return (u << 32) | i
+
+    fit_users, fit_items = 10, 20  # ids below these were in the fit's snapshot
+    pairs = [
+        (10, 20), (10, 21), (10, 3),  # new user, 2 of 3 items new: unanchored
+        (11, 21), (11, 1), (11, 2),  # new user, 1 of 3 new: the fitted items place it
+        (12, 22),  # new user, only new items, but not in this round's rows
+        (4, 23), (4, 24),  # old user of new items
+    ]  # fmt: skip
+    keys = np.sort(np.array([key(u, i) for u, i in pairs], np.int64))
+    users = np.array([4, 10, 11], np.int64)
+    items = np.array([1, 2, 3, 20, 21, 22, 23, 24], np.int64)
+    rb = Rebuild.__new__(Rebuild)  # only the fit's row counts matter here
+    rb.fit_rows = (fit_users, fit_items)
+    new_u, new_i = rb._unanchored(keys, users, items)
+    np.testing.assert_array_equal(new_u, [10])
+    np.testing.assert_array_equal(new_i, [20, 21])

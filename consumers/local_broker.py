@@ -108,8 +108,9 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGKILL the broker when its parent dies.
+def die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL the child (a broker, a service) when its
+    parent dies.
 
     Without it a test run killed by SIGKILL or an unhandled SIGTERM leaves the broker running,
     since it sits in its own session. The signal fires when the forking *thread* exits, so start
@@ -269,7 +270,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         self._port = port
         self._paused = False

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from consumers.local_broker import die_with_parent
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +56,9 @@ class ManagedProcess:
             env=self.env,
             start_new_session=True,
             cwd=self.cwd,
+            # a test run or demo killed outright (SIGKILL, an unhandled SIGTERM) runs no cleanup:
+            # its children die with it instead of running on in their own sessions
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         log.close()
         return self

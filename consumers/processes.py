@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-
-from consumers.local_broker import die_with_parent
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from consumers.local_broker import die_with_parent
 
 
 class ManagedProcess:

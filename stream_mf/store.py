@@ -601,14 +601,7 @@ class StateStore:
         gen = self.generation() if generation is None else generation
         if generation is not None:
             self._put_generation(wb, generation, unfinished=False)
-        self._put_header(wb, state, force=True)
-        for kind, table in (("user", state.users), ("item", state.items)):
-            rows = np.arange(table.n, dtype=np.int64)
-            self._put_rows(wb, kind, table, (0, table.n), rows, gen)
-        keys, vals = confidence_items(state.confidence)
-        self._put_pairs(wb, keys, vals)
-        self._put_scalars(wb, state, cdf=True)
-        self._put_offsets(wb, offsets)
+        keys = self._put_whole_state(wb, state, gen, offsets)
         self._finish(
             wb,
             state,
@@ -619,6 +612,25 @@ class StateStore:
             generation=generation,
             offsets=offsets,
         )
+
+    def _put_whole_state(
+        self,
+        wb: rd.WriteBatch,
+        state: ModelState,
+        gen: int,
+        offsets: Mapping[tuple[str, int], int] | None,
+    ) -> np.ndarray:
+        """Every row, pair, scalar and offset of `state` into `wb` (a first save, a restore);
+        returns the pair keys written."""
+        self._put_header(wb, state, force=True)
+        for kind, table in (("user", state.users), ("item", state.items)):
+            rows = np.arange(table.n, dtype=np.int64)
+            self._put_rows(wb, kind, table, (0, table.n), rows, gen)
+        keys, vals = confidence_items(state.confidence)
+        self._put_pairs(wb, keys, vals)
+        self._put_scalars(wb, state, cdf=True)
+        self._put_offsets(wb, offsets)
+        return keys
 
     def restore(self, snap: LearnerSnapshot) -> None:
         """A learner snapshot as a new store's first commit, one WriteBatch: a kill before it
@@ -635,14 +647,7 @@ class StateStore:
             wb.put(REBUILT_AT, F64.pack(snap.rebuilt_at), meta)
         if snap.rebuild_unfinished is not None:
             wb.put(REBUILD_UNFINISHED, I64.pack(snap.rebuild_unfinished), meta)
-        self._put_header(wb, state, force=True)
-        for kind, table in (("user", state.users), ("item", state.items)):
-            rows = np.arange(table.n, dtype=np.int64)
-            self._put_rows(wb, kind, table, (0, table.n), rows, gen)
-        keys, vals = confidence_items(state.confidence)
-        self._put_pairs(wb, keys, vals)
-        self._put_scalars(wb, state, cdf=True)
-        self._put_offsets(wb, snap.offsets)
+        keys = self._put_whole_state(wb, state, gen, snap.offsets)
         self._finish(
             wb,
             state,

@@ -255,7 +255,15 @@ class QueryMetrics:
             "stream_mf_requests_invalid_total", "Requests answered with an error", registry=r
         )
         self.expired = Counter(
-            "stream_mf_requests_expired_total", "Requests dropped past their deadline", registry=r
+            "stream_mf_requests_expired_total",
+            "Requests dropped: past their deadline, or their reply could not land before it",
+            registry=r,
+        )
+        self.reply_delay = Gauge(
+            "stream_mf_reply_delay_seconds",
+            "Recent produce-to-acknowledgement time of replies (p90 over 1 s; 0 when idle): "
+            "a request whose deadline falls within it is dropped",
+            registry=r,
         )
         self.latency = Histogram(
             "stream_mf_query_latency_seconds",

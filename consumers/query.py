@@ -27,6 +27,7 @@ from consumers import kafka_io
 from consumers.gc_control import freeze_startup
 from consumers.metrics import QueryMetrics, observe_many, serve_metrics
 from consumers.model_log import ModelFollower
+from consumers.reply_delay import ReplyDelay
 from consumers.settings import QuerySettings
 from stream_mf.answer import answer
 from stream_mf.events import describe_error
@@ -146,6 +147,7 @@ class QueryService:
         self.producer = reply_producer(settings, on_error=broker_error)
         self.metrics_port: int | None = None
         self._warm = False
+        self.reply_delay = ReplyDelay()
 
     def _applied(self, markers: list[Marker], took: float) -> None:
         """On the follower thread, after a run of commits became servable."""
@@ -208,6 +210,7 @@ class QueryService:
                 if self._holding():
                     time.sleep(0.02)
                     continue
+                self.metrics.reply_delay.set(self.reply_delay.update(len(self.producer)))
                 for m in kafka_io.drain(self.consumer, 500, 0.05):
                     err = m.error()
                     if err is None:
@@ -236,7 +239,8 @@ class QueryService:
         )
         _kind, ts_ms = m.timestamp()
         deadline = _deadline(headers, ts_ms, self.settings.default_deadline_ms)
-        if deadline is not None and t_recv > deadline:
+        # a reply that would land after the deadline is not worth making (consumers/reply_delay.py)
+        if deadline is not None and t_recv + self.reply_delay.current > deadline:
             self.metrics.expired.inc()
             self._store(m)
             return
@@ -295,10 +299,14 @@ class QueryService:
         self._store(m)
 
     def _delivered(self, m: Message) -> Callable[[KafkaError | None, Message], None]:
-        """Count a reply the broker did not take (the request's offset is stored at once)."""
+        """Time the reply's acknowledgement; count a reply the broker did not take (the
+        request's offset is stored at once)."""
+        produced_at = time.monotonic()
 
         def done(err: KafkaError | None, _reply: Message) -> None:
-            if err is not None:
+            if err is None:
+                self.reply_delay.note(produced_at)
+            else:
                 log.warning(
                     "reply to %s[%d]@%d not delivered: %s",
                     m.topic(),

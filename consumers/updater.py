@@ -38,7 +38,6 @@ input stream alone, however it is cut into batches and across kills and restores
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -73,7 +72,7 @@ from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
-from stream_mf.rebuild import Rebuild, RebuildStep, warm_up_rebuild
+from stream_mf.rebuild import Rebuild, RebuildStep, run_inline, warm_up_rebuild
 from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
 from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
@@ -81,11 +80,9 @@ from stream_mf.writes import (
     CommitBatch,
     DropGenerations,
     Flip,
-    MarkRebuilt,
     Stage,
     Write,
     WriteOffsets,
-    with_mark,
 )
 
 log = logging.getLogger(__name__)
@@ -748,29 +745,24 @@ class Updater:
             inline=True,
         )
         try:
-            res = self.rebuild.run_to_completion(st, self._commit)
+            res = run_inline(self.rebuild, st, at, self._commit)
         except StoreError:
             raise
         except RuntimeError as exc:
-            self._commit(MarkRebuilt(at))
             self._rebuild_failed(exc)
             return
-        res = dataclasses.replace(res, write=with_mark(res.write, at))
-        self._commit_rebuild_write(res, t0)
+        self._rebuild_committed(res, t0)
         self.metrics.rebuild_step.observe(time.perf_counter() - t0)
         self._rebuild_over(res, t0)
 
-    def _events_until_rebuild(self) -> int | None:
-        """Events to apply before the deterministic mode's next rebuild (None: not that mode)."""
-        sch = self.schedule
-        if not self.deterministic or sch.every_events is None:
-            return None
-        return max(0, sch.events_at_last + sch.every_events - self.model.state.events_applied)
-
     def _commit_rebuild_write(self, res: RebuildStep, t0: float) -> None:
         """The rebuild's flip or after-swap rows; the swap's pause is its step and the flip."""
-        assert res.write is not None and self.rebuild is not None
+        assert res.write is not None
         self._commit(res.write)
+        self._rebuild_committed(res, t0)
+
+    def _rebuild_committed(self, res: RebuildStep, t0: float) -> None:
+        assert self.rebuild is not None
         swapped = self.rebuild.swap_outcome
         if isinstance(res.write, Flip) and swapped is not None:
             m = self.metrics
@@ -878,7 +870,9 @@ class Updater:
     def _cut(self, msgs: list[Message]) -> int:
         """How many of `msgs` to take so that the batch holds at most the events left before
         the next rebuild (a message holds at most one event: decoded only when that matters)."""
-        left = self._events_until_rebuild()
+        left = None
+        if self.deterministic:
+            left = self.schedule.events_until_due(self.model.state.events_applied)
         if left is None or left >= len(msgs):
             return len(msgs)
         if left == 0:  # the rebuild could not run (an empty model): nothing to cut for

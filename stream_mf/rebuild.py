@@ -51,6 +51,7 @@ clears the mark, so a restarted writer knows to rebuild at once.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import logging
@@ -74,7 +75,15 @@ from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items, new_confidence_map
 from stream_mf.store_layout import BLOCK_ROWS
-from stream_mf.writes import AfterSwapStep, ClearUnfinished, Flip, Stage, Write
+from stream_mf.writes import (
+    AfterSwapStep,
+    ClearUnfinished,
+    Flip,
+    MarkRebuilt,
+    Stage,
+    Write,
+    with_mark,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1004,6 +1013,24 @@ class Rebuild:
         out.users, out.items, out.rows_resolved = users, items, self.rows_resolved
         self._to(RebuildPhase.DONE)
         return RebuildStep(self.phase, AfterSwapStep(users, items, last=True), out)
+
+
+def run_inline(
+    rb: Rebuild, state: ModelState, at: int, commit: Callable[[Write], None]
+) -> RebuildStep:
+    """Run an inline rebuild started at `at` events applied to its end, committing every write
+    in order; its last commit carries the mark `at` (`with_mark`), so that a driver restarted
+    from the store runs it again exactly when it never ended. A failure is marked too, then
+    raised (RuntimeError): it would fail the same way again."""
+    try:
+        res = rb.run_to_completion(state, commit)
+    except RuntimeError:
+        commit(MarkRebuilt(at))
+        raise
+    res = dataclasses.replace(res, write=with_mark(res.write, at))
+    assert res.write is not None
+    commit(res.write)
+    return res
 
 
 class _Laps:

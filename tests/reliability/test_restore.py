@@ -354,3 +354,64 @@ def test_a_new_host_carries_on_and_readers_never_go_back(kafka: str, tmp_path: P
         first.stop(5.0)
         rest.stop(5.0)
         c.stop_all()
+
+
+@pytest.mark.timeout(180)
+def test_a_swap_no_learner_snapshot_holds_is_not_undone(kafka: str, tmp_path: Path) -> None:
+    """The updater dies after a rebuild's flip (readers see its model version) and before a
+    learner snapshot holds it, and its disk is lost: the restore starts from the older snapshot
+    but carries on from the model log's version and generation, so no reader sees them go back.
+    The window is made certain here: the updater that swaps writes its snapshots elsewhere."""
+    topics = make_topics(kafka, partitions=1)
+    c = Cluster(kafka, topics, tmp_path)
+    s = planted_stream(7000, 600, 300, seed=4)
+    payloads, valid = event_payloads(s.users.tolist(), s.items.tolist(), s.times.tolist())
+    first_pub = StreamPublisher(kafka, topics.interactions, payloads[:6000], valid[:6000], 6000.0)
+    rest = StreamPublisher(kafka, topics.interactions, payloads[6000:], valid[6000:], 500.0)
+    try:
+        first = c.start("updater", "updater", *ARGS, env=ENV)
+        query = c.start("query", "query")
+        first_pub.start()
+        assert first_pub.finish(60) == 0
+        c.wait_metric("updater", "stream_mf_events_applied_total", sum(valid[:6000]), 60)
+        assert first.stop() == 0, first.log_tail()  # its last learner snapshot: version 0
+        c.procs.remove(first)
+
+        # a rebuild is due at once (1,000 events per rebuild, none yet): it swaps, readers see
+        # version 1, and its learner snapshots go to another topic
+        swapper = c.start("updater", "updater", *ARGS, env={
+            **DETERMINISTIC, "STREAM_MF_REBUILD__EVERY_EVENTS": "1000",
+            "STREAM_MF_TOPICS__LEARNER": f"{topics.learner}-elsewhere",
+        })  # fmt: skip
+        c.wait_metric("query", "stream_mf_model_version", 1, 60)
+        swapper.kill()
+        c.procs.remove(swapper)
+        shutil.rmtree(c.state)
+
+        # the disk is lost: the new updater restores the version-0 snapshot, and carries on
+        at = log_size(tmp_path / "updater.log")
+        restored = c.start("updater", "updater", *ARGS, env=ENV)
+        rest.start()
+        versions: list[float] = []
+        end = time.monotonic() + 90
+        while _metric(c, "query", "stream_mf_model_events_applied") != sum(valid):
+            assert restored.alive(), restored.log_tail()
+            assert query.alive(), query.log_tail()
+            assert time.monotonic() < end, (versions[-5:], restored.log_tail())
+            v = _metric(c, "query", "stream_mf_model_version")
+            if v is not None:
+                versions.append(v)
+            rest.poll()
+            time.sleep(0.05)
+        assert rest.finish(10) == 0
+        for _ in range(10):  # and as it serves the last commit
+            versions.append(c.metric("query", "stream_mf_model_version"))
+            time.sleep(0.1)
+        assert min(versions) == 1, "the model version a reader serves went back"
+        assert c.metric("updater", "stream_mf_model_version") == 1
+        text = log_since(restored.log_path, at)
+        assert RESTORED in text and "the model log already showed model version 1" in text
+    finally:
+        first_pub.stop(5.0)
+        rest.stop(5.0)
+        c.stop_all()

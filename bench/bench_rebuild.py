@@ -76,7 +76,7 @@ def main() -> None:
         print(f"model: {st.users.n:,} users, {st.items.n:,} items, {len(st.confidence):,} pairs")
         t0 = time.perf_counter()
         start_pause = time.perf_counter()
-        rb = Rebuild(st, rcfg, generation=store.generation() + 1, stage=store.stage)
+        rb = Rebuild(st, rcfg, generation=store.generation() + 1, stage=True)
         start_pause = time.perf_counter() - start_pause
         steps: list[float] = []
         phases: list[str] = []

@@ -28,7 +28,8 @@ from consumers.learner_snapshot import find_latest
 from consumers.model_log import find_last_marker
 from consumers.settings import UpdaterSettings
 from stream_mf.config import keep_structural
-from stream_mf.learner_snapshot import SnapshotEnd
+from stream_mf.learner_snapshot import LearnerSnapshot, SnapshotEnd
+from stream_mf.model_log import Marker
 from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import Restore
 
@@ -105,10 +106,12 @@ def restore_if_empty(
             f"ask for {want}: use the stored values, or --no-restore to start a fresh model"
         )
     # the model log may hold commits made after the snapshot: count on from past them, so the
-    # commit a reader sees applied never goes back (and the log gets a snapshot of this state)
-    logged = _last_logged_commit(settings)
-    if logged is not None and logged > snap.commits:
-        snap = dataclasses.replace(snap, commits=logged + 1)
+    # commit a reader sees applied never goes back (and the log gets a snapshot of this state);
+    # so may a swap (a kill after a flip, before the next learner snapshot's end): the model
+    # version and generation readers saw are carried on too, never gone back to
+    logged = _last_logged_marker(settings)
+    if logged is not None:
+        snap = _carried(snap, logged)
     store.apply(snap.state, Restore(snap))
     took = time.monotonic() - t0
     ends = _log_ends(settings, list(snap.offsets))
@@ -121,11 +124,32 @@ def restore_if_empty(
     return Restored(end, took, ends)
 
 
-def _last_logged_commit(settings: UpdaterSettings) -> int | None:
+def _carried(snap: LearnerSnapshot, logged: Marker) -> LearnerSnapshot:
+    """`snap` counting on from what the model log already showed readers: its commit count,
+    model version and generation never below the log's last marker's.
+
+    Why: readers follow the log, and the log can be ahead of the latest learner snapshot (the
+    updater died after a commit, a swap too, before the next snapshot was complete). The
+    replay redoes those commits; with the default (background) rebuilds it may not redo the
+    swap, and with deterministic ones it redoes it one version later (versions then count
+    each swap readers were shown, a redone one included)."""
+    if logged.seq > snap.commits:
+        snap = dataclasses.replace(snap, commits=logged.seq + 1)
+    if logged.gen > snap.generation:
+        snap = dataclasses.replace(snap, generation=logged.gen)
+    if logged.version > snap.state.model_version:
+        log.info("the model log already showed model version %d (this snapshot is of version "
+                 "%d): the restored model carries on from it", logged.version,
+                 snap.state.model_version)  # fmt: skip
+        snap.state.model_version = logged.version
+    return snap
+
+
+def _last_logged_marker(settings: UpdaterSettings) -> Marker | None:
     c = kafka_io.consumer(settings.kafka, f"{settings.group_id}-restore-log")
     try:
         marker, _end = find_last_marker(c, settings.topics.model)
-        return None if marker is None else marker.seq
+        return marker
     except Exception as exc:  # only the commit count's continuity needs it
         log.warning("cannot read the model log's last commit (%s)", exc)
         return None

@@ -25,6 +25,14 @@ middle isolates the same message again.
 A stored offset the log no longer has (consumers/offset_gap.py) is never followed silently: it
 stops the updater or, by explicit policy (`on_offset_gap`), moves the stored offset to the
 log's start or end.
+
+Rebuilds (stream_mf/rebuild.py) run in the background by default, stepped between batches, with
+wall-clock budgets: not reproducible. With `rebuild.deterministic`, micro-batches are cut
+exactly where `every_events` events have been applied since the last rebuild, and the rebuild
+runs there inline, to completion, before the next event; its last commit carries the mark of
+where it ended (`StateStore.rebuilt_events`), so a kill before that commit runs it again from
+the same state, and one after it does not run it again. The model is then a function of the
+input stream alone, however it is cut into batches and across kills and restores.
 """
 
 from __future__ import annotations
@@ -64,11 +72,18 @@ from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
 from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
-from stream_mf.rebuild import Rebuild, RebuildStep, warm_up_rebuild
+from stream_mf.rebuild import Rebuild, RebuildStep, run_inline, warm_up_rebuild
 from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
 from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
-from stream_mf.writes import CommitBatch, DropGenerations, Flip, Write, WriteOffsets
+from stream_mf.writes import (
+    CommitBatch,
+    DropGenerations,
+    Flip,
+    Stage,
+    Write,
+    WriteOffsets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +108,9 @@ KEY_KEEP = 1024
 MIN_DEAD_LETTER_BYTES = 1024
 # after a start, the dead-letter topic is read back from its end this many at a time
 DLT_READ_BACK_CHUNK = 1000
+# a loop turn writes a background rebuild's staged blocks for at most this long (each chunk is
+# one WriteBatch of `stage_blocks` blocks); the rest waits for the next turns
+STAGE_TURN_S = 0.05
 
 
 class DeadLetterError(RuntimeError):
@@ -339,10 +357,11 @@ class Updater:
         """The schedule; a rebuild at once if the last one stopped in its after-swap phase."""
         cfg = self.settings.rebuild
         self.rebuild: Rebuild | None = None
+        self.deterministic = cfg.deterministic
         self.schedule = RebuildScheduler(
             every_events=cfg.every_events,
             every_seconds=cfg.every_seconds,
-            events_at_last=state.events_applied,
+            events_at_last=self._rebuild_origin(state.events_applied),
             time_at_last=time.monotonic(),
             grace_s=OLD_GENERATION_GRACE_S,
         )
@@ -360,6 +379,14 @@ class Updater:
                 unfinished,
             )
             self.schedule.request()
+
+    def _rebuild_origin(self, events_applied: int) -> int:
+        """Where the event count of the rebuild schedule starts: in the deterministic mode, the
+        stored end of the last rebuild (0 if none: a store that never had one rebuilds as soon
+        as `every_events` are applied in all), otherwise this start."""
+        if self.deterministic:
+            return self.store.rebuilt_events() or 0
+        return events_applied
 
     def _init_gauges(self) -> None:
         self.registry.register(
@@ -667,11 +694,18 @@ class Updater:
         if self.rebuild is None:
             st = self.model.state
             if self.schedule.due(st.events_applied, st.users.n, st.items.n, now):
-                self._start_rebuild()
+                if self.deterministic:
+                    self._rebuild_inline()
+                else:
+                    self._start_rebuild()
             return
         t0 = time.perf_counter()
         try:
             res = self.rebuild.step(self.model.state)
+            # staged blocks, a chunk per WriteBatch, while the turn's share lasts
+            while isinstance(res.write, Stage) and time.perf_counter() - t0 < STAGE_TURN_S:
+                self._commit(res.write)
+                res = self.rebuild.step(self.model.state)
         except StoreError:
             raise  # the store itself failed: stop like any other write failure
         except RuntimeError as exc:
@@ -689,14 +723,46 @@ class Updater:
             self.model.state,
             self.settings.rebuild,
             generation=self.store.generation() + 1,
-            stage=self.store.stage,
+            stage=True,
         )
         self.metrics.rebuild_running.set(1)
 
+    def _rebuild_inline(self) -> None:
+        """The deterministic mode: a rebuild from the state as of this event count, run to its
+        end now (the loop waits), every write committed in order; its last commit carries the
+        mark of where it ended, so that a restart runs it again only if it never ended."""
+        st = self.model.state
+        at = st.events_applied
+        self.schedule.started()
+        self.metrics.rebuild_running.set(1)
+        log.info("deterministic rebuild due at %d events applied: running it inline", at)
+        t0 = time.perf_counter()
+        self.rebuild = Rebuild(
+            st,
+            self.settings.rebuild.inline(),
+            generation=self.store.generation() + 1,
+            stage=True,
+            inline=True,
+        )
+        try:
+            res = run_inline(self.rebuild, st, at, self._commit)
+        except StoreError:
+            raise
+        except RuntimeError as exc:
+            self._rebuild_failed(exc)
+            return
+        self._rebuild_committed(res, t0)
+        self.metrics.rebuild_step.observe(time.perf_counter() - t0)
+        self._rebuild_over(res, t0)
+
     def _commit_rebuild_write(self, res: RebuildStep, t0: float) -> None:
         """The rebuild's flip or after-swap rows; the swap's pause is its step and the flip."""
-        assert res.write is not None and self.rebuild is not None
+        assert res.write is not None
         self._commit(res.write)
+        self._rebuild_committed(res, t0)
+
+    def _rebuild_committed(self, res: RebuildStep, t0: float) -> None:
+        assert self.rebuild is not None
         swapped = self.rebuild.swap_outcome
         if isinstance(res.write, Flip) and swapped is not None:
             m = self.metrics
@@ -789,6 +855,36 @@ class Updater:
         return out
 
     def process(self, msgs: list[Message]) -> None:
+        """Decode, learn, write, commit the messages: one micro-batch, or in the deterministic
+        mode as many as it takes to end one exactly where a rebuild is due (run in between)."""
+        if not self.deterministic:
+            self._process(msgs)
+            return
+        while msgs:
+            self._drive_rebuild()  # one due at once (a restart where one did not end)
+            cut = self._cut(msgs)
+            self._process(msgs[:cut])
+            msgs = msgs[cut:]
+        self._drive_rebuild()
+
+    def _cut(self, msgs: list[Message]) -> int:
+        """How many of `msgs` to take so that the batch holds at most the events left before
+        the next rebuild (a message holds at most one event: decoded only when that matters)."""
+        left = None
+        if self.deterministic:
+            left = self.schedule.events_until_due(self.model.state.events_applied)
+        if left is None or left >= len(msgs):
+            return len(msgs)
+        if left == 0:  # the rebuild could not run (an empty model): nothing to cut for
+            return len(msgs)
+        values, _parts, _offs, stamps = _columns(msgs)
+        latest = future_bounds(stamps, self.settings.max_future_seconds)
+        dec = decode_events(values, self.types, self.settings.max_message_bytes, latest)
+        if len(dec.positions) <= left:
+            return len(msgs)
+        return dec.positions[left - 1] + 1
+
+    def _process(self, msgs: list[Message]) -> None:
         """Decode, learn, write, commit one micro-batch (see the module docstring)."""
         t0 = time.perf_counter()
         self.metrics.consumed.inc(len(msgs))
@@ -1213,7 +1309,7 @@ class Updater:
         st = self.store
         return LearnerSnapshot(
             self.model.state, st.offsets(), st.generation(), st.commits(), st.rebuilt_at(),
-            st.rebuild_unfinished(),
+            st.rebuild_unfinished(), st.rebuilt_events(),
         )  # fmt: skip
 
     def _restored(self, r: restore.Restored) -> None:
@@ -1221,7 +1317,7 @@ class Updater:
         state = self.store.load(self.settings.model)
         self.model = OnlineModel(state.config, state)
         self.offsets = self.store.offsets()
-        self.schedule.events_at_last = state.events_applied
+        self.schedule.events_at_last = self._rebuild_origin(state.events_applied)
         if self.store.rebuild_unfinished() is not None:
             self.schedule.request()
         p = self.publisher  # it was made for the empty store

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class EventTypeSpec(BaseModel):
@@ -190,6 +190,29 @@ class RebuildConfig(BaseModel):
         "rows (the rest is finished after the swap): keeps the pause short on a loaded machine",
     )
     stage_blocks: int = Field(default=256, ge=1, description="blocks per staging WriteBatch")
+    deterministic: bool = Field(
+        default=False,
+        description="run each rebuild inline, to completion, exactly every `every_events` "
+        "events (micro-batches are cut there): the model is then a function of the input "
+        "stream alone, the same across kills and restores; the loop pauses for the whole "
+        "rebuild, and the guard scores no events (none arrive during it): it only checks the "
+        "new model is finite. Off: in the background, within wall-clock budgets",
+    )
+
+    @model_validator(mode="after")
+    def _deterministic_by_events(self) -> RebuildConfig:
+        if self.deterministic and (self.every_events is None or self.every_seconds is not None):
+            raise ValueError(
+                "rebuild.deterministic schedules rebuilds by event count only: set "
+                "rebuild.every_events and leave rebuild.every_seconds unset"
+            )
+        return self
+
+    def inline(self) -> RebuildConfig:
+        """The settings a deterministic (inline) rebuild runs with: no wall-clock budget cuts
+        the swap, and the guard, which would wait for events that cannot arrive while the loop
+        is paused, is off (the finiteness check stays)."""
+        return self.model_copy(update={"swap_budget_s": math.inf, "guard_events": 0})
 
 
 def keep_structural(built: ModelConfig, asked: ModelConfig) -> ModelConfig:

@@ -66,6 +66,7 @@ class LearnerSnapshot:
     commits: int
     rebuilt_at: float | None = None
     rebuild_unfinished: int | None = None
+    rebuilt_events: int | None = None  # where the deterministic rebuild schedule counts from
 
     @property
     def events(self) -> int:
@@ -136,6 +137,7 @@ def encode(snap: LearnerSnapshot) -> bytes:
         "commits": snap.commits,
         "rebuilt_at": snap.rebuilt_at,
         "rebuild_unfinished": snap.rebuild_unfinished,
+        "rebuilt_events": snap.rebuilt_events,
         "offsets": {f"{t}/{p}": o for (t, p), o in snap.offsets.items()},
         "n_users": st.users.n,
         "n_items": st.items.n,
@@ -197,6 +199,7 @@ def decode(raw: bytes) -> LearnerSnapshot:
         commits=int(h["commits"]),
         rebuilt_at=h.get("rebuilt_at"),
         rebuild_unfinished=h.get("rebuild_unfinished"),
+        rebuilt_events=h.get("rebuilt_events"),
     )
 
 

@@ -4,11 +4,15 @@ A rebuild runs in the updater's process, in a background thread (the numba kerne
 GIL), in steps the updater's loop drives between batches (`step`), each short. Its phase is a
 `RebuildPhase` (the numbers below: fitting, guarding, catching_up, swapping, after_swap; then
 done, rejected or failed), each step declares the phase it runs in (`runs_in`) and moves on
-explicitly (`TRANSITIONS`). A rebuild never writes the live model itself: a step returns the
-commit to make (`stream_mf.writes`: the flip, an after-swap step, clearing the unfinished mark)
-and its driver's loop makes it; only staging (invisible rows of the next generation) is written
-from the background, through the `stage` sink it is given. When one is due is
-`stream_mf.rebuild_scheduler`'s business.
+explicitly (`TRANSITIONS`). A rebuild never writes the store itself: a step returns the commit
+to make (`stream_mf.writes`: a staged chunk, the flip, an after-swap step, clearing the
+unfinished mark) and its driver's loop makes it. Staging (invisible rows of the next generation)
+is decided in the background, which queues the blocks it finished; each step hands one queued
+chunk to the loop before anything else, and the swap waits until the queue is empty. A block is
+read from the new factors when the loop writes it, so a row a later round changes meanwhile may
+be written half-changed, but that round queues its block again: the last write of every block
+follows the last change of its rows. When one is due is `stream_mf.rebuild_scheduler`'s
+business; `run_to_completion` drives one inline (the updater's deterministic mode, evaluation).
 
 1. **fit**: from a snapshot of the confidence map taken between two batches, build the decayed
    confidence matrix `1 + alpha * c_ui` and fit implicit ALS, warm-started from the live factors;
@@ -47,12 +51,14 @@ clears the mark, so a restarted writer knows to rebuild at once.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,7 +75,15 @@ from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items, new_confidence_map
 from stream_mf.store_layout import BLOCK_ROWS
-from stream_mf.writes import AfterSwapStep, ClearUnfinished, Flip, Write
+from stream_mf.writes import (
+    AfterSwapStep,
+    ClearUnfinished,
+    Flip,
+    MarkRebuilt,
+    Stage,
+    Write,
+    with_mark,
+)
 
 log = logging.getLogger(__name__)
 
@@ -372,16 +386,13 @@ class RebuildStep:
     outcome: Outcome | None = None
 
 
-#: a stage sink: (kind, rows, generation, blocks) -> None; `StateStore.stage` in the updater
-Stage = Callable[[str, "_Rows", int, np.ndarray], None]
-
-
 class Rebuild:
     """One rebuild in flight. Drive it from the updater's loop: `note` every batch's delta,
     `step` between batches (after the batch's commit) and commit the `write` it returns, until
-    it returns an `Outcome`. `inline=True` runs the background work in the caller (evaluation:
-    the same steps, synchronously, so that results repeat); `stage=None` stages nothing;
-    `clock` is what the guard's timeout is measured on (evaluation counts events)."""
+    it returns an `Outcome`. `inline=True` runs the background work in the caller (evaluation
+    and the deterministic mode: the same steps, synchronously, so that results repeat);
+    `stage=False` stages nothing (no store); `clock` is what the guard's timeout is measured on
+    (evaluation counts events)."""
 
     def __init__(
         self,
@@ -389,7 +400,7 @@ class Rebuild:
         cfg: RebuildConfig,
         *,
         generation: int,
-        stage: Stage | None = None,
+        stage: bool = False,
         inline: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -397,7 +408,10 @@ class Rebuild:
         self.now = clock  # what `guard_timeout_s` is measured on
         self.phase = RebuildPhase.IDLE
         self.generation = generation
-        self.stage_sink = stage
+        self.stage = stage
+        # (kind, blocks) finished in the background, for the loop to write (thread-safe deque)
+        self.staged: deque[tuple[str, np.ndarray]] = deque()
+        self._zero_bias = np.zeros(0, np.float32)
         self.inline = inline
         self.thread: threading.Thread | None = None
         self.started = time.monotonic()
@@ -504,7 +518,10 @@ class Rebuild:
 
     def step(self, state: ModelState) -> RebuildStep:
         """Advance as far as the work done allows. Raises RuntimeError if background work
-        failed (the rebuild is then FAILED; `swap_outcome` says whether it had swapped)."""
+        failed (the rebuild is then FAILED; `swap_outcome` says whether it had swapped).
+        Blocks staged in the background go first, one chunk a step, while work goes on."""
+        if self.staged:
+            return RebuildStep(self.phase, self._next_stage())
         if self.busy:
             return RebuildStep(self.phase)
         if self.error is not None:
@@ -522,14 +539,20 @@ class Rebuild:
             return self._apply_after(state)
         raise RebuildPhaseError(f"nothing to step in {self.phase.value}")
 
-    def run_to_completion(self, state: ModelState) -> RebuildStep:
-        """Step with no new events until the rebuild is over (its writes are left out: for a
-        driver with no store, or a test)."""
+    def run_to_completion(
+        self, state: ModelState, commit: Callable[[Write], None] | None = None
+    ) -> RebuildStep:
+        """Step with no new events until the rebuild is over, handing each write but the last
+        step's to `commit` (left out if None: a driver with no store, or a test); the last
+        step is returned with its write, for the driver to commit (with a mark of its own).
+        Raises RuntimeError as `step` does."""
         while True:
             self.wait()
             res = self.step(state)
             if res.outcome is not None:
                 return res
+            if res.write is not None and commit is not None:
+                commit(res.write)
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -779,14 +802,22 @@ class Rebuild:
         self.finite = self.finite and bool(
             np.all(np.isfinite(self.U[users])) and np.all(np.isfinite(self.V[items]))
         )
-        if self.stage_sink is None:
+        if not self.stage:
             return
-        for kind, rows, arr in (("user", users, self.U), ("item", items, self.V)):
+        for kind, rows in (("user", users), ("item", items)):
             blocks = unique_sorted(np.asarray(rows, np.int64) // BLOCK_ROWS)
-            view = _Rows(arr)
             step = self.cfg.stage_blocks
             for lo in range(0, blocks.size, step):
-                self.stage_sink(kind, view, self.generation, blocks[lo : lo + step])
+                self.staged.append((kind, blocks[lo : lo + step]))
+
+    def _next_stage(self) -> Stage:
+        """The next queued chunk, read from the new factors now (loop thread: `_grow` moves
+        them only there, between background work)."""
+        kind, blocks = self.staged.popleft()
+        arr = self.U if kind == "user" else self.V
+        if self._zero_bias.size < arr.shape[0]:
+            self._zero_bias = np.zeros(arr.shape[0] * 3 // 2 + 16, np.float32)
+        return Stage(kind, _Rows(arr, self._zero_bias), self.generation, blocks)
 
     # ---- the swap (loop thread) ----------------------------------------------------------------
 
@@ -984,6 +1015,24 @@ class Rebuild:
         return RebuildStep(self.phase, AfterSwapStep(users, items, last=True), out)
 
 
+def run_inline(
+    rb: Rebuild, state: ModelState, at: int, commit: Callable[[Write], None]
+) -> RebuildStep:
+    """Run an inline rebuild started at `at` events applied to its end, committing every write
+    in order; its last commit carries the mark `at` (`with_mark`), so that a driver restarted
+    from the store runs it again exactly when it never ended. A failure is marked too, then
+    raised (RuntimeError): it would fail the same way again."""
+    try:
+        res = rb.run_to_completion(state, commit)
+    except RuntimeError:
+        commit(MarkRebuilt(at))
+        raise
+    res = dataclasses.replace(res, write=with_mark(res.write, at))
+    assert res.write is not None
+    commit(res.write)
+    return res
+
+
 class _Laps:
     """Where a step's time goes, in ms per named part."""
 
@@ -1010,10 +1059,11 @@ def _missing(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
 class _Rows:
     """The part of an EntityTable that staging reads: factors, zero biases, row count."""
 
-    def __init__(self, factors: np.ndarray):
+    def __init__(self, factors: np.ndarray, zeros: np.ndarray | None = None):
         self.factors = factors
-        self.bias = np.zeros(factors.shape[0], np.float32)
-        self.n = factors.shape[0]
+        n = factors.shape[0]
+        self.bias = np.zeros(n, np.float32) if zeros is None or zeros.size < n else zeros[:n]
+        self.n = n
 
 
 @contextmanager

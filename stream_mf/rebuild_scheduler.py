@@ -42,6 +42,14 @@ class RebuildScheduler:
             return True
         return bool(self.every_seconds and now - self.time_at_last >= self.every_seconds)
 
+    def events_until_due(self, events_applied: int) -> int | None:
+        """Events left before a rebuild is due by count (None: none is), for a driver that cuts
+        its batches there (the deterministic mode: the rebuild then starts at exactly that
+        count, however the stream arrives)."""
+        if not self.every_events or self.running:
+            return None
+        return max(0, self.events_at_last + self.every_events - events_applied)
+
     def started(self) -> None:
         self.running = True
         self.requested = False

@@ -2,10 +2,12 @@
 
 The layout (keys, blocks, codecs, the registry of meta keys) is in `stream_mf/store_layout.py`.
 A writer changes the store only through the named commits below (`commit_batch`, `flip`,
-`after_swap_step`, `stage`, `clear_rebuild_unfinished`, `drop_other_generations`,
-`write_offsets`), each one WriteBatch: RocksDB applies it whole or not at all, which is the
-exactly-once guarantee. The updater's loop is their one caller, through `apply` (the values
-of `stream_mf/writes.py`); `write_full_state` is for tests, benchmarks and the demo's seed.
+`after_swap_step`, `stage`, `clear_rebuild_unfinished`, `mark_rebuilt`,
+`drop_other_generations`, `write_offsets`), each one WriteBatch: RocksDB applies it whole or
+not at all, which is the exactly-once guarantee. The updater's loop is their one caller,
+through `apply` (the values of `stream_mf/writes.py`; a rebuild's background thread queues
+what it stages for the loop to write); `write_full_state` is for tests, benchmarks and the
+demo's seed.
 Readers only ever see one generation; leftovers of an unfinished rebuild are deleted on open.
 After each durable commit that changes the model, `on_commit` (the model log's publisher,
 consumers/model_log.py) is told what it wrote (`CommitInfo`); `commits` counts them.
@@ -63,6 +65,7 @@ from stream_mf.store_layout import (
     N_USERS,
     REBUILD_UNFINISHED,
     REBUILT_AT,
+    REBUILT_EVENTS,
     RowTable,
     as_bytes,
     batch_log_key,
@@ -84,7 +87,9 @@ from stream_mf.writes import (
     CommitBatch,
     DropGenerations,
     Flip,
+    MarkRebuilt,
     Restore,
+    Stage,
     Write,
     WriteOffsets,
 )
@@ -253,12 +258,29 @@ class StateStore:
     def generation(self) -> int:
         return self._meta_int(GENERATION)
 
-    def clear_rebuild_unfinished(self) -> None:
+    def clear_rebuild_unfinished(self, rebuilt_events: int | None = None) -> None:
         """Forget the mark (a later rebuild was judged, and rejected, by its guard)."""
-        if self._meta(REBUILD_UNFINISHED) is not None:
+        if self._meta(REBUILD_UNFINISHED) is not None or rebuilt_events is not None:
             wb = self._batch()
             wb.delete(REBUILD_UNFINISHED, self.h["meta"])
+            self._put_rebuilt_events(wb, rebuilt_events)
             self._write(wb)
+
+    def mark_rebuilt(self, events: int) -> None:
+        """A deterministic rebuild ended at `events` applied with no commit of its own."""
+        wb = self._batch()
+        self._put_rebuilt_events(wb, events)
+        self._write(wb)
+
+    def rebuilt_events(self) -> int | None:
+        """Events applied when the last deterministic rebuild ended (its schedule counts from
+        there), if one ever did."""
+        raw = self._meta(REBUILT_EVENTS)
+        return None if raw is None else I64.unpack(raw)[0]
+
+    def _put_rebuilt_events(self, wb: rd.WriteBatch, events: int | None) -> None:
+        if events is not None:
+            wb.put(REBUILT_EVENTS, I64.pack(events), self.h["meta"])
 
     def rebuild_unfinished(self) -> int | None:
         """The generation whose rows left over at the swap were not all re-solved when the
@@ -476,12 +498,17 @@ class StateStore:
         match write:
             case CommitBatch(delta, offsets, event_times):
                 self.commit_batch(state, delta, offsets, event_times)
-            case Flip(generation, users, items, unfinished):
-                self.flip(state, generation, users, items, unfinished=unfinished)
-            case AfterSwapStep(users, items, last):
-                self.after_swap_step(state, users, items, last=last)
-            case ClearUnfinished():
-                self.clear_rebuild_unfinished()
+            case Flip(generation, users, items, unfinished, mark):
+                self.flip(state, generation, users, items, unfinished=unfinished,
+                          rebuilt_events=mark)  # fmt: skip
+            case AfterSwapStep(users, items, last, mark):
+                self.after_swap_step(state, users, items, last=last, rebuilt_events=mark)
+            case ClearUnfinished(mark):
+                self.clear_rebuild_unfinished(mark)
+            case MarkRebuilt(events):
+                self.mark_rebuilt(events)
+            case Stage(kind, rows, generation, blocks):
+                self.stage(kind, rows, generation, blocks)
             case DropGenerations(older, staged, below):
                 self.drop_other_generations(older, staged, below)
             case WriteOffsets(offsets):
@@ -569,22 +596,26 @@ class StateStore:
         items: np.ndarray,
         *,
         unfinished: bool = False,
+        rebuilt_events: int | None = None,
     ) -> None:
         """A rebuild's swap: `users`' and `items`' rows (already staged rows need not be) under
         `generation`, which readers then see; marks it unfinished while rows wait after it."""
         wb = self._batch()
         self._put_generation(wb, generation, unfinished=unfinished)
+        self._put_rebuilt_events(wb, rebuilt_events)
         self._put_model_rows(wb, state, users, items, generation)
         self._finish(wb, state, users=users, items=items, generation=generation)
 
     def after_swap_step(
-        self, state: ModelState, users: np.ndarray, items: np.ndarray, *, last: bool = False
-    ) -> None:
+        self, state: ModelState, users: np.ndarray, items: np.ndarray, *, last: bool = False,
+        rebuilt_events: int | None = None,
+    ) -> None:  # fmt: skip
         """Rows re-solved after a deferred swap; the last step clears the unfinished mark."""
         wb = self._batch()
         gen = self.generation()
         if last:
             self._put_generation(wb, gen, unfinished=False)
+        self._put_rebuilt_events(wb, rebuilt_events)
         self._put_model_rows(wb, state, users, items, gen)
         self._finish(wb, state, users=users, items=items)
 
@@ -647,6 +678,7 @@ class StateStore:
             wb.put(REBUILT_AT, F64.pack(snap.rebuilt_at), meta)
         if snap.rebuild_unfinished is not None:
             wb.put(REBUILD_UNFINISHED, I64.pack(snap.rebuild_unfinished), meta)
+        self._put_rebuilt_events(wb, snap.rebuilt_events)
         keys = self._put_whole_state(wb, state, gen, snap.offsets)
         self._finish(
             wb,

@@ -25,6 +25,7 @@ Meta keys (tests/unit/test_store.py checks this list against META):
   block_rows          int64, BLOCK_ROWS
   rebuilt_at          f64 wall-clock time of the last swap
   rebuild_unfinished  int64 generation whose after-swap rows were not all applied
+  rebuilt_events      int64 events applied when the last deterministic rebuild ended
   commit_seq          int64 sequence number of the last batch log entry
   commits             int64 durable commits so far (model log markers name it)
   batchlog/<seq>      int64 events | f64[<=256] sampled event times (seq: be64)
@@ -88,6 +89,7 @@ META = _registry(
     MetaKey(b"block_rows", "int64, BLOCK_ROWS"),
     MetaKey(b"rebuilt_at", "f64 wall-clock time of the last swap"),
     MetaKey(b"rebuild_unfinished", "int64 generation whose after-swap rows were not all applied"),
+    MetaKey(b"rebuilt_events", "int64 events applied when the last deterministic rebuild ended"),
     MetaKey(b"commit_seq", "int64 sequence number of the last batch log entry"),
     MetaKey(b"commits", "int64 durable commits so far (model log markers name it)"),
     MetaKey(
@@ -107,6 +109,7 @@ MODEL_VERSION, GENERATION, CDF = meta_key("model_version"), meta_key("generation
 FORMAT_KEY, BLOCK_ROWS_KEY = meta_key("format"), meta_key("block_rows")
 REBUILT_AT, REBUILD_UNFINISHED = meta_key("rebuilt_at"), meta_key("rebuild_unfinished")
 COMMIT_SEQ, COMMITS = meta_key("commit_seq"), meta_key("commits")
+REBUILT_EVENTS = meta_key("rebuilt_events")
 
 
 class RowTable(Protocol):

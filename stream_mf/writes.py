@@ -5,6 +5,7 @@ step, a rebuild) returns one of these, and the updater's loop alone hands it to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.model import BatchDelta
+from stream_mf.store_layout import RowTable
 
 _NONE = np.empty(0, np.int64)
 
@@ -34,6 +36,7 @@ class Flip:
     users: np.ndarray
     items: np.ndarray
     unfinished: bool = False
+    rebuilt_events: int | None = None  # a deterministic rebuild's end (`MarkRebuilt`)
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,35 @@ class AfterSwapStep:
     users: np.ndarray
     items: np.ndarray
     last: bool = False
+    rebuilt_events: int | None = None
 
 
 @dataclass(frozen=True)
 class ClearUnfinished:
     """A rebuild's guard judged (and rejected) a new model over the rows a mark was kept for."""
+
+    rebuilt_events: int | None = None
+
+
+@dataclass(frozen=True)
+class MarkRebuilt:
+    """A deterministic rebuild is over at `events` applied (a restart does not run it again).
+    On its own only when the rebuild ended with no commit of its own (it failed); otherwise the
+    rebuild's last commit carries the mark (`with_mark`), in the same WriteBatch: a kill between
+    a flip and a separate mark would run the rebuild again on the swapped model."""
+
+    events: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Blocks of a future generation's factors (zero biases), invisible until its flip: a
+    rebuild's background work queues them and the updater's loop writes them."""
+
+    kind: str  # "user" or "item"
+    rows: RowTable
+    generation: int
+    blocks: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -76,8 +103,26 @@ class Restore:
 
 
 Write = (
-    CommitBatch | Flip | AfterSwapStep | ClearUnfinished | DropGenerations | WriteOffsets | Restore
+    CommitBatch
+    | Flip
+    | AfterSwapStep
+    | ClearUnfinished
+    | MarkRebuilt
+    | Stage
+    | DropGenerations
+    | WriteOffsets
+    | Restore
 )
+
+
+def with_mark(write: Write | None, events: int) -> Write:
+    """The last commit of a deterministic rebuild, carrying its end mark in the same batch."""
+    if isinstance(write, Flip | AfterSwapStep | ClearUnfinished):
+        return dataclasses.replace(write, rebuilt_events=events)
+    if write is not None:
+        raise TypeError(f"a rebuild does not end with {write!r}")
+    return MarkRebuilt(events)
+
 
 __all__ = [
     "AfterSwapStep",
@@ -85,7 +130,10 @@ __all__ = [
     "CommitBatch",
     "DropGenerations",
     "Flip",
+    "MarkRebuilt",
     "Restore",
+    "Stage",
     "Write",
     "WriteOffsets",
+    "with_mark",
 ]

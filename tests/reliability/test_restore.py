@@ -1,14 +1,18 @@
 """A disposable updater disk: SIGKILL the updater again and again, delete its state dir before
 some restarts, and the learner comes back from its snapshots on Kafka, bit for bit.
 
-- 1 partition: the updater is SIGKILLed at random moments (>= 10 times) while a stream flows;
-  twice its state dir is deleted before the restart, so the restart restores the latest complete
-  learner snapshot and replays `interactions` from its offsets. At the end the store's factors,
-  biases, counts, confidences, sampler, counters and offsets are bit-identical to one
-  uninterrupted pass over the same events (the negative sampler is rebuilt every 2,000 events,
-  so the replays cross many of its rebuilds). ALS rebuilds are off: they run on a background
-  thread with time budgets and are not bit-reproducible even without a restore (README).
-- 3 partitions: the same storm; the applied counts are exact.
+- 1 partition, with ALS rebuilds every 2,500 events in the deterministic mode (inline, cut at
+  their event count): the updater is SIGKILLed at random moments (>= 10 times, some of them
+  while a rebuild runs) while a stream flows; twice its state dir is deleted before the
+  restart, so the restart restores the latest complete learner snapshot and replays
+  `interactions` from its offsets. At the end the store's factors, biases, counts,
+  confidences, sampler, counters and offsets are bit-identical to one uninterrupted pass over
+  the same events with the same rebuilds (the negative sampler is rebuilt every 2,000 events
+  too, so the replays cross many of both).
+- 3 partitions: the same storm (default rebuild settings); the applied counts are exact.
+- A swap readers saw but no learner snapshot holds (the updater died after the flip, before
+  the next snapshot's end): the restore carries on from the model log's version, which never
+  goes back.
 - A new host: the updater's host is lost (SIGKILL); a new process in a new working dir with only
   `--bootstrap-servers` restores and carries on; a query process keeps serving throughout, and
   the model version and commit it serves never go back.
@@ -31,9 +35,11 @@ import pytest
 
 from consumers.local_broker import free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape
-from stream_mf.config import ModelConfig
+from stream_mf.config import ModelConfig, RebuildConfig
 from stream_mf.decode import decode_events
 from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.rebuild import Rebuild, run_inline
+from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.sgd import Counter
 from stream_mf.state import ModelState, confidence_items
 from stream_mf.store import StateStore, StoreError
@@ -50,8 +56,16 @@ ENV = {
     "STREAM_MF_MODEL__SAMPLER_REFRESH": "2000",
     "STREAM_MF_LIVE_EVAL_RATE": "0",
 }
+EVERY = 2500  # events between two deterministic rebuilds
+DETERMINISTIC = {
+    **ENV,
+    "STREAM_MF_REBUILD__DETERMINISTIC": "true",
+    "STREAM_MF_REBUILD__EVERY_EVENTS": str(EVERY),
+}
 ARGS = ("--max-batch-events", "500", "--max-batch-seconds", "0.05")
 RESTORED = "restored the learner snapshot of commit"
+REBUILDING = "running it inline"
+REBUILT = "rebuild done"
 #: what a reader serves: none of it may go back when the updater moves host
 WATCHED = (
     "stream_mf_model_version",
@@ -69,13 +83,28 @@ def _metric(c: Cluster, name: str, metric: str) -> float | None:
 
 def _reference(payloads: list[bytes]) -> ModelState:
     """One uninterrupted pass over the same bytes, in this process (offsets = positions: one
-    partition, published in order from offset 0)."""
+    partition, published in order from offset 0), with a deterministic rebuild run inline
+    every EVERY events, as the updater runs them (no store: nothing staged)."""
     cfg = ModelConfig(sampler_refresh=2000)
     dec = decode_events(payloads, cfg.event_types)
     ref = OnlineModel(cfg)
-    ref.learn(EventBatch.build(dec.users, dec.items, dec.weights, dec.times,
-                               offsets=np.asarray(dec.positions, np.int64)))  # fmt: skip
-    return ref.state
+    batch = EventBatch.build(dec.users, dec.items, dec.weights, dec.times,
+                             offsets=np.asarray(dec.positions, np.int64))  # fmt: skip
+    rcfg = RebuildConfig(every_events=EVERY, deterministic=True)
+    sch = RebuildScheduler(EVERY, None, events_at_last=0, time_at_last=0.0)
+    st, done = ref.state, 0
+    while True:
+        if sch.due(st.events_applied, st.users.n, st.items.n, 0.0):
+            sch.started()
+            rb = Rebuild(st, rcfg.inline(), generation=st.model_version + 1, inline=True)
+            run_inline(rb, st, st.events_applied, lambda w: None)
+            sch.ended(st.events_applied, 0.0, None, False)
+        if done >= len(batch):
+            return st
+        left = sch.events_until_due(st.events_applied) or len(batch)
+        hi = min(len(batch), done + left)
+        ref.learn(batch.slice(done, hi))
+        done = hi
 
 
 def _same(a: ModelState, b: ModelState) -> list[str]:
@@ -99,17 +128,39 @@ def _same(a: ModelState, b: ModelState) -> list[str]:
     return out
 
 
+def _in_rebuild(path: Path, at: int) -> bool:
+    """Whether the last thing the updater's log says since byte `at` is an inline rebuild
+    started and not done."""
+    text = log_since(path, at)
+    return text.rfind(REBUILDING) > text.rfind(REBUILT)
+
+
 def _storm(
-    c: Cluster, pub: StreamPublisher, kills: int, delete_at: set[int], seed: int
+    c: Cluster,
+    pub: StreamPublisher,
+    kills: int,
+    delete_at: set[int],
+    seed: int,
+    env: dict[str, str] = ENV,
+    in_rebuild: frozenset[int] = frozenset(),
 ) -> tuple[ManagedProcess, dict[str, int]]:
     """Kill the updater `kills` times at random moments; delete its state dir before the
-    restarts in `delete_at` (once it has written a learner snapshot, so there is one to find).
+    restarts in `delete_at` (once it has written a learner snapshot, so there is one to find);
+    the kills in `in_rebuild` aim at a moment an inline rebuild runs (the next one started).
     Returns the last updater and what happened."""
     rng = np.random.default_rng(seed)
-    seen = {"kills": 0, "deleted": 0}
-    proc = c.start("updater", "updater", *ARGS, env=ENV)
+    seen = {"kills": 0, "deleted": 0, "in_rebuild": 0}
+    proc = c.start("updater", "updater", *ARGS, env=env)
     for k in range(kills):
-        if k in delete_at:
+        at = log_size(proc.log_path)
+        if k in in_rebuild:
+            end = time.monotonic() + 15  # none once the stream is over: a kill anyway
+            while REBUILDING not in log_since(proc.log_path, at) and time.monotonic() < end:
+                assert proc.alive(), f"the updater died on its own:\n{proc.log_tail()}"
+                pub.poll()
+                time.sleep(0.01)
+            wait = float(rng.uniform(0.0, 0.2))
+        elif k in delete_at:
             end = time.monotonic() + 30
             while not _metric(c, "updater", "stream_mf_learner_snapshot_bytes"):
                 assert proc.alive(), proc.log_tail()
@@ -127,10 +178,11 @@ def _storm(
         proc.kill()
         c.procs.remove(proc)
         seen["kills"] += 1
+        seen["in_rebuild"] += _in_rebuild(proc.log_path, at)
         if k in delete_at:
             shutil.rmtree(c.state, ignore_errors=True)
             seen["deleted"] += 1
-        proc = c.start("updater", "updater", *ARGS, env=ENV)
+        proc = c.start("updater", "updater", *ARGS, env=env)
     return proc, seen
 
 
@@ -170,7 +222,8 @@ def test_losing_the_disk_twice_among_kills_is_bit_identical(kafka: str, tmp_path
     payloads, valid = event_payloads(s.users.tolist(), s.items.tolist(), s.times.tolist())
     pub = StreamPublisher(kafka, topics.interactions, payloads, valid, rate=RATE).start()
     try:
-        proc, seen = _storm(c, pub, kills=10, delete_at={3, 7}, seed=11)
+        proc, seen = _storm(c, pub, kills=10, delete_at={3, 7}, seed=11, env=DETERMINISTIC,
+                            in_rebuild=frozenset({1, 5, 6, 8}))  # fmt: skip
         ends = _drain(c, proc, pub)
         log = (tmp_path / "updater.log").read_text()
         assert proc.stop() == 0, proc.log_tail()
@@ -182,12 +235,19 @@ def test_losing_the_disk_twice_among_kills_is_bit_identical(kafka: str, tmp_path
         assert state.events_applied == sum(valid)
         ref = _reference([v for _, v in payloads])
         assert not _same(ref, state), _same(ref, state)
+        # every swap is in the model; a restore may count a swap it redid once more (README)
+        assert ref.model_version == sum(valid) // EVERY
+        assert state.model_version >= ref.model_version
         restores = log.count(RESTORED)
-        assert seen == {"kills": 10, "deleted": 2}
+        assert seen["kills"] == 10 and seen["deleted"] == 2
+        assert seen["in_rebuild"] >= 1, "no kill landed inside a rebuild"
         assert restores >= 2, log[-3000:]
-        print(f"\nrestore storm, 1 partition: {N_EVENTS} events, {seen['kills']} kills, "
-              f"{restores} restores, {int(state.counters[Counter.REBUILDS])} sampler "
-              f"rebuilds; bit-identical; {time.monotonic() - t0:.0f} s")  # fmt: skip
+        print(f"\nrestore storm, 1 partition: {N_EVENTS} events, {seen['kills']} kills "
+              f"({seen['in_rebuild']} inside a rebuild), {restores} restores, "
+              f"{log.count(REBUILDING)} inline rebuilds run ({ref.model_version} in one "
+              f"pass), model version {state.model_version}, "
+              f"{int(state.counters[Counter.REBUILDS])} sampler rebuilds; bit-identical; "
+              f"{time.monotonic() - t0:.0f} s")  # fmt: skip
     finally:
         pub.stop(5.0)
         c.stop_all()
@@ -292,5 +352,66 @@ def test_a_new_host_carries_on_and_readers_never_go_back(kafka: str, tmp_path: P
             load.close()
     finally:
         first.stop(5.0)
+        rest.stop(5.0)
+        c.stop_all()
+
+
+@pytest.mark.timeout(180)
+def test_a_swap_no_learner_snapshot_holds_is_not_undone(kafka: str, tmp_path: Path) -> None:
+    """The updater dies after a rebuild's flip (readers see its model version) and before a
+    learner snapshot holds it, and its disk is lost: the restore starts from the older snapshot
+    but carries on from the model log's version and generation, so no reader sees them go back.
+    The window is made certain here: the updater that swaps writes its snapshots elsewhere."""
+    topics = make_topics(kafka, partitions=1)
+    c = Cluster(kafka, topics, tmp_path)
+    s = planted_stream(7000, 600, 300, seed=4)
+    payloads, valid = event_payloads(s.users.tolist(), s.items.tolist(), s.times.tolist())
+    first_pub = StreamPublisher(kafka, topics.interactions, payloads[:6000], valid[:6000], 6000.0)
+    rest = StreamPublisher(kafka, topics.interactions, payloads[6000:], valid[6000:], 500.0)
+    try:
+        first = c.start("updater", "updater", *ARGS, env=ENV)
+        query = c.start("query", "query")
+        first_pub.start()
+        assert first_pub.finish(60) == 0
+        c.wait_metric("updater", "stream_mf_events_applied_total", sum(valid[:6000]), 60)
+        assert first.stop() == 0, first.log_tail()  # its last learner snapshot: version 0
+        c.procs.remove(first)
+
+        # a rebuild is due at once (1,000 events per rebuild, none yet): it swaps, readers see
+        # version 1, and its learner snapshots go to another topic
+        swapper = c.start("updater", "updater", *ARGS, env={
+            **DETERMINISTIC, "STREAM_MF_REBUILD__EVERY_EVENTS": "1000",
+            "STREAM_MF_TOPICS__LEARNER": f"{topics.learner}-elsewhere",
+        })  # fmt: skip
+        c.wait_metric("query", "stream_mf_model_version", 1, 60)
+        swapper.kill()
+        c.procs.remove(swapper)
+        shutil.rmtree(c.state)
+
+        # the disk is lost: the new updater restores the version-0 snapshot, and carries on
+        at = log_size(tmp_path / "updater.log")
+        restored = c.start("updater", "updater", *ARGS, env=ENV)
+        rest.start()
+        versions: list[float] = []
+        end = time.monotonic() + 90
+        while _metric(c, "query", "stream_mf_model_events_applied") != sum(valid):
+            assert restored.alive(), restored.log_tail()
+            assert query.alive(), query.log_tail()
+            assert time.monotonic() < end, (versions[-5:], restored.log_tail())
+            v = _metric(c, "query", "stream_mf_model_version")
+            if v is not None:
+                versions.append(v)
+            rest.poll()
+            time.sleep(0.05)
+        assert rest.finish(10) == 0
+        for _ in range(10):  # and as it serves the last commit
+            versions.append(c.metric("query", "stream_mf_model_version"))
+            time.sleep(0.1)
+        assert min(versions) == 1, "the model version a reader serves went back"
+        assert c.metric("updater", "stream_mf_model_version") == 1
+        text = log_since(restored.log_path, at)
+        assert RESTORED in text and "the model log already showed model version 1" in text
+    finally:
+        first_pub.stop(5.0)
         rest.stop(5.0)
         c.stop_all()

@@ -247,8 +247,9 @@ def test_the_layout_docstring_lists_every_meta_key_the_registry_has() -> None:
 
 
 def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
-    """A store after batches, a flip, an unfinished mark and its clearing holds only meta keys
-    the registry lists (and no registered key is a typo nothing writes)."""
+    """A store after batches, a flip (with a deterministic rebuild's mark), an unfinished mark and
+    its clearing holds only meta keys the registry lists (and no registered key is a typo
+    nothing writes)."""
     from stream_mf.store_layout import BATCH_LOG_PREFIX, META
 
     batch = stream(2000)
@@ -259,7 +260,8 @@ def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
         )
         m.state.model_version += 1
         rows = np.arange(m.state.users.n)
-        store.flip(m.state, 1, rows, np.arange(m.state.items.n), unfinished=True)
+        store.flip(m.state, 1, rows, np.arange(m.state.items.n), unfinished=True,
+                   rebuilt_events=1000)  # fmt: skip
         written = set(raw_keys(store.cf["meta"]))
         store.after_swap_step(m.state, rows[:3], rows[:0], last=True)
         assert store.rebuild_unfinished() is None and store.generation() == 1

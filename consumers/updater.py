@@ -699,12 +699,13 @@ class Updater:
                 else:
                     self._start_rebuild()
             return
-        t0 = time.perf_counter()
+        t0 = t_step = time.perf_counter()
         try:
             res = self.rebuild.step(self.model.state)
             # staged blocks, a chunk per WriteBatch, while the turn's share lasts
             while isinstance(res.write, Stage) and time.perf_counter() - t0 < STAGE_TURN_S:
                 self._commit(res.write)
+                t_step = time.perf_counter()  # the swap's pause starts after the staging
                 res = self.rebuild.step(self.model.state)
         except StoreError:
             raise  # the store itself failed: stop like any other write failure
@@ -712,10 +713,10 @@ class Updater:
             self._rebuild_failed(exc)
             return
         if res.write is not None:
-            self._commit_rebuild_write(res, t0)
+            self._commit_rebuild_write(res, t_step)
         self.metrics.rebuild_step.observe(time.perf_counter() - t0)
         if res.outcome is not None:
-            self._rebuild_over(res, t0)
+            self._rebuild_over(res, t_step)
 
     def _start_rebuild(self) -> None:
         self.schedule.started()

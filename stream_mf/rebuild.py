@@ -520,9 +520,13 @@ class Rebuild:
         """Advance as far as the work done allows. Raises RuntimeError if background work
         failed (the rebuild is then FAILED; `swap_outcome` says whether it had swapped).
         Blocks staged in the background go first, one chunk a step, while work goes on."""
+        # whether work is in flight, before the queue: a round that ends between the two looks
+        # has queued all it staged by then (else the swap could come before its last blocks,
+        # which would then be lost, or written over the live generation after the flip)
+        busy = self.busy
         if self.staged:
             return RebuildStep(self.phase, self._next_stage())
-        if self.busy:
+        if busy:
             return RebuildStep(self.phase)
         if self.error is not None:
             self._to(RebuildPhase.FAILED)
@@ -1020,12 +1024,16 @@ def run_inline(
 ) -> RebuildStep:
     """Run an inline rebuild started at `at` events applied to its end, committing every write
     in order; its last commit carries the mark `at` (`with_mark`), so that a driver restarted
-    from the store runs it again exactly when it never ended. A failure is marked too, then
-    raised (RuntimeError): it would fail the same way again."""
+    from the store runs it again exactly when it never ended. A failure of the rebuild itself
+    is marked too, then raised (RuntimeError): it would fail the same way again; a failed
+    commit (StoreError) is raised unmarked, so a restart runs the rebuild again."""
     try:
         res = rb.run_to_completion(state, commit)
     except RuntimeError:
-        commit(MarkRebuilt(at))
+        # only the rebuild's own failure (FAILED); a commit that failed (StoreError) is not
+        # the rebuild's end: marked, a restart would never run it again
+        if rb.phase is RebuildPhase.FAILED:
+            commit(MarkRebuilt(at))
         raise
     res = dataclasses.replace(res, write=with_mark(res.write, at))
     assert res.write is not None

@@ -19,7 +19,7 @@ from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.rebuild import Rebuild, run_inline
 from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.state import ModelState, confidence_items
-from stream_mf.store import StateStore
+from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import (
     ClearUnfinished,
     CommitBatch,
@@ -233,3 +233,57 @@ def test_store_writes_of_a_background_rebuild_come_from_the_loop_thread(tmp_path
     loaded = store.load()
     store.close()
     assert not _differ(st, loaded)
+
+
+def test_a_failed_commit_does_not_mark_the_inline_rebuild_done(tmp_path: Path) -> None:
+    """A store write that fails inside an inline rebuild stops the driver unmarked: the next
+    start runs the rebuild again (a mark would skip it for good, off the one-pass model)."""
+    model = OnlineModel(CFG)
+    with StateStore(tmp_path / "db") as store:
+        st = model.state
+        store.commit_batch(st, model.learn(_stream(EVERY)), {(TOPIC, 0): EVERY})
+        stages = 0
+
+        def commit(w: Write) -> None:
+            nonlocal stages
+            if isinstance(w, Stage):
+                stages += 1
+                if stages == 2:  # a large WriteBatch fails (a full disk); small ones may not
+                    raise StoreError("writing to the model store failed: disk full")
+            store.apply(st, w)
+
+        rb = Rebuild(st, RCFG.inline(), generation=1, stage=True, inline=True)
+        with pytest.raises(StoreError):
+            run_inline(rb, st, EVERY, commit)
+        assert store.rebuilt_events() is None and store.generation() == 0
+
+
+class _EndsWhenAsked:
+    """A background round that ends just as the loop asks whether it runs: its last act is to
+    queue a staged chunk (the interleaving the GIL allows between two looks at the queue)."""
+
+    def __init__(self, rb: Rebuild) -> None:
+        self.rb = rb
+
+    def is_alive(self) -> bool:
+        self.rb.staged.append(("user", np.zeros(1, np.int64)))
+        return False
+
+    def join(self) -> None:
+        pass
+
+
+def test_a_chunk_queued_as_the_work_ends_is_written_before_the_next_phase() -> None:
+    """The queue is looked at after the work is seen to have ended: a chunk queued in between
+    is handed out first, not left behind the guard, the swap and the end of the rebuild."""
+    model = OnlineModel(CFG)
+    st = model.state
+    model.learn(_stream(3000))
+    rb = Rebuild(st, RebuildConfig(iterations=2), generation=1, stage=True)
+    rb.wait()
+    while rb.staged:  # the fit's own chunks
+        assert isinstance(rb.step(st).write, Stage)
+    rb.thread = _EndsWhenAsked(rb)  # type: ignore[assignment]
+    res = rb.step(st)
+    assert isinstance(res.write, Stage), res
+    assert not rb.staged

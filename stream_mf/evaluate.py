@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Protocol, cast
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
@@ -311,6 +313,7 @@ class HybridLearner(SGDLearner):
         self._items_of: dict[int, set[int]] = {}  # what the guard excludes, as the store has it
         self._pending: list[int] = []  # pairs learnt since the last step point
         self._guard: _GuardView | None = None
+        self._guard_ids: list[tuple[np.ndarray, np.ndarray]] = []  # the step's events so far
 
     def _now(self) -> float:
         """The rebuild's clock here: stream time, or events learnt (`refit_every`)."""
@@ -356,15 +359,17 @@ class HybridLearner(SGDLearner):
                 self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
             self._pending = []
             self._guard = _GuardView(st) if rb is not None and rb.wants_scores else None
+            self._guard_ids = []
         if rb is not None and self._guard is not None:
             users = st.users.lookup(batch.user_ids).astype(np.int64)
             items = st.items.lookup(batch.item_ids).astype(np.int64)
-            rb.score(cast(ModelState, self._guard), users, items, self._seen)
+            self._guard_ids.append((users, items))
         delta = self.model.learn(batch, kernel)
         self._pending.extend(delta.pair_keys.tolist())
         if rb is not None:
             rb.note(delta)
             if self._into_step(st) == 0:
+                self._score_step(rb)
                 self._step(rb)
         if self.rebuild is None and self._pending:
             for key in self._pending:
@@ -377,6 +382,17 @@ class HybridLearner(SGDLearner):
             self.rebuild = Rebuild(
                 st, self.rcfg, generation=self.generation, inline=True, clock=self._now
             )
+
+    def _score_step(self, rb: Rebuild) -> None:
+        """The guard scores the step's events in one call, at its end, against the model and
+        the items each user had at its start: the same call however the stream was cut into
+        pieces (its matrix product, so its hits, then do not depend on the cutting)."""
+        if self._guard is None or not self._guard_ids:
+            return
+        users = np.concatenate([u for u, _ in self._guard_ids])
+        items = np.concatenate([i for _, i in self._guard_ids])
+        self._guard_ids = []
+        rb.score(cast(ModelState, self._guard), users, items, self._seen)
 
     def _into_step(self, st: ModelState) -> int:
         """Events since the last step point of the rebuild in flight."""
@@ -527,6 +543,23 @@ def block_mode(learner: PrequentialLearner) -> str | None:
     return mode
 
 
+@contextmanager
+def _numba_threads(n: int) -> Iterator[None]:
+    """numba's parallel kernels (the rebuilds' ALS) on `n` threads, for this thread only.
+
+    One: an evaluation is one sequential stream, and its ALS solves are small; on two busy
+    cores the second thread's spinning and barrier waits cost more than it gave (hybrid on
+    MovieLens-latest-small: 26 CPU-s on two threads, 11 on one, and less wall time too,
+    bench/bench_evaluate.py). Run several evaluations side by side to use more cores. Results
+    do not depend on it (`als.gramian`)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
 def prequential(
     events: EventColumns,
     learner: PrequentialLearner,
@@ -546,11 +579,12 @@ def prequential(
     start = time.perf_counter()
     bar = tqdm(total=len(events), disable=not progress, unit="ev", desc=learner.name, leave=False)
     mode = block_mode(learner) if block else None
-    if mode is None:
-        ranks = _per_event(events, learner, weights, k, bar)
-    else:
-        assert block is not None and isinstance(learner, _ModelLearner)
-        ranks = _blocks(events, learner, weights, k, bar, mode == "popularity", block)
+    with _numba_threads(1):
+        if mode is None:
+            ranks = _per_event(events, learner, weights, k, bar)
+        else:
+            assert block is not None and isinstance(learner, _ModelLearner)
+            ranks = _blocks(events, learner, weights, k, bar, mode == "popularity", block)
     bar.close()
     res = _summary(ranks, learner.name, k, window)
     res.seconds = time.perf_counter() - start

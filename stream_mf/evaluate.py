@@ -312,6 +312,7 @@ class HybridLearner(SGDLearner):
         self._started = False
         self._items_of: dict[int, set[int]] = {}  # what the guard excludes, as the store has it
         self._pending: list[int] = []  # pairs learnt since the last step point
+        self._seen_arrays: dict[int, np.ndarray] = {}  # `_seen`'s answers, until they change
         self._guard: _GuardView | None = None
         self._guard_ids: list[tuple[np.ndarray, np.ndarray]] = []  # the step's events so far
 
@@ -346,8 +347,9 @@ class HybridLearner(SGDLearner):
     def _learn_piece(self, batch: EventBatch, kernel: Kernel | None) -> None:
         """Learn a piece that ends at or before the next cut. While a rebuild runs, what the
         updater does per micro-batch happens per `guard_per_batch` events from its start: the
-        guard scores them against the model as it was when they began (`_GuardView`), and the
-        rebuild steps after them, however the stream reaches here."""
+        guard scores them, in one call once they are learnt, against the model as it was when
+        they began (`_GuardView`), and the rebuild steps after them, however the stream reaches
+        here."""
         st = self.model.state
         if not self._started and len(batch):
             self._started = True  # the schedule's seconds count from the first event
@@ -355,9 +357,7 @@ class HybridLearner(SGDLearner):
         rb = self.rebuild
         at_step = rb is None or self._into_step(st) == 0
         if at_step:
-            for key in self._pending:
-                self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
-            self._pending = []
+            self._fold_pending()
             self._guard = _GuardView(st) if rb is not None and rb.wants_scores else None
             self._guard_ids = []
         if rb is not None and self._guard is not None:
@@ -372,9 +372,7 @@ class HybridLearner(SGDLearner):
                 self._score_step(rb)
                 self._step(rb)
         if self.rebuild is None and self._pending:
-            for key in self._pending:
-                self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
-            self._pending = []
+            self._fold_pending()
         if rb is None and self.schedule.due(st.events_applied, st.users.n, st.items.n, self._now()):
             self.schedule.started()
             self.generation += 1
@@ -398,8 +396,22 @@ class HybridLearner(SGDLearner):
         """Events since the last step point of the rebuild in flight."""
         return (st.events_applied - self.rebuild_started_at) % self.rcfg.guard_per_batch
 
+    def _fold_pending(self) -> None:
+        """The pairs learnt since the last step point join what the guard excludes."""
+        for key in self._pending:
+            u = key >> 32
+            self._items_of.setdefault(u, set()).add(key & 0xFFFFFFFF)
+            self._seen_arrays.pop(u, None)
+        self._pending = []
+
     def _seen(self, user: int) -> np.ndarray:
-        return np.fromiter(self._items_of.get(user, ()), np.int64)
+        """The user's items as the guard excludes them (kept until they change: a user's
+        events come in bursts)."""
+        got = self._seen_arrays.get(user)
+        if got is None:
+            mine = self._items_of.get(user, ())
+            got = self._seen_arrays[user] = np.fromiter(mine, np.int64, len(mine))
+        return got
 
     def _step(self, rb: Rebuild) -> None:
         st = self.model.state

@@ -514,21 +514,23 @@ class Rebuild:
     ) -> None:
         """Test-then-learn on incoming events, for the live and the new model alike.
 
-        All of a call's events are scored together: one matrix product per model, then each
-        event's hit counted as `scoring.score_event` decides it (`topk.hits_at_k`). An event's
-        scores are the same whichever other events share its call only up to the product's
-        summation order: a caller that needs repeatable hits passes the same events per call."""
+        All of a call's events are scored together: one matrix product per model over the
+        call's users (a user's events come in bursts), then each event's hit counted as
+        `scoring.score_event` decides it (`topk.hits_at_k`). An event's scores are the same
+        whichever other events share its call only up to the product's summation order: a
+        caller that needs repeatable hits passes the same events per call."""
         ok = np.flatnonzero((users >= 0) & (users < self.U.shape[0]) & (items >= 0))
         ok = ok[items[ok] < self.V.shape[0]][: self.cfg.guard_per_batch]
         ni = self.V.shape[0]
         rows, targets, ptr, excluded = _guard_events(users[ok], items[ok], seen, ni)
         if not rows.size:
             return
-        old = state.users.factors[rows] @ state.items.factors[:ni].T
+        who, row_of = np.unique(rows, return_inverse=True)
+        old = state.users.factors[who] @ state.items.factors[:ni].T
         old += state.items.bias[:ni]
-        new = self.U[rows] @ self.V.T
-        self.hits_old += hits_at_k(old, targets, ptr, excluded, k)
-        self.hits_new += hits_at_k(new, targets, ptr, excluded, k)
+        new = self.U[who] @ self.V.T
+        self.hits_old += hits_at_k(old, row_of, targets, ptr, excluded, k)
+        self.hits_new += hits_at_k(new, row_of, targets, ptr, excluded, k)
         self.scored += int(rows.size)
 
     def step(self, state: ModelState) -> RebuildStep:

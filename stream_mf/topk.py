@@ -83,16 +83,23 @@ def top_k_reference(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
 
 @njit(cache=True, nogil=True)
 def hits_at_k(
-    scores: np.ndarray, targets: np.ndarray, seen_ptr: np.ndarray, seen: np.ndarray, k: int
+    scores: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    seen_ptr: np.ndarray,
+    seen: np.ndarray,
+    k: int,
 ) -> int:
-    """How many rows e of `scores` have `targets[e]` in `top_k(scores[e], k)` once the row's
-    `seen[seen_ptr[e]:seen_ptr[e + 1]]` are set to -inf (as `scoring.top_unseen` does; rows
-    are overwritten there). Counted, not sorted: the items `top_k` puts before the target (a
-    finite higher score, or an equal one at a lower index), stopping at k."""
+    """How many events e have `targets[e]` in `top_k(s, k)`, s being the scores of row
+    `rows[e]` with the event's `seen[seen_ptr[e]:seen_ptr[e + 1]]` set to -inf (as
+    `scoring.top_unseen` does; `scores` is left as it is, so events may share a row).
+    Counted, not sorted: the items `top_k` puts before the target (a finite higher score, or
+    an equal one at a lower index), stopping at k."""
     hits = 0
     n = scores.shape[1]
-    for e in range(scores.shape[0]):
-        row = scores[e]
+    row = np.empty(n, scores.dtype)
+    for e in range(targets.shape[0]):
+        row[:] = scores[rows[e]]
         for m in range(seen_ptr[e], seen_ptr[e + 1]):
             j = seen[m]
             if 0 <= j < n:

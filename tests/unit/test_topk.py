@@ -24,8 +24,9 @@ def test_top_k_all_nan_is_empty() -> None:
 
 
 def test_hits_at_k_is_score_event_over_rows() -> None:
-    """Counted hits equal `score_event`'s top-K lookup, row by row: ties at the K-th place,
-    NaN and inf scores, a seen target, seen items repeated or past the row's end."""
+    """Counted hits equal `score_event`'s top-K lookup, event by event: ties at the K-th
+    place, NaN and inf scores, a seen target, seen items repeated or past the row's end, rows
+    shared by events with different seen items."""
     rng = np.random.default_rng(1)
     for _ in range(200):
         b, n, k = int(rng.integers(1, 6)), int(rng.integers(1, 60)), int(rng.integers(1, 12))
@@ -36,5 +37,10 @@ def test_hits_at_k_is_score_event_over_rows() -> None:
         seen = [rng.integers(0, n + 3, int(rng.integers(0, 6))) for _ in range(b)]
         ptr = np.concatenate([[0], np.cumsum([x.size for x in seen])]).astype(np.int64)
         flat = np.concatenate(seen).astype(np.int64)
-        want = sum(score_event(s[e].copy(), int(targets[e]), seen[e], k).hit for e in range(b))
-        assert hits_at_k(s.copy(), targets.astype(np.int64), ptr, flat, k) == want
+        rows = rng.integers(0, b, b)  # events may share a row, each with its own seen items
+        want = sum(
+            score_event(s[rows[e]].copy(), int(targets[e]), seen[e], k).hit for e in range(b)
+        )
+        kept = s.copy()
+        assert hits_at_k(s, rows, targets.astype(np.int64), ptr, flat, k) == want
+        assert np.array_equal(s, kept, equal_nan=True)

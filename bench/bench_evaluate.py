@@ -14,6 +14,8 @@ processes hits them alike:
 `loop` and `block` must give the same hits (printed; tests/unit/test_block_eval.py checks it on
 fixed seeds). `before` and today differ for `hybrid` only: its rebuild now steps every
 `guard_per_batch` events instead of after every event (so that batching does not move it).
+Today's evaluator runs numba's kernels (hybrid's ALS) on one thread; `before` ran them on all
+cores, so `hybrid` also gets a `before, 1 thread` row: the gain from the evaluator alone.
 river's `progressive_val_score` (FunkMF predicting the rating: a different task, one
 prediction per event instead of ranking every item, so a reference for the per-event overhead,
 not for quality) is timed once. numba kernels are loaded on a small slice first (untimed).
@@ -35,6 +37,7 @@ from typing import Any
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before numpy is imported: every path on one core
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from common import ROOT, Col, fmt_rate, print_table, write_results  # noqa: E402
 
@@ -47,6 +50,9 @@ from stream_mf.datasets import ColumnSpec, EventColumns, read_events  # noqa: E4
 BEFORE_COMMIT = "4091993"
 MODELS = ("popular", "sgd", "hybrid")
 REFIT_EVERY = 1000
+#: `before` with numba's kernels on one thread, as today's evaluator runs them (for `hybrid`,
+#: the one model with parallel kernels, its rebuilds' ALS): how much of the gain is that alone
+BEFORE_1T = "before, 1 thread"
 
 
 def load_before() -> ModuleType | None:
@@ -74,8 +80,14 @@ def load_before() -> ModuleType | None:
 def run(path: str, mod: Any, name: str, ev: EventColumns) -> dict[str, Any]:
     learner = mod.make_learner(name, ModelConfig(), refit_every=REFIT_EVERY)
     kw = {"block": None} if path == "loop" else {}
+    threads = numba.get_num_threads()
+    if path == BEFORE_1T:
+        numba.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
-    r = mod.prequential(ev, learner, progress=False, keep_outcomes=True, **kw)
+    try:
+        r = mod.prequential(ev, learner, progress=False, keep_outcomes=True, **kw)
+    finally:
+        numba.set_num_threads(threads)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "model": name,
@@ -153,13 +165,19 @@ def main() -> None:
     if before is not None:
         paths.insert(0, ("before", before))
     warm = events.take(np.arange(2_000))
+
+    def paths_of(name: str) -> list[tuple[str, Any]]:
+        if name != "hybrid" or before is None:
+            return paths
+        return [paths[0], (BEFORE_1T, before), *paths[1:]]
+
     for name in MODELS:
-        for path, mod in paths:
+        for path, mod in paths_of(name):
             run(path, mod, name, warm)
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for _ in range(max(1, args.repeats)):
         for name in MODELS:
-            for path, mod in paths:
+            for path, mod in paths_of(name):
                 row = run(path, mod, name, events)
                 key = (name, path)
                 if key not in best or row["cpu_seconds"] < best[key]["cpu_seconds"]:
@@ -169,7 +187,7 @@ def main() -> None:
         block = best[(name, "block")]
         loop = best.get((name, "loop"))
         ref = best.get((name, "before"), loop or block)
-        for path, _ in paths:
+        for path, _ in paths_of(name):
             row = dict(best[(name, path)])
             row["speedup"] = row["events_per_cpu_s"] / ref["events_per_cpu_s"]
             row["speedup_wall"] = row["events_per_s"] / ref["events_per_s"]

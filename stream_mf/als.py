@@ -39,6 +39,9 @@ _CHUNK = 64
 #: CG stops a row once the squared residual norm falls below this (as implicit does).
 _CG_EPS = 1e-20
 _GRAM_BLOCK = 1024
+#: most parts YᵀY is summed from: a count set by the rows alone, so that its bits (and every
+#: fit's) do not depend on the thread count (8 is what 4 per thread gave on two cores)
+_GRAM_PARTS = 8
 
 SOLVERS = ("cg", "cholesky")
 Progress = Callable[[int, float, float | None], None]
@@ -217,8 +220,10 @@ def gramian(Y: np.ndarray) -> np.ndarray:
 
     A BLAS call between two parallel kernels makes OpenBLAS's thread pool fight numba's
     (still spinning) OpenMP workers for the cores, which on a small machine costs up to ~40x.
+    The parts are set by the rows, not the threads: the float64 sum over them is then the same
+    on one thread as on many, and so is every fit.
     """
-    n_parts = max(1, min(4 * numba.get_num_threads(), Y.shape[0] // _GRAM_BLOCK + 1))
+    n_parts = max(1, min(_GRAM_PARTS, Y.shape[0] // _GRAM_BLOCK + 1))
     return _gram_parts(Y, n_parts).sum(axis=0)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Protocol, cast
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
@@ -310,7 +312,9 @@ class HybridLearner(SGDLearner):
         self._started = False
         self._items_of: dict[int, set[int]] = {}  # what the guard excludes, as the store has it
         self._pending: list[int] = []  # pairs learnt since the last step point
+        self._seen_arrays: dict[int, np.ndarray] = {}  # `_seen`'s answers, until they change
         self._guard: _GuardView | None = None
+        self._guard_ids: list[tuple[np.ndarray, np.ndarray]] = []  # the step's events so far
 
     def _now(self) -> float:
         """The rebuild's clock here: stream time, or events learnt (`refit_every`)."""
@@ -343,8 +347,9 @@ class HybridLearner(SGDLearner):
     def _learn_piece(self, batch: EventBatch, kernel: Kernel | None) -> None:
         """Learn a piece that ends at or before the next cut. While a rebuild runs, what the
         updater does per micro-batch happens per `guard_per_batch` events from its start: the
-        guard scores them against the model as it was when they began (`_GuardView`), and the
-        rebuild steps after them, however the stream reaches here."""
+        guard scores them, in one call once they are learnt, against the model as it was when
+        they began (`_GuardView`), and the rebuild steps after them, however the stream reaches
+        here."""
         st = self.model.state
         if not self._started and len(batch):
             self._started = True  # the schedule's seconds count from the first event
@@ -352,24 +357,22 @@ class HybridLearner(SGDLearner):
         rb = self.rebuild
         at_step = rb is None or self._into_step(st) == 0
         if at_step:
-            for key in self._pending:
-                self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
-            self._pending = []
+            self._fold_pending()
             self._guard = _GuardView(st) if rb is not None and rb.wants_scores else None
+            self._guard_ids = []
         if rb is not None and self._guard is not None:
             users = st.users.lookup(batch.user_ids).astype(np.int64)
             items = st.items.lookup(batch.item_ids).astype(np.int64)
-            rb.score(cast(ModelState, self._guard), users, items, self._seen)
+            self._guard_ids.append((users, items))
         delta = self.model.learn(batch, kernel)
         self._pending.extend(delta.pair_keys.tolist())
         if rb is not None:
             rb.note(delta)
             if self._into_step(st) == 0:
+                self._score_step(rb)
                 self._step(rb)
         if self.rebuild is None and self._pending:
-            for key in self._pending:
-                self._items_of.setdefault(key >> 32, set()).add(key & 0xFFFFFFFF)
-            self._pending = []
+            self._fold_pending()
         if rb is None and self.schedule.due(st.events_applied, st.users.n, st.items.n, self._now()):
             self.schedule.started()
             self.generation += 1
@@ -378,12 +381,37 @@ class HybridLearner(SGDLearner):
                 st, self.rcfg, generation=self.generation, inline=True, clock=self._now
             )
 
+    def _score_step(self, rb: Rebuild) -> None:
+        """The guard scores the step's events in one call, at its end, against the model and
+        the items each user had at its start: the same call however the stream was cut into
+        pieces (its matrix product, so its hits, then do not depend on the cutting)."""
+        if self._guard is None or not self._guard_ids:
+            return
+        users = np.concatenate([u for u, _ in self._guard_ids])
+        items = np.concatenate([i for _, i in self._guard_ids])
+        self._guard_ids = []
+        rb.score(cast(ModelState, self._guard), users, items, self._seen)
+
     def _into_step(self, st: ModelState) -> int:
         """Events since the last step point of the rebuild in flight."""
         return (st.events_applied - self.rebuild_started_at) % self.rcfg.guard_per_batch
 
+    def _fold_pending(self) -> None:
+        """The pairs learnt since the last step point join what the guard excludes."""
+        for key in self._pending:
+            u = key >> 32
+            self._items_of.setdefault(u, set()).add(key & 0xFFFFFFFF)
+            self._seen_arrays.pop(u, None)
+        self._pending = []
+
     def _seen(self, user: int) -> np.ndarray:
-        return np.fromiter(self._items_of.get(user, ()), np.int64)
+        """The user's items as the guard excludes them (kept until they change: a user's
+        events come in bursts)."""
+        got = self._seen_arrays.get(user)
+        if got is None:
+            mine = self._items_of.get(user, ())
+            got = self._seen_arrays[user] = np.fromiter(mine, np.int64, len(mine))
+        return got
 
     def _step(self, rb: Rebuild) -> None:
         st = self.model.state
@@ -527,6 +555,23 @@ def block_mode(learner: PrequentialLearner) -> str | None:
     return mode
 
 
+@contextmanager
+def _numba_threads(n: int) -> Iterator[None]:
+    """numba's parallel kernels (the rebuilds' ALS) on `n` threads, for this thread only.
+
+    One: an evaluation is one sequential stream, and its ALS solves are small; on two busy
+    cores the second thread's spinning and barrier waits cost more than it gave (hybrid on
+    MovieLens-latest-small: 26 CPU-s on two threads, 11 on one, and less wall time too,
+    bench/bench_evaluate.py). Run several evaluations side by side to use more cores. Results
+    do not depend on it (`als.gramian`)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
 def prequential(
     events: EventColumns,
     learner: PrequentialLearner,
@@ -546,11 +591,12 @@ def prequential(
     start = time.perf_counter()
     bar = tqdm(total=len(events), disable=not progress, unit="ev", desc=learner.name, leave=False)
     mode = block_mode(learner) if block else None
-    if mode is None:
-        ranks = _per_event(events, learner, weights, k, bar)
-    else:
-        assert block is not None and isinstance(learner, _ModelLearner)
-        ranks = _blocks(events, learner, weights, k, bar, mode == "popularity", block)
+    with _numba_threads(1):
+        if mode is None:
+            ranks = _per_event(events, learner, weights, k, bar)
+        else:
+            assert block is not None and isinstance(learner, _ModelLearner)
+            ranks = _blocks(events, learner, weights, k, bar, mode == "popularity", block)
     bar.close()
     res = _summary(ranks, learner.name, k, window)
     res.seconds = time.perf_counter() - start

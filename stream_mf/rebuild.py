@@ -72,9 +72,9 @@ from stream_mf.arrays import unique_sorted
 from stream_mf.config import RebuildConfig
 from stream_mf.model import BatchDelta
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
-from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items, new_confidence_map
 from stream_mf.store_layout import BLOCK_ROWS
+from stream_mf.topk import hits_at_k
 from stream_mf.writes import (
     AfterSwapStep,
     ClearUnfinished,
@@ -228,6 +228,33 @@ def _compact(rows: np.ndarray, row_of: np.ndarray, col_of: np.ndarray, data: np.
     np.cumsum(np.bincount(r, minlength=rows.size), out=indptr[1:])
     return CSR(
         indptr, col_of[keep][order].astype(np.int32), data[keep][order].astype(np.float32), n_cols
+    )
+
+
+def _guard_events(
+    users: np.ndarray, items: np.ndarray, seen: Callable[[int], np.ndarray], n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The events the guard scores (those whose item the user has not seen), as user rows,
+    target items, and each one's seen items under `n_items` (CSR: pointers, indices)."""
+    rows: list[int] = []
+    targets: list[int] = []
+    parts: list[np.ndarray] = []
+    ptr = [0]
+    for u, i in zip(users.tolist(), items.tolist(), strict=True):
+        mine = seen(u)
+        mine = mine[mine < n_items]
+        if np.any(mine == i):
+            continue
+        rows.append(u)
+        targets.append(i)
+        parts.append(mine)
+        ptr.append(ptr[-1] + mine.size)
+    flat = np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, np.int64)
+    return (
+        np.asarray(rows, np.int64),
+        np.asarray(targets, np.int64),
+        np.asarray(ptr, np.int64),
+        flat,
     )
 
 
@@ -499,22 +526,26 @@ class Rebuild:
         seen: Callable[[int], np.ndarray],
         k: int = 10,
     ) -> None:
-        """Test-then-learn on incoming events, for the live and the new model alike."""
+        """Test-then-learn on incoming events, for the live and the new model alike.
+
+        All of a call's events are scored together: one matrix product per model over the
+        call's users (a user's events come in bursts), then each event's hit counted as
+        `scoring.score_event` decides it (`topk.hits_at_k`). An event's scores are the same
+        whichever other events share its call only up to the product's summation order: a
+        caller that needs repeatable hits passes the same events per call."""
         ok = np.flatnonzero((users >= 0) & (users < self.U.shape[0]) & (items >= 0))
         ok = ok[items[ok] < self.V.shape[0]][: self.cfg.guard_per_batch]
         ni = self.V.shape[0]
-        live_v, live_b = state.items.factors[:ni], state.items.bias[:ni]
-        for j in ok.tolist():
-            u, i = int(users[j]), int(items[j])
-            mine = seen(u)
-            mine = mine[mine < ni]
-            if np.any(mine == i):
-                continue
-            old = live_v @ state.users.factors[u] + live_b
-            new = self.V @ self.U[u]
-            self.hits_old += int(score_event(old, i, mine, k).hit)
-            self.hits_new += int(score_event(new, i, mine, k).hit)
-            self.scored += 1
+        rows, targets, ptr, excluded = _guard_events(users[ok], items[ok], seen, ni)
+        if not rows.size:
+            return
+        who, row_of = np.unique(rows, return_inverse=True)
+        old = state.users.factors[who] @ state.items.factors[:ni].T
+        old += state.items.bias[:ni]
+        new = self.U[who] @ self.V.T
+        self.hits_old += hits_at_k(old, row_of, targets, ptr, excluded, k)
+        self.hits_new += hits_at_k(new, row_of, targets, ptr, excluded, k)
+        self.scored += int(rows.size)
 
     def step(self, state: ModelState) -> RebuildStep:
         """Advance as far as the work done allows. Raises RuntimeError if background work

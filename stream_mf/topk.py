@@ -79,3 +79,51 @@ def top_k_reference(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     finite = np.flatnonzero(np.isfinite(s))
     order = finite[np.lexsort((finite, -s[finite]))][:k]
     return order.astype(np.int64), s[order]
+
+
+@njit(cache=True, nogil=True)
+def hits_at_k(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    seen_ptr: np.ndarray,
+    seen: np.ndarray,
+    k: int,
+) -> int:
+    """How many events e have `targets[e]` in `top_k(s, k)`, s being the scores of row
+    `rows[e]` with the event's `seen[seen_ptr[e]:seen_ptr[e + 1]]` set to -inf (as
+    `scoring.top_unseen` does; `scores` is left as it is, so events may share a row).
+    Counted, not sorted: the items `top_k` puts before the target (a finite higher score, or
+    an equal one at a lower index), stopping at k."""
+    hits = 0
+    n = scores.shape[1]
+    row = np.empty(n, scores.dtype)
+    for e in range(targets.shape[0]):
+        row[:] = scores[rows[e]]
+        for m in range(seen_ptr[e], seen_ptr[e + 1]):
+            j = seen[m]
+            if 0 <= j < n:
+                row[j] = -np.inf
+        t = targets[e]
+        if t < 0 or t >= n:
+            continue
+        st = float(row[t])
+        if not np.isfinite(st):
+            continue
+        c = 0
+        for j in range(t):
+            x = float(row[j])
+            if x >= st and x < np.inf:
+                c += 1
+                if c >= k:
+                    break
+        if c < k:
+            for j in range(t + 1, n):
+                x = float(row[j])
+                if x > st and x < np.inf:
+                    c += 1
+                    if c >= k:
+                        break
+        if c < k:
+            hits += 1
+    return hits

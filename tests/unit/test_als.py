@@ -244,6 +244,22 @@ def test_fit_does_not_depend_on_thread_count() -> None:
         np.testing.assert_array_equal(Y, out[0][1])
 
 
+def test_gramian_does_not_depend_on_thread_count() -> None:
+    """Enough rows for several parts: the parts are set by the rows, so the float64 sum over
+    them (and every fit on many rows) is the same on one thread as on many."""
+    Y = np.random.default_rng(2).standard_normal((5_000, 16)).astype(np.float32)
+    out = []
+    before = numba.get_num_threads()
+    try:
+        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):  # type: ignore[attr-defined]
+            numba.set_num_threads(n)
+            out.append(gramian(Y))
+    finally:
+        numba.set_num_threads(before)
+    for g in out[1:]:
+        np.testing.assert_array_equal(g, out[0])
+
+
 @pytest.mark.parametrize("solver", ["cholesky", "cg"])
 def test_recovers_planted_groups(solver: str) -> None:
     """Users' top-10 unseen items come mostly from their own group (chance: 1 in 4)."""

@@ -95,3 +95,26 @@ def test_a_learner_with_its_own_scores_takes_the_loop() -> None:
     assert block_mode(Odd(ModelConfig(dim=4))) is None
     assert block_mode(make_learner("als", ModelConfig(dim=4))) is None
     assert block_mode(make_learner("default", ModelConfig(dim=4), min_user_events=3)) is None
+
+
+def test_hybrid_guard_decides_as_in_the_loop() -> None:
+    """`hybrid`'s rebuild guard scores each step's events in one call however the stream is
+    cut: the loop and blocks of two sizes give the same guard counts, the same swaps and
+    rejections, and the same hits."""
+    ev = columns(7_000, 6)
+    # a weak confidence and no margin: one of the three rebuilds is rejected
+    rcfg = RebuildConfig(
+        iterations=2, guard_events=300, guard_per_batch=50, guard_margin=0.0, alpha=0.1
+    )
+    runs = []
+    for b in (None, 64, 37):
+        lrn = make_learner("hybrid", ModelConfig(dim=8), rcfg, refit_every=1_500)
+        res = prequential(ev, lrn, progress=False, keep_outcomes=True, block=b)
+        guard = [(o.swapped, o.scored, o.hr_old, o.hr_new) for o in lrn.outcomes]  # type: ignore[attr-defined]
+        runs.append((res, guard))
+    (loop, guard), *rest = runs
+    assert len(guard) >= 3 and sum(g[1] for g in guard) > 300
+    assert {g[0] for g in guard} == {True, False}  # swaps and a rejection
+    for fast, g in rest:
+        assert g == guard
+        assert_same(loop, fast)

@@ -22,6 +22,7 @@ from stream_mf.rebuild import (
     _Pairs,
 )
 from stream_mf.rebuild_scheduler import RebuildScheduler
+from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items
 from stream_mf.store import MODEL_CFS, StateStore, raw_keys
 from stream_mf.writes import AfterSwapStep, DropGenerations, Flip
@@ -664,3 +665,38 @@ def test_only_new_users_of_mostly_new_items_get_extra_sweeps() -> None:
     new_u, new_i = rb._unanchored(keys, users, items)
     np.testing.assert_array_equal(new_u, [10])
     np.testing.assert_array_equal(new_i, [20, 21])
+
+
+def test_the_guard_scores_a_batch_as_score_event_scores_each_event() -> None:
+    """The guard scores a call's events with one product per model: the same hits as ranking
+    each event alone (`score_event`) against the live and the new model."""
+    model = OnlineModel(CFG, ModelState.empty(CFG))
+    batch = stream(6000, seed=7)
+    model.learn(batch.slice(0, 4000))
+    rb = Rebuild(model.state, RebuildConfig(iterations=3, guard_per_batch=500), generation=1,
+                 inline=True)  # fmt: skip
+    rb.step(model.state)
+    assert rb.phase is RebuildPhase.GUARDING
+    st = model.state
+    nxt = batch.slice(4000, 4400)
+    users = st.users.lookup(nxt.user_ids).astype(np.int64)
+    items = st.items.lookup(nxt.item_ids).astype(np.int64)
+    items_of: dict[int, list[int]] = {}
+    for key in confidence_items(st.confidence)[0].tolist():
+        items_of.setdefault(key >> 32, []).append(key & 0xFFFFFFFF)
+
+    def seen(u: int) -> np.ndarray:
+        return np.asarray(items_of.get(u, []), np.int64)
+
+    rb.score(st, users, items, seen)
+    ni, scored, old, new = rb.V.shape[0], 0, 0, 0
+    for u, i in zip(users.tolist(), items.tolist(), strict=True):
+        if u < 0 or u >= rb.U.shape[0] or i < 0 or i >= ni or i in items_of.get(u, []):
+            continue
+        mine = seen(u)
+        live = st.items.factors[:ni] @ st.users.factors[u] + st.items.bias[:ni]
+        old += score_event(live, i, mine[mine < ni]).hit
+        new += score_event(rb.V @ rb.U[u], i, mine[mine < ni]).hit
+        scored += 1
+    assert rb.scored == scored > 100
+    assert (rb.hits_old, rb.hits_new) == (old, new) and old > 0 and new > 0

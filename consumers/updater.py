@@ -57,7 +57,7 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry
 
-from consumers import gc_control, kafka_io, offset_gap, restore
+from consumers import gc_control, kafka_io, kernel_cache, offset_gap, restore
 from consumers.learner_snapshot import SnapshotWriter
 from consumers.metrics import (
     CallbackGauges,
@@ -365,6 +365,7 @@ class Updater:
             time_at_last=time.monotonic(),
             grace_s=OLD_GENERATION_GRACE_S,
         )
+        kernel_cache.ensure_cached()  # rebuilds run cached kernels only (same bits everywhere)
         warm_up_rebuild()  # compile (or load) the rebuild's kernels now, not inside a swap
         rebuilt = self.store.rebuilt_at()
         # no rebuild yet: count the overdue alert from this start, not from 1970

@@ -8,7 +8,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from consumers.kernel_cache import ensure_cached
 from consumers.local_broker import EmbeddedBroker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any worker starts: numba's cache of the ALS kernels, so every test process and
+    every service it starts runs the same (cached) kernels; tests compare their results bit for
+    bit (stream_mf/kernel_cache.py says why a compile in-process would differ)."""
+    if not hasattr(config, "workerinput"):
+        ensure_cached()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 from consumers.commands.common import nonempty_path, positive_int
 from consumers.errors import UserError
 from consumers.flags import add_model_flags, model_config_from
+from consumers.kernel_cache import ensure_cached
 from consumers.settings import QuerySettings, UpdaterSettings
 from stream_mf.config import ModelConfig, RebuildConfig
 from stream_mf.datasets import ColumnSpec, EventColumns, EventFileError, read_events
@@ -176,6 +177,7 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
     if args.limit:
         events = events.take(__import__("numpy").arange(min(args.limit, len(events))))
     print(f"{len(events):,} events from {args.events}", file=sys.stderr)
+    ensure_cached()  # the rebuilds' kernels as every updater runs them (consumers/kernel_cache.py)
     results = []
     for name in names:
         if name == "default":

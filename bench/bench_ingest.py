@@ -69,6 +69,7 @@ TARGET_RATE = 100_000.0
 TARGET_RATIO = 0.6
 APPLIED = "stream_mf_events_applied_total"
 LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
+PYSPY_RATE = 250  # samples/s
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -233,6 +234,7 @@ class UpdaterRun:
     span_cpu_s: float | None = None  # updater CPU between first and last commit
     broker_cpu_s: float | None = None
     profile: dict[str, float] = field(default_factory=dict)
+    profile_s: dict[str, float] = field(default_factory=dict)  # seconds sampled per category
 
     def row(self) -> dict[str, Any]:
         rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
@@ -258,6 +260,7 @@ class UpdaterRun:
             "span_cpu_s": self.span_cpu_s,
             "broker_cpu_s": self.broker_cpu_s,
             "profile": self.profile or None,
+            "profile_s": self.profile_s or None,
         }
 
 
@@ -364,7 +367,10 @@ def run_updater(
         run.batches = int(sums[2] - first_sums[2])
         if spy is not None:
             stop_pyspy(spy)
-            run.profile = categorize(spy_out)
+            counts = sample_counts(spy_out, tree or ROOT)
+            total = sum(counts.values())
+            run.profile = {k: v / total for k, v in counts.most_common()} if total else {}
+            run.profile_s = {k: v / PYSPY_RATE for k, v in counts.items()}
     finally:
         if spy is not None:
             stop_pyspy(spy)
@@ -396,7 +402,7 @@ def start_pyspy(children: Children, pid: int, out: Path) -> subprocess.Popen[byt
             "--pid",
             str(pid),
             "--rate",
-            "250",
+            str(PYSPY_RATE),
             "--idle",
             "--nonblocking",
             "--format",
@@ -423,10 +429,10 @@ def stop_pyspy(spy: subprocess.Popen[bytes]) -> None:
             spy.wait(10)
 
 
-def _process_line_kinds() -> dict[int, str]:
+def _process_line_kinds(tree: Path = ROOT) -> dict[int, str]:
     """Line number in consumers/updater.py -> category, for the statements of `process`."""
     kinds: dict[int, str] = {}
-    src = (ROOT / "consumers" / "updater.py").read_text().splitlines()
+    src = (tree / "consumers" / "updater.py").read_text().splitlines()
     for j, line in enumerate(src, start=1):
         text = line.strip()
         if "m.value()" in text or "np.fromiter" in text or "EventBatch(" in text:
@@ -442,6 +448,9 @@ def _process_line_kinds() -> dict[int, str]:
 #: frame matches wins, so scoring inside live evaluation counts as live evaluation even where it
 #: reads RocksDB, and a write is a write wherever it is called from.
 _RULES: tuple[tuple[str, Any], ...] = (
+    # the model log is published from inside the store's commit (its `on_commit` hook)
+    ("model_log", lambda f, p: p.endswith(("consumers/model_log.py", "stream_mf/model_log.py"))),
+    ("learner_snapshot", lambda f, p: p.endswith("consumers/learner_snapshot.py")),
     ("live_eval", lambda f, p: p.endswith("stream_mf/live_eval.py")),
     ("decode", lambda f, p: p.endswith(("stream_mf/decode.py", "stream_mf/events.py"))),
     ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit_batch")),
@@ -483,17 +492,23 @@ def _classify(frames: Sequence[str], lines: dict[int, str]) -> str:
     return "loop_other"
 
 
-def categorize(raw: Path) -> dict[str, float]:
-    """Share of the updater's main-loop samples per category, from py-spy's raw output."""
-    if not raw.exists():
-        return {}
-    lines = _process_line_kinds()
+def sample_counts(raw: Path, tree: Path = ROOT) -> Counter[str]:
+    """The updater's main-loop py-spy samples per category, from py-spy's raw output."""
     counts: Counter[str] = Counter()
+    if not raw.exists():
+        return counts
+    lines = _process_line_kinds(tree)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if "run (consumers/updater.py" not in stack or not n.isdigit():
             continue  # not the main loop (metrics server thread, imports at start-up)
         counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
+    return counts
+
+
+def categorize(raw: Path, tree: Path = ROOT) -> dict[str, float]:
+    """Share of the updater's main-loop samples per category, from py-spy's raw output."""
+    counts = sample_counts(raw, tree)
     total = sum(counts.values())
     return {k: v / total for k, v in counts.most_common()} if total else {}
 
@@ -736,6 +751,25 @@ def compare_main(args: argparse.Namespace) -> int:
                         f"updater CPU {row['updater_cpu_s'] or 0:.1f} s",
                         flush=True,
                     )
+            if args.profile:  # apart from the measured runs: py-spy slows what it samples
+                profiles = {}
+                for side in ("old", "new"):
+                    run = run_updater(
+                        children,
+                        bootstrap,
+                        topic,
+                        dlt,
+                        n,
+                        batch,
+                        work,
+                        budget,
+                        broker_pid,
+                        profile=True,
+                        label=f"{side}, py-spy",
+                        tree=trees[side],
+                    )
+                    profiles[side] = run.row()
+                result["profiles"] = profiles
     finally:
         children.stop_all()
         if args.keep:
@@ -763,6 +797,32 @@ def compare_main(args: argparse.Namespace) -> int:
 
 def report_compare(result: dict[str, Any]) -> None:
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    profiles = result.get("profiles") or {}
+    if profiles:
+        kinds = sorted({k for p in profiles.values() for k in (p.get("profile") or {})})
+        per_1k = 1e3 / result["stream"]["n_events"]
+        print_table(
+            "py-spy, updater main thread, whole run incl. start-up (one more run per side): "
+            "share of samples, and ms sampled per 1k events (idle included)",
+            [
+                {
+                    "what": k,
+                    **{s: (p.get("profile") or {}).get(k, 0.0) for s, p in profiles.items()},
+                    **{
+                        f"{s}_ms": 1e3 * (p.get("profile_s") or {}).get(k, 0.0) * per_1k
+                        for s, p in profiles.items()
+                    },
+                }
+                for k in kinds
+            ],
+            [
+                Col("what", "category"),
+                Col("old", "old", pct),
+                Col("new", "new", pct),
+                Col("old_ms", "old ms/1k", ".1f"),
+                Col("new_ms", "new ms/1k", ".1f"),
+            ],
+        )
     print_table(
         f"updater at {result['old_rev']} (old) and {result['new_rev']} (new), "
         f"{result['stream']['n_events']:,} events, --max-batch-events {result['batch']}, "

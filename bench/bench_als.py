@@ -75,6 +75,7 @@ def parse_args() -> argparse.Namespace:
         help="with --compare: REV is checked out here (default: a temporary git archive)",
     )
     ap.add_argument("--rounds", type=int, default=4, help="--compare: child processes per side")
+    ap.add_argument("--fits", type=int, default=None, help="--compare: timed fits per child (2)")
     return ap.parse_args()
 
 
@@ -218,7 +219,7 @@ def compare_inputs(quick: bool) -> dict[str, np.ndarray]:
 def compare_main(args: argparse.Namespace) -> None:
     """`--compare REV`: `als_fit_child.py` under REV's checkout and today's, alternating (ABBA),
     `--rounds` processes each; per round the best of its fits, then medians and new/old."""
-    fits = 1 if args.quick else 2
+    fits = args.fits or (1 if args.quick else 2)
     rev = rev_label(args.compare)
     inputs = compare_inputs(args.quick)
     planted = next(k.split(".")[0] for k in inputs if k.startswith("planted"))

@@ -74,7 +74,9 @@ def run(case: tuple[str, int, bool, int, str, int]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="without/with new-row sweeps, skewed-apart-unpop")
+    ap.add_argument(
+        "--quick", action="store_true", help="without/with new-row sweeps, skewed-apart-unpop"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
     ap.add_argument(
         "--variant", nargs="+", choices=sorted(NICHE_VARIANTS), default=None, help="streams"

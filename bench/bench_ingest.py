@@ -581,6 +581,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="with --compare: REV is checked out here (default: a temporary git archive)",
     )
+    ap.add_argument(
+        "--compare-new",
+        metavar="REV",
+        default=None,
+        help="with --compare: REV's updater as the new side instead of this checkout's (to "
+        "split a change into steps)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
     ap.add_argument("--events", type=int, default=None, help="stream length (1M; quick 200k)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
@@ -702,7 +709,7 @@ def compare_main(args: argparse.Namespace) -> int:
         "model_flags": MODEL_FLAGS,
         "batch": batch,
         "old_rev": rev,
-        "new_rev": rev_label("HEAD"),
+        "new_rev": rev_label(args.compare_new or "HEAD"),
         "rounds": args.rounds,
     }
     runs: list[dict[str, Any]] = []
@@ -717,16 +724,20 @@ def compare_main(args: argparse.Namespace) -> int:
         n = len(payloads)
         with (
             source_tree(args.compare, args.compare_tree) as old_tree,
+            contextlib.ExitStack() as stack,
             bootstrap_servers() as (bootstrap, broker_pid),
         ):
+            new_tree = (
+                stack.enter_context(source_tree(args.compare_new)) if args.compare_new else ROOT
+            )
             tag = uuid.uuid4().hex[:8]
             topic, dlt = f"bench-interactions-{tag}", f"bench-interactions-{tag}.DLT"
             create_topics(bootstrap, {topic: 1, dlt: 1})
             result["broker"] = "embedded tansu" if broker_pid else bootstrap
             result["publish"] = prepublish(bootstrap, topic, payloads)
             del payloads
-            print(f"published {n:,} events; old = {rev} ({old_tree})", flush=True)
-            trees = {"old": old_tree, "new": ROOT}
+            print(f"published {n:,} events; old = {rev} ({old_tree}), new = {new_tree}", flush=True)
+            trees = {"old": old_tree, "new": new_tree}
             for r in range(args.rounds):
                 for side in round_order(r):
                     run = run_updater(

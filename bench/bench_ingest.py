@@ -453,7 +453,11 @@ _RULES: tuple[tuple[str, Any], ...] = (
     ("learner_snapshot", lambda f, p: p.endswith("consumers/learner_snapshot.py")),
     ("live_eval", lambda f, p: p.endswith("stream_mf/live_eval.py")),
     ("decode", lambda f, p: p.endswith(("stream_mf/decode.py", "stream_mf/events.py"))),
-    ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit_batch")),
+    # `commit_batch` today, `commit` before the store had one commit path per operation
+    (
+        "rocksdb_write",
+        lambda f, p: p.endswith("stream_mf/store.py") and f.endswith(("commit_batch", "commit")),
+    ),
     (
         "learn",
         lambda f, p: p.endswith(

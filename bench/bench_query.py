@@ -550,7 +550,7 @@ def compare_main(args: argparse.Namespace) -> int:
         known = np.unique(s.users)
         with (
             source_tree(args.compare, args.compare_tree) as old_tree,
-            bootstrap_servers() as (bootstrap, _broker_pid),
+            bootstrap_servers() as (bootstrap, broker_pid),
         ):
             trees = {"old": old_tree, "new": ROOT}
             tag = uuid.uuid4().hex[:8]
@@ -637,6 +637,8 @@ def compare_main(args: argparse.Namespace) -> int:
                     ) -> None:
                         marks["before"] = try_scrape(url) or {}
                         marks["cpu"] = cpu_seconds(pid)
+                        marks["broker_cpu"] = cpu_seconds(broker_pid)
+                        marks["t"] = time.perf_counter()
 
                     ph = run_load(
                         bootstrap,
@@ -650,8 +652,14 @@ def compare_main(args: argparse.Namespace) -> int:
                         linger,
                         on_window=window_opens,
                     )
+                    b1, t1 = cpu_seconds(broker_pid), time.perf_counter()
                     after = drain(url, q, timeout=30.0)
                     cpu1 = cpu_seconds(q.pid)
+                    b0 = marks.get("broker_cpu")
+                    # the broker's share of a core over the window: near 1, it is the bottleneck
+                    ph["broker_cpu_share"] = (
+                        (b1 - b0) / (t1 - marks["t"]) if b0 is not None and b1 is not None else None
+                    )
                     ph.pop("timeline", None)
                     ph["round"], ph["side"] = r, side
                     ph["query_cpu_ms_per_request"] = (
@@ -717,6 +725,7 @@ def report_compare(result: dict[str, Any]) -> None:
                 **{k: t.get(k) for k in ("p50", "p90", "p99", "max")},
                 "svc_p99": ph[HISTOGRAMS[0]].get("p99"),
                 "cpu": ph["query_cpu_ms_per_request"],
+                "broker": ph.get("broker_cpu_share"),
             }
         )
     print_table(
@@ -736,6 +745,7 @@ def report_compare(result: dict[str, Any]) -> None:
             Col("max", "max", ".1f"),
             Col("svc_p99", "service p99", ".2f"),
             Col("cpu", "query CPU ms/req", ".2f"),
+            Col("broker", "broker cores", ".2f"),
         ],
     )
     rows = []

@@ -316,8 +316,9 @@ def compare_summary(per_round: dict[str, list[float]], higher_is_better: bool) -
     """
     old, new = np.asarray(per_round["old"]), np.asarray(per_round["new"])
     n = min(old.size, new.size)
-    rounds = (new[:n] / old[:n]).tolist()
-    med_old, med_new = float(np.median(old)), float(np.median(new))
+    pair = new[:n] / old[:n]
+    rounds = pair[np.isfinite(pair)].tolist()  # a failed round (NaN) is left out, not zeroed
+    med_old, med_new = float(np.nanmedian(old)), float(np.nanmedian(new))
     ratio = med_new / med_old
     # "slower" in the direction of the figure: a rate that falls or a time that grows
     slowdown = 1 / ratio if higher_is_better else ratio

@@ -235,6 +235,7 @@ class UpdaterRun:
     broker_cpu_s: float | None = None
     profile: dict[str, float] = field(default_factory=dict)
     profile_s: dict[str, float] = field(default_factory=dict)  # seconds sampled per category
+    model_log_s: dict[str, float] = field(default_factory=dict)  # the same inside the model log
 
     def row(self) -> dict[str, Any]:
         rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
@@ -261,6 +262,7 @@ class UpdaterRun:
             "broker_cpu_s": self.broker_cpu_s,
             "profile": self.profile or None,
             "profile_s": self.profile_s or None,
+            "model_log_s": self.model_log_s or None,
         }
 
 
@@ -371,6 +373,7 @@ def run_updater(
             total = sum(counts.values())
             run.profile = {k: v / total for k, v in counts.most_common()} if total else {}
             run.profile_s = {k: v / PYSPY_RATE for k, v in counts.items()}
+            run.model_log_s = model_log_detail(spy_out)
     finally:
         if spy is not None:
             stop_pyspy(spy)
@@ -508,6 +511,28 @@ def sample_counts(raw: Path, tree: Path = ROOT) -> Counter[str]:
             continue  # not the main loop (metrics server thread, imports at start-up)
         counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
     return counts
+
+
+def model_log_detail(raw: Path) -> dict[str, float]:
+    """Seconds sampled in the model log publisher by its innermost frame (function, or the
+    library function it called: numpy's set operations, prometheus_client's counters)."""
+    counts: Counter[str] = Counter()
+    if not raw.exists():
+        return {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "run (consumers/updater.py" not in stack or not n.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if " (" in f]
+        own = [f for f in frames if "model_log.py" in f]
+        if not own:
+            continue
+        key = own[-1].split(" (")[0]
+        if frames[-1] != own[-1]:
+            leaf = frames[-1].split(" (")
+            key += f" -> {leaf[0]} ({leaf[1].rsplit('/', 1)[-1].rsplit(':', 1)[0]})"
+        counts[key] += int(n)
+    return {k: v / PYSPY_RATE for k, v in counts.most_common()}
 
 
 def categorize(raw: Path, tree: Path = ROOT) -> dict[str, float]:
@@ -838,6 +863,13 @@ def report_compare(result: dict[str, Any]) -> None:
                 Col("new_ms", "new ms/1k", ".1f"),
             ],
         )
+        detail = (profiles.get("new") or {}).get("model_log_s") or {}
+        if detail:
+            print_table(
+                "new: inside the model log publisher, ms sampled per 1k events (top 12)",
+                [{"what": k, "ms": 1e3 * v * per_1k} for k, v in list(detail.items())[:12]],
+                [Col("what", "innermost frame"), Col("ms", "ms/1k", ".2f")],
+            )
     print_table(
         f"updater at {result['old_rev']} (old) and {result['new_rev']} (new), "
         f"{result['stream']['n_events']:,} events, --max-batch-events {result['batch']}, "

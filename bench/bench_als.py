@@ -76,6 +76,12 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--rounds", type=int, default=4, help="--compare: child processes per side")
     ap.add_argument("--fits", type=int, default=None, help="--compare: timed fits per child (2)")
+    ap.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="--compare: only these (movielens-small, planted-<n>k)",
+    )
     return ap.parse_args()
 
 
@@ -224,6 +230,7 @@ def compare_main(args: argparse.Namespace) -> None:
     inputs = compare_inputs(args.quick)
     planted = next(k.split(".")[0] for k in inputs if k.startswith("planted"))
     plan = {"movielens-small": ["cg"] + ([] if args.quick else ["cholesky"]), planted: ["cg"]}
+    plan = {k: v for k, v in plan.items() if not args.datasets or k in args.datasets}
     child = Path(__file__).resolve().parent / "als_fit_child.py"
     argv_tail = [str(args.threads), str(fits)] + [f"{k}:{','.join(v)}" for k, v in plan.items()]
     per: dict[str, dict[str, list[float]]] = {}

@@ -1,6 +1,7 @@
 """Implicit-ALS fit time: `stream_mf.als.als_fit` vs the `implicit` library's CPU ALS.
 
     PYTHONPATH=. .venv/bin/python bench/bench_als.py [--quick] [--threads N] [--repeats N]
+    PYTHONPATH=. .venv/bin/python bench/bench_als.py --compare REV [--threads N] [--fits N]
 
 Same matrix, same starting factors, factors=64, 15 iterations, regularization 0.01, on (a)
 MovieLens latest-small (every rating a positive with confidence 1) and (b) the shared planted

@@ -1,6 +1,7 @@
 """End-to-end ingest: `stream-mf updater` over a pre-published topic, against the raw consume rate.
 
     PYTHONPATH=. .venv/bin/python bench/bench_ingest.py [--quick] [--profile]
+    PYTHONPATH=. .venv/bin/python bench/bench_ingest.py --compare REV [--compare-new R] [--profile]
 
 Publishes the shared planted stream (1M events, 100k users, 50k items; `--quick`: 200k) as the
 product's JSON to a fresh one-partition topic (lz4 batches), then measures in the same run:

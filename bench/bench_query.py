@@ -2,6 +2,7 @@
 broker's bare round trip measured in the same run.
 
     PYTHONPATH=. .venv/bin/python bench/bench_query.py [--quick] [--rate 500] [--duration 30]
+    PYTHONPATH=. .venv/bin/python bench/bench_query.py --compare REV [--rate 100] [--rounds 4]
 
 Builds a model of 50k items x 64 factors with the real updater (a planted stream plus one event
 per item, so every item has a vector; live evaluation off, which leaves the model unchanged), stops

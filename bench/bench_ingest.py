@@ -1,6 +1,7 @@
 """End-to-end ingest: `stream-mf updater` over a pre-published topic, against the raw consume rate.
 
     PYTHONPATH=. .venv/bin/python bench/bench_ingest.py [--quick] [--profile]
+    PYTHONPATH=. .venv/bin/python bench/bench_ingest.py --compare REV [--compare-new R] [--profile]
 
 Publishes the shared planted stream (1M events, 100k users, 50k items; `--quick`: 200k) as the
 product's JSON to a fresh one-partition topic (lz4 batches), then measures in the same run:
@@ -40,7 +41,19 @@ from typing import Any
 
 import numpy as np
 import orjson
-from common import ROOT, TYPE_FREQ, Col, fmt_rate, print_table, write_results
+from common import (
+    ROOT,
+    TYPE_FREQ,
+    Col,
+    compare_summary,
+    fmt_rate,
+    in_tree,
+    print_table,
+    rev_label,
+    round_order,
+    source_tree,
+    write_results,
+)
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from consumers import kafka_io
@@ -57,6 +70,7 @@ TARGET_RATE = 100_000.0
 TARGET_RATIO = 0.6
 APPLIED = "stream_mf_events_applied_total"
 LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
+PYSPY_RATE = 250  # samples/s
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -124,8 +138,8 @@ def try_scrape(url: str) -> dict[str, float] | None:
 # ---- the stream ---------------------------------------------------------------------------------
 
 
-def stream_spec(quick: bool) -> dict[str, int]:
-    n = 200_000 if quick else 1_000_000
+def stream_spec(quick: bool, n_events: int | None = None) -> dict[str, int]:
+    n = n_events or (200_000 if quick else 1_000_000)
     return {"n_events": n, "n_users": 100_000, "n_items": 50_000, "n_groups": 20}
 
 
@@ -218,8 +232,11 @@ class UpdaterRun:
     write_s: float = 0.0  # RocksDB write
     batches: int = 0
     updater_cpu_s: float | None = None
+    span_cpu_s: float | None = None  # updater CPU between first and last commit
     broker_cpu_s: float | None = None
     profile: dict[str, float] = field(default_factory=dict)
+    profile_s: dict[str, float] = field(default_factory=dict)  # seconds sampled per category
+    model_log_s: dict[str, float] = field(default_factory=dict)  # the same inside the model log
 
     def row(self) -> dict[str, Any]:
         rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
@@ -242,8 +259,11 @@ class UpdaterRun:
             "write_share": self.write_s / span if span > 0 else None,
             "rest_share": max(0.0, 1 - busy / span) if span > 0 else None,
             "updater_cpu_s": self.updater_cpu_s,
+            "span_cpu_s": self.span_cpu_s,
             "broker_cpu_s": self.broker_cpu_s,
             "profile": self.profile or None,
+            "profile_s": self.profile_s or None,
+            "model_log_s": self.model_log_s or None,
         }
 
 
@@ -260,8 +280,15 @@ def run_updater(
     profile: bool = False,
     label: str = "",
     extra_env: dict[str, str] | None = None,
+    tree: Path | None = None,
 ) -> UpdaterRun:
-    """One updater process over the topic from offset 0 with a fresh store; stopped afterwards."""
+    """One updater process over the topic from offset 0 with a fresh store; stopped afterwards.
+
+    `tree`: run the updater of that checkout (`--compare`) instead of this one's. Every run is
+    told to start fresh (`STREAM_MF_RESTORE=false`): a run leaves a learner snapshot behind at
+    its clean stop, which the next run on the same topic would otherwise restore, skipping the
+    work.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     state = work / f"state-{uuid.uuid4().hex[:8]}"
@@ -269,6 +296,7 @@ def run_updater(
         "STREAM_MF_TOPICS__INTERACTIONS": topic,
         "STREAM_MF_TOPICS__DEAD_LETTER": dead_letter,
         "STREAM_MF_GROUP_ID": f"bench-updater-{uuid.uuid4().hex[:8]}",
+        "STREAM_MF_RESTORE": "false",  # ignored by revisions without restore
         **(extra_env or {}),
     }
     argv = [
@@ -286,6 +314,8 @@ def run_updater(
     run = UpdaterRun(batch=batch, label=label or f"--max-batch-events {batch}", events=n)
     name = f"updater-{batch}-{uuid.uuid4().hex[:4]}"
     p = ManagedProcess(name, argv, work, env=env)
+    if tree is not None:
+        p.env, p.cwd = in_tree(p.env, tree), tree
     spy: subprocess.Popen[bytes] | None = None
     spy_out = work / f"pyspy-{name}.txt"
     t_start = time.time()
@@ -297,6 +327,7 @@ def run_updater(
         first: tuple[float, float] | None = None  # (applied, last commit) at the first stable pair
         first_sums = (0.0, 0.0, 0.0)  # apply s, write s, batches at that point
         prev: tuple[float, float] | None = None
+        cpu_first: float | None = None
         end = time.monotonic() + timeout
         last: dict[str, float] = {}
         while True:
@@ -314,12 +345,15 @@ def run_updater(
                 if first is None and pair[0] > 0 and pair == prev:
                     first = pair
                     first_sums = _sums(got)
+                    cpu_first = cpu_seconds(p.pid)
                 prev = pair
                 if pair[0] >= n:
                     break
             time.sleep(0.5)  # scrapes cost the updater GIL time (4% at 5/s): keep them rare
         run.wall_s = time.time() - t_start
         run.updater_cpu_s = cpu_seconds(p.pid)
+        if cpu_first is not None and run.updater_cpu_s is not None and first is not None:
+            run.span_cpu_s = run.updater_cpu_s - cpu_first
         b_cpu1 = cpu_seconds(broker_pid)
         if b_cpu0 is not None and b_cpu1 is not None:
             run.broker_cpu_s = b_cpu1 - b_cpu0
@@ -336,7 +370,11 @@ def run_updater(
         run.batches = int(sums[2] - first_sums[2])
         if spy is not None:
             stop_pyspy(spy)
-            run.profile = categorize(spy_out)
+            counts = sample_counts(spy_out, tree or ROOT)
+            total = sum(counts.values())
+            run.profile = {k: v / total for k, v in counts.most_common()} if total else {}
+            run.profile_s = {k: v / PYSPY_RATE for k, v in counts.items()}
+            run.model_log_s = model_log_detail(spy_out)
     finally:
         if spy is not None:
             stop_pyspy(spy)
@@ -368,7 +406,7 @@ def start_pyspy(children: Children, pid: int, out: Path) -> subprocess.Popen[byt
             "--pid",
             str(pid),
             "--rate",
-            "250",
+            str(PYSPY_RATE),
             "--idle",
             "--nonblocking",
             "--format",
@@ -395,10 +433,10 @@ def stop_pyspy(spy: subprocess.Popen[bytes]) -> None:
             spy.wait(10)
 
 
-def _process_line_kinds() -> dict[int, str]:
+def _process_line_kinds(tree: Path = ROOT) -> dict[int, str]:
     """Line number in consumers/updater.py -> category, for the statements of `process`."""
     kinds: dict[int, str] = {}
-    src = (ROOT / "consumers" / "updater.py").read_text().splitlines()
+    src = (tree / "consumers" / "updater.py").read_text().splitlines()
     for j, line in enumerate(src, start=1):
         text = line.strip()
         if "m.value()" in text or "np.fromiter" in text or "EventBatch(" in text:
@@ -414,9 +452,16 @@ def _process_line_kinds() -> dict[int, str]:
 #: frame matches wins, so scoring inside live evaluation counts as live evaluation even where it
 #: reads RocksDB, and a write is a write wherever it is called from.
 _RULES: tuple[tuple[str, Any], ...] = (
+    # the model log is published from inside the store's commit (its `on_commit` hook)
+    ("model_log", lambda f, p: p.endswith(("consumers/model_log.py", "stream_mf/model_log.py"))),
+    ("learner_snapshot", lambda f, p: p.endswith("consumers/learner_snapshot.py")),
     ("live_eval", lambda f, p: p.endswith("stream_mf/live_eval.py")),
     ("decode", lambda f, p: p.endswith(("stream_mf/decode.py", "stream_mf/events.py"))),
-    ("rocksdb_write", lambda f, p: p.endswith("stream_mf/store.py") and f.endswith("commit_batch")),
+    # `commit_batch` today, `commit` before the store had one commit path per operation
+    (
+        "rocksdb_write",
+        lambda f, p: p.endswith("stream_mf/store.py") and f.endswith(("commit_batch", "commit")),
+    ),
     (
         "learn",
         lambda f, p: p.endswith(
@@ -455,17 +500,45 @@ def _classify(frames: Sequence[str], lines: dict[int, str]) -> str:
     return "loop_other"
 
 
-def categorize(raw: Path) -> dict[str, float]:
-    """Share of the updater's main-loop samples per category, from py-spy's raw output."""
-    if not raw.exists():
-        return {}
-    lines = _process_line_kinds()
+def sample_counts(raw: Path, tree: Path = ROOT) -> Counter[str]:
+    """The updater's main-loop py-spy samples per category, from py-spy's raw output."""
     counts: Counter[str] = Counter()
+    if not raw.exists():
+        return counts
+    lines = _process_line_kinds(tree)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if "run (consumers/updater.py" not in stack or not n.isdigit():
             continue  # not the main loop (metrics server thread, imports at start-up)
         counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
+    return counts
+
+
+def model_log_detail(raw: Path) -> dict[str, float]:
+    """Seconds sampled in the model log publisher by its innermost frame (function, or the
+    library function it called: numpy's set operations, prometheus_client's counters)."""
+    counts: Counter[str] = Counter()
+    if not raw.exists():
+        return {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "run (consumers/updater.py" not in stack or not n.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if " (" in f]
+        own = [f for f in frames if "model_log.py" in f]
+        if not own:
+            continue
+        key = own[-1].split(" (")[0]
+        if frames[-1] != own[-1]:
+            leaf = frames[-1].split(" (")
+            key += f" -> {leaf[0]} ({leaf[1].rsplit('/', 1)[-1].rsplit(':', 1)[0]})"
+        counts[key] += int(n)
+    return {k: v / PYSPY_RATE for k, v in counts.most_common()}
+
+
+def categorize(raw: Path, tree: Path = ROOT) -> dict[str, float]:
+    """Share of the updater's main-loop samples per category, from py-spy's raw output."""
+    counts = sample_counts(raw, tree)
     total = sum(counts.values())
     return {k: v / total for k, v in counts.most_common()} if total else {}
 
@@ -526,13 +599,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="skip the extra runs (default gc, live evaluation off)",
     )
     ap.add_argument("--river-events", type=int, default=None)
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        default=None,
+        help="only: today's updater against git revision REV's, alternating, same topic and broker",
+    )
+    ap.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="with --compare: REV is checked out here (default: a temporary git archive)",
+    )
+    ap.add_argument(
+        "--compare-new",
+        metavar="REV",
+        default=None,
+        help="with --compare: REV's updater as the new side instead of this checkout's (to "
+        "split a change into steps)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
+    ap.add_argument("--events", type=int, default=None, help="stream length (1M; quick 200k)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = stream_spec(args.quick)
+    if args.compare:
+        return compare_main(args)
+    spec = stream_spec(args.quick, args.events)
     batches = args.batches or ([50_000] if args.quick else [200_000, 50_000])
     budget = 45.0 if args.quick else 240.0  # per updater run
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -624,6 +720,202 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(result)
     write_results("bench_ingest", result, args.out)
     return 0
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    """`--compare REV`: the updater of REV and today's, alternating (ABBA) on one pre-published
+    topic through one broker, each run a fresh process and store; median events/s per side,
+    new/old of the medians and of each round, and updater CPU seconds per 1k events."""
+    spec = stream_spec(args.quick, args.events)
+    batch = (args.batches or [50_000])[0]
+    budget = 45.0 if args.quick else 240.0
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-cmp-"))
+    children = Children()
+    t_all = time.perf_counter()
+    rev = rev_label(args.compare)
+    result: dict[str, Any] = {
+        "quick": args.quick,
+        "stream": spec,
+        "model_flags": MODEL_FLAGS,
+        "batch": batch,
+        "old_rev": rev,
+        "new_rev": rev_label(args.compare_new or "HEAD"),
+        "rounds": args.rounds,
+    }
+    runs: list[dict[str, Any]] = []
+    try:
+        s = planted_stream(
+            spec["n_events"],
+            n_users=spec["n_users"],
+            n_items=spec["n_items"],
+            n_groups=spec["n_groups"],
+        )
+        payloads = payloads_of(s)
+        n = len(payloads)
+        with (
+            source_tree(args.compare, args.compare_tree) as old_tree,
+            contextlib.ExitStack() as stack,
+            bootstrap_servers() as (bootstrap, broker_pid),
+        ):
+            new_tree = (
+                stack.enter_context(source_tree(args.compare_new)) if args.compare_new else ROOT
+            )
+            tag = uuid.uuid4().hex[:8]
+            topic, dlt = f"bench-interactions-{tag}", f"bench-interactions-{tag}.DLT"
+            create_topics(bootstrap, {topic: 1, dlt: 1})
+            result["broker"] = "embedded tansu" if broker_pid else bootstrap
+            result["publish"] = prepublish(bootstrap, topic, payloads)
+            del payloads
+            print(f"published {n:,} events; old = {rev} ({old_tree}), new = {new_tree}", flush=True)
+            trees = {"old": old_tree, "new": new_tree}
+            for r in range(args.rounds):
+                for side in round_order(r):
+                    run = run_updater(
+                        children,
+                        bootstrap,
+                        topic,
+                        dlt,
+                        n,
+                        batch,
+                        work,
+                        budget,
+                        broker_pid,
+                        label=side,
+                        tree=trees[side],
+                    )
+                    row = {"round": r, "side": side, **run.row()}
+                    span_cpu, span_n = row["span_cpu_s"], row["events_in_span"]
+                    row["cpu_ms_per_1k"] = 1e6 * span_cpu / span_n if span_cpu and span_n else None
+                    runs.append(row)
+                    print(
+                        f"round {r} {side}: {fmt_rate(row['events_per_s'] or 0)}/s, "
+                        f"updater CPU {row['updater_cpu_s'] or 0:.1f} s",
+                        flush=True,
+                    )
+            if args.profile:  # apart from the measured runs: py-spy slows what it samples
+                profiles = {}
+                for side in ("old", "new"):
+                    run = run_updater(
+                        children,
+                        bootstrap,
+                        topic,
+                        dlt,
+                        n,
+                        batch,
+                        work,
+                        budget,
+                        broker_pid,
+                        profile=True,
+                        label=f"{side}, py-spy",
+                        tree=trees[side],
+                    )
+                    profiles[side] = run.row()
+                result["profiles"] = profiles
+    finally:
+        children.stop_all()
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result["runs"] = runs
+
+    def per_side(key: str) -> dict[str, list[float]]:
+        return {
+            side: [r[key] or float("nan") for r in runs if r["side"] == side]
+            for side in ("old", "new")
+        }
+
+    result["events_per_s"] = compare_summary(per_side("events_per_s"), higher_is_better=True)
+    result["wall_events_per_s"] = compare_summary(
+        per_side("wall_events_per_s"), higher_is_better=True
+    )
+    result["cpu_ms_per_1k"] = compare_summary(per_side("cpu_ms_per_1k"), higher_is_better=False)
+    result["wall_s"] = time.perf_counter() - t_all
+    report_compare(result)
+    write_results("bench_ingest_compare", result, args.out)
+    return 0
+
+
+def report_compare(result: dict[str, Any]) -> None:
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    profiles = result.get("profiles") or {}
+    if profiles:
+        kinds = sorted({k for p in profiles.values() for k in (p.get("profile") or {})})
+        per_1k = 1e3 / result["stream"]["n_events"]
+        print_table(
+            "py-spy, updater main thread, whole run incl. start-up (one more run per side): "
+            "share of samples, and ms sampled per 1k events (idle included)",
+            [
+                {
+                    "what": k,
+                    **{s: (p.get("profile") or {}).get(k, 0.0) for s, p in profiles.items()},
+                    **{
+                        f"{s}_ms": 1e3 * (p.get("profile_s") or {}).get(k, 0.0) * per_1k
+                        for s, p in profiles.items()
+                    },
+                }
+                for k in kinds
+            ],
+            [
+                Col("what", "category"),
+                Col("old", "old", pct),
+                Col("new", "new", pct),
+                Col("old_ms", "old ms/1k", ".1f"),
+                Col("new_ms", "new ms/1k", ".1f"),
+            ],
+        )
+        detail = (profiles.get("new") or {}).get("model_log_s") or {}
+        if detail:
+            print_table(
+                "new: inside the model log publisher, ms sampled per 1k events (top 12)",
+                [{"what": k, "ms": 1e3 * v * per_1k} for k, v in list(detail.items())[:12]],
+                [Col("what", "innermost frame"), Col("ms", "ms/1k", ".2f")],
+            )
+    print_table(
+        f"updater at {result['old_rev']} (old) and {result['new_rev']} (new), "
+        f"{result['stream']['n_events']:,} events, --max-batch-events {result['batch']}, "
+        "alternating (ABBA); rate between first and last commit",
+        result["runs"],
+        [
+            Col("round", "round"),
+            Col("side", "code"),
+            Col("events_per_s", "events/s", fmt_rate),
+            Col("wall_events_per_s", "incl. startup", fmt_rate),
+            Col("startup_s", "startup s", ".1f"),
+            Col("apply_share", "decode+learn", pct),
+            Col("write_share", "rocksdb", pct),
+            Col("rest_share", "rest", pct),
+            Col("cpu_ms_per_1k", "CPU ms/1k ev", ".0f"),
+            Col("broker_cpu_s", "broker cpu s", ".1f"),
+        ],
+    )
+    rows = []
+    for key, what, fmt in (
+        ("events_per_s", "events/s, first to last commit", fmt_rate),
+        ("wall_events_per_s", "events/s incl. startup", fmt_rate),
+        ("cpu_ms_per_1k", "updater CPU ms per 1k events (span)", lambda x: f"{x:.0f}"),
+    ):
+        c = result[key]
+        rows.append(
+            {
+                "what": what,
+                "old": fmt(c["median_old"]),
+                "new": fmt(c["median_new"]),
+                "ratio": c["new_over_old"],
+                "spread": f"{c['ratio_min']:.2f}-{c['ratio_max']:.2f}",
+            }
+        )
+    print_table(
+        "medians over the rounds; new/old (per-round range)",
+        rows,
+        [
+            Col("what", "figure"),
+            Col("old", "old"),
+            Col("new", "new"),
+            Col("ratio", "new/old", ".3f"),
+            Col("spread", "per round"),
+        ],
+    )
 
 
 def report(result: dict[str, Any]) -> None:

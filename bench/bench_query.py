@@ -2,6 +2,7 @@
 broker's bare round trip measured in the same run.
 
     PYTHONPATH=. .venv/bin/python bench/bench_query.py [--quick] [--rate 500] [--duration 30]
+    PYTHONPATH=. .venv/bin/python bench/bench_query.py --compare REV [--rate 100] [--rounds 4]
 
 Builds a model of 50k items x 64 factors with the real updater (a planted stream plus one event
 per item, so every item has a vector; live evaluation off, which leaves the model unchanged), stops
@@ -46,7 +47,18 @@ from bench_ingest import (
     stop_pyspy,
     try_scrape,
 )
-from common import BLAS_THREAD_VARS, Col, print_table, write_results
+from common import (
+    BLAS_THREAD_VARS,
+    ROOT,
+    Col,
+    compare_summary,
+    in_tree,
+    print_table,
+    rev_label,
+    round_order,
+    source_tree,
+    write_results,
+)
 from confluent_kafka import OFFSET_END, TopicPartition
 
 from consumers import kafka_io
@@ -96,8 +108,11 @@ def build_model(
     work: Path,
     n: int,
     timeout: float,
+    tree: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the updater until every event is applied and every item known; then stop it."""
+    """Run the updater until every event is applied and every item known; then stop it.
+
+    `tree`: that checkout's updater (`--compare`), else this one's."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     argv = [
@@ -110,9 +125,11 @@ def build_model(
         str(port),
         *MODEL_FLAGS,
     ]
-    p = children.start(
-        ManagedProcess("updater", argv, work, env={**env, "STREAM_MF_LIVE_EVAL_RATE": "0"})
-    )
+    env = {**env, "STREAM_MF_LIVE_EVAL_RATE": "0", "STREAM_MF_RESTORE": "false"}
+    p = ManagedProcess(f"updater-{uuid.uuid4().hex[:4]}", argv, work, env=env)
+    if tree is not None:
+        p.env, p.cwd = in_tree(p.env, tree), tree
+    children.start(p)
     t0 = time.perf_counter()
     end = time.monotonic() + timeout
     try:
@@ -438,7 +455,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller model build, 6 s of load")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
-    ap.add_argument("--rate", type=float, default=500.0, help="requests/s")
+    ap.add_argument("--rate", type=float, default=None, help="requests/s (500; --compare: 100)")
     ap.add_argument(
         "--duration", type=float, default=None, help="measured seconds per phase (30; quick 6)"
     )
@@ -469,6 +486,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--profile", action="store_true", help="py-spy the query process during its first phase"
     )
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        default=None,
+        help="only: today's updater and query service against git revision REV's, alternating "
+        "load phases at --rate, same broker",
+    )
+    ap.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="with --compare: REV is checked out here (default: a temporary git archive)",
+    )
+    ap.add_argument("--rounds", type=int, default=4, help="--compare: load phases per side")
     return ap.parse_args(argv)
 
 
@@ -480,8 +511,276 @@ def client_settings(values: Sequence[str]) -> list[tuple[int, float]]:
     return out
 
 
+def has_model_log(tree: Path) -> bool:
+    """Whether the checkout's query process follows the model log (else a RocksDB secondary
+    over the updater's state dir: the design before the model log)."""
+    return (tree / "consumers" / "model_log.py").exists()
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    """`--compare REV`: REV's updater and query service beside today's on one broker.
+
+    Each side builds its model from the same pre-published stream with its own updater (in
+    turn, not at once), then both query services stay up while load phases alternate (ABBA) at
+    `--rate` with the default client settings: what a user sees, request to reply. A side whose
+    query process has no model log reads the updater's RocksDB state dir as a secondary.
+    """
+    # short phases at 100 req/s: the embedded broker's CPU per request grows over a run, and
+    # 500 req/s or 20 s phases saturated it for both sides (bench/README.md)
+    args.rate = args.rate or 100.0
+    duration = args.duration or (6.0 if args.quick else 8.0)
+    warmup = args.warmup if args.warmup is not None else 2.0
+    fw, linger = FETCH_WAIT_MS, LINGER_MS
+    n_planted, n_users = (50_000, 5_000) if args.quick else (200_000, 20_000)
+    work = Path(tempfile.mkdtemp(prefix="bench-query-cmp-"))
+    children = Children()
+    t_all = time.perf_counter()
+    rev = rev_label(args.compare)
+    result: dict[str, Any] = {
+        "quick": args.quick,
+        "rate": args.rate,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "client_fetch_wait_ms": fw,
+        "client_linger_ms": linger,
+        "old_rev": rev,
+        "new_rev": rev_label("HEAD"),
+        "rounds": args.rounds,
+    }
+    phases: list[dict[str, Any]] = []
+    try:
+        s = build_stream(n_planted, n_users)
+        payloads = payloads_of(s)
+        known = np.unique(s.users)
+        with (
+            source_tree(args.compare, args.compare_tree) as old_tree,
+            bootstrap_servers() as (bootstrap, broker_pid),
+        ):
+            trees = {"old": old_tree, "new": ROOT}
+            tag = uuid.uuid4().hex[:8]
+            shared = {
+                "STREAM_MF_TOPICS__INTERACTIONS": f"bench-qc-interactions-{tag}",
+                "STREAM_MF_TOPICS__DEAD_LETTER": f"bench-qc-interactions-{tag}.DLT",
+                "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
+            }
+            envs: dict[str, dict[str, str]] = {}
+            for side, tree in trees.items():
+                envs[side] = {
+                    **shared,
+                    "STREAM_MF_TOPICS__REQUESTS": f"bench-qc-requests-{side}-{tag}",
+                    "STREAM_MF_TOPICS__RESPONSES": f"bench-qc-responses-{side}-{tag}",
+                }
+                if has_model_log(tree):
+                    envs[side]["STREAM_MF_TOPICS__MODEL"] = f"bench-qc-model-{side}-{tag}"
+            create_topics(
+                bootstrap,
+                {
+                    t: 1
+                    for e in envs.values()
+                    for k, t in e.items()
+                    if k.startswith("STREAM_MF_TOPICS__")
+                },
+            )
+            ks = KafkaSettings(bootstrap_servers=bootstrap)
+            sent = publish(
+                kafka_io.producer(ks),
+                shared["STREAM_MF_TOPICS__INTERACTIONS"],
+                payloads,
+                progress=False,
+            )
+            if sent != len(payloads):
+                raise RuntimeError(f"only {sent}/{len(payloads)} events delivered")
+            procs: dict[str, ManagedProcess] = {}
+            urls: dict[str, str] = {}
+            result["design"] = {}
+            result["model"] = {}
+            result["ready_s"] = {}
+            for side, tree in trees.items():
+                state = work / f"state-{side}"
+                env = {**envs[side], "STREAM_MF_GROUP_ID": f"bench-qc-updater-{side}-{tag}"}
+                result["model"][side] = build_model(
+                    children, bootstrap, env, state, work, sent, 240, tree=tree
+                )
+                port = free_port()
+                urls[side] = f"http://127.0.0.1:{port}/metrics"
+                argv_q = ["query", "--bootstrap-servers", bootstrap, "--metrics-port", str(port)]
+                log_based = has_model_log(tree)
+                result["design"][side] = (
+                    "model log on Kafka" if log_based else "RocksDB secondary of the state dir"
+                )
+                if not log_based:
+                    argv_q += ["--state-dir", str(state)]
+                q_env = {**envs[side], "STREAM_MF_GROUP_ID": f"bench-qc-query-{side}-{tag}"}
+                t0 = time.perf_counter()
+                q = ManagedProcess(f"query-{side}", argv_q, work, env=q_env)
+                q.env, q.cwd = in_tree(q.env, tree), tree
+                procs[side] = children.start(q)
+                client = RecClient(
+                    ks,
+                    envs[side]["STREAM_MF_TOPICS__REQUESTS"],
+                    envs[side]["STREAM_MF_TOPICS__RESPONSES"],
+                )
+                try:
+                    wait_for_query(client, f"u{known[0]}", q, 90)
+                finally:
+                    client.close()
+                result["ready_s"][side] = time.perf_counter() - t0
+                print(
+                    f"{side} ({result['design'][side]}): model in "
+                    f"{result['model'][side]['seconds']:.1f} s, query ready in "
+                    f"{result['ready_s'][side]:.1f} s",
+                    flush=True,
+                )
+            for r in range(args.rounds):
+                for side in round_order(r):
+                    marks: dict[str, Any] = {}
+                    q, url = procs[side], urls[side]
+
+                    def window_opens(
+                        marks: dict[str, Any] = marks, url: str = url, pid: int = q.pid
+                    ) -> None:
+                        marks["before"] = try_scrape(url) or {}
+                        marks["cpu"] = cpu_seconds(pid)
+                        marks["broker_cpu"] = cpu_seconds(broker_pid)
+                        marks["t"] = time.perf_counter()
+
+                    ph = run_load(
+                        bootstrap,
+                        envs[side]["STREAM_MF_TOPICS__REQUESTS"],
+                        envs[side]["STREAM_MF_TOPICS__RESPONSES"],
+                        known,
+                        args.rate,
+                        warmup,
+                        duration,
+                        fw,
+                        linger,
+                        on_window=window_opens,
+                    )
+                    b1, t1 = cpu_seconds(broker_pid), time.perf_counter()
+                    after = drain(url, q, timeout=30.0)
+                    cpu1 = cpu_seconds(q.pid)
+                    b0 = marks.get("broker_cpu")
+                    # the broker's share of a core over the window: near 1, it is the bottleneck
+                    ph["broker_cpu_share"] = (
+                        (b1 - b0) / (t1 - marks["t"]) if b0 is not None and b1 is not None else None
+                    )
+                    ph.pop("timeline", None)
+                    ph["round"], ph["side"] = r, side
+                    ph["query_cpu_ms_per_request"] = (
+                        1e3 * (cpu1 - marks["cpu"]) / max(ph["answered"], 1)
+                        if cpu1 is not None and marks.get("cpu") is not None
+                        else None
+                    )
+                    before = marks.get("before", {})
+                    for h in HISTOGRAMS:
+                        ph[h] = hist_quantiles(bucket_counts(before, h), bucket_counts(after, h))
+                    phases.append(ph)
+                    t = ph["total_ms"] or {}
+                    print(
+                        f"round {r} {side}: p50 {t.get('p50', 0):.1f} ms, p99 "
+                        f"{t.get('p99', 0):.1f} ms, answered {ph['answered']}/{ph['sent']}, "
+                        f"{ph['strategies']}",
+                        flush=True,
+                    )
+            for p in procs.values():
+                children.stop(p)
+    finally:
+        children.stop_all()
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result["phases"] = phases
+
+    def per_side(fn: Callable[[dict[str, Any]], float | None]) -> dict[str, list[float]]:
+        return {
+            side: [float(fn(ph) or float("nan")) for ph in phases if ph["side"] == side]
+            for side in ("old", "new")
+        }
+
+    result["summary"] = {
+        f"total_{q}_ms": compare_summary(
+            per_side(lambda ph, q=q: (ph["total_ms"] or {}).get(q)), higher_is_better=False
+        )
+        for q in ("p50", "p90", "p99", "mean")
+    }
+    result["summary"]["service_p99_ms"] = compare_summary(
+        per_side(lambda ph: ph[HISTOGRAMS[0]].get("p99")), higher_is_better=False
+    )
+    result["summary"]["query_cpu_ms_per_request"] = compare_summary(
+        per_side(lambda ph: ph["query_cpu_ms_per_request"]), higher_is_better=False
+    )
+    result["wall_s"] = time.perf_counter() - t_all
+    report_compare(result)
+    write_results("bench_query_compare", result, args.out)
+    return 0
+
+
+def report_compare(result: dict[str, Any]) -> None:
+    rows = []
+    for ph in result["phases"]:
+        t = ph["total_ms"] or {}
+        rows.append(
+            {
+                "round": ph["round"],
+                "side": ph["side"],
+                "n": ph["answered"],
+                "lost": ph["lost"],
+                **{k: t.get(k) for k in ("p50", "p90", "p99", "max")},
+                "svc_p99": ph[HISTOGRAMS[0]].get("p99"),
+                "cpu": ph["query_cpu_ms_per_request"],
+                "broker": ph.get("broker_cpu_share"),
+            }
+        )
+    print_table(
+        f"request -> reply at the client (ms), {result['rate']:.0f} req/s, "
+        f"{result['duration_s']:g} s measured after {result['warmup_s']:g} s warm-up per phase; "
+        f"old {result['old_rev']} ({result['design']['old']}), new {result['new_rev']} "
+        f"({result['design']['new']}); alternating (ABBA)",
+        rows,
+        [
+            Col("round", "round"),
+            Col("side", "code"),
+            Col("n", "n"),
+            Col("lost", "lost"),
+            Col("p50", "p50", ".2f"),
+            Col("p90", "p90", ".2f"),
+            Col("p99", "p99", ".2f"),
+            Col("max", "max", ".1f"),
+            Col("svc_p99", "service p99", ".2f"),
+            Col("cpu", "query CPU ms/req", ".2f"),
+            Col("broker", "broker cores", ".2f"),
+        ],
+    )
+    rows = []
+    for key, c in result["summary"].items():
+        rows.append(
+            {
+                "what": key,
+                "old": c["median_old"],
+                "new": c["median_new"],
+                "ratio": c["new_over_old"],
+                "spread": f"{c['ratio_min']:.2f}-{c['ratio_max']:.2f}",
+            }
+        )
+    print_table(
+        "medians over the phases; new/old (per-round range)",
+        rows,
+        [
+            Col("what", "figure"),
+            Col("old", "old", ".2f"),
+            Col("new", "new", ".2f"),
+            Col("ratio", "new/old", ".3f"),
+            Col("spread", "per round"),
+        ],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare_main(args)
+    args.rate = args.rate or 500.0
     duration = args.duration or (6.0 if args.quick else 30.0)
     warmup = args.warmup if args.warmup is not None else (2.0 if args.quick else 5.0)
     clients = client_settings(args.client or [f"{FETCH_WAIT_MS}:{LINGER_MS:g}", "10:0"])

@@ -8,13 +8,17 @@ figures from 2 shared, noisy cores only mean something next to a reference from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -257,3 +261,76 @@ def _json_default(o: object) -> object:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---- old code against new, interleaved ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def source_tree(rev: str, tree: Path | None = None) -> Iterator[Path]:
+    """A checkout of git revision `rev` to run as "old" code (`tree` if given: used as is).
+
+    `git archive` into a temporary directory, so nothing is added to the repository's worktree
+    list; removed afterwards. Its numba cache starts cold: every `--compare` excludes compile time
+    (a warm-up, or timing from the first commit on).
+    """
+    if tree is not None:
+        yield tree.resolve()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-at-{rev.replace('/', '_')}-"))
+    try:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rev_label(rev: str) -> str:
+    """`rev` as a short commit id (what the JSON records, so a branch name cannot drift)."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def in_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """`env` with PYTHONPATH = `tree` only, so a child imports that checkout's stream_mf and
+    consumers (the editable install's finder comes after PYTHONPATH)."""
+    return {**env, "PYTHONPATH": str(tree)}
+
+
+def round_order(r: int) -> tuple[str, str]:
+    """Who goes first in round r: old, new, then new, old, ... (ABBA), so a drift in the load
+    of other jobs over the run lands on both alike."""
+    return ("old", "new") if r % 2 == 0 else ("new", "old")
+
+
+def compare_summary(per_round: dict[str, list[float]], higher_is_better: bool) -> dict[str, Any]:
+    """Medians of `old` and `new` over the rounds, new/old of the medians and of each round.
+
+    The spread of the per-round ratios is the noise the verdict is read against: on this shared
+    machine a median ratio inside [min, max] of the per-round ratios is no change.
+    """
+    old, new = np.asarray(per_round["old"]), np.asarray(per_round["new"])
+    n = min(old.size, new.size)
+    pair = new[:n] / old[:n]
+    rounds = pair[np.isfinite(pair)].tolist()  # a failed round (NaN) is left out, not zeroed
+    med_old, med_new = float(np.nanmedian(old)), float(np.nanmedian(new))
+    ratio = med_new / med_old
+    # "slower" in the direction of the figure: a rate that falls or a time that grows
+    slowdown = 1 / ratio if higher_is_better else ratio
+    return {
+        "old": old.tolist(),
+        "new": new.tolist(),
+        "median_old": med_old,
+        "median_new": med_new,
+        "new_over_old": ratio,
+        "per_round_new_over_old": rounds,
+        "ratio_min": min(rounds) if rounds else None,
+        "ratio_max": max(rounds) if rounds else None,
+        "higher_is_better": higher_is_better,
+        "slowdown": slowdown,
+    }

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from consumers import kafka_io
 from consumers.metrics import QueryMetrics
 from consumers.query import QueryService
+from consumers.reply_delay import ReplyDelay
 from consumers.settings import KafkaSettings, QuerySettings
 from stream_mf.config import DEFAULT_EVENT_TYPES, EventTypeSpec
 from stream_mf.decode import REASONS, decode_events, fast_path
@@ -556,6 +557,7 @@ def _bare_query_service() -> tuple[QueryService, _FakeProducer, _FakeConsumer]:
     svc.registry = CollectorRegistry()
     svc.metrics = QueryMetrics(svc.registry)
     svc.follower = None  # type: ignore[assignment]  # no model: handle() answers with errors
+    svc.reply_delay = ReplyDelay()
     producer, consumer = _FakeProducer(), _FakeConsumer()
     svc.producer = producer  # type: ignore[assignment]
     svc.consumer = consumer  # type: ignore[assignment]

@@ -25,7 +25,7 @@ from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.scoring import score_event
 from stream_mf.state import ModelState, confidence_items
 from stream_mf.store import MODEL_CFS, StateStore, raw_keys
-from stream_mf.writes import AfterSwapStep, DropGenerations, Flip
+from stream_mf.writes import AfterSwapStep, DropGenerations, Flip, Stage
 from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=16)
@@ -58,9 +58,18 @@ def start(state: ModelState, store: StateStore, cfg: RebuildConfig) -> Rebuild:
     return Rebuild(state, cfg, generation=store.generation() + 1, stage=True)
 
 
+#: the updater's loop writes staged chunks for this long a turn (`STAGE_TURN_S` there)
+STAGE_TURN_S = 0.05
+
+
 def step(rb: Rebuild, state: ModelState, store: StateStore) -> RebuildStep:
-    """One step as the updater's loop makes it: the step, then the write it returns."""
+    """One turn as the updater's loop makes it: staged chunks while the turn's share lasts,
+    then the step's other write."""
+    t0 = time.perf_counter()
     res = rb.step(state)
+    while isinstance(res.write, Stage) and time.perf_counter() - t0 < STAGE_TURN_S:
+        store.apply(state, res.write)
+        res = rb.step(state)
     if res.write is not None:
         store.apply(state, res.write)
     return res

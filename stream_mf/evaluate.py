@@ -28,6 +28,7 @@ from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
 from stream_mf.rebuild_scheduler import RebuildScheduler
 from stream_mf.scoring import event_rank, ndcg_of, top_unseen
 from stream_mf.state import ModelState, confidence_items
+from stream_mf.transitions import add_bonus
 
 
 class PrequentialLearner(Protocol):
@@ -80,14 +81,35 @@ class _ModelLearner:
         return top_unseen(self.scores(user), exclude, k)
 
 
+def add_transitions(scores: np.ndarray, state: ModelState, user: int) -> None:
+    """`scores` += the transitions of `user`'s last item, at the model's clock (none when the
+    model's `transition_weight` is 0)."""
+    c, t = state.config, state.transitions
+    if c.transition_weight > 0 and user < t.last.shape[0]:
+        add_bonus(
+            scores,
+            t.succ,
+            t.logw,
+            int(t.last[user]),
+            float(state.clock[0]),
+            c.decay_rate,
+            c.transition_weight,
+        )
+
+
 class SGDLearner(_ModelLearner):
     name = "sgd"
     block_mode: str | None = "factors"
 
     def scores(self, user: int) -> np.ndarray:
-        items = self.model.state.items
+        """The factors and item biases, plus the user's last item's successors (the query's
+        `recommend.recommend`, and the block evaluator's bonus)."""
+        st = self.model.state
+        items = st.items
         n = items.n
-        return items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
+        s = items.factors[:n] @ st.users.factors[user] + items.bias[:n]
+        add_transitions(s, st, user)
+        return s
 
 
 class PopularLearner(_ModelLearner):
@@ -97,7 +119,9 @@ class PopularLearner(_ModelLearner):
     block_mode = "popularity"
 
     def __init__(self, config: ModelConfig):
-        super().__init__(config.model_copy(update={"dim": 1, "n_negatives": 0}))
+        super().__init__(
+            config.model_copy(update={"dim": 1, "n_negatives": 0, "transition_weight": 0.0})
+        )
 
     def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
@@ -170,7 +194,7 @@ class ALSLearner(_ModelLearner):
     def __init__(
         self, config: ModelConfig, rebuild: RebuildConfig | None = None, refit_every: int = 1000
     ):
-        super().__init__(config.model_copy(update={"n_negatives": 0}))
+        super().__init__(config.model_copy(update={"n_negatives": 0, "transition_weight": 0.0}))
         self.rcfg = rebuild or RebuildConfig()
         self.refit_every = refit_every
         self.U = np.zeros((0, config.dim), np.float32)

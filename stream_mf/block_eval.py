@@ -327,7 +327,9 @@ class BlockScorer:
         tlog = self.model.state.transitions.recording  # transitions: each event's bonus
         self.model.state.transitions.recording = None
         if tlog is None or not tlog.ptr.size:
-            tlog = TransitionLog(np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32))
+            tlog = TransitionLog(
+                np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
+            )
         if self.bon.shape[0] < self.model.state.items.capacity:
             self.bon = np.zeros(self.model.state.items.capacity, np.float32)
         self.n_nodes = _rank_block(

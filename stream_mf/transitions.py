@@ -296,10 +296,8 @@ def update_reference(
                 logw[p, hit[0]] = np.logaddexp(logw[p, hit[0]], lw)
             else:
                 free = np.flatnonzero(row < 0)
-                if free.size:
-                    m = int(free[0])
-                else:
-                    m = int(np.argmin(logw[p]))  # first of equal minima
+                # the first free slot, else the first of equal minima
+                m = int(free[0]) if free.size else int(np.argmin(logw[p]))
                 succ[p, m] = i
                 logw[p, m] = lw
         last[u] = i

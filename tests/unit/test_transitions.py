@@ -11,8 +11,8 @@ from stream_mf.config import ModelConfig
 from stream_mf.evaluate import SGDLearner
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.transitions import (
-    Transitions,
     TransitionLog,
+    Transitions,
     add_bonus,
     bonus,
     bonus_reference,
@@ -41,7 +41,9 @@ def test_update_matches_the_reference_however_cut(slots: int, seed: int) -> None
     t = Transitions.empty(slots, 40, 200)
     changed = []
     for lo in range(0, 3_000, 257):  # batches of any length give the same table
-        changed.append(update(t, users[lo : lo + 257], items[lo : lo + 257], times[lo : lo + 257], RATE))
+        changed.append(
+            update(t, users[lo : lo + 257], items[lo : lo + 257], times[lo : lo + 257], RATE)
+        )
     assert np.array_equal(t.succ, ref.succ)
     np.testing.assert_allclose(t.logw, ref.logw, rtol=1e-12)
     assert np.array_equal(t.last, ref.last)
@@ -97,7 +99,9 @@ def test_recording_gives_each_events_bonus_at_its_test_time() -> None:
     for e in range(300, 600):
         want = bonus(a.succ, a.logw, int(a.last[users[e]]), clock, RATE, 2.0, 50)
         lo, hi = log.ptr[e - 300], log.ptr[e - 299]
-        assert np.array_equal(log.item[lo:hi], want[0]) and np.array_equal(log.value[lo:hi], want[1])
+        assert np.array_equal(log.item[lo:hi], want[0]) and np.array_equal(
+            log.value[lo:hi], want[1]
+        )
         update(a, users[e : e + 1], items[e : e + 1], times[e : e + 1], RATE)
         clock = max(clock, float(times[e]))
 

@@ -17,7 +17,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -106,6 +106,8 @@ class CommitInfo:
     offsets: Mapping[tuple[str, int], int]
     event_times: np.ndarray | None
     events: int
+    #: transition rows written (`stream_mf/transitions.py`); users' last items go with `users`
+    trans_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def _with_new(rows: np.ndarray, new: tuple[int, int]) -> np.ndarray:
@@ -523,6 +525,7 @@ class StateStore:
             offsets=offsets,
             event_times=event_times,
             events=delta.events,
+            trans_rows=delta.trans_rows,
         )
 
     def commits(self) -> int:
@@ -543,6 +546,7 @@ class StateStore:
         event_times: np.ndarray | None = None,
         events: int = 0,
         seq: int | None = None,
+        trans_rows: np.ndarray | None = None,
     ) -> None:
         """Count the commit, write it, then tell the follower (the model log) what it wrote:
         only after the write is durable, so the log never runs ahead of the store. `seq`: the
@@ -563,6 +567,7 @@ class StateStore:
                     offsets=dict(offsets or {}),
                     event_times=event_times,
                     events=events,
+                    trans_rows=np.empty(0, np.int64) if trans_rows is None else trans_rows,
                 )
             )
 

@@ -107,6 +107,11 @@ class ModelConfig(BaseModel):
         description="weight of the user's last item's successors (a decayed count of what "
         "followed it across users, normalised per row) added to the factor score (0: off)",
     )
+    transition_norm: Literal["max", "share"] = Field(
+        default="max",
+        description="how a transition row is scaled: max (log1p of each decayed count over "
+        "the row's largest) or share (each decayed count over the row's total)",
+    )
     transition_slots: int = Field(
         default=32,
         ge=1,

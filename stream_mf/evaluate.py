@@ -94,6 +94,7 @@ def add_transitions(scores: np.ndarray, state: ModelState, user: int) -> None:
             float(state.clock[0]),
             c.decay_rate,
             c.transition_weight,
+            c.transition_norm == "share",
         )
 
 

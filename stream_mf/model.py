@@ -217,6 +217,7 @@ class OnlineModel:
                 clock0=clock0,
                 weight=c.transition_weight,
                 n_items0=i0,
+                share=c.transition_norm == "share",
             )
         return BatchDelta(
             users=unique_rows(users, st.users.n),

@@ -34,6 +34,7 @@ class ItemView:
     succ: np.ndarray | None = None
     logw: np.ndarray | None = None
     transition_weight: float = 0.0
+    transition_share: bool = False  # `ModelConfig.transition_norm` is "share"
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -53,6 +54,7 @@ class ItemView:
             succ=take(t.succ) if t.succ.shape[0] >= n else None,
             logw=take(t.logw) if t.logw.shape[0] >= n else None,
             transition_weight=state.config.transition_weight,
+            transition_share=state.config.transition_norm == "share",
         )
 
     @property
@@ -121,7 +123,7 @@ def recommend(
         scores += view.bias
     if last_item >= 0 and view.succ is not None and view.logw is not None:
         add_bonus(scores, view.succ, view.logw, last_item, view.clock, view.decay_rate,
-                  view.transition_weight)  # fmt: skip
+                  view.transition_weight, view.transition_share)  # fmt: skip
     if candidates is not None:
         keep = np.zeros(scores.shape[0], dtype=np.bool_)
         keep[candidates] = True

@@ -125,24 +125,32 @@ def _bonus_into(
     out_item: np.ndarray,
     out_val: np.ndarray,
     at: int,
+    share: bool = False,
 ) -> int:
     """Row `row`'s entries (successors known below `n_items`) as weight x log1p(decayed count)
-    / the row's largest, into `out_*` from `at`; returns the new end."""
+    / the row's largest (or, `share`, weight x decayed count / the row's total), into `out_*`
+    from `at`; returns the new end."""
     slots = succ.shape[1]
     mx = 0.0
     for m in range(slots):
         j = succ[row, m]
         if j >= 0 and j < n_items:
-            v = _log1pexp(logw[row, m] - now_lw)
-            if v > mx:
-                mx = v
+            if share:
+                mx += math.exp(logw[row, m] - now_lw)
+            else:
+                v = _log1pexp(logw[row, m] - now_lw)
+                if v > mx:
+                    mx = v
     if not mx > 0.0:
         return at
     for m in range(slots):
         j = succ[row, m]
         if j >= 0 and j < n_items:
             out_item[at] = j
-            out_val[at] = np.float32(weight * _log1pexp(logw[row, m] - now_lw) / mx)
+            if share:
+                out_val[at] = np.float32(weight * math.exp(logw[row, m] - now_lw) / mx)
+            else:
+                out_val[at] = np.float32(weight * _log1pexp(logw[row, m] - now_lw) / mx)
             at += 1
     return at
 
@@ -164,6 +172,7 @@ def _update(
     rec_ptr: np.ndarray,
     rec_item: np.ndarray,
     rec_val: np.ndarray,
+    share: bool,
 ) -> int:
     """Fold a batch in event order; writes the predecessor row of each transition into
     `changed` (with repeats) and returns how many. Under `record`, first writes each event's
@@ -179,7 +188,9 @@ def _update(
         if record:
             rec_ptr[e] = at
             if p >= 0 and weight != 0.0:
-                at = _bonus_into(succ, logw, p, clock * rate, weight, known, rec_item, rec_val, at)
+                at = _bonus_into(
+                    succ, logw, p, clock * rate, weight, known, rec_item, rec_val, at, share
+                )
         if p >= 0 and p != i:
             _add(succ, logw, p, i, times[e] * rate)
             changed[n_changed] = p
@@ -204,6 +215,7 @@ def update(
     clock0: float = 0.0,
     weight: float = 0.0,
     n_items0: int = 0,
+    share: bool = False,
 ) -> np.ndarray:
     """Fold a batch (indices already registered, `t` reserved for them) into the table in
     event order; returns the rows it changed, sorted and unique. While `t.recording` is set
@@ -231,6 +243,7 @@ def update(
         ptr,
         ritem,
         rval,
+        share,
     )
     if rec:
         t.recording = TransitionLog(ptr, ritem[: ptr[n]], rval[: ptr[n]])
@@ -245,6 +258,7 @@ def bonus(
     decay_rate: float,
     weight: float,
     n_items: int,
+    share: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The items `item`'s row adds to, and by how much (float32): weight x log1p(decayed
     count at `now`) / the row's largest. Empty for no row, a zero weight or an empty row."""
@@ -253,7 +267,7 @@ def bonus(
     slots = succ.shape[1]
     out_i = np.empty(slots, np.int32)
     out_v = np.empty(slots, np.float32)
-    k = _bonus_into(succ, logw, item, now * decay_rate, weight, n_items, out_i, out_v, 0)
+    k = _bonus_into(succ, logw, item, now * decay_rate, weight, n_items, out_i, out_v, 0, share)
     return out_i[:k], out_v[:k]
 
 
@@ -265,10 +279,11 @@ def add_bonus(
     now: float,
     decay_rate: float,
     weight: float,
+    share: bool = False,
 ) -> None:
     """Add the user's last `item`'s row to `scores` (one per item, float32) in place: the one
     scoring rule of the query (`recommend.recommend`) and the evaluator."""
-    idx, val = bonus(succ, logw, item, now, decay_rate, weight, scores.shape[0])
+    idx, val = bonus(succ, logw, item, now, decay_rate, weight, scores.shape[0], share)
     if idx.size:
         scores[idx] += val.astype(scores.dtype)
 

@@ -120,3 +120,29 @@ def test_model_learns_transitions_and_scores_with_them() -> None:
     off = OnlineModel(ModelConfig(dim=4, n_negatives=1, transition_weight=0.0))
     off.learn(EventBatch.build(["a", "a"], ["x", "y"], [1.0] * 2, [1.0, 2.0]))
     assert (off.state.transitions.succ < 0).all()
+
+
+def test_the_query_scores_as_evaluate_does() -> None:
+    """`answer` (the query's path) and the evaluator's learner rank by the same scores."""
+    from stream_mf.answer import StateUsers, answer
+    from stream_mf.evaluate import ShippedLearner
+    from stream_mf.messages import RecRequest
+    from stream_mf.recommend import ItemView
+    from tests.synthetic import planted_stream
+
+    s = planted_stream(3000, 60, 150, n_groups=3, seed=2)
+    lrn = ShippedLearner(ModelConfig(dim=8, n_negatives=2))
+    lrn.learn(EventBatch.build(s.user_ids(), s.item_ids(), np.ones(3000), s.times))
+    st = lrn.model.state
+    view, users = ItemView.from_state(st), StateUsers(st)
+    moved = 0
+    for uid in st.users.ids[:40]:
+        rec = users.user(uid)
+        assert rec is not None and rec.last_item == st.transitions.last[rec.index] >= 0
+        got = answer(RecRequest(request_id="r", user_id=uid, k=10), view, users)
+        want = lrn.recommend(rec.index, 10, rec.seen)
+        assert [it.item_id for it in got.items] == [st.items.ids[j] for j in want]
+        plain = view.factors @ rec.vector
+        plain[rec.seen] = -np.inf
+        moved += int(set(np.argsort(-plain)[:10].tolist()) != set(want.tolist()))
+    assert moved > 0  # the transitions changed some lists

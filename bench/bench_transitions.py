@@ -34,7 +34,7 @@ def _cfg(weight: float, norm: str, seed: int = 42) -> ModelConfig:
 
 
 def ml(weight: float, norm: str, seed: int) -> float:
-    ev = read_events(str(MOVIELENS))
+    ev = read_events(str(MOVIELENS)).sorted_by_time()
     r = prequential(ev, make_learner("sgd", _cfg(weight, norm, seed)), progress=False)
     return r.recall_at_k
 
@@ -56,21 +56,62 @@ def niche(weight: float, norm: str, model: str, variant: str) -> float:
     return float(min(hits.values()))
 
 
+def speed(weight: float, norm: str, rounds: int = 3) -> dict[str, Any]:
+    """`OnlineModel.learn` (SGD kernel + confidences + transitions) in batches of 10k on the
+    shared 200k-event stream, transitions off and on, interleaved round by round; best of
+    `rounds` each. The SGD kernel itself is unchanged (`bench_sgd.py --compare`)."""
+    import time
+
+    from common import synthetic_events
+
+    from stream_mf.model import OnlineModel
+
+    _, events = synthetic_events(True)
+    n = len(events)
+    cfgs = {"off": ModelConfig(n_negatives=4, transition_weight=0.0),
+            "on": _cfg(weight, norm).model_copy(update={"n_negatives": 4})}  # fmt: skip
+    OnlineModel(cfgs["on"]).learn(events.slice(0, 2_000))  # compile
+    best = {k: float("inf") for k in cfgs}
+    for _ in range(rounds):
+        for k, c in cfgs.items():
+            m = OnlineModel(c)
+            t = time.perf_counter()
+            for lo in range(0, n, 10_000):
+                m.learn(events.slice(lo, min(lo + 10_000, n)))
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {
+        "events": n,
+        "off_events_per_s": n / best["off"],
+        "on_events_per_s": n / best["on"],
+        "on_over_off": best["off"] / best["on"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="0:max,1:max,1.5:max,2:max,4:share,8:share")
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--planted", default="11")
     ap.add_argument("--hybrid", action="store_true")
+    ap.add_argument("--no-niche", action="store_true")
+    ap.add_argument("--speed", default=None, help="w:norm: only time learn() off vs on")
     ap.add_argument("--out", default="bench_transitions")
     a = ap.parse_args()
+    if a.speed:
+        w, n = a.speed.split(":")
+        got = speed(float(w), n)
+        print(got)
+        write_results(
+            a.out, {"speed": got, "setting": a.speed}, ROOT / f"bench/results/{a.out}.json"
+        )
+        return
     sys.path.insert(0, str(ROOT))
     from tests.synthetic import NICHE_VARIANTS
 
     configs = [(float(w), n) for w, n in (c.split(":") for c in a.configs.split(","))]
     seeds = [int(s) for s in a.seeds.split(",")]
     pseeds = [int(s) for s in a.planted.split(",")]
-    models = ["sgd", "hybrid"] if a.hybrid else ["sgd"]
+    models = [] if a.no_niche else ["sgd", "hybrid"] if a.hybrid else ["sgd"]
     jobs: dict[tuple[Any, ...], Any] = {}
     with ProcessPoolExecutor(2) as pool:
         for w, n in configs:
@@ -81,7 +122,10 @@ def main() -> None:
             for m in models:
                 for v in NICHE_VARIANTS:
                     jobs[("niche", w, n, m, v)] = pool.submit(niche, w, n, m, v)
-        got = {k: f.result() for k, f in jobs.items()}
+        got = {}
+        for k, f in jobs.items():
+            got[k] = f.result()
+            print(*k, got[k], file=sys.stderr, flush=True)
     rows = []
     for w, n in configs:
         rec = [got[("ml", w, n, s)] for s in seeds]

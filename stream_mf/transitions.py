@@ -1,9 +1,11 @@
 """Item-to-item transitions: "a user's last item was followed by that item", decayed, bounded.
 
 The largest single gain measured on MovieLens (docs/quality-ablation.md): a decayed count of
-transitions across users, per predecessor row normalised by its largest entry, added to the
-factor score at `ModelConfig.transition_weight`. Factors learn what a user likes; this learns
-what people watch *next*, which a per-user vector cannot express.
+transitions across users, per predecessor row, added to the factor score of each successor of
+the user's last item at `ModelConfig.transition_weight` times its share of the row's decayed
+total (`transition_norm` "share", the default; "max": log1p of the count over the row's
+largest, which gained as much on MovieLens but lost planted tastes and niches). Factors learn
+what a user likes; this learns what people pick *next*, which a per-user vector cannot express.
 
 State, all plain arrays (the store, learner snapshots and the model log carry them whole):
 
@@ -319,14 +321,21 @@ def update_reference(
 
 
 def bonus_reference(
-    succ: np.ndarray, logw: np.ndarray, item: int, now: float, decay_rate: float, weight: float
+    succ: np.ndarray,
+    logw: np.ndarray,
+    item: int,
+    now: float,
+    decay_rate: float,
+    weight: float,
+    share: bool = False,
 ) -> dict[int, float]:
     """`bonus` as a dict, in numpy."""
     ok = succ[item] >= 0
-    vs = np.log1p(np.exp(logw[item][ok] - now * decay_rate))
-    if not vs.size or vs.max() <= 0:
+    counts = np.exp(logw[item][ok] - now * decay_rate)
+    vs = counts if share else np.log1p(counts)
+    den = vs.sum() if share else (vs.max() if vs.size else 0.0)
+    if not vs.size or den <= 0:
         return {}
     return {
-        int(j): float(np.float32(weight * v / vs.max()))
-        for j, v in zip(succ[item][ok], vs, strict=True)
+        int(j): float(np.float32(weight * v / den)) for j, v in zip(succ[item][ok], vs, strict=True)
     }

@@ -64,17 +64,19 @@ def test_eviction_replaces_the_weakest_slot() -> None:
     assert t.last[0] == 3
 
 
-def test_bonus_matches_the_reference_and_normalises() -> None:
+@pytest.mark.parametrize("share", [False, True])
+def test_bonus_matches_the_reference_and_normalises(share: bool) -> None:
     users, items, times = stream(2_000, 30, 100, 3)
     t = Transitions.empty(8, 30, 100)
     update(t, users, items, times, RATE)
     now = float(times[-1])
     for row in range(20):
-        idx, val = bonus(t.succ, t.logw, row, now, RATE, 2.0, 100)
-        ref = bonus_reference(t.succ, t.logw, row, now, RATE, 2.0)
+        idx, val = bonus(t.succ, t.logw, row, now, RATE, 2.0, 100, share)
+        ref = bonus_reference(t.succ, t.logw, row, now, RATE, 2.0, share)
         assert dict(zip(idx.tolist(), val.tolist(), strict=True)) == pytest.approx(ref, rel=1e-6)
-        if ref:
-            assert max(ref.values()) == pytest.approx(2.0)
+        if ref:  # the largest is the weight, or the shares add up to it
+            total = sum(ref.values()) if share else max(ref.values())
+            assert total == pytest.approx(2.0, rel=1e-5)
     scores = np.zeros(100, np.float32)
     add_bonus(scores, t.succ, t.logw, int(items[-1]), now, RATE, 2.0)
     assert scores.dtype == np.float32 and scores.max() == pytest.approx(2.0)

@@ -89,7 +89,7 @@ ROWS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     # what ships (stream_mf/transitions.py): bounded rows of 32 successors decayed at the
     # model's half-life (the rows above: unbounded, a half-life of 20,000 events)
     (
-        "ships: transitions, 4 x share of the row, 32 slots",
+        "ships: transitions 4 x share of the row (32 slots)",
         HL180_PULL | {"transition_weight": 4.0, "transition_norm": "share"},
         {},
         "ships",

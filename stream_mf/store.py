@@ -13,6 +13,7 @@ consumers/model_log.py) is told what it wrote (`CommitInfo`); `commits` counts t
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -90,6 +91,8 @@ from stream_mf.writes import (
     Write,
     WriteOffsets,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -853,6 +856,10 @@ class StateStore:
                 )
 
     def _load_transitions(self, state: ModelState) -> None:
+        if self._meta(FORMAT_KEY) == b"1":
+            log.info("%s is a format-1 store (before transitions): they start empty and fill "
+                     "from the next event on; the store is marked format 2 at its next commit",
+                     self.path)  # fmt: skip
         t = state.transitions
         t.slots = state.config.transition_slots
         t.reserve(state.users.n, state.items.n)

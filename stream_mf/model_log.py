@@ -13,8 +13,8 @@ record applied twice is harmless:
                             model (factors, bias, count, last, logpop) and the items the user
                             has seen (exclusions and `because`)
   b"i" be32 gen be32 row    an item row of `gen`, in the same layout (no seen items)
-  b"t" be32 gen be32 row    an item's transition row, whole: its successors and their log
-                            decayed counts (`stream_mf/transitions.py`); a user row (format 2)
+  b"t" be32 gen be32 row    an item's transition row, whole: its filled slots' successors and
+                            log decayed counts (`stream_mf/transitions.py`); a user row (format 2)
                             carries the user's last item beside its arrays
   b"C"                      the model config (JSON), first record of every snapshot
   b"B"                      a snapshot begins (JSON {"seq", "gen"})
@@ -103,16 +103,22 @@ def trans_key(gen: int, row: int) -> bytes:
 def transition_records(
     succ: np.ndarray, logw: np.ndarray, gen: int, rows: Iterable[int]
 ) -> Iterator[tuple[bytes, bytes]]:
-    """Transition rows, whole (`stream_mf/transitions.py`), one record each."""
+    """Transition rows, whole (`stream_mf/transitions.py`), one record each: the filled slots
+    only (a row fills from slot 0 and never empties one), so a row of 3 successors costs 39
+    bytes, not 387."""
     idx = np.fromiter(rows, np.int64)
     if idx.size == 0:
         return
-    slots = succ.shape[1]
-    head = _TRANS_HEAD.pack(TRANS_FORMAT, slots)
-    sb = np.ascontiguousarray(succ[idx], "<i4").view(f"V{slots * 4}").ravel().tolist()
-    wb = np.ascontiguousarray(logw[idx], "<f8").view(f"V{slots * 8}").ravel().tolist()
+    s, w = succ[idx], logw[idx]
+    filled = (s >= 0).sum(axis=1).tolist()
+    head = _TRANS_HEAD.pack
     for j, r in enumerate(idx.tolist()):
-        yield trans_key(gen, r), b"".join((head, sb[j], wb[j]))
+        k = filled[j]
+        yield (
+            trans_key(gen, r),
+            b"".join((head(TRANS_FORMAT, k), s[j, :k].astype("<i4").tobytes(),
+                      w[j, :k].astype("<f8").tobytes())),
+        )  # fmt: skip
 
 
 def filled_rows(succ: np.ndarray, n: int) -> np.ndarray:
@@ -354,7 +360,9 @@ def _trans(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"format {fmt}, this version reads {TRANS_FORMAT}")
     at = _TRANS_HEAD.size
     if len(raw) != at + 12 * slots:
-        raise ValueError(f"{len(raw)} bytes, a transition row of {slots} slots needs more")
+        raise ValueError(
+            f"{len(raw)} bytes, a transition row of {slots} slots has {at + 12 * slots}"
+        )
     succ = np.frombuffer(raw, "<i4", slots, at)
     return succ, np.frombuffer(raw, "<f8", slots, at + 4 * slots)
 

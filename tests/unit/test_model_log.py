@@ -345,3 +345,26 @@ def test_a_request_lets_a_waiting_commit_in_first() -> None:
         order.append("commit")
     t.join(5)
     assert order == ["commit", "request"]
+
+
+def test_format_1_user_rows_still_read_without_a_last_item() -> None:
+    """A log written before transitions (user rows of format 1, no `t` records) still serves:
+    its users have no last item, so they are scored by their factors alone."""
+    from stream_mf.model_log import _META, _USER_HEAD, USER_FORMAT
+
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(1000))
+    st = m.state
+    old = []
+    for k, v in snapshot(st):
+        if k[:1] == b"u" and v is not None and v[0] == USER_FORMAT:
+            cut = _USER_HEAD.size + st.users.dim * 4 + _META.itemsize
+            v = bytes([1]) + v[1:cut] + v[cut + 4 :]  # format 1: no last item
+        if k[:1] != b"t":
+            old.append((k, v))
+    reader = materialise(old)
+    assert reader.skipped == 0 and reader.served is not None
+    uid = st.users.ids[0]
+    got = reader.served.users.user(uid)
+    assert got is not None and got.last_item == -1
+    assert np.array_equal(got.seen, StateUsers(st).user(uid).seen)  # type: ignore[union-attr]

@@ -142,7 +142,8 @@ def recommend_batch(
     k: int,
     excludes: Sequence[np.ndarray | None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Many users in one matrix product (the batched form)."""
+    """Many users in one matrix product (the batched form), by the factors alone: no service
+    path uses it, and it takes no last items (`recommend` adds the transitions)."""
     scores = user_vecs.astype(np.float32) @ view.factors.T + view.bias
     out = []
     for r in range(scores.shape[0]):

@@ -26,9 +26,9 @@ from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, Kernel, OnlineModel
 from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
 from stream_mf.rebuild_scheduler import RebuildScheduler
+from stream_mf.recommend import add_transitions
 from stream_mf.scoring import event_rank, ndcg_of, top_unseen
 from stream_mf.state import ModelState, confidence_items
-from stream_mf.transitions import add_bonus
 
 
 class PrequentialLearner(Protocol):
@@ -79,23 +79,6 @@ class _ModelLearner:
 
     def recommend(self, user: int, k: int, exclude: np.ndarray) -> np.ndarray:
         return top_unseen(self.scores(user), exclude, k)
-
-
-def add_transitions(scores: np.ndarray, state: ModelState, user: int) -> None:
-    """`scores` += the transitions of `user`'s last item, at the model's clock (none when the
-    model's `transition_weight` is 0)."""
-    c, t = state.config, state.transitions
-    if c.transition_weight > 0 and user < t.last.shape[0]:
-        add_bonus(
-            scores,
-            t.succ,
-            t.logw,
-            int(t.last[user]),
-            float(state.clock[0]),
-            c.decay_rate,
-            c.transition_weight,
-            c.transition_norm == "share",
-        )
 
 
 class SGDLearner(_ModelLearner):

@@ -229,3 +229,21 @@ def because(
     sims[user_items == item] = -np.inf
     idx, s = top_k(sims, k)
     return user_items[idx].astype(np.int64), s
+
+
+def add_transitions(scores: np.ndarray, state: ModelState, user: int) -> None:
+    """`scores` += the transitions of `user`'s last item, at the model's clock (none when the
+    model's `transition_weight` is 0): `recommend`'s rule on a `ModelState` (the evaluator's
+    learners, the updater's live evaluation)."""
+    c, t = state.config, state.transitions
+    if c.transition_weight > 0 and user < t.last.shape[0]:
+        add_bonus(
+            scores,
+            t.succ,
+            t.logw,
+            int(t.last[user]),
+            float(state.clock[0]),
+            c.decay_rate,
+            c.transition_weight,
+            c.transition_norm == "share",
+        )

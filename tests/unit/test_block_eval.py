@@ -95,3 +95,14 @@ def test_a_learner_with_its_own_scores_takes_the_loop() -> None:
     assert block_mode(Odd(ModelConfig(dim=4))) is None
     assert block_mode(make_learner("als", ModelConfig(dim=4))) is None
     assert block_mode(make_learner("default", ModelConfig(dim=4), min_user_events=3)) is None
+
+
+@pytest.mark.parametrize(("weight", "norm"), [(0.0, "share"), (2.0, "max"), (8.0, "share")])
+def test_block_adds_the_transitions_as_the_loop_does(weight: float, norm: str) -> None:
+    """The per-event bonus of the user's last item's successors (stream_mf/transitions.py),
+    recorded while the block is learnt, ranks as `SGDLearner.scores` does: off, and at two
+    strengths of either normalisation."""
+    ev = columns(6_000, 5)
+    loop, fast = both("sgd", ev, transition_weight=weight, transition_norm=norm)
+    assert loop.evaluated == fast.evaluated > 2_000
+    assert_same(loop, fast)

@@ -107,7 +107,8 @@ class ModelConfig(BaseModel):
         le=100,
         allow_inf_nan=False,
         description="weight of the user's last item's successors (a decayed count of what "
-        "followed it across users, normalised per row) added to the factor score (0: off)",
+        "followed it across users, normalised per row) added to the factor score (0: off, "
+        "and the table and users' last items are not kept up to date meanwhile)",
     )
     transition_norm: Literal["max", "share"] = Field(
         default="share",

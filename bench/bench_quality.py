@@ -32,7 +32,14 @@ from stream_mf.evaluate import make_learner, prequential
 
 MOVIELENS = ROOT / "data/movielens-latest-small/ratings.csv.gz"
 #: the defaults before this ablation (main at 4091993): no recency pull
-BEFORE: dict[str, Any] = {"user_pull": 0.0, "lr_user": 2.5, "half_life_s": 30 * 86400.0}
+BEFORE: dict[str, Any] = {
+    "user_pull": 0.0,
+    "lr_user": 2.5,
+    "half_life_s": 30 * 86400.0,
+    "transition_weight": 0.0,
+}
+#: the defaults before transitions shipped (half-life 180 days, user_pull 0.1)
+HL180_PULL: dict[str, Any] = {"half_life_s": 180 * 86400.0, "user_pull": 0.1}
 HL180 = 180 * 86400.0
 #: (name, ModelConfig overrides on top of BEFORE, scoring/kernel extras, group)
 ROWS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
@@ -78,6 +85,14 @@ ROWS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         {"half_life_s": HL180, "user_pull": 0.1},
         {"transition": 2.0},
         "together",
+    ),
+    # what ships (stream_mf/transitions.py): bounded rows of 32 successors decayed at the
+    # model's half-life (the rows above: unbounded, a half-life of 20,000 events)
+    (
+        "ships: transitions 4 x share of the row (32 slots)",
+        HL180_PULL | {"transition_weight": 4.0, "transition_norm": "share"},
+        {},
+        "ships",
     ),
 ]
 _events: EventColumns | None = None

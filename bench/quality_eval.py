@@ -24,6 +24,8 @@ from stream_mf.datasets import EventColumns
 from stream_mf.evaluate import base_weights
 from stream_mf.sgd import EntityArrays, SgdParams, StreamArrays, _sgd_kernel
 from stream_mf.state import ModelState
+from stream_mf.transitions import Transitions, add_bonus
+from stream_mf.transitions import update as update_transitions
 
 
 @dataclass
@@ -84,6 +86,11 @@ def fast_prequential(
     acc_i = np.zeros(st.items.capacity)
     if ada:
         from quality_kernels import ada_kernel
+    # the shipped transitions (stream_mf/transitions.py, `ModelConfig.transition_weight`),
+    # unless the experimental ones of `Extras` are asked for
+    shipped = cfg.transition_weight > 0 and not x.transition
+    tr = Transitions.empty(cfg.transition_slots, st.users.capacity, st.items.capacity)
+    share = cfg.transition_norm == "share"
     seen: dict[int, set[int]] = {}
     seen_list: dict[int, list[int]] = {}
     recent: dict[int, list[int]] = {}
@@ -107,6 +114,9 @@ def fast_prequential(
                     if x.recency and recent.get(u):
                         q = q + x.recency * V[recent[u]].mean(axis=0)
                     s = V[:nk] @ q + b[:nk]
+                    if shipped:
+                        add_bonus(s, tr.succ, tr.logw, int(tr.last[u]), float(st.clock[0]),
+                                  cfg.decay_rate, cfg.transition_weight, share)  # fmt: skip
                     if x.transition and recent.get(u):
                         row = trans.get(recent[u][-1])
                         if row:
@@ -142,6 +152,9 @@ def fast_prequential(
             ada_kernel(acc_u, acc_i, x.ada_eps, x.ada_decay, *kargs)
         else:
             _sgd_kernel(*kargs)
+        if shipped:
+            update_transitions(tr, users[e : e + 1], items[e : e + 1], times[e : e + 1],
+                               cfg.decay_rate)  # fmt: skip
         if x.pull:
             if x.pull_convex:
                 U[u] = (1.0 - x.pull) * U[u] + x.pull * V[i]

@@ -41,11 +41,14 @@ from stream_mf.model_log import (
     SeenIndex,
     begin_record,
     decode,
+    filled_rows,
     item_key,
     item_records,
     sample_times,
     slice_record,
     snapshot_records,
+    trans_key,
+    transition_records,
     user_key,
     user_records,
 )
@@ -297,8 +300,11 @@ class ModelLogPublisher:
             self.snapshot(state, info)
             return
         rows = np.unique(info.users).tolist()
-        for k, v in user_records(state.users, self.gen, self.seen, rows):
+        t = state.transitions
+        for k, v in user_records(state.users, self.gen, self.seen, rows, last=t.last):
             self._produce(k, v)
+        for k, v in transition_records(t.succ, t.logw, self.gen, info.trans_rows.tolist()):
+            self._produce(k, v)  # whole rows, in this commit (before its marker)
         self._mark_items(info.items)
         if time.monotonic() >= self.next_items:
             self._flush_items(state)
@@ -511,6 +517,8 @@ class ModelLogPublisher:
                 self._produce(user_key(self.gen - 1, u), None)
             for i in range(state.items.n):
                 self._produce(item_key(self.gen - 1, i), None)
+            for i in filled_rows(state.transitions.succ, state.items.n).tolist():
+                self._produce(trans_key(self.gen - 1, i), None)
             self._marker(state, None)
         self.snapshot_bytes = self.bytes_since - before
         self.bytes_since = 0
@@ -550,21 +558,29 @@ class ModelLogPublisher:
             return
         assert self.seen is not None
         end = time.perf_counter() + SNAPSHOT_SLICE_S
-        while time.perf_counter() < end and (ch.user < ch.n_users or ch.item < ch.n_items):
+        t = state.transitions
+        while time.perf_counter() < end and not ch.done:
             before = self.bytes_since
             if ch.user < ch.n_users:
                 lo = ch.user
                 hi = ch.user = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_users)
-                records = user_records(state.users, self.gen, self.seen, range(lo, hi))
-            else:
+                records = list(
+                    user_records(state.users, self.gen, self.seen, range(lo, hi), last=t.last)
+                )
+            elif ch.item < ch.n_items:
                 lo = ch.item
                 hi = ch.item = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
-                records = item_records(state.items, self.gen, range(lo, hi))
-            self._produce(*slice_record(hi - lo))  # readers serving this model skip the rows
+                records = list(item_records(state.items, self.gen, range(lo, hi)))
+            else:  # transition rows that hold any (the others were never sent)
+                lo = ch.trans
+                hi = ch.trans = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
+                rows = lo + filled_rows(t.succ[lo:hi], hi - lo)
+                records = list(transition_records(t.succ, t.logw, self.gen, rows.tolist()))
+            self._produce(*slice_record(len(records)))  # readers serving this model skip them
             for k, v in records:
                 self._produce(k, v)
             ch.bytes += self.bytes_since - before
-        if ch.user < ch.n_users or ch.item < ch.n_items:
+        if not ch.done:
             return
         if not ch.begun:
             self.producer.flush(SNAPSHOT_RETRY_S)
@@ -607,13 +623,20 @@ SNAPSHOT_SLICE_ROWS = 256
 
 class _Chunked:
     """A periodic snapshot under way: rows below `n_users` / `n_items` as of its BEGIN, the
-    next of each to send, and the BEGIN record's offset once acknowledged."""
+    next of each to send (users, items, then transition rows), and the BEGIN record's offset
+    once acknowledged."""
 
     def __init__(self, begun: list[int], n_users: int, n_items: int, nbytes: int) -> None:
         self.begun, self.n_users, self.n_items = begun, n_users, n_items
-        self.user = self.item = 0
+        self.user = self.item = self.trans = 0
         self.bytes = nbytes
         self.started = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.user >= self.n_users and self.item >= self.n_items and (self.trans >= self.n_items)
+        )
 
 
 def _trim() -> None:

@@ -33,6 +33,7 @@ from stream_mf.answer import answer
 from stream_mf.events import describe_error
 from stream_mf.messages import RecRequest, RecResponse, request_id_in
 from stream_mf.model_log import Marker, MixedGenerationError
+from stream_mf.transitions import bonus
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,8 @@ class QueryService:
                     RecRequest(request_id="warm-up", kind="recommend", user_id="warm-up"),
                 ]
             users = served.users
+            if view.succ is not None and view.logw is not None:  # the transitions' kernel
+                bonus(view.succ, view.logw, 0, view.clock, view.decay_rate, 1.0, view.n)
             for req in reqs:
                 with served.reading():
                     resp = answer(req, view, users, min_user_events=self.settings.min_user_events)

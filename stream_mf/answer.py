@@ -24,6 +24,7 @@ class UserRecord:
     vector: np.ndarray  # float32 [dim]
     events: int
     seen: np.ndarray  # int item indices the user has interacted with
+    last_item: int = -1  # the user's last item (transitions score from it), -1 if none
 
 
 class UserSource(Protocol):
@@ -50,11 +51,13 @@ class StateUsers:
         if u is None:
             return None
         seen = np.sort(_items_of(self.state.confidence, u)) if len(self.state.confidence) else None
+        last = self.state.transitions.last
         return UserRecord(
             index=u,
             vector=self.state.users.factors[u].copy(),
             events=int(self.state.users.count[u]),
             seen=seen if seen is not None else np.empty(0, np.int64),
+            last_item=int(last[u]) if u < last.shape[0] else -1,
         )
 
 
@@ -126,4 +129,6 @@ def answer(
     exclude = np.concatenate([excl, seen]) if req.exclude_seen else excl
     if rec is None or rec.events < min_user_events:
         return reply("popular", *popular(view, req.k, exclude, cand))
-    return reply("personalized", *recommend(view, rec.vector, req.k, exclude, cand))
+    return reply(
+        "personalized", *recommend(view, rec.vector, req.k, exclude, cand, last_item=rec.last_item)
+    )

@@ -27,6 +27,7 @@ from numba import njit
 
 from stream_mf.model import EventBatch, OnlineModel
 from stream_mf.sgd import EntityArrays, KernelBatch, SgdParams, StreamArrays, _sgd_kernel
+from stream_mf.transitions import TransitionLog
 
 NOT_SCORED = -2  # a new user's event, or an item the user already has
 MISS = -1
@@ -118,6 +119,10 @@ def _rank_block(
     pscore: np.ndarray,
     k: int,
     out: np.ndarray,
+    b_ptr: np.ndarray,
+    b_item: np.ndarray,
+    b_val: np.ndarray,
+    bon: np.ndarray,
 ) -> int:
     """Each event's 0-based rank if under `k`, MISS, or NOT_SCORED, into `out`.
 
@@ -126,7 +131,11 @@ def _rank_block(
     (`ov_log`, by `slot_of`): `qlog[e, m] + log_add[m]`, `qlog` being the block's user rows
     times the logged item rows (none under `shared`: popularity is `log_add` alone). Each
     user's items are a linked list (`head`, `nxt`, `node_item`), extended here; returns the new
-    node count. `slot_of` is left all -1."""
+    node count. `slot_of` is left all -1. Transitions (`stream_mf.transitions`): event e's
+    items [b_ptr[e], b_ptr[e + 1]) of `b_item` score `b_val` more (float32 sums, as the query's
+    `scores[idx] += val`), spread into `bon` (all zero, left so) while e is ranked; an empty
+    `b_ptr` means none."""
+    use_bonus = b_ptr.shape[0] > 0
     n_slots = 0
     known_u, known_i = n_users0, n_items0
     for e in range(users.shape[0]):
@@ -150,10 +159,15 @@ def _rank_block(
                     pscore[s] = log_add[m]
                 else:
                     pscore[s] = np.float32(qlog[e, m] + np.float32(log_add[m]))
+            if use_bonus:  # --- transitions (a sparse bonus per event) ---
+                for m in range(b_ptr[e], b_ptr[e + 1]):
+                    bon[b_item[m]] = b_val[m]
             if t < 0:
                 out[e] = MISS
             else:
                 st = pscore[slot_of[t]] if slot_of[t] >= 0 else np.float64(row[t])
+                if use_bonus and bon[t] != 0:
+                    st = np.float64(np.float32(np.float32(st) + bon[t]))
                 if not np.isfinite(st):
                     out[e] = MISS
                 else:
@@ -168,14 +182,26 @@ def _rank_block(
                         j = ov_item[s]
                         if j != t:
                             c += _beats(pscore[s], j, st, t) - _beats(row[j], j, st, t)
+                    if use_bonus:
+                        for m in range(b_ptr[e], b_ptr[e + 1]):
+                            j = b_item[m]
+                            if j != t:
+                                x = pscore[slot_of[j]] if slot_of[j] >= 0 else np.float64(row[j])
+                                xb = np.float64(np.float32(np.float32(x) + bon[j]))
+                                c += _beats(xb, j, st, t) - _beats(x, j, st, t)
                     node = head[u]
                     while node >= 0:
                         j = node_item[node]
                         if j != t and j < known_i:
                             x = pscore[slot_of[j]] if slot_of[j] >= 0 else np.float64(row[j])
+                            if use_bonus and bon[j] != 0:
+                                x = np.float64(np.float32(np.float32(x) + bon[j]))
                             c -= _beats(x, j, st, t)
                         node = nxt[node]
                     out[e] = c if c < k else MISS
+            if use_bonus:
+                for m in range(b_ptr[e], b_ptr[e + 1]):
+                    bon[b_item[m]] = 0
         # learn: the user's items, the overlay, what the model knows from now on
         if not seen:
             node_item[n_nodes] = i
@@ -213,6 +239,7 @@ class BlockScorer:
         self.node_item = np.empty(4096, np.int32)
         self.n_nodes = 0
         self.slot_of = np.full(1024, -1, np.int32)
+        self.bon = np.zeros(1024, np.float32)  # transitions' scratch, all zero between events
         # filled by `kernel` while the block is learnt
         self._rec: dict[str, Any] = {}
 
@@ -275,6 +302,8 @@ class BlockScorer:
         """Call before learning a block: the model's user and item counts then."""
         st = self.model.state
         self._rec = {}
+        if not self.popularity and st.config.transition_weight > 0:  # transitions: record
+            st.transitions.recording = TransitionLog(*(np.empty(0, np.int64),) * 3)
         return st.users.n, st.items.n
 
     def ranks(self, start: tuple[int, int], out: np.ndarray) -> None:
@@ -295,6 +324,14 @@ class BlockScorer:
             base += b0
             shared = False
         m = rec["log_item"].shape[0]
+        tlog = self.model.state.transitions.recording  # transitions: each event's bonus
+        self.model.state.transitions.recording = None
+        if tlog is None or not tlog.ptr.size:
+            tlog = TransitionLog(
+                np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
+            )
+        if self.bon.shape[0] < self.model.state.items.capacity:
+            self.bon = np.zeros(self.model.state.items.capacity, np.float32)
         self.n_nodes = _rank_block(
             base,
             shared,
@@ -316,6 +353,10 @@ class BlockScorer:
             np.empty(m, np.float64),
             self.k,
             out,
+            tlog.ptr,
+            tlog.item,
+            tlog.value,
+            self.bon,
         )
         self._rec = {}
 

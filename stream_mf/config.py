@@ -98,6 +98,30 @@ class ModelConfig(BaseModel):
         description="after each event the user vector moves by this times the item's vector "
         "(recency of the user's own last items; no extra state)",
     )
+    # 4 x each successor's share of its row: the default model's MovieLens Recall@10 0.0958 ->
+    # 0.1105 with planted tastes and niches kept; 2 x log1p(count) / the row's largest gained
+    # as much but lost planted tastes and niches (docs/quality-ablation.md, *Transitions*)
+    transition_weight: float = Field(
+        default=4.0,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="weight of the user's last item's successors (a decayed count of what "
+        "followed it across users, normalised per row) added to the factor score (0: off, "
+        "and the table and users' last items are not kept up to date meanwhile)",
+    )
+    transition_norm: Literal["max", "share"] = Field(
+        default="share",
+        description="how a transition row is scaled: max (log1p of each decayed count over "
+        "the row's largest) or share (each decayed count over the row's total)",
+    )
+    transition_slots: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="successors kept per item (the weakest is replaced): items x this x 12 "
+        "bytes of memory",
+    )
     event_types: dict[str, EventTypeSpec] = Field(default_factory=lambda: dict(DEFAULT_EVENT_TYPES))
 
     @field_validator("event_types")

@@ -28,6 +28,7 @@ from stream_mf.datasets import EventColumns
 from stream_mf.model import EventBatch, Kernel, OnlineModel
 from stream_mf.rebuild import Outcome, Rebuild, RebuildConfig
 from stream_mf.rebuild_scheduler import RebuildScheduler
+from stream_mf.recommend import add_transitions
 from stream_mf.scoring import event_rank, ndcg_of, top_unseen
 from stream_mf.state import ModelState, confidence_items
 
@@ -87,9 +88,14 @@ class SGDLearner(_ModelLearner):
     block_mode: str | None = "factors"
 
     def scores(self, user: int) -> np.ndarray:
-        items = self.model.state.items
+        """The factors and item biases, plus the user's last item's successors (the query's
+        `recommend.recommend`, and the block evaluator's bonus)."""
+        st = self.model.state
+        items = st.items
         n = items.n
-        return items.factors[:n] @ self.model.state.users.factors[user] + items.bias[:n]
+        s = items.factors[:n] @ st.users.factors[user] + items.bias[:n]
+        add_transitions(s, st, user)
+        return s
 
 
 class PopularLearner(_ModelLearner):
@@ -99,7 +105,9 @@ class PopularLearner(_ModelLearner):
     block_mode = "popularity"
 
     def __init__(self, config: ModelConfig):
-        super().__init__(config.model_copy(update={"dim": 1, "n_negatives": 0}))
+        super().__init__(
+            config.model_copy(update={"dim": 1, "n_negatives": 0, "transition_weight": 0.0})
+        )
 
     def scores(self, user: int) -> np.ndarray:
         items = self.model.state.items
@@ -172,7 +180,7 @@ class ALSLearner(_ModelLearner):
     def __init__(
         self, config: ModelConfig, rebuild: RebuildConfig | None = None, refit_every: int = 1000
     ):
-        super().__init__(config.model_copy(update={"n_negatives": 0}))
+        super().__init__(config.model_copy(update={"n_negatives": 0, "transition_weight": 0.0}))
         self.rcfg = rebuild or RebuildConfig()
         self.refit_every = refit_every
         self.U = np.zeros((0, config.dim), np.float32)

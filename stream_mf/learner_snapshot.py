@@ -9,7 +9,11 @@ bit for bit the model that was lost (docs/architecture.md, "Learner snapshots").
 
 It is not the model log's serving snapshot: that one has no confidences, sampler nor counters,
 and its item rows are coalesced (up to `model_log_item_seconds` behind the store). It is its
-own stream of records on its own topic (consumers/learner_snapshot.py):
+own stream of records on its own topic (consumers/learner_snapshot.py). Store format 2 added
+the transition table and users' last items (`stream_mf/transitions.py`); a format-1 snapshot
+restores with an empty table.
+
+Records:
 
   b"B"                        a snapshot begins (JSON: id, chunks, size)
   b"L" be64 id be32 index     one chunk of the encoded state (at most `chunk_bytes`)
@@ -40,6 +44,8 @@ from stream_mf.store_layout import BLOCK_ROWS
 from stream_mf.store_layout import FORMAT as STORE_FORMAT
 
 FORMAT = 1
+#: store formats whose snapshots this version reads (1: before transitions, restored empty)
+_READS_STORE_FORMATS = ("1", STORE_FORMAT.decode())
 MAGIC = b"SMFL"
 BEGIN_KEY = b"B"
 END_KEY = b"E"
@@ -125,6 +131,12 @@ def encode(snap: LearnerSnapshot) -> bytes:
     keys, vals = confidence_items(st.confidence)
     sections += [("conf_keys", keys.astype("<i8").tobytes()),
                  ("conf_vals", vals.astype("<f8").tobytes())]  # fmt: skip
+    t = st.transitions  # store format 2: the successor table and users' last items
+    t.reserve(st.users.n, st.items.n)
+    ni, nu = st.items.n, st.users.n
+    sections += [("trans_succ", np.ascontiguousarray(t.succ[:ni], "<i4").tobytes()),
+                 ("trans_logw", np.ascontiguousarray(t.logw[:ni], "<f8").tobytes()),
+                 ("trans_last", np.ascontiguousarray(t.last[:nu], "<i4").tobytes())]  # fmt: skip
     header = {
         "format": FORMAT,
         "store_format": STORE_FORMAT.decode(),
@@ -142,6 +154,7 @@ def encode(snap: LearnerSnapshot) -> bytes:
         "n_users": st.users.n,
         "n_items": st.items.n,
         "cdf_len": cdf_len,
+        "transition_slots": t.slots,
         "sections": [[name, len(raw)] for name, raw in sections],
     }
     head = orjson.dumps(header)
@@ -160,7 +173,7 @@ def decode(raw: bytes) -> LearnerSnapshot:
     if h.get("format") != FORMAT:
         raise SnapshotFormatError(f"learner snapshot format {h.get('format')}, this version "
                                   f"reads {FORMAT}")  # fmt: skip
-    if h["store_format"] != STORE_FORMAT.decode() or h["block_rows"] != BLOCK_ROWS:
+    if h["store_format"] not in _READS_STORE_FORMATS or h["block_rows"] != BLOCK_ROWS:
         raise SnapshotFormatError(
             f"learner snapshot of store format {h['store_format']} (blocks of "
             f"{h['block_rows']}), this version writes {STORE_FORMAT.decode()} ({BLOCK_ROWS})"
@@ -188,6 +201,18 @@ def decode(raw: bytes) -> LearnerSnapshot:
     keys = np.frombuffer(parts["conf_keys"], "<i8").astype(np.int64)
     vals = np.frombuffer(parts["conf_vals"], "<f8").astype(np.float64)
     fill_confidence(state.confidence, keys, vals)
+    if "trans_succ" in parts:  # store format 1 had none: the table starts empty
+        m, ni, nu = int(h["transition_slots"]), h["n_items"], h["n_users"]
+        succ = np.frombuffer(parts["trans_succ"], "<i4").reshape(ni, m)
+        logw = np.frombuffer(parts["trans_logw"], "<f8").reshape(ni, m)
+        t = state.transitions
+        k = min(m, t.slots)
+        if m > t.slots:  # fewer slots asked for: keep each row's strongest
+            top = np.sort(np.argsort(-logw, axis=1, kind="stable")[:, :k], axis=1)
+            succ, logw = np.take_along_axis(succ, top, 1), np.take_along_axis(logw, top, 1)
+        t.succ[:ni, :k] = succ[:, :k]
+        t.logw[:ni, :k] = logw[:, :k]
+        t.last[:nu] = np.frombuffer(parts["trans_last"], "<i4")
     offsets = {}
     for k, v in h["offsets"].items():
         topic, _, part = k.rpartition("/")

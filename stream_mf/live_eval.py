@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from stream_mf.model import EventBatch
+from stream_mf.recommend import add_transitions
 from stream_mf.scoring import score_event
 from stream_mf.state import ModelState
 
@@ -83,6 +84,7 @@ class LiveEvaluator:
         items = state.items
         n = items.n
         scores = items.factors[:n] @ state.users.factors[u] + items.bias[:n]
+        add_transitions(scores, state, u)  # the query's scoring rule (`recommend.recommend`)
         hit, gain = score_event(scores, item, mine, self.k)
         w = self.weight
         self.scored += w

@@ -7,7 +7,7 @@ persist (and nothing more): that keeps a RocksDB commit proportional to the batc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -25,6 +25,7 @@ from stream_mf.sgd import (
     sgd_batch,
 )
 from stream_mf.state import ModelState
+from stream_mf.transitions import update as update_transitions
 
 #: what `OnlineModel.learn` runs on a batch's records: `sgd_batch` or a twin of it
 Kernel = Callable[[KernelBatch, EntityArrays, EntityArrays, StreamArrays, SgdParams], None]
@@ -94,6 +95,9 @@ class BatchDelta:
     pair_values: np.ndarray  # float64 log-confidence after the batch
     sampler_rebuilt: bool
     events: int
+    #: transition rows (predecessor items) the batch changed, unique; users' last items
+    #: change for every user in `users`
+    trans_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
 
     @classmethod
     def empty(cls, state: ModelState) -> BatchDelta:
@@ -177,6 +181,7 @@ class OnlineModel:
         neg = np.empty((n, c.n_negatives), dtype=np.int32)
         logw = np.empty(n, dtype=np.float64)
         rebuilds = int(st.counters[Counter.REBUILDS])
+        clock0 = float(st.clock[0])
         if n:
             (kernel or sgd_batch)(
                 KernelBatch(
@@ -201,6 +206,19 @@ class OnlineModel:
             st.confidence, keys, np.argsort(keys, kind="stable"), logw, ukeys, values
         )
         touched = np.concatenate([items, neg[neg >= 0].ravel()])
+        trans_rows = np.empty(0, np.int32)
+        if c.transition_weight > 0 and n:
+            trans_rows = update_transitions(
+                st.transitions,
+                users,
+                items,
+                batch.times,
+                c.decay_rate,
+                clock0=clock0,
+                weight=c.transition_weight,
+                n_items0=i0,
+                share=c.transition_norm == "share",
+            )
         return BatchDelta(
             users=unique_rows(users, st.users.n),
             items=unique_rows(touched, st.items.n),
@@ -210,6 +228,7 @@ class OnlineModel:
             pair_values=values[:m],
             sampler_rebuilt=int(st.counters[Counter.REBUILDS]) != rebuilds,
             events=n,
+            trans_rows=trans_rows,
         )
 
 
@@ -229,4 +248,5 @@ def merge_deltas(deltas: list[BatchDelta], state: ModelState) -> BatchDelta:
         pair_values=values,
         sampler_rebuilt=any(d.sampler_rebuilt for d in deltas),
         events=sum(d.events for d in deltas),
+        trans_rows=unique_sorted(np.concatenate([d.trans_rows for d in deltas])).astype(np.int32),
     )

@@ -13,6 +13,9 @@ record applied twice is harmless:
                             model (factors, bias, count, last, logpop) and the items the user
                             has seen (exclusions and `because`)
   b"i" be32 gen be32 row    an item row of `gen`, in the same layout (no seen items)
+  b"t" be32 gen be32 row    an item's transition row, whole: its filled slots' successors and
+                            log decayed counts (`stream_mf/transitions.py`); a user row (format 2)
+                            carries the user's last item beside its arrays
   b"C"                      the model config (JSON), first record of every snapshot
   b"B"                      a snapshot begins (JSON {"seq", "gen"})
   b"M"                      a commit marker (JSON, `Marker`): the rows before it, since the
@@ -48,7 +51,9 @@ from stream_mf.config import ModelConfig
 from stream_mf.recommend import ItemView
 from stream_mf.state import NEVER, EntityTable, ModelState
 
-FORMAT = 1
+FORMAT = 1  # item rows
+USER_FORMAT = 2  # user rows: format 1 plus the user's last item (i32) after the arrays
+TRANS_FORMAT = 1
 MARKER_KEY = b"M"
 BEGIN_KEY = b"B"
 SLICE_KEY = b"S"
@@ -57,6 +62,8 @@ MAX_TIMES = 32  # event times a marker samples, for the readers' freshness histo
 _ROW_KEY = struct.Struct(">cII")
 _USER_HEAD = struct.Struct("<BHI")  # format, dim, seen count
 _ITEM_HEAD = struct.Struct("<BHH")  # format, dim, rows
+_TRANS_HEAD = struct.Struct("<BH")  # format, slots
+_I32 = struct.Struct("<i")
 _ROW_ARRAYS = (("bias", "<f4"), ("count", "<i8"), ("last", "<f8"), ("logpop", "<f8"))
 
 
@@ -79,13 +86,44 @@ def item_key(gen: int, row: int) -> bytes:
     return _ROW_KEY.pack(b"i", gen, row)
 
 
-def encode_user(table: EntityTable, row: int, seen: np.ndarray) -> bytes:
+def encode_user(table: EntityTable, row: int, seen: np.ndarray, last_item: int = -1) -> bytes:
     """One user row, whole: a reader needs nothing else to serve that user."""
     s = np.ascontiguousarray(seen, "<i4")
-    parts = [_USER_HEAD.pack(FORMAT, table.dim, s.size), table.factors[row].astype("<f4").tobytes()]
+    head = _USER_HEAD.pack(USER_FORMAT, table.dim, s.size)
+    parts = [head, table.factors[row].astype("<f4").tobytes()]
     parts += [getattr(table, name)[row : row + 1].astype(dt).tobytes() for name, dt in _ROW_ARRAYS]
-    parts += [s.tobytes(), table.ids[row].encode()]
+    parts += [_I32.pack(last_item), s.tobytes(), table.ids[row].encode()]
     return b"".join(parts)
+
+
+def trans_key(gen: int, row: int) -> bytes:
+    return _ROW_KEY.pack(b"t", gen, row)
+
+
+def transition_records(
+    succ: np.ndarray, logw: np.ndarray, gen: int, rows: Iterable[int]
+) -> Iterator[tuple[bytes, bytes]]:
+    """Transition rows, whole (`stream_mf/transitions.py`), one record each: the filled slots
+    only (a row fills from slot 0 and never empties one), so a row of 3 successors costs 39
+    bytes, not 387."""
+    idx = np.fromiter(rows, np.int64)
+    if idx.size == 0:
+        return
+    s, w = succ[idx], logw[idx]
+    filled = (s >= 0).sum(axis=1).tolist()
+    head = _TRANS_HEAD.pack
+    for j, r in enumerate(idx.tolist()):
+        k = filled[j]
+        yield (
+            trans_key(gen, r),
+            b"".join((head(TRANS_FORMAT, k), s[j, :k].astype("<i4").tobytes(),
+                      w[j, :k].astype("<f8").tobytes())),
+        )  # fmt: skip
+
+
+def filled_rows(succ: np.ndarray, n: int) -> np.ndarray:
+    """Transition rows below `n` that hold any successor (the others are never sent)."""
+    return np.flatnonzero((succ[:n] >= 0).any(axis=1))
 
 
 _META = np.dtype([(name, dt) for name, dt in _ROW_ARRAYS])  # packed: the wire layout
@@ -97,13 +135,23 @@ def user_records(
     seen: SeenIndex | None,
     rows: Iterable[int],
     kind: bytes = b"u",
+    last: np.ndarray | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
     """`encode_user` of many rows, with the arrays turned into bytes in a few C calls (a
-    commit at 20k events/s carries thousands of user rows). Item rows (`kind` b"i") have the
-    same layout, with no seen items."""
+    commit at 20k events/s carries thousands of user rows), each with its last item from
+    `last` (-1 past its end or without it). Item rows (`kind` b"i") have the same layout in
+    format 1: no last item, no seen items."""
     idx = np.fromiter(rows, np.int64)
     if idx.size == 0:
         return
+    user = kind == b"u"
+    lb: list[bytes] = []
+    if user:
+        li = np.full(idx.size, -1, "<i4")
+        if last is not None:
+            ok = idx < last.shape[0]
+            li[ok] = last[idx[ok]]
+        lb = li.view("V4").tolist()
     dim = table.dim
     fb = np.ascontiguousarray(table.factors[idx], "<f4").view(f"V{dim * 4}").ravel().tolist()
     meta = np.empty(idx.size, _META)
@@ -117,12 +165,11 @@ def user_records(
     kb = keys.view("V12").ravel().tolist()
     head, ids = _USER_HEAD.pack, table.ids
     of = seen.of if seen is not None else (lambda _u: _NONE)
+    fmt = USER_FORMAT if user else FORMAT
     for j, u in enumerate(idx.tolist()):
         s = of(u)
-        yield (
-            kind + kb[j][4:],
-            b"".join((head(FORMAT, dim, s.size), fb[j], mb[j], s.tobytes(), ids[u].encode())),
-        )
+        parts = (head(fmt, dim, s.size), fb[j], mb[j], *lb[j : j + 1], s.tobytes())
+        yield kind + kb[j][4:], b"".join((*parts, ids[u].encode()))
 
 
 def item_records(
@@ -135,10 +182,12 @@ def item_records(
 
 def snapshot_records(state: ModelState, gen: int, seen: SeenIndex) -> Iterator[tuple[bytes, bytes]]:
     """A snapshot's body (after its BEGIN record, before its marker): the config, then every
-    row of the model."""
+    row of the model (transition rows: those that hold any)."""
+    t = state.transitions
     yield CONFIG_KEY, state.config.model_dump_json().encode()
-    yield from user_records(state.users, gen, seen, range(state.users.n))
+    yield from user_records(state.users, gen, seen, range(state.users.n), last=t.last)
     yield from item_records(state.items, gen, range(state.items.n))
+    yield from transition_records(t.succ, t.logw, gen, filled_rows(t.succ, state.items.n))
 
 
 def begin_record(seq: int, gen: int, n_users: int = 0, n_items: int = 0) -> tuple[bytes, bytes]:
@@ -249,6 +298,7 @@ class UserRow:
     dim: int
     n_seen: int
     id: str
+    last_item: int = -1  # the user's last item (format 2 user rows), -1 if none
 
 
 def decode(key: bytes | None, value: bytes | None) -> Record:
@@ -273,14 +323,14 @@ def decode(key: bytes | None, value: bytes | None) -> Record:
             return Record("begin", gen=int(doc["gen"]), value=doc)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise LogFormatError(f"bad snapshot begin record: {exc}") from exc
-    if len(key) != _ROW_KEY.size or key[:1] not in (b"u", b"i"):
+    if len(key) != _ROW_KEY.size or key[:1] not in (b"u", b"i", b"t"):
         raise LogFormatError(f"unknown record key {key[:16]!r}")
     kind, gen, index = _ROW_KEY.unpack(key)
-    name = "user" if kind == b"u" else "item"
+    name = {b"u": "user", b"i": "item", b"t": "trans"}[kind]
     if value is None:
         return Record("tombstone", gen, index, name)
     try:
-        payload = _user(value)
+        payload: Any = _trans(value) if kind == b"t" else _user(value)
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise LogFormatError(f"bad {name} record {gen}/{index}: {exc}") from exc
     return Record(name, gen, index, payload)
@@ -290,13 +340,31 @@ _USER_FIXED = _USER_HEAD.size
 
 
 def _user(raw: bytes) -> UserRow:
+    """A user or item row: format 1 (items, and users before transitions) or 2 (users, with
+    their last item)."""
     fmt, dim, n_seen = _USER_HEAD.unpack_from(raw)
-    if fmt != FORMAT:
-        raise ValueError(f"format {fmt}, this version reads {FORMAT}")
-    at = _USER_FIXED + dim * 4 + _META.itemsize + 4 * n_seen
+    if fmt not in (FORMAT, USER_FORMAT):
+        raise ValueError(f"format {fmt}, this version reads {FORMAT} and {USER_FORMAT}")
+    extra = 4 if fmt == USER_FORMAT else 0
+    m_end = _USER_FIXED + dim * 4 + _META.itemsize
+    at = m_end + extra + 4 * n_seen
     if len(raw) < at:
         raise ValueError(f"{len(raw)} bytes, a row of dim {dim} with {n_seen} seen needs {at}")
-    return UserRow(raw, dim, n_seen, raw[at:].decode())
+    last = _I32.unpack_from(raw, m_end)[0] if extra else -1
+    return UserRow(raw, dim, n_seen, raw[at:].decode(), last)
+
+
+def _trans(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    fmt, slots = _TRANS_HEAD.unpack_from(raw)
+    if fmt != TRANS_FORMAT:
+        raise ValueError(f"format {fmt}, this version reads {TRANS_FORMAT}")
+    at = _TRANS_HEAD.size
+    if len(raw) != at + 12 * slots:
+        raise ValueError(
+            f"{len(raw)} bytes, a transition row of {slots} slots has {at + 12 * slots}"
+        )
+    succ = np.frombuffer(raw, "<i4", slots, at)
+    return succ, np.frombuffer(raw, "<f8", slots, at + 4 * slots)
 
 
 def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
@@ -308,7 +376,10 @@ def unpack_users(rows: list[UserRow], dim: int) -> tuple[np.ndarray, np.ndarray,
     factors = np.frombuffer(b"".join([r.raw[f_at:m_at] for r in rows]), "<f4").reshape(-1, dim)
     meta = np.frombuffer(b"".join([r.raw[m_at : m_at + mb] for r in rows]), _META)
     s_at = m_at + mb
-    seen = [r.raw[s_at : s_at + 4 * r.n_seen] for r in rows]  # bytes: a third of an array's
+    seen = []  # bytes: a third of an array's; in a format-2 row the last item comes first
+    for r in rows:
+        lo = s_at + 4 if r.raw[0] == USER_FORMAT else s_at
+        seen.append(r.raw[lo : lo + 4 * r.n_seen])
     return factors, meta, seen
 
 
@@ -530,6 +601,10 @@ class ServingModel:
         # over to no one in particular, and a backlog of requests could hold it off)
         self.writer_waiting = False
         self.item_norms = np.zeros(16, np.float32)  # cosine similarity's row norms
+        # transitions (`stream_mf/transitions.py`): each user's last item, each item's row
+        self.user_last = np.full(16, -1, np.int32)
+        self.succ = np.full((16, config.transition_slots), -1, np.int32)
+        self.logw = np.full((16, config.transition_slots), -np.inf)
 
     @staticmethod
     def _grow(table: EntityTable, gens: np.ndarray, n: int) -> np.ndarray:
@@ -578,10 +653,30 @@ class ServingModel:
             getattr(t, name)[idx] = meta[name]
         if user:
             self.seen.set_many(idx, seen)
+            if self.user_last.size < t.capacity:
+                lasts = np.full(t.capacity, -1, np.int32)
+                lasts[: self.user_last.size] = self.user_last
+                self.user_last = lasts
+            self.user_last[idx] = [u.last_item for u in users]
         ids = t.ids
         assert isinstance(ids, CompactIds)
         ids.set_many(rows, [u.id for u in users])
         gens[idx] = gen
+
+    def set_transitions(self, rows: list[int], values: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Whole transition rows (the last of a row wins), fitted to the model's slots."""
+        need = max(rows) + 1
+        slots = self.succ.shape[1]
+        if need > self.succ.shape[0]:
+            cap = max(need, self.succ.shape[0] + self.succ.shape[0] // 4)
+            succ = np.full((cap, slots), -1, np.int32)
+            logw = np.full((cap, slots), -np.inf)
+            succ[: self.succ.shape[0]], logw[: self.logw.shape[0]] = self.succ, self.logw
+            self.succ, self.logw = succ, logw
+        for r, (sv, wv) in zip(rows, values, strict=True):
+            m = min(slots, sv.size)
+            self.succ[r, :m], self.logw[r, :m] = sv[:m], wv[:m]
+            self.succ[r, m:], self.logw[r, m:] = -1, -np.inf
 
     def complete(self, marker: Marker) -> bool:
         """Every row the marker counts is here, of the marker's generation."""
@@ -597,7 +692,8 @@ class ServingModel:
         t = (self.users, self.items)
         arrays = sum(getattr(x, n).nbytes for x in t for n in ("factors", "bias", "count", "last",
                                                                 "logpop"))  # fmt: skip
-        return arrays + self.seen.nbytes()
+        trans = self.succ.nbytes + self.logw.nbytes + self.user_last.nbytes
+        return arrays + trans + self.seen.nbytes()
 
 
 def _reserve(table: EntityTable, n: int) -> None:
@@ -634,8 +730,9 @@ class PinnedUsers:
                 f"user row {u} is of generation {gen}, the item view of {self.generation}"
             )
         t = m.users
+        last = int(m.user_last[u]) if u < m.user_last.size else -1
         return UserRecord(index=u, vector=t.factors[u].copy(), events=int(t.count[u]),
-                          seen=m.seen.of(u))  # fmt: skip
+                          seen=m.seen.of(u), last_item=last)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -833,6 +930,7 @@ class ModelReader:
             and prev.users.model is live
             and not live.items_changed
             and prev.view.n == n
+            and prev.view.succ is live.succ  # transition rows not reallocated
         ):
             view = dataclasses.replace(prev.view, clock=m.clock, model_version=m.version)
         else:
@@ -846,7 +944,12 @@ class ModelReader:
                 cdf=np.zeros((3, 0)), clock=np.array([m.clock]), confidence=None,
                 model_version=m.version,
             )  # fmt: skip
-            view = dataclasses.replace(ItemView.from_state(state, copy=False), generation=live.gen)
+            view = dataclasses.replace(
+                ItemView.from_state(state, copy=False),
+                generation=live.gen,
+                succ=live.succ,
+                logw=live.logw,
+            )
             view._cache["norms"] = live.item_norms[:n]
             live.items_changed = False
         self.served = Served(view, PinnedUsers(live, live.gen), m)
@@ -870,11 +973,14 @@ def _first(table: EntityTable, n: int) -> Any:
 
 
 def _apply(model: ServingModel, records: list[Record]) -> None:
-    """User and item rows of one generation, each kind in one go."""
+    """User, item and transition rows of one generation, each kind in one go."""
     for kind in ("user", "item"):
         rows = [r for r in records if r.kind == kind]
         if rows:
             model.set_users(model.gen, [r.index for r in rows], [r.value for r in rows], kind)
+    trans = [r for r in records if r.kind == "trans"]
+    if trans:
+        model.set_transitions([r.index for r in trans], [r.value for r in trans])
 
 
 def materialise(records: Iterable[tuple[bytes | None, bytes | None]]) -> ModelReader:

@@ -13,6 +13,7 @@ import numpy as np
 
 from stream_mf.state import ModelState
 from stream_mf.topk import top_k
+from stream_mf.transitions import add_bonus
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,19 @@ class ItemView:
     decay_rate: float
     model_version: int = 0
     generation: int = 0  # the store's model generation these rows belong to (rebuilds add one)
+    # transitions (`stream_mf/transitions.py`): each item's successors and their log counts;
+    # None: none (the weight comes from the model config, 0 turns them off)
+    succ: np.ndarray | None = None
+    logw: np.ndarray | None = None
+    transition_weight: float = 0.0
+    transition_share: bool = False  # `ModelConfig.transition_norm` is "share"
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_state(cls, state: ModelState, copy: bool = True) -> ItemView:
         n = state.items.n
         take = (lambda a: a[:n].copy()) if copy else (lambda a: a[:n])
+        t = state.transitions
         return cls(
             factors=take(state.items.factors),
             bias=take(state.items.bias),
@@ -43,6 +51,10 @@ class ItemView:
             clock=float(state.clock[0]),
             decay_rate=state.config.decay_rate,
             model_version=state.model_version,
+            succ=take(t.succ) if t.succ.shape[0] >= n else None,
+            logw=take(t.logw) if t.logw.shape[0] >= n else None,
+            transition_weight=state.config.transition_weight,
+            transition_share=state.config.transition_norm == "share",
         )
 
     @property
@@ -99,13 +111,19 @@ def recommend(
     exclude: np.ndarray | None = None,
     candidates: np.ndarray | None = None,
     bias: bool = True,
+    last_item: int = -1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items by V.u + b (V.u without `bias`), excluding `exclude`, restricted to
-    `candidates` when given."""
+    """Top-k items by V.u + b (V.u without `bias`), plus the transitions from the user's
+    `last_item` (its successors, `stream_mf/transitions.py`), excluding `exclude`,
+    restricted to `candidates` when given. The one scoring rule of the query and of
+    `stream-mf evaluate`."""
     u = user_vec.astype(np.float32)
     scores = view.factors @ u  # one streaming pass beats gathering candidate rows
     if bias:
         scores += view.bias
+    if last_item >= 0 and view.succ is not None and view.logw is not None:
+        add_bonus(scores, view.succ, view.logw, last_item, view.clock, view.decay_rate,
+                  view.transition_weight, view.transition_share)  # fmt: skip
     if candidates is not None:
         keep = np.zeros(scores.shape[0], dtype=np.bool_)
         keep[candidates] = True
@@ -124,7 +142,8 @@ def recommend_batch(
     k: int,
     excludes: Sequence[np.ndarray | None] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Many users in one matrix product (the batched form)."""
+    """Many users in one matrix product (the batched form), by the factors alone: no service
+    path uses it, and it takes no last items (`recommend` adds the transitions)."""
     scores = user_vecs.astype(np.float32) @ view.factors.T + view.bias
     out = []
     for r in range(scores.shape[0]):
@@ -210,3 +229,21 @@ def because(
     sims[user_items == item] = -np.inf
     idx, s = top_k(sims, k)
     return user_items[idx].astype(np.int64), s
+
+
+def add_transitions(scores: np.ndarray, state: ModelState, user: int) -> None:
+    """`scores` += the transitions of `user`'s last item, at the model's clock (none when the
+    model's `transition_weight` is 0): `recommend`'s rule on a `ModelState` (the evaluator's
+    learners, the updater's live evaluation)."""
+    c, t = state.config, state.transitions
+    if c.transition_weight > 0 and user < t.last.shape[0]:
+        add_bonus(
+            scores,
+            t.succ,
+            t.logw,
+            int(t.last[user]),
+            float(state.clock[0]),
+            c.decay_rate,
+            c.transition_weight,
+            c.transition_norm == "share",
+        )

@@ -18,6 +18,7 @@ from numba.typed import Dict
 from stream_mf.config import ModelConfig
 from stream_mf.rng import ITEM_STREAM, USER_STREAM, init_rows
 from stream_mf.sgd import N_COUNTERS, Counter
+from stream_mf.transitions import Transitions
 
 NEVER = -np.inf  # last-seen / log-popularity of an entity with no events yet
 
@@ -153,6 +154,8 @@ class ModelState:
     clock: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float64))
     confidence: Dict = field(default_factory=new_confidence_map)
     model_version: int = 0
+    #: item-to-item successors and each user's last item (`stream_mf.transitions`)
+    transitions: Transitions = field(default_factory=lambda: Transitions.empty(32))
 
     @classmethod
     def empty(cls, config: ModelConfig, capacity: int = 1024) -> ModelState:
@@ -162,6 +165,7 @@ class ModelState:
             users=EntityTable("user", c.dim, c.seed, c.init_scale, capacity),
             items=EntityTable("item", c.dim, c.seed, c.init_scale, capacity),
             cdf=np.zeros((3, max(capacity, 16)), dtype=np.float64),
+            transitions=Transitions.empty(c.transition_slots),
         )
 
     @property
@@ -169,7 +173,10 @@ class ModelState:
         return int(self.counters[Counter.EVENTS])
 
     def sync_capacity(self) -> None:
-        """The sampler table must cover every registered item before a kernel runs."""
+        """The sampler table (and the transitions) must cover every registered row before a
+        kernel runs."""
+        self.transitions.slots = self.config.transition_slots
+        self.transitions.reserve(self.users.n, self.items.n)
         if self.cdf.shape[1] < self.items.capacity:
             grown = np.zeros((3, self.items.capacity), dtype=np.float64)
             grown[:, : self.cdf.shape[1]] = self.cdf

@@ -15,11 +15,12 @@ consumers/model_log.py) is told what it wrote (`CommitInfo`); `commits` counts t
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -79,7 +80,9 @@ from stream_mf.store_layout import (
     offset_key,
     pair_bytes,
     read_meta_block,
+    read_transition_row,
     rows_bytes,
+    transition_bytes,
 )
 from stream_mf.writes import (
     AfterSwapStep,
@@ -93,6 +96,8 @@ from stream_mf.writes import (
     Write,
     WriteOffsets,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +114,8 @@ class CommitInfo:
     offsets: Mapping[tuple[str, int], int]
     event_times: np.ndarray | None
     events: int
+    #: transition rows written (`stream_mf/transitions.py`); users' last items go with `users`
+    trans_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def _with_new(rows: np.ndarray, new: tuple[int, int]) -> np.ndarray:
@@ -219,6 +226,7 @@ class StateStore:
         self.write_opt.sync = sync
         # called after each durable commit (the updater publishes the model log from it)
         self.on_commit: Callable[[CommitInfo], None] | None = None
+        self._format_current = False  # checked (and a format-1 store marked) at a first commit
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
 
@@ -402,6 +410,7 @@ class StateStore:
         state.model_version = self.model_version()
         keys, vals = self._all_confidence()
         fill_confidence(state.confidence, keys, vals)
+        self._load_transitions(state)
         return state
 
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
@@ -532,6 +541,7 @@ class StateStore:
         self._put_rows(wb, "user", state.users, delta.new_users, delta.users, gen)
         self._put_rows(wb, "item", state.items, delta.new_items, delta.items, gen)
         self._put_pairs(wb, delta.pair_keys, delta.pair_values)
+        self._put_transitions(wb, state, delta.trans_rows, _with_new(delta.users, delta.new_users))
         self._put_scalars(wb, state, cdf=delta.sampler_rebuilt)
         self._put_offsets(wb, offsets)
         if event_times is not None and event_times.size:
@@ -545,6 +555,7 @@ class StateStore:
             offsets=offsets,
             event_times=event_times,
             events=delta.events,
+            trans_rows=delta.trans_rows,
         )
 
     def commits(self) -> int:
@@ -565,6 +576,7 @@ class StateStore:
         event_times: np.ndarray | None = None,
         events: int = 0,
         seq: int | None = None,
+        trans_rows: np.ndarray | None = None,
     ) -> None:
         """Count the commit, write it, then tell the follower (the model log) what it wrote:
         only after the write is durable, so the log never runs ahead of the store. `seq`: the
@@ -585,6 +597,7 @@ class StateStore:
                     offsets=dict(offsets or {}),
                     event_times=event_times,
                     events=events,
+                    trans_rows=np.empty(0, np.int64) if trans_rows is None else trans_rows,
                 )
             )
 
@@ -659,6 +672,9 @@ class StateStore:
             self._put_rows(wb, kind, table, (0, table.n), rows, gen)
         keys, vals = confidence_items(state.confidence)
         self._put_pairs(wb, keys, vals)
+        t = state.transitions
+        filled = np.flatnonzero((t.succ[: state.items.n] >= 0).any(axis=1))
+        self._put_transitions(wb, state, filled, np.arange(state.users.n, dtype=np.int64))
         self._put_scalars(wb, state, cdf=True)
         self._put_offsets(wb, offsets)
         return keys
@@ -712,6 +728,10 @@ class StateStore:
 
     def _put_header(self, wb: rd.WriteBatch, state: ModelState, *, force: bool) -> None:
         """Format, block size and config: written with the first commit of a store."""
+        if not force and not self.is_new and not self._format_current:  # a format-1 store
+            self._format_current = True
+            if self._meta(FORMAT_KEY) != FORMAT:
+                wb.put(FORMAT_KEY, FORMAT, self.h["meta"])
         if force or self.is_new:
             meta = self.h["meta"]
             wb.put(FORMAT_KEY, FORMAT, meta)
@@ -848,6 +868,42 @@ class StateStore:
                 put(BE32.pack(b), meta_bytes(meta, lo, hi), h_m)
             if h_b is not None:
                 put(key, table.bias[lo:hi].tobytes(), h_b)
+
+    def _put_transitions(
+        self, wb: rd.WriteBatch, state: ModelState, rows: np.ndarray, users: np.ndarray
+    ) -> None:
+        """Transition rows `rows`, whole, and the last-item blocks of `users`."""
+        t = state.transitions
+        if rows.size:
+            h = self.h["transitions"]
+            for k, v in zip(be32_keys(rows), transition_bytes(t.succ, t.logw, rows), strict=True):
+                wb.put(k, v, h)
+        if users.size and t.last.shape[0] >= state.users.n:
+            h = self.h["user_last"]
+            n = state.users.n
+            for b in unique_sorted(users.astype(np.int64) // BLOCK_ROWS).tolist():
+                lo = b * BLOCK_ROWS
+                wb.put(
+                    BE32.pack(b), t.last[lo : min(lo + BLOCK_ROWS, n)].astype("<i4").tobytes(), h
+                )
+
+    def _load_transitions(self, state: ModelState) -> None:
+        if self._meta(FORMAT_KEY) == b"1":
+            log.info("%s is a format-1 store (before transitions): they start empty and fill "
+                     "from the next event on; the store is marked format 2 at its next commit",
+                     self.path)  # fmt: skip
+        t = state.transitions
+        t.slots = state.config.transition_slots
+        t.reserve(state.users.n, state.items.n)
+        for k, v in _raw_items(self.cf["transitions"]):
+            row = BE32.unpack(k)[0]
+            if row < state.items.n:
+                t.succ[row], t.logw[row] = read_transition_row(v, t.slots)
+        n = state.users.n
+        for k, v in _raw_items(self.cf["user_last"]):
+            lo = BE32.unpack(k)[0] * BLOCK_ROWS
+            part = np.frombuffer(v, "<i4")[: max(n - lo, 0)]
+            t.last[lo : lo + part.size] = part
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
         if keys.size == 0:

@@ -11,6 +11,12 @@ Column families:
   user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]  (item_meta alike)
   confidence    be32 user | be32 item -> f64 log decayed confidence (anchored at t=0)
   offsets       b"topic/partition" -> int64 next offset to consume
+  transitions   be32 item -> i32 successor[M] | f64 log decayed count[M]  (stream_mf/transitions.py)
+  user_last     be32 block -> i32 last item[rows]  (-1: none yet)
+
+Format 2 added `transitions` and `user_last`. A format-1 store opens as it is, with an empty
+transition table and no last items (they fill from the next event on), and is marked format 2
+at its next commit.
 
 Meta keys (tests/unit/test_store.py checks this list against META):
   config              JSON ModelConfig
@@ -46,11 +52,11 @@ from typing import Protocol
 
 import numpy as np
 
-FORMAT = b"1"
+FORMAT = b"2"
 BLOCK_ROWS = 16
 CFS = (
     "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
-    "item_factors", "item_bias", "item_meta", "confidence", "offsets",
+    "item_factors", "item_bias", "item_meta", "confidence", "offsets", "transitions", "user_last",
 )  # fmt: skip
 MODEL_CFS = ("user_factors", "item_factors", "item_bias")
 BATCH_LOG_PREFIX = b"batchlog/"
@@ -191,6 +197,30 @@ def pair_bytes(keys: np.ndarray, vals: np.ndarray) -> tuple[list[bytes], list[by
     kb: list[bytes] = keys.astype(">i8").view("V8").tolist()
     vb: list[bytes] = vals.astype("<f8").view("V8").tolist()
     return kb, vb
+
+
+def transition_bytes(succ: np.ndarray, logw: np.ndarray, rows: np.ndarray) -> list[bytes]:
+    """One value per transition row: its successors (i32) then their log-counts (f64)."""
+    raw = np.concatenate(
+        [succ[rows].astype("<i4").view(np.uint8), logw[rows].astype("<f8").view(np.uint8)], axis=1
+    )
+    return as_bytes(raw)
+
+
+def read_transition_row(raw: bytes, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """A `transitions` value back into (successors, log-counts), fitted to `slots` (a row
+    stored with more keeps its strongest, with fewer is padded empty)."""
+    m = len(raw) // 12
+    succ = np.frombuffer(raw, "<i4", m, 0).astype(np.int32)
+    logw = np.frombuffer(raw, "<f8", m, 4 * m).astype(np.float64)
+    if m > slots:
+        keep = np.sort(np.argsort(-logw, kind="stable")[:slots])
+        succ, logw = succ[keep], logw[keep]
+    out_s = np.full(slots, -1, np.int32)
+    out_w = np.full(slots, -np.inf)
+    out_s[: succ.size] = succ
+    out_w[: logw.size] = logw
+    return out_s, out_w
 
 
 def read_meta_block(table: MetaTable, lo: int, raw: bytes) -> None:

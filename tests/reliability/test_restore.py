@@ -125,6 +125,13 @@ def _same(a: ModelState, b: ModelState) -> list[str]:
     kb, vb = confidence_items(b.confidence)
     if ka.tobytes() != kb.tobytes() or va.tobytes() != vb.tobytes():
         out.append("confidences")
+    ta, tb, ni, nu = a.transitions, b.transitions, a.items.n, a.users.n
+    if (
+        ta.succ[:ni].tobytes() != tb.succ[:ni].tobytes()
+        or ta.logw[:ni].tobytes() != tb.logw[:ni].tobytes()
+        or ta.last[:nu].tobytes() != tb.last[:nu].tobytes()
+    ):
+        out.append("transitions")
     return out
 
 

@@ -118,3 +118,14 @@ def test_hybrid_guard_decides_as_in_the_loop() -> None:
     for fast, g in rest:
         assert g == guard
         assert_same(loop, fast)
+
+
+@pytest.mark.parametrize(("weight", "norm"), [(0.0, "share"), (2.0, "max"), (8.0, "share")])
+def test_block_adds_the_transitions_as_the_loop_does(weight: float, norm: str) -> None:
+    """The per-event bonus of the user's last item's successors (stream_mf/transitions.py),
+    recorded while the block is learnt, ranks as `SGDLearner.scores` does: off, and at two
+    strengths of either normalisation."""
+    ev = columns(6_000, 5)
+    loop, fast = both("sgd", ev, transition_weight=weight, transition_norm=norm)
+    assert loop.evaluated == fast.evaluated > 2_000
+    assert_same(loop, fast)

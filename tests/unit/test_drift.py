@@ -29,15 +29,22 @@ def test_recovery_reads_a_plain_series() -> None:
         recovery(out, 50, window=100)
 
 
-def test_online_model_recovers_after_tastes_change() -> None:
+@pytest.mark.parametrize("weight", [0.0, ModelConfig().transition_weight])
+def test_online_model_recovers_after_tastes_change(weight: float) -> None:
+    """The factors alone (transition weight 0) must lose at least a quarter of their hit rate
+    at the change (else the test could not fail) and recover; with the default transitions,
+    which follow a user's new taste from its first event in it, the drop is smaller (about a
+    quarter on this seed) and the recovery must be as fast."""
     s = drift_stream(
         before=5000, after=5000, n_users=100, n_items=500, n_groups=4, seed=3, span_s=40 * 86400.0
     )
     n = s.users.size
     ev = EventColumns(s.user_ids(), s.item_ids(), s.times, np.full(n, np.nan), ["view"] * n)
-    r = prequential(ev, make_learner("sgd", ModelConfig()), progress=False, keep_outcomes=True)
+    cfg = ModelConfig(transition_weight=weight)
+    r = prequential(ev, make_learner("sgd", cfg), progress=False, keep_outcomes=True)
     assert r.outcomes is not None
     before, low, back = recovery(r.outcomes, s.change, WINDOW)
     assert before > 0.15, before  # it had learnt the tastes (popularity scores ~0.07 here)
-    assert low < 0.75 * before, (before, low)  # the change did hurt: the test can fail
+    if weight == 0:
+        assert low < 0.75 * before, (before, low)  # the change did hurt: the test can fail
     assert back is not None and back <= 1500, (before, low, back)

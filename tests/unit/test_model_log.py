@@ -21,10 +21,12 @@ from stream_mf.model_log import (
     Served,
     begin_record,
     decode,
+    filled_rows,
     item_records,
     materialise,
     slice_record,
     snapshot_records,
+    transition_records,
     user_key,
     user_records,
 )
@@ -66,13 +68,21 @@ def snapshot(state: ModelState, seq: int = 1, gen: int = 0) -> list[tuple[bytes,
 
 
 def commit(
-    state: ModelState, users: np.ndarray, items: np.ndarray, seq: int, gen: int = 0
+    state: ModelState,
+    users: np.ndarray,
+    items: np.ndarray,
+    seq: int,
+    gen: int = 0,
+    trans: np.ndarray | None = None,
 ) -> list[tuple[bytes, bytes | None]]:
     """What the publisher sends for one commit whose item rows go out with it."""
     seen = SeenIndex(confidence_items(state.confidence)[0])
+    t = state.transitions
+    rows = [] if trans is None else trans.tolist()
     return [
-        *user_records(state.users, gen, seen, np.unique(users).tolist()),
+        *user_records(state.users, gen, seen, np.unique(users).tolist(), last=t.last),
         *item_records(state.items, gen, np.unique(items).tolist()),
+        *transition_records(t.succ, t.logw, gen, rows),
         (MARKER_KEY, marker(state, seq, gen)),
     ]
 
@@ -90,6 +100,13 @@ def assert_reader_equals(reader: ModelReader, state: ModelState) -> None:
     for uid in state.users.ids[:50]:
         got, expect = served.users.user(uid), want.user(uid)
         assert got is not None and expect is not None and np.array_equal(got.seen, expect.seen)
+        assert got.last_item == expect.last_item
+    # the transition rows and users' last items (`stream_mf/transitions.py`)
+    t, n = state.transitions, state.items.n
+    k = min(n, live.succ.shape[0])  # rows the reader never got hold nothing
+    assert np.array_equal(live.succ[:k], t.succ[:k]) and np.array_equal(live.logw[:k], t.logw[:k])
+    assert (t.succ[k:n] < 0).all()
+    assert np.array_equal(live.user_last[: state.users.n], t.last[: state.users.n])
 
 
 def test_a_snapshot_then_commits_materialise_the_model_bit_for_bit() -> None:
@@ -99,7 +116,9 @@ def test_a_snapshot_then_commits_materialise_the_model_bit_for_bit() -> None:
     for j in range(3):
         d = m.learn(stream(500, seed=10 + j, first=10_000 * (j + 1)))
         ext = np.arange(*d.new_users)
-        records += commit(m.state, np.concatenate([d.users, ext]), d.items, seq=2 + j)
+        records += commit(
+            m.state, np.concatenate([d.users, ext]), d.items, seq=2 + j, trans=d.trans_rows
+        )
     reader = materialise(records)
     assert reader.skipped == 0
     assert_reader_equals(reader, m.state)
@@ -122,7 +141,7 @@ def test_a_commit_is_applied_whole_at_its_marker_or_not_at_all() -> None:
     uid = m.state.users.ids[0]
     old = _vec(before, uid).copy()
     d = m.learn(stream(300, seed=5, first=50_000))
-    rows = commit(m.state, d.users, d.items, seq=2)
+    rows = commit(m.state, d.users, d.items, seq=2, trans=d.trans_rows)
     for k, v in rows[:-1]:  # every row, no marker: a commit cut short by a crash
         reader.feed(decode(k, v))
     assert not reader.publish()
@@ -227,16 +246,21 @@ def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
         begin_record(2, 0, st.users.n, st.items.n),
         next(snapshot_records(st, 0, seen)),  # the config
         slice_record(half),
-        *user_records(st.users, 0, seen, range(half)),
+        *user_records(st.users, 0, seen, range(half), last=st.transitions.last),
     ]
     d = m.learn(stream(300, seed=7, first=60_000))
-    sliced += commit(m.state, np.concatenate([d.users, np.arange(*d.new_users)]), d.items, 2)
+    users = np.concatenate([d.users, np.arange(*d.new_users)])
+    sliced += commit(m.state, users, d.items, 2, trans=d.trans_rows)
     seen = SeenIndex(confidence_items(st.confidence)[0])
+    t = st.transitions
+    filled = filled_rows(t.succ, st.items.n)
     rest: list[tuple[bytes, bytes | None]] = [
         slice_record(st.users.n - half),
-        *user_records(st.users, 0, seen, range(half, st.users.n)),
+        *user_records(st.users, 0, seen, range(half, st.users.n), last=t.last),
         slice_record(st.items.n),
         *item_records(st.items, 0, range(st.items.n)),
+        slice_record(filled.size),
+        *transition_records(t.succ, t.logw, 0, filled.tolist()),
         (MARKER_KEY, marker(st, 3, 0, True)),
     ]
     skipped = 0
@@ -256,7 +280,7 @@ def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
     feed(rest)
     tailing.publish()
     assert tailing.live is live and tailing.building is None
-    assert skipped == st.users.n + st.items.n  # every slice row: the served model had them
+    assert skipped == st.users.n + st.items.n + filled.size  # the served model had every one
     assert_reader_equals(tailing, st)
     fresh = materialise(sliced + rest)
     assert_reader_equals(fresh, st)
@@ -321,3 +345,26 @@ def test_a_request_lets_a_waiting_commit_in_first() -> None:
         order.append("commit")
     t.join(5)
     assert order == ["commit", "request"]
+
+
+def test_format_1_user_rows_still_read_without_a_last_item() -> None:
+    """A log written before transitions (user rows of format 1, no `t` records) still serves:
+    its users have no last item, so they are scored by their factors alone."""
+    from stream_mf.model_log import _META, _USER_HEAD, USER_FORMAT
+
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(1000))
+    st = m.state
+    old = []
+    for k, v in snapshot(st):
+        if k[:1] == b"u" and v is not None and v[0] == USER_FORMAT:
+            cut = _USER_HEAD.size + st.users.dim * 4 + _META.itemsize
+            v = bytes([1]) + v[1:cut] + v[cut + 4 :]  # format 1: no last item
+        if k[:1] != b"t":
+            old.append((k, v))
+    reader = materialise(old)
+    assert reader.skipped == 0 and reader.served is not None
+    uid = st.users.ids[0]
+    got = reader.served.users.user(uid)
+    assert got is not None and got.last_item == -1
+    assert np.array_equal(got.seen, StateUsers(st).user(uid).seen)  # type: ignore[union-attr]

@@ -97,7 +97,7 @@ def test_niche_users_get_their_niche(model: str, variant: str) -> None:
 
 def test_the_previous_defaults_fail_the_suite() -> None:
     """The suite can fail: the previous defaults (item biases at 0.2x the rate) lose niches."""
-    old = ModelConfig(lr_bias=0.2, lr_user=2.0, uniform_mix=0.5)
+    old = ModelConfig(lr_bias=0.2, lr_user=2.0, uniform_mix=0.5, transition_weight=0.0)
     worst = min(
         min(niche_top10(make_learner("sgd", old), stream(v)).values()) for v in NICHE_VARIANTS
     )

@@ -40,6 +40,10 @@ def assert_same_state(a: ModelState, b: ModelState) -> None:
     ka, va = confidence_items(a.confidence)
     kb, vb = confidence_items(b.confidence)
     assert np.array_equal(ka, kb) and np.array_equal(va, vb)
+    ta, tb, ni, nu = a.transitions, b.transitions, a.items.n, a.users.n
+    assert np.array_equal(ta.succ[:ni], tb.succ[:ni]), "transition successors"
+    assert np.array_equal(ta.logw[:ni], tb.logw[:ni]), "transition counts"
+    assert np.array_equal(ta.last[:nu], tb.last[:nu]), "users' last items"
 
 
 def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
@@ -54,6 +58,7 @@ def test_state_survives_close_and_reopen(tmp_path: Path) -> None:
         assert store.offsets() == {(TOPIC, 0): 6000}
         assert store.events_applied() == 6000
         assert loaded.config == CFG
+    assert (loaded.transitions.succ[: loaded.items.n] >= 0).any()  # transitions persisted too
     assert_same_state(model.state, loaded)
     # and learning goes on identically from the loaded copy
     more = stream(500, seed=9)
@@ -280,3 +285,24 @@ def test_a_default_left_alone_takes_the_stored_value(tmp_path: Path) -> None:
     upgraded = ModelConfig(dim=CFG.dim)  # today's default half-life, not given on purpose
     with StateStore(tmp_path / "db") as store:
         assert store.load(upgraded).config.half_life_s == 30 * 86400.0
+
+
+def test_a_format_1_store_opens_with_empty_transitions(tmp_path: Path) -> None:
+    """A store written before transitions (no such rows, format 1) loads with an empty table
+    and is marked format 2 at its next commit."""
+    from stream_mf.store_layout import FORMAT, FORMAT_KEY
+
+    with StateStore(tmp_path / "db") as store:
+        m = OnlineModel(CFG, store.load(CFG))
+        store.commit_batch(m.state, m.learn(stream(300)))
+        for cf in ("transitions", "user_last"):
+            for k in list(raw_keys(store.cf[cf])):
+                del store.cf[cf][k]
+        store.cf["meta"][FORMAT_KEY] = b"1"
+    with StateStore(tmp_path / "db") as store:
+        st = store.load()
+        assert (st.transitions.succ < 0).all() and (st.transitions.last < 0).all()
+        m = OnlineModel(CFG, st)
+        store.commit_batch(m.state, m.learn(stream(50, seed=3)))
+        assert store.cf["meta"][FORMAT_KEY] == FORMAT
+        assert store.load().transitions.last[: st.users.n].max() >= 0

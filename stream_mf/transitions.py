@@ -133,6 +133,15 @@ def _bonus_into(
     / the row's largest (or, `share`, weight x decayed count / the row's total), into `out_*`
     from `at`; returns the new end."""
     slots = succ.shape[1]
+    if share:  # a share does not depend on `now`: count from the row's newest instead, so
+        # that a row older than ~1,000 half-lives does not underflow to no bonus at all
+        top = -np.inf
+        for m in range(slots):
+            j = succ[row, m]
+            if j >= 0 and j < n_items and logw[row, m] > top:
+                top = logw[row, m]
+        if top > -np.inf:
+            now_lw = top
     mx = 0.0
     for m in range(slots):
         j = succ[row, m]
@@ -263,7 +272,8 @@ def bonus(
     share: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The items `item`'s row adds to, and by how much (float32): weight x log1p(decayed
-    count at `now`) / the row's largest. Empty for no row, a zero weight or an empty row."""
+    count at `now`) / the row's largest (`share`: weight x decayed count / the row's total,
+    which `now` does not change). Empty for no row, a zero weight or an empty row."""
     if weight == 0.0 or item < 0 or item >= succ.shape[0]:
         return np.empty(0, np.int32), np.empty(0, np.float32)
     slots = succ.shape[1]

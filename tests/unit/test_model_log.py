@@ -368,3 +368,28 @@ def test_format_1_user_rows_still_read_without_a_last_item() -> None:
     got = reader.served.users.user(uid)
     assert got is not None and got.last_item == -1
     assert np.array_equal(got.seen, StateUsers(st).user(uid).seen)  # type: ignore[union-attr]
+
+
+def test_transition_rows_of_a_replaced_generation_are_never_applied() -> None:
+    """After a swap, a stray transition row of the old generation (and the old rows'
+    tombstones) leave the served rows those of the new generation's snapshot."""
+    from stream_mf.model_log import trans_key
+
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    t = m.state.transitions
+    reader = materialise(snapshot(m.state))
+    row = int(filled_rows(t.succ, m.state.items.n)[0])
+    for k, v in snapshot(m.state, seq=2, gen=1):
+        reader.feed(decode(k, v))
+    reader.publish()
+    wrong = t.succ.copy()
+    wrong[row] = np.arange(wrong.shape[1])  # what a stray old row would carry
+    stray = list(transition_records(wrong, t.logw, 0, [row]))
+    for k, v in [*stray, (trans_key(0, row), None), (MARKER_KEY, marker(m.state, 3, gen=1))]:
+        reader.feed(decode(k, v))
+    reader.publish()
+    assert reader.skipped == 1
+    assert reader.live is not None and reader.live.gen == 1
+    assert np.array_equal(reader.live.succ[row], t.succ[row])
+    assert_reader_equals(reader, m.state)

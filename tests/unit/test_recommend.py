@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,23 @@ def test_anonymous_answers_on_movielens_differ_by_film() -> None:
     assert len(set(toy) & set(matrix)) <= 3 and len(set(toy) & set(lotr)) <= 3
     assert len(set(matrix) & set(lotr)) <= 8 and matrix[:3] != lotr[:3]
     assert set(lotr[:3]) >= {"5952", "7153"}  # the other two Lord of the Rings films lead
+
+
+def test_exclusions_and_candidates_hold_against_the_transitions(trained: OnlineModel) -> None:
+    """A successor of the user's last item, pushed to the top by a huge bonus, is still
+    excluded when asked, and never leaves the candidates; an unknown last item adds none."""
+    st = trained.state
+    view = dataclasses.replace(ItemView.from_state(st), transition_weight=100.0)
+    u = int(np.flatnonzero(st.transitions.last[: st.users.n] >= 0)[0])
+    vec, last = st.users.factors[u], int(st.transitions.last[u])
+    idx, _ = recommend(view, vec, 5, last_item=last)
+    succ = set(st.transitions.succ[last][st.transitions.succ[last] >= 0].tolist())
+    assert set(idx.tolist()) <= succ  # the bonus dominates
+    got, sc = recommend(view, vec, 5, exclude=idx[:2], last_item=last)
+    assert not set(idx[:2].tolist()) & set(got.tolist()) and np.isfinite(sc).all()
+    cand = np.setdiff1d(np.arange(view.n), list(succ))[:20]
+    got, _ = recommend(view, vec, 5, candidates=cand, last_item=last)
+    assert set(got.tolist()) <= set(cand.tolist())
+    plain, _ = recommend(view, vec, 5)
+    for unknown in (view.n + 5, 10**9):
+        assert np.array_equal(recommend(view, vec, 5, last_item=unknown)[0], plain)

@@ -148,3 +148,18 @@ def test_the_query_scores_as_evaluate_does() -> None:
         plain[rec.seen] = -np.inf
         moved += int(set(np.argsort(-plain)[:10].tolist()) != set(want.tolist()))
     assert moved > 0  # the transitions changed some lists
+
+
+def test_a_share_does_not_vanish_for_an_old_row() -> None:
+    """Shares do not depend on `now`: a row 2,000 half-lives old (an hour's half-life, three
+    months on) still adds its whole weight, as it did when it was fresh (the decayed counts
+    themselves underflow to 0 long before)."""
+    t = Transitions.empty(4, 2, 10)
+    update(t, np.zeros(4, np.int32), np.array([0, 1, 0, 2], np.int32), np.arange(4.0), RATE)
+    fresh = bonus(t.succ, t.logw, 0, 4.0, RATE, 2.0, 10, True)
+    old = bonus(t.succ, t.logw, 0, 4.0 + 2_000 * 50.0, RATE, 2.0, 10, True)
+    assert fresh[0].tolist() == old[0].tolist() == [1, 2]
+    np.testing.assert_allclose(old[1], fresh[1], rtol=1e-6)
+    assert float(old[1].sum()) == pytest.approx(2.0)
+    # the max normalisation decays by design: log1p of a vanishing count adds nothing
+    assert bonus(t.succ, t.logw, 0, 4.0 + 2_000 * 50.0, RATE, 2.0, 10, False)[0].size == 0

@@ -214,7 +214,7 @@ class Marker:
     offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> next offset
     snapshot: bool = False  # this marker closes a snapshot
     snap: int | None = None  # offset of the latest complete snapshot's BEGIN record
-    pending_items: int = 0  # item rows changed in the store but not yet in the log (coalesced)
+    pending_items: int = 0  # item and transition rows changed in the store, not yet in the log
     count: int = 0  # events in this commit
     times: list[float] = field(default_factory=list)  # a sample of their event times
     at: float = 0.0  # wall time the marker was produced

@@ -241,28 +241,29 @@ class SeenIndex:
         self.add(np.sort(pair_keys))
 
     def add(self, pair_keys: np.ndarray) -> None:
-        """Fold a commit's pairs in (sorted unique keys group by user)."""
+        """Fold a commit's pairs in: one sort of the touched users' old and new items together
+        (keyed by the user's place in the commit), then a copy per user. A numpy insert or
+        union per user cost ~10 us an event at 100k users (a commit touches a user or two per
+        event), a tenth of the updater's whole budget; this is about 1 us."""
         if pair_keys.size == 0:
             return
-        keys = np.sort(pair_keys) if np.any(np.diff(pair_keys) < 0) else pair_keys
+        keys = np.unique(np.asarray(pair_keys, np.int64))
         users = keys >> 32
-        items = (keys & 0xFFFFFFFF).astype(np.int32)
-        cuts = np.flatnonzero(np.diff(users)) + 1
-        starts = np.concatenate([[0], cuts]).tolist()
-        ends = [*cuts.tolist(), keys.size]
+        first = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
+        touched = users[first].tolist()
         rows = self.rows
-        for u, lo, hi in zip(users[starts].tolist(), starts, ends, strict=True):
-            got = items[lo:hi]
-            have = rows.get(u)
-            if have is None:
-                rows[u] = got.copy()
-            elif got.size == 1:
-                g = got[0]
-                pos = int(np.searchsorted(have, g))
-                if pos == have.size or have[pos] != g:
-                    rows[u] = np.insert(have, pos, g)
-            else:
-                rows[u] = np.union1d(have, got).astype(np.int32)
+        old = [rows.get(u, _NONE) for u in touched]
+        n_old = np.fromiter((a.size for a in old), np.int64, len(old))
+        place = np.arange(len(touched), dtype=np.int64)
+        both = np.concatenate([
+            (np.repeat(place, n_old) << 32) | np.concatenate([*old, _NONE]).astype(np.int64),
+            (np.repeat(place, np.diff(np.append(first, keys.size))) << 32) | (keys & _LOW32),
+        ])  # fmt: skip
+        both = np.unique(both)
+        items = (both & _LOW32).astype(np.int32)
+        bounds = np.searchsorted(both >> 32, np.arange(len(touched) + 1)).tolist()
+        for j, u in enumerate(touched):
+            rows[u] = items[bounds[j] : bounds[j + 1]].copy()
 
     def of(self, user: int) -> np.ndarray:
         got = self.rows.get(user)
@@ -270,6 +271,7 @@ class SeenIndex:
 
 
 _NONE = np.empty(0, np.int32)
+_LOW32 = np.int64(0xFFFFFFFF)
 
 
 def sample_times(times: np.ndarray) -> list[float]:

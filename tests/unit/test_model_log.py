@@ -393,3 +393,25 @@ def test_transition_rows_of_a_replaced_generation_are_never_applied() -> None:
     assert reader.live is not None and reader.live.gen == 1
     assert np.array_equal(reader.live.succ[row], t.succ[row])
     assert_reader_equals(reader, m.state)
+
+
+def test_seen_index_add_equals_a_plain_union_per_user() -> None:
+    """The vectorised fold (one sort a commit) against sets: unsorted and repeated keys, users
+    new and known, big and small rows, item ids up to 2**31 - 1."""
+    rng = np.random.default_rng(7)
+    want: dict[int, set[int]] = {}
+    idx = SeenIndex(np.empty(0, np.int64))
+    for _ in range(30):
+        n = int(rng.integers(0, 400))
+        users = rng.integers(0, 60, n).astype(np.int64)
+        items = np.where(rng.random(n) < 0.1, 2**31 - 1, rng.integers(0, 500, n)).astype(np.int64)
+        keys = (users << 32) | items
+        idx.add(keys)  # any order, repeats included
+        for u, i in zip(users.tolist(), items.tolist(), strict=True):
+            want.setdefault(u, set()).add(i)
+    assert idx.rows.keys() == want.keys()
+    for u, items_u in want.items():
+        got = idx.of(u)
+        assert got.dtype == np.int32 and got.flags.c_contiguous
+        assert got.tolist() == sorted(items_u)
+    assert idx.of(10**6).size == 0

@@ -645,17 +645,7 @@ class StateStore:
         gen = self.generation() if generation is None else generation
         if generation is not None:
             self._put_generation(wb, generation, unfinished=False)
-        keys = self._put_whole_state(wb, state, gen, offsets)
-        self._finish(
-            wb,
-            state,
-            users=np.arange(state.users.n, dtype=np.int64),
-            items=np.arange(state.items.n, dtype=np.int64),
-            pair_keys=keys,
-            everything=True,
-            generation=generation,
-            offsets=offsets,
-        )
+        self._finish_whole(wb, state, gen, offsets, generation=generation)
 
     def _put_whole_state(
         self,
@@ -679,6 +669,30 @@ class StateStore:
         self._put_offsets(wb, offsets)
         return keys
 
+    def _finish_whole(
+        self,
+        wb: rd.WriteBatch,
+        state: ModelState,
+        gen: int,
+        offsets: Mapping[tuple[str, int], int] | None,
+        *,
+        generation: int | None = None,
+        seq: int | None = None,
+    ) -> None:
+        """The whole state into `wb`, committed as one write that touched every row."""
+        keys = self._put_whole_state(wb, state, gen, offsets)
+        self._finish(
+            wb,
+            state,
+            users=np.arange(state.users.n, dtype=np.int64),
+            items=np.arange(state.items.n, dtype=np.int64),
+            pair_keys=keys,
+            everything=True,
+            offsets=offsets,
+            generation=generation,
+            seq=seq,
+        )
+
     def restore(self, snap: LearnerSnapshot) -> None:
         """A learner snapshot as a new store's first commit, one WriteBatch: a kill before it
         leaves an empty store (restored again at the next start), after it the whole model."""
@@ -695,17 +709,7 @@ class StateStore:
         if snap.rebuild_unfinished is not None:
             wb.put(REBUILD_UNFINISHED, I64.pack(snap.rebuild_unfinished), meta)
         self._put_rebuilt_events(wb, snap.rebuilt_events)
-        keys = self._put_whole_state(wb, state, gen, snap.offsets)
-        self._finish(
-            wb,
-            state,
-            users=np.arange(state.users.n, dtype=np.int64),
-            items=np.arange(state.items.n, dtype=np.int64),
-            pair_keys=keys,
-            everything=True,
-            offsets=snap.offsets,
-            seq=snap.commits,
-        )
+        self._finish_whole(wb, state, gen, snap.offsets, seq=snap.commits)
 
     def stage(self, kind: str, table: RowTable, gen: int, blocks: np.ndarray) -> None:
         """Write factor (and bias) blocks of a future generation; invisible until it is flipped."""

@@ -38,4 +38,9 @@ def ensure_cached(timeout_s: float = 900.0) -> None:
         tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
         log.warning("filling numba's cache failed (%s): compiling in this process", *tail or ["?"])
         return
+    still = kernel_cache.cold()
+    if still:  # numba could not write where it reads: every start would compile again
+        log.warning("numba's cache was not written for %s (is NUMBA_CACHE_DIR writable?): "
+                    "this process compiles them itself", ", ".join(still))  # fmt: skip
+        return
     log.info("numba's cache filled in %.1f s", time.monotonic() - t0)

@@ -279,7 +279,16 @@ def main() -> None:
         help="also time the kernel of git revision REV against today's, interleaved, same run",
     )
     ap.add_argument("--compare-only", action="store_true", help="only that comparison")
+    ap.add_argument(
+        "--default-model",
+        action="store_true",
+        help="the shipped ModelConfig (k=64, 8 negatives) instead of the 4-negative bench config",
+    )
     args = ap.parse_args()
+    if args.default_model:
+        global CONFIG, PARAMS
+        CONFIG = ModelConfig(dim=64)
+        PARAMS = SgdParams.from_config(CONFIG)
     repeats = 1 if args.quick else 2
     t_start = time.perf_counter()
     s, events = synthetic_events(args.quick)

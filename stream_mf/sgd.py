@@ -35,7 +35,11 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import njit
+from numba.core import cgutils
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
 
 from stream_mf.rng import next_uniform, stream_seed
 
@@ -271,6 +275,44 @@ def is_seen(cdf: np.ndarray, c: int) -> bool:
     return cdf[0, c] != (cdf[0, c - 1] if c > 0 else 0.0)
 
 
+def _prefetch_typer(typingctx: Any, arr: Any, row: Any, off: Any) -> Any:
+    """A hint that byte `off` of row `row` of a 2-d array will be read soon (`llvm.prefetch`;
+    no effect on any value). Reading the rows of the next event's and this event's candidates
+    in advance lets their cache misses overlap instead of queueing behind each other."""
+    if not (isinstance(arr, nbtypes.Array) and arr.ndim == 2):
+        return None
+    if not (isinstance(row, nbtypes.Integer) and isinstance(off, nbtypes.Integer)):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        r = context.cast(builder, args[1], sig.args[1], nbtypes.intp)
+        o = context.cast(builder, args[2], sig.args[2], nbtypes.intp)
+        stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+        addr = builder.add(builder.ptrtoint(ary.data, cgutils.intp_t), builder.mul(r, stride))
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        ptr = builder.inttoptr(builder.add(addr, o), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return nbtypes.none(arr, row, off), codegen
+
+
+_prefetch_at: Any = intrinsic(_prefetch_typer)  # (arr, row, off); typed here as numba sees it
+
+
+@njit(cache=True, inline="always")
+def prefetch_row(A: np.ndarray, r: int) -> None:
+    """Prefetch every cache line of row r of a C-contiguous 2-d array."""
+    nb = A.shape[1] * A.itemsize
+    for off in range(0, nb, 64):
+        _prefetch_at(A, r, off)
+    _prefetch_at(A, r, nb - 1)  # a row not aligned to a line ends in one more
+
+
 @njit(cache=True, inline="always")
 def _clip_norm(A: np.ndarray, r: int, sq: float, max_norm: float) -> None:
     """Scale row r (squared norm `sq`) back onto the ball of radius max_norm (0: no limit)."""
@@ -331,7 +373,10 @@ def _sgd_kernel(
         user_pull,
     ) = p
     dim = U.shape[1]
-    u_old = np.empty(dim, dtype=np.float32)
+    u_old = np.empty(dim, dtype=np.float64)  # the user row before a step, widened once
+    n_draws = n_neg * n_candidates
+    cands = np.empty(max(n_draws, 1), dtype=np.int64)
+    unis = np.zeros(max(n_draws, 1), dtype=np.bool_)
     grad_u = np.empty(dim, dtype=np.float32)
     gneg = np.empty(max(n_neg, 1), dtype=np.float64)
     xneg = np.empty(max(n_neg, 1), dtype=np.float64)
@@ -350,6 +395,9 @@ def _sgd_kernel(
         u = users[e]
         i = items[e]
         t = times[e]
+        if e + 1 < users.shape[0]:
+            prefetch_row(U, users[e + 1])
+            prefetch_row(V, items[e + 1])
         if t > clock[0]:
             clock[0] = t
         w = base_w[e] * math.exp(-(clock[0] - t) * decay_rate)
@@ -358,37 +406,48 @@ def _sgd_kernel(
 
         # negatives, drawn before this event's own popularity is counted: each slot keeps the
         # highest-scoring of `n_candidates` draws (adaptive, WARP-like); its score is kept for
-        # the first step
+        # the first step. All draws come first, then all scores: the draws do not depend on
+        # the scores, and the rows they name are then fetched independently of each other
+        # (a row is a cache miss on a large model; interleaved, each waited for the next draw).
         for f in range(dim):
             u_old[f] = U[u, f]
         s = stream_seed(seed, partitions[e], offsets[e])
         ncdf = counters[Counter.CDF_LEN]
         can_draw = ncdf > 0 and cdf[0, ncdf - 1] > 0.0
+        for k in range(n_draws):
+            cand = -1
+            uni = False
+            if can_draw:
+                for _ in range(MAX_NEG_TRIES):
+                    s, x = next_uniform(s)
+                    uni = x < uniform_mix
+                    if uni:
+                        c = min(int(x / uniform_mix * ncdf), ncdf - 1)
+                    else:
+                        c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
+                    if not is_seen(cdf, c):
+                        continue  # not seen when the table was built
+                    if c != i:
+                        cand = c
+                        break
+            cands[k] = cand
+            unis[k] = uni
+            if cand >= 0:
+                prefetch_row(V, cand)
+        k = 0
         for j in range(n_neg):
             best = -1
             best_x = 0.0
             best_uni = False
             for _c in range(n_candidates):
-                cand = -1
-                uni = False
-                if can_draw:
-                    for _ in range(MAX_NEG_TRIES):
-                        s, x = next_uniform(s)
-                        uni = x < uniform_mix
-                        if uni:
-                            c = min(int(x / uniform_mix * ncdf), ncdf - 1)
-                        else:
-                            c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
-                        if not is_seen(cdf, c):
-                            continue  # not seen when the table was built
-                        if c != i:
-                            cand = c
-                            break
+                cand = cands[k]
+                uni = unis[k]
+                k += 1
                 if cand < 0:
                     continue
                 xc = np.float64(bias[cand])
                 for f in range(dim):
-                    xc += np.float64(u_old[f]) * V[cand, f]
+                    xc += u_old[f] * V[cand, f]
                 if best < 0 or xc > best_x:
                     best = cand
                     best_x = xc
@@ -415,13 +474,13 @@ def _sgd_kernel(
                     u_old[f] = U[u, f]
             x_pos = np.float64(bias[i])
             for f in range(dim):
-                x_pos += np.float64(u_old[f]) * V[i, f]
+                x_pos += u_old[f] * V[i, f]
             for j in range(n_neg):
                 neg = neg_out[e, j]
                 if step > 0 and neg >= 0:
                     x = np.float64(bias[neg])
                     for f in range(dim):
-                        x += np.float64(u_old[f]) * V[neg, f]
+                        x += u_old[f] * V[neg, f]
                     xneg[j] = x
             g_pos = 0.0
             g_pos_b = 0.0  # the positive's bias gradient (bias_uniform: uniform slots only)

@@ -182,10 +182,12 @@ def logaddexp(a: float, b: float) -> float:
 
 @njit(cache=True, inline="always")
 def sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    """1 / (1 + e^-x), stable on both sides, without a branch on x's sign (random in the
+    kernel, so a branch is mispredicted half the time): the same bits as the two-sided form
+    1/(1+e^-x) for x >= 0 and e^x/(1+e^x) below."""
+    e = math.exp(-abs(x))
+    num = 1.0 if x >= 0 else e
+    return num / (1.0 + e)
 
 
 @njit(cache=True, nogil=True)
@@ -270,6 +272,22 @@ def draw_item(cdf: np.ndarray, n: int, u: float) -> int:
 
 
 @njit(cache=True, inline="always")
+def draw_mixed(cdf: np.ndarray, n: int, x: float, uniform_mix: float) -> int:
+    """The item of uniform `x` in [0, 1): uniform over [0, n) below `uniform_mix`, else by the
+    alias table, with (x - mix) / (1 - mix) as its uniform; for 0 < uniform_mix < 1.
+
+    The same item as choosing a branch by `x < uniform_mix` and calling `draw_item`, but both
+    sides are computed and one is selected: the choice is random, and a mispredicted branch
+    per draw cost more than the spare arithmetic (and one spare sampler read)."""
+    cu = min(int(x / uniform_mix * n), n - 1)
+    y = max((x - uniform_mix) / (1.0 - uniform_mix) * n, 0.0)
+    cp = min(int(y), n - 1)
+    alias = int(cdf[2, cp])
+    cp = alias if y - cp >= cdf[1, cp] else cp
+    return cu if x < uniform_mix else cp
+
+
+@njit(cache=True, inline="always")
 def is_seen(cdf: np.ndarray, c: int) -> bool:
     """Whether item c had any weight when the table was built."""
     return cdf[0, c] != (cdf[0, c - 1] if c > 0 else 0.0)
@@ -311,6 +329,26 @@ def prefetch_row(A: np.ndarray, r: int) -> None:
     for off in range(0, nb, 64):
         _prefetch_at(A, r, off)
     _prefetch_at(A, r, nb - 1)  # a row not aligned to a line ends in one more
+
+
+@njit(cache=True, inline="always")
+def _prefetch_draws(
+    cdf: np.ndarray, ncdf: int, seed: int, part: int, off: int, n: int, uniform_mix: float
+) -> None:
+    """Prefetch the sampler entries an event's first `n` draws read (its draws are a pure
+    function of its key, so they can be replayed an event early; a retry is not foreseen)."""
+    if ncdf <= 0:
+        return
+    s = stream_seed(seed, part, off)
+    for _ in range(n):
+        s, x = next_uniform(s)
+        if x < uniform_mix:
+            c = min(int(x / uniform_mix * ncdf), ncdf - 1)
+            _prefetch_at(cdf, 0, c * 8)
+        else:
+            c = min(int((x - uniform_mix) / (1.0 - uniform_mix) * ncdf), ncdf - 1)
+            _prefetch_at(cdf, 1, c * 8)
+            _prefetch_at(cdf, 2, c * 8)
 
 
 @njit(cache=True, inline="always")
@@ -375,6 +413,7 @@ def _sgd_kernel(
     dim = U.shape[1]
     u_old = np.empty(dim, dtype=np.float64)  # the user row before a step, widened once
     n_draws = n_neg * n_candidates
+    mixed = 0.0 < uniform_mix < 1.0  # draws pick uniform or popularity without a branch
     cands = np.empty(max(n_draws, 1), dtype=np.int64)
     unis = np.zeros(max(n_draws, 1), dtype=np.bool_)
     grad_u = np.empty(dim, dtype=np.float32)
@@ -398,6 +437,15 @@ def _sgd_kernel(
         if e + 1 < users.shape[0]:
             prefetch_row(U, users[e + 1])
             prefetch_row(V, items[e + 1])
+            _prefetch_draws(
+                cdf,
+                counters[Counter.CDF_LEN],
+                seed,
+                partitions[e + 1],
+                offsets[e + 1],
+                n_draws,
+                uniform_mix,
+            )
         if t > clock[0]:
             clock[0] = t
         w = base_w[e] * math.exp(-(clock[0] - t) * decay_rate)
@@ -421,7 +469,9 @@ def _sgd_kernel(
                 for _ in range(MAX_NEG_TRIES):
                     s, x = next_uniform(s)
                     uni = x < uniform_mix
-                    if uni:
+                    if mixed:
+                        c = draw_mixed(cdf, ncdf, x, uniform_mix)
+                    elif uni:
                         c = min(int(x / uniform_mix * ncdf), ncdf - 1)
                     else:
                         c = draw_item(cdf, ncdf, (x - uniform_mix) / (1.0 - uniform_mix))
@@ -448,10 +498,11 @@ def _sgd_kernel(
                 xc = np.float64(bias[cand])
                 for f in range(dim):
                     xc += u_old[f] * V[cand, f]
-                if best < 0 or xc > best_x:
-                    best = cand
-                    best_x = xc
-                    best_uni = uni
+                # selects, not a branch: which candidate scores higher is a coin flip
+                better = (best < 0) | (xc > best_x)
+                best = cand if better else best
+                best_x = xc if better else best_x
+                best_uni = uni if better else best_uni
             neg_out[e, j] = best
             xneg[j] = best_x
             if bias_uniform:

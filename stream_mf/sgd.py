@@ -294,10 +294,11 @@ def is_seen(cdf: np.ndarray, c: int) -> bool:
 
 
 def _prefetch_typer(typingctx: Any, arr: Any, row: Any, off: Any) -> Any:
-    """A hint that byte `off` of row `row` of a 2-d array will be read soon (`llvm.prefetch`;
-    no effect on any value). Reading the rows of the next event's and this event's candidates
-    in advance lets their cache misses overlap instead of queueing behind each other."""
-    if not (isinstance(arr, nbtypes.Array) and arr.ndim == 2):
+    """A hint that byte `off` of row (1-d: element) `row` of an array will be read soon
+    (`llvm.prefetch`; no effect on any value). Reading the rows of the next event's and this
+    event's candidates in advance lets their cache misses overlap instead of queueing behind
+    each other."""
+    if not (isinstance(arr, nbtypes.Array) and arr.ndim in (1, 2)):
         return None
     if not (isinstance(row, nbtypes.Integer) and isinstance(off, nbtypes.Integer)):
         return None
@@ -306,7 +307,7 @@ def _prefetch_typer(typingctx: Any, arr: Any, row: Any, off: Any) -> Any:
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         r = context.cast(builder, args[1], sig.args[1], nbtypes.intp)
         o = context.cast(builder, args[2], sig.args[2], nbtypes.intp)
-        stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+        stride = cgutils.unpack_tuple(builder, ary.strides, sig.args[0].ndim)[0]
         addr = builder.add(builder.ptrtoint(ary.data, cgutils.intp_t), builder.mul(r, stride))
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
@@ -437,6 +438,14 @@ def _sgd_kernel(
         if e + 1 < users.shape[0]:
             prefetch_row(U, users[e + 1])
             prefetch_row(V, items[e + 1])
+            un, it = users[e + 1], items[e + 1]
+            _prefetch_at(u_count, un, 0)
+            _prefetch_at(u_last, un, 0)
+            _prefetch_at(u_logact, un, 0)
+            _prefetch_at(i_count, it, 0)
+            _prefetch_at(i_last, it, 0)
+            _prefetch_at(i_logpop, it, 0)
+            _prefetch_at(bias, it, 0)
             _prefetch_draws(
                 cdf,
                 counters[Counter.CDF_LEN],
@@ -484,6 +493,7 @@ def _sgd_kernel(
             unis[k] = uni
             if cand >= 0:
                 prefetch_row(V, cand)
+                _prefetch_at(bias, cand, 0)
         k = 0
         for j in range(n_neg):
             best = -1

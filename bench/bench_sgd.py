@@ -1,6 +1,7 @@
 """Online SGD throughput: `OnlineModel.learn` and the bare `sgd_batch` kernel, events/s.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_sgd.py [--quick] [--compare REV [--compare-only]]
+    PYTHONPATH=. .venv/bin/python bench/bench_sgd.py [--quick] [--default-model]
+        [--compare REV [--compare-only] [--rounds N]]
 
 Runs the shared planted stream (1M events, 100k users, 50k items; k=64, 4 negatives) through
 `learn` in micro-batches of 1k/10k/100k, then the kernel alone on pre-resolved int arrays, so the
@@ -9,7 +10,9 @@ A plain-numpy reference (`sgd_reference.py`) runs on a 5k-event slice in the sam
 the same state as the kernel, so the speed-up is a ratio measured under the same noise. The kernel
 is single-threaded numba; compile time is excluded by a warm-up call. `--compare REV` also runs
 the kernel as it was at git revision REV against today's on the same stream, interleaved round by
-round, and reports the ratio (a figure from another day means nothing on this shared machine).
+round, and reports the ratio (a figure from another day means nothing on this shared machine),
+by best wall time and by median thread CPU time (which time-slicing by other jobs does not
+inflate). `--default-model` runs the shipped `ModelConfig` (8 negatives) instead of 4 negatives.
 """
 
 from __future__ import annotations

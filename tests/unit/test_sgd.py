@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from numba import njit
 
 import stream_mf.model as model_mod
 from stream_mf.config import ModelConfig
@@ -12,7 +15,11 @@ from stream_mf.sgd import (
     KernelBatch,
     SgdParams,
     StreamArrays,
+    draw_item,
+    draw_mixed,
+    rebuild_cdf,
     sgd_batch,
+    sigmoid,
 )
 from stream_mf.sgd_reference import sgd_batch_reference
 from tests.synthetic import planted_stream
@@ -98,6 +105,37 @@ def test_same_events_any_batching_bit_identical(biases: dict[str, object]) -> No
         a, b = _arrays(whole), _arrays(other)
         for name in a:
             assert np.array_equal(a[name], b[name]), name
+
+
+@njit(cache=True)
+def _two_sided_sigmoid(x: float) -> float:
+    """The kernel's former sigmoid, compiled like it (numba's exp, not numpy's)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def test_branch_free_draw_and_sigmoid_match_the_plain_forms() -> None:
+    """The kernel's selects give the very item and bits the branchy forms (the twin's) give."""
+    rng = np.random.default_rng(5)
+    n = 300
+    logpop = np.where(rng.random(n) < 0.2, -np.inf, rng.normal(0.0, 2.0, n))
+    cdf = np.zeros((3, n))
+    ncdf = rebuild_cdf(cdf, logpop, n, 0.75)
+    xs = np.r_[rng.random(20_000), 0.0, np.nextafter(1.0, 0.0)]
+    for mix in (0.4, 0.5, 1e-9, 1.0 - 1e-9):
+        xs_m = np.r_[xs, mix, np.nextafter(mix, 0.0)]
+        got = [draw_mixed(cdf, ncdf, float(x), mix) for x in xs_m]
+        want = [
+            min(int(x / mix * ncdf), ncdf - 1)
+            if x < mix
+            else draw_item(cdf, ncdf, (x - mix) / (1.0 - mix))
+            for x in xs_m.tolist()
+        ]
+        assert got == want, mix
+    for x in np.r_[rng.normal(0.0, 8.0, 2000), 0.0, -0.0, 40.0, -40.0, 800.0, -800.0].tolist():
+        assert sigmoid(x) == _two_sided_sigmoid(x), x
 
 
 def test_randomness_depends_on_partition_and_offset() -> None:

@@ -9,7 +9,8 @@ product's JSON to a fresh one-partition topic (lz4 batches), then measures in th
 - raw: confluent-kafka `consume(10000)` in this process with `consumers.kafka_io.consumer`'s fetch
   settings, touching `msg.value()` of every message (and once more with `fetch.queue.backoff.ms`
   10, the setting the broker notes recommend), the ceiling any consumer of this topic can reach;
-- updater: the real updater as a child process (`--dim 64 --n-negatives 4`, fresh state dir) at
+- updater: the real updater as a child process (`--dim 64`, the shipped negatives unless
+  `--n-negatives N`; runs before 2026-12-07 19:00 used 4; fresh state dir) at
   several `--max-batch-events`, events/s between its first and last commit read from /metrics,
   with the split its own histograms give (decode+learn, RocksDB write, the rest = consume, Kafka
   commit, metrics) and the CPU seconds of the updater and the broker; then the first batch size
@@ -62,10 +63,11 @@ from consumers.processes import ManagedProcess, metric_sum, scrape
 from consumers.publish import publish
 from consumers.settings import KafkaSettings
 from consumers.topics import create_topics
+from stream_mf.config import ModelConfig
 from tests.synthetic import PlantedStream, planted_stream
 
 TYPE_NAMES = ("view", "click", "add_to_cart", "purchase")
-MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
+MODEL_FLAGS: tuple[str, ...] = ("--dim", "64", "--n-negatives", str(ModelConfig().n_negatives))
 TARGET_RATE = 100_000.0
 TARGET_RATIO = 0.6
 APPLIED = "stream_mf_events_applied_total"
@@ -621,11 +623,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
     ap.add_argument("--events", type=int, default=None, help="stream length (1M; quick 200k)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    ap.add_argument(
+        "--n-negatives", type=int, default=None, help="negatives per event (the shipped default)"
+    )
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global MODEL_FLAGS
     args = parse_args(argv)
+    if args.n_negatives is not None:
+        MODEL_FLAGS = ("--dim", "64", "--n-negatives", str(args.n_negatives))
     if args.compare:
         return compare_main(args)
     spec = stream_spec(args.quick, args.events)

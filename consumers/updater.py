@@ -38,7 +38,9 @@ input stream alone, however it is cut into batches and across kills and restores
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -245,24 +247,72 @@ SLOW_TURN_S = 0.25
 
 class _Turn:
     """Wall and CPU time of one loop turn by step, logged when the turn was slow: CPU far below
-    wall is waiting (the broker, the disk, or other processes on the cores), not work."""
+    wall is waiting. Where: `runq` is the time this thread was ready but not running (other
+    processes on the cores: /proc/thread-self/schedstat), `vcsw` its voluntary switches (a
+    wait on the disk, the broker, a lock or the GIL), `gc` the collector's pauses."""
 
     def __init__(self) -> None:
         self.t0 = self.at = time.perf_counter()
         self.cpu0 = time.thread_time()
+        self.runq0 = _runq_seconds()
+        self.vcsw0 = _voluntary_switches()
+        self.gc0 = _GC.seconds
         self.steps: list[tuple[str, float]] = []
+        self.inner: dict[str, float] = {}
 
     def mark(self, step: str) -> None:
         now = time.perf_counter()
         self.steps.append((step, now - self.at))
         self.at = now
 
+    def add(self, part: str, seconds: float) -> None:
+        """Time of a part inside a step (the store write, the publish inside `batch`)."""
+        self.inner[part] = self.inner.get(part, 0.0) + seconds
+
     def done(self, events: int) -> None:
         wall = time.perf_counter() - self.t0
         if wall > SLOW_TURN_S:
             steps = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in self.steps)
-            log.info("slow loop turn: %.0f ms (cpu %.0f ms), %d events; ms by step: %s",
-                     wall * 1e3, (time.thread_time() - self.cpu0) * 1e3, events, steps)  # fmt: skip
+            inner = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in self.inner.items())
+            log.info("slow loop turn: %.0f ms (cpu %.0f ms, runq %.0f ms, gc %.0f ms, vcsw %d), "
+                     "%d events; ms by step: %s; within: %s", wall * 1e3,
+                     (time.thread_time() - self.cpu0) * 1e3,
+                     (_runq_seconds() - self.runq0) * 1e3, (_GC.seconds - self.gc0) * 1e3,
+                     _voluntary_switches() - self.vcsw0, events, steps, inner)  # fmt: skip
+
+
+def _runq_seconds() -> float:
+    """Time this thread has waited on a run queue (ready, not running), 0 where unknown."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _voluntary_switches() -> int:
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (AttributeError, OSError):
+        return 0
+
+
+class _GcClock:
+    """The cyclic collector's pauses, summed (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t
+
+
+_GC = _GcClock()
+gc.callbacks.append(_GC)
 
 
 class Updater:
@@ -329,7 +379,8 @@ class Updater:
         self.publisher = ModelLogPublisher(
             settings, self.store, self.metrics.errors.labels("broker").inc, self.metrics
         )
-        self.store.on_commit = self.publisher.committed
+        self.store.on_commit = self._on_commit
+        self._turn = _Turn()  # the loop turn under way (its log line splits the time)
         # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
         self.snapshots = SnapshotWriter(settings, self.metrics)
         self._snapshot_requested = False
@@ -596,7 +647,7 @@ class Updater:
                     [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
                 )
             while not stop:
-                turn = _Turn()
+                turn = self._turn = _Turn()
                 if not s.use_consumer_group:
                     self._assign_partitions()
                 # behind a backlog, no collections inside a batch (its objects die by reference
@@ -679,6 +730,12 @@ class Updater:
                 self._snapshot_requested = True
             else:
                 log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
+
+    def _on_commit(self, info: Any) -> None:
+        """The store's hook: the model log's publisher, timed for the loop turn's log line."""
+        t = time.perf_counter()
+        self.publisher.committed(info)
+        self._turn.add("publish", time.perf_counter() - t)
 
     def _commit(self, write: Write) -> None:
         """Every store commit of this process, in the order the loop makes them: one place for
@@ -935,8 +992,11 @@ class Updater:
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
+        published = self._turn.inner.get("publish", 0.0)
         self._commit(CommitBatch(att.delta, nxt, batch.times))
         t2 = time.perf_counter()
+        self._turn.add("learn", t1 - t0)
+        self._turn.add("store", t2 - t1 - (self._turn.inner.get("publish", 0.0) - published))
         self.offsets.update(nxt)
         self.consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True

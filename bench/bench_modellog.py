@@ -594,12 +594,23 @@ def main() -> None:
                                             0.99),
                     "reader_apply_p99_s": hq(after_q, before_q, f"{sm}model_refresh_seconds", 0.99),
                     "batch_events_p50": hq(after_u, before_u, f"{sm}batch_events", 0.5),
+                    # the updater's share split: the event's way in (producer, broker, fetch),
+                    # then to its commit (the batch's linger, learning, the store write)
+                    **{f"event_{leg}_{q}": hq(after_u, before_u, f"{sm}event_{leg}_seconds", qv)
+                       for leg in ("fetch_age", "age")
+                       for q, qv in (("p50", 0.5), ("p99", 0.99))},
                 }  # fmt: skip
                 if rtt:
                     e99, s99 = rtt["echo"]["total_ms"]["p99"], rtt["service"]["total_ms"]["p99"]
                     row["rtt_echo_p99_ms"], row["rtt_service_p99_ms"] = e99, s99
                     row["rtt_ratio_p99"] = s99 / e99 if e99 else float("nan")
                 rows.append(row)
+                print(
+                    f"updater's share: event -> fetched p50 {row['event_fetch_age_p50']:.3f} / "
+                    f"p99 {row['event_fetch_age_p99']:.3f} s; event -> committed p50 "
+                    f"{row['event_age_p50']:.3f} / p99 {row['event_age_p99']:.3f} s",
+                    flush=True,
+                )
                 st = row["slow_turns"]
                 print(f"updater turns over 250 ms: {st['turns']} ({st['events']} events), ms "
                       "summed: " + ", ".join(f"{k} {v:.0f}" for k, v in st.get("ms", {}).items()),

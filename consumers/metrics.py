@@ -81,6 +81,13 @@ class UpdaterMetrics:
             buckets=AGE_BUCKETS,
             registry=r,
         )
+        self.event_fetch_age = Histogram(
+            "stream_mf_event_fetch_age_seconds",
+            "Wall-clock time the updater got an event's message minus the event timestamp (its "
+            "way in: producer, broker, fetch); event_age minus this is the updater's own share",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
         self.users = Gauge("stream_mf_users_known", "Users with a vector", registry=r)
         self.items = Gauge("stream_mf_items_known", "Items with a vector", registry=r)
         self.model_version = Gauge(

@@ -381,6 +381,7 @@ class Updater:
         )
         self.store.on_commit = self._on_commit
         self._turn = _Turn()  # the loop turn under way (its log line splits the time)
+        self._collected_at = 0.0  # wall time the batch under way was handed over by the consumer
         # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
         self.snapshots = SnapshotWriter(settings, self.metrics)
         self._snapshot_requested = False
@@ -655,6 +656,7 @@ class Updater:
                 pause = s.pause_gc and busy
                 with gc_control.paused() if pause else contextlib.nullcontext():
                     msgs = self._collect(stop)
+                    self._collected_at = time.time()
                     turn.mark("collect")
                     if msgs:
                         self.process(msgs)
@@ -1010,6 +1012,8 @@ class Updater:
             m.applied.labels(etype).inc(dec.types.count(etype))
         if len(batch):
             observe_many(m.event_age, time.time() - batch.times)
+            if self._collected_at:
+                observe_many(m.event_fetch_age, self._collected_at - batch.times)
         m.last_commit.set(time.time())
         self._publish_gauges()
         if self.restored is not None and not self.restored.done:

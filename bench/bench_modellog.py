@@ -572,8 +572,12 @@ def main() -> None:
                     v = histogram_quantile(before, after, name, q)
                     return float("nan") if v is None else v
 
+                store_bytes = metric_sum(after_u, "stream_mf_store_write_bytes_total") - metric_sum(
+                    before_u, "stream_mf_store_write_bytes_total"
+                )
                 row = {
                     "rate": rate,
+                    "store_bytes_per_event": store_bytes / ev if ev else float("nan"),
                     "achieved": load.sent / (w1 - w0 + 2.0),
                     "fresh_p50": quantile(after_q, before_q, fresh, 0.5),
                     "fresh_p99": quantile(after_q, before_q, fresh, 0.99),
@@ -611,6 +615,8 @@ def main() -> None:
                     f"{row['event_age_p50']:.3f} / p99 {row['event_age_p99']:.3f} s",
                     flush=True,
                 )
+                print(f"RocksDB write batches: {row['store_bytes_per_event']:,.0f} bytes/event",
+                      flush=True)  # fmt: skip
                 st = row["slow_turns"]
                 print(f"updater turns over 250 ms: {st['turns']} ({st['events']} events), ms "
                       "summed: " + ", ".join(f"{k} {v:.0f}" for k, v in st.get("ms", {}).items()),

@@ -57,6 +57,12 @@ class UpdaterMetrics:
             registry=r,
         )
         self.batches = Counter("stream_mf_batches_total", "Micro-batches committed", registry=r)
+        self.store_bytes = Counter(
+            "stream_mf_store_write_bytes_total",
+            "Bytes of the RocksDB write batches of committed micro-batches (WAL and memtable "
+            "volume: rows are written in 16-row blocks)",
+            registry=r,
+        )
         self.batch_events = Histogram(
             "stream_mf_batch_events",
             "Messages per micro-batch",

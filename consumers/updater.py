@@ -998,6 +998,8 @@ class Updater:
         self._commit(CommitBatch(att.delta, nxt, batch.times))
         t2 = time.perf_counter()
         self._turn.add("learn", t1 - t0)
+        self._turn.add("store_kb", self.store.last_write_bytes / 1e6)  # logged x1e3: kB
+        self.metrics.store_bytes.inc(self.store.last_write_bytes)
         self._turn.add("store", t2 - t1 - (self._turn.inner.get("publish", 0.0) - published))
         self.offsets.update(nxt)
         self.consumer.commit(

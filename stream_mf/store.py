@@ -226,6 +226,7 @@ class StateStore:
         self.write_opt.sync = sync
         # called after each durable commit (the updater publishes the model log from it)
         self.on_commit: Callable[[CommitInfo], None] | None = None
+        self.last_write_bytes = 0  # the size of the last write batch (the updater's metrics)
         self._format_current = False  # checked (and a format-1 store marked) at a first commit
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
@@ -789,6 +790,7 @@ class StateStore:
             wb.put(offset_key(topic, part), I64.pack(nxt), self.h["offsets"])
 
     def _write(self, wb: rd.WriteBatch) -> None:
+        self.last_write_bytes = wb.size_in_bytes()
         try:
             self.db.write(wb, self.write_opt)
         except Exception as exc:  # rocksdict raises bare Exception

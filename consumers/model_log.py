@@ -140,15 +140,6 @@ def find_last_marker(
 # ---- the updater's side ---------------------------------------------------------------------
 
 
-def _phase(rows: np.ndarray) -> np.ndarray:
-    """A fixed number in [0, 1) per row, spread evenly over neighbouring rows (golden ratio)."""
-    return (rows.astype(np.float64) * 0.6180339887498949) % 1.0
-
-
-#: an item flush of at least this many rows is logged (how large the coalesced flushes get)
-LARGE_FLUSH_ROWS = 5000
-
-
 def _marked(flags: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`flags` with `rows` set, grown (doubling) to hold them."""
     if rows.size == 0:
@@ -213,7 +204,6 @@ class ModelLogPublisher:
         self.pub_count = np.zeros(0, np.int64)
         self.pub_at = np.zeros(0, np.float64)
         self.n_published_items = 0
-        self.due_rows = 0  # rows of the last flush sent only for their age (no threshold met)
         self.next_items = 0.0
         self.retry_at = 0.0
         self._lookup: threading.Thread | None = None
@@ -419,8 +409,6 @@ class ModelLogPublisher:
         still marked, until its factors moved by `model_log_item_threshold` relative to what
         the log holds, an event counted for it, or it has waited `model_log_item_max_seconds`:
         the log's bytes per event and every replica's decoding are mostly such rows."""
-        t0 = time.perf_counter()
-        self.due_rows = 0
         items = state.items
         n = items.n
         lo = self.n_published_items if new_only else 0
@@ -446,19 +434,9 @@ class ModelLogPublisher:
         self.n_published_items = n
         if not new_only:
             self.next_items = time.monotonic() + self.settings.model_log_item_seconds
-        if idx.size >= LARGE_FLUSH_ROWS:
-            took = (time.perf_counter() - t0) * 1e3
-            log.info("model log item flush: %d rows (%d only due by age) in %.0f ms",
-                     idx.size, self.due_rows, took)  # fmt: skip
 
     def _significant(self, items: Any, idx: np.ndarray) -> np.ndarray:
-        """Which of these changed item rows are worth sending now (see `_flush_items`). A row
-        whose only change is small is due `model_log_item_max_seconds` after it was last sent,
-        less up to `model_log_item_spread` of that by a fixed phase of its own: rows sent
-        together (a snapshot's, a flush's) fall due over a few flushes instead of in one, which
-        at 100k users x 50k items was a flush of ~20k rows every 10 s (their encoding on the
-        loop, megabytes ahead of every later marker)."""
-        self.due_rows = 0
+        """Which of these changed item rows are worth sending now (see `_flush_items`)."""
         known = idx < self.pub_count.size
         out = ~known  # never published here: always
         k = idx[known]
@@ -467,13 +445,8 @@ class ModelLogPublisher:
             moved = np.linalg.norm(f - was, axis=1) > self.settings.model_log_item_threshold * (
                 np.maximum(np.linalg.norm(was, axis=1), 1e-6)
             )
-            wait = self.settings.model_log_item_max_seconds * (
-                1.0 - self.settings.model_log_item_spread * _phase(k)
-            )
-            due = time.monotonic() - self.pub_at[k] >= wait
-            changed = moved | (items.count[k] != self.pub_count[k])
-            self.due_rows = int((due & ~changed).sum())
-            out[known] = changed | due
+            due = time.monotonic() - self.pub_at[k] >= self.settings.model_log_item_max_seconds
+            out[known] = moved | due | (items.count[k] != self.pub_count[k])
         return out
 
     def _published(self, items: Any, idx: np.ndarray) -> None:

@@ -205,14 +205,6 @@ class UpdaterSettings(ProcessSettings):
         description="the longest an item row's small changes wait before going to the model "
         "log (the staleness bound of such rows; others go out within model_log_item_seconds)",
     )
-    model_log_item_spread: float = Field(
-        default=0.25,
-        ge=0,
-        lt=1,
-        description="a row's wait for model_log_item_max_seconds is shortened by up to this "
-        "share, by a fixed phase of its own, so rows sent together fall due over several "
-        "flushes, not in one burst (0: all at once)",
-    )
     model_log_snapshot_ratio: float = Field(
         default=2.0,
         gt=0,

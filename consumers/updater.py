@@ -356,6 +356,7 @@ class Updater:
                 # a fetch outside the log is reported (_AUTO_OFFSET_RESET), never silently
                 # moved to the earliest or latest record: on_offset_gap decides
                 "auto.offset.reset": "error",
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
             },
         )
         self.dlt = kafka_io.producer(

@@ -736,9 +736,10 @@ class Updater:
 
     def _on_commit(self, info: Any) -> None:
         """The store's hook: the model log's publisher, timed for the loop turn's log line."""
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         self.publisher.committed(info)
         self._turn.add("publish", time.perf_counter() - t)
+        self._turn.add("publish_cpu", time.thread_time() - c)
 
     def _commit(self, write: Write) -> None:
         """Every store commit of this process, in the order the loop makes them: one place for
@@ -995,13 +996,20 @@ class Updater:
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
-        published = self._turn.inner.get("publish", 0.0)
+        inner = self._turn.inner
+        published, published_cpu = inner.get("publish", 0.0), inner.get("publish_cpu", 0.0)
+        c1 = time.thread_time()
         self._commit(CommitBatch(att.delta, nxt, batch.times))
         t2 = time.perf_counter()
         self._turn.add("learn", t1 - t0)
         self._turn.add("store_kb", self.store.last_write_bytes / 1e6)  # logged x1e3: kB
+        self._turn.add("db_write", self.store.last_write_seconds[0])  # of which RocksDB's write
+        self._turn.add("db_write_cpu", self.store.last_write_seconds[1])
         self.metrics.store_bytes.inc(self.store.last_write_bytes)
-        self._turn.add("store", t2 - t1 - (self._turn.inner.get("publish", 0.0) - published))
+        self._turn.add("store", t2 - t1 - (inner.get("publish", 0.0) - published))
+        self._turn.add(
+            "store_cpu", time.thread_time() - c1 - (inner.get("publish_cpu", 0.0) - published_cpu)
+        )
         self.offsets.update(nxt)
         self.consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -204,7 +205,9 @@ class Tracer:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for m in self.c.consume(1000, 0.05):
+            # drain, not consume(1000, 0.05): that waits out the whole 50 ms unless 1,000
+            # records come, which put up to 50 ms of this process's own wait on the log's share
+            for m in kafka_io.drain(self.c, 1000, 0.05):
                 if m.error() is not None or m.key() != MARKER_KEY:
                     continue
                 now = time.time()
@@ -239,6 +242,40 @@ class Tracer:
         out["max_gap_between_commits_ms"] = float(gaps.max() * 1e3) if gaps.size else 0.0
         out["snapshots"] = sum(1 for at in self.snaps if t0 <= at < t1)
         return out
+
+
+SLOW_TURN = re.compile(
+    r"^(\S+ \S+) INFO consumers.updater: slow loop turn: (\d+) ms \(cpu (\d+) ms, runq (\d+) "
+    r"ms, gc (\d+) ms, vcsw (\d+)\), (\d+) events; ms by step: ([^;]*); within: (.*)$"
+)
+
+
+def slow_turns(log_path: Path, t0: float, t1: float) -> dict[str, Any]:
+    """The updater's slow loop turns (its log: over 250 ms) in [t0, t1): how many, and their
+    wall time split into CPU, run-queue wait (other processes on the cores), GC, and by step."""
+    out: dict[str, Any] = {"turns": 0, "events": 0}
+    sums: dict[str, float] = {}
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = SLOW_TURN.match(line)
+        if m is None:
+            continue
+        at = time.mktime(time.strptime(m[1].split(",")[0], "%Y-%m-%d %H:%M:%S"))
+        if not t0 - 1 <= at < t1 + 1:
+            continue
+        out["turns"] += 1
+        out["events"] += int(m[7])
+        for k, v in zip(("wall", "cpu", "runq", "gc"), m.group(2, 3, 4, 5), strict=True):
+            sums[k] = sums.get(k, 0.0) + float(v)
+        for part in (m[8] + ", " + m[9]).split(", "):
+            if part.strip():
+                k, v = part.rsplit(" ", 1)
+                sums[k] = sums.get(k, 0.0) + float(v)
+    out["ms"] = sums
+    return out
 
 
 def new_user_latency(
@@ -537,8 +574,12 @@ def main() -> None:
                     v = histogram_quantile(before, after, name, q)
                     return float("nan") if v is None else v
 
+                store_bytes = metric_sum(after_u, "stream_mf_store_write_bytes_total") - metric_sum(
+                    before_u, "stream_mf_store_write_bytes_total"
+                )
                 row = {
                     "rate": rate,
+                    "store_bytes_per_event": store_bytes / ev if ev else float("nan"),
                     "achieved": load.sent / (w1 - w0 + 2.0),
                     "fresh_p50": quantile(after_q, before_q, fresh, 0.5),
                     "fresh_p99": quantile(after_q, before_q, fresh, 0.99),
@@ -551,6 +592,7 @@ def main() -> None:
                     "bytes_per_event": by / ev if ev else float("nan"),
                     "rtt": rtt,
                     "legs": tracer.window(w0 - 2.0, w1),
+                    "slow_turns": slow_turns(work / "updater.log", w0 - 2.0, w1),
                     # the processes' own histograms over the window (interpolated)
                     "updater_apply_p99_s": hq(after_u, before_u, f"{sm}batch_apply_seconds", 0.99),
                     "updater_write_p99_s": hq(after_u, before_u, f"{sm}batch_write_seconds", 0.99),
@@ -558,12 +600,29 @@ def main() -> None:
                                             0.99),
                     "reader_apply_p99_s": hq(after_q, before_q, f"{sm}model_refresh_seconds", 0.99),
                     "batch_events_p50": hq(after_u, before_u, f"{sm}batch_events", 0.5),
+                    # the updater's share split: the event's way in (producer, broker, fetch),
+                    # then to its commit (the batch's linger, learning, the store write)
+                    **{f"event_{leg}_{q}": hq(after_u, before_u, f"{sm}event_{leg}_seconds", qv)
+                       for leg in ("fetch_age", "age")
+                       for q, qv in (("p50", 0.5), ("p99", 0.99))},
                 }  # fmt: skip
                 if rtt:
                     e99, s99 = rtt["echo"]["total_ms"]["p99"], rtt["service"]["total_ms"]["p99"]
                     row["rtt_echo_p99_ms"], row["rtt_service_p99_ms"] = e99, s99
                     row["rtt_ratio_p99"] = s99 / e99 if e99 else float("nan")
                 rows.append(row)
+                print(
+                    f"updater's share: event -> fetched p50 {row['event_fetch_age_p50']:.3f} / "
+                    f"p99 {row['event_fetch_age_p99']:.3f} s; event -> committed p50 "
+                    f"{row['event_age_p50']:.3f} / p99 {row['event_age_p99']:.3f} s",
+                    flush=True,
+                )
+                print(f"RocksDB write batches: {row['store_bytes_per_event']:,.0f} bytes/event",
+                      flush=True)  # fmt: skip
+                st = row["slow_turns"]
+                print(f"updater turns over 250 ms: {st['turns']} ({st['events']} events), ms "
+                      "summed: " + ", ".join(f"{k} {v:.0f}" for k, v in st.get("ms", {}).items()),
+                      flush=True)  # fmt: skip
                 print(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
             tracer.stop.set()
             tracer.t.join(5)

@@ -57,6 +57,12 @@ class UpdaterMetrics:
             registry=r,
         )
         self.batches = Counter("stream_mf_batches_total", "Micro-batches committed", registry=r)
+        self.store_bytes = Counter(
+            "stream_mf_store_write_bytes_total",
+            "Bytes of the RocksDB write batches of committed micro-batches (WAL and memtable "
+            "volume: rows are written in 16-row blocks)",
+            registry=r,
+        )
         self.batch_events = Histogram(
             "stream_mf_batch_events",
             "Messages per micro-batch",
@@ -78,6 +84,13 @@ class UpdaterMetrics:
         self.event_age = Histogram(
             "stream_mf_event_age_seconds",
             "Wall-clock now minus event timestamp when the event is applied",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.event_fetch_age = Histogram(
+            "stream_mf_event_fetch_age_seconds",
+            "Wall-clock time the updater got an event's message minus the event timestamp (its "
+            "way in: producer, broker, fetch); event_age minus this is the updater's own share",
             buckets=AGE_BUCKETS,
             registry=r,
         )

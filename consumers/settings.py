@@ -137,6 +137,13 @@ class UpdaterSettings(ProcessSettings):
         "before committing it (a light stream is committed promptly; behind a backlog what is "
         "already fetched is drained whatever this says, so batches still fill up)",
     )
+    fetch_wait_ms: int = Field(
+        default=5,
+        ge=0,
+        description="the interactions consumer's fetch.wait.max.ms: a broker that does not "
+        "answer a waiting fetch when data arrives (the embedded one) holds each event up to "
+        "this long on its way in (was 10)",
+    )
     pause_gc: bool = Field(
         default=True,
         description="freeze start-up objects and pause the cyclic GC while a micro-batch is read "

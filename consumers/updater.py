@@ -38,7 +38,9 @@ input stream alone, however it is cut into batches and across kills and restores
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -245,24 +247,72 @@ SLOW_TURN_S = 0.25
 
 class _Turn:
     """Wall and CPU time of one loop turn by step, logged when the turn was slow: CPU far below
-    wall is waiting (the broker, the disk, or other processes on the cores), not work."""
+    wall is waiting. Where: `runq` is the time this thread was ready but not running (other
+    processes on the cores: /proc/thread-self/schedstat), `vcsw` its voluntary switches (a
+    wait on the disk, the broker, a lock or the GIL), `gc` the collector's pauses."""
 
     def __init__(self) -> None:
         self.t0 = self.at = time.perf_counter()
         self.cpu0 = time.thread_time()
+        self.runq0 = _runq_seconds()
+        self.vcsw0 = _voluntary_switches()
+        self.gc0 = _GC.seconds
         self.steps: list[tuple[str, float]] = []
+        self.inner: dict[str, float] = {}
 
     def mark(self, step: str) -> None:
         now = time.perf_counter()
         self.steps.append((step, now - self.at))
         self.at = now
 
+    def add(self, part: str, seconds: float) -> None:
+        """Time of a part inside a step (the store write, the publish inside `batch`)."""
+        self.inner[part] = self.inner.get(part, 0.0) + seconds
+
     def done(self, events: int) -> None:
         wall = time.perf_counter() - self.t0
         if wall > SLOW_TURN_S:
             steps = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in self.steps)
-            log.info("slow loop turn: %.0f ms (cpu %.0f ms), %d events; ms by step: %s",
-                     wall * 1e3, (time.thread_time() - self.cpu0) * 1e3, events, steps)  # fmt: skip
+            inner = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in self.inner.items())
+            log.info("slow loop turn: %.0f ms (cpu %.0f ms, runq %.0f ms, gc %.0f ms, vcsw %d), "
+                     "%d events; ms by step: %s; within: %s", wall * 1e3,
+                     (time.thread_time() - self.cpu0) * 1e3,
+                     (_runq_seconds() - self.runq0) * 1e3, (_GC.seconds - self.gc0) * 1e3,
+                     _voluntary_switches() - self.vcsw0, events, steps, inner)  # fmt: skip
+
+
+def _runq_seconds() -> float:
+    """Time this thread has waited on a run queue (ready, not running), 0 where unknown."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _voluntary_switches() -> int:
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (AttributeError, OSError):
+        return 0
+
+
+class _GcClock:
+    """The cyclic collector's pauses, summed (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t
+
+
+_GC = _GcClock()
+gc.callbacks.append(_GC)
 
 
 class Updater:
@@ -306,6 +356,7 @@ class Updater:
                 # a fetch outside the log is reported (_AUTO_OFFSET_RESET), never silently
                 # moved to the earliest or latest record: on_offset_gap decides
                 "auto.offset.reset": "error",
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
             },
         )
         self.dlt = kafka_io.producer(
@@ -329,7 +380,9 @@ class Updater:
         self.publisher = ModelLogPublisher(
             settings, self.store, self.metrics.errors.labels("broker").inc, self.metrics
         )
-        self.store.on_commit = self.publisher.committed
+        self.store.on_commit = self._on_commit
+        self._turn = _Turn()  # the loop turn under way (its log line splits the time)
+        self._collected_at = 0.0  # wall time the batch under way was handed over by the consumer
         # learner snapshots: what an updater on a lost disk restores from (consumers/restore.py)
         self.snapshots = SnapshotWriter(settings, self.metrics)
         self._snapshot_requested = False
@@ -596,7 +649,7 @@ class Updater:
                     [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
                 )
             while not stop:
-                turn = _Turn()
+                turn = self._turn = _Turn()
                 if not s.use_consumer_group:
                     self._assign_partitions()
                 # behind a backlog, no collections inside a batch (its objects die by reference
@@ -604,6 +657,7 @@ class Updater:
                 pause = s.pause_gc and busy
                 with gc_control.paused() if pause else contextlib.nullcontext():
                     msgs = self._collect(stop)
+                    self._collected_at = time.time()
                     turn.mark("collect")
                     if msgs:
                         self.process(msgs)
@@ -679,6 +733,13 @@ class Updater:
                 self._snapshot_requested = True
             else:
                 log.warning("ignoring unknown control message %r", (m.value() or b"")[:200])
+
+    def _on_commit(self, info: Any) -> None:
+        """The store's hook: the model log's publisher, timed for the loop turn's log line."""
+        t, c = time.perf_counter(), time.thread_time()
+        self.publisher.committed(info)
+        self._turn.add("publish", time.perf_counter() - t)
+        self._turn.add("publish_cpu", time.thread_time() - c)
 
     def _commit(self, write: Write) -> None:
         """Every store commit of this process, in the order the loop makes them: one place for
@@ -935,8 +996,20 @@ class Updater:
         if dec.rejects:
             self._dead_letter(msgs, dec.rejects)
         t1 = time.perf_counter()
+        inner = self._turn.inner
+        published, published_cpu = inner.get("publish", 0.0), inner.get("publish_cpu", 0.0)
+        c1 = time.thread_time()
         self._commit(CommitBatch(att.delta, nxt, batch.times))
         t2 = time.perf_counter()
+        self._turn.add("learn", t1 - t0)
+        self._turn.add("store_kb", self.store.last_write_bytes / 1e6)  # logged x1e3: kB
+        self._turn.add("db_write", self.store.last_write_seconds[0])  # of which RocksDB's write
+        self._turn.add("db_write_cpu", self.store.last_write_seconds[1])
+        self.metrics.store_bytes.inc(self.store.last_write_bytes)
+        self._turn.add("store", t2 - t1 - (inner.get("publish", 0.0) - published))
+        self._turn.add(
+            "store_cpu", time.thread_time() - c1 - (inner.get("publish_cpu", 0.0) - published_cpu)
+        )
         self.offsets.update(nxt)
         self.consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True
@@ -950,6 +1023,8 @@ class Updater:
             m.applied.labels(etype).inc(dec.types.count(etype))
         if len(batch):
             observe_many(m.event_age, time.time() - batch.times)
+            if self._collected_at:
+                observe_many(m.event_fetch_age, self._collected_at - batch.times)
         m.last_commit.set(time.time())
         self._publish_gauges()
         if self.restored is not None and not self.restored.done:

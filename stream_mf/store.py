@@ -226,6 +226,8 @@ class StateStore:
         self.write_opt.sync = sync
         # called after each durable commit (the updater publishes the model log from it)
         self.on_commit: Callable[[CommitInfo], None] | None = None
+        self.last_write_bytes = 0  # the size of the last write batch (the updater's metrics)
+        self.last_write_seconds = (0.0, 0.0)  # its RocksDB write: wall, this thread's CPU
         self._format_current = False  # checked (and a format-1 store marked) at a first commit
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
@@ -789,10 +791,13 @@ class StateStore:
             wb.put(offset_key(topic, part), I64.pack(nxt), self.h["offsets"])
 
     def _write(self, wb: rd.WriteBatch) -> None:
+        self.last_write_bytes = wb.size_in_bytes()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             self.db.write(wb, self.write_opt)
         except Exception as exc:  # rocksdict raises bare Exception
             raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
+        self.last_write_seconds = (time.perf_counter() - t, time.thread_time() - c)
 
     def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
         """A sample of the batch's event times, so readers can tell how fresh what they serve is."""

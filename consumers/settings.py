@@ -76,6 +76,11 @@ class TopicSettings(BaseModel):
     requests: str = "rec-requests"
     responses: str = "rec-responses"
     model: str = "model"
+    model_snapshots: str = Field(
+        default="model-snapshots",
+        description="periodic snapshots of the model log (compacted, 1 partition): off the "
+        "`model` topic that query processes tail, so its commits never queue behind them",
+    )
     learner: str = Field(
         default="",
         description="learner snapshots (compacted, 1 partition); empty: `<interactions>.learner`, "

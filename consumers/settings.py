@@ -77,9 +77,10 @@ class TopicSettings(BaseModel):
     responses: str = "rec-responses"
     model: str = "model"
     model_snapshots: str = Field(
-        default="model-snapshots",
-        description="periodic snapshots of the model log (compacted, 1 partition): off the "
-        "`model` topic that query processes tail, so its commits never queue behind them",
+        default="",
+        description="periodic snapshots of the model log (compacted, 1 partition), off the "
+        "topic query processes tail, so its commits never queue behind them; empty: "
+        "`<model>-snapshots` (one per model log: two models' rows would share keys)",
     )
     learner: str = Field(
         default="",
@@ -91,6 +92,8 @@ class TopicSettings(BaseModel):
     def _learner_beside_interactions(self) -> TopicSettings:
         if not self.learner:
             object.__setattr__(self, "learner", f"{self.interactions}.learner")
+        if not self.model_snapshots:
+            object.__setattr__(self, "model_snapshots", f"{self.model}-snapshots")
         return self
 
 

@@ -800,7 +800,6 @@ def read_snapshot(
     reader: ModelReader,
     marker: Marker,
     stop: threading.Event | None = None,
-    on_record: Callable[[], None] | None = None,
 ) -> str:
     """Feed `reader` the snapshot a marker names on the snapshot topic, from its BEGIN to its
     own end marker and nothing after it (a later snapshot may be under way there). Returns ""
@@ -819,8 +818,6 @@ def read_snapshot(
             for m in msgs:
                 if m.error() is not None:
                     continue
-                if on_record is not None:
-                    on_record()
                 if first and (m.offset() != begin or m.key() != BEGIN_KEY):
                     # compacted or deleted: the updater's next snapshot will be named
                     return f"no snapshot at {topic!r} offset {begin} (found {m.offset()})"

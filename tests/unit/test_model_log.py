@@ -333,6 +333,18 @@ def test_a_snapshot_on_its_own_topic_then_the_tail_converges_to_the_model() -> N
     assert_reader_equals(materialise(log), st)
 
 
+def test_a_marker_from_before_the_snapshot_topic_still_reads() -> None:
+    """Markers of older logs have no `snap_topic` / `snap_begin`: a reader starts at `snap`
+    on the model topic, as it did."""
+    import orjson
+
+    old = {"seq": 3, "gen": 0, "version": 1, "events": 9, "clock": 1.0, "n_users": 2,
+           "n_items": 2, "offsets": {}, "snapshot": False, "snap": 7, "pending_items": 0,
+           "count": 0, "times": [], "at": 0.0}  # fmt: skip
+    m = Marker.decode(orjson.dumps(old))
+    assert m.snap == 7 and m.snap_topic is None and m.snap_begin is None
+
+
 def test_compact_ids_and_seen_items_find_every_row() -> None:
     """The replica's id map (a sorted hash array plus a dict of the latest) and seen-item
     store (one array, compacted) against a plain dict and list."""

@@ -267,6 +267,10 @@ class ModelLogPublisher:
             self.snap_offset = marker.snap
             self.snap_side = marker.snap_begin if marker.snap_topic == self.snap_topic else None
             self.snapshot_at = time.time()
+            # the size of the log since that snapshot is not known here: the next periodic
+            # one is due once `model_log_snapshot_min_seconds` passed (0 meant never, so a
+            # restarted updater's readers started ever further back)
+            self.snapshot_bytes = 1
             self.n_published_items = marker.n_items
             log.info("the model log is up to date with the store (commit %d)", self.seq)
         elif self.seq > 0:

@@ -200,6 +200,7 @@ class Tracer:
         self.c.assign([TopicPartition(topic, 0, OFFSET_END)])
         self.rows: list[tuple[float, float, float, float, int, bool]] = []
         self.snaps: list[float] = []
+        self.named: int | None = None  # the periodic snapshot the last marker named
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
 
@@ -212,8 +213,11 @@ class Tracer:
                     continue
                 now = time.time()
                 mk = Marker.decode(m.value() or b"")
-                if mk.snapshot:
+                # a snapshot on the model topic ends with a snapshot marker; a periodic one (on
+                # the snapshot topic) is named by the first marker with its `snap_begin`
+                if mk.snapshot or (mk.snap_begin is not None and mk.snap_begin != self.named):
                     self.snaps.append(mk.at)
+                self.named = mk.snap_begin if mk.snap_begin is not None else self.named
                 if mk.times and mk.count:
                     t = np.asarray(mk.times)
                     self.rows.append((float(t.min()), float(t.max()), mk.at, now, mk.count,

@@ -33,6 +33,7 @@ from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from consumers.topics import create_topics
 from stream_mf.model_log import (
+    BEGIN_KEY,
     CONFIG_KEY,
     MARKER_KEY,
     LogFormatError,
@@ -45,7 +46,6 @@ from stream_mf.model_log import (
     item_key,
     item_records,
     sample_times,
-    slice_record,
     snapshot_records,
     trans_key,
     transition_records,
@@ -185,6 +185,11 @@ class ModelLogPublisher:
                 "queue.buffering.max.messages": 2_000_000,
             },
         )
+        # periodic snapshots: a topic and a producer of their own (`_snapshot_slice`)
+        self.snap_topic = settings.topics.model_snapshots
+        self.side: Any = None
+        self.snap_side: int | None = None  # the latest snapshot's BEGIN there, if it is there
+        self.side_gens: set[int] = set()  # generations with rows there (tombstoned at a swap)
         self.seen: SeenIndex | None = None
         self.gen = store.generation()
         self.offsets: dict[str, int] = {f"{t}/{p}": o for (t, p), o in store.offsets().items()}
@@ -236,6 +241,7 @@ class ModelLogPublisher:
 
     def _look(self) -> None:
         ensure_topic(self.settings.kafka, self.topic)
+        ensure_topic(self.settings.kafka, self.snap_topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
             self._found = find_last_marker(c, self.topic)[0]
@@ -263,7 +269,12 @@ class ModelLogPublisher:
         ):
             self.need_snapshot = False
             self.snap_offset = marker.snap
+            self.snap_side = marker.snap_begin if marker.snap_topic == self.snap_topic else None
             self.snapshot_at = time.time()
+            # the size of the log since that snapshot is not known here: the next periodic
+            # one is due once `model_log_snapshot_min_seconds` passed (0 meant never, so a
+            # restarted updater's readers started ever further back)
+            self.snapshot_bytes = 1
             self.n_published_items = marker.n_items
             log.info("the model log is up to date with the store (commit %d)", self.seq)
         elif self.seq > 0:
@@ -343,6 +354,8 @@ class ModelLogPublisher:
     def tick(self, state: ModelState) -> None:
         """Between batches: deliveries, coalesced item rows when due, a snapshot when due."""
         self.producer.poll(0)
+        if self.side is not None:
+            self.side.poll(0)
         self.last_state = state
         try:
             if not self._looked() or self.seq == 0:
@@ -376,17 +389,25 @@ class ModelLogPublisher:
             log.warning("a model log record was not delivered: %s", err)
 
     def _produce(
-        self, key: bytes, value: bytes | None, cb: Callable[..., None] | None = None
+        self,
+        key: bytes,
+        value: bytes | None,
+        cb: Callable[..., None] | None = None,
+        side: bool = False,
     ) -> None:
+        """One record on the model topic, or (`side`) on the snapshot topic, whose bytes do
+        not count towards the next periodic snapshot."""
         size = len(key) + (len(value) if value else 0)
+        producer, topic = (self.side, self.snap_topic) if side else (self.producer, self.topic)
         while True:
             try:
-                self.producer.produce(self.topic, value=value, key=key,
-                                      on_delivery=cb or self._delivered)  # fmt: skip
+                producer.produce(topic, value=value, key=key,
+                                 on_delivery=cb or self._delivered)  # fmt: skip
                 break
             except BufferError:  # the local queue is full (a snapshot): let deliveries drain
-                self.producer.poll(0.05)
-        self.bytes_since += size
+                producer.poll(0.05)
+        if not side:
+            self.bytes_since += size
         self._unreported[0] += size
         self._unreported[1] += 1
 
@@ -474,7 +495,13 @@ class ModelLogPublisher:
         self.pub_count[idx] = items.count[idx]
         self.pub_at[idx] = time.monotonic()
 
-    def _marker(self, state: ModelState, info: CommitInfo | None, snapshot: bool = False) -> None:
+    def _marker(
+        self,
+        state: ModelState,
+        info: CommitInfo | None,
+        snapshot: bool = False,
+        on_acked: Callable[[int], None] | None = None,
+    ) -> None:
         times = np.concatenate(self._times) if self._times else None
         count = self._count
         self._times, self._count = [], 0
@@ -484,6 +511,8 @@ class ModelLogPublisher:
             events=state.events_applied, clock=float(state.clock[0]), n_users=state.users.n,
             n_items=min(state.items.n, self.n_published_items), offsets=dict(self.offsets),
             snapshot=snapshot, snap=self.snap_offset,
+            snap_topic=self.snap_topic if self.snap_side is not None else None,
+            snap_begin=self.snap_side,
             pending_items=self._pending(state.items.n),
             count=count,
             times=sample_times(times) if times is not None and times.size else [],
@@ -504,6 +533,8 @@ class ModelLogPublisher:
                 self.need_snapshot = True
             if err is None and self.metrics is not None:
                 self.metrics.model_log_publish_lag.observe(time.time() - committed_at)
+            if err is None and on_acked is not None:
+                on_acked(kafka_io.position(msg)[1])
 
         self._produce(MARKER_KEY, m.encode(), acked)
 
@@ -540,7 +571,7 @@ class ModelLogPublisher:
         self._published(state.items, np.arange(state.items.n))
         self.n_published_items = state.items.n
         self.next_items = time.monotonic() + self.settings.model_log_item_seconds
-        self.snap_offset = got[0]
+        self.snap_offset, self.snap_side = got[0], None
         self._marker(state, info, snapshot=True)
         if replaced and self.gen > 0:
             # the replaced generation's rows: tombstones, so compaction drops them (readers
@@ -552,6 +583,7 @@ class ModelLogPublisher:
             for i in filled_rows(state.transitions.succ, state.items.n).tolist():
                 self._produce(trans_key(self.gen - 1, i), None)
             self._marker(state, None)
+            self._tombstone_side(state)
         self.snapshot_bytes = self.bytes_since - before
         self.bytes_since = 0
         self.snapshot_at = time.time()
@@ -564,73 +596,150 @@ class ModelLogPublisher:
                  time.perf_counter() - t0)  # fmt: skip
 
     def _snapshot_slice(self, state: ModelState) -> None:
-        """The periodic snapshot, a slice per loop turn (between commits) instead of all at
-        once: at 100k users x 50k items a whole snapshot held the loop for about a second,
-        which every event of that second waited for (freshness p99). Each row goes out at its
-        current value; a row a later commit changes goes out again with that commit, after
-        its slice, so the last record of each row between the BEGIN and the snapshot marker is
-        its value at that marker, and a reader starting at the BEGIN has the whole model
-        there. Item rows stay marked dirty (their coalesced flushes go on as usual)."""
+        """The periodic snapshot, on the snapshot topic (`topics.model_snapshots`) by a
+        producer of its own, a slice per loop turn (between commits). On the model topic, its
+        slices (48 MB at 100k users x 50k items) were read through by every tailing reader
+        and queued every commit behind them: the freshness p99 was the snapshot's.
+
+        It begins with a marker on the model topic (the tail point) and a BEGIN record on the
+        snapshot topic; each row goes out at its value when its slice is taken; a marker with
+        `snapshot` true ends it there. Once that is acknowledged, a marker on the model topic
+        names it (`snap_topic`, `snap_begin`) and the tail point (`snap`). A reader applies the
+        snapshot, then every record from the tail point: rows are whole values, and a row a
+        commit changed after the tail point has its latest value in the tail (user rows go out
+        with every commit; item and transition rows stay marked, and their flushes go on as
+        usual), so the last value applied of each row is the one a reader tailing all along
+        holds; a row with nothing in the tail is at its snapshot value, which is the log's (or,
+        for an item row still marked, the store's newer one, sent in the tail later)."""
         ch = self.chunked
         if ch is None:
             self.want_snapshot = False
-            got: list[int] = []
+            if self.side is None:
+                self.side = self._side_producer()
+            ch = self.chunked = _Chunked(state.users.n, min(state.items.n,
+                                                            self.n_published_items))  # fmt: skip
+            ch.seq, ch.version, ch.events = self.seq, state.model_version, state.events_applied
+            ch.clock = float(state.clock[0])
+
+            def failed(err: KafkaError | None, _msg: Message) -> None:
+                if err is not None:
+                    ch.failed = str(err)
 
             def begun(err: KafkaError | None, msg: Message) -> None:
+                failed(err, msg)
                 if err is None:
-                    got.append(kafka_io.position(msg)[1])
-                else:
-                    self._delivered(err, msg)
+                    ch.begun.append(kafka_io.position(msg)[1])
 
-            n_users, n_items = state.users.n, min(state.items.n, self.n_published_items)
-            before = self.bytes_since
-            self._produce(*begin_record(self.seq, self.gen, n_users, n_items), begun)
-            self._produce(CONFIG_KEY, state.config.model_dump_json().encode())
-            ch = self.chunked = _Chunked(got, n_users, n_items, self.bytes_since - before)
+            ch.on_failed = failed
+            self._marker(state, None, on_acked=ch.tail.append)  # before every later commit
+            self._produce(*begin_record(self.seq, self.gen, ch.n_users, ch.n_items), begun,
+                          side=True)  # fmt: skip
+            self._produce(CONFIG_KEY, state.config.model_dump_json().encode(), failed,
+                          side=True)  # fmt: skip
+            self.side_gens.add(self.gen)
             return
-        assert self.seen is not None
-        end = time.perf_counter() + SNAPSHOT_SLICE_S
-        t = state.transitions
-        while time.perf_counter() < end and not ch.done:
-            before = self.bytes_since
-            if ch.user < ch.n_users:
-                lo = ch.user
-                hi = ch.user = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_users)
-                records = list(
-                    user_records(state.users, self.gen, self.seen, range(lo, hi), last=t.last)
-                )
-            elif ch.item < ch.n_items:
-                lo = ch.item
-                hi = ch.item = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
-                records = list(item_records(state.items, self.gen, range(lo, hi)))
-            else:  # transition rows that hold any (the others were never sent)
-                lo = ch.trans
-                hi = ch.trans = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
-                rows = lo + filled_rows(t.succ[lo:hi], hi - lo)
-                records = list(transition_records(t.succ, t.logw, self.gen, rows.tolist()))
-            self._produce(*slice_record(len(records)))  # readers serving this model skip them
-            for k, v in records:
-                self._produce(k, v)
-            ch.bytes += self.bytes_since - before
         if not ch.done:
+            self._slices(state, ch)
             return
-        if not ch.begun:
-            self.producer.flush(SNAPSHOT_RETRY_S)
+        if not ch.ended:
+
+            def ended(err: KafkaError | None, msg: Message) -> None:
+                ch.on_failed(err, msg)
+                if err is None:
+                    ch.end.append(kafka_io.position(msg)[1])
+
+            end = Marker(
+                seq=ch.seq, gen=self.gen, version=ch.version, events=ch.events, clock=ch.clock,
+                n_users=ch.n_users, n_items=ch.n_items, offsets=dict(self.offsets),
+                snapshot=True, at=time.time(),
+            )  # fmt: skip
+            self._produce(MARKER_KEY, end.encode(), ended, side=True)
+            ch.ended = time.monotonic()
+            return
+        if ch.failed or time.monotonic() - ch.ended > SIDE_ACK_S:
+            # the model topic lost nothing: its last snapshot stays the one to start from
+            log.warning("a periodic model log snapshot was not taken (%s): trying again in "
+                        "%.0f s", ch.failed or "not acknowledged",
+                        self.settings.model_log_snapshot_min_seconds)  # fmt: skip
+            self.chunked = None
+            self.snapshot_at = time.time()
+            self._count_error()
+            return
+        if not (ch.begun and ch.tail and ch.end):
+            return  # acknowledgements under way
         self.chunked = None
-        if not ch.begun:  # the BEGIN record was not taken: the blocking path takes over
-            self.need_snapshot = True
-            raise RuntimeError("the broker did not acknowledge a snapshot's first record")
-        self.snap_offset = ch.begun[0]
-        self._marker(state, None, snapshot=True)
+        self.snap_offset, self.snap_side = ch.tail[0], ch.begun[0]
+        self._marker(state, None)  # names it: starting readers begin there from now on
         self.snapshot_bytes = ch.bytes
         self.bytes_since = 0
         self.snapshot_at = time.time()
         if self.metrics is not None:
             self.metrics.model_log_snapshot_bytes.set(self.snapshot_bytes)
             self.metrics.model_log_snapshot_time.set(self.snapshot_at)
-        log.info("model log snapshot (in slices): generation %d, %d users, %d items, %.1f MB "
-                 "over %.2f s", self.gen, ch.n_users, ch.n_items, ch.bytes / 1e6,
+        log.info("model log snapshot (on %r at %d, tail from %d): generation %d, %d users, "
+                 "%d items, %.1f MB over %.2f s", self.snap_topic, ch.begun[0], ch.tail[0],
+                 self.gen, ch.n_users, ch.n_items, ch.bytes / 1e6,
                  time.monotonic() - ch.started)  # fmt: skip
+
+    def _slices(self, state: ModelState, ch: _Chunked) -> None:
+        """Rows of the periodic snapshot for at most `SNAPSHOT_SLICE_S` (users, items, then
+        transition rows that hold any), each at its value now."""
+        assert self.seen is not None
+        end = time.perf_counter() + SNAPSHOT_SLICE_S
+        t = state.transitions
+        cb = ch.on_failed
+        while time.perf_counter() < end and not ch.done:
+            if ch.user < ch.n_users:
+                lo = ch.user
+                hi = ch.user = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_users)
+                records = user_records(state.users, self.gen, self.seen, range(lo, hi),
+                                       last=t.last)  # fmt: skip
+            elif ch.item < ch.n_items:
+                lo = ch.item
+                hi = ch.item = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
+                records = item_records(state.items, self.gen, range(lo, hi))
+            else:
+                lo = ch.trans
+                hi = ch.trans = min(lo + SNAPSHOT_SLICE_ROWS, ch.n_items)
+                rows = lo + filled_rows(t.succ[lo:hi], hi - lo)
+                records = transition_records(t.succ, t.logw, self.gen, rows.tolist())
+            for k, v in records:
+                self._produce(k, v, cb, side=True)
+                ch.bytes += len(k) + len(v)
+
+    def _side_producer(self) -> Any:
+        s = self.settings
+        return kafka_io.producer(
+            s.kafka,
+            None,
+            # order is the format here too (BEGIN first, the marker last); see __init__
+            **{
+                "enable.idempotence": False,
+                "max.in.flight.requests.per.connection": 1,
+                "linger.ms": 20,
+                "compression.type": s.model_log_compression,
+                "queue.buffering.max.messages": 2_000_000,
+            },
+        )
+
+    def _tombstone_side(self, state: ModelState) -> None:
+        """Tombstones on the snapshot topic for the rows a replaced generation has there."""
+        old = sorted(g for g in self.side_gens if g != self.gen)
+        if not old or self.side is None:
+            return
+        cb = self._side_delivered
+        for g in old:
+            for u in range(state.users.n):
+                self._produce(user_key(g, u), None, cb, side=True)
+            for i in range(state.items.n):
+                self._produce(item_key(g, i), None, cb, side=True)
+                self._produce(trans_key(g, i), None, cb, side=True)
+            self.side_gens.discard(g)
+
+    @staticmethod
+    def _side_delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:  # a row compaction keeps a while longer; nothing reads it
+            log.debug("a tombstone on the model snapshot topic was not delivered: %s", err)
 
     def close(self) -> None:
         ok = self._started and not self.need_snapshot and not self.failed
@@ -641,6 +750,8 @@ class ModelLogPublisher:
             except (KafkaException, BufferError) as exc:
                 log.warning("could not flush the model log's item rows: %s", exc)
         self._report()
+        if self.side is not None:  # a snapshot under way is not named by any marker: dropped
+            kafka_io.close_producer(self.side, 5.0)
         left = kafka_io.close_producer(self.producer, 10.0)
         if left:
             log.warning("%d model log record(s) not delivered at stop: the next start "
@@ -651,18 +762,30 @@ class ModelLogPublisher:
 #: long per loop turn (a turn then costs the freshness of its events at most this much more)
 SNAPSHOT_SLICE_S = 0.01
 SNAPSHOT_SLICE_ROWS = 256
+#: a periodic snapshot whose records are not all acknowledged this long after its last one
+#: was handed over is given up (and tried again later)
+SIDE_ACK_S = 60.0
 
 
 class _Chunked:
     """A periodic snapshot under way: rows below `n_users` / `n_items` as of its BEGIN, the
-    next of each to send (users, items, then transition rows), and the BEGIN record's offset
-    once acknowledged."""
+    next of each to send (users, items, then transition rows), the commit it began at, and the
+    offsets acknowledged: its tail point on the model topic, its BEGIN and its end marker on the
+    snapshot topic."""
 
-    def __init__(self, begun: list[int], n_users: int, n_items: int, nbytes: int) -> None:
-        self.begun, self.n_users, self.n_items = begun, n_users, n_items
+    def __init__(self, n_users: int, n_items: int) -> None:
+        self.n_users, self.n_items = n_users, n_items
         self.user = self.item = self.trans = 0
-        self.bytes = nbytes
+        self.bytes = 0
         self.started = time.monotonic()
+        self.seq = self.version = self.events = 0
+        self.clock = 0.0
+        self.tail: list[int] = []
+        self.begun: list[int] = []
+        self.end: list[int] = []
+        self.ended = 0.0  # when its end marker was handed over
+        self.failed = ""  # why a record of it was not delivered
+        self.on_failed: Callable[[KafkaError | None, Message], None] = lambda _e, _m: None
 
     @property
     def done(self) -> bool:
@@ -683,6 +806,52 @@ def _trim() -> None:
 
 
 # ---- the query side -------------------------------------------------------------------------
+
+
+def read_snapshot(
+    c: Any,
+    reader: ModelReader,
+    marker: Marker,
+    stop: threading.Event | None = None,
+) -> str:
+    """Feed `reader` the snapshot a marker names on the snapshot topic, from its BEGIN to its
+    own end marker and nothing after it (a later snapshot may be under way there). Returns ""
+    once the reader serves it, else why not (the caller looks for the log's end again)."""
+    topic, begin = marker.snap_topic, marker.snap_begin
+    if topic is None or begin is None:
+        return "the marker names no snapshot topic"
+    c.assign([TopicPartition(topic, PARTITION, begin)])
+    quiet_until = time.monotonic() + FIRST_FETCH_S
+    first = True
+    try:
+        while time.monotonic() < quiet_until and not (stop is not None and stop.is_set()):
+            msgs = kafka_io.drain(c, 5000, 0.1)
+            if msgs:
+                quiet_until = time.monotonic() + FIRST_FETCH_S
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                if first and (m.offset() != begin or m.key() != BEGIN_KEY):
+                    # compacted or deleted: the updater's next snapshot will be named
+                    return f"no snapshot at {topic!r} offset {begin} (found {m.offset()})"
+                first = False
+                if reader.skips_next():
+                    continue
+                try:
+                    rec = decode(m.key(), m.value())
+                except LogFormatError as exc:
+                    reader.skipped += 1
+                    log.warning("skipping model snapshot record at %s offset %d: %s", topic,
+                                m.offset(), exc)  # fmt: skip
+                    continue
+                reader.feed(rec)
+                if rec.kind == "marker" and rec.value.snapshot:
+                    if reader.live is None or reader.building is not None:
+                        return f"the snapshot at {topic!r} offset {begin} is incomplete"
+                    return ""
+        return f"the snapshot at {topic!r} offset {begin} ended early"
+    finally:
+        c.unassign()
 
 
 class ModelFollower:
@@ -709,6 +878,7 @@ class ModelFollower:
         self.skipped = 0
         self.first_offset: int | None = None  # the first offset read (tests: never below snap)
         self.snap: int | None = None
+        self.snap_from = ""  # where the snapshot was read, when on the snapshot topic
         self.waiting = ""
         self._stop = threading.Event()
         self.consumer = kafka_io.consumer(
@@ -747,25 +917,43 @@ class ModelFollower:
             f"{self.target}): retry shortly"
         )
 
-    def _locate(self) -> int:
-        """The offset to start at: the latest snapshot the last marker names."""
+    def _start(self) -> int:
+        """The offset on the model topic to read on from: the latest snapshot the last marker
+        names, or, when that one is on the snapshot topic, its tail point once it is read."""
+        while not self._stop.is_set():
+            marker = self._locate()
+            if marker is None or marker.snap is None:
+                break
+            if marker.snap_topic is None:  # on the model topic (a swap's, the first; old logs)
+                return marker.snap
+            why = read_snapshot(self.consumer, self.reader, marker, self._stop)
+            if not why:
+                self.snap_from = f"; the snapshot from {marker.snap_topic!r} at {marker.snap_begin}"
+                return marker.snap
+            log.warning("%s: looking for the model log's end again", why)
+            self.reader = ModelReader()
+            self._stop.wait(0.5)
+        return 0
+
+    def _locate(self) -> Marker | None:
+        """The log's last marker, once it names a snapshot (None: stopped)."""
         while not self._stop.is_set():
             marker, end = find_last_marker(self.consumer, self.topic)
             if marker is not None and marker.snap is not None:
                 self.target, self.snap = end, marker.snap
                 self.waiting = ""
-                return marker.snap
+                return marker
             why = "holds no snapshot yet" if end == 0 or marker is None else "has no snapshot"
             if why != self.waiting:
                 log.info("waiting for the model log %r: it %s; start the updater (it "
                          "publishes the model)", self.topic, why)  # fmt: skip
                 self.waiting = why
             self._stop.wait(0.5)
-        return 0
+        return None
 
     def _run(self) -> None:
         try:
-            start = self._locate()
+            start = self._start()
             if self._stop.is_set():
                 return
             self.consumer.assign([TopicPartition(self.topic, PARTITION, start)])
@@ -822,10 +1010,10 @@ class ModelFollower:
             self.ready.set()
             served = self.reader.served
             log.info("model caught up in %.2f s: commit %d, generation %d, %d users, %d items; "
-                     "read from offset %s (the latest snapshot, at %s) to %d",
+                     "read from offset %s (the latest snapshot, at %s) to %d%s",
                      self.catch_up_seconds, served.marker.seq, served.marker.gen,
                      served.marker.n_users, served.marker.n_items, self.first_offset, self.snap,
-                     self.position)  # fmt: skip
+                     self.position, self.snap_from)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.model_log_catch_up.set(self.catch_up_seconds)
             _trim()  # hand back what reading the snapshot used (a snapshot's bytes)
@@ -851,13 +1039,18 @@ class ModelFollower:
 
 def read_model(kafka: KafkaSettings, topic: str, settle: float = 1.0) -> tuple[ModelReader, int]:
     """A fresh reader materialised from the log as it is now (tests, benches, tools): from the
-    snapshot the last marker names to the end. Returns it and the first offset it read."""
+    snapshot the last marker names (on the snapshot topic, if it names one) to the end. Returns
+    it and the first offset it read on the model topic."""
     c = kafka_io.consumer(kafka, f"read-model-{uuid.uuid4().hex[:8]}")
     reader = ModelReader()
     try:
         marker, end = find_last_marker(c, topic)
         if marker is None or marker.snap is None:
             return reader, -1
+        if marker.snap_topic is not None:
+            why = read_snapshot(c, reader, marker)
+            if why:
+                raise RuntimeError(f"cannot read the model log's latest snapshot: {why}")
         first = -1
         c.assign([TopicPartition(topic, PARTITION, marker.snap)])
         quiet_until = time.monotonic() + FIRST_FETCH_S

@@ -76,6 +76,12 @@ class TopicSettings(BaseModel):
     requests: str = "rec-requests"
     responses: str = "rec-responses"
     model: str = "model"
+    model_snapshots: str = Field(
+        default="",
+        description="periodic snapshots of the model log (compacted, 1 partition), off the "
+        "topic query processes tail, so its commits never queue behind them; empty: "
+        "`<model>-snapshots` (one per model log: two models' rows would share keys)",
+    )
     learner: str = Field(
         default="",
         description="learner snapshots (compacted, 1 partition); empty: `<interactions>.learner`, "
@@ -86,6 +92,8 @@ class TopicSettings(BaseModel):
     def _learner_beside_interactions(self) -> TopicSettings:
         if not self.learner:
             object.__setattr__(self, "learner", f"{self.interactions}.learner")
+        if not self.model_snapshots:
+            object.__setattr__(self, "model_snapshots", f"{self.model}-snapshots")
         return self
 
 

@@ -25,11 +25,13 @@ record applied twice is harmless:
   a row key with no value   a tombstone: the row's generation was replaced
 
 A snapshot is B, C, then every row of the live generation, then a marker with `snapshot` true.
-A periodic snapshot goes out in slices (S and its rows) with commits in between; a reader that
-already serves that generation skips the slices' rows undecoded (it has every row they hold:
-user rows go out with every commit, item rows with their coalesced flushes).
-Every marker names the offset of the latest complete snapshot's B record (`snap`): a reader
-reads the last marker, seeks there, and never reads anything older.
+The updater's periodic snapshots go to a topic of their own (same records, no commits between
+them), so the commits that readers tail never queue behind them; every marker names where a
+starting reader begins: the latest complete snapshot's B record on this topic (`snap`), or, for
+one on the snapshot topic (`snap_topic`, B at `snap_begin`), the offset on this topic to tail
+from after reading it (`snap`). A reader never reads anything older. Older logs carried
+periodic snapshots here in slices (S and its rows) with commits in between; a reader that
+already serves that generation skips the slices' rows undecoded.
 """
 
 from __future__ import annotations
@@ -213,7 +215,11 @@ class Marker:
     n_items: int
     offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> next offset
     snapshot: bool = False  # this marker closes a snapshot
-    snap: int | None = None  # offset of the latest complete snapshot's BEGIN record
+    # where a starting reader begins on this topic: the latest complete snapshot's BEGIN
+    # record, or (a periodic snapshot on a topic of its own) the point to tail from after it
+    snap: int | None = None
+    snap_topic: str | None = None  # that snapshot's topic, when not this one
+    snap_begin: int | None = None  # the offset of its BEGIN record there
     pending_items: int = 0  # item and transition rows changed in the store, not yet in the log
     count: int = 0  # events in this commit
     times: list[float] = field(default_factory=list)  # a sample of their event times

@@ -34,6 +34,7 @@ def make_topics(
         responses=f"rec-responses-{s}",
         control=f"stream-mf-control-{s}",
         model=f"model-{s}",
+        model_snapshots=f"model-{s}-snapshots",
         learner=f"learner-{s}",
     )
     create_topics(
@@ -52,6 +53,7 @@ def topic_env(t: TopicSettings) -> dict[str, str]:
         "STREAM_MF_TOPICS__RESPONSES": t.responses,
         "STREAM_MF_TOPICS__CONTROL": t.control,
         "STREAM_MF_TOPICS__MODEL": t.model,
+        "STREAM_MF_TOPICS__MODEL_SNAPSHOTS": t.model_snapshots,
         "STREAM_MF_TOPICS__LEARNER": t.learner,
         "STREAM_MF_SESSION_TIMEOUT_MS": "6000",
     }

@@ -201,3 +201,52 @@ def test_a_restarted_reader_starts_at_the_latest_snapshot(cluster: Cluster) -> N
                                     cluster.topics.model)  # fmt: skip
     assert reader.live is not None and first_read in begins
     assert first_read >= snap
+
+
+def test_periodic_snapshots_go_to_their_own_topic_and_readers_start_there(
+    cluster: Cluster,
+) -> None:
+    """Periodic snapshots go to the snapshot topic, never to the model topic a replica tails
+    (it holds one snapshot, the first); a reader started later reads the latest one there,
+    then the model topic from its tail point, nothing older; and a fresh reader from there
+    equals the store, bit for bit."""
+    from tests.reliability.harness import log_model_mismatches
+
+    env = {"STREAM_MF_MODEL_LOG_SNAPSHOT_RATIO": "0.01",
+           "STREAM_MF_MODEL_LOG_SNAPSHOT_MIN_SECONDS": "1"}  # fmt: skip
+    topics = cluster.topics
+    kafka = KafkaSettings(bootstrap_servers=cluster.kafka)
+    up = cluster.start("updater", "updater", "--max-batch-seconds", "0.05", env=env)
+    tailing = cluster.start("query", "query-1")
+    with LiveStream(cluster.kafka, topics.interactions, rate=500):
+        wait_until(lambda: up.log_tail(200_000).count("model log snapshot (on") >= 2, 60,
+                   what="two periodic snapshots")  # fmt: skip
+        q = cluster.start("query", "query-2")
+        wait_until(lambda: "model caught up" in q.log_tail(100_000), 60, what="caught up")
+        time.sleep(1.0)
+    line = next(s for s in q.log_tail(100_000).splitlines() if "model caught up" in s)
+    side = re.escape(topics.model_snapshots)
+    got = re.search(r"read from offset (\d+) \(the latest snapshot, at (\d+)\) to \d+; "
+                    rf"the snapshot from '{side}' at (\d+)", line)  # fmt: skip
+    assert got is not None, line
+    first, snap = int(got.group(1)), int(got.group(2))
+    assert first == snap > 0, line  # nothing older than the snapshot's tail point was read
+    assert len(_snapshot_begins(cluster.kafka, topics.model)) == 1  # the first one only
+    assert len(_snapshot_begins(cluster.kafka, topics.model_snapshots)) >= 2
+    for name in ("query-1", "query-2"):
+        m = scrape(cluster.url(name))
+        assert metric_sum(m, "stream_mf_model_log_skipped_total") == 0
+        assert metric_sum(m, "stream_mf_model_log_applied_commit") > 0
+    # a fresh reader equals the store (once coalesced item rows had their time to go out)
+    end = time.monotonic() + 40
+    mismatches = ["not compared"]
+    while mismatches and time.monotonic() < end:
+        time.sleep(2.5)
+        sec = cluster.work / f"sec-{time.monotonic_ns()}"
+        mismatches = log_model_mismatches(cluster.kafka, topics.model, cluster.state, sec)
+    assert not mismatches, mismatches
+    reader, first_read = read_model(kafka, topics.model)
+    marker = reader.last_marker
+    assert marker is not None and marker.snap_topic == topics.model_snapshots
+    assert first_read == marker.snap
+    assert "Traceback" not in tailing.log_tail(200_000) + q.log_tail(200_000)

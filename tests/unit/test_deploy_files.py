@@ -241,6 +241,11 @@ def test_topic_init_creates_every_topic(compose: dict[str, Any]) -> None:
         assert re.search(rf"(?<![\w.-]){re.escape(topic)}(?![\w-])", script), topic
     # the model log: one partition, compacted
     assert re.search(r"--topic model --partitions 1 .*cleanup\.policy=compact", script), script
+    # its periodic snapshots: one partition, compacted
+    assert t.model_snapshots == "model-snapshots"
+    assert re.search(
+        r"--topic model-snapshots --partitions 1 .*\n.*cleanup\.policy=compact", script
+    ), script
     assert re.fullmatch(r"\$\{PARTITIONS:-\d+\}", str(svc["environment"]["PARTITIONS"]))
     assert svc.get("restart", "no") == "no"
 

@@ -11,6 +11,7 @@ share the requests as one consumer group.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from consumers import kafka_io
 from consumers.gc_control import freeze_startup
-from consumers.metrics import QueryMetrics, observe_many, serve_metrics
+from consumers.metrics import PartsCollector, QueryMetrics, observe_many, serve_metrics
 from consumers.model_log import ModelFollower
 from consumers.reply_delay import ReplyDelay
 from consumers.settings import QuerySettings
@@ -136,6 +137,23 @@ def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
         pass
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def malloc_state() -> dict[str, int]:
+    """glibc's heap over every arena (`mallinfo2`): bytes in use, free but kept (freed
+    memory the process still holds: fragmentation), and in mmapped chunks; {} elsewhere."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _MallInfo2
+    mi = fn()
+    return {"malloc_in_use": mi.uordblks, "malloc_free": mi.fordblks, "malloc_mmapped": mi.hblkhd}
+
+
 class QueryService:
     def __init__(self, settings: QuerySettings, registry: CollectorRegistry | None = None):
         limit_malloc_arenas()  # before the follower's and librdkafka's threads
@@ -143,12 +161,30 @@ class QueryService:
         self.registry = registry or CollectorRegistry()
         self.metrics = QueryMetrics(self.registry)
         self.follower = ModelFollower(settings, self.metrics, self._applied)
+        self.registry.register(
+            PartsCollector(
+                "stream_mf_replica_memory_bytes",
+                "What the process holds, by part: the served model's arrays, ids and seen "
+                "items, records waiting for their marker, and glibc's heap (in use, free, mmapped)",
+                self._memory,
+            )
+        )
         broker_error = self.metrics.errors.labels("broker").inc
         self.consumer = request_consumer(settings, on_error=broker_error)
         self.producer = reply_producer(settings, on_error=broker_error)
         self.metrics_port: int | None = None
         self._warm = False
         self.reply_delay = ReplyDelay()
+
+    def _memory(self) -> dict[str, float]:
+        reader = self.follower.reader
+        out: dict[str, float] = {}
+        live = reader.live
+        if live is not None:
+            out.update(live.memory())
+        out["pending_records"] = len(reader.pending)
+        out.update(malloc_state())
+        return out
 
     def _applied(self, markers: list[Marker], took: float) -> None:
         """On the follower thread, after a run of commits became servable."""

@@ -697,6 +697,33 @@ class ServingModel:
         trans = self.succ.nbytes + self.logw.nbytes + self.user_last.nbytes
         return arrays + trans + self.seen.nbytes()
 
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part (the replica's memory metric): the rows' arrays (`rows`: the
+        first n of each, what the model is; `spare`: capacity beyond n), transitions, seen
+        items (live, and the garbage of replaced lists), ids and the per-row bookkeeping."""
+        out = dict.fromkeys(("rows", "spare", "transitions", "seen", "seen_garbage", "ids",
+                             "bookkeeping"), 0)  # fmt: skip
+        for t in (self.users, self.items):
+            for name in ("factors", "bias", "count", "last", "logpop"):
+                a = getattr(t, name)
+                used = a[: t.n].nbytes
+                out["rows"] += used
+                out["spare"] += a.nbytes - used
+            ids = t.ids
+            out["ids"] += ids.nbytes() if isinstance(ids, CompactIds) else 0
+        n_items = self.items.n
+        for a in (self.succ, self.logw):
+            out["transitions"] += a[:n_items].nbytes
+            out["spare"] += a.nbytes - a[:n_items].nbytes
+        out["transitions"] += self.user_last[: self.users.n].nbytes
+        out["spare"] += self.user_last.nbytes - self.user_last[: self.users.n].nbytes
+        live = self.seen.nbytes()
+        out["seen"] = live
+        out["seen_garbage"] = self.seen.items.nbytes - live
+        out["bookkeeping"] = (self.user_gen.nbytes + self.item_gen.nbytes + self.item_norms.nbytes
+                              + self.seen.start.nbytes + self.seen.count.nbytes)  # fmt: skip
+        return out
+
 
 def _reserve(table: EntityTable, n: int) -> None:
     """Room for `n` rows, growing by a quarter (`EntityTable.reserve` doubles: a replica would

@@ -125,6 +125,7 @@ HOLD_S = 30.0
 #: (a snapshot and a commit of every row): 216 MB anonymous memory with the default, 185 MB
 #: with 2 (a 1k-user model's process: 88 MB).
 MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 1 << 20
 
 
 def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
@@ -132,7 +133,9 @@ def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
     except (OSError, AttributeError):
         pass
 

@@ -38,6 +38,7 @@ from stream_mf.model_log import (
     LogFormatError,
     Marker,
     ModelReader,
+    PendingRows,
     SeenIndex,
     begin_record,
     decode,
@@ -819,6 +820,9 @@ class ModelFollower:
                      self.position)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.model_log_catch_up.set(self.catch_up_seconds)
+            # requests read the model from now on: a commit waiting for its marker stays
+            # decoded (decoding it under the model's lock would hold them up) unless a backlog
+            self.reader.pending.spill = PendingRows.SERVING_SPILL
             _trim()  # hand back what reading the snapshot used (a snapshot's bytes)
 
     def lag(self) -> int:

@@ -125,14 +125,19 @@ HOLD_S = 30.0
 #: (a snapshot and a commit of every row): 216 MB anonymous memory with the default, 185 MB
 #: with 2 (a 1k-user model's process: 88 MB).
 MALLOC_ARENAS = 2
+#: glibc's mmap threshold, fixed (M_MMAP_THRESHOLD): by default it rises to the size of any
+#: mmapped block freed (up to 32 MB), after which librdkafka's fetch buffers (Tansu answers a
+#: fetch with up to ~20 MB) and a catch-up's temporaries are carved from the heap and their
+#: freed space stays resident. Fixed, every block over 1 MB is its own mapping, given back
+#: when freed: 17 MB less anonymous memory after a 100k x 50k catch-up (165 vs 182 MB, 3 runs
+#: interleaved), catch-up time unchanged (2.5-2.7 s vs 2.4-2.8 s).
 MMAP_THRESHOLD = 1 << 20
 
 
 def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
-    """Cap glibc's malloc arenas (before the process starts its threads); a no-op elsewhere."""
+    """Cap glibc's malloc arenas (before the process starts its threads) and fix its mmap
+    threshold; a no-op elsewhere."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, n)  # M_ARENA_MAX
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)

@@ -576,16 +576,22 @@ class SeenStore:
 
 
 class PendingRows:
-    """A commit's row records until its marker. A live commit's few stay decoded; past `SPILL`
+    """A commit's row records until its marker. A live commit's few stay decoded; past `spill`
     rows they are kept as their bytes in one buffer instead, and decoded again, `SPILL` at a
     time, when the marker applies them. A catch-up reads commits of every row (the bench's:
     200k records): held as Python objects they took ~2.5x their bytes, and the pools and heap
-    they were freed into stayed with the process (a replica held 3-3.8x its model)."""
+    they were freed into stayed with the process (a replica held 3-3.8x its model).
+
+    Spilled rows are decoded again under the model's lock (a request waits for that): a reader
+    that serves requests sets `spill` to `SERVING_SPILL`, above a live commit's rows (an item
+    flush at 1k events/s: ~6k), so then only a commit of a backlog's size pays it."""
 
     SPILL = 4096
+    SERVING_SPILL = 65536
     _KINDS = ("user", "item", "trans")
 
     def __init__(self) -> None:
+        self.spill = self.SPILL
         self.recs: list[Record] = []
         self.blob = bytearray()
         self.meta = array("q")  # per spilled row: kind, gen, index, start, length
@@ -594,7 +600,7 @@ class PendingRows:
         return len(self.recs) + len(self.meta) // 5
 
     def append(self, rec: Record) -> None:
-        if len(self.recs) < self.SPILL and not self.meta:
+        if len(self.recs) < self.spill and not self.meta:
             self.recs.append(rec)
             return
         if self.recs:

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from consumers import kafka_io
 from consumers.gc_control import freeze_startup
 from consumers.metrics import PartsCollector, QueryMetrics, observe_many, serve_metrics
-from consumers.model_log import ModelFollower
+from consumers.model_log import ModelFollower, trim_heap
 from consumers.reply_delay import ReplyDelay
 from consumers.settings import QuerySettings
 from stream_mf.answer import answer
@@ -238,6 +238,7 @@ class QueryService:
         except Exception as exc:  # warming is an optimisation: never fail start-up over it
             log.warning("warm-up failed (first requests will be slower): %s", exc)
         freeze_startup()
+        trim_heap()  # what the warm-up freed (the follower trims every `TRIM_S` after)
         log.info("warmed up in %.3f s", time.perf_counter() - t0)
 
     def run(self, stop: kafka_io.StopFlag) -> int:

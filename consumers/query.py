@@ -190,7 +190,7 @@ class QueryService:
         live = reader.live
         if live is not None:
             out.update(live.memory())
-        out["pending_records"] = len(reader.pending)
+        out["pending"] = reader.pending.nbytes()
         out.update(malloc_state())
         return out
 

@@ -622,6 +622,13 @@ class PendingRows:
     def clear(self) -> None:
         self.recs, self.blob, self.meta = [], bytearray(), array("q")
 
+    def nbytes(self) -> int:
+        """The rows' bytes (of the decoded ones: their records' payloads, not the objects)."""
+        held = 0
+        for r in list(self.recs):
+            held += sum(a.nbytes for a in r.value) if r.kind == "trans" else len(r.value.raw)
+        return len(self.blob) + self.meta.itemsize * len(self.meta) + held
+
     def chunks(self) -> Iterator[list[Record]]:
         """The rows in log order, at most `SPILL` decoded at a time."""
         if self.recs:

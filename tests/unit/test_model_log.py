@@ -169,6 +169,7 @@ def test_a_big_commit_kept_as_bytes_applies_bit_for_bit(monkeypatch: pytest.Monk
     for k, v in big[:-1]:
         reader.feed(decode(k, v))
     assert len(reader.pending) == len(big) - 1 and reader.pending.meta and not reader.pending.recs
+    assert reader.pending.nbytes() >= sum(len(v or b"") for _k, v in big[:-1]) // 2
     assert not reader.publish() and reader.served is before
     reader.feed(decode(*big[-1]))
     assert reader.publish() and reader.skipped == 0 and len(reader.pending) == 0

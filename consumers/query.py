@@ -121,9 +121,8 @@ HOLD_S = 30.0
 
 #: glibc malloc arenas for a query process (M_ARENA_MAX): each thread that allocates may get
 #: one of its own (up to 8 per core), and what the model log's follower thread and
-#: librdkafka's threads freed after a catch-up stayed in theirs. Measured on a 100k x 50k log
-#: (a snapshot and a commit of every row): 216 MB anonymous memory with the default, 185 MB
-#: with 2 (a 1k-user model's process: 88 MB).
+#: librdkafka's threads freed after a catch-up stayed in theirs. Arenas made before the cap
+#: stay: `commands/query.py` sets it before its first thread (set later, a replica had 6).
 MALLOC_ARENAS = 2
 #: glibc's mmap threshold, fixed (M_MMAP_THRESHOLD): by default it rises to the size of any
 #: mmapped block freed (up to 32 MB), after which librdkafka's fetch buffers (Tansu answers a

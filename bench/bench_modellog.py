@@ -9,7 +9,10 @@ One embedded broker (or KAFKA_BOOTSTRAP_SERVERS), the real updater and query pro
    tail); then SIGKILLed and restarted while the updater keeps going, and timed again. Its
    resident memory (after a warm-up) is compared with the model it holds (the arrays of every
    row plus seen items) above the fixed overhead, measured in the same run: the same query
-   process serving a 1,000 users x 500 items model written to a topic of its own.
+   process serving a 1,000 users x 500 items model written to a topic of its own. Both are
+   broken down by mapping (/proc/PID/smaps: brk heap, anonymous maps, files) and by the
+   process's own account (`stream_mf_replica_memory_bytes`: the model's arrays by part,
+   glibc's heap in use / free / mmapped). `--memory-only` stops here (~1-2 min).
 3. At each rate (1k and 20k events/s): live events (stamped with the wall clock) on the same
    model; meanwhile a brand-new user sends one event every 0.5 s and the time until a
    `recommend` for that user comes back personalized is measured (polled every 10 ms); then
@@ -30,7 +33,7 @@ replay) and then its live traffic for that long, sampling the broker's memory an
 bytes per event every 15 s (`bench/results/bench_modellog_soak*.json`).
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick] [--rates 1000 20000]
-     [--requests 100] [--soak 600]
+     [--requests 100] [--soak 600] [--memory-only]
 """
 
 from __future__ import annotations

@@ -629,10 +629,9 @@ class PendingRows:
             held += sum(a.nbytes for a in r.value) if r.kind == "trans" else len(r.value.raw)
         return len(self.blob) + self.meta.itemsize * len(self.meta) + held
 
-    def chunks(self) -> Iterator[list[Record]]:
-        """The rows in log order, at most `SPILL` decoded at a time."""
-        if self.recs:
-            yield self.recs
+    def spilled(self) -> Iterator[list[Record]]:
+        """The spilled rows in log order, at most `SPILL` decoded at a time (rows are either
+        all in `recs` or all spilled)."""
         meta, blob = self.meta, self.blob
         for lo in range(0, len(meta), 5 * self.SPILL):
             out = []
@@ -995,10 +994,14 @@ class ModelReader:
             self.skipped += len(self.pending)
             self.pending.clear()
             return
+        recs = self.pending.recs  # a live commit's (decoded): filtered before the lock
+        ok = [r for r in recs if r.gen == live.gen]
+        self.skipped += len(recs) - len(ok)
         live.writer_waiting = True
         with live.lock:
             live.writer_waiting = False
-            for chunk in self.pending.chunks():
+            _apply(live, ok)
+            for chunk in self.pending.spilled():
                 ok = [r for r in chunk if r.gen == live.gen]
                 self.skipped += len(chunk) - len(ok)
                 _apply(live, ok)

@@ -390,6 +390,24 @@ class CallbackGauges(Collector):
                 yield GaugeMetricFamily(name, doc, value=value)
 
 
+class PartsCollector(Collector):
+    """One gauge with a `part` label, its values read at scrape time from a callable (a
+    replica's memory by part); nothing if the callable fails."""
+
+    def __init__(self, name: str, doc: str, parts: Callable[[], dict[str, float]]):
+        self.name, self.doc, self.parts = name, doc, parts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(self.name, self.doc, labels=["part"])
+        try:
+            rows = self.parts()
+        except Exception:  # the model is being swapped: no sample this time
+            rows = {}
+        for part, value in rows.items():
+            fam.add_metric([part], float(value))
+        yield fam
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int | None:
     """Serve /metrics; returns the bound port (port 0 picks one), or None when disabled."""
     if port < 0:

@@ -40,6 +40,7 @@ import dataclasses
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -580,6 +581,79 @@ class SeenStore:
         return self.of(row).astype("<i4").tobytes()
 
 
+class PendingRows:
+    """A commit's row records until its marker. A live commit's few stay decoded; past `spill`
+    rows they are kept as their bytes in one buffer instead, and decoded again, `SPILL` at a
+    time, when the marker applies them. A catch-up reads commits of every row (the bench's:
+    200k records): held as Python objects they took ~2.5x their bytes, and the pools and heap
+    they were freed into stayed with the process (a replica held 3-3.8x its model).
+
+    Spilled rows are decoded again under the model's lock (a request waits for that): a reader
+    that serves requests sets `spill` to `SERVING_SPILL`, above a live commit's rows (an item
+    flush at 1k events/s: ~6k), so then only a commit of a backlog's size pays it."""
+
+    SPILL = 4096
+    SERVING_SPILL = 65536
+    _KINDS = ("user", "item", "trans")
+
+    def __init__(self) -> None:
+        self.spill = self.SPILL
+        self.recs: list[Record] = []
+        self.blob = bytearray()
+        self.meta = array("q")  # per spilled row: kind, gen, index, start, length
+
+    def __len__(self) -> int:
+        return len(self.recs) + len(self.meta) // 5
+
+    def append(self, rec: Record) -> None:
+        if len(self.recs) < self.spill and not self.meta:
+            self.recs.append(rec)
+            return
+        if self.recs:
+            recs, self.recs = self.recs, []
+            for r in recs:
+                self._spill(r)
+        self._spill(rec)
+
+    def _spill(self, rec: Record) -> None:
+        if rec.kind == "trans":
+            succ, logw = rec.value
+            raw = succ.astype("<i4").tobytes() + logw.astype("<f8").tobytes()
+        else:
+            raw = rec.value.raw
+        self.meta.extend((self._KINDS.index(rec.kind), rec.gen, rec.index, len(self.blob),
+                          len(raw)))  # fmt: skip
+        self.blob += raw
+
+    def clear(self) -> None:
+        self.recs, self.blob, self.meta = [], bytearray(), array("q")
+
+    def nbytes(self) -> int:
+        """The rows' bytes (of the decoded ones: their records' payloads, not the objects)."""
+        held = 0
+        for r in list(self.recs):
+            held += sum(a.nbytes for a in r.value) if r.kind == "trans" else len(r.value.raw)
+        return len(self.blob) + self.meta.itemsize * len(self.meta) + held
+
+    def spilled(self) -> Iterator[list[Record]]:
+        """The spilled rows in log order, at most `SPILL` decoded at a time (rows are either
+        all in `recs` or all spilled)."""
+        meta, blob = self.meta, self.blob
+        for lo in range(0, len(meta), 5 * self.SPILL):
+            out = []
+            for j in range(lo, min(len(meta), lo + 5 * self.SPILL), 5):
+                kind, gen, index, at, n = meta[j : j + 5]
+                raw = bytes(blob[at : at + n])
+                if kind == 2:
+                    slots = n // 12
+                    value: Any = (np.frombuffer(raw, "<i4", slots),
+                                  np.frombuffer(raw, "<f8", slots, 4 * slots))  # fmt: skip
+                else:
+                    value = _user(raw)
+                out.append(Record(self._KINDS[kind], gen, index, value))
+            yield out
+
+
 # ---- the reader (query side) -----------------------------------------------------------------
 
 
@@ -703,6 +777,33 @@ class ServingModel:
         trans = self.succ.nbytes + self.logw.nbytes + self.user_last.nbytes
         return arrays + trans + self.seen.nbytes()
 
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part (the replica's memory metric): the rows' arrays (`rows`: the
+        first n of each, what the model is; `spare`: capacity beyond n), transitions, seen
+        items (live, and the garbage of replaced lists), ids and the per-row bookkeeping."""
+        out = dict.fromkeys(("rows", "spare", "transitions", "seen", "seen_garbage", "ids",
+                             "bookkeeping"), 0)  # fmt: skip
+        for t in (self.users, self.items):
+            for name in ("factors", "bias", "count", "last", "logpop"):
+                a = getattr(t, name)
+                used = a[: t.n].nbytes
+                out["rows"] += used
+                out["spare"] += a.nbytes - used
+            ids = t.ids
+            out["ids"] += ids.nbytes() if isinstance(ids, CompactIds) else 0
+        n_items = self.items.n
+        for a in (self.succ, self.logw):
+            out["transitions"] += a[:n_items].nbytes
+            out["spare"] += a.nbytes - a[:n_items].nbytes
+        out["transitions"] += self.user_last[: self.users.n].nbytes
+        out["spare"] += self.user_last.nbytes - self.user_last[: self.users.n].nbytes
+        live = self.seen.nbytes()
+        out["seen"] = live
+        out["seen_garbage"] = self.seen.items.nbytes - live
+        out["bookkeeping"] = (self.user_gen.nbytes + self.item_gen.nbytes + self.item_norms.nbytes
+                              + self.seen.start.nbytes + self.seen.count.nbytes)  # fmt: skip
+        return out
+
 
 def _reserve(table: EntityTable, n: int) -> None:
     """Room for `n` rows, growing by a quarter (`EntityTable.reserve` doubles: a replica would
@@ -777,7 +878,7 @@ class ModelReader:
         self.live: ServingModel | None = None
         self.building: ServingModel | None = None
         self.config: ModelConfig | None = None
-        self.pending: list[Record] = []
+        self.pending = PendingRows()
         self.early: list[Record] = []  # a snapshot's rows before its config record
         self._ubuf: list[Record] = []  # user rows for the model being built, unpacked together
         self._begin = (0, 0, 0)  # generation and row counts of the snapshot under way
@@ -899,12 +1000,17 @@ class ModelReader:
             self.skipped += len(self.pending)
             self.pending.clear()
             return
-        ok = [r for r in self.pending if r.gen == live.gen]
-        self.skipped += len(self.pending) - len(ok)
+        recs = self.pending.recs  # a live commit's (decoded): filtered before the lock
+        ok = [r for r in recs if r.gen == live.gen]
+        self.skipped += len(recs) - len(ok)
         live.writer_waiting = True
         with live.lock:
             live.writer_waiting = False
             _apply(live, ok)
+            for chunk in self.pending.spilled():
+                ok = [r for r in chunk if r.gen == live.gen]
+                self.skipped += len(chunk) - len(ok)
+                _apply(live, ok)
             live.marker = m
             served = self.served
             if live.items_changed and served is not None and served.users.model is live:

@@ -9,7 +9,7 @@ from typing import get_args
 from consumers.commands.common import add_process_flags, build_settings
 from consumers.errors import UserError
 from consumers.kafka_io import BrokerWatch, StopFlag
-from consumers.query import QueryService
+from consumers.query import QueryService, limit_malloc_arenas
 from consumers.settings import Compression, QuerySettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         reply_compression=args.reply_compression,
     )
     log.info("query settings: %s", settings.model_dump_json())
+    # before the first thread that allocates (the broker watch's client starts librdkafka's):
+    # arenas made before the cap stay (a replica had 6, one holding 21 MB it had freed)
+    limit_malloc_arenas()
     # one line if no broker answers in time; the process keeps retrying
     watch = BrokerWatch(settings.kafka, settings.no_broker_warning_seconds).start()
     try:

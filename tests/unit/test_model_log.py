@@ -16,6 +16,7 @@ from stream_mf.model_log import (
     Marker,
     MixedGenerationError,
     ModelReader,
+    PendingRows,
     PinnedUsers,
     SeenIndex,
     Served,
@@ -149,6 +150,29 @@ def test_a_commit_is_applied_whole_at_its_marker_or_not_at_all() -> None:
     assert np.array_equal(_vec(reader.served, uid), old)
     reader.feed(decode(*rows[-1]))
     assert reader.publish()
+    assert_reader_equals(reader, m.state)
+
+
+def test_a_big_commit_kept_as_bytes_applies_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `SPILL` rows a commit waits for its marker as bytes in one buffer (a catch-up's
+    commits of every row): applied in chunks, the model is the same, and cut short it is not
+    applied at all."""
+    m = OnlineModel(CFG, ModelState.empty(CFG))
+    m.learn(stream(2000))
+    records = snapshot(m.state)
+    d = m.learn(stream(600, seed=7, first=40_000))
+    ext = np.arange(*d.new_users)
+    big = commit(m.state, np.concatenate([d.users, ext]), d.items, seq=2, trans=d.trans_rows)
+    monkeypatch.setattr(PendingRows, "SPILL", 7)
+    reader = materialise(records)
+    before = reader.served
+    for k, v in big[:-1]:
+        reader.feed(decode(k, v))
+    assert len(reader.pending) == len(big) - 1 and reader.pending.meta and not reader.pending.recs
+    assert reader.pending.nbytes() >= sum(len(v or b"") for _k, v in big[:-1]) // 2
+    assert not reader.publish() and reader.served is before
+    reader.feed(decode(*big[-1]))
+    assert reader.publish() and reader.skipped == 0 and len(reader.pending) == 0
     assert_reader_equals(reader, m.state)
 
 

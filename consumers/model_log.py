@@ -66,21 +66,32 @@ SNAPSHOT_RETRY_S = 5.0
 FIRST_FETCH_S = 10.0
 #: the broker keeps the latest record of each key
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
+#: the snapshot topic's compaction holds back this long (ms): a record is only compacted away
+#: by a later one of its key once the segment holding that one is this old. The next snapshot
+#: reuses the named one's keys (`B`, `C`, every row, the marker): once a segment closed in the
+#: middle of it, compaction would drop the named one's `B` and rows while the new one is still
+#: being written (or never finishes: a kill, a failure), and no replica could start until
+#: another is named. It must outlast a snapshot's writing and naming (slices, up to
+#: `SIDE_ACK_S` for acknowledgements), one retry after `model_log_snapshot_min_seconds`, and a
+#: replica's read of the named one: 15 minutes; the topic holds up to that long of snapshots
+#: (at most one a `model_log_snapshot_min_seconds`, 48 MB each at 100k users x 50k items)
+SNAPSHOT_COMPACTION_LAG_MS = 15 * 60 * 1000
+SNAPSHOT_TOPIC_CONFIG = {**TOPIC_CONFIG, "min.compaction.lag.ms": str(SNAPSHOT_COMPACTION_LAG_MS)}
 
 
-def ensure_topic(kafka: KafkaSettings, topic: str) -> None:
+def ensure_topic(kafka: KafkaSettings, topic: str, config: dict[str, str] = TOPIC_CONFIG) -> None:
     """Create the model topic (one partition, compacted) if it is missing."""
     try:
         create_topics(
             kafka.bootstrap_servers,
             {topic: 1},
-            config=TOPIC_CONFIG,
+            config=config,
             client_config=kafka.client_config(),
         )
     except Exception as exc:  # no broker yet, no rights: the topic may exist anyway
-        log.warning(
-            "cannot create the model topic %r (%s): create it compacted, 1 partition", topic, exc
-        )
+        how = " ".join(f"{k}={v}" for k, v in config.items())
+        log.warning("cannot create the model topic %r (%s): create it with 1 partition, %s",
+                    topic, exc, how)  # fmt: skip
 
 
 def find_last_marker(
@@ -241,7 +252,7 @@ class ModelLogPublisher:
 
     def _look(self) -> None:
         ensure_topic(self.settings.kafka, self.topic)
-        ensure_topic(self.settings.kafka, self.snap_topic)
+        ensure_topic(self.settings.kafka, self.snap_topic, SNAPSHOT_TOPIC_CONFIG)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
             self._found = find_last_marker(c, self.topic)[0]

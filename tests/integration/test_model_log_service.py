@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -250,3 +252,42 @@ def test_periodic_snapshots_go_to_their_own_topic_and_readers_start_there(
     assert marker is not None and marker.snap_topic == topics.model_snapshots
     assert first_read == marker.snap
     assert "Traceback" not in tailing.log_tail(200_000) + q.log_tail(200_000)
+
+
+def test_the_snapshot_topic_keeps_a_named_snapshot_while_the_next_is_written(
+    kafka: str, tmp_path: Path
+) -> None:
+    """The snapshot topic the updater creates holds back compaction (`min.compaction.lag.ms`)
+    for longer than a periodic snapshot takes to be written and named: without it, the rows
+    and `B` of a newer snapshot, half written (or never finished) in a closed segment, compact
+    away those of the one the log's markers still name, and no replica can start."""
+    from confluent_kafka.admin import ConfigResource
+
+    from consumers.model_log import SNAPSHOT_COMPACTION_LAG_MS, ModelLogPublisher
+    from consumers.settings import TopicSettings, UpdaterSettings
+    from consumers.topics import admin_client
+    from stream_mf.store import StateStore
+
+    s = uuid.uuid4().hex[:8]
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka),
+        topics=TopicSettings(model=f"model-{s}"),
+        state_dir=tmp_path / "state",
+    )
+    store = StateStore(settings.state_dir)
+    try:
+        ModelLogPublisher(settings, store)._look()  # what the updater does at start
+    finally:
+        store.close()
+    res = ConfigResource("topic", settings.topics.model_snapshots)
+    admin = admin_client(kafka, None)
+    got = admin.describe_configs([res])[res].result(timeout=15)
+    assert got["cleanup.policy"].value == "compact"
+    lag = got.get("min.compaction.lag.ms")
+    assert lag is not None and int(lag.value) == SNAPSHOT_COMPACTION_LAG_MS
+    # longer than a snapshot may take to be named: its slices, the wait for its
+    # acknowledgements, then one retry after `model_log_snapshot_min_seconds`
+    from consumers.model_log import SIDE_ACK_S
+
+    lag_s = SNAPSHOT_COMPACTION_LAG_MS / 1e3
+    assert lag_s > 2 * (SIDE_ACK_S + settings.model_log_snapshot_min_seconds)

@@ -270,17 +270,25 @@ class ModelLogPublisher:
             return False
         self._started = True
         marker = self._found
+        if marker is not None and marker.snap_topic is not None:
+            if marker.snap_topic == self.snap_topic:
+                # its rows there are this process's to tombstone at the next swap
+                self.side_gens.add(marker.gen)
+            else:  # the snapshot topic was renamed: the marker's `snap` is a tail point
+                log.info("the model log names a snapshot on %r, not on %r: publishing one",
+                         marker.snap_topic, self.snap_topic)  # fmt: skip
         if (
             marker is not None
             and marker.seq == self.seq
             and marker.gen == self.gen
             and marker.pending_items == 0
             and marker.snap is not None
+            and marker.snap_topic in (None, self.snap_topic)
             and not self._missed
         ):
             self.need_snapshot = False
             self.snap_offset = marker.snap
-            self.snap_side = marker.snap_begin if marker.snap_topic == self.snap_topic else None
+            self.snap_side = marker.snap_begin if marker.snap_topic is not None else None
             self.snapshot_at = time.time()
             # the size of the log since that snapshot is not known here: the next periodic
             # one is due once `model_log_snapshot_min_seconds` passed (0 meant never, so a
@@ -736,8 +744,10 @@ class ModelLogPublisher:
     def _tombstone_side(self, state: ModelState) -> None:
         """Tombstones on the snapshot topic for the rows a replaced generation has there."""
         old = sorted(g for g in self.side_gens if g != self.gen)
-        if not old or self.side is None:
+        if not old:
             return
+        if self.side is None:  # rows written before a restart
+            self.side = self._side_producer()
         cb = self._side_delivered
         for g in old:
             for u in range(state.users.n):

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import ConfigResource
 
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
-from consumers.topics import create_topics
+from consumers.topics import admin_client, create_topics
 from stream_mf.model_log import (
     BEGIN_KEY,
     CONFIG_KEY,
@@ -92,6 +93,25 @@ def ensure_topic(kafka: KafkaSettings, topic: str, config: dict[str, str] = TOPI
         how = " ".join(f"{k}={v}" for k, v in config.items())
         log.warning("cannot create the model topic %r (%s): create it with 1 partition, %s",
                     topic, exc, how)  # fmt: skip
+
+
+def check_compaction_lag(kafka: KafkaSettings, topic: str) -> None:
+    """Say so when the snapshot topic holds compaction back less than it must (an existing
+    topic keeps its config: the previous version created it with none)."""
+    try:
+        admin = admin_client(kafka.bootstrap_servers, kafka.client_config())
+        res = ConfigResource("topic", topic)
+        entry = admin.describe_configs([res])[res].result(timeout=10).get("min.compaction.lag.ms")
+        lag = int(entry.value) if entry is not None and entry.value is not None else 0
+    except Exception as exc:  # no broker yet, no rights to describe: nothing to say
+        log.debug("cannot read the config of %r: %s", topic, exc)
+        return
+    if lag < SNAPSHOT_COMPACTION_LAG_MS:
+        log.warning("the model snapshot topic %r has min.compaction.lag.ms=%d: compaction can "
+                    "drop the snapshot the log names while the next is written; set it with "
+                    "kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics "
+                    "--entity-name %s --add-config min.compaction.lag.ms=%d", topic, lag, topic,
+                    SNAPSHOT_COMPACTION_LAG_MS)  # fmt: skip
 
 
 def find_last_marker(
@@ -253,6 +273,7 @@ class ModelLogPublisher:
     def _look(self) -> None:
         ensure_topic(self.settings.kafka, self.topic)
         ensure_topic(self.settings.kafka, self.snap_topic, SNAPSHOT_TOPIC_CONFIG)
+        check_compaction_lag(self.settings.kafka, self.snap_topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
             self._found = find_last_marker(c, self.topic)[0]

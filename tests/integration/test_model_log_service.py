@@ -380,3 +380,33 @@ def test_a_swap_after_a_restart_tombstones_the_snapshot_topic_rows(
         c.close()
     for u in range(st.users.n):
         assert user_key(0, u) in keys and keys[user_key(0, u)] is None
+
+
+def test_a_snapshot_topic_created_without_the_compaction_lag_is_reported(
+    kafka: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot topic that exists already (the previous version created it compacted, with
+    no lag; `--if-not-exists` leaves it so) is not changed by creating it: the updater says
+    so, and how to set the lag."""
+    import logging
+
+    from consumers.model_log import ModelLogPublisher
+    from consumers.topics import create_topics
+    from stream_mf.store import StateStore
+
+    s = uuid.uuid4().hex[:8]
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka),
+        topics=TopicSettings(model=f"model-{s}"),
+        state_dir=tmp_path / "state",
+    )
+    create_topics(kafka, {settings.topics.model_snapshots: 1}, config={"cleanup.policy": "compact"})
+    store = StateStore(settings.state_dir)
+    try:
+        with caplog.at_level(logging.WARNING, logger="consumers.model_log"):
+            ModelLogPublisher(settings, store)._look()
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if "min.compaction.lag.ms" in r.getMessage()]
+    assert len(said) == 1 and settings.topics.model_snapshots in said[0], said
+    assert "--alter" in said[0] and "min.compaction.lag.ms=900000" in said[0], said

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import ConfigResource
 
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
-from consumers.topics import create_topics
+from consumers.topics import admin_client, create_topics
 from stream_mf.model_log import (
     BEGIN_KEY,
     CONFIG_KEY,
@@ -67,21 +68,51 @@ SNAPSHOT_RETRY_S = 5.0
 FIRST_FETCH_S = 10.0
 #: the broker keeps the latest record of each key
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
+#: the snapshot topic's compaction holds back this long (ms): a record is only compacted away
+#: by a later one of its key once the segment holding that one is this old. The next snapshot
+#: reuses the named one's keys (`B`, `C`, every row, the marker): once a segment closed in the
+#: middle of it, compaction would drop the named one's `B` and rows while the new one is still
+#: being written (or never finishes: a kill, a failure), and no replica could start until
+#: another is named. It must outlast a snapshot's writing and naming (slices, up to
+#: `SIDE_ACK_S` for acknowledgements), one retry after `model_log_snapshot_min_seconds`, and a
+#: replica's read of the named one: 15 minutes; the topic holds up to that long of snapshots
+#: (at most one a `model_log_snapshot_min_seconds`, 48 MB each at 100k users x 50k items)
+SNAPSHOT_COMPACTION_LAG_MS = 15 * 60 * 1000
+SNAPSHOT_TOPIC_CONFIG = {**TOPIC_CONFIG, "min.compaction.lag.ms": str(SNAPSHOT_COMPACTION_LAG_MS)}
 
 
-def ensure_topic(kafka: KafkaSettings, topic: str) -> None:
+def ensure_topic(kafka: KafkaSettings, topic: str, config: dict[str, str] = TOPIC_CONFIG) -> None:
     """Create the model topic (one partition, compacted) if it is missing."""
     try:
         create_topics(
             kafka.bootstrap_servers,
             {topic: 1},
-            config=TOPIC_CONFIG,
+            config=config,
             client_config=kafka.client_config(),
         )
     except Exception as exc:  # no broker yet, no rights: the topic may exist anyway
-        log.warning(
-            "cannot create the model topic %r (%s): create it compacted, 1 partition", topic, exc
-        )
+        how = " ".join(f"{k}={v}" for k, v in config.items())
+        log.warning("cannot create the model topic %r (%s): create it with 1 partition, %s",
+                    topic, exc, how)  # fmt: skip
+
+
+def check_compaction_lag(kafka: KafkaSettings, topic: str) -> None:
+    """Say so when the snapshot topic holds compaction back less than it must (an existing
+    topic keeps its config: the previous version created it with none)."""
+    try:
+        admin = admin_client(kafka.bootstrap_servers, kafka.client_config())
+        res = ConfigResource("topic", topic)
+        entry = admin.describe_configs([res])[res].result(timeout=10).get("min.compaction.lag.ms")
+        lag = int(entry.value) if entry is not None and entry.value is not None else 0
+    except Exception as exc:  # no broker yet, no rights to describe: nothing to say
+        log.debug("cannot read the config of %r: %s", topic, exc)
+        return
+    if lag < SNAPSHOT_COMPACTION_LAG_MS:
+        log.warning("the model snapshot topic %r has min.compaction.lag.ms=%d: compaction can "
+                    "drop the snapshot the log names while the next is written; set it with "
+                    "kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics "
+                    "--entity-name %s --add-config min.compaction.lag.ms=%d", topic, lag, topic,
+                    SNAPSHOT_COMPACTION_LAG_MS)  # fmt: skip
 
 
 def find_last_marker(
@@ -242,7 +273,8 @@ class ModelLogPublisher:
 
     def _look(self) -> None:
         ensure_topic(self.settings.kafka, self.topic)
-        ensure_topic(self.settings.kafka, self.snap_topic)
+        ensure_topic(self.settings.kafka, self.snap_topic, SNAPSHOT_TOPIC_CONFIG)
+        check_compaction_lag(self.settings.kafka, self.snap_topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
             self._found = find_last_marker(c, self.topic)[0]
@@ -260,17 +292,25 @@ class ModelLogPublisher:
             return False
         self._started = True
         marker = self._found
+        if marker is not None and marker.snap_topic is not None:
+            if marker.snap_topic == self.snap_topic:
+                # its rows there are this process's to tombstone at the next swap
+                self.side_gens.add(marker.gen)
+            else:  # the snapshot topic was renamed: the marker's `snap` is a tail point
+                log.info("the model log names a snapshot on %r, not on %r: publishing one",
+                         marker.snap_topic, self.snap_topic)  # fmt: skip
         if (
             marker is not None
             and marker.seq == self.seq
             and marker.gen == self.gen
             and marker.pending_items == 0
             and marker.snap is not None
+            and marker.snap_topic in (None, self.snap_topic)
             and not self._missed
         ):
             self.need_snapshot = False
             self.snap_offset = marker.snap
-            self.snap_side = marker.snap_begin if marker.snap_topic == self.snap_topic else None
+            self.snap_side = marker.snap_begin if marker.snap_topic is not None else None
             self.snapshot_at = time.time()
             # the size of the log since that snapshot is not known here: the next periodic
             # one is due once `model_log_snapshot_min_seconds` passed (0 meant never, so a
@@ -726,8 +766,10 @@ class ModelLogPublisher:
     def _tombstone_side(self, state: ModelState) -> None:
         """Tombstones on the snapshot topic for the rows a replaced generation has there."""
         old = sorted(g for g in self.side_gens if g != self.gen)
-        if not old or self.side is None:
+        if not old:
             return
+        if self.side is None:  # rows written before a restart
+            self.side = self._side_producer()
         cb = self._side_delivered
         for g in old:
             for u in range(state.users.n):

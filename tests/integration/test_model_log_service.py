@@ -7,6 +7,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,7 +19,7 @@ from confluent_kafka import TopicPartition
 from consumers import kafka_io
 from consumers.model_log import read_model
 from consumers.processes import metric_sum, scrape, wait_until
-from consumers.settings import KafkaSettings
+from consumers.settings import KafkaSettings, TopicSettings, UpdaterSettings
 from stream_mf.model_log import BEGIN_KEY, MARKER_KEY, Marker
 from tests.integration.conftest import Cluster
 from tests.integration.test_rebuild_service import request_rebuild
@@ -250,3 +253,160 @@ def test_periodic_snapshots_go_to_their_own_topic_and_readers_start_there(
     assert marker is not None and marker.snap_topic == topics.model_snapshots
     assert first_read == marker.snap
     assert "Traceback" not in tailing.log_tail(200_000) + q.log_tail(200_000)
+
+
+def test_the_snapshot_topic_keeps_a_named_snapshot_while_the_next_is_written(
+    kafka: str, tmp_path: Path
+) -> None:
+    """The snapshot topic the updater creates holds back compaction (`min.compaction.lag.ms`)
+    for longer than a periodic snapshot takes to be written and named: without it, the rows
+    and `B` of a newer snapshot, half written (or never finished) in a closed segment, compact
+    away those of the one the log's markers still name, and no replica can start."""
+    from confluent_kafka.admin import ConfigResource
+
+    from consumers.model_log import SNAPSHOT_COMPACTION_LAG_MS, ModelLogPublisher
+    from consumers.settings import TopicSettings, UpdaterSettings
+    from consumers.topics import admin_client
+    from stream_mf.store import StateStore
+
+    s = uuid.uuid4().hex[:8]
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka),
+        topics=TopicSettings(model=f"model-{s}"),
+        state_dir=tmp_path / "state",
+    )
+    store = StateStore(settings.state_dir)
+    try:
+        ModelLogPublisher(settings, store)._look()  # what the updater does at start
+    finally:
+        store.close()
+    res = ConfigResource("topic", settings.topics.model_snapshots)
+    admin = admin_client(kafka, None)
+    got = admin.describe_configs([res])[res].result(timeout=15)
+    assert got["cleanup.policy"].value == "compact"
+    lag = got.get("min.compaction.lag.ms")
+    assert lag is not None and int(lag.value) == SNAPSHOT_COMPACTION_LAG_MS
+    # longer than a snapshot may take to be named: its slices, the wait for its
+    # acknowledgements, then one retry after `model_log_snapshot_min_seconds`
+    from consumers.model_log import SIDE_ACK_S
+
+    lag_s = SNAPSHOT_COMPACTION_LAG_MS / 1e3
+    assert lag_s > 2 * (SIDE_ACK_S + settings.model_log_snapshot_min_seconds)
+
+
+def _restarted_publisher(
+    kafka: str, tmp_path: Path, snap_topic: str
+) -> tuple[Any, Any, Any, UpdaterSettings]:
+    """A publisher started on a log whose last marker (commit 0, nothing pending) names a
+    periodic snapshot on `snap_topic` (`<model>-snapshots` by default), and its model."""
+    from consumers.model_log import ModelLogPublisher
+    from stream_mf.config import ModelConfig
+    from stream_mf.model import OnlineModel
+    from stream_mf.state import ModelState
+    from stream_mf.store import StateStore
+    from tests.synthetic import planted_stream
+
+    s = uuid.uuid4().hex[:8]
+    topics = TopicSettings(model=f"model-{s}")
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka), topics=topics, state_dir=tmp_path / "st"
+    )
+    cfg = ModelConfig()
+    model = OnlineModel(cfg, ModelState.empty(cfg))
+    ev = planted_stream(200, 20, 10, seed=1)
+    from stream_mf.model import EventBatch
+
+    model.learn(EventBatch.build(ev.user_ids(), ev.item_ids(), np.ones(200), ev.times))
+    st = model.state
+    side = snap_topic or topics.model_snapshots
+    m = Marker(seq=0, gen=0, version=st.model_version, events=st.events_applied,
+               clock=float(st.clock[0]), n_users=st.users.n, n_items=st.items.n, snap=1,
+               snap_topic=side, snap_begin=0)  # fmt: skip
+    p = kafka_io.producer(settings.kafka, None)
+    p.produce(topics.model, key=MARKER_KEY, value=m.encode())
+    assert p.flush(10) == 0
+    store = StateStore(settings.state_dir)
+    pub = ModelLogPublisher(settings, store)
+    pub.start(st)
+    wait_until(pub._looked, 30, what="the publisher's look at the log's end")
+    return pub, store, st, settings
+
+
+def test_a_marker_naming_another_snapshot_topic_is_not_up_to_date(
+    kafka: str, tmp_path: Path
+) -> None:
+    """An updater whose snapshot topic is not the one the log's last marker names (its name
+    was changed) cannot name that snapshot (its markers would send readers to the tail point
+    on the model topic as if a snapshot began there): it publishes a snapshot."""
+    pub, store, _st, _s = _restarted_publisher(kafka, tmp_path, "another-snapshots")
+    try:
+        assert pub.need_snapshot
+    finally:
+        pub.close()
+        store.close()
+
+
+def test_a_swap_after_a_restart_tombstones_the_snapshot_topic_rows(
+    kafka: str, tmp_path: Path
+) -> None:
+    """The rows the snapshot topic holds of the generation a swap replaces get tombstones,
+    also when they were written before the updater restarted (else every restart followed
+    by a swap left a whole snapshot there for good)."""
+    from stream_mf.model_log import user_key
+    from stream_mf.store import CommitInfo
+
+    pub, store, st, settings = _restarted_publisher(kafka, tmp_path, "")
+    try:
+        info = CommitInfo(state=st, seq=1, users=np.empty(0, np.int64),
+                          items=np.empty(0, np.int64), pair_keys=np.empty(0, np.int64),
+                          everything=False, generation=1, offsets={}, event_times=None,
+                          events=0)  # fmt: skip
+        pub.committed(info)  # the rebuild's flip commit
+        assert pub.side is not None
+        assert pub.side.flush(10) == 0
+    finally:
+        pub.close()
+        store.close()
+    c = kafka_io.consumer(settings.kafka, f"t-{uuid.uuid4().hex[:8]}")
+    try:
+        c.assign([TopicPartition(settings.topics.model_snapshots, 0, 0)])
+        keys: dict[bytes | None, bytes | None] = {}
+        end = time.monotonic() + 10
+        while time.monotonic() < end and len(keys) < st.users.n:
+            for m in c.consume(1000, 0.2):
+                if m.error() is None:
+                    keys[m.key()] = m.value()
+    finally:
+        c.close()
+    for u in range(st.users.n):
+        assert user_key(0, u) in keys and keys[user_key(0, u)] is None
+
+
+def test_a_snapshot_topic_created_without_the_compaction_lag_is_reported(
+    kafka: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot topic that exists already (the previous version created it compacted, with
+    no lag; `--if-not-exists` leaves it so) is not changed by creating it: the updater says
+    so, and how to set the lag."""
+    import logging
+
+    from consumers.model_log import ModelLogPublisher
+    from consumers.topics import create_topics
+    from stream_mf.store import StateStore
+
+    s = uuid.uuid4().hex[:8]
+    settings = UpdaterSettings(
+        kafka=KafkaSettings(bootstrap_servers=kafka),
+        topics=TopicSettings(model=f"model-{s}"),
+        state_dir=tmp_path / "state",
+    )
+    create_topics(kafka, {settings.topics.model_snapshots: 1}, config={"cleanup.policy": "compact"})
+    store = StateStore(settings.state_dir)
+    try:
+        with caplog.at_level(logging.WARNING, logger="consumers.model_log"):
+            ModelLogPublisher(settings, store)._look()
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if "min.compaction.lag.ms" in r.getMessage()]
+    assert len(said) == 1 and settings.topics.model_snapshots in said[0], said
+    assert "--alter" in said[0] and "min.compaction.lag.ms=900000" in said[0], said

@@ -246,6 +246,15 @@ def test_topic_init_creates_every_topic(compose: dict[str, Any]) -> None:
     assert re.search(
         r"--topic model-snapshots --partitions 1 .*\n.*cleanup\.policy=compact", script
     ), script
+    # compaction held back as long as the updater holds it back on a topic it creates: a
+    # named snapshot is not compacted away by the next one while that is being written
+    from consumers.model_log import SNAPSHOT_COMPACTION_LAG_MS
+
+    assert re.search(
+        r"--topic model-snapshots --partitions 1 .*\n.*cleanup\.policy=compact "
+        rf"--config min\.compaction\.lag\.ms={SNAPSHOT_COMPACTION_LAG_MS}\b",
+        script,
+    ), script
     assert re.fullmatch(r"\$\{PARTITIONS:-\d+\}", str(svc["environment"]["PARTITIONS"]))
     assert svc.get("restart", "no") == "no"
 

@@ -73,6 +73,7 @@ from consumers.topics import create_topics
 from stream_mf.model_log import MARKER_KEY, Marker
 
 MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
+TRACER_FETCH_WAIT_MS = 20
 
 
 def rss_of(pid: int) -> int:
@@ -224,7 +225,7 @@ class Load:
 
 
 class Tracer:
-    """Where a commit's time goes: a consumer of the model log (1 ms fetch wait) that notes,
+    """Where a commit's time goes: a consumer of the model log (20 ms fetch wait) that notes,
     for each commit marker, its events' times (the sample it carries), when the updater
     produced it (`at`) and when it arrived here. Event to `at` is the updater's share (the
     event's way to the updater, the batch's wait to fill, learning, the store commit, encoding);
@@ -234,7 +235,10 @@ class Tracer:
         self.c = kafka_io.consumer(
             KafkaSettings(bootstrap_servers=kafka),
             f"bench-tracer-{uuid.uuid4().hex[:6]}",
-            **{"fetch.wait.max.ms": 1, "auto.offset.reset": "latest"},
+            # 20 ms, not 1: the embedded broker never wakes a waiting fetch and spends ~0.5 ms
+            # of CPU per fetch, so a 1 ms tracer alone asked ~1,000 fetches/s of the broker it
+            # measures (at ~100% CPU in those runs); the log leg below includes up to 20 ms
+            **{"fetch.wait.max.ms": TRACER_FETCH_WAIT_MS, "auto.offset.reset": "latest"},
         )
         self.c.assign([TopicPartition(topic, 0, OFFSET_END)])
         self.rows: list[tuple[float, float, float, float, int, bool]] = []
@@ -328,6 +332,9 @@ def new_user_latency(
     many probes got none within 10 s."""
     ks = KafkaSettings(bootstrap_servers=kafka)
     p = kafka_io.producer(ks, **{"linger.ms": 0})
+    # the probe's producer is new: without this, the first probe paid its connection and the
+    # topic's metadata (0.6 s in every run), which a live producer of events has long had
+    p.list_topics(topics["interactions"], timeout=10)
     out: list[float] = []
     missed = 0
     end = time.monotonic() + seconds
@@ -657,6 +664,7 @@ def main() -> None:
                     "fresh_p99": quantile(after_q, before_q, fresh, 0.99),
                     "fresh_p50_interp": hq(after_q, before_q, fresh, 0.5),
                     "fresh_p99_interp": hq(after_q, before_q, fresh, 0.99),
+                    "new_user_s": [round(float(x), 4) for x in arr],  # in probe order
                     "new_p50": float(np.percentile(arr, 50)),
                     "new_p99": float(np.percentile(arr, 99)),
                     "probes": len(lat),

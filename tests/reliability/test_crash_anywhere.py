@@ -55,6 +55,10 @@ REBUILD_ENV = {
     "STREAM_MF_REBUILD__GUARD_EVENTS": "50",
     "STREAM_MF_REBUILD__GUARD_TIMEOUT_S": "1",
     "STREAM_MF_REBUILD__GUARD_MARGIN": "1.0",  # swap whatever the guard says: more swaps
+    # periodic snapshots (on their own topic) every second or so: kills land inside them, and
+    # restarted query processes and the final reader start from them
+    "STREAM_MF_MODEL_LOG_SNAPSHOT_RATIO": "0.05",
+    "STREAM_MF_MODEL_LOG_SNAPSHOT_MIN_SECONDS": "1",
 }
 UPDATER_ARGS = ("--max-batch-events", "400", "--max-batch-seconds", "0.05")
 LONG_MS = 120_000  # outlives every outage in the test: such a request must be answered

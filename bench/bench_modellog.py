@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import orjson
 from bench_ingest import Children
-from bench_query import run_load, start_echo, wait_for_echo
+from bench_query import run_load, start_echo, summarize, wait_for_echo
 from common import Col, bench_args, print_table, write_results
 from confluent_kafka import OFFSET_END, TopicPartition
 
@@ -74,6 +74,13 @@ from stream_mf.model_log import MARKER_KEY, Marker
 
 MODEL_FLAGS = ("--dim", "64", "--n-negatives", "4")
 TRACER_FETCH_WAIT_MS = 20
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_of(pid: int) -> int:
@@ -187,8 +194,11 @@ def quantile(metrics: dict[str, float], before: dict[str, float], name: str, q: 
 class Load:
     """Live events at `rate`/s from a thread: known users and items, wall-clock timestamps."""
 
-    def __init__(self, kafka: str, topic: str, rate: float, n_users: int, n_items: int):
-        self.p = kafka_io.producer(KafkaSettings(bootstrap_servers=kafka), **{"linger.ms": 5})
+    def __init__(
+        self, kafka: str, topic: str, rate: float, n_users: int, n_items: int, linger_ms: float = 5
+    ):
+        ks = KafkaSettings(bootstrap_servers=kafka)
+        self.p = kafka_io.producer(ks, **{"linger.ms": linger_ms})
         self.topic, self.rate, self.nu, self.ni = topic, rate, n_users, n_items
         self.sent = 0
         self.stop = threading.Event()
@@ -325,16 +335,27 @@ def slow_turns(log_path: Path, t0: float, t1: float) -> dict[str, Any]:
     return out
 
 
+def warm_producer(p: Any, topic: str) -> None:
+    """Deliver one record with a new producer before it counts: its first delivery waits
+    500-1,000 ms here (connection, metadata, its idempotent producer id), a client's start-up
+    that a long-lived producer of events paid long before. The record goes to a topic of the
+    bench's own, so the service's first new user is still its first."""
+    p.produce(topic, value=b"warm-up")
+    if p.flush(15) != 0:
+        raise RuntimeError("a producer's warm-up record was not delivered in 15 s")
+
+
 def new_user_latency(
-    kafka: str, topics: dict[str, str], seconds: float, client: RecClient
+    kafka: str, topics: dict[str, str], seconds: float, client: RecClient, warm_topic: str
 ) -> tuple[list[float], int]:
     """A brand-new user's first event to a personalized answer, one probe every 0.5 s; and how
     many probes got none within 10 s."""
     ks = KafkaSettings(bootstrap_servers=kafka)
     p = kafka_io.producer(ks, **{"linger.ms": 0})
-    # the probe's producer is new: without this, the first probe paid its connection and the
-    # topic's metadata (0.6 s in every run), which a live producer of events has long had
+    # the probe's producer is new: without this, the first probe paid its start-up (0.6 s in
+    # every run), which a live producer of events has long had
     p.list_topics(topics["interactions"], timeout=10)
+    warm_producer(p, warm_topic)
     out: list[float] = []
     missed = 0
     end = time.monotonic() + seconds
@@ -381,6 +402,22 @@ def main() -> None:
         help="requests/s against the echo and the service per rate (0: none)",
     )
     pre.add_argument(
+        "--fetch-wait",
+        type=int,
+        default=None,
+        help="fetch.wait.max.ms of every consumer on the way (the updater's, the query "
+        "process's requests and model log, the echo's, the clients'); default: each one's own",
+    )
+    pre.add_argument(
+        "--load-linger", type=float, default=5.0, help="linger.ms of the live events' producer"
+    )
+    pre.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="the echo and the service take turns this many times per rate (latencies pooled)",
+    )
+    pre.add_argument(
         "--memory-only",
         action="store_true",
         help="only the model build, reader start/restart and memory (no rates: ~1-2 min)",
@@ -402,12 +439,21 @@ def main() -> None:
     tag = uuid.uuid4().hex[:6]
     topics = {k: f"bench-ml-{k}-{tag}" for k in ("interactions", "requests", "responses", "model")}
     echo_req = f"bench-ml-echo-requests-{tag}"
+    warm_topic = f"bench-ml-warm-{tag}"  # producers' first records (`warm_producer`)
     env = {f"STREAM_MF_TOPICS__{k.upper()}": v for k, v in topics.items()}
     env["STREAM_MF_TOPICS__DEAD_LETTER"] = f"bench-ml-dlt-{tag}"
     env["STREAM_MF_LIVE_EVAL_RATE"] = "0"
     env["STREAM_MF_REBUILD__EVERY_SECONDS"] = "1000000"
+    client_wait = FETCH_WAIT_MS
+    if known.fetch_wait is not None:
+        env["STREAM_MF_FETCH_WAIT_MS"] = env["STREAM_MF_MODEL_LOG_FETCH_WAIT_MS"] = str(
+            known.fetch_wait
+        )
+        client_wait = known.fetch_wait
     result: dict[str, Any] = {"quick": args.quick, "users": n_users, "items": n_items,
-                              "memory_only": known.memory_only}  # fmt: skip
+                              "memory_only": known.memory_only, "fetch_wait_ms": known.fetch_wait,
+                              "client_fetch_wait_ms": client_wait,
+                              "load_linger_ms": known.load_linger}  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
         with broker() as (kafka, broker_pid):
@@ -418,12 +464,13 @@ def main() -> None:
                     topics["requests"]: 1,
                     topics["responses"]: 1,
                     echo_req: 1,
+                    warm_topic: 1,
                     env["STREAM_MF_TOPICS__DEAD_LETTER"]: 1,
                 },
             )
             # ---- 1. the model ----
             up_port = free_port()
-            children.start(
+            updater = children.start(
                 ManagedProcess(
                     "updater",
                     [
@@ -597,7 +644,10 @@ def main() -> None:
 
             # ---- 3. freshness at each rate, requests against a bare echo ----
             client = RecClient(
-                KafkaSettings(bootstrap_servers=kafka), topics["requests"], topics["responses"]
+                KafkaSettings(bootstrap_servers=kafka),
+                topics["requests"],
+                topics["responses"],
+                fetch_wait_ms=client_wait,
             )
             for _ in range(4):  # joined (after the killed member's session ran out) and warm
                 try:
@@ -616,23 +666,46 @@ def main() -> None:
                 wait_for_echo(kafka, echo_req, topics["responses"], echo, 60)
             tracer = Tracer(kafka, topics["model"])
             tracer.t.start()
+            pids = {"updater": updater.pid, "query": q.pid, "bench": os.getpid()}
+            if echo is not None:
+                pids["echo"] = echo.pid
+            if broker_pid is not None:
+                pids["broker"] = broker_pid
             for rate in rates:
-                before_q, before_u = scrape(q_url), scrape(up_url)
-                load = Load(kafka, topics["interactions"], rate, n_users, n_items)
+                load = Load(kafka, topics["interactions"], rate, n_users, n_items,
+                            known.load_linger)  # fmt: skip
+                warm_producer(load.p, warm_topic)
                 load.t.start()
+                # the window opens once the load is steady: the histograms' counts are read
+                # after 2 s of it (the events of its first second used to make the p99)
                 time.sleep(2.0)
+                before_q, before_u = scrape(q_url), scrape(up_url)
                 w0 = time.time()
-                lat, missed = new_user_latency(kafka, topics, seconds, client)
+                cpu0 = {name: cpu_of(pid) for name, pid in pids.items()}
+                lat, missed = new_user_latency(kafka, topics, seconds, client, warm_topic)
                 rtt: dict[str, Any] = {}
                 if req_rate:
-                    # the bare echo and the service in turn, each with the updater applying
-                    # `rate` events/s and the query process following its commits
-                    for target, req_topic in (("echo", echo_req), ("service", topics["requests"])):
+                    # the bare echo and the service take turns (`--rounds`), each with the
+                    # updater applying `rate` events/s and the query process following its
+                    # commits: a hiccup of the host or the broker (a periodic snapshot) lands on
+                    # one side's share only by chance, not on the whole of the second one
+                    pooled: dict[str, list[float]] = {"echo": [], "service": []}
+                    for target in [t for _ in range(known.rounds) for t in ("echo", "service")]:
+                        req_topic = echo_req if target == "echo" else topics["requests"]
                         r = run_load(kafka, req_topic, topics["responses"], probe_users,
-                                     req_rate, 2.0, req_seconds, FETCH_WAIT_MS,
-                                     LINGER_MS)  # fmt: skip
-                        rtt[target] = {k: r[k] for k in ("total_ms", "answered", "lost", "errors")}
+                                     req_rate, 1.0, req_seconds / known.rounds, client_wait,
+                                     LINGER_MS, raw=True)  # fmt: skip
+                        pooled[target].extend(r.pop("total_raw_ms"))
+                        acc = rtt.setdefault(target, {"answered": 0, "lost": 0, "errors": 0})
+                        for k in ("answered", "lost", "errors"):
+                            acc[k] += r[k]
+                    for target, lat_ms in pooled.items():
+                        rtt[target]["total_ms"] = summarize(np.asarray(lat_ms))
                 w1 = time.time()
+                cpu_pct = {
+                    name: round((cpu_of(pid) - cpu0[name]) / (w1 - w0) * 100, 1)
+                    for name, pid in pids.items()
+                }
                 load.stop.set()
                 load.t.join(60)
                 time.sleep(2.0)
@@ -671,8 +744,11 @@ def main() -> None:
                     "missed": missed,
                     "bytes_per_event": by / ev if ev else float("nan"),
                     "rtt": rtt,
-                    "legs": tracer.window(w0 - 2.0, w1),
-                    "slow_turns": slow_turns(work / "updater.log", w0 - 2.0, w1),
+                    # CPU of each process over the window (% of one core): the embedded broker
+                    # lists every batch of a partition for each fetch that is behind its end
+                    "cpu_pct": cpu_pct,
+                    "legs": tracer.window(w0, w1),
+                    "slow_turns": slow_turns(work / "updater.log", w0, w1),
                     # the processes' own histograms over the window (interpolated)
                     "updater_apply_p99_s": hq(after_u, before_u, f"{sm}batch_apply_seconds", 0.99),
                     "updater_write_p99_s": hq(after_u, before_u, f"{sm}batch_write_seconds", 0.99),
@@ -697,6 +773,8 @@ def main() -> None:
                     f"{row['event_age_p50']:.3f} / p99 {row['event_age_p99']:.3f} s",
                     flush=True,
                 )
+                cpu_line = ", ".join(f"{k} {v:.0f}" for k, v in cpu_pct.items())
+                print(f"CPU % of one core over the window: {cpu_line}", flush=True)
                 print(f"RocksDB write batches: {row['store_bytes_per_event']:,.0f} bytes/event",
                       flush=True)  # fmt: skip
                 st = row["slow_turns"]

@@ -177,10 +177,12 @@ def run_load(
     fetch_wait_ms: int,
     linger_ms: float,
     on_window: Callable[[], None] | None = None,
+    raw: bool = False,
 ) -> dict[str, Any]:
     """Send `rate` requests/s for `warmup` + `duration` s; latencies (ms) of the requests sent
     in the measured window, and apart those of the warm-up. `on_window` runs as the window
-    opens (reads the service's counters there)."""
+    opens (reads the service's counters there); `raw` adds every latency (`total_raw_ms`), for
+    callers that pool several runs."""
     ks = KafkaSettings(bootstrap_servers=bootstrap)
     producer = request_producer(ks, linger_ms)
     consumer = reply_consumer(ks, fetch_wait_ms)
@@ -275,6 +277,7 @@ def run_load(
         "achieved_rate": (total_n - n_warm) / send_wall,
         "load_wall_s": wall,
         "total_ms": summarize(np.asarray(total) * 1e3),
+        **({"total_raw_ms": [x * 1e3 for x in total]} if raw else {}),
         "request_leg_ms": summarize(np.asarray(req_leg) * 1e3),
         "reply_leg_ms": summarize(np.asarray(reply_leg) * 1e3),
         "client_cpu_s": time.process_time() - cpu0,

@@ -12,7 +12,10 @@ Tansu quirks worth knowing (Tansu 0.6.0):
   offset of the last record batch plus one, not the end of the log; the high watermark carried in
   fetch responses (``get_watermark_offsets(cached=True)`` or the ``consumer_lag`` statistic) is
   right. ``offsets_for_times`` answers offset 0 for any timestamp.
-- A fetch is not woken by new data, so latency is up to ``fetch.wait.max.ms``: use about 10 ms.
+- Every fetch is answered after ``fetch.wait.max.ms`` (new data does not wake it, data already
+  there does not cut it short), and one from behind the partition's end lists every batch the
+  partition ever held first (~0.6 us a batch): short waits on long partitions keep the broker's
+  CPU busy (docs/architecture.md, *Embedded broker*). About 20 ms suits a few 10k batches.
 - A fetch ignores ``max.partition.fetch.bytes`` and can return the whole backlog (20 MB+) at once;
   librdkafka then finds its queue above ``queued.min.messages`` and waits
   ``fetch.queue.backoff.ms`` (1 s by default) before fetching again, capping a backlog at about

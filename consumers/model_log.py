@@ -939,7 +939,7 @@ class ModelFollower:
             # a snapshot is read as fast as it is applied: a small prefetch queue keeps the
             # process lean (the shared default holds up to 256 MB of fetched records)
             **{
-                "fetch.wait.max.ms": 5,
+                "fetch.wait.max.ms": settings.model_log_fetch_wait_ms,
                 "enable.partition.eof": False,
                 "queued.max.messages.kbytes": 16 * 1024,
                 "max.partition.fetch.bytes": 4 << 20,

@@ -146,11 +146,13 @@ class UpdaterSettings(ProcessSettings):
         "already fetched is drained whatever this says, so batches still fill up)",
     )
     fetch_wait_ms: int = Field(
-        default=5,
+        default=20,
         ge=0,
-        description="the interactions consumer's fetch.wait.max.ms: a broker that does not "
-        "answer a waiting fetch when data arrives (the embedded one) holds each event up to "
-        "this long on its way in (was 10)",
+        description="the interactions consumer's fetch.wait.max.ms: Kafka answers a waiting "
+        "fetch as soon as data arrives; the embedded broker answers every fetch after this "
+        "long and lists the partition's batches for each one behind the end, so a shorter "
+        "wait costs it CPU that every process on the host then waits for "
+        "(docs/architecture.md, Embedded broker; was 5)",
     )
     pause_gc: bool = Field(
         default=True,
@@ -280,6 +282,12 @@ class QuerySettings(ProcessSettings):
     session_timeout_ms: int = 10_000
     blas_threads: int = Field(default=1, ge=1, description="BLAS threads for scoring")
     fetch_wait_ms: int = Field(default=2, ge=0, description="consumer fetch.wait.max.ms")
+    model_log_fetch_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        description="the model-log follower's fetch.wait.max.ms (see the updater's "
+        "fetch_wait_ms; was 5)",
+    )
     reply_compression: Compression = Field(
         default="none",
         description="compression of replies (none: readable by every client without a codec "

@@ -201,8 +201,18 @@ class Load:
         self.p = kafka_io.producer(ks, **{"linger.ms": linger_ms})
         self.topic, self.rate, self.nu, self.ni = topic, rate, n_users, n_items
         self.sent = 0
+        # (stamp, stamp to the broker's acknowledgement) of each chunk's first event: the
+        # event's way into the broker, apart from the broker to the updater
+        self.acks: list[tuple[float, float]] = []
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
+
+    def acked_within(self, t0: float, t1: float) -> dict[str, float]:
+        lat = np.asarray([a for at, a in self.acks if t0 <= at < t1])
+        if not lat.size:
+            return {}
+        return {"p50_ms": float(np.percentile(lat, 50) * 1e3),
+                "p99_ms": float(np.percentile(lat, 99) * 1e3)}  # fmt: skip
 
     def run(self) -> None:
         rng = np.random.default_rng(1)
@@ -213,17 +223,27 @@ class Load:
                 now = time.time()
                 us = rng.integers(self.nu, size=due).tolist()
                 its = rng.zipf(1.3, size=due) % self.ni
-                for u, i in zip(us, its.tolist(), strict=True):
+                for j, (u, i) in enumerate(zip(us, its.tolist(), strict=True)):
                     doc = {
                         "user_id": f"u{u}",
                         "item_id": f"i{i}",
                         "event_type": "view",
                         "timestamp": now,
                     }
+                    cb = None
+                    if j == 0:
+
+                        def cb(err: Any, _m: Any, at: float = now) -> None:
+                            if err is None:
+                                self.acks.append((at, time.time() - at))
+
                     while True:
                         try:
                             self.p.produce(
-                                self.topic, key=f"u{u}".encode(), value=orjson.dumps(doc)
+                                self.topic,
+                                key=f"u{u}".encode(),
+                                value=orjson.dumps(doc),
+                                on_delivery=cb,
                             )
                             break
                         except BufferError:
@@ -748,6 +768,7 @@ def main() -> None:
                     # lists every batch of a partition for each fetch that is behind its end
                     "cpu_pct": cpu_pct,
                     "legs": tracer.window(w0, w1),
+                    "event_acked": load.acked_within(w0, w1),
                     "slow_turns": slow_turns(work / "updater.log", w0, w1),
                     # the processes' own histograms over the window (interpolated)
                     "updater_apply_p99_s": hq(after_u, before_u, f"{sm}batch_apply_seconds", 0.99),
@@ -767,6 +788,9 @@ def main() -> None:
                     row["rtt_echo_p99_ms"], row["rtt_service_p99_ms"] = e99, s99
                     row["rtt_ratio_p99"] = s99 / e99 if e99 else float("nan")
                 rows.append(row)
+                ack = row["event_acked"]
+                print(f"event -> acknowledged by the broker p50 {ack.get('p50_ms', 0):.0f} / "
+                      f"p99 {ack.get('p99_ms', 0):.0f} ms", flush=True)  # fmt: skip
                 print(
                     f"updater's share: event -> fetched p50 {row['event_fetch_age_p50']:.3f} / "
                     f"p99 {row['event_fetch_age_p99']:.3f} s; event -> committed p50 "

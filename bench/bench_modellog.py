@@ -429,6 +429,13 @@ def main() -> None:
         "process's requests and model log, the echo's, the clients'); default: each one's own",
     )
     pre.add_argument(
+        "--request-fetch-wait",
+        type=int,
+        default=None,
+        help="fetch.wait.max.ms of the request path only (the query process's and the echo's "
+        "request consumers, the clients' reply consumers); after --fetch-wait",
+    )
+    pre.add_argument(
         "--load-linger", type=float, default=5.0, help="linger.ms of the live events' producer"
     )
     pre.add_argument(
@@ -508,6 +515,9 @@ def main() -> None:
                 )
             )
             up_url = f"http://127.0.0.1:{up_port}/metrics"
+            if known.request_fetch_wait is not None:  # the processes started from here on
+                env["STREAM_MF_FETCH_WAIT_MS"] = str(known.request_fetch_wait)
+                client_wait = result["client_fetch_wait_ms"] = known.request_fetch_wait
             rng = np.random.default_rng(0)
             n_events = 3 * n_users
             users = np.arange(n_events) % n_users

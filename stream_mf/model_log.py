@@ -225,6 +225,15 @@ class Marker:
     count: int = 0  # events in this commit
     times: list[float] = field(default_factory=list)  # a sample of their event times
     at: float = 0.0  # wall time the marker was produced
+    epoch: int = 0  # the store's offset epoch: offsets moved back on purpose start a new one
+
+    def behind(self, other: Marker) -> bool:
+        """True when this commit stands for less of the input than `other`: a replay after a
+        crash (the updater learns again from its last checkpoint) or an older epoch. A reader
+        that applied `other` skips it (whole rows of an older state would move it back)."""
+        if self.epoch != other.epoch:
+            return self.epoch < other.epoch
+        return any(self.offsets.get(k, 0) < o for k, o in other.offsets.items())
 
     def encode(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -885,6 +894,7 @@ class ModelReader:
         self.served: Served | None = None
         self.applied: list[Marker] = []  # markers applied since the last `take_applied`
         self.skipped = 0  # records of a generation they cannot belong to (never applied)
+        self.replayed = 0  # commits skipped as behind the one applied (a replay, `Marker.behind`)
         self.dirty = False
         self.last_marker: Marker | None = None
         self.tailing = False  # reading a snapshot of the live generation into the live model
@@ -982,6 +992,18 @@ class ModelReader:
     def _marker(self, m: Marker) -> None:
         self.last_marker = m
         b = self.building
+        live = self.live
+        if live is not None and live.marker is not None and m.behind(live.marker):
+            # a commit of a replay that this reader already applied (its source offsets stop
+            # short of the served ones): skipped, snapshot included, so it never goes back
+            self.replayed += 1
+            self.pending.clear()
+            self._ubuf.clear()
+            if b is not None and b.complete(m):  # a snapshot of the replay: dropped
+                self.building = None
+            if m.snapshot:
+                self.tailing = False
+            return
         if b is not None:
             self._flush_users(b)
             if not b.complete(m):  # a compacted stretch, or a snapshot still under way

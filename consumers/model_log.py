@@ -305,13 +305,16 @@ class ModelLogPublisher:
             else:  # the snapshot topic was renamed: the marker's `snap` is a tail point
                 log.info("the model log names a snapshot on %r, not on %r: publishing one",
                          marker.snap_topic, self.snap_topic)  # fmt: skip
-        if marker is not None and marker.seq > self.seq:
-            # commits the store lost (a crash before their checkpoint) or a restore: the count
-            # goes on from the log's, and the replay is held back until it passes the marker
-            self.store.bump_commits(marker.seq)
+        lost = marker is not None and marker.seq > self.seq
+        if lost:
+            # commits the store lost (a crash before their checkpoint): the count goes on from
+            # the log's, and the replay is held back until it passes the marker
+            self.store.bump_commits(marker.seq if marker is not None else 0)
             self.seq = self.store.commits()
         if marker is not None and marker.epoch == self.epoch:
             self.reach = {k: o for k, o in marker.offsets.items() if o > self.offsets.get(k, 0)}
+        if marker is not None and marker.epoch > self.epoch:  # a store restored from before a
+            self.epoch = marker.epoch  # move back: the epoch never goes back either
         if self.reach:
             log.info("the model log is ahead of the store (%s, the store at %s): replaying "
                      "without publishing until past it, then a snapshot", self.reach,
@@ -320,6 +323,7 @@ class ModelLogPublisher:
             return True
         if (
             marker is not None
+            and not lost
             and marker.seq == self.seq
             and marker.gen == self.gen
             and marker.pending_items == 0

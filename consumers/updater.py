@@ -692,7 +692,7 @@ class Updater:
                 turn.mark("checks")
                 self._drive_rebuild()
                 turn.mark("rebuild")
-                self._checkpoint_if_due()
+                self._checkpoint_if_due(idle=not msgs)
                 turn.mark("checkpoint")
                 self.publisher.tick(self.model.state)
                 turn.mark("model_log")
@@ -775,13 +775,18 @@ class Updater:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def _checkpoint_if_due(self) -> None:
+    def _checkpoint_if_due(self, idle: bool = False) -> None:
+        """Every `checkpoint_seconds` or `checkpoint_events`, and at once when the loop is
+        caught up (`idle`: a turn that collected nothing): writes are then cheap, and the
+        replay after a crash is nothing."""
         s = self.settings
         if not self.store.pending:
             self._next_checkpoint = time.monotonic() + s.checkpoint_seconds
             return
-        if (s.checkpoint_seconds and time.monotonic() >= self._next_checkpoint) or (
-            s.checkpoint_events and self.store.pending_events() >= s.checkpoint_events
+        if (
+            idle
+            or (s.checkpoint_seconds and time.monotonic() >= self._next_checkpoint)
+            or (s.checkpoint_events and self.store.pending_events() >= s.checkpoint_events)
         ):
             self._checkpoint()
 

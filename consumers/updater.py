@@ -1160,6 +1160,14 @@ class Updater:
         )
         log.debug("the batch failed with", exc_info=exc)
         self._reload()
+        # every half is written at once: the next failure reloads the store, which must hold it
+        deferred, self.store.deferred = self.store.deferred, False
+        try:
+            self._halves(msgs)
+        finally:
+            self.store.deferred = deferred
+
+    def _halves(self, msgs: list[Message]) -> None:
         todo: deque[list[Message]] = deque([msgs])
         while todo:
             part = todo.popleft()

@@ -33,6 +33,7 @@ from confluent_kafka.admin import ConfigResource
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from consumers.topics import admin_client, create_topics
+from stream_mf.arrays import unique_sorted
 from stream_mf.model_log import (
     BEGIN_KEY,
     CONFIG_KEY,
@@ -435,7 +436,7 @@ class ModelLogPublisher:
         if info.everything or self.need_snapshot:
             self.snapshot(state, info)
             return
-        rows = np.unique(info.users).tolist()
+        rows = unique_sorted(info.users).tolist()
         t = state.transitions
         for k, v in user_records(state.users, self.gen, self.seen, rows, last=t.last):
             self._produce(k, v)

@@ -78,6 +78,7 @@ from consumers.metrics import (
 )
 from consumers.model_log import ModelLogPublisher
 from consumers.settings import UpdaterSettings
+from stream_mf.arrays import unique_sorted
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
@@ -1041,7 +1042,7 @@ class Updater:
         log.debug("the batch failed with", exc_info=exc)
         _values, parts, offs, _stamps = _columns(msgs)
         to = dict(self._rewound_to or {})
-        for p in np.unique(parts).tolist():
+        for p in unique_sorted(parts).tolist():
             key = (self.topic, p)
             to[key] = max(to.get(key, 0), int(offs[parts == p].max()) + 1)
         self._rewound_to = to
@@ -1258,7 +1259,7 @@ class Updater:
     def _next_offsets(self, parts: np.ndarray, offs: np.ndarray) -> dict[tuple[str, int], int]:
         """Next offset per partition after this batch (all messages come from one topic)."""
         nxt: dict[tuple[str, int], int] = {}
-        for p in np.unique(parts).tolist():
+        for p in unique_sorted(parts).tolist():
             nxt[(self.topic, p)] = int(offs[parts == p].max()) + 1
         for key, o in nxt.items():
             before = self.offsets.get(key, 0)

@@ -50,6 +50,7 @@ import numpy as np
 import orjson
 
 from stream_mf.answer import UserRecord
+from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
 from stream_mf.recommend import ItemView
 from stream_mf.state import NEVER, EntityTable, ModelState
@@ -263,7 +264,8 @@ class SeenIndex:
         event), a tenth of the updater's whole budget; this is about 1 us."""
         if pair_keys.size == 0:
             return
-        keys = np.unique(np.asarray(pair_keys, np.int64))
+        # unique_sorted: numpy 2's np.unique hashes, 14x slower here (a sort of ~500k keys)
+        keys = unique_sorted(np.asarray(pair_keys, np.int64))
         users = keys >> 32
         first = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
         touched = users[first].tolist()
@@ -275,7 +277,7 @@ class SeenIndex:
             (np.repeat(place, n_old) << 32) | np.concatenate([*old, _NONE]).astype(np.int64),
             (np.repeat(place, np.diff(np.append(first, keys.size))) << 32) | (keys & _LOW32),
         ])  # fmt: skip
-        both = np.unique(both)
+        both = unique_sorted(both)
         items = (both & _LOW32).astype(np.int32)
         bounds = np.searchsorted(both >> 32, np.arange(len(touched) + 1)).tolist()
         for j, u in enumerate(touched):

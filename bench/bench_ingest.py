@@ -61,7 +61,7 @@ from consumers import kafka_io
 from consumers.local_broker import EmbeddedBroker, free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape
 from consumers.publish import publish
-from consumers.settings import KafkaSettings
+from consumers.settings import KafkaSettings, UpdaterSettings
 from consumers.topics import create_topics
 from stream_mf.config import ModelConfig
 from tests.synthetic import PlantedStream, planted_stream
@@ -403,6 +403,7 @@ def replay_after_kill(
     at: float,
     tree: Path | None = None,
     interval: float = 2.0,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The updater (checkpoints every `interval` s) over the topic, SIGKILLed just before a
     checkpoint is due once `at` of the stream is learned (the most a crash replays), then
@@ -416,6 +417,7 @@ def replay_after_kill(
         "STREAM_MF_TOPICS__DEAD_LETTER": dead_letter,
         "STREAM_MF_GROUP_ID": f"bench-updater-{uuid.uuid4().hex[:8]}",
         "STREAM_MF_RESTORE": "false",
+        **(extra_env or {}),
         "STREAM_MF_CHECKPOINT_SECONDS": str(interval),
         # the model log of each run apart: the replay is held back against this run's log
         "STREAM_MF_TOPICS__MODEL": f"bench-model-{uuid.uuid4().hex[:8]}",
@@ -725,6 +727,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
     ap.add_argument("--partitions", type=int, default=1, help="--compare: partitions of the topic")
     ap.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--compare: an environment setting of the new side only (repeatable), e.g. "
+        "STREAM_MF_CHECKPOINT_SECONDS=10",
+    )
+    ap.add_argument(
         "--replay",
         type=int,
         default=0,
@@ -870,6 +880,14 @@ def compare_main(args: argparse.Namespace) -> int:
     }
     runs: list[dict[str, Any]] = []
     bare: list[dict[str, Any]] = []
+    new_env = dict(kv.split("=", 1) for kv in args.new_env)
+    interval = float(
+        new_env.get(
+            "STREAM_MF_CHECKPOINT_SECONDS",
+            UpdaterSettings.model_fields["checkpoint_seconds"].default,
+        )
+    )
+    result["new_env"] = new_env
     try:
         s = planted_stream(
             spec["n_events"],
@@ -913,6 +931,7 @@ def compare_main(args: argparse.Namespace) -> int:
                         broker_pid,
                         label=side,
                         tree=trees[side],
+                        extra_env=new_env if side == "new" else None,
                     )
                     row = {"round": r, "side": side, **run.row(), "load": os.getloadavg()[0]}
                     span_cpu, span_n = row["span_cpu_s"], row["events_in_span"]
@@ -926,7 +945,8 @@ def compare_main(args: argparse.Namespace) -> int:
             if args.replay:
                 result["replay"] = [
                     replay_after_kill(children, bootstrap, topic, dlt, n, batch, work, budget,
-                                      args.replay_at, tree=trees["new"])
+                                      args.replay_at, tree=trees["new"], interval=interval,
+                                      extra_env=new_env)
                     for _ in range(args.replay)
                 ]  # fmt: skip
             if args.profile:  # apart from the measured runs: py-spy slows what it samples

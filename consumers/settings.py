@@ -182,14 +182,14 @@ class UpdaterSettings(ProcessSettings):
         default=False, description="fsync every checkpoint and store commit (survives an OS crash)"
     )
     checkpoint_seconds: float = Field(
-        default=2.0,
+        default=10.0,
         ge=0,
         description="write the learned state and the next offsets to the model store at least "
         "this often (a checkpoint); a crash replays `interactions` from the last one. 0 with "
         "checkpoint_events 0: every micro-batch, as before checkpoints",
     )
     checkpoint_events: int = Field(
-        default=500_000,
+        default=1_000_000,
         ge=0,
         description="... or once this many events were learned since the last checkpoint "
         "(0: no bound by count)",

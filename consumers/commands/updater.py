@@ -27,14 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="write the learned state and next offsets to the store at least this often "
-        "(default 2; a crash replays from the last checkpoint; 0 and --checkpoint-events 0: "
+        "(default 10; a crash replays from the last checkpoint; 0 and --checkpoint-events 0: "
         "every batch)",
     )
     p.add_argument(
         "--checkpoint-events",
         type=int,
         default=None,
-        help="... or after this many events (default 500000; 0: no bound by count)",
+        help="... or after this many events (default 1000000; 0: no bound by count)",
     )
     p.add_argument(
         "--max-future-seconds",

@@ -453,7 +453,8 @@ def replay_after_kill(
         first.kill()
         out["pending_at_kill"] = got.get(PENDING, 0.0)
         out["applied_at_kill"] = metric_sum(got, APPLIED)
-        out["checkpoint_age_at_kill_s"] = time.time() - got.get(CHECKPOINT_AT, 0.0)
+        # since the last checkpoint, or since the process came up if none came yet
+        out["checkpoint_age_at_kill_s"] = time.time() - ck
     finally:
         children.stop(first)
     t0 = time.monotonic()

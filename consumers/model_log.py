@@ -414,9 +414,14 @@ class ModelLogPublisher:
                 self.seen = SeenIndex(confidence_items(state.confidence)[0])
             return
         self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
-        if self.holding():
+        replaying = bool(self.reach)
+        held = self.holding()
+        if replaying:
+            # held, or the commit that passes the log's last marker: it holds events readers
+            # applied already, so its marker (the snapshot's) counts none (none counts twice)
             self.replayed += int(info.events)
             self._times, self._count = [], 0
+        if held:
             if info.generation is not None:
                 self.gen = info.generation
             if self.seen is not None and not info.everything:

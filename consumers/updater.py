@@ -339,6 +339,7 @@ class Updater:
         self.checkpointed = settings.checkpoint_seconds > 0 or settings.checkpoint_events > 0
         self.store.deferred = self.checkpointed
         self._next_checkpoint = time.monotonic() + settings.checkpoint_seconds
+        self.metrics.checkpoint_time.set(time.time())  # the store is durable as it is now
         # a batch failed with batches learned since the checkpoint: they are read again, each
         # written at once, up to these offsets (the end of the failed batch), then checkpoints
         self._rewound_to: dict[tuple[str, int], int] | None = None

@@ -61,7 +61,7 @@ from consumers import kafka_io
 from consumers.local_broker import EmbeddedBroker, free_port
 from consumers.processes import ManagedProcess, metric_sum, scrape
 from consumers.publish import publish
-from consumers.settings import KafkaSettings
+from consumers.settings import KafkaSettings, UpdaterSettings
 from consumers.topics import create_topics
 from stream_mf.config import ModelConfig
 from tests.synthetic import PlantedStream, planted_stream
@@ -72,6 +72,9 @@ TARGET_RATE = 100_000.0
 TARGET_RATIO = 0.6
 APPLIED = "stream_mf_events_applied_total"
 LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
+# checkpointed durability: a run ends when its last event is durable (a checkpoint after it)
+CHECKPOINT_AT = "stream_mf_checkpoint_timestamp_seconds"
+PENDING = "stream_mf_checkpoint_pending_events"
 PYSPY_RATE = 250  # samples/s
 
 
@@ -190,13 +193,15 @@ def prepublish(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) 
 # ---- (a) raw consume ----------------------------------------------------------------------------
 
 
-def raw_consume(bootstrap: str, topic: str, n: int, timeout: float, **extra: Any) -> dict[str, Any]:
+def raw_consume(
+    bootstrap: str, topic: str, n: int, timeout: float, partitions: int = 1, **extra: Any
+) -> dict[str, Any]:
     """consume(10000) loop over the whole topic, touching every value; events/s."""
     c = kafka_io.consumer(
         KafkaSettings(bootstrap_servers=bootstrap), f"bench-raw-{uuid.uuid4().hex[:8]}", **extra
     )
     try:
-        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        c.assign([TopicPartition(topic, q, OFFSET_BEGINNING) for q in range(partitions)])
         got = nbytes = 0
         t0 = time.perf_counter()
         first = None
@@ -328,7 +333,6 @@ def run_updater(
             spy = start_pyspy(children, p.pid, spy_out)
         first: tuple[float, float] | None = None  # (applied, last commit) at the first stable pair
         first_sums = (0.0, 0.0, 0.0)  # apply s, write s, batches at that point
-        prev: tuple[float, float] | None = None
         cpu_first: float | None = None
         end = time.monotonic() + timeout
         last: dict[str, float] = {}
@@ -344,12 +348,13 @@ def run_updater(
             if got is not None:
                 last = got
                 pair = (metric_sum(got, APPLIED), got.get(LAST_COMMIT, 0.0))
-                if first is None and pair[0] > 0 and pair == prev:
+                # the first commit: its count and time (a pair stable over two scrapes was
+                # the rule, but a checkpoint's pause mid-run is as stable)
+                if first is None and pair[0] > 0 and pair[1] > 0:
                     first = pair
                     first_sums = _sums(got)
                     cpu_first = cpu_seconds(p.pid)
-                prev = pair
-                if pair[0] >= n:
+                if pair[0] >= n and got.get(PENDING, 0.0) == 0:  # learned, and durable
                     break
             time.sleep(0.5)  # scrapes cost the updater GIL time (4% at 5/s): keep them rare
         run.wall_s = time.time() - t_start
@@ -359,7 +364,8 @@ def run_updater(
         b_cpu1 = cpu_seconds(broker_pid)
         if b_cpu0 is not None and b_cpu1 is not None:
             run.broker_cpu_s = b_cpu1 - b_cpu0
-        t_last = last[LAST_COMMIT]
+        # the last batch's commit, or (checkpoints) the checkpoint that made it durable
+        t_last = max(last[LAST_COMMIT], last.get(CHECKPOINT_AT, 0.0))
         if first is None or first[0] >= n:  # one batch only: fall back to process wall time
             first = (0.0, t_start)
         run.events_in_span = int(n - first[0])
@@ -383,6 +389,103 @@ def run_updater(
         children.stop(p)
         shutil.rmtree(state, ignore_errors=True)
     return run
+
+
+def replay_after_kill(
+    children: Children,
+    bootstrap: str,
+    topic: str,
+    dead_letter: str,
+    n: int,
+    batch: int,
+    work: Path,
+    timeout: float,
+    at: float,
+    tree: Path | None = None,
+    interval: float = 2.0,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The updater (checkpoints every `interval` s) over the topic, SIGKILLed just before a
+    checkpoint is due once `at` of the stream is learned (the most a crash replays), then
+    started again on its store: the time to learn the lost events again (start-up included),
+    and to the end of the stream."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    state = work / f"state-replay-{uuid.uuid4().hex[:8]}"
+    env = {
+        "STREAM_MF_TOPICS__INTERACTIONS": topic,
+        "STREAM_MF_TOPICS__DEAD_LETTER": dead_letter,
+        "STREAM_MF_GROUP_ID": f"bench-updater-{uuid.uuid4().hex[:8]}",
+        "STREAM_MF_RESTORE": "false",
+        **(extra_env or {}),
+        "STREAM_MF_CHECKPOINT_SECONDS": str(interval),
+        # the model log of each run apart: the replay is held back against this run's log
+        "STREAM_MF_TOPICS__MODEL": f"bench-model-{uuid.uuid4().hex[:8]}",
+    }
+    argv = ["updater", "--bootstrap-servers", bootstrap, "--state-dir", str(state),
+            "--metrics-port", str(port), "--max-batch-events", str(batch),
+            *MODEL_FLAGS]  # fmt: skip
+    out: dict[str, Any] = {"interval_s": interval, "load": os.getloadavg()[0]}
+
+    def proc() -> ManagedProcess:
+        p = ManagedProcess(f"updater-replay-{uuid.uuid4().hex[:4]}", argv, work, env=env)
+        if tree is not None:
+            p.env, p.cwd = in_tree(p.env, tree), tree
+        return p
+
+    first = children.start(proc())
+    try:
+        end = time.monotonic() + timeout
+        up = None
+        while True:  # `at` of the stream learned
+            assert first.alive(), first.log_tail()
+            assert time.monotonic() < end, first.log_tail()
+            got = try_scrape(url) or {}
+            if got and up is None:
+                up = time.time()  # about when its first interval began (no checkpoint yet)
+            if metric_sum(got, APPLIED) >= at * n:
+                break
+            time.sleep(0.05)
+        ck = got.get(CHECKPOINT_AT, 0.0) or (up or time.time())
+        while time.time() < ck + interval - 0.15:  # just before the next one is due
+            time.sleep(0.01)
+        got = try_scrape(url) or {}
+        first.kill()
+        out["pending_at_kill"] = got.get(PENDING, 0.0)
+        out["applied_at_kill"] = metric_sum(got, APPLIED)
+        # since the last checkpoint, or since the process came up if none came yet
+        out["checkpoint_age_at_kill_s"] = time.time() - ck
+    finally:
+        children.stop(first)
+    t0 = time.monotonic()
+    second = children.start(proc())
+    try:
+        end = time.monotonic() + timeout
+        replayed_s = up_s = None
+        while True:
+            assert second.alive(), second.log_tail()
+            assert time.monotonic() < end, second.log_tail()
+            got = try_scrape(url)
+            if got is not None:
+                if up_s is None:
+                    up_s = time.monotonic() - t0
+                applied = metric_sum(got, APPLIED)
+                if replayed_s is None and applied >= out["pending_at_kill"]:
+                    replayed_s = time.monotonic() - t0
+                    out["replayed_events"] = got.get("stream_mf_replayed_events_total", 0.0)
+                if applied + out["applied_at_kill"] - out["pending_at_kill"] >= n:
+                    break
+            time.sleep(0.05)
+        out["metrics_up_s"] = up_s
+        out["replay_s"] = replayed_s
+        out["to_end_s"] = time.monotonic() - t0
+    finally:
+        children.stop(second)
+        shutil.rmtree(state, ignore_errors=True)
+    print(f"replay after a SIGKILL {out['checkpoint_age_at_kill_s']:.2f} s after a checkpoint: "
+          f"{out['pending_at_kill']:.0f} events learned again in {out['replay_s']:.1f} s "
+          f"(metrics up after {out['metrics_up_s']:.1f} s)", flush=True)  # fmt: skip
+    return out
 
 
 def _sums(samples: dict[str, float]) -> tuple[float, float, float]:
@@ -621,6 +724,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "split a change into steps)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
+    ap.add_argument("--partitions", type=int, default=1, help="--compare: partitions of the topic")
+    ap.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--compare: an environment setting of the new side only (repeatable), e.g. "
+        "STREAM_MF_CHECKPOINT_SECONDS=10",
+    )
+    ap.add_argument(
+        "--replay",
+        type=int,
+        default=0,
+        help="--compare: this many more runs of the new side, SIGKILLed just before a "
+        "checkpoint is due, and restarted: the replay's time",
+    )
+    ap.add_argument(
+        "--replay-at",
+        type=float,
+        default=0.1,
+        help="--replay: once this share of the stream is learned, kill just before the next "
+        "checkpoint is due",
+    )
     ap.add_argument("--events", type=int, default=None, help="stream length (1M; quick 200k)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     ap.add_argument(
@@ -749,8 +875,19 @@ def compare_main(args: argparse.Namespace) -> int:
         "old_rev": rev,
         "new_rev": rev_label(args.compare_new or "HEAD"),
         "rounds": args.rounds,
+        "partitions": args.partitions,
+        "load_before": os.getloadavg(),
     }
     runs: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
+    new_env = dict(kv.split("=", 1) for kv in args.new_env)
+    interval = float(
+        new_env.get(
+            "STREAM_MF_CHECKPOINT_SECONDS",
+            UpdaterSettings.model_fields["checkpoint_seconds"].default,
+        )
+    )
+    result["new_env"] = new_env
     try:
         s = planted_stream(
             spec["n_events"],
@@ -770,13 +907,17 @@ def compare_main(args: argparse.Namespace) -> int:
             )
             tag = uuid.uuid4().hex[:8]
             topic, dlt = f"bench-interactions-{tag}", f"bench-interactions-{tag}.DLT"
-            create_topics(bootstrap, {topic: 1, dlt: 1})
+            create_topics(bootstrap, {topic: args.partitions, dlt: 1})
             result["broker"] = "embedded tansu" if broker_pid else bootstrap
             result["publish"] = prepublish(bootstrap, topic, payloads)
             del payloads
             print(f"published {n:,} events; old = {rev} ({old_tree}), new = {new_tree}", flush=True)
             trees = {"old": old_tree, "new": new_tree}
             for r in range(args.rounds):
+                raw = raw_consume(bootstrap, topic, n, budget, args.partitions)
+                raw["load"] = os.getloadavg()[0]
+                bare.append({"round": r, **raw})
+                print(f"round {r} bare consume: {fmt_rate(raw['events_per_s'])}/s", flush=True)
                 for side in round_order(r):
                     run = run_updater(
                         children,
@@ -790,8 +931,9 @@ def compare_main(args: argparse.Namespace) -> int:
                         broker_pid,
                         label=side,
                         tree=trees[side],
+                        extra_env=new_env if side == "new" else None,
                     )
-                    row = {"round": r, "side": side, **run.row()}
+                    row = {"round": r, "side": side, **run.row(), "load": os.getloadavg()[0]}
                     span_cpu, span_n = row["span_cpu_s"], row["events_in_span"]
                     row["cpu_ms_per_1k"] = 1e6 * span_cpu / span_n if span_cpu and span_n else None
                     runs.append(row)
@@ -800,6 +942,13 @@ def compare_main(args: argparse.Namespace) -> int:
                         f"updater CPU {row['updater_cpu_s'] or 0:.1f} s",
                         flush=True,
                     )
+            if args.replay:
+                result["replay"] = [
+                    replay_after_kill(children, bootstrap, topic, dlt, n, batch, work, budget,
+                                      args.replay_at, tree=trees["new"], interval=interval,
+                                      extra_env=new_env)
+                    for _ in range(args.replay)
+                ]  # fmt: skip
             if args.profile:  # apart from the measured runs: py-spy slows what it samples
                 profiles = {}
                 for side in ("old", "new"):
@@ -826,6 +975,8 @@ def compare_main(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     result["runs"] = runs
+    result["bare"] = bare
+    result["load_after"] = os.getloadavg()
 
     def per_side(key: str) -> dict[str, list[float]]:
         return {
@@ -838,8 +989,27 @@ def compare_main(args: argparse.Namespace) -> int:
         per_side("wall_events_per_s"), higher_is_better=True
     )
     result["cpu_ms_per_1k"] = compare_summary(per_side("cpu_ms_per_1k"), higher_is_better=False)
+    if bare:
+        raw_med = float(np.median([b["events_per_s"] for b in bare]))
+        result["bare_events_per_s"] = raw_med
+        result["x_bare"] = {
+            side: result["events_per_s"][f"median_{side}"] / raw_med
+            for side in ("old", "new")
+            if f"median_{side}" in result["events_per_s"]
+        }
     result["wall_s"] = time.perf_counter() - t_all
     report_compare(result)
+    if bare:
+        xo, xn = (result["x_bare"].get(k, float("nan")) for k in ("old", "new"))
+        print(f"bare consume (median of {len(bare)}, {args.partitions} partition(s)): "
+              f"{fmt_rate(result['bare_events_per_s'])}/s; updater / bare: old "
+              f"{xo:.2f}, new {xn:.2f}")  # fmt: skip
+    for rp in result.get("replay") or []:
+        print(f"replay: {rp['pending_at_kill']:.0f} events lost at the kill, learned again "
+              f"{rp['replay_s']:.1f} s after the restart (metrics up at {rp['metrics_up_s']:.1f} "
+              f"s), load {rp['load']:.1f}")  # fmt: skip
+    print(f"load average before {result['load_before'][0]:.1f}, after "
+          f"{result['load_after'][0]:.1f} (2 cores)")  # fmt: skip
     write_results("bench_ingest_compare", result, args.out)
     return 0
 

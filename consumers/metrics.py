@@ -241,6 +241,40 @@ class UpdaterMetrics:
             "the log's end when it was restored",
             registry=r,
         )
+        self.checkpoint_time = Gauge(
+            "stream_mf_checkpoint_timestamp_seconds",
+            "When the last checkpoint made the learned state durable (age: time() - this; a "
+            "crash replays the events learned since)",
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "stream_mf_checkpoint_duration_seconds",
+            "Time to merge and write one checkpoint (one RocksDB WriteBatch)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.checkpoint_bytes = Gauge(
+            "stream_mf_checkpoint_bytes", "Size of the last checkpoint's WriteBatch", registry=r
+        )
+        self.checkpoint_events = Gauge(
+            "stream_mf_checkpoint_events",
+            "Events the last checkpoint made durable (what a crash just before it replays)",
+            registry=r,
+        )
+        self.pending_events = Gauge(
+            "stream_mf_checkpoint_pending_events",
+            "Events learned (and published on the model log) since the last checkpoint",
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "stream_mf_checkpoints", "Checkpoints written to the model store", registry=r
+        )
+        self.replayed = Counter(
+            "stream_mf_replayed_events",
+            "Events learned again after a restart, from the store's last checkpoint to where "
+            "the previous process had published (the model log's last marker)",
+            registry=r,
+        )
         # every label a series can have exists from the start, so rate() sees the first one
         for reason in REASONS:
             self.dead_lettered.labels(reason)

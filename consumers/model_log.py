@@ -33,6 +33,7 @@ from confluent_kafka.admin import ConfigResource
 from consumers import kafka_io
 from consumers.settings import KafkaSettings, QuerySettings, UpdaterSettings
 from consumers.topics import admin_client, create_topics
+from stream_mf.arrays import unique_sorted
 from stream_mf.model_log import (
     BEGIN_KEY,
     CONFIG_KEY,
@@ -226,6 +227,12 @@ class ModelLogPublisher:
         self.gen = store.generation()
         self.offsets: dict[str, int] = {f"{t}/{p}": o for (t, p), o in store.offsets().items()}
         self.seq = store.commits()
+        self.epoch = store.offset_epoch()
+        # after a crash the log holds commits the store lost (published before their
+        # checkpoint): the source offsets of its last marker, which the replay must pass
+        # before anything is published (readers hold that state already); then a snapshot
+        self.reach: dict[str, int] = {}
+        self.replayed = 0  # events learned again while behind `reach`
         self.need_snapshot = True
         self.snap_offset: int | None = None
         self.snapshot_bytes = 0
@@ -299,8 +306,25 @@ class ModelLogPublisher:
             else:  # the snapshot topic was renamed: the marker's `snap` is a tail point
                 log.info("the model log names a snapshot on %r, not on %r: publishing one",
                          marker.snap_topic, self.snap_topic)  # fmt: skip
+        lost = marker is not None and marker.seq > self.seq
+        if lost:
+            # commits the store lost (a crash before their checkpoint): the count goes on from
+            # the log's, and the replay is held back until it passes the marker
+            self.store.bump_commits(marker.seq if marker is not None else 0)
+            self.seq = self.store.commits()
+        if marker is not None and marker.epoch == self.epoch:
+            self.reach = {k: o for k, o in marker.offsets.items() if o > self.offsets.get(k, 0)}
+        if marker is not None and marker.epoch > self.epoch:  # a store restored from before a
+            self.epoch = marker.epoch  # move back: the epoch never goes back either
+        if self.reach:
+            log.info("the model log is ahead of the store (%s, the store at %s): replaying "
+                     "without publishing until past it, then a snapshot", self.reach,
+                     self.offsets)  # fmt: skip
+            self.need_snapshot = True
+            return True
         if (
             marker is not None
+            and not lost
             and marker.seq == self.seq
             and marker.gen == self.gen
             and marker.pending_items == 0
@@ -324,6 +348,36 @@ class ModelLogPublisher:
                      why, self.seq)  # fmt: skip
             self.need_snapshot = True
         return True
+
+    def holding(self) -> bool:
+        """True while a replay after a crash is behind what the log holds (`reach`): nothing
+        is published then; the first commit past it publishes a snapshot."""
+        if not self.reach:
+            return False
+        if any(self.offsets.get(k, 0) < o for k, o in self.reach.items()):
+            return True
+        log.info("the replay passed the model log's last marker (%d events learned again): "
+                 "publishing a snapshot", self.replayed)  # fmt: skip
+        self.reach = {}
+        return False
+
+    def replay_from_here(self) -> None:
+        """The updater goes back to its last checkpoint (a batch failed): what follows up to
+        the offsets published so far is a replay (see `holding`)."""
+        self.reach = {k: o for k, o in self.offsets.items() if o > 0}
+        self.replayed = 0
+        self.need_snapshot = True
+
+    def moved_offsets(self, keys: list[str], epoch: int) -> None:
+        """The offset-gap policy moved stored offsets: a partition moved is not replayed up
+        to where the log was, and a move back starts a new epoch (readers take what follows
+        as new)."""
+        for k in keys:
+            self.reach.pop(k, None)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.reach = {}
+            self.need_snapshot = True
 
     # ---- after each commit ----------------------------------------------------------------
 
@@ -360,6 +414,21 @@ class ModelLogPublisher:
                 self.seen = SeenIndex(confidence_items(state.confidence)[0])
             return
         self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
+        replaying = bool(self.reach)
+        held = self.holding()
+        if replaying:
+            # held, or the commit that passes the log's last marker: it holds events readers
+            # applied already, so its marker (the snapshot's) counts none (none counts twice)
+            self.replayed += int(info.events)
+            self._times, self._count = [], 0
+        if held:
+            if info.generation is not None:
+                self.gen = info.generation
+            if self.seen is not None and not info.everything:
+                self.seen.add(info.pair_keys)
+            else:
+                self.seen = SeenIndex(confidence_items(state.confidence)[0])
+            return
         if self.seen is None or info.everything:
             keys, _ = confidence_items(state.confidence)
             self.seen = SeenIndex(keys)
@@ -372,7 +441,7 @@ class ModelLogPublisher:
         if info.everything or self.need_snapshot:
             self.snapshot(state, info)
             return
-        rows = np.unique(info.users).tolist()
+        rows = unique_sorted(info.users).tolist()
         t = state.transitions
         for k, v in user_records(state.users, self.gen, self.seen, rows, last=t.last):
             self._produce(k, v)
@@ -399,7 +468,7 @@ class ModelLogPublisher:
             self.side.poll(0)
         self.last_state = state
         try:
-            if not self._looked() or self.seq == 0:
+            if not self._looked() or self.seq == 0 or self.holding():
                 return
             if self.need_snapshot or self.failed:
                 if time.monotonic() < self.retry_at:
@@ -558,6 +627,7 @@ class ModelLogPublisher:
             count=count,
             times=sample_times(times) if times is not None and times.size else [],
             at=committed_at,
+            epoch=self.epoch,
         )  # fmt: skip
 
         def acked(err: KafkaError | None, msg: Message) -> None:
@@ -661,6 +731,7 @@ class ModelLogPublisher:
                                                             self.n_published_items))  # fmt: skip
             ch.seq, ch.version, ch.events = self.seq, state.model_version, state.events_applied
             ch.clock = float(state.clock[0])
+            ch.offsets = dict(self.offsets)
 
             def failed(err: KafkaError | None, _msg: Message) -> None:
                 if err is not None:
@@ -691,8 +762,8 @@ class ModelLogPublisher:
 
             end = Marker(
                 seq=ch.seq, gen=self.gen, version=ch.version, events=ch.events, clock=ch.clock,
-                n_users=ch.n_users, n_items=ch.n_items, offsets=dict(self.offsets),
-                snapshot=True, at=time.time(),
+                n_users=ch.n_users, n_items=ch.n_items, offsets=ch.offsets,
+                snapshot=True, at=time.time(), epoch=self.epoch,
             )  # fmt: skip
             self._produce(MARKER_KEY, end.encode(), ended, side=True)
             ch.ended = time.monotonic()
@@ -823,6 +894,9 @@ class _Chunked:
         self.started = time.monotonic()
         self.seq = self.version = self.events = 0
         self.clock = 0.0
+        # the source offsets of its tail point: its end marker carries them, so that a reader
+        # starting from it applies every commit of the tail (none is behind it)
+        self.offsets: dict[str, int] = {}
         self.tail: list[int] = []
         self.begun: list[int] = []
         self.end: list[int] = []

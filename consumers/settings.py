@@ -180,7 +180,22 @@ class UpdaterSettings(ProcessSettings):
         "(a broker outage shorter than this is ridden out, shown every 5 s in the log and "
         "errors_total{kind='broker'}); then the updater stops without committing the batch",
     )
-    sync_writes: bool = Field(default=False, description="fsync every commit (survives OS crash)")
+    sync_writes: bool = Field(
+        default=False, description="fsync every checkpoint and store commit (survives an OS crash)"
+    )
+    checkpoint_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="write the learned state and the next offsets to the model store at least "
+        "this often (a checkpoint); a crash replays `interactions` from the last one. 0 with "
+        "checkpoint_events 0: every micro-batch, as before checkpoints",
+    )
+    checkpoint_events: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="... or once this many events were learned since the last checkpoint "
+        "(0: no bound by count)",
+    )
     on_offset_gap: Literal["fail", "resume-from-start", "resume-from-end"] = Field(
         default="fail",
         description="when the model store's next offset lies outside the partition's log (topic "

@@ -6,18 +6,26 @@ Commit order, per micro-batch (the exactly-once argument; docs/architecture.md):
   2. decode, and learn the valid events (in memory);
   3. bad messages go to the dead-letter topic, and that producer is flushed: a message whose
      dead letter was not acknowledged must not be skipped;
-  4. write every changed row and the next offsets in one RocksDB WriteBatch;
-  5. only then commit the offsets to Kafka, so standard tools show lag.
+  4. the batch is committed (`CommitBatch`): published on the model log at once, and kept in
+     memory until the next checkpoint;
+  5. every `checkpoint_seconds` or `checkpoint_events` (before any other store write, before
+     a learner snapshot, at a clean stop) a checkpoint writes everything the batches since the
+     last one changed and the next offsets in one RocksDB WriteBatch; only then do the offsets
+     go to Kafka, so standard tools show lag and Kafka is never ahead of the store.
 On assignment the consumer seeks to the offsets stored in RocksDB, never to Kafka's, so a crash
-anywhere replays exactly the batches that were not written, and the seeded learner replays them
-bit for bit. A store or broker error in 3-4 stops the process without committing anything.
-A kill between 3 and 4 leaves the batch's dead letters sent: before its first dead letters a
-restarted updater reads the end of the dead-letter topic back and skips those already there.
+anywhere replays exactly the batches since the last checkpoint, and the seeded learner replays
+them bit for bit; the model log's publisher holds back until the replay has passed what the
+log holds, and its readers skip commits behind the ones they applied (`Marker.behind`). A store
+or broker error stops the process without a checkpoint. A kill after a batch's dead letters
+leaves them sent: before its first dead letters a restarted updater reads the end of the
+dead-letter topic back and skips those already there. With `checkpoint_seconds` 0 and
+`checkpoint_events` 0 every batch is written at once, as before checkpoints.
 
 Any other exception in step 2 is a bug met by some message; it must not stop learning for good
 (a restart would meet it again). The in-memory model, which a failed attempt may have half
-changed, is reloaded from the store (the last commit), and the batch is cut in halves, each
-decoded, learned and committed on its own, until the message that fails alone is found: it is
+changed, is reloaded from the store (the last checkpoint; batches learned since are read
+again, each written at once up to the end of the failed batch), and the batch is cut in halves,
+each decoded, learned and committed on its own, until the message that fails alone is found: it is
 dead-lettered with reason `internal`. The learner gives the same state however a batch is cut,
 so the messages around it are learned exactly as without the failure, and a restart in the
 middle isolates the same message again.
@@ -70,6 +78,7 @@ from consumers.metrics import (
 )
 from consumers.model_log import ModelLogPublisher
 from consumers.settings import UpdaterSettings
+from stream_mf.arrays import unique_sorted
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
@@ -79,6 +88,7 @@ from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
 from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import (
+    Checkpoint,
     CommitBatch,
     DropGenerations,
     Flip,
@@ -110,6 +120,9 @@ KEY_KEEP = 1024
 MIN_DEAD_LETTER_BYTES = 1024
 # after a start, the dead-letter topic is read back from its end this many at a time
 DLT_READ_BACK_CHUNK = 1000
+# with checkpoints by time only, the most dead letters read back after a restart (a replay
+# window with more dead letters than this may send some of them again: README)
+DLT_READ_BACK_MAX = 1_000_000
 # a loop turn writes a background rebuild's staged blocks for at most this long (each chunk is
 # one WriteBatch of `stage_blocks` blocks); the rest waits for the next turns
 STAGE_TURN_S = 0.05
@@ -322,6 +335,15 @@ class Updater:
         self.metrics = UpdaterMetrics(self.registry, settings.model.event_types)
         restore.check_state_dir(settings.state_dir, settings.topics.learner)
         self.store = StateStore(settings.state_dir, sync=settings.sync_writes)
+        # checkpointed durability: batches are published at once, written every interval
+        self.checkpointed = settings.checkpoint_seconds > 0 or settings.checkpoint_events > 0
+        self.store.deferred = self.checkpointed
+        self._next_checkpoint = time.monotonic() + settings.checkpoint_seconds
+        self.metrics.checkpoint_time.set(time.time())  # the store is durable as it is now
+        # a batch failed with batches learned since the checkpoint: they are read again, each
+        # written at once, up to these offsets (the end of the failed batch), then checkpoints
+        self._rewound_to: dict[tuple[str, int], int] | None = None
+        self._replayed_seen = 0
         self.restored: restore.Restored | None = None  # `run` restores an empty store
         state = self.store.load(settings.model)
         self.model = OnlineModel(state.config, state)
@@ -554,6 +576,7 @@ class Updater:
         key = (topic, partition)
         self._commit(WriteOffsets({key: new}))
         self.offsets[key] = new
+        self.publisher.moved_offsets([f"{topic}/{partition}"], self.store.offset_epoch())
         return new
 
     def _prober(self) -> Any:
@@ -671,13 +694,16 @@ class Updater:
                 turn.mark("checks")
                 self._drive_rebuild()
                 turn.mark("rebuild")
+                self._checkpoint_if_due(idle=not msgs)
+                turn.mark("checkpoint")
                 self.publisher.tick(self.model.state)
                 turn.mark("model_log")
                 self._snapshot_if_due()
                 turn.mark("learner_snapshot")
                 self._refresh_lag()
                 turn.done(len(msgs))
-            self._final_snapshot()  # a clean stop: every batch read was committed
+            self._checkpoint()  # a clean stop: every batch read was committed
+            self._final_snapshot()
         except StoreError as exc:
             log.error("model store failure, stopping without committing offsets: %s", exc)
             self.metrics.errors.labels("store").inc()
@@ -743,8 +769,51 @@ class Updater:
 
     def _commit(self, write: Write) -> None:
         """Every store commit of this process, in the order the loop makes them: one place for
-        the commit order (docs/architecture.md) and for whatever must follow a commit."""
+        the commit order (docs/architecture.md) and for whatever must follow a commit. Any
+        write but a batch's comes after a checkpoint of the batches before it."""
+        if not isinstance(write, CommitBatch | Checkpoint) and self.store.pending:
+            self._checkpoint()
         self.store.apply(self.model.state, write)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_if_due(self, idle: bool = False) -> None:
+        """Every `checkpoint_seconds` or `checkpoint_events`, and at once when the loop is
+        caught up (`idle`: a turn that collected nothing): writes are then cheap, and the
+        replay after a crash is nothing."""
+        s = self.settings
+        if not self.store.pending:
+            self._next_checkpoint = time.monotonic() + s.checkpoint_seconds
+            return
+        if (
+            idle
+            or (s.checkpoint_seconds and time.monotonic() >= self._next_checkpoint)
+            or (s.checkpoint_events and self.store.pending_events() >= s.checkpoint_events)
+        ):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """The batches since the last checkpoint and their next offsets, one WriteBatch; then
+        the offsets to Kafka."""
+        self._next_checkpoint = time.monotonic() + self.settings.checkpoint_seconds
+        if not self.store.pending:
+            return
+        self.store.apply(self.model.state, Checkpoint())
+        info = self.store.last_checkpoint
+        durable = self.store.offsets()
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in durable.items()], asynchronous=True
+        )
+        m = self.metrics
+        m.checkpoint_time.set(time.time())
+        m.checkpoints.inc()
+        m.pending_events.set(0)
+        if info is not None:
+            m.checkpoint_seconds.observe(info.seconds)
+            m.checkpoint_bytes.set(info.bytes)
+            m.checkpoint_events.set(info.events)
+            m.store_bytes.inc(info.bytes)
+            self._turn.add("checkpoint_s", info.seconds)
 
     def _drive_rebuild(self) -> None:
         """Start a rebuild when due; otherwise advance the one in flight (see stream_mf.rebuild)."""
@@ -956,9 +1025,46 @@ class Updater:
         except _STOPS:
             raise
         except Exception as exc:
-            self._isolate(msgs, exc)
+            if self.store.pending:
+                self._rewind(msgs, exc)
+            else:
+                self._isolate(msgs, exc)
             return
         self._finish(msgs, att, t0)
+
+    def _rewind(self, msgs: list[Message], exc: Exception) -> None:
+        """A batch failed with batches learned since the last checkpoint: the model is
+        reloaded from the store (the checkpoint), and the consumer goes back to its offsets.
+        Up to the end of the failed batch every batch is written at once, so the one that
+        meets the failing message again is isolated from a store that holds all before it."""
+        log.error("a batch of %d message(s) failed (%s) with %d batch(es) learned since the "
+                  "last checkpoint: reading them again from the checkpoint", len(msgs),
+                  _describe(exc), self.store.pending)  # fmt: skip
+        log.debug("the batch failed with", exc_info=exc)
+        _values, parts, offs, _stamps = _columns(msgs)
+        to = dict(self._rewound_to or {})
+        for p in unique_sorted(parts).tolist():
+            key = (self.topic, p)
+            to[key] = max(to.get(key, 0), int(offs[parts == p].max()) + 1)
+        self._rewound_to = to
+        self.publisher.replay_from_here()
+        self.store.discard_pending()
+        self.store.deferred = False
+        self._reload()
+        self.offsets = self.store.offsets()
+        self._sent_before = None  # dead letters of the batches read again: read back first
+        for tp in self.assigned:
+            at = self.offsets.get((tp.topic, tp.partition))
+            self.consumer.seek(
+                TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING if at is None else at)
+            )
+
+    def _after_rewind(self) -> None:
+        """Checkpoints again once the batches read again passed the failed one."""
+        to = self._rewound_to
+        if to is not None and all(self.offsets.get(k, 0) >= o for k, o in to.items()):
+            self._rewound_to = None
+            self.store.deferred = self.checkpointed
 
     def _attempt(self, msgs: list[Message]) -> _Attempt:
         """Decode and learn a batch in memory: nothing is sent or written yet."""
@@ -1011,9 +1117,11 @@ class Updater:
             "store_cpu", time.thread_time() - c1 - (inner.get("publish_cpu", 0.0) - published_cpu)
         )
         self.offsets.update(nxt)
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True
-        )
+        if not self.store.deferred:  # else at the checkpoint (Kafka never ahead of the store)
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in nxt.items()], asynchronous=True
+            )
+        self._after_rewind()
         m = self.metrics
         m.apply_seconds.observe(t1 - t0)
         m.write_seconds.observe(t2 - t1)
@@ -1026,6 +1134,11 @@ class Updater:
             if self._collected_at:
                 observe_many(m.event_fetch_age, self._collected_at - batch.times)
         m.last_commit.set(time.time())
+        m.pending_events.set(self.store.pending_events() if self.store.pending else 0)
+        replayed = self.publisher.replayed
+        if replayed > self._replayed_seen:
+            m.replayed.inc(replayed - self._replayed_seen)
+            self._replayed_seen = replayed
         self._publish_gauges()
         if self.restored is not None and not self.restored.done:
             self._count_replayed(att.parts, att.offs)
@@ -1049,6 +1162,14 @@ class Updater:
         )
         log.debug("the batch failed with", exc_info=exc)
         self._reload()
+        # every half is written at once: the next failure reloads the store, which must hold it
+        deferred, self.store.deferred = self.store.deferred, False
+        try:
+            self._halves(msgs)
+        finally:
+            self.store.deferred = deferred
+
+    def _halves(self, msgs: list[Message]) -> None:
         todo: deque[list[Message]] = deque([msgs])
         while todo:
             part = todo.popleft()
@@ -1139,7 +1260,7 @@ class Updater:
     def _next_offsets(self, parts: np.ndarray, offs: np.ndarray) -> dict[tuple[str, int], int]:
         """Next offset per partition after this batch (all messages come from one topic)."""
         nxt: dict[tuple[str, int], int] = {}
-        for p in np.unique(parts).tolist():
+        for p in unique_sorted(parts).tolist():
             nxt[(self.topic, p)] = int(offs[parts == p].max()) + 1
         for key, o in nxt.items():
             before = self.offsets.get(key, 0)
@@ -1212,7 +1333,7 @@ class Updater:
                 return found
             for p in sorted(t.partitions):
                 lo, end = c.get_watermark_offsets(TopicPartition(topic, p), 5.0, cached=False)
-                budget = self.settings.max_batch_events + DLT_READ_BACK_CHUNK
+                budget = self._read_back_budget()
                 tail = True
                 while end > lo and budget > 0:
                     start = max(lo, end - DLT_READ_BACK_CHUNK)
@@ -1245,6 +1366,13 @@ class Updater:
         finally:
             c.close()
         return found
+
+    def _read_back_budget(self) -> int:
+        """Dead letters that may lie past the stored offsets: a checkpoint interval's (plus a
+        batch: the checkpoint is checked between batches) and a batch's worth of margin."""
+        s = self.settings
+        window = (s.checkpoint_events or DLT_READ_BACK_MAX) if self.checkpointed else 0
+        return window + 2 * s.max_batch_events + DLT_READ_BACK_CHUNK
 
     def _send_dead_letter(
         self,
@@ -1422,6 +1550,7 @@ class Updater:
         )
         if not due or w.busy:
             return
+        self._checkpoint()  # the snapshot names the store's offsets: memory and store agree
         if self.store.commits() == w.last_commits or self.store.is_new:
             self._snapshot_requested = False
             self._next_snapshot = now + s.learner_snapshot_seconds

@@ -11,6 +11,15 @@ demo's seed.
 Readers only ever see one generation; leftovers of an unfinished rebuild are deleted on open.
 After each durable commit that changes the model, `on_commit` (the model log's publisher,
 consumers/model_log.py) is told what it wrote (`CommitInfo`); `commits` counts them.
+
+Checkpointed durability (`deferred`, docs/architecture.md "Checkpoints"): a `CommitBatch` is
+then counted and handed to `on_commit` at once (the model log publishes it from memory) but
+written only at the next `Checkpoint`: everything the batches since the last one changed,
+merged (a row changed by many batches is written once, at its value now), the counters and
+the next offsets, one WriteBatch. Every other named commit checkpoints first, so the store
+never holds a rebuild's rows over batches it lacks. A crash loses the batches after the last
+checkpoint; the updater replays them from its offsets (the learner is bit-identical however
+the stream is cut).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import rocksdict as rd
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig, keep_structural
 from stream_mf.learner_snapshot import LearnerSnapshot
-from stream_mf.model import BatchDelta
+from stream_mf.model import BatchDelta, merge_deltas
 from stream_mf.sgd import N_COUNTERS, Counter
 from stream_mf.state import (
     EntityTable,
@@ -64,6 +73,7 @@ from stream_mf.store_layout import (
     MODEL_VERSION,
     N_ITEMS,
     N_USERS,
+    OFFSET_EPOCH,
     REBUILD_UNFINISHED,
     REBUILT_AT,
     REBUILT_EVENTS,
@@ -86,6 +96,7 @@ from stream_mf.store_layout import (
 )
 from stream_mf.writes import (
     AfterSwapStep,
+    Checkpoint,
     ClearUnfinished,
     CommitBatch,
     DropGenerations,
@@ -116,6 +127,17 @@ class CommitInfo:
     events: int
     #: transition rows written (`stream_mf/transitions.py`); users' last items go with `users`
     trans_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    durable: bool = True  # False: a batch kept in memory until the next checkpoint
+
+
+@dataclass
+class CheckpointInfo:
+    """What one checkpoint wrote (the updater's metrics)."""
+
+    batches: int
+    events: int
+    bytes: int
+    seconds: float
 
 
 def _with_new(rows: np.ndarray, new: tuple[int, int]) -> np.ndarray:
@@ -229,6 +251,14 @@ class StateStore:
         self.last_write_bytes = 0  # the size of the last write batch (the updater's metrics)
         self.last_write_seconds = (0.0, 0.0)  # its RocksDB write: wall, this thread's CPU
         self._format_current = False  # checked (and a format-1 store marked) at a first commit
+        # checkpointed durability (module docstring): batches learned since the last checkpoint
+        self.deferred = False
+        self._pending: list[BatchDelta] = []
+        self._pending_offsets: dict[tuple[str, int], int] = {}
+        self._pending_times: list[np.ndarray] = []
+        self._pending_pairs: tuple[np.ndarray, np.ndarray] | None = None  # sorted, for reads
+        self._seq = self._meta_int(COMMITS)  # commits so far, the pending ones included
+        self.last_checkpoint: CheckpointInfo | None = None
         if not self.secondary and not self.is_new:
             self.drop_other_generations()
 
@@ -438,7 +468,16 @@ class StateStore:
             items.append(BE32.unpack(k[4:])[0])
             vals.append(F64.unpack(it.value())[0])
             it.next()
-        return np.asarray(items, np.int32), np.asarray(vals, np.float64)
+        got_i, got_v = np.asarray(items, np.int32), np.asarray(vals, np.float64)
+        if self._pending:  # batches not checkpointed yet: their values win
+            new_i, new_v = self._pending_user(user)
+            if new_i.size:
+                keep = ~np.isin(got_i, new_i)
+                got_i = np.concatenate([got_i[keep], new_i])
+                got_v = np.concatenate([got_v[keep], new_v])
+                order = np.argsort(got_i, kind="stable")
+                got_i, got_v = got_i[order], got_v[order]
+        return got_i, got_v
 
     # ---- piecewise reads (query side) ----------------------------------------------------------
 
@@ -505,10 +544,15 @@ class StateStore:
     # ---- the named commits (each one WriteBatch) -------------------------------------------
 
     def apply(self, state: ModelState, write: Write) -> None:
-        """Perform one named commit; the updater's loop calls this and nothing else writes."""
+        """Perform one named commit; the updater's loop calls this and nothing else writes.
+        Any commit but a batch's comes after a checkpoint of the batches before it."""
+        if not isinstance(write, CommitBatch | Checkpoint) and self._pending:
+            self.last_checkpoint = self.checkpoint(state)
         match write:
             case CommitBatch(delta, offsets, event_times):
                 self.commit_batch(state, delta, offsets, event_times)
+            case Checkpoint():
+                self.last_checkpoint = self.checkpoint(state)
             case Flip(generation, users, items, unfinished, mark):
                 self.flip(state, generation, users, items, unfinished=unfinished,
                           rebuilt_events=mark)  # fmt: skip
@@ -536,7 +580,48 @@ class StateStore:
         offsets: Mapping[tuple[str, int], int] | None = None,
         event_times: np.ndarray | None = None,
     ) -> None:
-        """Persist one batch: every changed row, the counters and the next offsets, atomically."""
+        """One learned batch. Not `deferred`: written at once (every changed row, the counters
+        and the next offsets, atomically), then published. `deferred`: counted and published
+        now, written at the next checkpoint (module docstring)."""
+        self._pending.append(delta)
+        self._pending_offsets.update(offsets or {})
+        if event_times is not None and event_times.size:
+            self._pending_times.append(event_times)
+        self._pending_pairs = None
+        if not self.deferred:
+            self.checkpoint(state)
+            return
+        self.last_write_bytes, self.last_write_seconds = 0, (0.0, 0.0)  # nothing written
+        self._seq += 1
+        if self.on_commit is not None:
+            self.on_commit(
+                CommitInfo(
+                    state=state,
+                    seq=self._seq,
+                    users=_with_new(delta.users, delta.new_users).astype(np.int64, copy=False),
+                    items=_with_new(delta.items, delta.new_items).astype(np.int64, copy=False),
+                    pair_keys=delta.pair_keys,
+                    everything=False,
+                    generation=None,
+                    offsets=dict(offsets or {}),
+                    event_times=event_times,
+                    events=delta.events,
+                    trans_rows=delta.trans_rows,
+                    durable=False,
+                )
+            )
+
+    def checkpoint(self, state: ModelState) -> CheckpointInfo | None:
+        """Write what the batches since the last checkpoint changed, merged, at its value in
+        `state` now (the model they were learned into), with the counters and the next
+        offsets, in one WriteBatch; None if there were none."""
+        if not self._pending:
+            return None
+        t0 = time.perf_counter()
+        deltas = self._pending
+        delta = merge_deltas(deltas, state)
+        offsets = dict(self._pending_offsets)
+        times = np.concatenate(self._pending_times) if self._pending_times else None
         wb = self._batch()
         gen = self.generation()
         self._put_header(wb, state, force=False)
@@ -546,23 +631,72 @@ class StateStore:
         self._put_transitions(wb, state, delta.trans_rows, _with_new(delta.users, delta.new_users))
         self._put_scalars(wb, state, cdf=delta.sampler_rebuilt)
         self._put_offsets(wb, offsets)
-        if event_times is not None and event_times.size:
-            self._put_batch_log(wb, event_times)
-        self._finish(
-            wb,
-            state,
-            users=_with_new(delta.users, delta.new_users),
-            items=_with_new(delta.items, delta.new_items),
-            pair_keys=delta.pair_keys,
-            offsets=offsets,
-            event_times=event_times,
-            events=delta.events,
-            trans_rows=delta.trans_rows,
+        if times is not None and times.size:
+            self._put_batch_log(wb, times)
+        self.discard_pending()
+        if self.deferred:  # published already, batch by batch: only the count is written
+            wb.put(COMMITS, I64.pack(self._seq), self.h["meta"])
+            self._write(wb)
+        else:
+            self._finish(
+                wb,
+                state,
+                users=_with_new(delta.users, delta.new_users),
+                items=_with_new(delta.items, delta.new_items),
+                pair_keys=delta.pair_keys,
+                offsets=offsets,
+                event_times=times,
+                events=delta.events,
+                trans_rows=delta.trans_rows,
+            )
+        return CheckpointInfo(
+            len(deltas), delta.events, self.last_write_bytes, time.perf_counter() - t0
         )
 
+    @property
+    def pending(self) -> int:
+        """Batches learned since the last checkpoint (not in the store yet)."""
+        return len(self._pending)
+
+    def pending_events(self) -> int:
+        return sum(d.events for d in self._pending)
+
+    def discard_pending(self) -> None:
+        """Forget the batches since the last checkpoint (written, or the caller reloads the
+        model and replays them); the count goes on: what was published stays counted."""
+        self._pending = []
+        self._pending_offsets = {}
+        self._pending_times = []
+        self._pending_pairs = None
+
+    def _pending_user(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """A user's pairs (item, log-confidence) from the batches since the checkpoint."""
+        if self._pending_pairs is None:
+            keys = np.concatenate([d.pair_keys for d in self._pending])
+            vals = np.concatenate([d.pair_values for d in self._pending])
+            # the last batch's value of a pair wins: stable sort, then the last of each run
+            order = np.argsort(keys, kind="stable")
+            keys, vals = keys[order], vals[order]
+            last = np.ones(keys.size, np.bool_)
+            last[:-1] = keys[1:] != keys[:-1]
+            self._pending_pairs = (keys[last], vals[last])
+        keys, vals = self._pending_pairs
+        lo, hi = np.searchsorted(keys, [user << 32, (user + 1) << 32])
+        return (keys[lo:hi] & 0xFFFFFFFF).astype(np.int32), vals[lo:hi]
+
     def commits(self) -> int:
-        """Durable commits so far (a model log marker carries the count it stands for)."""
+        """Commits so far, batches waiting for a checkpoint included (a model log marker
+        carries the count it stands for)."""
+        return self._seq
+
+    def durable_commits(self) -> int:
+        """Commits as of the last write (a restart carries on from here)."""
         return self._meta_int(COMMITS)
+
+    def bump_commits(self, seq: int) -> None:
+        """Count on from `seq`: the model log already holds commits up to it (a replay after
+        a crash must not publish lower counts)."""
+        self._seq = max(self._seq, seq)
 
     def _finish(
         self,
@@ -583,9 +717,10 @@ class StateStore:
         """Count the commit, write it, then tell the follower (the model log) what it wrote:
         only after the write is durable, so the log never runs ahead of the store. `seq`: the
         count to set (a restore carries on from its snapshot's count)."""
-        seq = self.commits() + 1 if seq is None else seq
+        seq = self._seq + 1 if seq is None else seq
         wb.put(COMMITS, I64.pack(seq), self.h["meta"])
         self._write(wb)
+        self._seq = seq
         if self.on_commit is not None:
             self.on_commit(
                 CommitInfo(
@@ -721,9 +856,19 @@ class StateStore:
         self._write(wb)
 
     def write_offsets(self, offsets: Iterable[tuple[tuple[str, int], int]]) -> None:
+        """Move stored offsets (the offset-gap policy); moving one back starts a new epoch, so
+        that model log readers take what follows as new, not as a replay."""
+        moved = dict(offsets)
+        stored = self.offsets()
         wb = self._batch()
-        self._put_offsets(wb, dict(offsets))
+        if any(o < stored.get(k, 0) for k, o in moved.items()):
+            wb.put(OFFSET_EPOCH, I64.pack(self.offset_epoch() + 1), self.h["meta"])
+        self._put_offsets(wb, moved)
         self._write(wb)
+
+    def offset_epoch(self) -> int:
+        """Times the stored offsets were moved back on purpose (model log markers carry it)."""
+        return self._meta_int(OFFSET_EPOCH)
 
     # ---- what the commits are made of ----------------------------------------------------------
 

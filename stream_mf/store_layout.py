@@ -34,6 +34,7 @@ Meta keys (tests/unit/test_store.py checks this list against META):
   rebuilt_events      int64 events applied when the last deterministic rebuild ended
   commit_seq          int64 sequence number of the last batch log entry
   commits             int64 durable commits so far (model log markers name it)
+  offset_epoch        int64 times the offsets were moved back on purpose (offset gap)
   batchlog/<seq>      int64 events | f64[<=256] sampled event times (seq: be64)
 
 Factors and biases are the *model* and live under a generation number: a rebuild stages a whole
@@ -98,6 +99,7 @@ META = _registry(
     MetaKey(b"rebuilt_events", "int64 events applied when the last deterministic rebuild ended"),
     MetaKey(b"commit_seq", "int64 sequence number of the last batch log entry"),
     MetaKey(b"commits", "int64 durable commits so far (model log markers name it)"),
+    MetaKey(b"offset_epoch", "int64 times the offsets were moved back on purpose (offset gap)"),
     MetaKey(
         BATCH_LOG_PREFIX + b"<seq>", "int64 events | f64[<=256] sampled event times (seq: be64)"
     ),
@@ -115,6 +117,7 @@ MODEL_VERSION, GENERATION, CDF = meta_key("model_version"), meta_key("generation
 FORMAT_KEY, BLOCK_ROWS_KEY = meta_key("format"), meta_key("block_rows")
 REBUILT_AT, REBUILD_UNFINISHED = meta_key("rebuilt_at"), meta_key("rebuild_unfinished")
 COMMIT_SEQ, COMMITS = meta_key("commit_seq"), meta_key("commits")
+OFFSET_EPOCH = meta_key("offset_epoch")
 REBUILT_EVENTS = meta_key("rebuilt_events")
 
 

@@ -28,6 +28,14 @@ class CommitBatch:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Make the learned batches durable: everything the `CommitBatch`es since the last
+    checkpoint changed (merged: a row changed by many batches is written once) and the next
+    offsets, one WriteBatch. With checkpoints on, a `CommitBatch` is published (the model log)
+    but kept in memory until this; a crash replays `interactions` from the last one."""
+
+
+@dataclass(frozen=True)
 class Flip:
     """A rebuild's swap: the rows it solved (and every new id's) under `generation`, which
     becomes the one readers see. `unfinished` marks rows left to apply after it."""
@@ -104,6 +112,7 @@ class Restore:
 
 Write = (
     CommitBatch
+    | Checkpoint
     | Flip
     | AfterSwapStep
     | ClearUnfinished
@@ -126,6 +135,7 @@ def with_mark(write: Write | None, events: int) -> Write:
 
 __all__ = [
     "AfterSwapStep",
+    "Checkpoint",
     "ClearUnfinished",
     "CommitBatch",
     "DropGenerations",

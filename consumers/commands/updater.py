@@ -21,7 +21,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_process_flags(p)
     p.add_argument("--max-batch-events", type=int, default=None)
     p.add_argument("--max-batch-seconds", type=float, default=None)
-    p.add_argument("--sync-writes", action="store_true", default=None, help="fsync each commit")
+    p.add_argument("--sync-writes", action="store_true", default=None, help="fsync each checkpoint")
+    p.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=None,
+        help="write the learned state and next offsets to the store at least this often "
+        "(default 10; a crash replays from the last checkpoint; 0 and --checkpoint-events 0: "
+        "every batch)",
+    )
+    p.add_argument(
+        "--checkpoint-events",
+        type=int,
+        default=None,
+        help="... or after this many events (default 1000000; 0: no bound by count)",
+    )
     p.add_argument(
         "--max-future-seconds",
         type=float,
@@ -67,6 +81,8 @@ _FLAGS = (
     "max_batch_events",
     "max_batch_seconds",
     "sync_writes",
+    "checkpoint_seconds",
+    "checkpoint_events",
     "max_future_seconds",
     "dead_letter_timeout_seconds",
     "dead_letter_compression",

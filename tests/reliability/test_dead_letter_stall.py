@@ -118,6 +118,7 @@ def test_outage_while_dead_lettering_is_counted_and_ridden_out(
         batch.join(120)
         assert not batch.is_alive() and batch.error is None, batch.error
         assert u.model.state.events_applied == GOOD
+        u._checkpoint()  # the loop's next turn, or its stop, writes the batch
         assert sum(u.store.offsets().values()) == len(msgs)
         dead = u.registry.get_sample_value
         assert (
@@ -186,6 +187,7 @@ def test_a_stop_request_still_commits_when_the_broker_answers_in_time(
         batch.join(60)
         assert not batch.is_alive() and batch.error is None, batch.error
         assert u.model.state.events_applied == GOOD
+        u._checkpoint()  # the loop's next turn, or its stop, writes the batch
         assert sum(u.store.offsets().values()) == len(msgs)
     finally:
         u.close()

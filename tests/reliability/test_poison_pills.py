@@ -205,10 +205,16 @@ def _settings(kafka: str, topics: TopicSettings, state: Path, batch: int) -> Upd
     )
 
 
-def _run_until(u: Updater, consumed: int, timeout: float = 60) -> None:
+def _run_until(u: Updater, consumed: int, timeout: float = 60, until: int = 0) -> None:
+    """Loop turns until `consumed` messages were consumed and (`until`) the next offset of
+    partition 0 is at least that (a batch failing after others since the checkpoint reads
+    them again); then a checkpoint, as the loop's next idle turn would."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if (u.registry.get_sample_value("stream_mf_events_consumed_total") or 0) >= consumed:
+        if (u.registry.get_sample_value("stream_mf_events_consumed_total") or 0) >= consumed and (
+            sum(u.offsets.values()) >= until
+        ):
+            u._checkpoint()
             return
         u._assign_partitions()
         msgs = u._collect(u._stop)
@@ -268,7 +274,7 @@ def test_a_message_the_learner_fails_on_is_isolated_and_dead_lettered(
             first = Updater(_settings(kafka, topics, tmp_path / "state", batch))
             try:
                 with pytest.raises(_Killed):
-                    _run_until(first, len(events))
+                    _run_until(first, len(events), until=len(events))
                 part = first.store.offsets()[(topics.interactions, 0)]
                 assert poison_at - batch < part <= poison_at, part  # halves before it committed
             finally:
@@ -279,7 +285,7 @@ def test_a_message_the_learner_fails_on_is_isolated_and_dead_lettered(
         events_left = len(events)
     u = Updater(_settings(kafka, topics, tmp_path / "state", batch))
     try:
-        _run_until(u, events_left)
+        _run_until(u, events_left, until=len(events))
         assert failures, "the poison never reached the learner"
         assert u.model.state.events_applied == len(good)
         assert u.store.events_applied() == len(good)
@@ -388,6 +394,7 @@ def test_a_restart_after_a_kill_between_ack_and_commit_resends_no_dead_letter(
             u._assign_partitions()
             msgs += u._collect(u._stop)
         u.process(msgs[:10])  # committed, with the dead letter of offset 5
+        u._checkpoint()
         commit = u.store.commit_batch
 
         def killed(*args: Any, **kwargs: Any) -> None:
@@ -403,7 +410,7 @@ def test_a_restart_after_a_kill_between_ack_and_commit_resends_no_dead_letter(
 
     again = Updater(settings)
     try:
-        _run_until(again, len(events) - 10)
+        _run_until(again, len(events) - 10, until=len(events))
         assert again.store.offsets() == {(topics.interactions, 0): len(events)}
         assert again.store.events_applied() == len(events) - len(bad)
         sent = sum(

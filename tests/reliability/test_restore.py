@@ -345,6 +345,10 @@ def test_a_new_host_carries_on_and_readers_never_go_back(kafka: str, tmp_path: P
         assert replayed and replayed > 0
         assert (_metric(c, "updater-b", "stream_mf_restore_duration_seconds") or 0) > 0
         with StateStore(host_b / "state", secondary=tmp_path / "sec") as st:
+            end = time.monotonic() + 30  # readers see a batch at once, the store at its checkpoint
+            while st.events_applied() != sum(valid) and time.monotonic() < end:
+                time.sleep(0.2)
+                st.catch_up()
             assert st.events_applied() == sum(valid)
         # the reader answers from the new host's model
         from tests.reliability.harness import RequestLoad

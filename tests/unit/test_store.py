@@ -251,10 +251,53 @@ def test_the_layout_docstring_lists_every_meta_key_the_registry_has() -> None:
     assert listed == want
 
 
+def test_checkpoints_store_what_the_deferred_batches_changed(tmp_path: Path) -> None:
+    """Deferred batches are published at once (on_commit, counted) but written only at a
+    checkpoint, merged: the store then equals the model; a crash before it loses them (the
+    updater replays them), `user_items` sees them meanwhile, and any other commit writes them
+    first."""
+    from stream_mf.writes import MarkRebuilt
+
+    batch = stream()
+    seen: list[tuple[int, bool]] = []
+    with StateStore(tmp_path / "db") as store:
+        store.deferred = True
+        store.on_commit = lambda info: seen.append((info.seq, info.durable))
+        model = OnlineModel(CFG, store.load(CFG))
+        for lo in range(0, 3500, 700):
+            d = model.learn(batch.slice(lo, lo + 700))
+            store.commit_batch(model.state, d, {(TOPIC, 0): lo + 700})
+        assert store.pending == 5 and store.offsets() == {} and store.events_applied() == 0
+        assert store.commits() == 5 and store.durable_commits() == 0
+        u = int(model.state.users.lookup([batch.user_ids[0]])[0])
+        items, _ = store.user_items(u)  # the pending pairs of that user, from memory
+        want = sorted(k & 0xFFFFFFFF for k in confidence_items(model.state.confidence)[0]
+                      if k >> 32 == u)  # fmt: skip
+        assert items.tolist() == want
+        info = store.checkpoint(model.state)
+        assert info is not None and info.batches == 5 and info.events == 3500 and info.bytes
+        assert store.pending == 0 and store.durable_commits() == 5
+        assert store.checkpoint(model.state) is None
+        d = model.learn(batch.slice(3500, 4000))
+        store.commit_batch(model.state, d, {(TOPIC, 0): 4000})
+        store.apply(model.state, MarkRebuilt(4000))  # another commit: a checkpoint first
+        assert store.offsets() == {(TOPIC, 0): 4000} and store.pending == 0
+        d = model.learn(batch.slice(4000, 4500))  # learned after the checkpoint: lost below
+        store.commit_batch(model.state, d, {(TOPIC, 0): 4500})
+    assert seen == [(j, False) for j in range(1, 7)] + [(7, False)]
+    with StateStore(tmp_path / "db") as store:
+        loaded = store.load()
+        assert store.offsets() == {(TOPIC, 0): 4000} and store.commits() == 6
+    ref = OnlineModel(CFG, ModelState.empty(CFG))
+    for lo in range(0, 4000, 300):  # cut otherwise: the same state
+        ref.learn(batch.slice(lo, min(lo + 300, 4000)))
+    assert_same_state(ref.state, loaded)
+
+
 def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
-    """A store after batches, a flip (with a deterministic rebuild's mark), an unfinished mark and
-    its clearing holds only meta keys the registry lists (and no registered key is a typo
-    nothing writes)."""
+    """A store after batches, a flip (with a deterministic rebuild's mark), an unfinished mark,
+    offsets moved back and the mark's clearing holds only meta keys the registry lists (and no
+    registered key is a typo nothing writes)."""
     from stream_mf.store_layout import BATCH_LOG_PREFIX, META
 
     batch = stream(2000)
@@ -267,6 +310,7 @@ def test_every_meta_key_written_is_registered(tmp_path: Path) -> None:
         rows = np.arange(m.state.users.n)
         store.flip(m.state, 1, rows, np.arange(m.state.items.n), unfinished=True,
                    rebuilt_events=1000)  # fmt: skip
+        store.write_offsets([((TOPIC, 0), 500)])  # moved back: a new offset epoch
         written = set(raw_keys(store.cf["meta"]))
         store.after_swap_step(m.state, rows[:3], rows[:0], last=True)
         assert store.rebuild_unfinished() is None and store.generation() == 1

@@ -184,11 +184,14 @@ class UpdaterSettings(ProcessSettings):
         default=False, description="fsync every checkpoint and store commit (survives an OS crash)"
     )
     checkpoint_seconds: float = Field(
-        default=10.0,
+        default=30.0,
         ge=0,
         description="write the learned state and the next offsets to the model store at least "
         "this often (a checkpoint); a crash replays `interactions` from the last one. 0 with "
-        "checkpoint_events 0: every micro-batch, as before checkpoints",
+        "checkpoint_events 0: every micro-batch, as before checkpoints. A checkpoint holds the "
+        "loop for ~0.25-0.5 s at 100k x 50k (every item row: negatives touch them all), so "
+        "the interval is what share of live events wait behind one (30 s, Kafka Streams' "
+        "commit.interval.ms: ~1%; 10 s put the freshness p99 at 0.25-0.4 s)",
     )
     checkpoint_events: int = Field(
         default=1_000_000,

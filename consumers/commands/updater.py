@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="write the learned state and next offsets to the store at least this often "
-        "(default 10; a crash replays from the last checkpoint; 0 and --checkpoint-events 0: "
+        "(default 30; a crash replays from the last checkpoint; 0 and --checkpoint-events 0: "
         "every batch)",
     )
     p.add_argument(

@@ -720,17 +720,26 @@ def main() -> None:
                     # commits: a hiccup of the host or the broker (a periodic snapshot) lands on
                     # one side's share only by chance, not on the whole of the second one
                     pooled: dict[str, list[float]] = {"echo": [], "service": []}
+                    legs: dict[str, dict[str, list[float]]] = {
+                        t: {"request_leg": [], "reply_leg": []} for t in pooled
+                    }
                     for target in [t for _ in range(known.rounds) for t in ("echo", "service")]:
                         req_topic = echo_req if target == "echo" else topics["requests"]
                         r = run_load(kafka, req_topic, topics["responses"], probe_users,
                                      req_rate, 1.0, req_seconds / known.rounds, client_wait,
                                      LINGER_MS, raw=True)  # fmt: skip
                         pooled[target].extend(r.pop("total_raw_ms"))
+                        for leg in ("request_leg", "reply_leg"):
+                            # request: sent -> the reply's generated_at (client, broker, the
+                            # process's fetch and work); reply: generated_at -> received
+                            legs[target][leg].extend(r.pop(f"{leg}_raw_ms"))
                         acc = rtt.setdefault(target, {"answered": 0, "lost": 0, "errors": 0})
                         for k in ("answered", "lost", "errors"):
                             acc[k] += r[k]
                     for target, lat_ms in pooled.items():
                         rtt[target]["total_ms"] = summarize(np.asarray(lat_ms))
+                        for leg, v in legs[target].items():
+                            rtt[target][f"{leg}_ms"] = summarize(np.asarray(v))
                 w1 = time.time()
                 cpu_pct = {
                     name: round((cpu_of(pid) - cpu0[name]) / (w1 - w0) * 100, 1)

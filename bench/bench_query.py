@@ -277,7 +277,15 @@ def run_load(
         "achieved_rate": (total_n - n_warm) / send_wall,
         "load_wall_s": wall,
         "total_ms": summarize(np.asarray(total) * 1e3),
-        **({"total_raw_ms": [x * 1e3 for x in total]} if raw else {}),
+        **(
+            {
+                "total_raw_ms": [x * 1e3 for x in total],
+                "request_leg_raw_ms": [x * 1e3 for x in req_leg],
+                "reply_leg_raw_ms": [x * 1e3 for x in reply_leg],
+            }
+            if raw
+            else {}
+        ),
         "request_leg_ms": summarize(np.asarray(req_leg) * 1e3),
         "reply_leg_ms": summarize(np.asarray(reply_leg) * 1e3),
         "client_cpu_s": time.process_time() - cpu0,

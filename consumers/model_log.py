@@ -875,6 +875,7 @@ class ModelLogPublisher:
 #: a periodic snapshot's slice: rows are encoded and handed to the producer for at most this
 #: long per loop turn (a turn then costs the freshness of its events at most this much more)
 SNAPSHOT_SLICE_S = 0.01
+GRAM_WANTED_S = 60.0  # how long after a fold-in request V^T V is kept ready (`wants_gram`)
 SNAPSHOT_SLICE_ROWS = 256
 #: a periodic snapshot whose records are not all acknowledged this long after its last one
 #: was handed over is given up (and tried again later)
@@ -1005,6 +1006,7 @@ class ModelFollower:
         self.snap: int | None = None
         self.snap_from = ""  # where the snapshot was read, when on the snapshot topic
         self.waiting = ""
+        self.gram_wanted = float("-inf")  # `wants_gram`
         self._stop = threading.Event()
         self.consumer = kafka_io.consumer(
             settings.kafka,
@@ -1125,11 +1127,31 @@ class ModelFollower:
         applied = reader.take_applied()
         if changed and self.on_applied is not None:
             self.on_applied(applied, took)
+        self._fold_in_ready()
         self._check_ready()
         now = time.monotonic()
         if self.ready.is_set() and now - self.trimmed >= TRIM_S:
             self.trimmed = now
             trim_heap()
+
+    def wants_gram(self) -> None:
+        """A fold-in was asked (`recommend_anonymous`): for `GRAM_WANTED_S` from now V^T V is
+        recomputed here after each change of item rows, not by the next such request."""
+        self.gram_wanted = time.monotonic()
+
+    def _fold_in_ready(self) -> None:
+        """After item rows changed (the reader dropped V^T V), compute it on this thread while
+        fold-ins are being asked: ~40 ms at 50k x 64 once a second at most (item rows go out
+        every `model_log_item_seconds`), which the first fold-in after each change paid on the
+        request path. Only this thread writes the rows, so it reads them safely unlocked."""
+        served = self.reader.served
+        if (
+            served is None
+            or served.view.has_gram
+            or time.monotonic() - self.gram_wanted > GRAM_WANTED_S
+        ):
+            return
+        served.view.gram  # noqa: B018 (computed and cached on the view requests read)
 
     def _check_ready(self, force: bool = False) -> None:
         if self.ready.is_set() or self.reader.served is None:

@@ -312,6 +312,8 @@ class QueryService:
             resp = self._error(request_id, user_id, f"invalid request: {exc}")
         if req is not None:
             f = self.follower
+            if req.kind == "recommend_anonymous" and f is not None:
+                f.wants_gram()  # kept ready off this path after item rows change
             served = f.served if f is not None else None
             if served is None:
                 why = f.status() if f is not None else "no model yet: start the updater"

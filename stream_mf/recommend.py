@@ -79,11 +79,14 @@ class ItemView:
 
     @property
     def gram(self) -> np.ndarray:
-        """V^T V in float64, for fold-ins."""
+        """V^T V in float64, for fold-ins (`gram_of`)."""
         if "gram" not in self._cache:
-            v = self.factors.astype(np.float64)
-            self._cache["gram"] = v.T @ v
+            self._cache["gram"] = gram_of(self.factors)
         return self._cache["gram"]
+
+    @property
+    def has_gram(self) -> bool:
+        return "gram" in self._cache
 
     def popularity(self, idx: np.ndarray) -> np.ndarray:
         """Decayed event weight at the stream clock."""
@@ -93,6 +96,17 @@ class ItemView:
         get = self.index.get
         out = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
         return out[(out >= 0) & (out < self.n)]
+
+
+def gram_of(factors: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """V^T V accumulated in float64 over row chunks: the same sums as one product of a float64
+    copy, without a copy of the whole matrix (25.6 MB at 50k x 64) in a replica's heap."""
+    d = factors.shape[1]
+    out = np.zeros((d, d), dtype=np.float64)
+    for lo in range(0, factors.shape[0], chunk):
+        c = factors[lo : lo + chunk].astype(np.float64)
+        out += c.T @ c
+    return out
 
 
 def _mask(scores: np.ndarray, exclude: np.ndarray | None, candidates: np.ndarray | None) -> None:

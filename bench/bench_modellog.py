@@ -723,7 +723,11 @@ def main() -> None:
                     legs: dict[str, dict[str, list[float]]] = {
                         t: {"request_leg": [], "reply_leg": []} for t in pooled
                     }
-                    for target in [t for _ in range(known.rounds) for t in ("echo", "service")]:
+                    # which goes first alternates round by round (echo, service, service, echo,
+                    # ...): neither always meets a longer responses partition, nor the other's
+                    # just-lingering replies
+                    order = [("echo", "service"), ("service", "echo")]
+                    for target in [t for r in range(known.rounds) for t in order[r % 2]]:
                         req_topic = echo_req if target == "echo" else topics["requests"]
                         r = run_load(kafka, req_topic, topics["responses"], probe_users,
                                      req_rate, 1.0, req_seconds / known.rounds, client_wait,
@@ -795,6 +799,10 @@ def main() -> None:
                     "publish_lag_p99_s": hq(after_u, before_u, f"{sm}model_log_publish_lag_seconds",
                                             0.99),
                     "reader_apply_p99_s": hq(after_q, before_q, f"{sm}model_refresh_seconds", 0.99),
+                    # the query process's own handling of a request (received -> reply queued)
+                    **{f"query_handle_{q}_s": hq(after_q, before_q,
+                                                 f"{sm}query_latency_seconds", qv)
+                       for q, qv in (("p50", 0.5), ("p99", 0.99))},
                     "batch_events_p50": hq(after_u, before_u, f"{sm}batch_events", 0.5),
                     # the updater's share split: the event's way in (producer, broker, fetch),
                     # then to its commit (the batch's linger, learning, the store write)

@@ -141,39 +141,48 @@ def user_records(
     kind: bytes = b"u",
     last: np.ndarray | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
-    """`encode_user` of many rows, with the arrays turned into bytes in a few C calls (a
-    commit at 20k events/s carries thousands of user rows), each with its last item from
-    `last` (-1 past its end or without it). Item rows (`kind` b"i") have the same layout in
-    format 1: no last item, no seen items."""
+    """`encode_user` of many rows, each with its last item from `last` (-1 past its end or
+    without it). Everything but the seen items and the id is fixed-width, so it is laid out in
+    one packed record array (the wire layout) and turned into bytes in a few C calls; the seen
+    lists come end to end in one buffer (`SeenIndex.lists`): a commit at 20k events/s carries
+    thousands of user rows, and a Python step per array per row was most of their cost. Item
+    rows (`kind` b"i") have the same layout in format 1: no last item, no seen items."""
     idx = np.fromiter(rows, np.int64)
     if idx.size == 0:
         return
     user = kind == b"u"
-    lb: list[bytes] = []
+    dim = table.dim
+    fields: list[Any] = [("fmt", "u1"), ("dim", "<u2"), ("n", "<u4"), ("f", "<f4", (dim,))]
+    fields += list(_ROW_ARRAYS) + ([("last_item", "<i4")] if user else [])
+    rec = np.empty(idx.size, np.dtype(fields))  # packed: no padding between fields
+    rec["fmt"] = USER_FORMAT if user else FORMAT
+    rec["dim"] = dim
+    rec["f"] = table.factors[idx]
+    for name, _dt in _ROW_ARRAYS:
+        rec[name] = getattr(table, name)[idx]
     if user:
-        li = np.full(idx.size, -1, "<i4")
+        rec["last_item"] = -1
         if last is not None:
             ok = idx < last.shape[0]
-            li[ok] = last[idx[ok]]
-        lb = li.view("V4").tolist()
-    dim = table.dim
-    fb = np.ascontiguousarray(table.factors[idx], "<f4").view(f"V{dim * 4}").ravel().tolist()
-    meta = np.empty(idx.size, _META)
-    for name, _dt in _ROW_ARRAYS:
-        meta[name] = getattr(table, name)[idx]
-    mb = meta.view(f"V{_META.itemsize}").tolist()
-    keys = np.empty((idx.size, 3), ">u4")
-    keys[:, 0] = 0
-    keys[:, 1] = gen
-    keys[:, 2] = idx
-    kb = keys.view("V12").ravel().tolist()
-    head, ids = _USER_HEAD.pack, table.ids
-    of = seen.of if seen is not None else (lambda _u: _NONE)
-    fmt = USER_FORMAT if user else FORMAT
+            rec["last_item"][ok] = last[idx[ok]]
+    blob, offs = b"", [0] * (idx.size + 1)
+    if seen is not None:
+        counts, blob, offs = seen.lists(idx)
+        rec["n"] = counts
+    else:
+        rec["n"] = 0
+    fixed = rec.view(f"V{rec.dtype.itemsize}").tolist()
+    keys = np.empty(idx.size, _KEY)
+    keys["kind"] = kind
+    keys["gen"] = gen
+    keys["row"] = idx
+    kb = keys.view(f"V{_KEY.itemsize}").tolist()
+    ids = table.ids
     for j, u in enumerate(idx.tolist()):
-        s = of(u)
-        parts = (head(fmt, dim, s.size), fb[j], mb[j], *lb[j : j + 1], s.tobytes())
-        yield kind + kb[j][4:], b"".join((*parts, ids[u].encode()))
+        yield kb[j], b"".join((fixed[j], blob[offs[j] : offs[j + 1]], ids[u].encode()))
+
+
+_KEY = np.dtype([("kind", "S1"), ("gen", ">u4"), ("row", ">u4")])  # `_ROW_KEY`, packed
 
 
 def item_records(
@@ -251,41 +260,128 @@ class Marker:
 class SeenIndex:
     """Each user's seen items, sorted, on the updater side: a user row in the log carries the
     whole list (a full value, never an increment), and the store's prefix scan per user would
-    cost a RocksDB seek for every user of every batch."""
+    cost a RocksDB seek for every user of every batch.
+
+    One int32 array holds every list (user u's at `start[u]`, `count[u]` long), like the
+    replicas' `SeenStore`: a commit's changed lists are written again at the end and the old
+    copies left as garbage, compacted once garbage outweighs the lists in use. A dict of an
+    array per user cost a Python step per touched user per commit (150 ms a 50k-event commit
+    at 100k users, 13.5% of the updater's loop); here a commit is a few numpy passes over the
+    touched users' lists, with no Python per user."""
 
     def __init__(self, pair_keys: np.ndarray) -> None:
-        self.rows: dict[int, np.ndarray] = {}
-        self.add(np.sort(pair_keys))
+        self.items = np.zeros(1024, np.int32)
+        self.used = 0  # items[:used] written (live lists and garbage)
+        self.live = 0  # items in lists in use
+        self.start = np.zeros(1024, np.int64)
+        self.count = np.zeros(1024, np.int64)
+        self.add(pair_keys)
 
     def add(self, pair_keys: np.ndarray) -> None:
-        """Fold a commit's pairs in: one sort of the touched users' old and new items together
-        (keyed by the user's place in the commit), then a copy per user. A numpy insert or
-        union per user cost ~10 us an event at 100k users (a commit touches a user or two per
-        event), a tenth of the updater's whole budget; this is about 1 us."""
+        """Fold a commit's pairs in. The touched users' lists are gathered, each tagged with the
+        user's place in the commit (`place << 32 | item`), so old and new pairs are both sorted
+        arrays of one key space: a binary search finds the new pairs already held, an insert
+        merges the rest in order, and only the lists that grew are written again."""
         if pair_keys.size == 0:
             return
         # unique_sorted: numpy 2's np.unique hashes, 14x slower here (a sort of ~500k keys)
         keys = unique_sorted(np.asarray(pair_keys, np.int64))
         users = keys >> 32
         first = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
-        touched = users[first].tolist()
-        rows = self.rows
-        old = [rows.get(u, _NONE) for u in touched]
-        n_old = np.fromiter((a.size for a in old), np.int64, len(old))
-        place = np.arange(len(touched), dtype=np.int64)
-        both = np.concatenate([
-            (np.repeat(place, n_old) << 32) | np.concatenate([*old, _NONE]).astype(np.int64),
-            (np.repeat(place, np.diff(np.append(first, keys.size))) << 32) | (keys & _LOW32),
-        ])  # fmt: skip
-        both = unique_sorted(both)
-        items = (both & _LOW32).astype(np.int32)
-        bounds = np.searchsorted(both >> 32, np.arange(len(touched) + 1)).tolist()
-        for j, u in enumerate(touched):
-            rows[u] = items[bounds[j] : bounds[j + 1]].copy()
+        touched = users[first]
+        self._reserve(int(touched[-1]) + 1)
+        place = np.arange(touched.size, dtype=np.int64)
+        new = (np.repeat(place, np.diff(np.append(first, keys.size))) << 32) | (keys & _LOW32)
+        n_old = self.count[touched]
+        old = self._gather(self.start[touched], n_old).astype(np.int64)
+        old |= np.repeat(place, n_old) << 32
+        at = np.searchsorted(old, new)
+        held = np.zeros(new.size, np.bool_)
+        inside = at < old.size
+        held[inside] = old[at[inside]] == new[inside]
+        fresh, at = new[~held], at[~held]
+        if fresh.size == 0:
+            return
+        merged = np.empty(old.size + fresh.size, np.int64)
+        slots = at + np.arange(fresh.size)  # where each fresh key lands in the merged order
+        keep = np.ones(merged.size, np.bool_)
+        keep[slots] = False
+        merged[slots] = fresh
+        merged[keep] = old
+        grew = np.zeros(touched.size, np.bool_)
+        grew[fresh >> 32] = True
+        merged = merged[grew[merged >> 32]]  # the lists that did not grow stay where they are
+        rows = touched[grew]
+        counts = np.bincount(merged >> 32, minlength=touched.size)[grew]
+        self._append(rows, (merged & _LOW32).astype(np.int32), counts)
+
+    def _reserve(self, n: int) -> None:
+        if n > self.start.size:
+            cap = max(n, self.start.size + self.start.size // 2)
+            for name in ("start", "count"):
+                a = getattr(self, name)
+                grown = np.zeros(cap, np.int64)
+                grown[: a.size] = a
+                setattr(self, name, grown)
+
+    def _gather(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The lists at `starts` (`counts` long) end to end (int32)."""
+        total = int(counts.sum())
+        if total == 0:
+            return _NONE
+        ends = np.cumsum(counts)
+        at = np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+        return self.items[at]
+
+    def _append(self, rows: np.ndarray, flat: np.ndarray, counts: np.ndarray) -> None:
+        """Write `rows`' new lists (end to end in `flat`) after the others; their old copies
+        become garbage."""
+        self.live += flat.size - int(self.count[rows].sum())
+        if self.used + flat.size > self.items.size and self.used - self.live > self.live:
+            self._compact()
+        if self.used + flat.size > self.items.size:
+            cap = max(self.used + flat.size, self.items.size + self.items.size // 2)
+            items = np.zeros(cap, np.int32)
+            items[: self.used] = self.items[: self.used]
+            self.items = items
+        self.items[self.used : self.used + flat.size] = flat
+        self.start[rows] = self.used + np.cumsum(counts) - counts
+        self.count[rows] = counts
+        self.used += flat.size
+
+    def _compact(self) -> None:
+        """Every list in use, end to end in user order, in an array of their size."""
+        rows = np.flatnonzero(self.count)
+        counts = self.count[rows]
+        flat = self._gather(self.start[rows], counts)
+        self.items = np.zeros(max(flat.size * 2, 1024), np.int32)
+        self.items[: flat.size] = flat
+        self.start[rows] = np.cumsum(counts) - counts
+        self.used = flat.size
+
+    def users(self) -> np.ndarray:
+        """The users with any seen item, ascending."""
+        return np.flatnonzero(self.count)
 
     def of(self, user: int) -> np.ndarray:
-        got = self.rows.get(user)
-        return got if got is not None else _NONE
+        """One user's seen items, a copy (empty for a user never seen)."""
+        if user >= self.start.size:
+            return _NONE
+        at = int(self.start[user])
+        return self.items[at : at + int(self.count[user])].copy()
+
+    def lists(self, rows: np.ndarray) -> tuple[np.ndarray, bytes, list[int]]:
+        """The seen lists of `rows` for encoding: their sizes, the lists end to end as "<i4"
+        bytes, and each list's byte offset in them (one more at the end)."""
+        counts = np.zeros(rows.size, np.int64)
+        ok = rows < self.count.size
+        counts[ok] = self.count[rows[ok]]
+        starts = np.zeros(rows.size, np.int64)
+        starts[ok] = self.start[rows[ok]]
+        blob = self._gather(starts, counts).astype("<i4", copy=False).tobytes()
+        offs = np.zeros(rows.size + 1, np.int64)
+        np.cumsum(counts * 4, out=offs[1:])
+        return counts, blob, offs.tolist()
 
 
 _NONE = np.empty(0, np.int32)

@@ -22,6 +22,7 @@ from stream_mf.model_log import (
     Served,
     begin_record,
     decode,
+    encode_user,
     filled_rows,
     item_records,
     materialise,
@@ -32,7 +33,7 @@ from stream_mf.model_log import (
     user_records,
 )
 from stream_mf.recommend import ItemView
-from stream_mf.state import ModelState, confidence_items
+from stream_mf.state import EntityTable, ModelState, confidence_items
 from tests.synthetic import planted_stream
 
 CFG = ModelConfig(dim=8, n_negatives=3, sampler_refresh=500)
@@ -249,9 +250,9 @@ def test_seen_index_follows_commits() -> None:
         idx.add(d.pair_keys)
     keys, _ = confidence_items(m.state.confidence)
     want = SeenIndex(keys)
-    assert want.rows.keys() == idx.rows.keys()
-    for u, items in want.rows.items():
-        assert np.array_equal(idx.of(u), items)
+    assert np.array_equal(want.users(), idx.users())
+    for u in want.users().tolist():
+        assert np.array_equal(idx.of(u), want.of(u))
 
 
 def test_a_snapshot_in_slices_between_commits_is_applied_in_place() -> None:
@@ -492,7 +493,7 @@ def test_seen_index_add_equals_a_plain_union_per_user() -> None:
         idx.add(keys)  # any order, repeats included
         for u, i in zip(users.tolist(), items.tolist(), strict=True):
             want.setdefault(u, set()).add(i)
-    assert idx.rows.keys() == want.keys()
+    assert idx.users().tolist() == sorted(want)
     for u, items_u in want.items():
         got = idx.of(u)
         assert got.dtype == np.int32 and got.flags.c_contiguous
@@ -545,3 +546,52 @@ def test_a_replay_after_a_crash_is_skipped_and_the_reader_never_goes_back() -> N
     assert b.behind(a) and not a.behind(b) and not a.behind(a)
     b.epoch = 1
     assert a.behind(b) and not b.behind(a)
+
+
+def test_user_rows_from_the_seen_index_equal_encode_user_on_sets() -> None:
+    """The flat seen index and the vectorised row encoding publish exactly the bytes of
+    `encode_user` over a plain set per user: random commits (fixed seed) with repeats within
+    and across commits, users new and known, rows past the table's `last`, a few users with
+    thousands of items, and enough commits for the index to grow and compact."""
+    rng = np.random.default_rng(11)
+    n_users, dim = 3000, 5
+    table = EntityTable("user", dim, seed=3, init_scale=0.1)
+    table.add([f"u{j}-é" * (j % 3) for j in range(n_users)])
+    table.factors[:n_users] = rng.normal(size=(n_users, dim)).astype(np.float32)
+    table.bias[:n_users] = rng.normal(size=n_users).astype(np.float32)
+    table.count[:n_users] = rng.integers(0, 10**12, n_users)
+    table.last[:n_users] = rng.normal(size=n_users) * 1e9
+    table.logpop[:n_users] = rng.normal(size=n_users)
+    last = rng.integers(-1, 50_000, n_users - 100).astype(np.int32)  # the last 100: none
+    want: dict[int, set[int]] = {}
+    idx = SeenIndex(np.empty(0, np.int64))
+    big = rng.choice(n_users, 4, replace=False)
+    for c in range(40):
+        n = int(rng.integers(1, 3000))
+        users = rng.integers(0, min(n_users, 200 + 100 * c), n).astype(np.int64)
+        users[: n // 10] = rng.choice(big, n // 10)  # heavy users: long lists, many repeats
+        items = rng.integers(0, 5000, n).astype(np.int64)
+        items[rng.random(n) < 0.05] = 2**31 - 1
+        if c % 3 == 0:  # a commit that is all repeats of pairs already held
+            keys = rng.permutation(np.concatenate([idx_keys(want), (users << 32) | items]))
+        else:
+            keys = (users << 32) | items
+        idx.add(keys)
+        for k in keys.tolist():
+            want.setdefault(k >> 32, set()).add(k & 0xFFFFFFFF)
+        rows = np.unique(np.concatenate([users, rng.integers(0, n_users, 20)]))
+        got = list(user_records(table, 7, idx, rows.tolist(), last=last))
+        assert len(got) == rows.size
+        for (k, v), r in zip(got, rows.tolist(), strict=True):
+            seen = np.array(sorted(want.get(r, ())), np.int32)
+            li = int(last[r]) if r < last.size else -1
+            assert k == user_key(7, r)
+            assert v == encode_user(table, r, seen, li)
+    assert sum(len(s) for s in want.values()) > 20_000
+    assert max(len(want[int(u)]) for u in big) > 1000
+    assert idx.users().tolist() == sorted(want)
+
+
+def idx_keys(want: dict[int, set[int]]) -> np.ndarray:
+    """Every (user << 32 | item) pair in `want`."""
+    return np.array([(u << 32) | i for u, s in want.items() for i in s], np.int64)

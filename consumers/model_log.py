@@ -392,6 +392,16 @@ class ModelLogPublisher:
             self._count_error()
         self._report()
 
+    def _follow_unpublished(self, info: CommitInfo) -> None:
+        """A commit that goes out later (with a snapshot, or after a replay passed the log):
+        its generation and seen items are followed all the same."""
+        if info.generation is not None:
+            self.gen = info.generation
+        if self.seen is not None and not info.everything:
+            self.seen.add(info.pair_keys)
+        else:
+            self.seen = SeenIndex(confidence_items(info.state.confidence)[0])
+
     def _committed(self, info: CommitInfo) -> None:
         state = info.state
         self.last_state = state
@@ -406,12 +416,7 @@ class ModelLogPublisher:
             # look-up's outcome will call for
             self._missed = True
             self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
-            if info.generation is not None:
-                self.gen = info.generation
-            if self.seen is not None and not info.everything:
-                self.seen.add(info.pair_keys)
-            else:
-                self.seen = SeenIndex(confidence_items(state.confidence)[0])
+            self._follow_unpublished(info)
             return
         self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
         replaying = bool(self.reach)
@@ -422,12 +427,7 @@ class ModelLogPublisher:
             self.replayed += int(info.events)
             self._times, self._count = [], 0
         if held:
-            if info.generation is not None:
-                self.gen = info.generation
-            if self.seen is not None and not info.everything:
-                self.seen.add(info.pair_keys)
-            else:
-                self.seen = SeenIndex(confidence_items(state.confidence)[0])
+            self._follow_unpublished(info)
             return
         if self.seen is None or info.everything:
             keys, _ = confidence_items(state.confidence)

@@ -256,7 +256,9 @@ class StateStore:
         self._pending: list[BatchDelta] = []
         self._pending_offsets: dict[tuple[str, int], int] = {}
         self._pending_times: list[np.ndarray] = []
-        self._pending_pairs: tuple[np.ndarray, np.ndarray] | None = None  # sorted, for reads
+        # each pending batch's pairs, sorted (made on the first read after it): a read searches
+        # every batch, and a new batch sorts only its own pairs, not all since the checkpoint
+        self._pending_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._seq = self._meta_int(COMMITS)  # commits so far, the pending ones included
         self.last_checkpoint: CheckpointInfo | None = None
         if not self.secondary and not self.is_new:
@@ -587,7 +589,6 @@ class StateStore:
         self._pending_offsets.update(offsets or {})
         if event_times is not None and event_times.size:
             self._pending_times.append(event_times)
-        self._pending_pairs = None
         if not self.deferred:
             self.checkpoint(state)
             return
@@ -667,22 +668,26 @@ class StateStore:
         self._pending = []
         self._pending_offsets = {}
         self._pending_times = []
-        self._pending_pairs = None
+        self._pending_pairs = []
 
     def _pending_user(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """A user's pairs (item, log-confidence) from the batches since the checkpoint."""
-        if self._pending_pairs is None:
-            keys = np.concatenate([d.pair_keys for d in self._pending])
-            vals = np.concatenate([d.pair_values for d in self._pending])
-            # the last batch's value of a pair wins: stable sort, then the last of each run
-            order = np.argsort(keys, kind="stable")
-            keys, vals = keys[order], vals[order]
-            last = np.ones(keys.size, np.bool_)
-            last[:-1] = keys[1:] != keys[:-1]
-            self._pending_pairs = (keys[last], vals[last])
-        keys, vals = self._pending_pairs
-        lo, hi = np.searchsorted(keys, [user << 32, (user + 1) << 32])
-        return (keys[lo:hi] & 0xFFFFFFFF).astype(np.int32), vals[lo:hi]
+        """A user's pairs (item, log-confidence) from the batches since the checkpoint; a later
+        batch's value of a pair wins."""
+        for d in self._pending[len(self._pending_pairs) :]:
+            # within a batch a pair is unique (`BatchDelta.pair_keys`): sort, no dedupe
+            order = np.argsort(d.pair_keys, kind="stable")
+            self._pending_pairs.append((d.pair_keys[order], d.pair_values[order]))
+        items: dict[int, float] = {}
+        for keys, vals in self._pending_pairs:
+            lo, hi = np.searchsorted(keys, [user << 32, (user + 1) << 32])
+            items.update(
+                zip((keys[lo:hi] & 0xFFFFFFFF).tolist(), vals[lo:hi].tolist(), strict=True)
+            )
+        got = sorted(items.items())
+        return (
+            np.fromiter((i for i, _ in got), np.int32, len(got)),
+            np.fromiter((v for _, v in got), np.float64, len(got)),
+        )
 
     def commits(self) -> int:
         """Commits so far, batches waiting for a checkpoint included (a model log marker

@@ -284,6 +284,15 @@ def test_checkpoints_store_what_the_deferred_batches_changed(tmp_path: Path) -> 
         assert store.offsets() == {(TOPIC, 0): 4000} and store.pending == 0
         d = model.learn(batch.slice(4000, 4500))  # learned after the checkpoint: lost below
         store.commit_batch(model.state, d, {(TOPIC, 0): 4500})
+        # stored pairs and pending ones together, the pending value of a pair winning: every
+        # user's pairs and values are the model's own (a value off by a batch fails this)
+        keys, vals = confidence_items(model.state.confidence)
+        for uid in dict.fromkeys(batch.user_ids[4000:4500][:40]):
+            u = int(model.state.users.lookup([uid])[0])
+            mine = (keys >> 32) == u
+            got_i, got_v = store.user_items(u)
+            assert got_i.tolist() == (keys[mine] & 0xFFFFFFFF).tolist()
+            assert got_v.tobytes() == vals[mine].tobytes()
     assert seen == [(j, False) for j in range(1, 7)] + [(7, False)]
     with StateStore(tmp_path / "db") as store:
         loaded = store.load()

@@ -14,11 +14,15 @@ One embedded broker (or KAFKA_BOOTSTRAP_SERVERS), the real updater and query pro
    process's own account (`stream_mf_replica_memory_bytes`: the model's arrays by part,
    glibc's heap in use / free / mmapped). `--memory-only` stops here (~1-2 min).
 3. At each rate (1k and 20k events/s): live events (stamped with the wall clock) on the same
-   model; meanwhile a brand-new user sends one event every 0.5 s and the time until a
-   `recommend` for that user comes back personalized is measured (polled every 10 ms); then
-   100 requests/s (`bench_query.run_load`, 2 s warm-up excluded) to a bare echo (the service's
-   own consumer, producer and loop, no model: `bench_query.py --echo-child`) and to the query
-   service in turn, request-to-reply p99 of each. The query process's
+   model, from a producer that delivered a record first (a new producer's first delivery
+   waits 0.5-1 s here); the window opens after 2 s of them. Meanwhile a brand-new user sends
+   one event every 0.5 s and the time until a `recommend` for that user comes back
+   personalized is measured (polled every 10 ms); then 100 requests/s (`bench_query.run_load`,
+   1 s warm-up excluded) to a bare echo (the service's own consumer, producer and loop, no
+   model: `bench_query.py --echo-child`) and to the query service, taking turns (`--rounds`,
+   the first of each round alternating), request-to-reply p99 of each, pooled, with their
+   request and reply legs and the query's own handling time. Each process's CPU over the
+   window, and the events' way into the broker (stamp to acknowledgement). The query process's
    `stream_mf_freshness_seconds` histogram over the window gives p50/p99 (bucket upper bounds
    and interpolated), the updater's `stream_mf_model_log_bytes_total` over the events it
    applied gives bytes per event, and a tracer (a consumer of the model log in this process)
@@ -33,7 +37,8 @@ replay) and then its live traffic for that long, sampling the broker's memory an
 bytes per event every 15 s (`bench/results/bench_modellog_soak*.json`).
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_modellog.py [--quick] [--rates 1000 20000]
-     [--requests 100] [--soak 600] [--memory-only]
+     [--requests 100] [--rounds 3] [--fetch-wait MS] [--request-fetch-wait MS]
+     [--load-linger MS] [--soak 600] [--memory-only]
 """
 
 from __future__ import annotations

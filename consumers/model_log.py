@@ -416,6 +416,9 @@ class ModelLogPublisher:
             # look-up's outcome will call for
             self._missed = True
             self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})
+            # its events go out in that snapshot, whose marker counts none: after a crash they
+            # may be a replay of events readers already applied (as while `reach` holds back)
+            self._times, self._count = [], 0
             self._follow_unpublished(info)
             return
         self.offsets.update({f"{t}/{p}": o for (t, p), o in info.offsets.items()})

@@ -257,7 +257,13 @@ def test_sigkill_anywhere_loses_nothing_and_applies_nothing_twice(
                 kafka, topics.model, c.state, tmp_path / f"sec-{time.monotonic_ns()}"
             )
         assert not mismatches, mismatches
-        behind = (c.work / "updater.log").read_text().count("the model log is at commit")
+        updater_log = (c.work / "updater.log").read_text()
+        # restarts that found the model log and the store apart: behind it (killed between a
+        # store write and the log's acknowledgement) or ahead of it (killed with batches
+        # published since the last checkpoint)
+        apart = updater_log.count("the model log is at commit") + updater_log.count(
+            "the model log is ahead of the store"
+        )
         long_missing = load.wait_answered(lambda r: r.budget_ms == LONG_MS, 45.0)
         time.sleep(1.0)  # late duplicates
         for name in queries:
@@ -287,9 +293,11 @@ def test_sigkill_anywhere_loses_nothing_and_applies_nothing_twice(
         assert sum(k.who.startswith("query") for k in kills) >= CYCLES
         assert phases["rebuild:fit"] + phases["rebuild:guard/catch-up"] >= 3, phases
         assert phases["streaming"] >= 3, phases
-        # restarts that found the model log behind the store (killed between a commit and the
-        # log's acknowledgement) and republished: the equality above covers them
-        assert behind >= 1, "no kill landed between a commit and the log's acknowledgement"
+        # restarts that found the model log apart from the store and mended it: the equality
+        # above covers them. With checkpoints the log is behind only in the moment between a
+        # checkpoint and the log's acknowledgement, which random kills rarely hit (1 CI run in
+        # 6); test_log_behind_store puts an updater there on purpose.
+        assert apart >= 1, "no kill left the model log apart from the store"
 
         # ---- the query service: at least once, or expired and counted -----------------------
         assert not long_missing, f"{len(long_missing)} long-deadline requests never answered"

@@ -12,8 +12,13 @@ acknowledged lately.
 The estimate is the larger of two: the `quantile` of the acknowledgements of the last
 `window_s` seconds, and the time the replies still waiting in the producer take to drain at
 the rate acknowledgements came in that window (the first lags a queue that is growing: alone,
-it left replies landing up to 0.5 s late). It forgets: with no acknowledgement in the window
-it is 0, so shedding that empties the reply queue cannot keep the service shedding.
+it left replies landing up to 0.5 s late). The second counts only once replies have been
+waiting at every estimate for a whole window: only then were the acknowledgements paced by
+the broker, not by how many replies there were to acknowledge. A burst after a quiet spell
+(one acknowledgement in the window, then 200 replies queued at once) otherwise read as a
+200 s drain and dropped every request behind it, whatever its deadline (seen under CI load).
+It forgets: with no acknowledgement in the window it is 0, so shedding that empties the reply
+queue cannot keep the service shedding.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class ReplyDelay:
         self.quantile = quantile
         self._done: collections.deque[tuple[float, float]] = collections.deque(maxlen=keep)
         self.current = 0.0
+        self._busy_since: float | None = None  # replies were waiting at every update since
 
     def note(self, produced_at: float, now: float | None = None) -> None:
         """A reply produced at `produced_at` (time.monotonic) was acknowledged `now`."""
@@ -43,6 +49,10 @@ class ReplyDelay:
         """Re-estimate (once per fetched batch, not per request) and return the delay;
         `waiting`: replies produced and not yet acknowledged (`len(producer)`)."""
         now = time.monotonic() if now is None else now
+        if waiting <= 0:
+            self._busy_since = None
+        elif self._busy_since is None:
+            self._busy_since = now
         done = self._done
         while done and done[0][0] < now - self.window_s:
             done.popleft()
@@ -50,6 +60,7 @@ class ReplyDelay:
             self.current = 0.0
         else:
             took = np.fromiter((d for _, d in done), np.float64, len(done))
-            drain_s = waiting * self.window_s / len(done)
+            saturated = self._busy_since is not None and now - self._busy_since >= self.window_s
+            drain_s = waiting * self.window_s / len(done) if saturated else 0.0
             self.current = max(float(np.quantile(took, self.quantile)), drain_s)
         return self.current

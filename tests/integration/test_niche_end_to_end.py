@@ -32,7 +32,17 @@ def niche_answers(cluster: Cluster, s: NicheStream) -> dict[int, float]:
         got = client.collect(timeout=60)
     finally:
         client.close()
-    assert set(got) == set(sent)
+    if set(got) != set(sent):  # what the query process saw, to tell a slow one from a deaf one
+        q = next(p for p in cluster.procs if p.name == "query-1")
+        m: dict[str, object]
+        try:
+            m = {k: v for k, v in scrape(cluster.url("query-1")).items() if "request" in k}
+        except OSError as exc:
+            m = {"scrape failed": str(exc)}
+        raise AssertionError(
+            f"{len(sent) - len(got)} of {len(sent)} requests got no reply in 60 s; query "
+            f"metrics {m}; its log:\n{q.log_tail(6000)}"
+        )
     top = {}
     for rid, resp in got.items():
         assert resp.error is None and resp.strategy == "personalized" and len(resp.items) == 10

@@ -117,11 +117,14 @@ def check_compaction_lag(kafka: KafkaSettings, topic: str) -> None:
 
 
 def find_last_marker(
-    c: Any, topic: str, window: int = 64, settle: float = 0.3
+    c: Any, topic: str, window: int = 64, settle: float = 0.3, still: bool = False
 ) -> tuple[Marker | None, int]:
     """(the log's last commit marker, the offset after the last record read) from the end of
     the log backwards, a growing window at a time. The embedded broker's watermark can lag the
-    log, so the end is found by fetching until nothing more comes."""
+    log, so the end is found by fetching until nothing more comes. `still`: nothing writes the
+    log now (the updater's own look-up before it publishes), so it is read until nothing more
+    comes even past the watermark with a marker in hand: a lagging watermark otherwise gave an
+    older marker, and the replay after a crash then published commits readers already had."""
     try:
         # fresh metadata first: librdkafka answers "unknown partition" from its cache
         meta = c.list_topics(topic, timeout=5.0).topics.get(topic)
@@ -161,7 +164,7 @@ def find_last_marker(
                     # past the watermark with a marker in hand; without one, read on until
                     # nothing more comes: Tansu's watermark can stand at the first record of
                     # the last batch (a snapshot produced in one batch read as 1 record)
-                    if end >= hi and found is not None:
+                    if end >= hi and found is not None and not still:
                         break
         finally:
             c.unassign()
@@ -284,7 +287,7 @@ class ModelLogPublisher:
         check_compaction_lag(self.settings.kafka, self.snap_topic)
         c = kafka_io.consumer(self.settings.kafka, f"{self.settings.group_id}-model-log")
         try:
-            self._found = find_last_marker(c, self.topic)[0]
+            self._found = find_last_marker(c, self.topic, still=True)[0]
         except Exception as exc:  # the broker is away: a snapshot once it is back
             log.warning("cannot read the model log's end (%s): a snapshot follows", exc)
             self._found = None

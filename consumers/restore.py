@@ -148,7 +148,7 @@ def _carried(snap: LearnerSnapshot, logged: Marker) -> LearnerSnapshot:
 def _last_logged_marker(settings: UpdaterSettings) -> Marker | None:
     c = kafka_io.consumer(settings.kafka, f"{settings.group_id}-restore-log")
     try:
-        marker, _end = find_last_marker(c, settings.topics.model)
+        marker, _end = find_last_marker(c, settings.topics.model, still=True)
         return marker
     except Exception as exc:  # only the commit count's continuity needs it
         log.warning("cannot read the model log's last commit (%s)", exc)

@@ -240,10 +240,14 @@ class Marker:
     def behind(self, other: Marker) -> bool:
         """True when this commit stands for less of the input than `other`: a replay after a
         crash (the updater learns again from its last checkpoint) or an older epoch. A reader
-        that applied `other` skips it (whole rows of an older state would move it back)."""
+        that applied `other` skips it (whole rows of an older state would move it back). A
+        commit of events that ends where `other` ended is a replay too (its events are applied
+        already); a marker of no events there (a snapshot, an item flush) is not."""
         if self.epoch != other.epoch:
             return self.epoch < other.epoch
-        return any(self.offsets.get(k, 0) < o for k, o in other.offsets.items())
+        if any(self.offsets.get(k, 0) < o for k, o in other.offsets.items()):
+            return True
+        return self.count > 0 and self.offsets == other.offsets
 
     def encode(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))

@@ -546,6 +546,13 @@ def test_a_replay_after_a_crash_is_skipped_and_the_reader_never_goes_back() -> N
     assert b.behind(a) and not a.behind(b) and not a.behind(a)
     b.epoch = 1
     assert a.behind(b) and not b.behind(a)
+    # a commit of events ending where the applied one ended is a replay of them; a marker of no
+    # events there (a snapshot after the replay, an item flush) is not
+    again = Marker(seq=2, gen=0, version=0, events=0, clock=0, n_users=0, n_items=0,
+                   offsets={"t/0": 9}, count=166)  # fmt: skip
+    assert again.behind(a)
+    again.count = 0
+    assert not again.behind(a)
 
 
 def test_user_rows_from_the_seen_index_equal_encode_user_on_sets() -> None:

@@ -454,8 +454,8 @@ def main() -> None:
         action="store_true",
         help="only the model build, reader start/restart and memory (no rates: ~1-2 min)",
     )
-    known, rest = pre.parse_known_args()
-    args = bench_args(__doc__.splitlines()[0], rest)
+    args = bench_args(__doc__.splitlines()[0], parents=[pre])
+    known = args
     if known.soak:
         soak(known.soak, args.out)
         return

@@ -42,9 +42,14 @@ TYPE_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
 TYPE_FREQ = np.array([0.70, 0.20, 0.07, 0.03])
 
 
-def bench_args(description: str | None, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The common flags: `--quick` for a smaller run, `--out` to override the JSON path."""
-    ap = argparse.ArgumentParser(description=description)
+def bench_args(
+    description: str | None,
+    argv: Sequence[str] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.Namespace:
+    """The common flags: `--quick` for a smaller run, `--out` to override the JSON path; a
+    bench's own flags come in `parents` (made with add_help=False), so --help lists them all."""
+    ap = argparse.ArgumentParser(description=description, parents=list(parents))
     ap.add_argument("--quick", action="store_true", help="smaller run (under 30 s)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
     return ap.parse_args(argv)

@@ -450,6 +450,12 @@ def main() -> None:
         help="the echo and the service take turns this many times per rate (latencies pooled)",
     )
     pre.add_argument(
+        "--echo-follows",
+        action="store_true",
+        help="the bare echo also follows the model log on a thread, as the service does "
+        "(and still answers without it): the process's cost to a request, apart from the answer",
+    )
+    pre.add_argument(
         "--memory-only",
         action="store_true",
         help="only the model build, reader start/restart and memory (no rates: ~1-2 min)",
@@ -485,7 +491,8 @@ def main() -> None:
     result: dict[str, Any] = {"quick": args.quick, "users": n_users, "items": n_items,
                               "memory_only": known.memory_only, "fetch_wait_ms": known.fetch_wait,
                               "client_fetch_wait_ms": client_wait,
-                              "load_linger_ms": known.load_linger}  # fmt: skip
+                              "load_linger_ms": known.load_linger,
+                              "echo_follows": known.echo_follows}  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
         with broker() as (kafka, broker_pid):
@@ -696,6 +703,7 @@ def main() -> None:
                     **env,
                     "STREAM_MF_TOPICS__REQUESTS": echo_req,
                     "STREAM_MF_GROUP_ID": f"bench-ml-echo-{tag}",
+                    "BENCH_ECHO_FOLLOWS": "1" if known.echo_follows else "0",
                 }
                 echo = start_echo(children, work, kafka, echo_env)
                 wait_for_echo(kafka, echo_req, topics["responses"], echo, 60)

@@ -301,6 +301,15 @@ def echo_child() -> int:
     """
     settings = QuerySettings()
     stop = kafka_io.StopFlag().install()
+    # BENCH_ECHO_FOLLOWS=1 (bench_modellog --echo-follows): the echo also follows the model
+    # log on a thread, as the service does, and still answers without it: what the process
+    # around the loop costs a request, apart from the work of answering it
+    follower = None
+    if os.environ.get("BENCH_ECHO_FOLLOWS") == "1":
+        from consumers.model_log import ModelFollower
+
+        follower = ModelFollower(settings)
+        follower.start()
     consumer = request_consumer(settings)
     producer = reply_producer(settings)
     consumer.subscribe([settings.topics.requests])
@@ -333,6 +342,8 @@ def echo_child() -> int:
     finally:
         producer.flush(5.0)
         consumer.close()
+        if follower is not None:
+            follower.close()
     return 0
 
 

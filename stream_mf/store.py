@@ -270,9 +270,13 @@ class StateStore:
         self._bounds: np.ndarray | None = None
         self._new_bounds: list[np.ndarray] = []
         if not self.secondary and not self.is_new:
-            if self._legacy_pairs():
-                self._migrate_pairs()
-            self.drop_other_generations()
+            try:
+                if self._legacy_pairs():
+                    self._migrate_pairs()
+                self.drop_other_generations()
+            except BaseException:
+                self.close()  # release the lock: the caller may open it again
+                raise
 
     # ---- lifecycle --------------------------------------------------------------------------
 

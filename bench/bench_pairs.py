@@ -1,0 +1,188 @@
+"""Confidence pairs at checkpoints: one key a pair (format 2) against chunks (format 3) of several
+sizes, on the same learned stream, interleaved in one process.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_pairs.py [--quick]
+
+The shared planted stream (1M events, 100k users, 50k items, dim 64; `--quick`: 200k) is learned
+once in micro-batches of 50k; every batch goes to one store per layout (deferred), and every
+250k events (quick: 50k) each store checkpoints, in a rotating order, the same model. Per
+layout: checkpoint seconds and WriteBatch bytes (the whole checkpoint: rows, pairs, counters),
+the store's bytes on disk per event at the end, the time to read every pair back (a restart's
+`load`; the rebuild reads the in-memory map, not the store) and one `user_items` call (live
+evaluation, the rebuild's guard). Then a heavy user (100k pairs, 15 neighbours of 2k pairs in
+its block) gets one new pair: the bytes that checkpoint writes show what cutting chunks buys.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import Col, bench_args, print_table, synthetic_events, write_results
+
+from stream_mf import pair_chunks
+from stream_mf.config import ModelConfig
+from stream_mf.model import EventBatch, OnlineModel
+from stream_mf.store import StateStore
+
+CONFIG = ModelConfig(dim=64)
+BATCH = 50_000
+LAYOUTS: dict[str, int | None] = {
+    "per-pair (2)": None,
+    "chunks 64": 64,
+    "chunks 512": 512,
+    "chunks 4096": 4096,
+    "whole block": 1 << 40,
+}
+
+
+class PerPairStore(StateStore):
+    """Format 2's pairs, for reference: a key (be32 user, be32 item) a pair in `confidence`
+    (the code before format 3, verbatim), read back the way format 2 was."""
+
+    def _legacy_pairs(self) -> bool:
+        return True
+
+    def _migrate_pairs(self) -> None:
+        pass
+
+    def _put_pairs(self, wb: Any, keys: np.ndarray, vals: np.ndarray) -> None:
+        if keys.size == 0:
+            return
+        h = self.h["confidence"]
+        put = wb.put
+        kb: list[bytes] = keys.astype(">i8").view("V8").tolist()
+        vb: list[bytes] = vals.astype("<f8").view("V8").tolist()
+        for k, v in zip(kb, vb, strict=True):
+            put(k, v, h)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def with_layout(limit: int | None, fn: Callable[[], Any]) -> Any:
+    pair_chunks.CHUNK_PAIRS = limit or 512
+    try:
+        return fn()
+    finally:
+        pair_chunks.CHUNK_PAIRS = 512
+
+
+def open_store(path: Path, limit: int | None) -> StateStore:
+    return PerPairStore(path) if limit is None else StateStore(path)
+
+
+def stream_run(events: EventBatch, every: int, root: Path) -> list[dict[str, Any]]:
+    names = list(LAYOUTS)
+    paths = {n: root / f"s{j}" for j, n in enumerate(names)}
+    stores = {n: open_store(paths[n], LAYOUTS[n]) for n in names}
+    rows: dict[str, dict[str, Any]] = {n: {"layout": n, "ck_s": [], "ck_bytes": []} for n in names}
+    model = OnlineModel(CONFIG, stores[names[0]].load(CONFIG))
+    for s in stores.values():
+        s.deferred = True
+    n, turn = len(events), 0
+    for lo in range(0, n, BATCH):
+        hi = min(lo + BATCH, n)
+        delta = model.learn(events.slice(lo, hi))
+        for s in stores.values():
+            s.commit_batch(model.state, delta, {("interactions", 0): hi})
+        if hi % every == 0 or hi == n:
+            order = names[turn % len(names) :] + names[: turn % len(names)]
+            turn += 1
+            for name in order:
+                t = time.perf_counter()
+                info = with_layout(LAYOUTS[name], lambda s=stores[name]: s.checkpoint(model.state))
+                rows[name]["ck_s"].append(time.perf_counter() - t)
+                rows[name]["ck_bytes"].append(info.bytes)
+    for name in names:
+        stores[name].close()
+    n_pairs = len(model.state.confidence)
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, model.state.users.n, 2000)
+    for name in names:
+        r = rows[name]
+        r["disk_bytes_per_event"] = dir_bytes(paths[name]) / n
+        r["ck_ms"] = 1e3 * float(np.mean(r["ck_s"]))
+        r["ck_mb"] = float(np.mean(r["ck_bytes"])) / 1e6
+        r["pairs"] = n_pairs
+    for rep in range(3):  # interleaved reads: a restart's every pair, then user_items
+        for name in names[rep:] + names[:rep]:
+            with open_store(paths[name], LAYOUTS[name]) as s:
+                t = time.perf_counter()
+                keys, _ = s._all_confidence()
+                load = time.perf_counter() - t
+                assert keys.size == n_pairs
+                t = time.perf_counter()
+                for u in users.tolist():
+                    s.user_items(u)
+                ui = (time.perf_counter() - t) / users.size
+                if name != "per-pair (2)":
+                    rows[name]["chunks"] = len(s._chunk_bounds())
+            r = rows[name]
+            r["load_s"] = min(r.get("load_s", np.inf), load)
+            r["user_items_us"] = min(r.get("user_items_us", np.inf), 1e6 * ui)
+    return [rows[n] for n in names]
+
+
+def heavy_user_run(root: Path) -> list[dict[str, Any]]:
+    """One user with 100k pairs and 15 block neighbours with 2k each, then one new pair."""
+    ids = [f"u{j:02d}" for j in range(16)]
+    users = [ids[0]] * 100_000 + [u for u in ids[1:] for _ in range(2000)]
+    items = [f"i{j}" for j in range(100_000)] + [f"i{j}" for _ in ids[1:] for j in range(2000)]
+    n = len(users)
+    first = EventBatch.build(users, items, np.ones(n), np.arange(n, dtype=float))
+    one = EventBatch.build([ids[0]], ["i-new"], np.ones(1), np.array([float(n)]))
+    out = []
+    cfg = ModelConfig(dim=8, n_negatives=0)
+    for j, (name, limit) in enumerate(LAYOUTS.items()):
+        with open_store(root / f"h{j}", limit) as s:
+            m = OnlineModel(cfg, s.load(cfg))
+            with_layout(limit, lambda s=s, m=m: s.commit_batch(m.state, m.learn(first)))
+            d = m.learn(one)
+            t = time.perf_counter()
+            with_layout(limit, lambda s=s, m=m, d=d: s.commit_batch(m.state, d))
+            out.append({"layout": name, "one_pair_bytes": s.last_write_bytes,
+                        "one_pair_ms": 1e3 * (time.perf_counter() - t)})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    args = bench_args(__doc__.split("\n\n")[0])
+    _, events = synthetic_events(args.quick)
+    every = 50_000 if args.quick else 250_000
+    root = Path(tempfile.mkdtemp(prefix="bench_pairs-"))
+    try:
+        rows = stream_run(events, every, root)
+        heavy = heavy_user_run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for r, h in zip(rows, heavy, strict=True):
+        r.update(h)
+    table = print_table(
+        f"checkpoints of {len(events):,} events every {every:,} (batches of {BATCH:,}), "
+        f"{rows[0]['pairs']:,} pairs",
+        rows,
+        [
+            Col("layout", "layout", "s"),
+            Col("ck_ms", "checkpoint ms", ".0f"),
+            Col("ck_mb", "checkpoint MB", ".1f"),
+            Col("disk_bytes_per_event", "disk B/event", ".0f"),
+            Col("chunks", "chunks", "d"),
+            Col("load_s", "read all s", ".2f"),
+            Col("user_items_us", "user_items us", ".0f"),
+            Col("one_pair_bytes", "heavy 1-pair B", "d"),
+            Col("one_pair_ms", "heavy 1-pair ms", ".1f"),
+        ],
+    )
+    write_results("bench_pairs", {"quick": args.quick, "every": every, "batch": BATCH,
+                                  "rows": rows, "table": table})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -11,19 +11,25 @@ the store's bytes on disk per event at the end, the time to read every pair back
 `load`; the rebuild reads the in-memory map, not the store) and one `user_items` call (live
 evaluation, the rebuild's guard). Then a heavy user (100k pairs, 15 neighbours of 2k pairs in
 its block) gets one new pair: the bytes that checkpoint writes show what cutting chunks buys.
+Last, a **mature** store (`--mature-pairs`, 5M pairs over 100k users, Zipf-heavy, written whole)
+takes checkpoints of 200k changed pairs (80% of them existing pairs of active users, 20% new):
+the pairs' part of a checkpoint alone (`_put_pairs` and the write), interleaved, 3 rounds,
+where a long history makes every chunk a checkpoint touches cost its whole size.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import Col, bench_args, print_table, synthetic_events, write_results
+from common import Col, print_table, synthetic_events, write_results
 
 from stream_mf import pair_chunks
 from stream_mf.config import ModelConfig
@@ -66,10 +72,12 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def with_layout(limit: int | None, fn: Callable[[], Any]) -> Any:
+@contextlib.contextmanager
+def layout(limit: int | None) -> Iterator[None]:
+    """Chunks cut at `limit` pairs meanwhile (`pair_chunks.CHUNK_PAIRS`)."""
     pair_chunks.CHUNK_PAIRS = limit or 512
     try:
-        return fn()
+        yield
     finally:
         pair_chunks.CHUNK_PAIRS = 512
 
@@ -97,7 +105,9 @@ def stream_run(events: EventBatch, every: int, root: Path) -> list[dict[str, Any
             turn += 1
             for name in order:
                 t = time.perf_counter()
-                info = with_layout(LAYOUTS[name], lambda s=stores[name]: s.checkpoint(model.state))
+                with layout(LAYOUTS[name]):
+                    info = stores[name].checkpoint(model.state)
+                assert info is not None
                 rows[name]["ck_s"].append(time.perf_counter() - t)
                 rows[name]["ck_bytes"].append(info.bytes)
     for name in names:
@@ -143,27 +153,81 @@ def heavy_user_run(root: Path) -> list[dict[str, Any]]:
     for j, (name, limit) in enumerate(LAYOUTS.items()):
         with open_store(root / f"h{j}", limit) as s:
             m = OnlineModel(cfg, s.load(cfg))
-            with_layout(limit, lambda s=s, m=m: s.commit_batch(m.state, m.learn(first)))
+            with layout(limit):
+                s.commit_batch(m.state, m.learn(first))
             d = m.learn(one)
             t = time.perf_counter()
-            with_layout(limit, lambda s=s, m=m, d=d: s.commit_batch(m.state, d))
+            with layout(limit):
+                s.commit_batch(m.state, d)
             out.append({"layout": name, "one_pair_bytes": s.last_write_bytes,
                         "one_pair_ms": 1e3 * (time.perf_counter() - t)})  # fmt: skip
     return out
 
 
+def mature_run(root: Path, n_pairs: int, changed: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """The pairs' share of a checkpoint on a store that already holds a long history."""
+    n_users, n_items = 100_000, 50_000
+    rng = np.random.default_rng(11)
+    weight = 1.0 / np.arange(1, n_users + 1) ** 0.8  # activity: a few heavy users
+    weight /= weight.sum()
+    users = rng.choice(n_users, n_pairs, p=weight).astype(np.int64)
+    keys = np.unique((users << 32) | rng.integers(0, n_items, n_pairs))
+    vals = rng.normal(size=keys.size)
+    names = list(LAYOUTS)
+    stores = {n: open_store(root / f"m{j}", LAYOUTS[n]) for j, n in enumerate(names)}
+    for name, s in stores.items():
+        for lo in range(0, keys.size, 1_000_000):
+            wb = s._batch()
+            with layout(LAYOUTS[name]):
+                s._put_pairs(wb, keys[lo : lo + 1_000_000], vals[lo : lo + 1_000_000])
+            s._write(wb)
+    rows = {n: {"layout": n, "m_s": [], "m_bytes": []} for n in names}
+    for r in range(rounds):
+        old = rng.choice(keys, int(changed * 0.8), replace=False)
+        new_u = rng.choice(n_users, changed - old.size, p=weight).astype(np.int64)
+        ck = np.unique(np.r_[old, (new_u << 32) | rng.integers(0, n_items, new_u.size)])
+        cv = rng.normal(size=ck.size)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            s = stores[name]
+            t = time.perf_counter()
+            wb = s._batch()
+            with layout(LAYOUTS[name]):
+                s._put_pairs(wb, ck, cv)
+            s._write(wb)
+            rows[name]["m_s"].append(time.perf_counter() - t)
+            rows[name]["m_bytes"].append(s.last_write_bytes)
+    for s in stores.values():
+        s.close()
+    out = []
+    for name in names:
+        r = rows[name]
+        out.append({"layout": name, "mature_pairs": int(keys.size), "mature_changed": changed,
+                    "mature_ms": 1e3 * float(np.median(r["m_s"])),
+                    "mature_mb": float(np.median(r["m_bytes"])) / 1e6,
+                    "mature_disk_mb": dir_bytes(root / f"m{names.index(name)}") / 1e6})  # fmt: skip
+    return out
+
+
 def main() -> None:
-    args = bench_args(__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200k events, a 1M-pair mature store")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
+    ap.add_argument("--every", type=int, default=None, help="events between checkpoints")
+    ap.add_argument("--mature-pairs", type=int, default=None, help="mature store size (5M)")
+    args = ap.parse_args()
     _, events = synthetic_events(args.quick)
-    every = 50_000 if args.quick else 250_000
+    every = args.every or (50_000 if args.quick else 250_000)
+    mature = args.mature_pairs or (1_000_000 if args.quick else 5_000_000)
     root = Path(tempfile.mkdtemp(prefix="bench_pairs-"))
     try:
         rows = stream_run(events, every, root)
         heavy = heavy_user_run(root)
+        grown = mature_run(root, mature, 200_000 if not args.quick else 50_000)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    for r, h in zip(rows, heavy, strict=True):
+    for r, h, g in zip(rows, heavy, grown, strict=True):
         r.update(h)
+        r.update(g)
     table = print_table(
         f"checkpoints of {len(events):,} events every {every:,} (batches of {BATCH:,}), "
         f"{rows[0]['pairs']:,} pairs",
@@ -180,8 +244,19 @@ def main() -> None:
             Col("one_pair_ms", "heavy 1-pair ms", ".1f"),
         ],
     )
+    table += "\n" + print_table(
+        f"a mature store of {rows[0]['mature_pairs']:,} pairs: the pairs of a checkpoint that "
+        f"changes {rows[0]['mature_changed']:,} (median of 3)",
+        rows,
+        [
+            Col("layout", "layout", "s"),
+            Col("mature_ms", "pairs ms", ".0f"),
+            Col("mature_mb", "pairs MB", ".1f"),
+            Col("mature_disk_mb", "disk MB", ".0f"),
+        ],
+    )
     write_results("bench_pairs", {"quick": args.quick, "every": every, "batch": BATCH,
-                                  "rows": rows, "table": table})  # fmt: skip
+                                  "rows": rows, "table": table}, args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,16 +34,21 @@ from common import Col, print_table, synthetic_events, write_results
 from stream_mf import pair_chunks
 from stream_mf.config import ModelConfig
 from stream_mf.model import EventBatch, OnlineModel
-from stream_mf.store import StateStore
+from stream_mf.state import confidence_items
+from stream_mf.store import StateStore, raw_keys
 
 CONFIG = ModelConfig(dim=64)
 BATCH = 50_000
-LAYOUTS: dict[str, int | None] = {
+#: name -> (CHUNK_PAIRS, FOLD_PAIRS, FOLD_SHARE), None: format 2's key a pair
+Layout = tuple[int, int, int] | None
+ALWAYS = (1, 1 << 40)  # fold every chunk a checkpoint touches: no single pairs
+LAYOUTS: dict[str, Layout] = {
     "per-pair (2)": None,
-    "chunks 64": 64,
-    "chunks 512": 512,
-    "chunks 4096": 4096,
-    "whole block": 1 << 40,
+    "512, fold 32 (3)": (512, 32, 4),
+    "64, fold 16": (64, 16, 4),
+    "4096, fold 32": (4096, 32, 4),
+    "512, always": (512, *ALWAYS),
+    "block, always": (1 << 40, *ALWAYS),
 }
 
 
@@ -73,17 +78,19 @@ def dir_bytes(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def layout(limit: int | None) -> Iterator[None]:
-    """Chunks cut at `limit` pairs meanwhile (`pair_chunks.CHUNK_PAIRS`)."""
-    pair_chunks.CHUNK_PAIRS = limit or 512
+def layout(spec: Layout) -> Iterator[None]:
+    """`pair_chunks`' sizes set to `spec` meanwhile."""
+    was = pair_chunks.CHUNK_PAIRS, pair_chunks.FOLD_PAIRS, pair_chunks.FOLD_SHARE
+    if spec is not None:
+        pair_chunks.CHUNK_PAIRS, pair_chunks.FOLD_PAIRS, pair_chunks.FOLD_SHARE = spec
     try:
         yield
     finally:
-        pair_chunks.CHUNK_PAIRS = 512
+        pair_chunks.CHUNK_PAIRS, pair_chunks.FOLD_PAIRS, pair_chunks.FOLD_SHARE = was
 
 
-def open_store(path: Path, limit: int | None) -> StateStore:
-    return PerPairStore(path) if limit is None else StateStore(path)
+def open_store(path: Path, spec: Layout) -> StateStore:
+    return PerPairStore(path) if spec is None else StateStore(path)
 
 
 def stream_run(events: EventBatch, every: int, root: Path) -> list[dict[str, Any]]:
@@ -115,6 +122,7 @@ def stream_run(events: EventBatch, every: int, root: Path) -> list[dict[str, Any
     n_pairs = len(model.state.confidence)
     rng = np.random.default_rng(3)
     users = rng.integers(0, model.state.users.n, 2000)
+    keys_all, vals_all = confidence_items(model.state.confidence)
     for name in names:
         r = rows[name]
         r["disk_bytes_per_event"] = dir_bytes(paths[name]) / n
@@ -125,15 +133,15 @@ def stream_run(events: EventBatch, every: int, root: Path) -> list[dict[str, Any
         for name in names[rep:] + names[:rep]:
             with open_store(paths[name], LAYOUTS[name]) as s:
                 t = time.perf_counter()
-                keys, _ = s._all_confidence()
+                keys, vals = s._all_confidence()
                 load = time.perf_counter() - t
-                assert keys.size == n_pairs
+                assert np.array_equal(keys, keys_all) and vals.tobytes() == vals_all.tobytes()
                 t = time.perf_counter()
                 for u in users.tolist():
                     s.user_items(u)
                 ui = (time.perf_counter() - t) / users.size
-                if name != "per-pair (2)":
-                    rows[name]["chunks"] = len(s._chunk_bounds())
+                rows[name]["chunks"] = len(s._chunk_index()[0])
+                rows[name]["singles"] = sum(1 for _ in raw_keys(s.cf["confidence"]))
             r = rows[name]
             r["load_s"] = min(r.get("load_s", np.inf), load)
             r["user_items_us"] = min(r.get("user_items_us", np.inf), 1e6 * ui)
@@ -150,14 +158,14 @@ def heavy_user_run(root: Path) -> list[dict[str, Any]]:
     one = EventBatch.build([ids[0]], ["i-new"], np.ones(1), np.array([float(n)]))
     out = []
     cfg = ModelConfig(dim=8, n_negatives=0)
-    for j, (name, limit) in enumerate(LAYOUTS.items()):
-        with open_store(root / f"h{j}", limit) as s:
+    for j, (name, spec) in enumerate(LAYOUTS.items()):
+        with open_store(root / f"h{j}", spec) as s:
             m = OnlineModel(cfg, s.load(cfg))
-            with layout(limit):
+            with layout(spec):
                 s.commit_batch(m.state, m.learn(first))
             d = m.learn(one)
             t = time.perf_counter()
-            with layout(limit):
+            with layout(spec):
                 s.commit_batch(m.state, d)
             out.append({"layout": name, "one_pair_bytes": s.last_write_bytes,
                         "one_pair_ms": 1e3 * (time.perf_counter() - t)})  # fmt: skip
@@ -238,6 +246,7 @@ def main() -> None:
             Col("ck_mb", "checkpoint MB", ".1f"),
             Col("disk_bytes_per_event", "disk B/event", ".0f"),
             Col("chunks", "chunks", "d"),
+            Col("singles", "singles", "d"),
             Col("load_s", "read all s", ".2f"),
             Col("user_items_us", "user_items us", ".0f"),
             Col("one_pair_bytes", "heavy 1-pair B", "d"),

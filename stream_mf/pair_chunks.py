@@ -27,6 +27,10 @@ from stream_mf.store_layout import BLOCK_ROWS
 
 #: a chunk over this many pairs is cut (8 kB); bench/bench_pairs.py for the choice
 CHUNK_PAIRS = 512
+#: a checkpoint folds a chunk only when it brings this many new pairs of it (and a quarter of
+#: its size); fewer are put one key each (bench/bench_pairs.py)
+FOLD_PAIRS = 32
+FOLD_SHARE = 4
 RECORD = np.dtype([("key", "<i8"), ("val", "<f8")])
 BOUND = struct.Struct(">q")
 
@@ -114,25 +118,76 @@ def chunk(
 def rewrite(
     old_bounds: np.ndarray,
     old_raw: list[bytes],
-    keys: np.ndarray,
-    vals: np.ndarray,
-    owner: np.ndarray,
+    layers: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     limit: int | None = None,
 ) -> tuple[np.ndarray, list[bytes]]:
-    """The chunks a checkpoint writes: the chunks `old_bounds` (sorted; values `old_raw`) with
-    the new pairs `keys` (sorted, unique; chunk bounds `owner`, from `owners`) merged in, a new
-    value winning, cut where one grew over `limit`. Returns (bounds, values) to put; every old
-    bound is among them (a chunk keeps its key), the others are new keys."""
+    """The chunks a checkpoint folds: the chunks `old_bounds` (sorted; values `old_raw`) with
+    `layers` of (keys, values, chunk bounds from `owners`) merged in, each newer than the one
+    before (a later value of a key wins), cut where one grew over `limit`. Returns (bounds,
+    values) to put; every old bound is among them (a chunk keeps its key)."""
     ok, ov = decode(b"".join(old_raw))
     sizes = np.fromiter((len(r) // RECORD.itemsize for r in old_raw), np.int64, len(old_raw))
-    own = np.concatenate([np.repeat(old_bounds.astype(np.int64), sizes), owner])
-    all_k = np.concatenate([ok, keys])
-    all_v = np.concatenate([ov, vals])
-    order = np.argsort(all_k, kind="stable")  # an old pair before the new one of its key
+    own = np.concatenate(
+        [np.repeat(old_bounds.astype(np.int64), sizes), *(o for _, _, o in layers)]
+    )
+    all_k = np.concatenate([ok, *(k for k, _, _ in layers)])
+    all_v = np.concatenate([ov, *(v for _, v, _ in layers)])
+    order = np.argsort(all_k, kind="stable")  # an older value before a newer one of its key
     all_k, all_v, own = all_k[order], all_v[order], own[order]
     last = np.ones(all_k.size, bool)
     last[:-1] = all_k[1:] != all_k[:-1]
     return chunk(all_k[last], all_v[last], own[last], limit)
+
+
+def newest(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys, the last value of a repeated key winning (`keys` in age order)."""
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    last = np.ones(keys.size, bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    return keys[last], vals[last]
+
+
+def block_end(bounds: np.ndarray) -> np.ndarray:
+    """The first key past each bound's user block."""
+    return block_start(bounds) + (np.int64(BLOCK_ROWS) << 32)
+
+
+def range_ends(bounds: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    """Where the range of each of `chunks` ends: the next of `bounds` (sorted; every existing
+    chunk) in its block, else the block's end (a chunk still to create has no bound yet)."""
+    at = np.searchsorted(bounds, chunks, side="right")
+    nxt = np.full(chunks.size, np.iinfo(np.int64).max)
+    ok = at < bounds.size
+    nxt[ok] = bounds[at[ok]]
+    return np.minimum(nxt, block_end(chunks))
+
+
+def plan(
+    bounds: np.ndarray, sizes: np.ndarray, owner: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which chunks a checkpoint folds: (the chunks touched, how many of the new pairs each
+    gets, whether it is folded). A chunk is folded (read, merged, put back whole) when its new
+    pairs are at least `FOLD_PAIRS` and 1/`FOLD_SHARE` of its size, so a chunk costs at most
+    ~4x the bytes of its new pairs; the others' new pairs are put one a key (`single_keys`)."""
+    touched, counts = np.unique(owner, return_counts=True)
+    at = np.searchsorted(bounds, touched)
+    exists = at < bounds.size
+    exists[exists] = bounds[at[exists]] == touched[exists]
+    size = np.zeros(touched.size, np.int64)
+    size[exists] = sizes[at[exists]]
+    return touched, counts, counts >= np.maximum(FOLD_PAIRS, size // FOLD_SHARE)
+
+
+def single_keys(keys: np.ndarray) -> list[bytes]:
+    """Keys of pairs stored one a key (be64 `user << 32 | item`, format 2's layout)."""
+    out: list[bytes] = keys.astype(">i8").view("V8").tolist()
+    return out
+
+
+def single_values(vals: np.ndarray) -> list[bytes]:
+    out: list[bytes] = vals.astype("<f8").view("V8").tolist()
+    return out
 
 
 def user_pairs(raw: bytes, user: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +199,10 @@ def user_pairs(raw: bytes, user: int) -> tuple[np.ndarray, np.ndarray]:
 
 __all__ = [
     "CHUNK_PAIRS",
+    "FOLD_PAIRS",
+    "FOLD_SHARE",
     "RECORD",
+    "block_end",
     "block_start",
     "bound_key",
     "bound_keys",
@@ -152,8 +210,13 @@ __all__ = [
     "cut",
     "decode",
     "encode",
+    "newest",
     "owners",
+    "plan",
+    "range_ends",
     "read_bounds",
     "rewrite",
+    "single_keys",
+    "single_values",
     "user_pairs",
 ]

@@ -265,10 +265,11 @@ class StateStore:
         self._pending_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._seq = self._meta_int(COMMITS)  # commits so far, the pending ones included
         self.last_checkpoint: CheckpointInfo | None = None
-        # the bounds of the `pairs` chunks (sorted; None: read them when first needed), and
-        # those the write being made adds (`_put_pairs`; kept once it is written)
+        # the `pairs` chunks' bounds (sorted) and sizes (None: read them when first needed),
+        # and those the write being made puts (`_put_pairs`; kept once it is written)
         self._bounds: np.ndarray | None = None
-        self._new_bounds: list[np.ndarray] = []
+        self._sizes = np.empty(0, np.int64)
+        self._new_bounds: list[tuple[np.ndarray, np.ndarray]] = []
         if not self.secondary and not self.is_new:
             try:
                 if self._legacy_pairs():
@@ -462,33 +463,41 @@ class StateStore:
         return state
 
     def _legacy_pairs(self) -> bool:
-        """The pairs are one key each in `confidence` (formats 1 and 2), not chunks in `pairs`:
-        a store this version's writer has not opened yet (it migrates them on open)."""
+        """The store is of format 1 or 2 (every pair a key of its own in `confidence`): one this
+        version's writer has not opened yet (it migrates them into chunks on open)."""
         return self._meta(FORMAT_KEY) in LEGACY_FORMATS
 
-    def _pairs_cf(self) -> rd.Rdict:
+    def _pairs_cf(self) -> rd.Rdict | None:
+        """The chunks' column family; None for a follower of a store of an earlier format
+        (which has none)."""
         cf = self.cf.get("pairs")
-        if cf is None:  # a follower opened before a writer of this version migrated the store
+        if cf is None and not self._legacy_pairs():
             raise StoreError(f"the model store at {self.path} was migrated to format "
                              f"{FORMAT.decode()} after this reader opened it: open it again"
                              )  # fmt: skip
         return cf
 
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair, sorted by key (key-ordered chunks: one join, one `frombuffer`)."""
-        if self._legacy_pairs():
-            return self._legacy_confidence()
+        """Every pair, sorted by key: the chunks (in key order: one join, one `frombuffer`),
+        overlaid with the pairs stored one a key (newer than their chunk's copy)."""
         ks: list[bytes] = []
         vs: list[bytes] = []
-        for k, v in _raw_items(self._pairs_cf()):
+        cf = self._pairs_cf()
+        for k, v in _raw_items(cf) if cf is not None else ():
             ks.append(k)
             vs.append(v)
+        keys, vals = pair_chunks.decode(b"".join(vs))
         if not self.secondary:
             self._bounds = pair_chunks.read_bounds(ks)
-        return pair_chunks.decode(b"".join(vs))
+            self._sizes = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in vs),
+                                      np.int64, len(vs))  # fmt: skip
+        s_keys, s_vals = self._singles()
+        if s_keys.size:
+            keys, vals = pair_chunks.newest(np.r_[keys, s_keys], np.r_[vals, s_vals])
+        return keys, vals
 
-    def _legacy_confidence(self) -> tuple[np.ndarray, np.ndarray]:
-        """Formats 1 and 2: a key (be32 user, be32 item) and a f64 value a pair."""
+    def _singles(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs stored one a key in `confidence` (be64 key -> f64; format 2's layout)."""
         ks: list[bytes] = []
         vs: list[bytes] = []
         for k, v in _raw_items(self.cf["confidence"]):
@@ -497,28 +506,56 @@ class StateStore:
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
         return keys, np.frombuffer(b"".join(vs), "<f8").copy()
 
-    def _chunk_bounds(self) -> np.ndarray:
+    def _singles_in(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The single pairs with keys in [start, end) of each range (sorted, disjoint)."""
+        ks: list[bytes] = []
+        vs: list[bytes] = []
+        it = self.cf["confidence"].iter()
+        for lo, hi in zip(pair_chunks.bound_keys(starts), pair_chunks.bound_keys(ends),
+                          strict=True):  # fmt: skip
+            it.seek(lo)
+            while it.valid() and it.key() < hi:
+                ks.append(it.key())
+                vs.append(it.value())
+                it.next()
+        keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
+        return keys, np.frombuffer(b"".join(vs), "<f8").copy()
+
+    def _chunk_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks' bounds and sizes (read from the store the first time, kept after)."""
         if self._bounds is None:
-            self._bounds = pair_chunks.read_bounds(list(raw_keys(self._pairs_cf())))
-        return self._bounds
+            ks: list[bytes] = []
+            sizes: list[int] = []
+            cf = self._pairs_cf()
+            for k, v in _raw_items(cf) if cf is not None else ():
+                ks.append(k)
+                sizes.append(len(v) // pair_chunks.RECORD.itemsize)
+            self._bounds = pair_chunks.read_bounds(ks)
+            self._sizes = np.asarray(sizes, np.int64)
+        return self._bounds, self._sizes
 
     def _stored_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """A user's stored pairs: the chunks from the one holding the user's first possible
-        key up to the next user's first key."""
-        if self._legacy_pairs():
-            return self._legacy_user_items(user)
+        key up to the next user's first key, overlaid with the user's single pairs."""
         lo, hi = pair_chunks.bound_key(user << 32), pair_chunks.bound_key((user + 1) << 32)
-        it = self._pairs_cf().iter()
-        it.seek_for_prev(lo)
-        if not it.valid():
-            it.seek(lo)
         parts: list[bytes] = []
-        while it.valid() and it.key() < hi:
-            parts.append(it.value())
-            it.next()
-        return pair_chunks.user_pairs(b"".join(parts), user)
+        cf = self._pairs_cf()
+        if cf is not None:
+            it = cf.iter()
+            it.seek_for_prev(lo)
+            if not it.valid():
+                it.seek(lo)
+            while it.valid() and it.key() < hi:
+                parts.append(it.value())
+                it.next()
+        items, vals = pair_chunks.user_pairs(b"".join(parts), user)
+        s_items, s_vals = self._single_user_items(user)
+        if s_items.size:
+            items, vals = pair_chunks.newest(np.r_[items, s_items], np.r_[vals, s_vals])
+            items = items.astype(np.int32)
+        return items, vals
 
-    def _legacy_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+    def _single_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         prefix = BE32.pack(user)
         it = self.cf["confidence"].iter()
         it.seek(prefix)
@@ -1016,7 +1053,10 @@ class StateStore:
             self._bounds = None  # read again from the store when next needed
             raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
         if new and self._bounds is not None:
-            self._bounds = np.union1d(self._bounds, np.concatenate(new))
+            self._bounds, self._sizes = pair_chunks.newest(
+                np.concatenate([self._bounds, *(b for b, _ in new)]),
+                np.concatenate([self._sizes, *(z for _, z in new)]),
+            )
         self.last_write_seconds = (time.perf_counter() - t, time.thread_time() - c)
 
     def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
@@ -1131,29 +1171,53 @@ class StateStore:
             t.last[lo : lo + part.size] = part
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
-        """Pairs (unique keys) at their new values: each chunk they fall in is read, merged
-        and put back whole, cut if it grew too big (`stream_mf/pair_chunks.py`)."""
+        """Pairs (unique keys) at their new values (`stream_mf/pair_chunks.py`): a chunk that
+        gets many is folded (read, merged with them and with its single pairs, put back whole,
+        cut if it grew too big, its singles deleted); the few of any other chunk are put one a
+        key, as format 2 did."""
         if keys.size == 0:
             return
         if keys.size > 1 and not (keys[1:] > keys[:-1]).all():
             order = np.argsort(keys)
             keys, vals = keys[order], vals[order]
-        bounds = self._chunk_bounds()
+        bounds, sizes = self._chunk_index()
         owner = pair_chunks.owners(bounds, keys)
-        touched = unique_sorted(owner)
-        old = touched[np.isin(touched, bounds, assume_unique=True)]
+        touched, _, fold = pair_chunks.plan(bounds, sizes, owner)
+        folded = touched[fold]
+        into = np.isin(owner, folded)
+        h_single, put = self.h["confidence"], wb.put
+        for k, v in zip(pair_chunks.single_keys(keys[~into]),
+                        pair_chunks.single_values(vals[~into]), strict=True):  # fmt: skip
+            put(k, v, h_single)
+        if folded.size == 0:
+            return
+        old = folded[np.isin(folded, bounds, assume_unique=True)]
         names: list[str | int | float | bytes | bool] = list(pair_chunks.bound_keys(old))
-        raw = cast(list[bytes | None], self._pairs_cf().get(names) if names else [])
+        cf = self._pairs_cf()
+        raw = cast(list[bytes | None], cf.get(names) if names and cf is not None else [])
         if any(r is None for r in raw):
             self._bounds = None
             raise StoreError(f"the model store at {self.path} lost a chunk of pairs it had "
                              "(written by another process?): restart the updater")  # fmt: skip
-        out, values = pair_chunks.rewrite(old, cast(list[bytes], raw), keys, vals, owner)
+        ends = pair_chunks.range_ends(bounds, folded)
+        s_keys, s_vals = self._singles_in(folded, ends)
+        out, values = pair_chunks.rewrite(
+            old,
+            cast(list[bytes], raw),
+            [
+                (s_keys, s_vals, pair_chunks.owners(bounds, s_keys)),
+                (keys[into], vals[into], owner[into]),
+            ],
+        )
         h = self.h["pairs"]
-        put = wb.put
         for k, v in zip(pair_chunks.bound_keys(out), values, strict=True):
             put(k, v, h)
-        self._new_bounds.append(out[~np.isin(out, old, assume_unique=True)])
+        for lo, hi in zip(pair_chunks.bound_keys(folded), pair_chunks.bound_keys(ends),
+                          strict=True):  # fmt: skip
+            wb.delete_range(lo, hi, h_single)
+        size = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values), np.int64,
+                           len(values))  # fmt: skip
+        self._new_bounds.append((out, size))
 
     def _migrate_pairs(self) -> None:
         """Formats 1 and 2 into 3 on open: the per-pair keys of `confidence` as chunks in
@@ -1162,7 +1226,7 @@ class StateStore:
         store (whose half-filled `pairs` the next open clears first): migrated again."""
         t0 = time.perf_counter()
         was = (self._meta(FORMAT_KEY) or b"?").decode()
-        keys, vals = self._legacy_confidence()
+        keys, vals = self._singles()
         bounds, values = pair_chunks.chunk(keys, vals, pair_chunks.block_start(keys))
         h = self.h["pairs"]
         wb = self._batch()
@@ -1178,6 +1242,8 @@ class StateStore:
         self._write(wb)
         self._format_current = True
         self._bounds = bounds
+        self._sizes = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values),
+                                  np.int64, len(values))  # fmt: skip
         log.info("%s: store format %s migrated to %s (%d confidence pairs in %d chunks) in "
                  "%.1f s%s", self.path, was, FORMAT.decode(), keys.size, bounds.size,
                  time.perf_counter() - t0, "; transitions start empty and fill from the next "

@@ -39,13 +39,17 @@ def chunk_sizes(store: StateStore) -> list[int]:
     return [len(v) // pair_chunks.RECORD.itemsize for v in store.cf["pairs"].values()]
 
 
-@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize(("deferred", "fold"), [(False, 1), (True, 1), (False, 6), (True, 6)])
 def test_chunked_pairs_match_the_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deferred: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deferred: bool, fold: int
 ) -> None:
     """Batches written at once (checkpoints off) or at checkpoints, with chunks of at most 8
-    pairs (so they are cut again and again): the store's pairs are the model's after each."""
+    pairs (so they are cut again and again), every chunk folded or only those that get 6 new
+    pairs (the others' put one a key, then folded in): the store's pairs are the model's."""
     monkeypatch.setattr(pair_chunks, "CHUNK_PAIRS", 8)
+    monkeypatch.setattr(pair_chunks, "FOLD_PAIRS", fold)
+    monkeypatch.setattr(pair_chunks, "FOLD_SHARE", 2 if fold > 1 else 1 << 40)
+    singles = 0
     batch = stream(4000)
     with StateStore(tmp_path / "db") as store:
         store.deferred = deferred
@@ -56,9 +60,11 @@ def test_chunked_pairs_match_the_model(
             if deferred and lo % 1000:
                 store.checkpoint(model.state)
             assert_pairs_match(store, model.state)
+            singles = max(singles, len(list(raw_keys(store.cf["confidence"]))))
         store.checkpoint(model.state)
         sizes = chunk_sizes(store)
-        assert max(sizes) <= 8 and len(sizes) > len(confidence_items(model.state.confidence)[0]) / 8
+        assert max(sizes) <= 8 and len(sizes) > sum(sizes) / 8
+        assert (singles > 0) == (fold > 1)
     with StateStore(tmp_path / "db") as store:
         assert_same_state(model.state, store.load())
         more = stream(700, seed=5)  # the chunk index is read back from the store: goes on alike
@@ -67,8 +73,9 @@ def test_chunked_pairs_match_the_model(
 
 
 def test_a_heavy_user_rewrites_one_chunk(tmp_path: Path) -> None:
-    """A user with 20k pairs (and 15 neighbours in its block): a checkpoint that changes one
-    pair writes one chunk of at most CHUNK_PAIRS, not the block."""
+    """A user with 20k pairs (and 15 neighbours in its block): its chunks hold at most
+    CHUNK_PAIRS, a checkpoint that changes one pair writes that one pair, and one that changes
+    a chunk's worth rewrites about that chunk, not the block."""
     n = 20_000
     from stream_mf.model import EventBatch
 
@@ -81,7 +88,18 @@ def test_a_heavy_user_rewrites_one_chunk(tmp_path: Path) -> None:
         assert max(chunk_sizes(store)) <= pair_chunks.CHUNK_PAIRS
         one = EventBatch.build(["heavy"], ["i12345"], np.ones(1), np.array([float(n)]))
         store.commit_batch(model.state, model.learn(one))
-        assert store.last_write_bytes < 2 * pair_chunks.CHUNK_PAIRS * 16 + 16_000
+        assert store.last_write_bytes < 16_000  # the rows' blocks, the pair alone
+        assert len(list(raw_keys(store.cf["confidence"]))) == 1
+        assert_pairs_match(store, model.state)
+        ids = ["heavy"] * 200
+        more = EventBatch.build(ids, [f"i{j}" for j in range(5000, 5200)], np.ones(200),
+                                np.full(200, float(n + 1)))  # fmt: skip
+        before = dict(store.cf["pairs"].items())
+        store.commit_batch(model.state, model.learn(more))
+        after = dict(store.cf["pairs"].items())
+        changed = [k for k, v in after.items() if before.get(k) != v]
+        assert 1 <= len(changed) <= 3 and len(after) >= len(before)  # of ~50 chunks
+        assert len(list(raw_keys(store.cf["confidence"]))) < 64  # a chunk's few stay single
         assert_pairs_match(store, model.state)
 
 

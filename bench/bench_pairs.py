@@ -44,9 +44,11 @@ Layout = tuple[int, int, int] | None
 ALWAYS = (1, 1 << 40)  # fold every chunk a checkpoint touches: no single pairs
 LAYOUTS: dict[str, Layout] = {
     "per-pair (2)": None,
-    "512, fold 32 (3)": (512, 32, 4),
-    "64, fold 16": (64, 16, 4),
-    "4096, fold 32": (4096, 32, 4),
+    "512, fold 8/8": (512, 8, 8),
+    "512, fold 16/4": (512, 16, 4),
+    "512, fold 32/4": (512, 32, 4),
+    "128, fold 8/8": (128, 8, 8),
+    "4096, fold 8/8": (4096, 8, 8),
     "512, always": (512, *ALWAYS),
     "block, always": (1 << 40, *ALWAYS),
 }
@@ -181,6 +183,7 @@ def mature_run(root: Path, n_pairs: int, changed: int, rounds: int = 3) -> list[
     users = rng.choice(n_users, n_pairs, p=weight).astype(np.int64)
     keys = np.unique((users << 32) | rng.integers(0, n_items, n_pairs))
     vals = rng.normal(size=keys.size)
+    size = keys.size
     names = list(LAYOUTS)
     stores = {n: open_store(root / f"m{j}", LAYOUTS[n]) for j, n in enumerate(names)}
     for name, s in stores.items():
@@ -204,12 +207,15 @@ def mature_run(root: Path, n_pairs: int, changed: int, rounds: int = 3) -> list[
             s._write(wb)
             rows[name]["m_s"].append(time.perf_counter() - t)
             rows[name]["m_bytes"].append(s.last_write_bytes)
+        keys, vals = pair_chunks.newest(np.r_[keys, ck], np.r_[vals, cv])
     for s in stores.values():
+        got_k, got_v = s._all_confidence()  # every layout holds the same pairs
+        assert np.array_equal(got_k, keys) and got_v.tobytes() == vals.tobytes()
         s.close()
     out = []
     for name in names:
         r = rows[name]
-        out.append({"layout": name, "mature_pairs": int(keys.size), "mature_changed": changed,
+        out.append({"layout": name, "mature_pairs": size, "mature_changed": changed,
                     "mature_ms": 1e3 * float(np.median(r["m_s"])),
                     "mature_mb": float(np.median(r["m_bytes"])) / 1e6,
                     "mature_disk_mb": dir_bytes(root / f"m{names.index(name)}") / 1e6})  # fmt: skip

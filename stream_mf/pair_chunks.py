@@ -1,16 +1,23 @@
-"""Confidence pairs grouped in chunks (store format 3): the codec and the checkpoint's merge (pure).
+"""Confidence pairs grouped in chunks (store format 3): the codec and the checkpoint's plan (pure).
 
-One RocksDB key a pair made a checkpoint of 1M events a million puts (a microsecond of Python
-each, plus the key's overhead). Now the pairs `user << 32 | item` are cut into **chunks**: runs
-of consecutive keys inside one block of BLOCK_ROWS users, at most `CHUNK_PAIRS` pairs each.
-A chunk is stored under its **lower bound** (be64): it holds the pairs from there up to the
-next chunk's bound. A block's first chunk is bound at the block's first key, `(block *
-BLOCK_ROWS) << 32`, so a pair's chunk is the one with the greatest bound <= its key in its
-block, or a new one at the block's start. Pairs are never deleted, so chunks only grow: one
-over `CHUNK_PAIRS` is cut into pieces of about `CHUNK_PAIRS / 2` (room to grow again), each
-bound at its first key. A heavy user (100k pairs) thus spans a few hundred chunks, and a
-checkpoint that changes one of its pairs rewrites one chunk, not the user's whole history
-(bench/bench_pairs.py measures the trade of chunk size against bytes written).
+One RocksDB key a pair made a checkpoint of 1M events up to a million puts (a microsecond of
+Python and RocksDB each). Now the pairs `user << 32 | item` are cut into **chunks**: runs of
+consecutive keys inside one block of BLOCK_ROWS users, at most `CHUNK_PAIRS` pairs each. A
+chunk is stored under its **lower bound** (be64): it holds the pairs from there up to the next
+chunk's bound. A block's first chunk is bound at the block's first key, `(block * BLOCK_ROWS)
+<< 32`, so a pair's chunk is the one with the greatest bound <= its key in its block, or a new
+one at the block's start. Pairs are never deleted, so chunks only grow: one over `CHUNK_PAIRS`
+is cut into pieces of about `CHUNK_PAIRS / 2` (room to grow again), each bound at its first
+key. A heavy user (100k pairs) thus spans a few hundred chunks.
+
+Rewriting a chunk costs its whole size, so a checkpoint **folds** a chunk (reads it, merges the
+new pairs in, puts it back) only when it brings it at least `FOLD_PAIRS` new pairs and
+1/`FOLD_SHARE` of its size; the few pairs of any other chunk are put **single**, one key each
+(be64 key -> <f8, format 2's layout, in `confidence`), and a later fold of their chunk takes
+them in and deletes them. Readers overlay the singles on the chunks (a single is newer). A
+young store (many new pairs a block) thus writes a key a block, a mature one with scattered
+updates a key a pair as before, and no checkpoint rewrites history it did not change
+(bench/bench_pairs.py: always folding rewrote a whole 1M-pair store for 50k changed pairs).
 
 A chunk's value is its pairs in key order, interleaved `<i8 key, <f8 log-confidence` (16 bytes
 a pair): the whole column family reads back with one join and one `frombuffer` (`RECORD`).
@@ -29,8 +36,8 @@ from stream_mf.store_layout import BLOCK_ROWS
 CHUNK_PAIRS = 512
 #: a checkpoint folds a chunk only when it brings this many new pairs of it (and a quarter of
 #: its size); fewer are put one key each (bench/bench_pairs.py)
-FOLD_PAIRS = 32
-FOLD_SHARE = 4
+FOLD_PAIRS = 8
+FOLD_SHARE = 8
 RECORD = np.dtype([("key", "<i8"), ("val", "<f8")])
 BOUND = struct.Struct(">q")
 
@@ -168,8 +175,8 @@ def plan(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which chunks a checkpoint folds: (the chunks touched, how many of the new pairs each
     gets, whether it is folded). A chunk is folded (read, merged, put back whole) when its new
-    pairs are at least `FOLD_PAIRS` and 1/`FOLD_SHARE` of its size, so a chunk costs at most
-    ~4x the bytes of its new pairs; the others' new pairs are put one a key (`single_keys`)."""
+    pairs are at least `FOLD_PAIRS` and 1/`FOLD_SHARE` of its size, so a fold writes at most
+    ~8x the bytes of its new pairs; the others' new pairs are put one a key (`single_keys`)."""
     touched, counts = np.unique(owner, return_counts=True)
     at = np.searchsorted(bounds, touched)
     exists = at < bounds.size

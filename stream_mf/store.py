@@ -506,8 +506,11 @@ class StateStore:
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
         return keys, np.frombuffer(b"".join(vs), "<f8").copy()
 
-    def _singles_in(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The single pairs with keys in [start, end) of each range (sorted, disjoint)."""
+    def _singles_in(
+        self, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """The single pairs with keys in [start, end) of each range (sorted, disjoint): their
+        keys as stored, as int64, and their values."""
         ks: list[bytes] = []
         vs: list[bytes] = []
         it = self.cf["confidence"].iter()
@@ -519,7 +522,7 @@ class StateStore:
                 vs.append(it.value())
                 it.next()
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
-        return keys, np.frombuffer(b"".join(vs), "<f8").copy()
+        return ks, keys, np.frombuffer(b"".join(vs), "<f8").copy()
 
     def _chunk_index(self) -> tuple[np.ndarray, np.ndarray]:
         """The chunks' bounds and sizes (read from the store the first time, kept after)."""
@@ -1200,7 +1203,7 @@ class StateStore:
             raise StoreError(f"the model store at {self.path} lost a chunk of pairs it had "
                              "(written by another process?): restart the updater")  # fmt: skip
         ends = pair_chunks.range_ends(bounds, folded)
-        s_keys, s_vals = self._singles_in(folded, ends)
+        s_raw, s_keys, s_vals = self._singles_in(folded, ends)
         out, values = pair_chunks.rewrite(
             old,
             cast(list[bytes], raw),
@@ -1212,9 +1215,8 @@ class StateStore:
         h = self.h["pairs"]
         for k, v in zip(pair_chunks.bound_keys(out), values, strict=True):
             put(k, v, h)
-        for lo, hi in zip(pair_chunks.bound_keys(folded), pair_chunks.bound_keys(ends),
-                          strict=True):  # fmt: skip
-            wb.delete_range(lo, hi, h_single)
+        for k in s_raw:  # point deletes: a range tombstone a chunk would slow every seek
+            wb.delete(k, h_single)
         size = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values), np.int64,
                            len(values))  # fmt: skip
         self._new_bounds.append((out, size))

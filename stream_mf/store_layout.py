@@ -10,19 +10,20 @@ Column families:
   item_bias     be32 gen | be32 block -> f32[rows]
   user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]  (item_meta alike)
   pairs         be64 chunk bound -> (<i8 user << 32 | item, <f8 log decayed confidence)[<=512]
-                (confidence pairs in chunks: stream_mf/pair_chunks.py)
-  confidence    formats 1-2 only: be32 user | be32 item -> f64 log decayed confidence (anchored
-                at t=0); empty once migrated
+                (confidence pairs in chunks, anchored at t=0: stream_mf/pair_chunks.py)
+  confidence    be32 user | be32 item -> f64: a pair stored single, newer than its chunk's copy
+                if any (a checkpoint's few pairs of a chunk); formats 1-2: every pair
   offsets       b"topic/partition" -> int64 next offset to consume
   transitions   be32 item -> i32 successor[M] | f64 log decayed count[M]  (stream_mf/transitions.py)
   user_last     be32 block -> i32 last item[rows]  (-1: none yet)
 
 Format 2 added `transitions` and `user_last`. Format 3 moved the confidence pairs from a key
-each in `confidence` to chunks of up to 512 in `pairs`. The updater migrates a format-1 or -2
-store when it opens it (`StateStore._migrate_pairs`: chunks written in steps, then one
-WriteBatch empties `confidence` and sets the format; a crash before it migrates again at the
-next open). A format-1 store also starts with an empty transition table and no last items (they
-fill from the next event on). A reader (secondary) reads either layout, by the format key.
+each in `confidence` to chunks of up to 512 in `pairs`, `confidence` keeping the pairs a
+checkpoint wrote single. The updater migrates a format-1 or -2 store when it opens it
+(`StateStore._migrate_pairs`: chunks written in steps, then one WriteBatch empties `confidence`
+and sets the format; a crash before it migrates again at the next open). A format-1 store also
+starts with an empty transition table and no last items (they fill from the next event on).
+Readers read every format alike (chunks, if any, overlaid with the single pairs).
 
 Meta keys (tests/unit/test_store.py checks this list against META):
   config              JSON ModelConfig

@@ -1242,6 +1242,9 @@ class StateStore:
         wb.delete_range(b"", b"\xff" * 9, self.h["confidence"])
         wb.put(FORMAT_KEY, FORMAT, self.h["meta"])
         self._write(wb)
+        # drop the emptied pairs and the range tombstone now, not when RocksDB gets to them:
+        # every `user_items` seeks in `confidence` (its single pairs)
+        self.cf["confidence"].compact_range(None, None)
         self._format_current = True
         self._bounds = bounds
         self._sizes = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values),

@@ -11,7 +11,7 @@ is cut into pieces of about `CHUNK_PAIRS / 2` (room to grow again), each bound a
 key. A heavy user (100k pairs) thus spans a few hundred chunks.
 
 Rewriting a chunk costs its whole size, so a checkpoint **folds** a chunk (reads it, merges the
-new pairs in, puts it back) only when it brings it at least `FOLD_PAIRS` new pairs and
+new pairs in, puts it back) only when it brings it at least `FOLD_PAIRS` new pairs plus
 1/`FOLD_SHARE` of its size; the few pairs of any other chunk are put **single**, one key each
 (be64 key -> <f8, format 2's layout, in `confidence`), and a later fold of their chunk takes
 them in and deletes them. Readers overlay the singles on the chunks (a single is newer). A
@@ -34,8 +34,10 @@ from stream_mf.store_layout import BLOCK_ROWS
 
 #: a chunk over this many pairs is cut (8 kB); bench/bench_pairs.py for the choice
 CHUNK_PAIRS = 512
-#: a checkpoint folds a chunk only when it brings this many new pairs of it (and a quarter of
-#: its size); fewer are put one key each (bench/bench_pairs.py)
+#: a checkpoint folds a chunk only when it brings at least FOLD_PAIRS + size / FOLD_SHARE new
+#: pairs of it; fewer are put one key each. The costs behind it (bench/bench_pairs.py): a put
+#: of a key ~0.6 us, a pair read, merged and written back in a chunk ~70 ns (1/8 of a key),
+#: a chunk's own get and put ~5 us (8 keys): a fold then costs less than the keys it saves
 FOLD_PAIRS = 8
 FOLD_SHARE = 8
 RECORD = np.dtype([("key", "<i8"), ("val", "<f8")])
@@ -175,7 +177,7 @@ def plan(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which chunks a checkpoint folds: (the chunks touched, how many of the new pairs each
     gets, whether it is folded). A chunk is folded (read, merged, put back whole) when its new
-    pairs are at least `FOLD_PAIRS` and 1/`FOLD_SHARE` of its size, so a fold writes at most
+    pairs are at least `FOLD_PAIRS` + 1/`FOLD_SHARE` of its size, so a fold writes at most
     ~8x the bytes of its new pairs; the others' new pairs are put one a key (`single_keys`)."""
     touched, counts = np.unique(owner, return_counts=True)
     at = np.searchsorted(bounds, touched)
@@ -183,7 +185,7 @@ def plan(
     exists[exists] = bounds[at[exists]] == touched[exists]
     size = np.zeros(touched.size, np.int64)
     size[exists] = sizes[at[exists]]
-    return touched, counts, counts >= np.maximum(FOLD_PAIRS, size // FOLD_SHARE)
+    return touched, counts, counts >= FOLD_PAIRS + size // FOLD_SHARE
 
 
 def single_keys(keys: np.ndarray) -> list[bytes]:

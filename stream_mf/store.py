@@ -551,11 +551,14 @@ class StateStore:
             while it.valid() and it.key() < hi:
                 parts.append(it.value())
                 it.next()
-        items, vals = pair_chunks.user_pairs(b"".join(parts), user)
         s_items, s_vals = self._single_user_items(user)
+        if not parts:  # the guard calls this per event: no numpy on empty parts
+            return s_items, s_vals
+        items, vals = pair_chunks.user_pairs(b"".join(parts), user)
         if s_items.size:
-            items, vals = pair_chunks.newest(np.r_[items, s_items], np.r_[vals, s_vals])
-            items = items.astype(np.int32)
+            items, vals = pair_chunks.newest(
+                np.concatenate([items, s_items]), np.concatenate([vals, s_vals])
+            )
         return items, vals
 
     def _single_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:

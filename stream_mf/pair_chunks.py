@@ -175,11 +175,17 @@ def range_ends(bounds: np.ndarray, chunks: np.ndarray) -> np.ndarray:
 def plan(
     bounds: np.ndarray, sizes: np.ndarray, owner: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which chunks a checkpoint folds: (the chunks touched, how many of the new pairs each
+    """Which chunks a checkpoint folds, given the chunk of each new pair (sorted by key):
+    (the chunks touched, how many of the new pairs each
     gets, whether it is folded). A chunk is folded (read, merged, put back whole) when its new
     pairs are at least `FOLD_PAIRS` + 1/`FOLD_SHARE` of its size, so a fold writes at most
     ~8x the bytes of its new pairs; the others' new pairs are put one a key (`single_keys`)."""
-    touched, counts = np.unique(owner, return_counts=True)
+    if owner.size == 0:
+        none = np.empty(0, np.int64)
+        return none, none, np.empty(0, bool)
+    # `owner` is sorted (keys are, and a key's chunk grows with it): runs, not np.unique's hash
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    touched, counts = owner[first], np.diff(np.r_[first, owner.size])
     at = np.searchsorted(bounds, touched)
     exists = at < bounds.size
     exists[exists] = bounds[at[exists]] == touched[exists]

@@ -44,8 +44,9 @@ from stream_mf.store_layout import BLOCK_ROWS
 from stream_mf.store_layout import FORMAT as STORE_FORMAT
 
 FORMAT = 1
-#: store formats whose snapshots this version reads (1: before transitions, restored empty)
-_READS_STORE_FORMATS = ("1", STORE_FORMAT.decode())
+#: store formats whose snapshots this version reads (1: before transitions, restored empty;
+#: a snapshot's pairs do not depend on the store's layout of them, format 3's change)
+_READS_STORE_FORMATS = ("1", "2", STORE_FORMAT.decode())
 MAGIC = b"SMFL"
 BEGIN_KEY = b"B"
 END_KEY = b"E"

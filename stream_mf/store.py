@@ -36,6 +36,7 @@ from typing import cast
 import numpy as np
 import rocksdict as rd
 
+from stream_mf import pair_chunks
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig, keep_structural
 from stream_mf.learner_snapshot import LearnerSnapshot
@@ -69,6 +70,7 @@ from stream_mf.store_layout import (
     GENERATION,
     I32,
     I64,
+    LEGACY_FORMATS,
     MODEL_CFS,
     MODEL_VERSION,
     N_ITEMS,
@@ -88,7 +90,6 @@ from stream_mf.store_layout import (
     model_key,
     model_keys,
     offset_key,
-    pair_bytes,
     read_meta_block,
     read_transition_row,
     rows_bytes,
@@ -227,6 +228,9 @@ class StateStore:
                 )
             access = rd.AccessType.secondary(str(secondary))
             try:
+                # a store no writer of this version opened yet lacks `pairs` (format 3)
+                present = set(rd.Rdict.list_cf(str(self.path)))
+                cfs = {name: opt for name, opt in cfs.items() if name in present}
                 self.db = rd.Rdict(str(self.path), _options(False), cfs, access_type=access)
             except Exception as exc:  # e.g. the writer is still creating column families
                 raise StoreError(f"cannot follow the model store at {self.path}: {exc}") from exc
@@ -242,8 +246,8 @@ class StateStore:
                 self.db = rd.Rdict(str(self.path), _options(True), cfs)
             except Exception as exc:  # rocksdict raises bare Exception
                 raise StoreError(_open_error(self.path, exc)) from exc
-        self.cf = {name: self.db.get_column_family(name) for name in CFS}
-        self.h = {name: self.db.get_column_family_handle(name) for name in CFS}
+        self.cf = {name: self.db.get_column_family(name) for name in cfs}
+        self.h = {name: self.db.get_column_family_handle(name) for name in cfs}
         self.write_opt = rd.WriteOptions()
         self.write_opt.sync = sync
         # called after each durable commit (the updater publishes the model log from it)
@@ -261,8 +265,19 @@ class StateStore:
         self._pending_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._seq = self._meta_int(COMMITS)  # commits so far, the pending ones included
         self.last_checkpoint: CheckpointInfo | None = None
+        # the `pairs` chunks' bounds (sorted) and sizes (None: read them when first needed),
+        # and those the write being made puts (`_put_pairs`; kept once it is written)
+        self._bounds: np.ndarray | None = None
+        self._sizes = np.empty(0, np.int64)
+        self._new_bounds: list[tuple[np.ndarray, np.ndarray]] = []
         if not self.secondary and not self.is_new:
-            self.drop_other_generations()
+            try:
+                if self._legacy_pairs():
+                    self._migrate_pairs()
+                self.drop_other_generations()
+            except BaseException:
+                self.close()  # release the lock: the caller may open it again
+                raise
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -447,7 +462,42 @@ class StateStore:
         self._load_transitions(state)
         return state
 
+    def _legacy_pairs(self) -> bool:
+        """The store is of format 1 or 2 (every pair a key of its own in `confidence`): one this
+        version's writer has not opened yet (it migrates them into chunks on open)."""
+        return self._meta(FORMAT_KEY) in LEGACY_FORMATS
+
+    def _pairs_cf(self) -> rd.Rdict | None:
+        """The chunks' column family; None for a follower of a store of an earlier format
+        (which has none)."""
+        cf = self.cf.get("pairs")
+        if cf is None and not self._legacy_pairs():
+            raise StoreError(f"the model store at {self.path} was migrated to format "
+                             f"{FORMAT.decode()} after this reader opened it: open it again"
+                             )  # fmt: skip
+        return cf
+
     def _all_confidence(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair, sorted by key: the chunks (in key order: one join, one `frombuffer`),
+        overlaid with the pairs stored one a key (newer than their chunk's copy)."""
+        ks: list[bytes] = []
+        vs: list[bytes] = []
+        cf = self._pairs_cf()
+        for k, v in _raw_items(cf) if cf is not None else ():
+            ks.append(k)
+            vs.append(v)
+        keys, vals = pair_chunks.decode(b"".join(vs))
+        if not self.secondary:
+            self._bounds = pair_chunks.read_bounds(ks)
+            self._sizes = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in vs),
+                                      np.int64, len(vs))  # fmt: skip
+        s_keys, s_vals = self._singles()
+        if s_keys.size:
+            keys, vals = pair_chunks.newest(np.r_[keys, s_keys], np.r_[vals, s_vals])
+        return keys, vals
+
+    def _singles(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs stored one a key in `confidence` (be64 key -> f64; format 2's layout)."""
         ks: list[bytes] = []
         vs: list[bytes] = []
         for k, v in _raw_items(self.cf["confidence"]):
@@ -456,8 +506,62 @@ class StateStore:
         keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
         return keys, np.frombuffer(b"".join(vs), "<f8").copy()
 
-    def user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items a user interacted with and their log-confidences (a prefix scan)."""
+    def _singles_in(
+        self, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """The single pairs with keys in [start, end) of each range (sorted, disjoint): their
+        keys as stored, as int64, and their values."""
+        ks: list[bytes] = []
+        vs: list[bytes] = []
+        it = self.cf["confidence"].iter()
+        for lo, hi in zip(pair_chunks.bound_keys(starts), pair_chunks.bound_keys(ends),
+                          strict=True):  # fmt: skip
+            it.seek(lo)
+            while it.valid() and it.key() < hi:
+                ks.append(it.key())
+                vs.append(it.value())
+                it.next()
+        keys = np.frombuffer(b"".join(ks), ">i8").astype(np.int64)
+        return ks, keys, np.frombuffer(b"".join(vs), "<f8").copy()
+
+    def _chunk_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks' bounds and sizes (read from the store the first time, kept after)."""
+        if self._bounds is None:
+            ks: list[bytes] = []
+            sizes: list[int] = []
+            cf = self._pairs_cf()
+            for k, v in _raw_items(cf) if cf is not None else ():
+                ks.append(k)
+                sizes.append(len(v) // pair_chunks.RECORD.itemsize)
+            self._bounds = pair_chunks.read_bounds(ks)
+            self._sizes = np.asarray(sizes, np.int64)
+        return self._bounds, self._sizes
+
+    def _stored_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """A user's stored pairs: the chunks from the one holding the user's first possible
+        key up to the next user's first key, overlaid with the user's single pairs."""
+        lo, hi = pair_chunks.bound_key(user << 32), pair_chunks.bound_key((user + 1) << 32)
+        parts: list[bytes] = []
+        cf = self._pairs_cf()
+        if cf is not None:
+            it = cf.iter()
+            it.seek_for_prev(lo)
+            if not it.valid():
+                it.seek(lo)
+            while it.valid() and it.key() < hi:
+                parts.append(it.value())
+                it.next()
+        s_items, s_vals = self._single_user_items(user)
+        if not parts:  # the guard calls this per event: no numpy on empty parts
+            return s_items, s_vals
+        items, vals = pair_chunks.user_pairs(b"".join(parts), user)
+        if s_items.size:
+            items, vals = pair_chunks.newest(
+                np.concatenate([items, s_items]), np.concatenate([vals, s_vals])
+            )
+        return items, vals
+
+    def _single_user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         prefix = BE32.pack(user)
         it = self.cf["confidence"].iter()
         it.seek(prefix)
@@ -470,7 +574,11 @@ class StateStore:
             items.append(BE32.unpack(k[4:])[0])
             vals.append(F64.unpack(it.value())[0])
             it.next()
-        got_i, got_v = np.asarray(items, np.int32), np.asarray(vals, np.float64)
+        return np.asarray(items, np.int32), np.asarray(vals, np.float64)
+
+    def user_items(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items a user interacted with and their log-confidences, sorted by item."""
+        got_i, got_v = self._stored_user_items(user)
         if self._pending:  # batches not checkpointed yet: their values win
             new_i, new_v = self._pending_user(user)
             if new_i.size:
@@ -880,6 +988,7 @@ class StateStore:
     def _batch(self) -> rd.WriteBatch:
         if self.secondary:
             raise StoreError("a secondary (read-only) store cannot commit")
+        self._new_bounds = []  # a batch built and dropped (an error) adds no chunk
         return rd.WriteBatch(raw_mode=True)
 
     def _put_header(self, wb: rd.WriteBatch, state: ModelState, *, force: bool) -> None:
@@ -943,10 +1052,17 @@ class StateStore:
     def _write(self, wb: rd.WriteBatch) -> None:
         self.last_write_bytes = wb.size_in_bytes()
         t, c = time.perf_counter(), time.thread_time()
+        new, self._new_bounds = self._new_bounds, []
         try:
             self.db.write(wb, self.write_opt)
         except Exception as exc:  # rocksdict raises bare Exception
+            self._bounds = None  # read again from the store when next needed
             raise StoreError(f"writing to the model store at {self.path} failed: {exc}") from exc
+        if new and self._bounds is not None:
+            self._bounds, self._sizes = pair_chunks.newest(
+                np.concatenate([self._bounds, *(b for b, _ in new)]),
+                np.concatenate([self._sizes, *(z for _, z in new)]),
+            )
         self.last_write_seconds = (time.perf_counter() - t, time.thread_time() - c)
 
     def _put_batch_log(self, wb: rd.WriteBatch, times: np.ndarray) -> None:
@@ -1047,10 +1163,6 @@ class StateStore:
                 )
 
     def _load_transitions(self, state: ModelState) -> None:
-        if self._meta(FORMAT_KEY) == b"1":
-            log.info("%s is a format-1 store (before transitions): they start empty and fill "
-                     "from the next event on; the store is marked format 2 at its next commit",
-                     self.path)  # fmt: skip
         t = state.transitions
         t.slots = state.config.transition_slots
         t.reserve(state.users.n, state.items.n)
@@ -1065,12 +1177,89 @@ class StateStore:
             t.last[lo : lo + part.size] = part
 
     def _put_pairs(self, wb: rd.WriteBatch, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Pairs (unique keys) at their new values (`stream_mf/pair_chunks.py`): a chunk that
+        gets many is folded (read, merged with them and with its single pairs, put back whole,
+        cut if it grew too big, its singles deleted); the few of any other chunk are put one a
+        key, as format 2 did."""
         if keys.size == 0:
             return
-        h = self.h["confidence"]
-        put = wb.put
-        for k, v in zip(*pair_bytes(keys, vals), strict=True):
+        if keys.size > 1 and not (keys[1:] > keys[:-1]).all():
+            order = np.argsort(keys)
+            keys, vals = keys[order], vals[order]
+        bounds, sizes = self._chunk_index()
+        owner = pair_chunks.owners(bounds, keys)
+        touched, _, fold = pair_chunks.plan(bounds, sizes, owner)
+        folded = touched[fold]
+        into = np.isin(owner, folded)
+        h_single, put = self.h["confidence"], wb.put
+        for k, v in zip(pair_chunks.single_keys(keys[~into]),
+                        pair_chunks.single_values(vals[~into]), strict=True):  # fmt: skip
+            put(k, v, h_single)
+        if folded.size == 0:
+            return
+        old = folded[np.isin(folded, bounds, assume_unique=True)]
+        names: list[str | int | float | bytes | bool] = list(pair_chunks.bound_keys(old))
+        cf = self._pairs_cf()
+        raw = cast(list[bytes | None], cf.get(names) if names and cf is not None else [])
+        if any(r is None for r in raw):
+            self._bounds = None
+            raise StoreError(f"the model store at {self.path} lost a chunk of pairs it had "
+                             "(written by another process?): restart the updater")  # fmt: skip
+        ends = pair_chunks.range_ends(bounds, folded)
+        s_raw, s_keys, s_vals = self._singles_in(folded, ends)
+        out, values = pair_chunks.rewrite(
+            old,
+            cast(list[bytes], raw),
+            [
+                (s_keys, s_vals, pair_chunks.owners(bounds, s_keys)),
+                (keys[into], vals[into], owner[into]),
+            ],
+        )
+        h = self.h["pairs"]
+        for k, v in zip(pair_chunks.bound_keys(out), values, strict=True):
             put(k, v, h)
+        for k in s_raw:  # point deletes: a range tombstone a chunk would slow every seek
+            wb.delete(k, h_single)
+        size = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values), np.int64,
+                           len(values))  # fmt: skip
+        self._new_bounds.append((out, size))
+
+    def _migrate_pairs(self) -> None:
+        """Formats 1 and 2 into 3 on open: the per-pair keys of `confidence` as chunks in
+        `pairs`, in steps of `MIGRATE_CHUNKS` chunks, then one WriteBatch that empties
+        `confidence` and sets the format. A crash before that last write leaves a format-2
+        store (whose half-filled `pairs` the next open clears first): migrated again."""
+        t0 = time.perf_counter()
+        was = (self._meta(FORMAT_KEY) or b"?").decode()
+        keys, vals = self._singles()
+        bounds, values = pair_chunks.chunk(keys, vals, pair_chunks.block_start(keys))
+        h = self.h["pairs"]
+        wb = self._batch()
+        wb.delete_range(b"", b"\xff" * 9, h)
+        names = pair_chunks.bound_keys(bounds)
+        for j, (k, v) in enumerate(zip(names, values, strict=True)):
+            wb.put(k, v, h)
+            if (j + 1) % MIGRATE_CHUNKS == 0:
+                self._write(wb)
+                wb = self._batch()
+        wb.delete_range(b"", b"\xff" * 9, self.h["confidence"])
+        wb.put(FORMAT_KEY, FORMAT, self.h["meta"])
+        self._write(wb)
+        # drop the emptied pairs and the range tombstone now, not when RocksDB gets to them:
+        # every `user_items` seeks in `confidence` (its single pairs)
+        self.cf["confidence"].compact_range(None, None)
+        self._format_current = True
+        self._bounds = bounds
+        self._sizes = np.fromiter((len(v) // pair_chunks.RECORD.itemsize for v in values),
+                                  np.int64, len(values))  # fmt: skip
+        log.info("%s: store format %s migrated to %s (%d confidence pairs in %d chunks) in "
+                 "%.1f s%s", self.path, was, FORMAT.decode(), keys.size, bounds.size,
+                 time.perf_counter() - t0, "; transitions start empty and fill from the next "
+                 "event on" if was == "1" else "")  # fmt: skip
+
+
+#: chunks a migration step writes (a WriteBatch of ~8-16 MB)
+MIGRATE_CHUNKS = 2048
 
 
 def _raw_items(cf: rd.Rdict) -> Iterator[tuple[bytes, bytes]]:

@@ -9,14 +9,21 @@ Column families:
   user_factors  be32 gen | be32 block -> f32[rows, dim]   (item_factors alike)
   item_bias     be32 gen | be32 block -> f32[rows]
   user_meta     be32 block -> i64 count[rows] | f64 last[rows] | f64 logpop[rows]  (item_meta alike)
-  confidence    be32 user | be32 item -> f64 log decayed confidence (anchored at t=0)
+  pairs         be64 chunk bound -> (<i8 user << 32 | item, <f8 log decayed confidence)[<=512]
+                (confidence pairs in chunks, anchored at t=0: stream_mf/pair_chunks.py)
+  confidence    be32 user | be32 item -> f64: a pair stored single, newer than its chunk's copy
+                if any (a checkpoint's few pairs of a chunk); formats 1-2: every pair
   offsets       b"topic/partition" -> int64 next offset to consume
   transitions   be32 item -> i32 successor[M] | f64 log decayed count[M]  (stream_mf/transitions.py)
   user_last     be32 block -> i32 last item[rows]  (-1: none yet)
 
-Format 2 added `transitions` and `user_last`. A format-1 store opens as it is, with an empty
-transition table and no last items (they fill from the next event on), and is marked format 2
-at its next commit.
+Format 2 added `transitions` and `user_last`. Format 3 moved the confidence pairs from a key
+each in `confidence` to chunks of up to 512 in `pairs`, `confidence` keeping the pairs a
+checkpoint wrote single. The updater migrates a format-1 or -2 store when it opens it
+(`StateStore._migrate_pairs`: chunks written in steps, then one WriteBatch empties `confidence`
+and sets the format; a crash before it migrates again at the next open). A format-1 store also
+starts with an empty transition table and no last items (they fill from the next event on).
+Readers read every format alike (chunks, if any, overlaid with the single pairs).
 
 Meta keys (tests/unit/test_store.py checks this list against META):
   config              JSON ModelConfig
@@ -53,11 +60,14 @@ from typing import Protocol
 
 import numpy as np
 
-FORMAT = b"2"
+FORMAT = b"3"
+#: formats whose pairs are one key each in `confidence` (migrated on open)
+LEGACY_FORMATS = (b"1", b"2")
 BLOCK_ROWS = 16
 CFS = (
     "meta", "user_ids", "user_index", "item_ids", "item_index", "user_factors", "user_meta",
     "item_factors", "item_bias", "item_meta", "confidence", "offsets", "transitions", "user_last",
+    "pairs",
 )  # fmt: skip
 MODEL_CFS = ("user_factors", "item_factors", "item_bias")
 BATCH_LOG_PREFIX = b"batchlog/"
@@ -192,14 +202,6 @@ def model_keys(gen: int, blocks: np.ndarray) -> list[bytes]:
 def be32_keys(blocks: np.ndarray) -> list[bytes]:
     out: list[bytes] = blocks.astype(">u4").view("V4").tolist()
     return out
-
-
-def pair_bytes(keys: np.ndarray, vals: np.ndarray) -> tuple[list[bytes], list[bytes]]:
-    """Confidence keys and values as `bytes`: V8 views turn into 8-byte `bytes` in one C call
-    (3x cheaper than slicing a buffer)."""
-    kb: list[bytes] = keys.astype(">i8").view("V8").tolist()
-    vb: list[bytes] = vals.astype("<f8").view("V8").tolist()
-    return kb, vb
 
 
 def transition_bytes(succ: np.ndarray, logw: np.ndarray, rows: np.ndarray) -> list[bytes]:

@@ -341,17 +341,15 @@ def test_a_default_left_alone_takes_the_stored_value(tmp_path: Path) -> None:
 
 
 def test_a_format_1_store_opens_with_empty_transitions(tmp_path: Path) -> None:
-    """A store written before transitions (no such rows, format 1) loads with an empty table
-    and is marked format 2 at its next commit."""
+    """A store written before transitions (no such rows, format 1, `tests/legacy_store.py`)
+    loads with an empty table (and is migrated to this format when opened)."""
     from stream_mf.store_layout import FORMAT, FORMAT_KEY
+    from tests.legacy_store import to_legacy
 
     with StateStore(tmp_path / "db") as store:
         m = OnlineModel(CFG, store.load(CFG))
         store.commit_batch(m.state, m.learn(stream(300)))
-        for cf in ("transitions", "user_last"):
-            for k in list(raw_keys(store.cf[cf])):
-                del store.cf[cf][k]
-        store.cf["meta"][FORMAT_KEY] = b"1"
+    to_legacy(tmp_path / "db", b"1")
     with StateStore(tmp_path / "db") as store:
         st = store.load()
         assert (st.transitions.succ < 0).all() and (st.transitions.last < 0).all()

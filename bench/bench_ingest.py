@@ -76,6 +76,8 @@ LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
 CHECKPOINT_AT = "stream_mf_checkpoint_timestamp_seconds"
 PENDING = "stream_mf_checkpoint_pending_events"
 PYSPY_RATE = 250  # samples/s
+# more py-spy flags, e.g. `--gil` (only samples holding the GIL) or `--native`
+PYSPY_EXTRA: tuple[str, ...] = tuple(os.environ.get("BENCH_PYSPY_FLAGS", "").split())
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -513,6 +515,8 @@ def start_pyspy(children: Children, pid: int, out: Path) -> subprocess.Popen[byt
             "--rate",
             str(PYSPY_RATE),
             "--idle",
+            "--threads",  # per-thread stacks: the kernel's worker apart from the loop
+            *PYSPY_EXTRA,
             "--nonblocking",
             "--format",
             "raw",

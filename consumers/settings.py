@@ -220,6 +220,12 @@ class UpdaterSettings(ProcessSettings):
     live_eval_max_per_batch: int = Field(
         default=32, ge=0, description="bounds live scoring's cost on large batches"
     )
+    pipeline: bool = Field(
+        default=True,
+        description="learn a batch on a worker thread while the loop fetches and decodes the "
+        "next one and hands the last commit's model log records to the producer (the same "
+        "state, bit for bit; false: one step after the other)",
+    )
     model_log_item_seconds: float = Field(
         default=1.0,
         ge=0,

@@ -220,11 +220,13 @@ class UpdaterSettings(ProcessSettings):
     live_eval_max_per_batch: int = Field(
         default=32, ge=0, description="bounds live scoring's cost on large batches"
     )
-    pipeline: bool = Field(
-        default=True,
-        description="learn a batch on a worker thread while the loop fetches and decodes the "
-        "next one and hands the last commit's model log records to the producer (the same "
-        "state, bit for bit; false: one step after the other)",
+    pipeline_min_events: int = Field(
+        default=2_000,
+        ge=0,
+        description="a batch of at least this many events learns on a worker thread while the "
+        "loop fetches and decodes the next one and hands the last commit's model log records "
+        "to the producer (the same state, bit for bit); smaller ones learn on the loop's "
+        "thread, where the hand-over costs less; 0: never",
     )
     model_log_item_seconds: float = Field(
         default=1.0,

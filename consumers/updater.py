@@ -125,9 +125,6 @@ DLT_READ_BACK_CHUNK = 1000
 # with checkpoints by time only, the most dead letters read back after a restart (a replay
 # window with more dead letters than this may send some of them again: README)
 DLT_READ_BACK_MAX = 1_000_000
-# pipelining (`UpdaterSettings.pipeline`): batches this large learn on the worker thread while
-# the loop fetches and decodes the next one (smaller ones: the hand-over costs more than it buys)
-PIPELINE_MIN_EVENTS = 2_000
 # while the kernel learns, the loop waits at most this long for the next message to prefetch
 PREFETCH_WAIT_S = 0.002
 # a loop turn writes a background rebuild's staged blocks for at most this long (each chunk is
@@ -463,9 +460,11 @@ class Updater:
         # last commit's held model log records to the producer; the loop waits for the kernel
         # before anything else touches the model, the store or the consumer's positions
         self._worker = (
-            ThreadPoolExecutor(1, thread_name_prefix="learn") if settings.pipeline else None
+            ThreadPoolExecutor(1, thread_name_prefix="learn")
+            if settings.pipeline_min_events
+            else None
         )
-        self.publisher.defer = settings.pipeline
+        self.publisher.defer = self._worker is not None
         self._ahead: list[Message] = []  # fetched during the last kernel, not collected yet
         self._pre: _Decoded | None = None  # the valid ones among them, decoded
         self._isolating = False
@@ -1175,7 +1174,8 @@ class Updater:
                 st.items.lookup(batch.item_ids).astype(np.int64),
                 lambda u: self.store.user_items(u)[0].astype(np.int64),
             )
-        if self._worker is not None and not self._isolating and len(batch) >= PIPELINE_MIN_EVENTS:
+        s = self.settings
+        if self._worker is not None and not self._isolating and len(batch) >= s.pipeline_min_events:
             delta = self._learn_overlapped(batch)
         else:
             self.publisher.release()

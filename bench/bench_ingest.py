@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,6 +247,10 @@ class UpdaterRun:
     profile: dict[str, float] = field(default_factory=dict)
     profile_s: dict[str, float] = field(default_factory=dict)  # seconds sampled per category
     model_log_s: dict[str, float] = field(default_factory=dict)  # the same inside the model log
+    worker_s: dict[str, float] = field(default_factory=dict)  # the learn worker's, seconds
+    # the updater's own account at stop: seconds the worker learned, the loop waited for it,
+    # the loop worked meanwhile; batches (revisions without the pipeline: empty)
+    pipeline: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
@@ -273,6 +278,8 @@ class UpdaterRun:
             "profile": self.profile or None,
             "profile_s": self.profile_s or None,
             "model_log_s": self.model_log_s or None,
+            "worker_s": self.worker_s or None,
+            "pipeline": self.pipeline or None,
         }
 
 
@@ -385,10 +392,14 @@ def run_updater(
             run.profile = {k: v / total for k, v in counts.most_common()} if total else {}
             run.profile_s = {k: v / PYSPY_RATE for k, v in counts.items()}
             run.model_log_s = model_log_detail(spy_out)
+            run.worker_s = {
+                k: v / PYSPY_RATE for k, v in sample_counts(spy_out, tree or ROOT, WORKER).items()
+            }
     finally:
         if spy is not None:
             stop_pyspy(spy)
         children.stop(p)
+        run.pipeline = pipeline_account(p.log_path)
         shutil.rmtree(state, ignore_errors=True)
     return run
 
@@ -490,6 +501,30 @@ def replay_after_kill(
     return out
 
 
+PIPELINE_LINE = re.compile(
+    r"pipeline: (\d+) batches learned on the worker in ([\d.]+) s, the loop waited ([\d.]+) s "
+    r"of it and worked ([\d.]+) s meanwhile"
+)
+
+
+def pipeline_account(log_path: Path) -> dict[str, float]:
+    """The updater's own account of the pipeline, logged at its clean stop."""
+    try:
+        m = PIPELINE_LINE.search(log_path.read_text(errors="replace"))
+    except OSError:
+        return {}
+    if m is None:
+        return {}
+    n, learn, waited, meanwhile = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    return {
+        "batches": n,
+        "learn_s": learn,
+        "wait_s": waited,
+        "loop_meanwhile_s": meanwhile,
+        "overlap_s": learn - waited,
+    }
+
+
 def _sums(samples: dict[str, float]) -> tuple[float, float, float]:
     return (
         samples.get("stream_mf_batch_apply_seconds_sum", 0.0),
@@ -561,6 +596,8 @@ def _process_line_kinds(tree: Path = ROOT) -> dict[int, str]:
 #: frame matches wins, so scoring inside live evaluation counts as live evaluation even where it
 #: reads RocksDB, and a write is a write wherever it is called from.
 _RULES: tuple[tuple[str, Any], ...] = (
+    # the loop waits for the kernel in flight (the pipeline)
+    ("learn_wait", lambda f, p: f == "wait" and p.endswith("concurrent/futures/_base.py")),
     # the model log is published from inside the store's commit (its `on_commit` hook)
     ("model_log", lambda f, p: p.endswith(("consumers/model_log.py", "stream_mf/model_log.py"))),
     ("learner_snapshot", lambda f, p: p.endswith("consumers/learner_snapshot.py")),
@@ -586,6 +623,7 @@ _RULES: tuple[tuple[str, Any], ...] = (
         ),
     ),
     ("consume", lambda f, p: f.endswith("_collect")),
+    ("prefetch", lambda f, p: f.endswith("_prefetch")),
     ("offsets", lambda f, p: f.endswith("_next_offsets")),
     ("dead_letter", lambda f, p: f.endswith("_dead_letter")),
     ("metadata", lambda f, p: f.endswith("_assign_partitions")),
@@ -609,16 +647,26 @@ def _classify(frames: Sequence[str], lines: dict[int, str]) -> str:
     return "loop_other"
 
 
-def sample_counts(raw: Path, tree: Path = ROOT) -> Counter[str]:
-    """The updater's main-loop py-spy samples per category, from py-spy's raw output."""
+MAIN, WORKER = "run (consumers/updater.py", "_timed_learn (consumers/updater.py"
+
+
+def sample_counts(raw: Path, tree: Path = ROOT, thread: str = MAIN) -> Counter[str]:
+    """py-spy samples per category, from py-spy's raw output: of the updater's main loop, or
+    (`WORKER`) of the pipeline's learn worker (its samples outside a learn: `worker_idle`)."""
     counts: Counter[str] = Counter()
     if not raw.exists():
         return counts
     lines = _process_line_kinds(tree)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if "run (consumers/updater.py" not in stack or not n.isdigit():
-            continue  # not the main loop (metrics server thread, imports at start-up)
+        if not n.isdigit():
+            continue
+        on_worker = thread == WORKER and "): learn_" in stack.split(";")[0]
+        if on_worker and WORKER not in stack:
+            counts["worker_idle"] += int(n)
+            continue
+        if thread not in stack:
+            continue  # not that thread (metrics server thread, imports at start-up)
         counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
     return counts
 
@@ -1053,6 +1101,34 @@ def report_compare(result: dict[str, Any]) -> None:
                 [{"what": k, "ms": 1e3 * v * per_1k} for k, v in list(detail.items())[:12]],
                 [Col("what", "innermost frame"), Col("ms", "ms/1k", ".2f")],
             )
+        worker = (profiles.get("new") or {}).get("worker_s") or {}
+        if worker:
+            print_table(
+                "new: the learn worker thread (the pipeline), ms sampled per 1k events",
+                [{"what": k, "ms": 1e3 * v * per_1k} for k, v in worker.items()],
+                [Col("what", "category"), Col("ms", "ms/1k", ".2f")],
+            )
+    acct = [
+        {"round": r["round"], "side": r["side"], **r["pipeline"]}
+        for r in result["runs"]
+        if r.get("pipeline")
+    ]
+    if acct:
+        print_table(
+            "the pipeline, as the updater accounts for it at stop (whole run): seconds the "
+            "worker learned, the loop waited for it, the loop worked meanwhile; overlap = "
+            "learned - waited",
+            acct,
+            [
+                Col("round", "round"),
+                Col("side", "code"),
+                Col("batches", "batches", ".0f"),
+                Col("learn_s", "learn s", ".2f"),
+                Col("wait_s", "wait s", ".2f"),
+                Col("loop_meanwhile_s", "loop meanwhile s", ".2f"),
+                Col("overlap_s", "overlap s", ".2f"),
+            ],
+        )
     print_table(
         f"updater at {result['old_rev']} (old) and {result['new_rev']} (new), "
         f"{result['stream']['n_events']:,} events, --max-batch-events {result['batch']}, "

@@ -557,6 +557,7 @@ class ModelLogPublisher:
             return
         try:
             self._hand_over()
+            self.producer.poll(0)  # the delivery reports of earlier ones, meanwhile too
         except (KafkaException, BufferError, RuntimeError) as exc:
             log.warning("could not publish held model log records (%s): a snapshot follows",
                         exc)  # fmt: skip

@@ -220,6 +220,13 @@ class UpdaterSettings(ProcessSettings):
     live_eval_max_per_batch: int = Field(
         default=32, ge=0, description="bounds live scoring's cost on large batches"
     )
+    blas_threads: int = Field(
+        default=1,
+        ge=1,
+        description="BLAS threads: live evaluation's and the rebuild guard's products are "
+        "small, and a second BLAS thread beside the loop and the learn worker took a 50k x 64 "
+        "product from 1.4 ms to 7-12 ms on 2 busy cores (bench/README.md, *The pipeline*)",
+    )
     pipeline_min_events: int = Field(
         default=2_000,
         ge=0,

@@ -68,6 +68,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from prometheus_client import CollectorRegistry
+from threadpoolctl import threadpool_limits
 
 from consumers import gc_control, kafka_io, kernel_cache, offset_gap, restore
 from consumers.learner_snapshot import SnapshotWriter
@@ -715,6 +716,7 @@ class Updater:
         if s.pause_gc:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
         busy = frozen_kernels = False
+        limits = threadpool_limits(s.blas_threads, "blas")
         try:
             if self.store.is_new and s.restore:
                 # an empty state dir: the latest learner snapshot on Kafka, if there is one
@@ -781,6 +783,7 @@ class Updater:
             code = EXIT_OFFSET_GAP
         finally:
             self.close()
+            limits.restore_original_limits()
         return code
 
     # ---- rebuilds ------------------------------------------------------------------------------

@@ -503,7 +503,8 @@ def replay_after_kill(
 
 PIPELINE_LINE = re.compile(
     r"pipeline: (\d+) batches learned on the worker in ([\d.]+) s, the loop waited ([\d.]+) s "
-    r"of it and worked ([\d.]+) s meanwhile"
+    r"of it and worked ([\d.]+) s meanwhile[^;\n]*(?:; the learn's CPU ([\d.]+) s, run queue "
+    r"([\d.]+) s)?"
 )
 
 
@@ -516,13 +517,17 @@ def pipeline_account(log_path: Path) -> dict[str, float]:
     if m is None:
         return {}
     n, learn, waited, meanwhile = int(m[1]), float(m[2]), float(m[3]), float(m[4])
-    return {
+    out = {
         "batches": n,
         "learn_s": learn,
         "wait_s": waited,
         "loop_meanwhile_s": meanwhile,
         "overlap_s": learn - waited,
     }
+    if m[5] is not None:
+        cpu, runq = float(m[5]), float(m[6])
+        out |= {"learn_cpu_s": cpu, "learn_runq_s": runq, "learn_gil_s": learn - cpu - runq}
+    return out
 
 
 def _sums(samples: dict[str, float]) -> tuple[float, float, float]:
@@ -1117,7 +1122,8 @@ def report_compare(result: dict[str, Any]) -> None:
         print_table(
             "the pipeline, as the updater accounts for it at stop (whole run): seconds the "
             "worker learned, the loop waited for it, the loop worked meanwhile; overlap = "
-            "learned - waited",
+            "learned - waited; the learn's CPU and run-queue seconds, and the rest of its wall "
+            "time (waiting for the GIL, mostly)",
             acct,
             [
                 Col("round", "round"),
@@ -1127,6 +1133,9 @@ def report_compare(result: dict[str, Any]) -> None:
                 Col("wait_s", "wait s", ".2f"),
                 Col("loop_meanwhile_s", "loop meanwhile s", ".2f"),
                 Col("overlap_s", "overlap s", ".2f"),
+                Col("learn_cpu_s", "learn CPU s", ".2f"),
+                Col("learn_runq_s", "run queue s", ".2f"),
+                Col("learn_gil_s", "GIL etc. s", ".2f"),
             ],
         )
     print_table(

@@ -469,9 +469,10 @@ class Updater:
         self._ahead: list[Message] = []  # fetched during the last kernel, not collected yet
         self._pre: _Decoded | None = None  # the valid ones among them, decoded
         self._isolating = False
-        # kernel-side seconds on the worker, the loop's wait for it, the loop's own work
-        # meanwhile, batches: logged at stop (bench_ingest reads the line)
-        self._pipeline_s = [0.0, 0.0, 0.0, 0]
+        # the learn's seconds on the worker, the loop's wait for it, the loop's own work
+        # meanwhile, batches, the learn's CPU seconds and run-queue wait: logged at stop
+        # (bench_ingest reads the line)
+        self._pipeline_s = [0.0, 0.0, 0.0, 0, 0.0, 0.0]
 
     def _init_rebuilds(self, state: ModelState) -> None:
         """The schedule; a rebuild at once if the last one stopped in its after-swap phase."""
@@ -1207,7 +1208,7 @@ class Updater:
             t2 = time.perf_counter()
             wait([fut])  # the kernel in flight ends before anything else happens
         t3 = time.perf_counter()
-        delta, learn_s, learn_cpu = fut.result()
+        delta, learn_s, learn_cpu, learn_runq = fut.result()
         turn = self._turn
         turn.add("learn_worker", learn_s)
         turn.add("learn_worker_cpu", learn_cpu)
@@ -1219,12 +1220,16 @@ class Updater:
         tot[1] += t3 - t2
         tot[2] += t2 - t0
         tot[3] += 1
+        tot[4] += learn_cpu
+        tot[5] += learn_runq
         return delta
 
-    def _timed_learn(self, batch: EventBatch) -> tuple[BatchDelta, float, float]:
-        t, c = time.perf_counter(), time.thread_time()
+    def _timed_learn(self, batch: EventBatch) -> tuple[BatchDelta, float, float, float]:
+        """`_learn` on the worker, with its wall time, CPU time and run-queue wait (what is
+        left of the wall time is waiting for the GIL, mostly)."""
+        t, c, q = time.perf_counter(), time.thread_time(), _runq_seconds()
         delta = self._learn(batch)
-        return delta, time.perf_counter() - t, time.thread_time() - c
+        return delta, time.perf_counter() - t, time.thread_time() - c, _runq_seconds() - q
 
     def _prefetch(self, fut: Future[Any]) -> None:
         """While the kernel runs: fetch up to a batch of the next messages (what is there
@@ -1753,12 +1758,14 @@ class Updater:
         self.snapshots.close()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
-            learn, waited, meanwhile, n = self._pipeline_s
+            learn, waited, meanwhile, n, cpu, runq = self._pipeline_s
             if n:
                 log.info("pipeline: %d batches learned on the worker in %.2f s, the loop waited "
-                         "%.2f s of it and worked %.2f s meanwhile (overlap %.2f s, %.0f%%)", n,
+                         "%.2f s of it and worked %.2f s meanwhile (overlap %.2f s, %.0f%%); the "
+                         "learn's CPU %.2f s, run queue %.2f s, the rest (the GIL) %.2f s", n,
                          learn, waited, meanwhile, learn - waited,
-                         100 * (learn - waited) / learn if learn else 0)  # fmt: skip
+                         100 * (learn - waited) / learn if learn else 0, cpu, runq,
+                         learn - cpu - runq)  # fmt: skip
         self.publisher.close()
         try:
             self.store.close()

@@ -2,9 +2,9 @@
 a batch's kernel runs on the worker must not change what is learnt or published. Here: model
 log records held during a kernel go out in the order they were made, a snapshot's records after
 the held ones; a batch decoded in two pieces (the prefetched prefix and the rest) equals the
-batch decoded at once; the fast path's whole-batch decode equals one payload at a time. No
-broker: the producer is created but nothing is sent (the end-to-end replays that run the
-pipeline are tests/reliability/test_checkpoint_kills.py and test_crash_anywhere.py)."""
+batch decoded at once, and so does a batch decoded one payload at a time. No broker: the
+producer is created but nothing is sent (the end-to-end replays that run the pipeline are
+tests/reliability/test_checkpoint_kills.py and test_crash_anywhere.py)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_a_batch_decoded_in_two_pieces_equals_it_decoded_at_once() -> None:
         assert got.offs.tolist() == list(range(len(raw)))
 
 
-def test_the_whole_batch_fast_path_equals_one_payload_at_a_time() -> None:
+def test_a_batch_decoded_at_once_equals_one_payload_at_a_time() -> None:
     raw = [p for p in _payloads() if p]
     ok = [p for j, p in enumerate(raw) if j not in (5, 16, 22)]  # canonical ones only
     at_once = decode_events(ok, TYPES)

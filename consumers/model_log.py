@@ -539,9 +539,12 @@ class ModelLogPublisher:
             except BufferError:  # the local queue is full (a snapshot): let deliveries drain
                 producer.poll(0.05)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, at_most: int | None = None) -> None:
         """The held records to the producer, in the order they were made."""
-        held, self._held = self._held, []
+        if at_most is None or at_most >= len(self._held):
+            held, self._held = self._held, []
+        else:
+            held, self._held = self._held[:at_most], self._held[at_most:]
         send = self._send
         for key, value, cb, side in held:
             send(key, value, cb, side)
@@ -550,13 +553,14 @@ class ModelLogPublisher:
     def held(self) -> int:
         return len(self._held)
 
-    def release(self) -> None:
-        """Hand the held records to the producer (see `defer`); never raises: a record the
-        producer refuses drops the rest, and a snapshot follows, as for a failed commit."""
+    def release(self, at_most: int | None = None) -> None:
+        """Hand the held records (`at_most` of the oldest) to the producer (see `defer`);
+        never raises: a record the producer refuses drops the rest, and a snapshot follows,
+        as for a failed commit."""
         if not self._held:
             return
         try:
-            self._hand_over()
+            self._hand_over(at_most)
             self.producer.poll(0)  # the delivery reports of earlier ones, meanwhile too
         except (KafkaException, BufferError, RuntimeError) as exc:
             log.warning("could not publish held model log records (%s): a snapshot follows",

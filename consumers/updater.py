@@ -49,10 +49,11 @@ import contextlib
 import gc
 import logging
 import resource
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -85,9 +86,10 @@ from stream_mf.arrays import unique_sorted
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
-from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
+from stream_mf.model import BatchDelta, EventBatch, Kernel, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, RebuildStep, run_inline, warm_up_rebuild
 from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
+from stream_mf.sgd import sgd_batch
 from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import (
@@ -126,8 +128,10 @@ DLT_READ_BACK_CHUNK = 1000
 # with checkpoints by time only, the most dead letters read back after a restart (a replay
 # window with more dead letters than this may send some of them again: README)
 DLT_READ_BACK_MAX = 1_000_000
-# while the kernel learns, the loop waits at most this long for the next message to prefetch
-PREFETCH_WAIT_S = 0.002
+# the loop's side work while a batch learns goes in steps of this many records or messages
+# (about a millisecond), each inside a window of the nogil kernel; between windows it waits
+SIDE_STEP = 2_000
+WINDOW_POLL_S = 0.001
 # a loop turn writes a background rebuild's staged blocks for at most this long (each chunk is
 # one WriteBatch of `stage_blocks` blocks); the rest waits for the next turns
 STAGE_TURN_S = 0.05
@@ -172,22 +176,32 @@ class _Decoded:
     dec: DecodedEvents
 
 
-def _joined(a: _Decoded, b: _Decoded) -> _Decoded:
-    """`a`'s messages then `b`'s, decoded as one: decoding is per message, so this equals
-    decoding them together (positions of `b` shift by `a`'s count)."""
-    k = len(a.msgs)
-    da, db = a.dec, b.dec
-    dec = DecodedEvents(
-        positions=da.positions + [p + k for p in db.positions],
-        users=da.users + db.users,
-        items=da.items + db.items,
-        types=da.types + db.types,
-        weights=da.weights + db.weights,
-        times=da.times + db.times,
-        rejects=da.rejects + [Reject(r.position + k, r.reason, r.message) for r in db.rejects],
-    )
+def _joined(parts: list[_Decoded]) -> _Decoded:
+    """The parts' messages in order, decoded as one: decoding is per message, so this equals
+    decoding them together (each part's positions shift by the messages before it)."""
+    if len(parts) == 1:
+        return parts[0]
+    dec = DecodedEvents()
+    base = 0
+    for d in parts:
+        p = d.dec
+        dec.positions += [q + base for q in p.positions] if base else p.positions
+        dec.users += p.users
+        dec.items += p.items
+        dec.types += p.types
+        dec.weights += p.weights
+        dec.times += p.times
+        dec.rejects += (
+            [Reject(r.position + base, r.reason, r.message) for r in p.rejects]
+            if base
+            else p.rejects
+        )
+        base += len(d.msgs)
     return _Decoded(
-        a.msgs + b.msgs, np.concatenate([a.parts, b.parts]), np.concatenate([a.offs, b.offs]), dec
+        [m for d in parts for m in d.msgs],
+        np.concatenate([d.parts for d in parts]),
+        np.concatenate([d.offs for d in parts]),
+        dec,
     )
 
 
@@ -469,6 +483,7 @@ class Updater:
         self._ahead: list[Message] = []  # fetched during the last kernel, not collected yet
         self._pre: _Decoded | None = None  # the valid ones among them, decoded
         self._isolating = False
+        self._in_kernel = threading.Event()  # the worker is inside the nogil SGD kernel
         # the learn's seconds on the worker, the loop's wait for it, the loop's own work
         # meanwhile, batches, the learn's CPU seconds and run-queue wait: logged at stop
         # (bench_ingest reads the line)
@@ -1155,7 +1170,7 @@ class Updater:
         if not all(a is b for a, b in zip(pre.msgs, msgs, strict=False)):
             return self._decode(msgs)
         k = len(pre.msgs)
-        return pre if k == len(msgs) else _joined(pre, self._decode(msgs[k:]))
+        return pre if k == len(msgs) else _joined([pre, self._decode(msgs[k:])])
 
     def _attempt(self, msgs: list[Message]) -> _Attempt:
         """Decode and learn a batch in memory: nothing is sent or written yet."""
@@ -1200,14 +1215,23 @@ class Updater:
         assert self._worker is not None
         t0 = time.perf_counter()
         fut = self._worker.submit(self._timed_learn, batch)
+        work = self._side_work()
         try:
-            self.publisher.release()
             t1 = time.perf_counter()
-            self._prefetch(fut)
+            for _ in work:
+                # one step at a time, inside the kernel's windows (`_windowed_kernel`)
+                while not self._in_kernel.wait(WINDOW_POLL_S) and not fut.done():
+                    pass
+                if fut.done():
+                    break
         finally:
+            work.close()  # what it fetched and decoded so far is kept
             t2 = time.perf_counter()
             wait([fut])  # the kernel in flight ends before anything else happens
         t3 = time.perf_counter()
+        # what the windows left of the last commit's records goes now: no record waits
+        # more than a batch
+        self.publisher.release()
         delta, learn_s, learn_cpu, learn_runq = fut.result()
         turn = self._turn
         turn.add("learn_worker", learn_s)
@@ -1228,34 +1252,53 @@ class Updater:
         """`_learn` on the worker, with its wall time, CPU time and run-queue wait (what is
         left of the wall time is waiting for the GIL, mostly)."""
         t, c, q = time.perf_counter(), time.thread_time(), _runq_seconds()
-        delta = self._learn(batch)
+        delta = self._learn(batch, self._windowed_kernel)
         return delta, time.perf_counter() - t, time.thread_time() - c, _runq_seconds() - q
 
-    def _prefetch(self, fut: Future[Any]) -> None:
-        """While the kernel runs: fetch up to a batch of the next messages (what is there
-        already) and decode the valid ones. Not with a consumer group: a rebalance callback
-        inside `consume` sets positions from offsets that do not hold the batch in flight."""
+    def _windowed_kernel(self, *args: Any) -> None:
+        """`sgd_batch` (the same call: the same state), with `_in_kernel` set while it runs
+        without the GIL: the loop's side work runs in these windows only, so the worker's
+        Python steps (the critical path) do not wait for a GIL the loop holds to decode."""
+        self._in_kernel.set()
+        try:
+            sgd_batch(*args)
+        finally:
+            self._in_kernel.clear()
+
+    def _side_work(self) -> Generator[None]:
+        """The loop's work while a batch learns, in steps of about a millisecond: hand the
+        held model log records to the producer; fetch up to a batch of the next messages
+        (what is there already) and decode them. No fetch with a consumer group: a rebalance
+        callback inside `consume` sets positions from offsets that do not hold the batch in
+        flight. What is left when the learn ends waits for the next turn (`_decoded` reuses
+        a decoded prefix)."""
+        while self.publisher.held:
+            self.publisher.release(SIDE_STEP)
+            yield
         s = self.settings
         if s.use_consumer_group:
             return
         cap = s.max_batch_events
-        fetched: list[Message] = []
-        while not fut.done() and len(self._ahead) + len(fetched) < cap and not self._stop:
-            room = min(cap - len(self._ahead) - len(fetched), 10_000)
-            got = kafka_io.drain(self.consumer, room, PREFETCH_WAIT_S)
-            if not got:
-                break
-            fetched.extend(got)
-        if not fetched:
-            return
-        ok = [m for m in fetched if m.error() is None]
-        clean = len(ok) == len(fetched) and (self._pre is not None or not self._ahead)
-        self._ahead.extend(fetched)
-        if not clean:  # errors are handled in `_collect`, at the turn's start: decoded there
-            self._pre = None
-            return
-        chunk = self._decode(ok)
-        self._pre = chunk if self._pre is None else _joined(self._pre, chunk)
+        pre = self._pre
+        # decoded chunks extend `_pre` while it covers every prefetched message
+        chunks: list[_Decoded] = [] if pre is None else [pre]
+        contiguous = (0 if pre is None else len(pre.msgs)) == len(self._ahead)
+        try:
+            while len(self._ahead) < cap and not self._stop:
+                yield
+                got = kafka_io.drain(self.consumer, min(cap - len(self._ahead), SIDE_STEP), 0)
+                if not got:
+                    return
+                self._ahead.extend(got)
+                # an error is handled in `_collect`, at the turn's start: nothing after it
+                # is decoded ahead
+                contiguous = contiguous and all(m.error() is None for m in got)
+                if contiguous:
+                    yield
+                    chunks.append(self._decode(got))
+        finally:
+            if len(chunks) > (pre is not None):
+                self._pre = _joined(chunks)
 
     def _finish(self, msgs: list[Message], att: _Attempt, t0: float) -> None:
         """Dead letters acknowledged, then one WriteBatch, then the offsets to Kafka."""
@@ -1383,11 +1426,11 @@ class Updater:
         self.model = OnlineModel(state.config, state)
         self._publish_gauges()
 
-    def _learn(self, batch: EventBatch) -> BatchDelta:
+    def _learn(self, batch: EventBatch, kernel: Kernel | None = None) -> BatchDelta:
         """Learn the batch, scoring the sampled events test-then-learn on the way."""
         picks = self.live.sample(batch)
         if picks.size == 0:
-            return self.model.learn(batch)
+            return self.model.learn(batch, kernel)
         picked_users = {batch.user_ids[p] for p in picks.tolist()}
         earlier: dict[str, list[str]] = {}
         pieces: list[BatchDelta] = []
@@ -1396,7 +1439,7 @@ class Updater:
         state = self.model.state
         for p in picks.tolist():
             if p > lo:
-                pieces.append(self.model.learn(batch.slice(lo, p)))
+                pieces.append(self.model.learn(batch.slice(lo, p), kernel))
                 for j in range(lo, p):
                     uid = batch.user_ids[j]
                     if uid in picked_users:
@@ -1415,7 +1458,7 @@ class Updater:
                 m.live_scored.inc(w)
                 m.live_hits.inc(w * result[0])
                 m.live_ndcg.inc(w * result[1])
-        pieces.append(self.model.learn(batch.slice(lo, len(batch))))
+        pieces.append(self.model.learn(batch.slice(lo, len(batch)), kernel))
         hr, ndcg = self.live.window()
         m.live_hr_window.set(hr)
         m.live_ndcg_window.set(ndcg)

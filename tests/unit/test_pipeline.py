@@ -8,6 +8,7 @@ tests/reliability/test_checkpoint_kills.py and test_crash_anywhere.py)."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -80,23 +81,24 @@ def _same(a: DecodedEvents, b: DecodedEvents) -> None:
     assert a.rejects == b.rejects
 
 
-def test_a_batch_decoded_in_two_pieces_equals_it_decoded_at_once() -> None:
+def _piece(raw: list[bytes | None], lo: int, hi: int) -> _Decoded:
+    return _Decoded(
+        list(range(lo, hi)),  # type: ignore[arg-type]  # only concatenated
+        np.zeros(hi - lo, np.int32),
+        np.arange(lo, hi, dtype=np.int64),
+        decode_events(raw[lo:hi], TYPES),
+    )
+
+
+def test_a_batch_decoded_in_pieces_equals_it_decoded_at_once() -> None:
     raw = _payloads()
     whole = decode_events(raw, TYPES)
-    for k in (0, 1, 6, 20, len(raw)):
-
-        def piece(lo: int, hi: int) -> _Decoded:
-            n = hi - lo
-            return _Decoded(
-                list(range(lo, hi)),  # type: ignore[arg-type]  # only concatenated
-                np.zeros(n, np.int32),
-                np.arange(lo, hi, dtype=np.int64),
-                decode_events(raw[lo:hi], TYPES),
-            )
-
-        got = _joined(piece(0, k), piece(k, len(raw)))
+    for cuts in ((0,), (1,), (6,), (20,), (len(raw),), (6, 23), (1, 5, 9, 17, 23, 30)):
+        bounds = [0, *cuts, len(raw)]
+        got = _joined([_piece(raw, a, b) for a, b in pairwise(bounds)])
         _same(got.dec, whole)
         assert got.offs.tolist() == list(range(len(raw)))
+        assert got.msgs == list(range(len(raw)))
 
 
 def test_a_batch_decoded_at_once_equals_one_payload_at_a_time() -> None:

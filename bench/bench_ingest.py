@@ -21,8 +21,9 @@ product's JSON to a fresh one-partition topic (lz4 batches), then measures in th
 `--profile` adds one more updater run under py-spy (`--threads`; more flags from
 `BENCH_PYSPY_FLAGS`, e.g. `--gil`) and splits its main-thread samples into decode, learn, RocksDB
 write, consume, Kafka commit, metrics and the rest, and the pipeline's learn worker's apart. The
-updater's own account of the pipeline (`pipeline: ...` at its stop) is printed per run. Targets: the updater at
->= 100k events/s and >= 0.6x the raw consume rate. Every child process is stopped by PID.
+updater's own account of the pipeline (`pipeline: ...` at its stop) is printed per run.
+Targets: the updater at >= 100k events/s and >= 0.6x the raw consume rate. Every child process
+is stopped by PID.
 """
 
 from __future__ import annotations

@@ -18,9 +18,12 @@ product's JSON to a fresh one-partition topic (lz4 batches), then measures in th
   evaluation off, each showing what one feature costs or buys;
 - river: `river.reco.BiasedMF.learn_one` in memory on the same events (if installed).
 
-`--profile` adds one more updater run under py-spy and splits its main-thread samples into decode,
-learn, RocksDB write, consume, Kafka commit, metrics and the rest. Targets: the updater at
->= 100k events/s and >= 0.6x the raw consume rate. Every child process is stopped by PID.
+`--profile` adds one more updater run under py-spy (`--threads`; more flags from
+`BENCH_PYSPY_FLAGS`, e.g. `--gil`) and splits its main-thread samples into decode, learn, RocksDB
+write, consume, Kafka commit, metrics and the rest, and the pipeline's learn worker's apart. The
+updater's own account of the pipeline (`pipeline: ...` at its stop) is printed per run.
+Targets: the updater at >= 100k events/s and >= 0.6x the raw consume rate. Every child process
+is stopped by PID.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,6 +80,8 @@ LAST_COMMIT = "stream_mf_last_commit_timestamp_seconds"
 CHECKPOINT_AT = "stream_mf_checkpoint_timestamp_seconds"
 PENDING = "stream_mf_checkpoint_pending_events"
 PYSPY_RATE = 250  # samples/s
+# more py-spy flags, e.g. `--gil` (only samples holding the GIL) or `--native`
+PYSPY_EXTRA: tuple[str, ...] = tuple(os.environ.get("BENCH_PYSPY_FLAGS", "").split())
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -244,6 +250,10 @@ class UpdaterRun:
     profile: dict[str, float] = field(default_factory=dict)
     profile_s: dict[str, float] = field(default_factory=dict)  # seconds sampled per category
     model_log_s: dict[str, float] = field(default_factory=dict)  # the same inside the model log
+    worker_s: dict[str, float] = field(default_factory=dict)  # the learn worker's, seconds
+    # the updater's own account at stop: seconds the worker learned, the loop waited for it,
+    # the loop worked meanwhile; batches (revisions without the pipeline: empty)
+    pipeline: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         rate = self.events_in_span / self.commit_span_s if self.commit_span_s > 0 else None
@@ -271,6 +281,8 @@ class UpdaterRun:
             "profile": self.profile or None,
             "profile_s": self.profile_s or None,
             "model_log_s": self.model_log_s or None,
+            "worker_s": self.worker_s or None,
+            "pipeline": self.pipeline or None,
         }
 
 
@@ -383,10 +395,14 @@ def run_updater(
             run.profile = {k: v / total for k, v in counts.most_common()} if total else {}
             run.profile_s = {k: v / PYSPY_RATE for k, v in counts.items()}
             run.model_log_s = model_log_detail(spy_out)
+            run.worker_s = {
+                k: v / PYSPY_RATE for k, v in sample_counts(spy_out, tree or ROOT, WORKER).items()
+            }
     finally:
         if spy is not None:
             stop_pyspy(spy)
         children.stop(p)
+        run.pipeline = pipeline_account(p.log_path)
         shutil.rmtree(state, ignore_errors=True)
     return run
 
@@ -488,6 +504,35 @@ def replay_after_kill(
     return out
 
 
+PIPELINE_LINE = re.compile(
+    r"pipeline: (\d+) batches learned on the worker in ([\d.]+) s, the loop waited ([\d.]+) s "
+    r"of it and worked ([\d.]+) s meanwhile[^;\n]*(?:; the learn's CPU ([\d.]+) s, run queue "
+    r"([\d.]+) s)?"
+)
+
+
+def pipeline_account(log_path: Path) -> dict[str, float]:
+    """The updater's own account of the pipeline, logged at its clean stop."""
+    try:
+        m = PIPELINE_LINE.search(log_path.read_text(errors="replace"))
+    except OSError:
+        return {}
+    if m is None:
+        return {}
+    n, learn, waited, meanwhile = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    out = {
+        "batches": n,
+        "learn_s": learn,
+        "wait_s": waited,
+        "loop_meanwhile_s": meanwhile,
+        "overlap_s": learn - waited,
+    }
+    if m[5] is not None:
+        cpu, runq = float(m[5]), float(m[6])
+        out |= {"learn_cpu_s": cpu, "learn_runq_s": runq, "learn_gil_s": learn - cpu - runq}
+    return out
+
+
 def _sums(samples: dict[str, float]) -> tuple[float, float, float]:
     return (
         samples.get("stream_mf_batch_apply_seconds_sum", 0.0),
@@ -513,6 +558,8 @@ def start_pyspy(children: Children, pid: int, out: Path) -> subprocess.Popen[byt
             "--rate",
             str(PYSPY_RATE),
             "--idle",
+            "--threads",  # per-thread stacks: the kernel's worker apart from the loop
+            *PYSPY_EXTRA,
             "--nonblocking",
             "--format",
             "raw",
@@ -557,6 +604,8 @@ def _process_line_kinds(tree: Path = ROOT) -> dict[int, str]:
 #: frame matches wins, so scoring inside live evaluation counts as live evaluation even where it
 #: reads RocksDB, and a write is a write wherever it is called from.
 _RULES: tuple[tuple[str, Any], ...] = (
+    # the loop waits for the kernel in flight (the pipeline)
+    ("learn_wait", lambda f, p: f == "wait" and p.endswith("concurrent/futures/_base.py")),
     # the model log is published from inside the store's commit (its `on_commit` hook)
     ("model_log", lambda f, p: p.endswith(("consumers/model_log.py", "stream_mf/model_log.py"))),
     ("learner_snapshot", lambda f, p: p.endswith("consumers/learner_snapshot.py")),
@@ -582,6 +631,7 @@ _RULES: tuple[tuple[str, Any], ...] = (
         ),
     ),
     ("consume", lambda f, p: f.endswith("_collect")),
+    ("prefetch", lambda f, p: f.endswith("_prefetch")),
     ("offsets", lambda f, p: f.endswith("_next_offsets")),
     ("dead_letter", lambda f, p: f.endswith("_dead_letter")),
     ("metadata", lambda f, p: f.endswith("_assign_partitions")),
@@ -605,16 +655,26 @@ def _classify(frames: Sequence[str], lines: dict[int, str]) -> str:
     return "loop_other"
 
 
-def sample_counts(raw: Path, tree: Path = ROOT) -> Counter[str]:
-    """The updater's main-loop py-spy samples per category, from py-spy's raw output."""
+MAIN, WORKER = "run (consumers/updater.py", "_timed_learn (consumers/updater.py"
+
+
+def sample_counts(raw: Path, tree: Path = ROOT, thread: str = MAIN) -> Counter[str]:
+    """py-spy samples per category, from py-spy's raw output: of the updater's main loop, or
+    (`WORKER`) of the pipeline's learn worker (its samples outside a learn: `worker_idle`)."""
     counts: Counter[str] = Counter()
     if not raw.exists():
         return counts
     lines = _process_line_kinds(tree)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if "run (consumers/updater.py" not in stack or not n.isdigit():
-            continue  # not the main loop (metrics server thread, imports at start-up)
+        if not n.isdigit():
+            continue
+        on_worker = thread == WORKER and "): learn_" in stack.split(";")[0]
+        if on_worker and WORKER not in stack:
+            counts["worker_idle"] += int(n)
+            continue
+        if thread not in stack:
+            continue  # not that thread (metrics server thread, imports at start-up)
         counts[_classify([f for f in stack.split(";") if " (" in f], lines)] += int(n)
     return counts
 
@@ -1049,6 +1109,38 @@ def report_compare(result: dict[str, Any]) -> None:
                 [{"what": k, "ms": 1e3 * v * per_1k} for k, v in list(detail.items())[:12]],
                 [Col("what", "innermost frame"), Col("ms", "ms/1k", ".2f")],
             )
+        worker = (profiles.get("new") or {}).get("worker_s") or {}
+        if worker:
+            print_table(
+                "new: the learn worker thread (the pipeline), ms sampled per 1k events",
+                [{"what": k, "ms": 1e3 * v * per_1k} for k, v in worker.items()],
+                [Col("what", "category"), Col("ms", "ms/1k", ".2f")],
+            )
+    acct = [
+        {"round": r["round"], "side": r["side"], **r["pipeline"]}
+        for r in result["runs"]
+        if r.get("pipeline")
+    ]
+    if acct:
+        print_table(
+            "the pipeline, as the updater accounts for it at stop (whole run): seconds the "
+            "worker learned, the loop waited for it, the loop worked meanwhile; overlap = "
+            "learned - waited; the learn's CPU and run-queue seconds, and the rest of its wall "
+            "time (waiting for the GIL, mostly)",
+            acct,
+            [
+                Col("round", "round"),
+                Col("side", "code"),
+                Col("batches", "batches", ".0f"),
+                Col("learn_s", "learn s", ".2f"),
+                Col("wait_s", "wait s", ".2f"),
+                Col("loop_meanwhile_s", "loop meanwhile s", ".2f"),
+                Col("overlap_s", "overlap s", ".2f"),
+                Col("learn_cpu_s", "learn CPU s", ".2f"),
+                Col("learn_runq_s", "run queue s", ".2f"),
+                Col("learn_gil_s", "GIL etc. s", ".2f"),
+            ],
+        )
     print_table(
         f"updater at {result['old_rev']} (old) and {result['new_rev']} (new), "
         f"{result['stream']['n_events']:,} events, --max-batch-events {result['batch']}, "

@@ -19,11 +19,12 @@ once it has read what the log held when it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -267,6 +268,11 @@ class ModelLogPublisher:
         self.last_state: ModelState | None = None
         self.want_snapshot = False  # a periodic snapshot is due: sent a slice per loop turn
         self.chunked: _Chunked | None = None  # the periodic snapshot under way
+        # `defer`: records are encoded at once (they read the model) but handed to the
+        # producer later, in order, by `release` (the updater calls it while the next batch's
+        # kernel learns on its worker thread: the produce calls then cost the loop nothing)
+        self.defer = False
+        self._held: list[tuple[bytes, bytes | None, Callable[..., None] | None, bool]] = []
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -514,18 +520,69 @@ class ModelLogPublisher:
         """One record on the model topic, or (`side`) on the snapshot topic, whose bytes do
         not count towards the next periodic snapshot."""
         size = len(key) + (len(value) if value else 0)
-        producer, topic = (self.side, self.snap_topic) if side else (self.producer, self.topic)
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key,
-                                 on_delivery=cb or self._delivered)  # fmt: skip
-                break
-            except BufferError:  # the local queue is full (a snapshot): let deliveries drain
-                producer.poll(0.05)
         if not side:
             self.bytes_since += size
         self._unreported[0] += size
         self._unreported[1] += 1
+        if self.defer:
+            self._held.append((key, value, cb, side))
+            return
+        if self._held:
+            self._hand_over()
+        self._send(key, value, cb, side)
+
+    def _send(
+        self, key: bytes, value: bytes | None, cb: Callable[..., None] | None, side: bool
+    ) -> None:
+        producer, topic = (self.side, self.snap_topic) if side else (self.producer, self.topic)
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=cb or self._delivered)
+                break
+            except BufferError:  # the local queue is full (a snapshot): let deliveries drain
+                producer.poll(0.05)
+
+    def _hand_over(self, at_most: int | None = None) -> None:
+        """The held records to the producer, in the order they were made."""
+        if at_most is None or at_most >= len(self._held):
+            held, self._held = self._held, []
+        else:
+            held, self._held = self._held[:at_most], self._held[at_most:]
+        send = self._send
+        for key, value, cb, side in held:
+            send(key, value, cb, side)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def release(self, at_most: int | None = None) -> None:
+        """Hand the held records (`at_most` of the oldest) to the producer (see `defer`);
+        never raises: a record the producer refuses drops the rest, and a snapshot follows,
+        as for a failed commit."""
+        if not self._held:
+            return
+        try:
+            self._hand_over(at_most)
+            self.producer.poll(0)  # the delivery reports of earlier ones, meanwhile too
+        except (KafkaException, BufferError, RuntimeError) as exc:
+            log.warning("could not publish held model log records (%s): a snapshot follows",
+                        exc)  # fmt: skip
+            self._held = []
+            self.need_snapshot = True
+            self._count_error()
+
+    @contextlib.contextmanager
+    def _direct(self) -> Iterator[None]:
+        """Records produced at once inside (after those held): a snapshot waits for its
+        first record's acknowledgement, and a stop for every record."""
+        deferred, self.defer = self.defer, False
+        try:
+            if self._held:
+                self._hand_over()
+            yield
+        finally:
+            self.defer = deferred
 
     def _report(self) -> None:
         nbytes, records = self._unreported
@@ -659,6 +716,10 @@ class ModelLogPublisher:
         self, state: ModelState, info: CommitInfo | None = None, replaced: bool = False
     ) -> None:
         """Every row of the live generation, between a BEGIN record and a snapshot marker."""
+        with self._direct():
+            self._snapshot(state, info, replaced)
+
+    def _snapshot(self, state: ModelState, info: CommitInfo | None, replaced: bool) -> None:
         t0 = time.perf_counter()
         if self.seen is None:
             self.seen = SeenIndex(confidence_items(state.confidence)[0])
@@ -862,6 +923,8 @@ class ModelLogPublisher:
             log.debug("a tombstone on the model snapshot topic was not delivered: %s", err)
 
     def close(self) -> None:
+        self.defer = False
+        self.release()
         ok = self._started and not self.need_snapshot and not self.failed
         if ok and self.last_state is not None and self._any_dirty() and self.seq:
             try:

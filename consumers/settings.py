@@ -220,6 +220,23 @@ class UpdaterSettings(ProcessSettings):
     live_eval_max_per_batch: int = Field(
         default=32, ge=0, description="bounds live scoring's cost on large batches"
     )
+    blas_threads: int = Field(
+        default=1,
+        ge=1,
+        description="BLAS threads: live evaluation's and the rebuild guard's products are "
+        "small, and a second BLAS thread beside the loop and the learn worker took a 50k x 64 "
+        "product from 1.4 ms to 7-12 ms on 2 busy cores (bench/README.md, *The pipeline*)",
+    )
+    pipeline_min_events: int = Field(
+        default=0,
+        ge=0,
+        description="a batch of at least this many events learns on a worker thread while the "
+        "loop fetches and decodes the next one and hands the last commit's model log records "
+        "to the producer (the same state, bit for bit); smaller ones learn on the loop's "
+        "thread. 0 (the default): never. It needs a free second core, and the GIL-bound work "
+        "(decode, id resolution, publishing) limits what it can hide; on 2 shared cores it "
+        "measured no faster than without (bench/README.md, *The pipeline*); try 2000",
+    )
     model_log_item_seconds: float = Field(
         default=1.0,
         ge=0,

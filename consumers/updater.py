@@ -49,10 +49,13 @@ import contextlib
 import gc
 import logging
 import resource
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -66,6 +69,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from prometheus_client import CollectorRegistry
+from threadpoolctl import threadpool_limits
 
 from consumers import gc_control, kafka_io, kernel_cache, offset_gap, restore
 from consumers.learner_snapshot import SnapshotWriter
@@ -82,9 +86,10 @@ from stream_mf.arrays import unique_sorted
 from stream_mf.decode import DecodedEvents, Reject, decode_events
 from stream_mf.learner_snapshot import LearnerSnapshot
 from stream_mf.live_eval import LiveEvaluator
-from stream_mf.model import BatchDelta, EventBatch, OnlineModel, merge_deltas
+from stream_mf.model import BatchDelta, EventBatch, Kernel, OnlineModel, merge_deltas
 from stream_mf.rebuild import Rebuild, RebuildStep, run_inline, warm_up_rebuild
 from stream_mf.rebuild_scheduler import OLD_GENERATION_GRACE_S, RebuildScheduler
+from stream_mf.sgd import sgd_batch
 from stream_mf.state import ModelState
 from stream_mf.store import StateStore, StoreError
 from stream_mf.writes import (
@@ -123,6 +128,10 @@ DLT_READ_BACK_CHUNK = 1000
 # with checkpoints by time only, the most dead letters read back after a restart (a replay
 # window with more dead letters than this may send some of them again: README)
 DLT_READ_BACK_MAX = 1_000_000
+# the loop's side work while a batch learns goes in steps of this many records or messages
+# (about a millisecond), each inside a window of the nogil kernel; between windows it waits
+SIDE_STEP = 2_000
+WINDOW_POLL_S = 0.001
 # a loop turn writes a background rebuild's staged blocks for at most this long (each chunk is
 # one WriteBatch of `stage_blocks` blocks); the rest waits for the next turns
 STAGE_TURN_S = 0.05
@@ -155,6 +164,45 @@ _STOPS = (
     KafkaException,
     MemoryError,
 )
+
+
+@dataclass
+class _Decoded:
+    """Messages decoded ahead of their batch (while the previous batch's kernel ran)."""
+
+    msgs: list[Message]
+    parts: np.ndarray
+    offs: np.ndarray
+    dec: DecodedEvents
+
+
+def _joined(parts: list[_Decoded]) -> _Decoded:
+    """The parts' messages in order, decoded as one: decoding is per message, so this equals
+    decoding them together (each part's positions shift by the messages before it)."""
+    if len(parts) == 1:
+        return parts[0]
+    dec = DecodedEvents()
+    base = 0
+    for d in parts:
+        p = d.dec
+        dec.positions += [q + base for q in p.positions] if base else p.positions
+        dec.users += p.users
+        dec.items += p.items
+        dec.types += p.types
+        dec.weights += p.weights
+        dec.times += p.times
+        dec.rejects += (
+            [Reject(r.position + base, r.reason, r.message) for r in p.rejects]
+            if base
+            else p.rejects
+        )
+        base += len(d.msgs)
+    return _Decoded(
+        [m for d in parts for m in d.msgs],
+        np.concatenate([d.parts for d in parts]),
+        np.concatenate([d.offs for d in parts]),
+        dec,
+    )
 
 
 @dataclass
@@ -221,23 +269,18 @@ def _truncate(
 def _columns(
     msgs: list[Message],
 ) -> tuple[list[bytes | None], np.ndarray, np.ndarray, np.ndarray]:
-    """Payloads, partitions, offsets and Kafka timestamps (ms) in one pass over the messages."""
-    values: list[bytes | None] = []
-    parts: list[int | None] = []  # None only on error events, which never get here
-    offs: list[int | None] = []
-    stamps: list[int] = []
-    va, pa, oa, sa = values.append, parts.append, offs.append, stamps.append
-    for m in msgs:
-        va(m.value())
-        pa(m.partition())
-        oa(m.offset())
-        sa(m.timestamp()[1])
-    return (
-        values,
-        np.asarray(parts, np.int32),
-        np.asarray(offs, np.int64),
-        np.asarray(stamps, np.int64),
-    )
+    """Payloads, partitions, offsets and Kafka timestamps (ms), by C-level loops over the
+    messages (a Python loop with four appends a message was 2% of the updater's time)."""
+    n = len(msgs)
+    values: list[bytes | None] = list(map(Message.value, msgs))
+    # partitions and offsets are None only on error events, which never get here
+    parts = np.fromiter(map(Message.partition, msgs), np.int32, n)
+    offs = np.fromiter(map(Message.offset, msgs), np.int64, n)
+    stamps = np.fromiter(map(_STAMP, map(Message.timestamp, msgs)), np.int64, n)
+    return values, parts, offs, stamps
+
+
+_STAMP = itemgetter(1)
 
 
 def future_bounds(stamps_ms: np.ndarray, max_future_s: float) -> np.ndarray:
@@ -427,6 +470,24 @@ class Updater:
         self._next_gap_check = time.monotonic() + settings.offset_check_seconds
         self._control_assigned = False
         self._next_control_check = 0.0
+        # the pipeline (docs/architecture.md, *The loop's states*): a batch's kernel runs on
+        # `_worker` while the loop prefetches into `_ahead` (decoded as `_pre`) and hands the
+        # last commit's held model log records to the producer; the loop waits for the kernel
+        # before anything else touches the model, the store or the consumer's positions
+        self._worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="learn")
+            if settings.pipeline_min_events
+            else None
+        )
+        self.publisher.defer = self._worker is not None
+        self._ahead: list[Message] = []  # fetched during the last kernel, not collected yet
+        self._pre: _Decoded | None = None  # the valid ones among them, decoded
+        self._isolating = False
+        self._in_kernel = threading.Event()  # the worker is inside the nogil SGD kernel
+        # the learn's seconds on the worker, the loop's wait for it, the loop's own work
+        # meanwhile, batches, the learn's CPU seconds and run-queue wait: logged at stop
+        # (bench_ingest reads the line)
+        self._pipeline_s = [0.0, 0.0, 0.0, 0, 0.0, 0.0]
 
     def _init_rebuilds(self, state: ModelState) -> None:
         """The schedule; a rebuild at once if the last one stopped in its after-swap phase."""
@@ -509,12 +570,24 @@ class Updater:
             ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions),
         )
         self.assigned = list(partitions)
+        self._forget_ahead()  # every position is set anew: what was fetched is fetched again
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info("revoked %d partition(s)", len(partitions))
         self.assigned = []
+        self._forget_ahead()
         consumer.unassign()
+
+    def _forget_ahead(self, partition: int | None = None) -> None:
+        """Drop prefetched messages of a partition whose position was just set (of every
+        partition: None): the consumer delivers them again from there. Only then: dropping
+        others would skip them."""
+        if partition is None:
+            self._ahead = []
+        else:
+            self._ahead = [m for m in self._ahead if m.partition() != partition]
+        self._pre = None
 
     # ---- stored offsets outside the log (consumers/offset_gap.py) ------------------------------
 
@@ -615,6 +688,7 @@ class Updater:
         True when the policy moved it."""
         new = self._check_offset(topic, partition, stored, self.consumer)
         if new != stored or always:
+            self._forget_ahead(partition)
             self.consumer.seek(TopicPartition(topic, partition, new))
         return new != stored
 
@@ -658,6 +732,7 @@ class Updater:
         if s.pause_gc:
             gc_control.freeze_startup()  # start-up objects stay out of every later collection
         busy = frozen_kernels = False
+        limits = threadpool_limits(s.blas_threads, "blas")
         try:
             if self.store.is_new and s.restore:
                 # an empty state dir: the latest learner snapshot on Kafka, if there is one
@@ -678,6 +753,8 @@ class Updater:
                 # behind a backlog, no collections inside a batch (its objects die by reference
                 # counting); an idle updater, waiting in consume, collects as usual
                 pause = s.pause_gc and busy
+                if not self._ahead:  # the collect may wait: the held records go out first
+                    self.publisher.release()
                 with gc_control.paused() if pause else contextlib.nullcontext():
                     msgs = self._collect(stop)
                     self._collected_at = time.time()
@@ -722,6 +799,7 @@ class Updater:
             code = EXIT_OFFSET_GAP
         finally:
             self.close()
+            limits.restore_original_limits()
         return code
 
     # ---- rebuilds ------------------------------------------------------------------------------
@@ -954,7 +1032,11 @@ class Updater:
         freshness of every event at 1,000 events/s: bench_modellog.py)."""
         s = self.settings
         deadline = time.monotonic() + s.max_batch_seconds
-        out: list[Message] = []
+        # what the last kernel's prefetch fetched comes first, handled as if fetched now
+        ahead, self._ahead = self._ahead, []
+        if ahead:
+            deadline = min(deadline, time.monotonic() + s.batch_linger_seconds)
+        out = self._take([], ahead)
         while len(out) < s.max_batch_events and not stop:
             left = max(0.0, deadline - time.monotonic())
             # whatever is fetched at once, else the wait for the next message only
@@ -963,27 +1045,32 @@ class Updater:
                 break
             if got and not out:
                 deadline = min(deadline, time.monotonic() + s.batch_linger_seconds)
-            for m in got:
-                err = m.error()
-                if err is None:
-                    out.append(m)
-                elif err.code() in offset_gap.OUT_OF_RANGE and m.topic() == self.topic:
-                    # the fetch position left the log (retention, a truncated or recreated
-                    # topic): Kafka said so; the policy decides
-                    p = m.partition()
-                    stored = self.offsets.get((self.topic, p)) if p is not None else None
-                    at = m.offset() if stored is None else stored
-                    if (
-                        p is not None
-                        and at is not None
-                        and at >= 0
-                        and self._resume_at(self.topic, p, at, True)
-                    ):
-                        # read before the move, from the log the policy left: not applied
-                        out = [x for x in out if x.partition() != p]
-                elif err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
-                    self.metrics.errors.labels("broker").inc()
+            out = self._take(out, got)
+        return out
+
+    def _take(self, out: list[Message], got: list[Message]) -> list[Message]:
+        """`out` with the messages of `got` appended; errors are handled here."""
+        for m in got:
+            err = m.error()
+            if err is None:
+                out.append(m)
+            elif err.code() in offset_gap.OUT_OF_RANGE and m.topic() == self.topic:
+                # the fetch position left the log (retention, a truncated or recreated
+                # topic): Kafka said so; the policy decides
+                p = m.partition()
+                stored = self.offsets.get((self.topic, p)) if p is not None else None
+                at = m.offset() if stored is None else stored
+                if (
+                    p is not None
+                    and at is not None
+                    and at >= 0
+                    and self._resume_at(self.topic, p, at, True)
+                ):
+                    # read before the move, from the log the policy left: not applied
+                    out = [x for x in out if x.partition() != p]
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+                self.metrics.errors.labels("broker").inc()
         return out
 
     def process(self, msgs: list[Message]) -> None:
@@ -1053,6 +1140,7 @@ class Updater:
         self._reload()
         self.offsets = self.store.offsets()
         self._sent_before = None  # dead letters of the batches read again: read back first
+        self._forget_ahead()
         for tp in self.assigned:
             at = self.offsets.get((tp.topic, tp.partition))
             self.consumer.seek(
@@ -1066,13 +1154,28 @@ class Updater:
             self._rewound_to = None
             self.store.deferred = self.checkpointed
 
-    def _attempt(self, msgs: list[Message]) -> _Attempt:
-        """Decode and learn a batch in memory: nothing is sent or written yet."""
+    def _decode(self, msgs: list[Message]) -> _Decoded:
         values, parts, offs, stamps = _columns(msgs)
         s = self.settings
         latest = future_bounds(stamps, s.max_future_seconds)  # inf: no bound
         dec = decode_events(values, self.types, s.max_message_bytes, latest)
-        del values
+        return _Decoded(msgs, parts, offs, dec)
+
+    def _decoded(self, msgs: list[Message]) -> _Decoded:
+        """`msgs` decoded, reusing what the prefetch decoded of them (a prefix, if nothing
+        between moved a partition: then `_pre` is gone)."""
+        pre, self._pre = self._pre, None
+        if pre is None or len(pre.msgs) > len(msgs):
+            return self._decode(msgs)
+        if not all(a is b for a, b in zip(pre.msgs, msgs, strict=False)):
+            return self._decode(msgs)
+        k = len(pre.msgs)
+        return pre if k == len(msgs) else _joined([pre, self._decode(msgs[k:])])
+
+    def _attempt(self, msgs: list[Message]) -> _Attempt:
+        """Decode and learn a batch in memory: nothing is sent or written yet."""
+        d = self._decoded(msgs)
+        dec, parts, offs = d.dec, d.parts, d.offs
         pos = np.asarray(dec.positions, np.int64)
         batch = EventBatch(
             user_ids=dec.users,
@@ -1090,10 +1193,112 @@ class Updater:
                 st.items.lookup(batch.item_ids).astype(np.int64),
                 lambda u: self.store.user_items(u)[0].astype(np.int64),
             )
-        delta = self._learn(batch)
+        s = self.settings
+        if self._worker is not None and not self._isolating and len(batch) >= s.pipeline_min_events:
+            delta = self._learn_overlapped(batch)
+        else:
+            self.publisher.release()
+            delta = self._learn(batch)
         if self.rebuild is not None:
             self.rebuild.note(delta)
         return _Attempt(dec, batch, delta, parts, offs)
+
+    def _learn_overlapped(self, batch: EventBatch) -> BatchDelta:
+        """The loop's one concurrent state, LEARNING: `_learn` (the nogil SGD kernel, the
+        confidence and transition kernels, live evaluation) runs on the worker thread while
+        this thread hands the last commit's held model log records to the producer and
+        prefetches and decodes the next batch's messages, none of which reads or writes the
+        model or the store; it ends here, before any other step, also on an error (the
+        worker's error is raised here, as `_learn`'s would be). The order of learning is
+        unchanged (one batch at a time; ids resolved inside `_learn`, after the previous
+        batch's), so the state is bit-identical to learning without the pipeline."""
+        assert self._worker is not None
+        t0 = time.perf_counter()
+        fut = self._worker.submit(self._timed_learn, batch)
+        work = self._side_work()
+        try:
+            t1 = time.perf_counter()
+            for _ in work:
+                # one step at a time, inside the kernel's windows (`_windowed_kernel`)
+                while not self._in_kernel.wait(WINDOW_POLL_S) and not fut.done():
+                    pass
+                if fut.done():
+                    break
+        finally:
+            work.close()  # what it fetched and decoded so far is kept
+            t2 = time.perf_counter()
+            wait([fut])  # the kernel in flight ends before anything else happens
+        t3 = time.perf_counter()
+        # what the windows left of the last commit's records goes now: no record waits
+        # more than a batch
+        self.publisher.release()
+        delta, learn_s, learn_cpu, learn_runq = fut.result()
+        turn = self._turn
+        turn.add("learn_worker", learn_s)
+        turn.add("learn_worker_cpu", learn_cpu)
+        turn.add("overlap_release", t1 - t0)
+        turn.add("overlap_prefetch", t2 - t1)
+        turn.add("learn_wait", t3 - t2)
+        tot = self._pipeline_s
+        tot[0] += learn_s
+        tot[1] += t3 - t2
+        tot[2] += t2 - t0
+        tot[3] += 1
+        tot[4] += learn_cpu
+        tot[5] += learn_runq
+        return delta
+
+    def _timed_learn(self, batch: EventBatch) -> tuple[BatchDelta, float, float, float]:
+        """`_learn` on the worker, with its wall time, CPU time and run-queue wait (what is
+        left of the wall time is waiting for the GIL, mostly)."""
+        t, c, q = time.perf_counter(), time.thread_time(), _runq_seconds()
+        delta = self._learn(batch, self._windowed_kernel)
+        return delta, time.perf_counter() - t, time.thread_time() - c, _runq_seconds() - q
+
+    def _windowed_kernel(self, *args: Any) -> None:
+        """`sgd_batch` (the same call: the same state), with `_in_kernel` set while it runs
+        without the GIL: the loop's side work runs in these windows only, so the worker's
+        Python steps (the critical path) do not wait for a GIL the loop holds to decode."""
+        self._in_kernel.set()
+        try:
+            sgd_batch(*args)
+        finally:
+            self._in_kernel.clear()
+
+    def _side_work(self) -> Generator[None]:
+        """The loop's work while a batch learns, in steps of about a millisecond: hand the
+        held model log records to the producer; fetch up to a batch of the next messages
+        (what is there already) and decode them. No fetch with a consumer group: a rebalance
+        callback inside `consume` sets positions from offsets that do not hold the batch in
+        flight. What is left when the learn ends waits for the next turn (`_decoded` reuses
+        a decoded prefix)."""
+        while self.publisher.held:
+            self.publisher.release(SIDE_STEP)
+            yield
+        s = self.settings
+        if s.use_consumer_group:
+            return
+        cap = s.max_batch_events
+        pre = self._pre
+        # decoded chunks extend `_pre` while it covers every prefetched message
+        chunks: list[_Decoded] = [] if pre is None else [pre]
+        contiguous = (0 if pre is None else len(pre.msgs)) == len(self._ahead)
+        try:
+            while len(self._ahead) < cap and not self._stop:
+                yield
+                got = kafka_io.drain(self.consumer, min(cap - len(self._ahead), SIDE_STEP), 0)
+                if not got:
+                    return
+                self._ahead.extend(got)
+                # an error is handled in `_collect`, at the turn's start: nothing after it
+                # is decoded ahead
+                contiguous = contiguous and all(m.error() is None for m in got)
+                if contiguous:
+                    yield
+                    chunks.append(self._decode(got))
+        finally:
+            if len(chunks) > (pre is not None):
+                self._pre = _joined(chunks)
 
     def _finish(self, msgs: list[Message], att: _Attempt, t0: float) -> None:
         """Dead letters acknowledged, then one WriteBatch, then the offsets to Kafka."""
@@ -1164,10 +1369,12 @@ class Updater:
         self._reload()
         # every half is written at once: the next failure reloads the store, which must hold it
         deferred, self.store.deferred = self.store.deferred, False
+        self._isolating = True  # one half after the other, no prefetch
         try:
             self._halves(msgs)
         finally:
             self.store.deferred = deferred
+            self._isolating = False
 
     def _halves(self, msgs: list[Message]) -> None:
         todo: deque[list[Message]] = deque([msgs])
@@ -1219,11 +1426,11 @@ class Updater:
         self.model = OnlineModel(state.config, state)
         self._publish_gauges()
 
-    def _learn(self, batch: EventBatch) -> BatchDelta:
+    def _learn(self, batch: EventBatch, kernel: Kernel | None = None) -> BatchDelta:
         """Learn the batch, scoring the sampled events test-then-learn on the way."""
         picks = self.live.sample(batch)
         if picks.size == 0:
-            return self.model.learn(batch)
+            return self.model.learn(batch, kernel)
         picked_users = {batch.user_ids[p] for p in picks.tolist()}
         earlier: dict[str, list[str]] = {}
         pieces: list[BatchDelta] = []
@@ -1232,7 +1439,7 @@ class Updater:
         state = self.model.state
         for p in picks.tolist():
             if p > lo:
-                pieces.append(self.model.learn(batch.slice(lo, p)))
+                pieces.append(self.model.learn(batch.slice(lo, p), kernel))
                 for j in range(lo, p):
                     uid = batch.user_ids[j]
                     if uid in picked_users:
@@ -1251,7 +1458,7 @@ class Updater:
                 m.live_scored.inc(w)
                 m.live_hits.inc(w * result[0])
                 m.live_ndcg.inc(w * result[1])
-        pieces.append(self.model.learn(batch.slice(lo, len(batch))))
+        pieces.append(self.model.learn(batch.slice(lo, len(batch)), kernel))
         hr, ndcg = self.live.window()
         m.live_hr_window.set(hr)
         m.live_ndcg_window.set(ndcg)
@@ -1592,6 +1799,16 @@ class Updater:
                 log.debug("consumer close: %s", exc)
         self.dlt.flush(5.0)
         self.snapshots.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            learn, waited, meanwhile, n, cpu, runq = self._pipeline_s
+            if n:
+                log.info("pipeline: %d batches learned on the worker in %.2f s, the loop waited "
+                         "%.2f s of it and worked %.2f s meanwhile (overlap %.2f s, %.0f%%); the "
+                         "learn's CPU %.2f s, run queue %.2f s, the rest (the GIL) %.2f s", n,
+                         learn, waited, meanwhile, learn - waited,
+                         100 * (learn - waited) / learn if learn else 0, cpu, runq,
+                         learn - cpu - runq)  # fmt: skip
         self.publisher.close()
         try:
             self.store.close()

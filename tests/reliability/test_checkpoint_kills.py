@@ -47,6 +47,9 @@ ENV = {
     **DETERMINISTIC,
     "STREAM_MF_LEARNER_SNAPSHOT_SECONDS": "600",  # checkpoints by time, not by snapshots
     "STREAM_MF_CHECKPOINT_SECONDS": str(CHECKPOINT_S),
+    # live batches (tens of events) learn on the loop's thread, replays (500) on the worker,
+    # overlapped with the next batch's fetch (the pipeline): both must replay bit-identically
+    "STREAM_MF_PIPELINE_MIN_EVENTS": "200",
 }
 #: kill -> seconds before the next checkpoint is due (negative: after it is due)
 AIM = {1: 0.03, 2: -0.004, 4: 0.01, 5: -0.01, 7: 0.02, 8: -0.002, 10: 0.005}

@@ -50,6 +50,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 CYCLES = 20
 RATE = 1500.0  # messages/s into `interactions` while the processes are being killed
 REBUILD_ENV = {
+    # replays (400-event batches) learn overlapped with the next fetch (the pipeline), live
+    # batches on the loop's thread
+    "STREAM_MF_PIPELINE_MIN_EVENTS": "200",
     "STREAM_MF_REBUILD__EVERY_EVENTS": "1500",
     "STREAM_MF_REBUILD__ITERATIONS": "3",
     "STREAM_MF_REBUILD__GUARD_EVENTS": "50",

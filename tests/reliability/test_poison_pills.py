@@ -181,13 +181,14 @@ def _fail_on_poison(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     failures: list[int] = []
     learn = OnlineModel.learn
 
-    def buggy(self: OnlineModel, batch: EventBatch) -> Any:
+    def buggy(self: OnlineModel, batch: EventBatch, *args: Any, **kwargs: Any) -> Any:
         if POISON_USER in list(batch.user_ids):
             j = list(batch.user_ids).index(POISON_USER)
-            learn(self, batch.slice(0, j))  # the state is half changed when it fails
+            # the state is half changed when it fails
+            learn(self, batch.slice(0, j), *args, **kwargs)
             failures.append(j)
             raise ZeroDivisionError("the poison pill")
-        return learn(self, batch)
+        return learn(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(OnlineModel, "learn", buggy)
     return failures

@@ -48,6 +48,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -200,10 +201,19 @@ class Load:
     """Live events at `rate`/s from a thread: known users and items, wall-clock timestamps."""
 
     def __init__(
-        self, kafka: str, topic: str, rate: float, n_users: int, n_items: int, linger_ms: float = 5
+        self,
+        kafka: str,
+        topic: str,
+        rate: float,
+        n_users: int,
+        n_items: int,
+        linger_ms: float = 5,
+        partition: int | None = None,
     ):
         ks = KafkaSettings(bootstrap_servers=kafka)
         self.p = kafka_io.producer(ks, **{"linger.ms": linger_ms})
+        # `--backlog`: live events keep to partition 0, the backlog has partition 1
+        self.where: dict[str, int] = {} if partition is None else {"partition": partition}
         self.topic, self.rate, self.nu, self.ni = topic, rate, n_users, n_items
         self.sent = 0
         # (stamp, stamp to the broker's acknowledgement) of each chunk's first event: the
@@ -249,6 +259,7 @@ class Load:
                                 key=f"u{u}".encode(),
                                 value=orjson.dumps(doc),
                                 on_delivery=cb,
+                                **self.where,
                             )
                             break
                         except BufferError:
@@ -370,8 +381,43 @@ def warm_producer(p: Any, topic: str) -> None:
         raise RuntimeError("a producer's warm-up record was not delivered in 15 s")
 
 
+def publish_backlog(
+    kafka: str, topic: str, updater_pid: int, n: int, n_users: int, n_items: int
+) -> None:
+    """`n` events on partition 1 while the updater is stopped (SIGSTOP), then it goes on: a
+    backlog it ingests at full speed while the live events (partition 0) keep coming. They are
+    stamped as they are made, so the freshness histogram counts their wait too; the new-user
+    probes (partition 0) are the live events' own measure."""
+    p = kafka_io.producer(KafkaSettings(bootstrap_servers=kafka), **{"linger.ms": 50})
+    rng = np.random.default_rng(5)
+    os.kill(updater_pid, signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        us = rng.integers(n_users, size=n)
+        its = rng.zipf(1.3, size=n) % n_items
+        for u, i in zip(us.tolist(), its.tolist(), strict=True):
+            doc = {"user_id": f"u{u}", "item_id": f"i{i}", "event_type": "view",
+                   "timestamp": time.time()}  # fmt: skip
+            while True:
+                try:
+                    p.produce(topic, value=orjson.dumps(doc), partition=1)
+                    break
+                except BufferError:
+                    p.poll(0.05)
+        left = p.flush(60)
+        print(f"backlog: {n - left:,} events on partition 1 in {time.perf_counter() - t0:.1f} s "
+              "(the updater stopped meanwhile)", flush=True)  # fmt: skip
+    finally:
+        os.kill(updater_pid, signal.SIGCONT)
+
+
 def new_user_latency(
-    kafka: str, topics: dict[str, str], seconds: float, client: RecClient, warm_topic: str
+    kafka: str,
+    topics: dict[str, str],
+    seconds: float,
+    client: RecClient,
+    warm_topic: str,
+    partition: int | None = None,
 ) -> tuple[list[float], int]:
     """A brand-new user's first event to a personalized answer, one probe every 0.5 s; and how
     many probes got none within 10 s."""
@@ -389,7 +435,8 @@ def new_user_latency(
             uid = f"probe-{uuid.uuid4().hex[:8]}"
             t0 = time.time()
             doc = {"user_id": uid, "item_id": "i1", "event_type": "view", "timestamp": t0}
-            p.produce(topics["interactions"], key=uid.encode(), value=orjson.dumps(doc))
+            where = {} if partition is None else {"partition": partition}
+            p.produce(topics["interactions"], key=uid.encode(), value=orjson.dumps(doc), **where)
             p.flush(5)
             got = False
             while time.time() - t0 < 10:
@@ -456,6 +503,14 @@ def main() -> None:
         "(and still answers without it): the process's cost to a request, apart from the answer",
     )
     pre.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="before each rate's window, this many events on a partition of their own while "
+        "the updater is stopped (SIGSTOP): the window measures the live events and probes "
+        "while the updater ingests that backlog at full speed",
+    )
+    pre.add_argument(
         "--memory-only",
         action="store_true",
         help="only the model build, reader start/restart and memory (no rates: ~1-2 min)",
@@ -499,7 +554,7 @@ def main() -> None:
             create_topics(
                 kafka,
                 {
-                    topics["interactions"]: 1,
+                    topics["interactions"]: 2 if known.backlog else 1,
                     topics["requests"]: 1,
                     topics["responses"]: 1,
                     echo_req: 1,
@@ -714,10 +769,14 @@ def main() -> None:
                 pids["echo"] = echo.pid
             if broker_pid is not None:
                 pids["broker"] = broker_pid
+            live_part = 0 if known.backlog else None
             for rate in rates:
                 load = Load(kafka, topics["interactions"], rate, n_users, n_items,
-                            known.load_linger)  # fmt: skip
+                            known.load_linger, live_part)  # fmt: skip
                 warm_producer(load.p, warm_topic)
+                if known.backlog:
+                    publish_backlog(kafka, topics["interactions"], updater.pid, known.backlog,
+                                    n_users, n_items)  # fmt: skip
                 load.t.start()
                 # the window opens once the load is steady: the histograms' counts are read
                 # after 2 s of it (the events of its first second used to make the p99)
@@ -725,7 +784,12 @@ def main() -> None:
                 before_q, before_u = scrape(q_url), scrape(up_url)
                 w0 = time.time()
                 cpu0 = {name: cpu_of(pid) for name, pid in pids.items()}
-                lat, missed = new_user_latency(kafka, topics, seconds, client, warm_topic)
+                lat, missed = new_user_latency(kafka, topics, seconds, client, warm_topic,
+                                               live_part)  # fmt: skip
+                w_probes = time.time()
+                probe_events = metric_sum(
+                    scrape(up_url), "stream_mf_events_applied_total"
+                ) - metric_sum(before_u, "stream_mf_events_applied_total")
                 rtt: dict[str, Any] = {}
                 if req_rate:
                     # the bare echo and the service take turns (`--rounds`), each with the
@@ -787,6 +851,9 @@ def main() -> None:
                 )
                 row = {
                     "rate": rate,
+                    "backlog": known.backlog,
+                    # the updater's rate while the probes ran (with --backlog: at full speed)
+                    "probe_window_events_per_s": probe_events / max(w_probes - w0, 1e-9),
                     "store_bytes_per_event": store_bytes / ev if ev else float("nan"),
                     "achieved": load.sent / (w1 - w0 + 2.0),
                     "fresh_p50": quantile(after_q, before_q, fresh, 0.5),

@@ -52,6 +52,7 @@ import orjson
 from stream_mf.answer import UserRecord
 from stream_mf.arrays import unique_sorted
 from stream_mf.config import ModelConfig
+from stream_mf.flat_lists import EMPTY, FlatLists
 from stream_mf.recommend import ItemView
 from stream_mf.state import NEVER, EntityTable, ModelState
 
@@ -261,24 +262,18 @@ class Marker:
             raise LogFormatError(f"bad commit marker: {exc}") from exc
 
 
-class SeenIndex:
+class SeenIndex(FlatLists):
     """Each user's seen items, sorted, on the updater side: a user row in the log carries the
     whole list (a full value, never an increment), and the store's prefix scan per user would
     cost a RocksDB seek for every user of every batch.
 
-    One int32 array holds every list (user u's at `start[u]`, `count[u]` long), like the
-    replicas' `SeenStore`: a commit's changed lists are written again at the end and the old
-    copies left as garbage, compacted once garbage outweighs the lists in use. A dict of an
-    array per user cost a Python step per touched user per commit (150 ms a 50k-event commit
-    at 100k users, 13.5% of the updater's loop); here a commit is a few numpy passes over the
-    touched users' lists, with no Python per user."""
+    The lists are `FlatLists` (as a replica's `SeenStore`): a dict of an array per user cost
+    a Python step per touched user per commit (150 ms a 50k-event commit at 100k users, 13.5%
+    of the updater's loop); here a commit is a few numpy passes over the touched users'
+    lists."""
 
     def __init__(self, pair_keys: np.ndarray) -> None:
-        self.items = np.zeros(1024, np.int32)
-        self.used = 0  # items[:used] written (live lists and garbage)
-        self.live = 0  # items in lists in use
-        self.start = np.zeros(1024, np.int64)
-        self.count = np.zeros(1024, np.int64)
+        super().__init__()
         self.add(pair_keys)
 
     def add(self, pair_keys: np.ndarray) -> None:
@@ -319,60 +314,9 @@ class SeenIndex:
         counts = np.bincount(merged >> 32, minlength=touched.size)[grew]
         self._append(rows, (merged & _LOW32).astype(np.int32), counts)
 
-    def _reserve(self, n: int) -> None:
-        if n > self.start.size:
-            cap = max(n, self.start.size + self.start.size // 2)
-            for name in ("start", "count"):
-                a = getattr(self, name)
-                grown = np.zeros(cap, np.int64)
-                grown[: a.size] = a
-                setattr(self, name, grown)
-
-    def _gather(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """The lists at `starts` (`counts` long) end to end (int32)."""
-        total = int(counts.sum())
-        if total == 0:
-            return _NONE
-        ends = np.cumsum(counts)
-        at = np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
-        return self.items[at]
-
-    def _append(self, rows: np.ndarray, flat: np.ndarray, counts: np.ndarray) -> None:
-        """Write `rows`' new lists (end to end in `flat`) after the others; their old copies
-        become garbage."""
-        self.live += flat.size - int(self.count[rows].sum())
-        if self.used + flat.size > self.items.size and self.used - self.live > self.live:
-            self._compact()
-        if self.used + flat.size > self.items.size:
-            cap = max(self.used + flat.size, self.items.size + self.items.size // 2)
-            items = np.zeros(cap, np.int32)
-            items[: self.used] = self.items[: self.used]
-            self.items = items
-        self.items[self.used : self.used + flat.size] = flat
-        self.start[rows] = self.used + np.cumsum(counts) - counts
-        self.count[rows] = counts
-        self.used += flat.size
-
-    def _compact(self) -> None:
-        """Every list in use, end to end in user order, in an array of their size."""
-        rows = np.flatnonzero(self.count)
-        counts = self.count[rows]
-        flat = self._gather(self.start[rows], counts)
-        self.items = np.zeros(max(flat.size * 2, 1024), np.int32)
-        self.items[: flat.size] = flat
-        self.start[rows] = np.cumsum(counts) - counts
-        self.used = flat.size
-
     def users(self) -> np.ndarray:
         """The users with any seen item, ascending."""
         return np.flatnonzero(self.count)
-
-    def of(self, user: int) -> np.ndarray:
-        """One user's seen items, a copy (empty for a user never seen)."""
-        if user >= self.start.size:
-            return _NONE
-        at = int(self.start[user])
-        return self.items[at : at + int(self.count[user])].copy()
 
     def lists(self, rows: np.ndarray) -> tuple[np.ndarray, bytes, list[int]]:
         """The seen lists of `rows` for encoding: their sizes, the lists end to end as "<i4"
@@ -388,7 +332,7 @@ class SeenIndex:
         return counts, blob, offs.tolist()
 
 
-_NONE = np.empty(0, np.int32)
+_NONE = EMPTY
 _LOW32 = np.int64(0xFFFFFFFF)
 
 
@@ -632,57 +576,16 @@ class _IdLookup(Mapping[str, int]):
         return len(self.ids)
 
 
-class SeenStore:
-    """Each user's seen items (int32) in one array instead of a bytes object per user: a user's
-    new list is appended and the old one left as garbage, compacted once garbage outweighs the
-    lists in use."""
+class SeenStore(FlatLists):
+    """Each user's seen items (int32) as `FlatLists` instead of a bytes object per user."""
 
-    def __init__(self) -> None:
-        self.items = np.zeros(1024, np.int32)
-        self.used = 0  # items[:used] written
-        self.start = np.zeros(16, np.int64)
-        self.count = np.zeros(16, np.int64)
-
-    def of(self, row: int) -> np.ndarray:
-        if row >= self.start.size:
-            return _NONE
-        at = int(self.start[row])
-        return self.items[at : at + int(self.count[row])].copy()
+    GROW = 0.25  # a replica's memory is the bound here (`ServingModel.memory`)
+    SLACK = 0.0
 
     def set_many(self, rows: np.ndarray, lists: list[bytes]) -> None:
         flat = np.frombuffer(b"".join(lists), "<i4")
         counts = np.fromiter((len(x) // 4 for x in lists), np.int64, len(lists))
-        need = int(rows.max()) + 1 if rows.size else 0
-        if need > self.start.size:
-            cap = max(need, self.start.size + self.start.size // 4)
-            for name in ("start", "count"):
-                a = getattr(self, name)
-                grown = np.zeros(cap, np.int64)
-                grown[: a.size] = a
-                setattr(self, name, grown)
-        live = int(self.count.sum())
-        if self.used + flat.size > self.items.size and self.used > 2 * live:
-            self._compact()
-        if self.used + flat.size > self.items.size:
-            cap = max(self.used + flat.size, self.items.size + self.items.size // 4)
-            items = np.zeros(cap, np.int32)
-            items[: self.used] = self.items[: self.used]
-            self.items = items
-        self.items[self.used : self.used + flat.size] = flat
-        self.start[rows] = self.used + np.cumsum(counts) - counts
-        self.count[rows] = counts
-        self.used += flat.size
-
-    def _compact(self) -> None:
-        n = int(self.count.sum())
-        out = np.zeros(max(n, 1024), np.int32)
-        at = 0
-        for r in np.flatnonzero(self.count).tolist():
-            c, s = int(self.count[r]), int(self.start[r])
-            out[at : at + c] = self.items[s : s + c]
-            self.start[r] = at
-            at += c
-        self.items, self.used = out, at
+        self._append(np.asarray(rows, np.int64), flat, counts)
 
     def nbytes(self) -> int:
         return int(self.count.sum()) * 4
